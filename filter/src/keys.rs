@@ -1,0 +1,60 @@
+//! Redis key names. A user id is percent-encoded before it goes into a key, so no id (with
+//! `:`, `*`, `{`, spaces, ...) can name another user's key; the `{...}` hash tag keeps one
+//! user's keys in one Redis Cluster slot.
+
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+/// Everything but letters, digits, `-` and `_` is encoded (this also removes `{`, `}` and `:`).
+const KEY_SAFE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageKeys {
+    /// Hash: one counter per action (the committed count), the plan and its limits at the
+    /// time of the last count: the monthly summary.
+    pub summary: String,
+    /// Sorted set per action: reservations in flight, scored by their expiry (ms).
+    pub pending: String,
+}
+
+impl UsageKeys {
+    pub fn new(prefix: &str, user: &str, period_id: &str, action: &str) -> Self {
+        let user = utf8_percent_encode(user, KEY_SAFE);
+        Self {
+            summary: format!("{prefix}:{{{user}}}:{period_id}"),
+            pending: format!("{prefix}:{{{user}}}:{period_id}:pending:{action}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_name_user_period_and_action() {
+        let keys = UsageKeys::new("plan-limits", "u1", "2026-11", "upload");
+        assert_eq!(keys.summary, "plan-limits:{u1}:2026-11");
+        assert_eq!(keys.pending, "plan-limits:{u1}:2026-11:pending:upload");
+    }
+
+    #[test]
+    fn separators_in_user_ids_cannot_reach_other_keys() {
+        let keys = UsageKeys::new("p", "a}:2026-11:x{*", "2026-11", "upload");
+        assert_eq!(keys.summary, "p:{a%7D%3A2026-11%3Ax%7B%2A}:2026-11");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn distinct_users_never_share_a_key(a in ".{0,16}", b in ".{0,16}") {
+            proptest::prop_assume!(a != b);
+            let ka = UsageKeys::new("p", &a, "2026-11", "upload");
+            let kb = UsageKeys::new("p", &b, "2026-11", "upload");
+            proptest::prop_assert_ne!(&ka.summary, &kb.summary);
+            proptest::prop_assert_ne!(&ka.pending, &kb.pending);
+            // The user part is one hash tag with no braces or separators inside.
+            let inner = &ka.summary["p:{".len()..ka.summary.len() - "}:2026-11".len()];
+            let clean = !inner.contains(['{', '}', ':']);
+            proptest::prop_assert!(clean, "user part {}", inner);
+        }
+    }
+}

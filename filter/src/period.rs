@@ -1,0 +1,111 @@
+//! Billing periods: where a month starts and ends, and how long until it resets.
+//!
+//! Today every period is the calendar month in UTC; the id (`2026-11`) is part of every
+//! counter key, so a new month starts from zero without any reset job.
+
+use chrono::{DateTime, Datelike, TimeZone, Utc};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BillingPeriod {
+    /// Stable name of the period, used in Redis keys and events: `2026-11`.
+    pub id: String,
+    pub start: DateTime<Utc>,
+    /// Exclusive: the first instant of the next period.
+    pub end: DateTime<Utc>,
+}
+
+impl BillingPeriod {
+    /// The calendar month (UTC) holding `now`.
+    pub fn calendar_month(now: DateTime<Utc>) -> Self {
+        let (year, month) = (now.year(), now.month());
+        let (next_year, next_month) = if month == 12 {
+            (year + 1, 1)
+        } else {
+            (year, month + 1)
+        };
+        Self {
+            id: format!("{year:04}-{month:02}"),
+            start: month_start(year, month),
+            end: month_start(next_year, next_month),
+        }
+    }
+
+    /// Whole seconds until the period resets, rounded up so a client that waits that long is
+    /// always in the new period (`Retry-After`).
+    pub fn seconds_until_end(&self, now: DateTime<Utc>) -> u64 {
+        let millis = (self.end - now).num_milliseconds().max(0) as u64;
+        millis.div_ceil(1000)
+    }
+
+    /// `resets_at` in 429 bodies: RFC 3339, second precision, `Z`.
+    pub fn resets_at(&self) -> String {
+        self.end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    }
+}
+
+fn month_start(year: i32, month: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(year, month, 1, 0, 0, 0)
+        .single()
+        .expect("the first of a month at midnight UTC always exists")
+}
+
+/// Host clocks give nanoseconds since the epoch.
+pub fn from_unix_nanos(nanos: u64) -> DateTime<Utc> {
+    DateTime::from_timestamp_nanos(i64::try_from(nanos).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn the_last_millisecond_of_a_month_belongs_to_it() {
+        let period = BillingPeriod::calendar_month(at("2026-11-30T23:59:59.999Z"));
+        assert_eq!(period.id, "2026-11");
+        assert_eq!(period.resets_at(), "2026-12-01T00:00:00Z");
+        assert_eq!(period.seconds_until_end(at("2026-11-30T23:59:59.999Z")), 1);
+    }
+
+    #[test]
+    fn midnight_starts_the_next_month() {
+        let period = BillingPeriod::calendar_month(at("2026-12-01T00:00:00Z"));
+        assert_eq!(period.id, "2026-12");
+        assert_eq!(period.start, at("2026-12-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn december_rolls_into_january() {
+        let period = BillingPeriod::calendar_month(at("2026-12-15T10:00:00Z"));
+        assert_eq!(period.resets_at(), "2027-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn february_of_a_leap_year_has_29_days() {
+        let period = BillingPeriod::calendar_month(at("2028-02-10T00:00:00Z"));
+        assert_eq!(
+            period.seconds_until_end(at("2028-02-28T00:00:00Z")),
+            2 * 24 * 3600
+        );
+    }
+
+    #[test]
+    fn host_nanoseconds_convert_exactly() {
+        let t = from_unix_nanos(1_796_083_199_999_000_000);
+        assert_eq!(t, at("2026-11-30T23:59:59.999Z"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_instant_lies_in_its_period(secs in 0i64..4_102_444_800, ms in 0u32..1000) {
+            let now = DateTime::from_timestamp(secs, ms * 1_000_000).unwrap();
+            let period = BillingPeriod::calendar_month(now);
+            proptest::prop_assert!(period.start <= now && now < period.end);
+            let wait = period.seconds_until_end(now);
+            proptest::prop_assert!(wait >= 1 && wait <= 31 * 24 * 3600);
+        }
+    }
+}

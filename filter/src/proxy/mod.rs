@@ -1,0 +1,29 @@
+//! The proxy-wasm shell: contexts that move data between the host and the core.
+//!
+//! - `root`: parses plans.json in `on_configure`, sends settlement batches on each tick;
+//! - `http`: one per request, runs the core's request pipeline;
+//! - `transport`: how a Redis command travels (webdis over `dispatch_http_call`);
+//! - `metrics`: the counters Envoy exposes on its admin `/stats`.
+
+mod http;
+mod metrics;
+mod root;
+mod transport;
+
+use proxy_wasm::traits::RootContext;
+use proxy_wasm::types::LogLevel;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(root::PlanLimitsRoot::new()) });
+}}
+
+/// The host's clock, as the core wants it.
+fn now(ctx: &dyn proxy_wasm::traits::Context) -> chrono::DateTime<chrono::Utc> {
+    let nanos = ctx
+        .get_current_time()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    crate::period::from_unix_nanos(nanos)
+}

@@ -1,0 +1,170 @@
+//! The two Redis scripts and the commands that run them. Each runs atomically in Redis, so
+//! reserve / commit / release never interleave with another request's.
+
+use super::RedisCommand;
+use crate::keys::UsageKeys;
+
+pub const RESERVE: &str = include_str!("reserve.lua");
+pub const SETTLE: &str = include_str!("settle.lua");
+
+/// What `reserve.lua` decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    pub granted: bool,
+    /// Units counted this period (successes already committed).
+    pub committed: u64,
+    /// Reservations in flight, this one included when granted.
+    pub pending: u64,
+}
+
+pub fn reserve(
+    keys: &UsageKeys,
+    action: &str,
+    limit: u64,
+    reservation_id: &str,
+    now_ms: u64,
+    ttl_ms: u64,
+) -> RedisCommand {
+    RedisCommand::new("EVAL")
+        .arg(RESERVE)
+        .arg("2")
+        .arg(&keys.summary)
+        .arg(&keys.pending)
+        .arg(action)
+        .arg(limit.to_string())
+        .arg(reservation_id)
+        .arg(now_ms.to_string())
+        .arg((now_ms + ttl_ms).to_string())
+}
+
+pub fn parse_reservation(ints: &[i64]) -> Option<Reservation> {
+    match *ints {
+        [granted @ (0 | 1), committed, pending] => Some(Reservation {
+            granted: granted == 1,
+            committed: u64::try_from(committed).ok()?,
+            pending: u64::try_from(pending).ok()?,
+        }),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettleMode {
+    Commit,
+    Count,
+    Release,
+}
+
+impl SettleMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            SettleMode::Commit => "commit",
+            SettleMode::Count => "count",
+            SettleMode::Release => "release",
+        }
+    }
+}
+
+/// One request's settlement: what `settle.lua` needs to count it and record its usage event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub mode: SettleMode,
+    pub keys: UsageKeys,
+    pub reservation_id: String,
+    pub action: String,
+    pub user: String,
+    pub plan: String,
+    /// The plan's limits when the request was made (JSON object), kept in the summary.
+    pub limits_json: std::rc::Rc<str>,
+    pub kind: String,
+    pub bytes: u64,
+    pub status: u32,
+    /// RFC 3339 time of the upstream's answer.
+    pub at: String,
+    pub request_id: String,
+    pub period_id: String,
+    /// The summary expires this long after its period (ms since the epoch).
+    pub keep_until_ms: u64,
+}
+
+/// Fields per item in `settle.lua`'s ARGV.
+const SETTLE_FIELDS: usize = 13;
+
+pub fn settle(
+    batch: &[Settlement],
+    events_stream: &str,
+    events_max_len: Option<u64>,
+) -> RedisCommand {
+    let mut cmd = RedisCommand::new("EVAL")
+        .arg(SETTLE)
+        .arg((1 + 2 * batch.len()).to_string())
+        .arg(events_stream);
+    for item in batch {
+        cmd = cmd.arg(&item.keys.summary).arg(&item.keys.pending);
+    }
+    cmd = cmd
+        .arg(events_max_len.map(|n| n.to_string()).unwrap_or_default())
+        .arg(SETTLE_FIELDS.to_string());
+    for item in batch {
+        let before = cmd.args.len();
+        cmd = cmd
+            .arg(item.mode.as_str())
+            .arg(&item.reservation_id)
+            .arg(&item.action)
+            .arg(&item.user)
+            .arg(&item.plan)
+            .arg(item.limits_json.as_bytes())
+            .arg(&item.kind)
+            .arg(item.bytes.to_string())
+            .arg(item.status.to_string())
+            .arg(&item.at)
+            .arg(&item.request_id)
+            .arg(&item.period_id)
+            .arg(item.keep_until_ms.to_string());
+        debug_assert_eq!(cmd.args.len() - before, SETTLE_FIELDS);
+    }
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserve_passes_keys_then_arguments() {
+        let keys = UsageKeys::new("p", "u", "2026-11", "upload");
+        let cmd = reserve(&keys, "upload", 5, "r1", 1000, 60_000);
+        let args: Vec<_> = cmd.args[2..]
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "2",
+                "p:{u}:2026-11",
+                "p:{u}:2026-11:pending:upload",
+                "upload",
+                "5",
+                "r1",
+                "1000",
+                "61000"
+            ]
+        );
+    }
+
+    #[test]
+    fn reservation_replies_are_checked() {
+        assert_eq!(
+            parse_reservation(&[1, 4, 1]),
+            Some(Reservation {
+                granted: true,
+                committed: 4,
+                pending: 1
+            })
+        );
+        assert_eq!(parse_reservation(&[2, 4, 1]), None);
+        assert_eq!(parse_reservation(&[1, -4, 1]), None);
+        assert_eq!(parse_reservation(&[1]), None);
+    }
+}

@@ -1,0 +1,352 @@
+//! Every answer the filter gives itself (401, 400, 403, 411, 413, 429, 503): status, headers
+//! and the JSON body a client app can show to its user.
+
+use serde_json::{json, Value};
+
+use crate::config::{ActionSettings, Config, Limit, Plan};
+use crate::period::BillingPeriod;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResponse {
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl LocalResponse {
+    fn json(status: u32, body: Value) -> Self {
+        Self {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.to_string(),
+        }
+    }
+
+    fn with_header(mut self, name: &str, value: String) -> Self {
+        self.headers.push((name.into(), value));
+        self
+    }
+}
+
+pub fn limit_reached(
+    config: &Config,
+    plan_key: &str,
+    plan: &Plan,
+    action_key: &str,
+    action: &ActionSettings,
+    current: u64,
+    limit: u64,
+    period: &BillingPeriod,
+    retry_after_secs: u64,
+) -> LocalResponse {
+    let upgrade = config.upgrade_path(plan).next();
+    let pitch = match upgrade {
+        Some((_, next)) => format!(
+            " Upgrade to {} for {}.",
+            next.name,
+            describe_allowance(next.limit(action_key), action)
+        ),
+        None => format!(" Your limit resets on {}.", period.end.format("%B %-d")),
+    };
+    let message = format!(
+        "You've reached your {} limit of {} {} this month.{}",
+        action.label, limit, action.unit, pitch
+    );
+    LocalResponse::json(
+        429,
+        json!({
+            "error": format!("{} limit reached", capitalized(&action.label)),
+            "message": message,
+            "current": current,
+            "limit": limit,
+            "percentage": percentage(current, limit),
+            "action": action_key,
+            "plan": plan_key,
+            "resets_at": period.resets_at(),
+            "upgrade": upgrade.map(|(key, next)| json!({
+                "plan": key,
+                "name": next.name,
+                "limit": next.limit(action_key),
+            })),
+        }),
+    )
+    .with_header("retry-after", retry_after_secs.to_string())
+}
+
+pub fn feature_unavailable(
+    config: &Config,
+    plan_key: &str,
+    plan: &Plan,
+    action: &ActionSettings,
+    feature: &str,
+) -> LocalResponse {
+    let offer = config
+        .upgrade_path(plan)
+        .find(|(_, candidate)| candidate.has_feature(feature));
+    let pitch = match offer {
+        Some((_, with_it)) => format!(" Upgrade to {} to use it.", with_it.name),
+        None => String::new(),
+    };
+    LocalResponse::json(
+        403,
+        json!({
+            "error": "Feature not available",
+            "message": format!(
+                "{} is not included in the {} plan.{}",
+                capitalized(&action.label), plan.name, pitch
+            ),
+            "feature": feature,
+            "plan": plan_key,
+            "upgrade": offer.map(|(key, with_it)| json!({"plan": key, "name": with_it.name})),
+        }),
+    )
+}
+
+pub fn file_too_large(
+    config: &Config,
+    plan_key: &str,
+    plan: &Plan,
+    size_bytes: u64,
+    max_bytes: u64,
+) -> LocalResponse {
+    let offer = config.upgrade_path(plan).find(|(_, bigger)| {
+        bigger
+            .max_file_size_bytes
+            .is_none_or(|max| max >= size_bytes)
+    });
+    let pitch = match offer {
+        Some((_, bigger)) => format!(
+            " Upgrade to {} for files up to {}.",
+            bigger.name,
+            bigger
+                .max_file_size_bytes
+                .map(megabytes)
+                .unwrap_or_else(|| "any size".into())
+        ),
+        None => String::new(),
+    };
+    LocalResponse::json(
+        413,
+        json!({
+            "error": "File too large",
+            "message": format!(
+                "This file is {}; the {} plan allows files up to {}.{}",
+                megabytes(size_bytes), plan.name, megabytes(max_bytes), pitch
+            ),
+            "size_bytes": size_bytes,
+            "max_bytes": max_bytes,
+            "plan": plan_key,
+            "upgrade": offer.map(|(key, bigger)| json!({
+                "plan": key,
+                "name": bigger.name,
+                "max_bytes": bigger.max_file_size_bytes,
+            })),
+        }),
+    )
+}
+
+pub fn missing_user(header: &str) -> LocalResponse {
+    LocalResponse::json(
+        401,
+        json!({
+            "error": "Unauthorized",
+            "message": format!("This route is metered per user; send the {header} header."),
+        }),
+    )
+}
+
+pub fn bad_request(field: &str, reason: &str) -> LocalResponse {
+    LocalResponse::json(
+        400,
+        json!({
+            "error": "Bad request",
+            "message": format!("{field}: {reason}"),
+            "field": field,
+        }),
+    )
+}
+
+pub fn length_required() -> LocalResponse {
+    LocalResponse::json(
+        411,
+        json!({
+            "error": "Length required",
+            "message": "Uploads need a Content-Length header so the plan's file size limit can be checked.",
+        }),
+    )
+}
+
+pub fn usage_unavailable(action_key: &str) -> LocalResponse {
+    LocalResponse::json(
+        503,
+        json!({
+            "error": "Usage service unavailable",
+            "message": "Your usage could not be checked right now; please retry in a moment.",
+            "action": action_key,
+        }),
+    )
+    .with_header("retry-after", "1".into())
+}
+
+fn describe_allowance(limit: Limit, action: &ActionSettings) -> String {
+    match limit {
+        None => format!("unlimited {}", action.unit),
+        Some(n) => format!("{n} {} a month", action.unit),
+    }
+}
+
+/// Share of the allowance used, in whole percent (100 when the limit is 0).
+pub fn percentage(current: u64, limit: u64) -> u64 {
+    if limit == 0 {
+        100
+    } else {
+        (u128::from(current) * 100 / u128::from(limit)) as u64
+    }
+}
+
+fn megabytes(bytes: u64) -> String {
+    const MB: u64 = 1024 * 1024;
+    if bytes % MB == 0 {
+        format!("{} MB", bytes / MB)
+    } else {
+        format!("{:.1} MB", bytes as f64 / MB as f64)
+    }
+}
+
+fn capitalized(s: &str) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+
+    fn config() -> Config {
+        Config::from_json(include_bytes!("../../plans.json")).unwrap()
+    }
+
+    fn body(response: &LocalResponse) -> Value {
+        serde_json::from_str(&response.body).unwrap()
+    }
+
+    #[test]
+    fn the_upload_429_matches_the_seed() {
+        let c = config();
+        let now = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
+        let period = BillingPeriod::calendar_month(now);
+        let r = limit_reached(
+            &c,
+            "free",
+            &c.plans["free"],
+            "upload",
+            &c.actions["upload"],
+            5,
+            5,
+            &period,
+            period.seconds_until_end(now),
+        );
+        assert_eq!(r.status, 429);
+        assert!(r.headers.contains(&("retry-after".into(), "302400".into())));
+        let b = body(&r);
+        assert_eq!(b["error"], "Upload limit reached");
+        assert_eq!(
+            b["message"],
+            "You've reached your upload limit of 5 diagrams this month. Upgrade to Professional for unlimited diagrams."
+        );
+        assert_eq!(b["current"], 5);
+        assert_eq!(b["limit"], 5);
+        assert_eq!(b["percentage"], 100);
+        assert_eq!(b["action"], "upload");
+        assert_eq!(b["plan"], "free");
+        assert_eq!(b["resets_at"], "2026-12-01T00:00:00Z");
+        assert_eq!(
+            b["upgrade"],
+            json!({"plan": "professional", "name": "Professional", "limit": null})
+        );
+    }
+
+    #[test]
+    fn the_top_plan_is_told_when_it_resets() {
+        let c = config();
+        let now = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
+        let period = BillingPeriod::calendar_month(now);
+        let r = limit_reached(
+            &c,
+            "enterprise",
+            &c.plans["enterprise"],
+            "api_call",
+            &c.actions["api_call"],
+            10_000,
+            10_000,
+            &period,
+            1,
+        );
+        let b = body(&r);
+        assert_eq!(b["error"], "API call limit reached");
+        assert!(b["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("Your limit resets on December 1."));
+        assert_eq!(b["upgrade"], Value::Null);
+    }
+
+    #[test]
+    fn a_missing_feature_names_the_plan_that_has_it() {
+        let c = config();
+        let r = feature_unavailable(
+            &c,
+            "free",
+            &c.plans["free"],
+            &c.actions["api_call"],
+            "api_access",
+        );
+        assert_eq!(r.status, 403);
+        let b = body(&r);
+        assert_eq!(b["feature"], "api_access");
+        assert_eq!(b["upgrade"]["plan"], "enterprise");
+        assert_eq!(
+            b["message"],
+            "API call is not included in the Free plan. Upgrade to Enterprise to use it."
+        );
+    }
+
+    #[test]
+    fn a_large_file_is_offered_a_plan_that_takes_it() {
+        let c = config();
+        let r = file_too_large(
+            &c,
+            "free",
+            &c.plans["free"],
+            11 * 1024 * 1024,
+            10 * 1024 * 1024,
+        );
+        assert_eq!(r.status, 413);
+        let b = body(&r);
+        assert_eq!(
+            b["message"],
+            "This file is 11 MB; the Free plan allows files up to 10 MB. Upgrade to Professional for files up to 100 MB."
+        );
+        let r = file_too_large(
+            &c,
+            "free",
+            &c.plans["free"],
+            200 * 1024 * 1024,
+            10 * 1024 * 1024,
+        );
+        assert_eq!(body(&r)["upgrade"]["plan"], "enterprise");
+    }
+
+    #[test]
+    fn percentages_are_whole_and_safe() {
+        assert_eq!(percentage(0, 3), 0);
+        assert_eq!(percentage(2, 3), 66);
+        assert_eq!(percentage(3, 3), 100);
+        assert_eq!(percentage(1, 0), 100);
+        assert_eq!(percentage(u64::MAX, u64::MAX), 100);
+    }
+}

@@ -1,0 +1,1 @@
+//! Test support: real Redis, real Envoy, the real filter.
