@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Demo upstreams of the product: every path answers 200 with a small JSON body.
+
+`x-demo-status: 503` makes it answer with that status, `x-demo-delay-ms: 500` makes it wait
+first (timeouts). It reads and discards request bodies. `GET /__demo/stats` tells how many
+2xx answers it gave per path, so tests can compare counters with what really succeeded.
+"""
+import json
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+successes = Counter()
+lock = threading.Lock()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def handle_any(self):
+        length = int(self.headers.get("content-length") or 0)
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 20))
+            if not chunk:
+                return
+            length -= len(chunk)
+        if self.path == "/__demo/stats":
+            with lock:
+                self.answer(200, {"successes": dict(successes)})
+            return
+        delay_ms = int(self.headers.get("x-demo-delay-ms") or 0)
+        if delay_ms:
+            time.sleep(delay_ms / 1000)
+        status = int(self.headers.get("x-demo-status") or 200)
+        if 200 <= status < 300:
+            with lock:
+                successes[self.path.split("?")[0]] += 1
+        self.answer(status, {"upstream": "demo", "method": self.command, "path": self.path, "status": status})
+
+    def answer(self, status, payload):
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = handle_any
+
+
+if __name__ == "__main__":
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else 10080
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    print(f"demo upstream on 127.0.0.1:{port}", flush=True)
+    server.serve_forever()

@@ -1,0 +1,192 @@
+//! The whole gateway for a test: Redis, webdis, the demo upstream and Envoy running the real
+//! filter, configured from envoy.yaml and a plans.json, on free loopback ports.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::process::{free_port, scratch_dir, Service};
+use crate::redis_server::RedisServer;
+
+/// What fills envoy.yaml's placeholders.
+pub struct EnvoyParams<'a> {
+    pub admin_port: u16,
+    pub gateway_port: u16,
+    pub upstream_port: u16,
+    pub webdis_port: u16,
+    pub upstream_timeout: &'a str,
+    pub filter_wasm: &'a Path,
+    pub plans_json: &'a str,
+}
+
+/// Renders the envoy.yaml template; plans.json becomes the filter's configuration verbatim,
+/// so limits live in one place only.
+pub fn render_envoy_config(template: &str, p: &EnvoyParams) -> Result<String, String> {
+    let plans: serde_json::Value =
+        serde_json::from_str(p.plans_json).map_err(|e| format!("plans.json: {e}"))?;
+    // A JSON string is a valid YAML double-quoted scalar.
+    let plans = serde_json::Value::String(plans.to_string()).to_string();
+    let rendered = template
+        .replace("@ADMIN_PORT@", &p.admin_port.to_string())
+        .replace("@GATEWAY_PORT@", &p.gateway_port.to_string())
+        .replace("@UPSTREAM_PORT@", &p.upstream_port.to_string())
+        .replace("@WEBDIS_PORT@", &p.webdis_port.to_string())
+        .replace("@UPSTREAM_TIMEOUT@", p.upstream_timeout)
+        .replace("@FILTER_WASM@", &p.filter_wasm.display().to_string())
+        .replace("@PLANS_JSON@", &plans);
+    match unfilled_placeholder(&rendered) {
+        Some(name) => Err(format!("envoy.yaml: placeholder @{name}@ was not filled")),
+        None => Ok(rendered),
+    }
+}
+
+fn unfilled_placeholder(text: &str) -> Option<&str> {
+    text.split('@').skip(1).step_by(1).find(|part| {
+        !part.is_empty() && part.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+    })
+}
+
+/// webdis in front of Redis, allowing nothing but EVAL (the filter's two scripts).
+pub fn webdis_config(redis_port: u16, http_port: u16, log: &Path) -> String {
+    serde_json::json!({
+        "redis_host": "127.0.0.1",
+        "redis_port": redis_port,
+        "http_host": "127.0.0.1",
+        "http_port": http_port,
+        "threads": 2,
+        "pool_size": 8,
+        "daemonize": false,
+        "database": 0,
+        "acl": [{"disabled": ["*"]}, {"enabled": ["EVAL"]}],
+        "verbosity": 1,
+        "logfile": log.display().to_string(),
+    })
+    .to_string()
+}
+
+/// The Envoy binary: `ENVOY_BIN`, else the repository's `.venv` (made by `make deps`), else PATH.
+pub fn envoy_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("ENVOY_BIN") {
+        return bin.into();
+    }
+    let venv = crate::repo_root().join(".venv/bin/envoy");
+    if venv.exists() {
+        venv
+    } else {
+        "envoy".into()
+    }
+}
+
+pub struct GatewayOptions {
+    pub plans_json: String,
+    pub concurrency: u32,
+    pub upstream_timeout: String,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        Self {
+            plans_json: crate::plans_json(),
+            concurrency: 2,
+            upstream_timeout: "15s".into(),
+        }
+    }
+}
+
+pub struct Gateway {
+    pub dir: PathBuf,
+    pub redis: RedisServer,
+    pub gateway_port: u16,
+    pub admin_port: u16,
+    pub upstream_port: u16,
+    pub webdis_port: u16,
+    // Stopped in reverse order of start: Envoy first.
+    pub envoy: Service,
+    pub webdis: Service,
+    pub upstream: Service,
+}
+
+impl Gateway {
+    pub fn start(options: GatewayOptions) -> Self {
+        let dir = scratch_dir("gateway");
+        let redis = RedisServer::start(&dir);
+
+        let webdis_port = free_port();
+        let webdis_json = dir.join("webdis.json");
+        std::fs::write(
+            &webdis_json,
+            webdis_config(redis.port, webdis_port, &dir.join("webdis-internal.log")),
+        )
+        .unwrap();
+        let mut command = Command::new("webdis");
+        command.arg(&webdis_json);
+        let mut webdis = Service::spawn("webdis", command, &dir.join("webdis.log"));
+        webdis.wait_for_port(webdis_port, Duration::from_secs(10));
+
+        let upstream_port = free_port();
+        let mut command = Command::new("python3");
+        command
+            .arg(crate::repo_root().join("demo/upstream.py"))
+            .arg(upstream_port.to_string());
+        let mut upstream = Service::spawn("demo upstream", command, &dir.join("upstream.log"));
+        upstream.wait_for_port(upstream_port, Duration::from_secs(10));
+
+        let (gateway_port, admin_port) = (free_port(), free_port());
+        let wasm = crate::filter_wasm();
+        let template = std::fs::read_to_string(crate::repo_root().join("envoy.yaml")).unwrap();
+        let config = render_envoy_config(
+            &template,
+            &EnvoyParams {
+                admin_port,
+                gateway_port,
+                upstream_port,
+                webdis_port,
+                upstream_timeout: &options.upstream_timeout,
+                filter_wasm: &wasm,
+                plans_json: &options.plans_json,
+            },
+        )
+        .unwrap();
+        let envoy_yaml = dir.join("envoy.yaml");
+        std::fs::write(&envoy_yaml, config).unwrap();
+        let mut command = Command::new(envoy_bin());
+        command
+            .arg("-c")
+            .arg(&envoy_yaml)
+            .args(["--concurrency", &options.concurrency.to_string()])
+            .args(["--use-dynamic-base-id", "--log-level", "warn"])
+            .arg("--component-log-level")
+            .arg("wasm:info");
+        let mut envoy = Service::spawn("envoy", command, &dir.join("envoy.log"));
+        envoy.wait_for_port(gateway_port, Duration::from_secs(30));
+
+        Self {
+            dir,
+            redis,
+            gateway_port,
+            admin_port,
+            upstream_port,
+            webdis_port,
+            envoy,
+            webdis,
+            upstream,
+        }
+    }
+
+    /// The filter's counters from Envoy's admin `/stats` (`plan_limits.<name>`).
+    pub fn metric(&self, name: &str) -> u64 {
+        let stats = crate::http::get(self.admin_port, "/stats?filter=plan_limits").body_text();
+        let key = format!("wasmcustom.plan_limits.{name}: ");
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// 2xx answers the demo upstream gave for `path`.
+    pub fn upstream_successes(&self, path: &str) -> u64 {
+        let stats = crate::http::get(self.upstream_port, "/__demo/stats").json();
+        stats["successes"][path].as_u64().unwrap_or(0)
+    }
+}

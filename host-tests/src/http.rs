@@ -1,0 +1,167 @@
+//! A small HTTP/1.1 client over a raw socket, so tests can send exactly the bytes they mean
+//! (duplicate headers, non-UTF-8 values, bodies the gateway refuses before reading them).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body_text()))
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Body,
+}
+
+#[derive(Debug, Clone, Default)]
+pub enum Body {
+    #[default]
+    Empty,
+    Bytes(Vec<u8>),
+    /// `n` zero bytes, streamed, with their Content-Length.
+    Zeros(u64),
+    /// A Content-Length header but no body sent: for requests the gateway answers first.
+    DeclaredOnly(u64),
+}
+
+impl Request {
+    pub fn new(method: &str, path: &str) -> Self {
+        Self {
+            method: method.into(),
+            path: path.into(),
+            ..Self::default()
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: impl AsRef<[u8]>) -> Self {
+        self.headers.push((name.into(), value.as_ref().to_vec()));
+        self
+    }
+
+    pub fn user(self, user: &str, plan: &str) -> Self {
+        self.header("x-user-id", user).header("x-user-plan", plan)
+    }
+
+    pub fn body(mut self, body: Body) -> Self {
+        self.body = body;
+        self
+    }
+
+    pub fn send(&self, port: u16) -> Response {
+        self.try_send(port)
+            .unwrap_or_else(|e| panic!("{} {}: {e}", self.method, self.path))
+    }
+
+    pub fn try_send(&self, port: u16) -> std::io::Result<Response> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.set_nodelay(true)?;
+        let mut head = format!("{} {} HTTP/1.1\r\nhost: gateway\r\nconnection: close\r\n", self.method, self.path)
+            .into_bytes();
+        for (name, value) in &self.headers {
+            head.extend_from_slice(name.as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value);
+            head.extend_from_slice(b"\r\n");
+        }
+        let length = match &self.body {
+            Body::Empty => None,
+            Body::Bytes(b) => Some(b.len() as u64),
+            Body::Zeros(n) | Body::DeclaredOnly(n) => Some(*n),
+        };
+        let explicit_length = self
+            .headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
+        if let (Some(n), false) = (length, explicit_length) {
+            head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        stream.write_all(&head)?;
+        match &self.body {
+            Body::Empty | Body::DeclaredOnly(_) => {}
+            Body::Bytes(b) => stream.write_all(b)?,
+            Body::Zeros(n) => {
+                let chunk = vec![0u8; 1 << 20];
+                let mut left = *n;
+                while left > 0 {
+                    let k = left.min(chunk.len() as u64) as usize;
+                    stream.write_all(&chunk[..k])?;
+                    left -= k as u64;
+                }
+            }
+        }
+        read_response(stream)
+    }
+}
+
+fn read_response(stream: TcpStream) -> std::io::Result<Response> {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line)?;
+        let trimmed = line.trim_end();
+        if trimmed.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = trimmed.split_once(':') {
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+        }
+    }
+    let mut body = Vec::new();
+    let length = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok());
+    match length {
+        Some(n) => {
+            body.resize(n, 0);
+            reader.read_exact(&mut body)?;
+        }
+        None => {
+            reader.read_to_end(&mut body)?;
+        }
+    }
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+pub fn get(port: u16, path: &str) -> Response {
+    Request::new("GET", path).send(port)
+}
