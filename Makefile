@@ -16,7 +16,7 @@ build: deps
 
 ## run: Redis, webdis, the demo upstreams and Envoy in the foreground; Ctrl-C stops them all
 run: build
-	scripts/run-gateway.sh
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p host-tests --bin plan-limits-gateway
 
 ## test: unit tests of the core, then end-to-end tests through real Envoy and Redis
 test: build lint

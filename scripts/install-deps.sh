@@ -9,6 +9,10 @@ if ! rustup target list --installed | grep -qx wasm32-wasip1; then
   rustup target add wasm32-wasip1
 fi
 
+for component in rustfmt clippy; do
+  rustup component list --installed | grep -q "^$component" || rustup component add "$component"
+done
+
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v webdis >/dev/null || missing+=(webdis)

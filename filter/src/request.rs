@@ -168,7 +168,7 @@ impl Gate {
                 let value = source
                     .header
                     .as_deref()
-                    .and_then(|h| header(h))
+                    .and_then(header)
                     .map(|v| String::from_utf8_lossy(&v).into_owned())
                     .or_else(|| {
                         source
@@ -262,10 +262,12 @@ impl MeteredRequest {
                     plan,
                     &self.action,
                     &config.actions[&self.action],
-                    r.committed + r.pending,
-                    limit,
                     &self.period,
-                    self.period.seconds_until_end(now),
+                    responses::Exhausted {
+                        current: r.committed + r.pending,
+                        limit,
+                        retry_after_secs: self.period.seconds_until_end(now),
+                    },
                 ));
             }
             Err(failure) => failure,

@@ -28,17 +28,28 @@ impl LocalResponse {
     }
 }
 
+/// Where an exhausted allowance stands: units used (committed and reserved) of `limit`.
+#[derive(Debug, Clone, Copy)]
+pub struct Exhausted {
+    pub current: u64,
+    pub limit: u64,
+    pub retry_after_secs: u64,
+}
+
 pub fn limit_reached(
     config: &Config,
     plan_key: &str,
     plan: &Plan,
     action_key: &str,
     action: &ActionSettings,
-    current: u64,
-    limit: u64,
     period: &BillingPeriod,
-    retry_after_secs: u64,
+    usage: Exhausted,
 ) -> LocalResponse {
+    let Exhausted {
+        current,
+        limit,
+        retry_after_secs,
+    } = usage;
     let upgrade = config.upgrade_path(plan).next();
     let pitch = match upgrade {
         Some((_, next)) => format!(
@@ -206,7 +217,7 @@ pub fn percentage(current: u64, limit: u64) -> u64 {
 
 fn megabytes(bytes: u64) -> String {
     const MB: u64 = 1024 * 1024;
-    if bytes % MB == 0 {
+    if bytes.is_multiple_of(MB) {
         format!("{} MB", bytes / MB)
     } else {
         format!("{:.1} MB", bytes as f64 / MB as f64)
@@ -239,16 +250,19 @@ mod tests {
         let c = config();
         let now = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
         let period = BillingPeriod::calendar_month(now);
+        let usage = Exhausted {
+            current: 5,
+            limit: 5,
+            retry_after_secs: period.seconds_until_end(now),
+        };
         let r = limit_reached(
             &c,
             "free",
             &c.plans["free"],
             "upload",
             &c.actions["upload"],
-            5,
-            5,
             &period,
-            period.seconds_until_end(now),
+            usage,
         );
         assert_eq!(r.status, 429);
         assert!(r.headers.contains(&("retry-after".into(), "302400".into())));
@@ -275,16 +289,19 @@ mod tests {
         let c = config();
         let now = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
         let period = BillingPeriod::calendar_month(now);
+        let usage = Exhausted {
+            current: 10_000,
+            limit: 10_000,
+            retry_after_secs: 1,
+        };
         let r = limit_reached(
             &c,
             "enterprise",
             &c.plans["enterprise"],
             "api_call",
             &c.actions["api_call"],
-            10_000,
-            10_000,
             &period,
-            1,
+            usage,
         );
         let b = body(&r);
         assert_eq!(b["error"], "API call limit reached");

@@ -41,9 +41,10 @@ pub fn render_envoy_config(template: &str, p: &EnvoyParams) -> Result<String, St
 }
 
 fn unfilled_placeholder(text: &str) -> Option<&str> {
-    text.split('@').skip(1).step_by(1).find(|part| {
-        !part.is_empty() && part.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
-    })
+    text.split('@')
+        .skip(1)
+        .step_by(1)
+        .find(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'))
 }
 
 /// webdis in front of Redis, allowing nothing but EVAL (the filter's two scripts).
@@ -81,6 +82,31 @@ pub struct GatewayOptions {
     pub plans_json: String,
     pub concurrency: u32,
     pub upstream_timeout: String,
+    /// Fixed ports (for `make run`); free ones when `None`.
+    pub ports: Option<Ports>,
+    /// Where configs and logs go; a fresh temporary directory when `None`.
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub gateway: u16,
+    pub admin: u16,
+    pub upstream: u16,
+    pub webdis: u16,
+    pub redis: u16,
+}
+
+impl Ports {
+    fn free() -> Self {
+        Self {
+            gateway: free_port(),
+            admin: free_port(),
+            upstream: free_port(),
+            webdis: free_port(),
+            redis: free_port(),
+        }
+    }
 }
 
 impl Default for GatewayOptions {
@@ -89,6 +115,8 @@ impl Default for GatewayOptions {
             plans_json: crate::plans_json(),
             concurrency: 2,
             upstream_timeout: "15s".into(),
+            ports: None,
+            dir: None,
         }
     }
 }
@@ -108,10 +136,15 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(options: GatewayOptions) -> Self {
-        let dir = scratch_dir("gateway");
-        let redis = RedisServer::start(&dir);
+        let dir = options
+            .dir
+            .clone()
+            .unwrap_or_else(|| scratch_dir("gateway"));
+        std::fs::create_dir_all(&dir).expect("gateway dir");
+        let ports = options.ports.unwrap_or_else(Ports::free);
+        let redis = RedisServer::start_on(&dir, ports.redis);
 
-        let webdis_port = free_port();
+        let webdis_port = ports.webdis;
         let webdis_json = dir.join("webdis.json");
         std::fs::write(
             &webdis_json,
@@ -123,7 +156,7 @@ impl Gateway {
         let mut webdis = Service::spawn("webdis", command, &dir.join("webdis.log"));
         webdis.wait_for_port(webdis_port, Duration::from_secs(10));
 
-        let upstream_port = free_port();
+        let upstream_port = ports.upstream;
         let mut command = Command::new("python3");
         command
             .arg(crate::repo_root().join("demo/upstream.py"))
@@ -131,7 +164,7 @@ impl Gateway {
         let mut upstream = Service::spawn("demo upstream", command, &dir.join("upstream.log"));
         upstream.wait_for_port(upstream_port, Duration::from_secs(10));
 
-        let (gateway_port, admin_port) = (free_port(), free_port());
+        let (gateway_port, admin_port) = (ports.gateway, ports.admin);
         let wasm = crate::filter_wasm();
         let template = std::fs::read_to_string(crate::repo_root().join("envoy.yaml")).unwrap();
         let config = render_envoy_config(

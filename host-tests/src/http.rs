@@ -81,8 +81,11 @@ impl Request {
         let mut stream = TcpStream::connect(("127.0.0.1", port))?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         stream.set_nodelay(true)?;
-        let mut head = format!("{} {} HTTP/1.1\r\nhost: gateway\r\nconnection: close\r\n", self.method, self.path)
-            .into_bytes();
+        let mut head = format!(
+            "{} {} HTTP/1.1\r\nhost: gateway\r\nconnection: close\r\n",
+            self.method, self.path
+        )
+        .into_bytes();
         for (name, value) in &self.headers {
             head.extend_from_slice(name.as_bytes());
             head.extend_from_slice(b": ");

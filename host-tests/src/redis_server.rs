@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::process::{free_port, Service};
+use crate::process::Service;
 
 pub struct RedisServer {
     pub port: u16,
@@ -12,11 +12,6 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    pub fn start(dir: &Path) -> Self {
-        let port = free_port();
-        Self::start_on(dir, port)
-    }
-
     /// Starts (or restarts) on a given port.
     pub fn start_on(dir: &Path, port: u16) -> Self {
         let mut command = Command::new("redis-server");
@@ -30,7 +25,11 @@ impl RedisServer {
             "--appendonly",
             "no",
         ]);
-        let mut service = Service::spawn("redis-server", command, &dir.join(format!("redis-{port}.log")));
+        let mut service = Service::spawn(
+            "redis-server",
+            command,
+            &dir.join(format!("redis-{port}.log")),
+        );
         service.wait_for_port(port, Duration::from_secs(10));
         Self { port, service }
     }
