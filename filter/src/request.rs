@@ -341,7 +341,7 @@ impl MeteredRequest {
             at: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             request_id: self.request_id.clone(),
             period_id: self.period.id.clone(),
-            keep_until_ms: unix_millis(self.period.end + retention),
+            keep_for_ms: unix_millis(self.period.end + retention).saturating_sub(unix_millis(now)),
         }
     }
 }

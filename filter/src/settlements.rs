@@ -172,7 +172,7 @@ mod tests {
             at: "2026-11-27T00:00:00.000Z".into(),
             request_id: String::new(),
             period_id: "2026-11".into(),
-            keep_until_ms: 0,
+            keep_for_ms: 1,
         }
     }
 

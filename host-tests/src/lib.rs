@@ -4,6 +4,7 @@
 pub mod gateway;
 pub mod http;
 pub mod process;
+pub mod redis_exec;
 pub mod redis_server;
 pub mod usage;
 

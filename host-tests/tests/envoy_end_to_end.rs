@@ -284,3 +284,24 @@ fn redis_down_follows_each_actions_failure_mode() {
         "a log line says so"
     );
 }
+
+#[test]
+fn concurrent_uploads_never_pass_the_limit() {
+    let gw = gateway();
+    let mut redis = gw.redis.connection();
+    let port = gw.gateway_port;
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..40)
+            .map(|_| s.spawn(move || upload("judy", "free").send(port).status))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    let limited = statuses.iter().filter(|&&s| s == 429).count();
+    assert_eq!((ok, limited), (5, 35), "{statuses:?}");
+    assert!(eventually(
+        || usage::counter(&mut redis, "judy", "upload") == 5
+    ));
+    assert_eq!(gw.upstream_successes("/api/upload"), 5);
+    assert_eq!(usage::events_of(&mut redis, "judy").len(), 5);
+}

@@ -35,6 +35,7 @@ pub fn reserve(
         .arg(reservation_id)
         .arg(now_ms.to_string())
         .arg((now_ms + ttl_ms).to_string())
+        .arg(ttl_ms.to_string())
 }
 
 pub fn parse_reservation(ints: &[i64]) -> Option<Reservation> {
@@ -83,8 +84,8 @@ pub struct Settlement {
     pub at: String,
     pub request_id: String,
     pub period_id: String,
-    /// The summary expires this long after its period (ms since the epoch).
-    pub keep_until_ms: u64,
+    /// How long the summary is kept from now (ms): until its period ends plus the retention.
+    pub keep_for_ms: u64,
 }
 
 /// Fields per item in `settle.lua`'s ARGV.
@@ -120,7 +121,7 @@ pub fn settle(
             .arg(&item.at)
             .arg(&item.request_id)
             .arg(&item.period_id)
-            .arg(item.keep_until_ms.to_string());
+            .arg(item.keep_for_ms.to_string());
         debug_assert_eq!(cmd.args.len() - before, SETTLE_FIELDS);
     }
     cmd
@@ -148,7 +149,8 @@ mod tests {
                 "5",
                 "r1",
                 "1000",
-                "61000"
+                "61000",
+                "60000"
             ]
         );
     }

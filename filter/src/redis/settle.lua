@@ -14,13 +14,13 @@ for i = 0, (#KEYS - 1) / 2 - 1 do
   local mode, id, action, user = ARGV[f + 1], ARGV[f + 2], ARGV[f + 3], ARGV[f + 4]
   local plan, limits, kind, bytes = ARGV[f + 5], ARGV[f + 6], ARGV[f + 7], ARGV[f + 8]
   local status, at, request_id, period = ARGV[f + 9], ARGV[f + 10], ARGV[f + 11], ARGV[f + 12]
-  local keep_until = ARGV[f + 13]
+  local keep_for = ARGV[f + 13]
   local held = redis.call('ZREM', pending, id)
   local counted = 0
   if mode == 'count' or (mode == 'commit' and held == 1) then
     redis.call('HINCRBY', summary, action, 1)
     redis.call('HSET', summary, 'plan', plan, 'limits', limits, 'updated_at', at)
-    redis.call('PEXPIREAT', summary, keep_until)
+    redis.call('PEXPIRE', summary, keep_for)
     local event = {'user', user, 'action', action, 'kind', kind, 'bytes', bytes,
       'status', status, 'at', at, 'request_id', request_id, 'plan', plan, 'period', period}
     if maxlen == '' then

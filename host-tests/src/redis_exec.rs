@@ -1,0 +1,31 @@
+//! Runs the filter's Redis commands on a real Redis with the `redis` crate, and turns its
+//! replies into the filter's `RedisReply`: what a Redis transport on the host side does.
+
+use plan_limits_filter::redis::{RedisCommand, RedisReply};
+
+pub fn run(conn: &mut redis::Connection, command: &RedisCommand) -> RedisReply {
+    let mut cmd = redis::cmd(std::str::from_utf8(&command.args[0]).expect("command name"));
+    for arg in &command.args[1..] {
+        cmd.arg(&arg[..]);
+    }
+    match cmd.query::<redis::Value>(conn) {
+        Ok(value) => from_value(value),
+        Err(e) => RedisReply::Error(e.to_string()),
+    }
+}
+
+pub fn from_value(value: redis::Value) -> RedisReply {
+    use redis::Value;
+    match value {
+        Value::Nil => RedisReply::Nil,
+        Value::Int(n) => RedisReply::Int(n),
+        Value::BulkString(b) => RedisReply::Bulk(b),
+        Value::SimpleString(s) => RedisReply::Status(s),
+        Value::Okay => RedisReply::Status("OK".into()),
+        Value::Array(items) | Value::Set(items) => {
+            RedisReply::Array(items.into_iter().map(from_value).collect())
+        }
+        Value::ServerError(e) => RedisReply::Error(format!("{e:?}")),
+        other => RedisReply::Bulk(format!("{other:?}").into_bytes()),
+    }
+}
