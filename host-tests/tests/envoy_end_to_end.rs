@@ -142,7 +142,11 @@ fn professional_uploads_are_unlimited_and_ai_analyses_stop_at_100() {
     assert!(eventually(
         || usage::counter(&mut redis, "dave", "upload") == 30
     ));
-    assert!(eventually(|| usage::counter(&mut redis, "dave", "ai_analysis") == 100));
+    assert!(eventually(|| usage::counter(
+        &mut redis,
+        "dave",
+        "ai_analysis"
+    ) == 100));
 }
 
 #[test]
