@@ -2,17 +2,22 @@
 SHELL := /bin/bash
 WASM_RAW := target/wasm32-wasip1/release/plan_limits_filter.wasm
 WASM := target/plan_limits_filter.wasm
+WASM_HOSTCALLS := target/plan_limits_filter_redis_hostcalls.wasm
+OPT := wasm-opt -Oz --enable-bulk-memory --enable-sign-ext
 
 .PHONY: deps build run test lint clean
 
 deps:
 	@scripts/install-deps.sh
 
-## build: the optimized filter .wasm Envoy loads
+## build: the optimized filter .wasm Envoy loads, and the build for the Higress Redis host calls
 build: deps
+	cargo build --release --locked -p plan-limits-filter --target wasm32-wasip1 --features redis-hostcalls
+	$(OPT) $(WASM_RAW) -o $(WASM_HOSTCALLS)
 	cargo build --release --locked -p plan-limits-filter --target wasm32-wasip1
-	wasm-opt -Oz --enable-bulk-memory --enable-sign-ext $(WASM_RAW) -o $(WASM)
-	@echo "filter: $(WASM) ($$(stat -c %s $(WASM)) bytes)"
+	$(OPT) $(WASM_RAW) -o $(WASM)
+	@echo "filter for stock Envoy (webdis): $(WASM) ($$(stat -c %s $(WASM)) bytes)"
+	@echo "filter for Redis host calls:     $(WASM_HOSTCALLS) ($$(stat -c %s $(WASM_HOSTCALLS)) bytes)"
 
 ## run: Redis, webdis, the demo upstreams and Envoy in the foreground; Ctrl-C stops them all
 run: build
@@ -20,12 +25,14 @@ run: build
 
 ## test: unit tests of the core, then end-to-end tests through real Envoy and Redis
 test: build lint
-	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo test --locked --workspace
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) PLAN_LIMITS_WASM_HOSTCALLS=$(CURDIR)/$(WASM_HOSTCALLS) \
+		cargo test --locked --workspace
 
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 	cargo clippy --locked -p plan-limits-filter --target wasm32-wasip1 -- -D warnings
+	cargo clippy --locked -p plan-limits-filter --target wasm32-wasip1 --features redis-hostcalls -- -D warnings
 
 clean:
 	cargo clean

@@ -1,48 +1,108 @@
 //! One context per request: feeds the core's pipeline what Envoy reports and carries out what
 //! it decides (continue, pause for Redis, answer locally, queue a settlement).
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use log::warn;
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use super::metrics::bump;
 use super::root::Shared;
-use super::transport;
+use super::transport::{self, Reply};
 use crate::redis::scripts::Settlement;
 use crate::request::{Admission, Decision, MeteredRequest};
 use crate::responses::LocalResponse;
 
 pub struct MeteredHttp {
     shared: Rc<Shared>,
+    context_id: u32,
+    /// Shared with the handler waiting for the reservation's answer.
+    state: Rc<RefCell<RequestState>>,
+}
+
+#[derive(Default)]
+struct RequestState {
     metered: Option<MeteredRequest>,
     reservation_token: Option<u32>,
+    ended: bool,
 }
 
 impl MeteredHttp {
-    pub fn new(shared: Rc<Shared>) -> Self {
+    pub fn new(shared: Rc<Shared>, context_id: u32) -> Self {
         Self {
             shared,
-            metered: None,
-            reservation_token: None,
+            context_id,
+            state: Rc::default(),
         }
     }
 
-    fn respond(&self, response: &LocalResponse) {
-        let headers: Vec<(&str, &str)> = response
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        self.send_http_response(response.status, headers, Some(response.body.as_bytes()));
-    }
-
     fn queue(&self, settlement: Option<Settlement>) {
-        let Some(settlement) = settlement else { return };
-        if self.shared.queue.borrow_mut().push(settlement).is_some() {
-            bump(self.shared.metrics.settlements_dropped, 1);
-            warn!("plan-limits: settlement queue full, oldest settlement dropped");
+        queue(&self.shared, settlement);
+    }
+}
+
+fn queue(shared: &Shared, settlement: Option<Settlement>) {
+    let Some(settlement) = settlement else { return };
+    if shared.settler.queue.borrow_mut().push(settlement).is_some() {
+        bump(shared.metrics.settlements_dropped, 1);
+        warn!("plan-limits: settlement queue full, oldest settlement dropped");
+    }
+}
+
+fn respond(response: &LocalResponse) {
+    let headers: Vec<(&str, &str)> = response
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let _ = hostcalls::send_http_response(response.status, headers, Some(response.body.as_bytes()));
+}
+
+/// The reservation's answer arrived for stream `context_id`.
+fn on_reservation(shared: &Shared, state: &RefCell<RequestState>, context_id: u32, reply: Reply) {
+    let mut state = state.borrow_mut();
+    state.reservation_token = None;
+    if state.ended {
+        return;
+    }
+    // The Redis host calls answer on the root context: act on this stream.
+    if hostcalls::set_effective_context(context_id).is_err() {
+        return;
+    }
+    let metrics = &shared.metrics;
+    let Some(metered) = state.metered.as_mut() else {
+        return;
+    };
+    match metered.on_reservation(&shared.gate, reply, super::now()) {
+        Decision::Allowed => {
+            bump(metrics.allowed, 1);
+            let _ = hostcalls::resume_http_request();
+        }
+        Decision::Denied(response) => {
+            bump(metrics.denied, 1);
+            respond(&response);
+        }
+        Decision::FailOpen(e) => {
+            bump(metrics.redis_errors, 1);
+            bump(metrics.fail_open, 1);
+            warn!(
+                "plan-limits: {} for user {:?} let through unchecked (fail_open): {e}",
+                metered.action(),
+                metered.user()
+            );
+            let _ = hostcalls::resume_http_request();
+        }
+        Decision::FailClosed(e, response) => {
+            bump(metrics.redis_errors, 1);
+            bump(metrics.fail_closed, 1);
+            warn!(
+                "plan-limits: {} refused (fail_closed): {e}",
+                metered.action()
+            );
+            respond(&response);
         }
     }
 }
@@ -55,45 +115,7 @@ impl Context for MeteredHttp {
         body_size: usize,
         _: usize,
     ) {
-        if self.reservation_token.take() != Some(token) {
-            return;
-        }
-        let shared = self.shared.clone();
-        let reply = transport::receive(self, num_headers, body_size);
-        let now = super::now(self);
-        let metrics = &shared.metrics;
-        let Some(metered) = self.metered.as_mut() else {
-            return;
-        };
-        match metered.on_reservation(&shared.gate, reply, now) {
-            Decision::Allowed => {
-                bump(metrics.allowed, 1);
-                self.resume_http_request();
-            }
-            Decision::Denied(response) => {
-                bump(metrics.denied, 1);
-                self.respond(&response);
-            }
-            Decision::FailOpen(e) => {
-                bump(metrics.redis_errors, 1);
-                bump(metrics.fail_open, 1);
-                warn!(
-                    "plan-limits: {} for user {:?} let through unchecked (fail_open): {e}",
-                    metered.action(),
-                    metered.user()
-                );
-                self.resume_http_request();
-            }
-            Decision::FailClosed(e, response) => {
-                bump(metrics.redis_errors, 1);
-                bump(metrics.fail_closed, 1);
-                warn!(
-                    "plan-limits: {} refused (fail_closed): {e}",
-                    metered.action()
-                );
-                self.respond(&response);
-            }
-        }
+        transport::on_http_call_response(token, num_headers, body_size);
     }
 }
 
@@ -105,9 +127,7 @@ impl HttpContext for MeteredHttp {
         let header = |name: &str| self.get_http_request_header_bytes(name);
         let admission = shared
             .gate
-            .admit(&method, &path, &header, super::now(self), || {
-                shared.ids.next()
-            });
+            .admit(&method, &path, &header, super::now(), || shared.ids.next());
         let metrics = &shared.metrics;
         match admission {
             Admission::Unmetered => {
@@ -116,37 +136,34 @@ impl HttpContext for MeteredHttp {
             }
             Admission::Reject(response) => {
                 bump(metrics.rejected, 1);
-                self.respond(&response);
+                respond(&response);
                 Action::Pause
             }
             Admission::Proceed(metered) => {
                 bump(metrics.allowed, 1);
-                self.metered = Some(metered);
+                self.state.borrow_mut().metered = Some(metered);
                 Action::Continue
             }
-            Admission::Reserve(mut metered, command) => {
-                match transport::send(self, &shared.gate.config.redis, &command) {
+            Admission::Reserve(metered, command) => {
+                self.state.borrow_mut().metered = Some(metered);
+                let (waiting, context_id) = (self.state.clone(), self.context_id);
+                let handler_shared = shared.clone();
+                let sent = transport::call(&shared.gate.config.redis, &command, move |reply| {
+                    on_reservation(&handler_shared, &waiting, context_id, reply)
+                });
+                match sent {
                     Ok(token) => {
-                        self.reservation_token = Some(token);
-                        self.metered = Some(metered);
+                        self.state.borrow_mut().reservation_token = Some(token);
                         Action::Pause
                     }
                     Err(e) => {
                         // Same path as a failed reply: the action's failure mode decides.
-                        let decision =
-                            metered.on_reservation(&shared.gate, Err(e), super::now(self));
-                        self.metered = Some(metered);
-                        bump(metrics.redis_errors, 1);
-                        match decision {
-                            Decision::FailClosed(_, response) => {
-                                bump(metrics.fail_closed, 1);
-                                self.respond(&response);
+                        on_reservation(&shared, &self.state, context_id, Err(e));
+                        match self.state.borrow().metered.as_ref() {
+                            Some(_) if self.get_http_response_header(":status").is_some() => {
                                 Action::Pause
                             }
-                            _ => {
-                                bump(metrics.fail_open, 1);
-                                Action::Continue
-                            }
+                            _ => Action::Continue,
                         }
                     }
                 }
@@ -155,29 +172,35 @@ impl HttpContext for MeteredHttp {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        // A local reply of our own (429, 403, ...) also passes here: it has no metered request
-        // left to settle, or one that is already settled.
-        if self.metered.is_some() {
+        // A local reply of our own (429, 403, ...) also passes here: its metered request, if
+        // any, is already settled.
+        if self.state.borrow().metered.is_some() {
             let status = self
                 .get_http_response_header(":status")
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0);
-            let now = super::now(self);
             let settlement = self
+                .state
+                .borrow_mut()
                 .metered
                 .as_mut()
-                .and_then(|m| m.on_response(&self.shared.gate, status, now));
+                .and_then(|m| m.on_response(&self.shared.gate, status, super::now()));
             self.queue(settlement);
         }
         Action::Continue
     }
 
     fn on_log(&mut self) {
-        let now = super::now(self);
-        let settlement = self
+        let mut state = self.state.borrow_mut();
+        state.ended = true;
+        if let Some(token) = state.reservation_token.take() {
+            transport::forget(token);
+        }
+        let settlement = state
             .metered
             .as_mut()
-            .and_then(|m| m.on_end(&self.shared.gate, now));
+            .and_then(|m| m.on_end(&self.shared.gate, super::now()));
+        drop(state);
         self.queue(settlement);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! - `root`: parses plans.json in `on_configure`, sends settlement batches on each tick;
 //! - `http`: one per request, runs the core's request pipeline;
-//! - `transport`: how a Redis command travels (webdis over `dispatch_http_call`);
+//! - `transport`: how a Redis command travels (webdis, or the Redis host calls);
 //! - `metrics`: the counters Envoy exposes on its admin `/stats`.
 
 mod http;
@@ -19,10 +19,10 @@ proxy_wasm::main! {{
 }}
 
 /// The host's clock, as the core wants it.
-fn now(ctx: &dyn proxy_wasm::traits::Context) -> chrono::DateTime<chrono::Utc> {
-    let nanos = ctx
-        .get_current_time()
-        .duration_since(std::time::UNIX_EPOCH)
+fn now() -> chrono::DateTime<chrono::Utc> {
+    let nanos = proxy_wasm::hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     crate::period::from_unix_nanos(nanos)

@@ -12,15 +12,15 @@ use proxy_wasm::types::ContextType;
 use super::http::MeteredHttp;
 use super::metrics::{bump, Metrics};
 use super::transport;
-use crate::config::Config;
+use crate::config::{Config, RedisSettings};
 use crate::request::{unix_millis, Gate};
 use crate::settlements::{BatchReport, SettlementQueue};
 
-/// What every request of this worker shares. A reconfigure replaces the gate; the queue and
+/// What every request of this worker shares. A reconfigure replaces the gate; the settler and
 /// the reservation ids outlive it, so nothing queued is lost and no id is reused.
 pub struct Shared {
     pub gate: Gate,
-    pub queue: Rc<RefCell<SettlementQueue>>,
+    pub settler: Rc<Settler>,
     pub metrics: Metrics,
     pub ids: Rc<ReservationIds>,
 }
@@ -39,50 +39,81 @@ impl ReservationIds {
     }
 }
 
+/// The worker's settlement queue and whether a batch of it is on its way to Redis.
+pub struct Settler {
+    pub queue: RefCell<SettlementQueue>,
+    in_flight: Cell<bool>,
+}
+
+impl Settler {
+    /// Sends the next batch if one is due and none is in flight.
+    pub fn flush(self: &Rc<Self>, redis: &RedisSettings, metrics: Metrics) {
+        if self.in_flight.get() {
+            return;
+        }
+        let now_ms = unix_millis(super::now());
+        let Some(command) =
+            self.queue
+                .borrow_mut()
+                .next_batch(now_ms, &redis.events_stream, redis.events_max_len)
+        else {
+            return;
+        };
+        let settler = self.clone();
+        let settings = redis.clone();
+        let sent = transport::call(redis, &command, move |reply| {
+            settler.in_flight.set(false);
+            let report = settler
+                .queue
+                .borrow_mut()
+                .on_batch_reply(reply, unix_millis(super::now()));
+            record(&metrics, &report);
+            // More may be waiting: keep the queue moving without waiting for the next tick.
+            settler.flush(&settings, metrics);
+        });
+        match sent {
+            Ok(_) => self.in_flight.set(true),
+            Err(e) => {
+                let report = self.queue.borrow_mut().on_batch_reply(Err(e), now_ms);
+                record(&metrics, &report);
+            }
+        }
+    }
+
+    fn idle(&self) -> bool {
+        !self.in_flight.get()
+    }
+}
+
 pub struct PlanLimitsRoot {
     shared: Option<Rc<Shared>>,
-    queue: Rc<RefCell<SettlementQueue>>,
+    settler: Rc<Settler>,
     ids: Rc<ReservationIds>,
-    batch_token: Option<u32>,
 }
 
 impl PlanLimitsRoot {
     pub fn new() -> Self {
-        let defaults = crate::config::RedisSettings::default();
+        let defaults = RedisSettings::default();
         Self {
             shared: None,
-            queue: Rc::new(RefCell::new(SettlementQueue::new(
-                defaults.max_queued_settlements,
-                defaults.max_batch,
-            ))),
+            settler: Rc::new(Settler {
+                queue: RefCell::new(SettlementQueue::new(
+                    defaults.max_queued_settlements,
+                    defaults.max_batch,
+                )),
+                in_flight: Cell::new(false),
+            }),
             ids: Rc::new(ReservationIds {
                 vm_nonce: getrandom::u64().unwrap_or(0),
                 next: Cell::new(0),
             }),
-            batch_token: None,
         }
     }
 
-    fn flush(&mut self) {
-        let Some(shared) = &self.shared else { return };
-        if self.batch_token.is_some() {
-            return;
-        }
-        let redis = &shared.gate.config.redis;
-        let now_ms = unix_millis(super::now(self));
-        let Some(command) = shared.queue.borrow_mut().next_batch(
-            now_ms,
-            &redis.events_stream,
-            redis.events_max_len,
-        ) else {
-            return;
-        };
-        match transport::send(self, redis, &command) {
-            Ok(token) => self.batch_token = Some(token),
-            Err(e) => {
-                let report = shared.queue.borrow_mut().on_batch_reply(Err(e), now_ms);
-                record(&shared.metrics, &report);
-            }
+    fn flush(&self) {
+        if let Some(shared) = &self.shared {
+            self.settler
+                .flush(&shared.gate.config.redis, shared.metrics);
         }
     }
 }
@@ -95,25 +126,13 @@ impl Context for PlanLimitsRoot {
         body_size: usize,
         _: usize,
     ) {
-        if self.batch_token != Some(token) {
-            return;
-        }
-        self.batch_token = None;
-        let Some(shared) = self.shared.clone() else {
-            return;
-        };
-        let reply = transport::receive(self, num_headers, body_size);
-        let now_ms = unix_millis(super::now(self));
-        let report = shared.queue.borrow_mut().on_batch_reply(reply, now_ms);
-        record(&shared.metrics, &report);
-        // More may be waiting: keep the queue moving without waiting for the next tick.
-        self.flush();
+        transport::on_http_call_response(token, num_headers, body_size);
     }
 
     fn on_done(&mut self) -> bool {
-        // Envoy is stopping this VM: send what is queued, and say we are done once it is out.
+        // Envoy is stopping this VM: send what is queued; done once nothing is in flight.
         self.flush();
-        self.batch_token.is_none()
+        self.settler.idle()
     }
 }
 
@@ -128,7 +147,12 @@ impl RootContext for PlanLimitsRoot {
             }
         };
         let redis = &config.redis;
-        self.queue
+        if let Err(e) = transport::init(redis) {
+            // Requests follow their failure mode until Redis can be reached.
+            warn!("plan-limits: redis transport not ready: {e}");
+        }
+        self.settler
+            .queue
             .borrow_mut()
             .resize(redis.max_queued_settlements, redis.max_batch);
         self.set_tick_period(Duration::from_millis(redis.flush_interval_ms.max(1)));
@@ -140,7 +164,7 @@ impl RootContext for PlanLimitsRoot {
         );
         self.shared = Some(Rc::new(Shared {
             gate: Gate::new(config),
-            queue: self.queue.clone(),
+            settler: self.settler.clone(),
             metrics: Metrics::define(),
             ids: self.ids.clone(),
         }));
@@ -151,9 +175,9 @@ impl RootContext for PlanLimitsRoot {
         self.flush();
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let shared = self.shared.clone()?;
-        Some(Box::new(MeteredHttp::new(shared)))
+        Some(Box::new(MeteredHttp::new(shared, context_id)))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -172,8 +196,7 @@ fn record(metrics: &Metrics, report: &BatchReport) {
             "plan-limits: settlement batch failed ({e}); {} to resend, {} dropped",
             report.requeued, report.dropped_unknown
         );
-    }
-    if report.dropped_unknown > 0 && report.error.is_none() {
+    } else if report.dropped_unknown > 0 {
         warn!(
             "plan-limits: {} counts were not applied",
             report.dropped_unknown

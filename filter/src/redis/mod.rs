@@ -1,6 +1,7 @@
 //! Redis as data: the commands the filter sends and the replies it reads. Transports (webdis
 //! over `dispatch_http_call` today) only move these bytes.
 
+pub mod resp;
 pub mod scripts;
 pub mod webdis;
 

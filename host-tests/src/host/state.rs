@@ -1,0 +1,165 @@
+//! What the host keeps: per plugin (shared by its VMs, like Envoy's worker threads) and per VM.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::abi::Pairs;
+
+/// Shared by every VM of one plugin.
+#[derive(Default)]
+pub struct PluginShared {
+    pub clock: Clock,
+    pub shared_data: Mutex<HashMap<String, (Vec<u8>, u32)>>,
+    pub queues: Mutex<Queues>,
+    pub metrics: Mutex<Metrics>,
+    pub logs: Mutex<Vec<LogLine>>,
+}
+
+/// The host clock the filter reads (`proxy_get_current_time_nanoseconds`), set by tests.
+#[derive(Default)]
+pub struct Clock(AtomicU64);
+
+impl Clock {
+    pub fn set_nanos(&self, nanos: u64) {
+        self.0.store(nanos, Ordering::SeqCst);
+    }
+
+    pub fn nanos(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    pub fn advance_millis(&self, ms: u64) {
+        self.0.fetch_add(ms * 1_000_000, Ordering::SeqCst);
+    }
+}
+
+#[derive(Default)]
+pub struct Queues {
+    pub by_name: HashMap<String, u32>,
+    pub items: HashMap<u32, VecDeque<Vec<u8>>>,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub by_name: BTreeMap<String, u32>,
+    pub values: HashMap<u32, (i32, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub vm: usize,
+    pub level: i32,
+    pub message: String,
+}
+
+/// One HTTP stream (a request) as the host sees it.
+#[derive(Debug, Default)]
+pub struct Stream {
+    pub request_headers: Pairs,
+    pub request_body: Vec<u8>,
+    pub request_trailers: Pairs,
+    pub response_headers: Pairs,
+    pub response_body: Vec<u8>,
+    pub response_trailers: Pairs,
+    pub local_response: Option<LocalReply>,
+    /// `proxy_continue_stream` was called while the request was paused.
+    pub resumed: bool,
+    pub closed: bool,
+    pub properties: HashMap<String, Vec<u8>>,
+}
+
+/// An answer the filter gave itself (`proxy_send_local_response`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub details: String,
+    pub headers: Pairs,
+    pub body: Vec<u8>,
+}
+
+impl LocalReply {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "local reply is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// An outbound call made by the filter, waiting for the test to let it run.
+#[derive(Debug, Clone)]
+pub enum Callout {
+    Http {
+        cluster: String,
+        headers: Pairs,
+        body: Vec<u8>,
+        timeout_ms: u32,
+    },
+    Redis {
+        cluster: String,
+        query: Vec<u8>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct PendingCall {
+    pub token: u32,
+    /// The context that made the call receives its answer.
+    pub context_id: u32,
+    pub callout: Callout,
+}
+
+/// The answer of an HTTP call while its callback runs.
+#[derive(Debug, Default, Clone)]
+pub struct HttpCallResponse {
+    pub headers: Pairs,
+    pub body: Vec<u8>,
+    pub trailers: Pairs,
+}
+
+pub struct VmState {
+    pub index: usize,
+    pub shared: Arc<PluginShared>,
+    pub plugin_configuration: Vec<u8>,
+    pub vm_configuration: Vec<u8>,
+    pub root_context_id: u32,
+    pub effective_context: u32,
+    pub streams: HashMap<u32, Stream>,
+    pub tick_period_ms: u32,
+    pub next_token: u32,
+    pub pending: VecDeque<PendingCall>,
+    pub http_call_response: Option<HttpCallResponse>,
+    pub redis_call_response: Option<Vec<u8>>,
+    /// Clusters the filter may call (`proxy_http_call`): name -> `host:port`.
+    pub http_clusters: HashMap<String, String>,
+    /// Clusters for Redis host calls: name -> `redis://` URL; initialized ones are marked.
+    pub redis_clusters: HashMap<String, String>,
+    pub redis_initialized: HashMap<String, bool>,
+    pub plugin_properties: HashMap<String, Vec<u8>>,
+    pub random_state: u64,
+    pub done_called: bool,
+}
+
+impl VmState {
+    pub fn stream(&mut self) -> Option<&mut Stream> {
+        self.streams.get_mut(&self.effective_context)
+    }
+
+    pub fn log(&self, level: i32, message: String) {
+        self.shared.logs.lock().unwrap().push(LogLine {
+            vm: self.index,
+            level,
+            message,
+        });
+    }
+}
