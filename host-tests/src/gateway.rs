@@ -49,8 +49,12 @@ fn unfilled_placeholder(text: &str) -> Option<&str> {
 
 /// webdis in front of Redis, allowing nothing but EVAL (the filter's two scripts).
 pub fn webdis_config(redis_port: u16, http_port: u16, log: &Path) -> String {
+    webdis_config_for("127.0.0.1", redis_port, http_port, log)
+}
+
+pub fn webdis_config_for(redis_host: &str, redis_port: u16, http_port: u16, log: &Path) -> String {
     serde_json::json!({
-        "redis_host": "127.0.0.1",
+        "redis_host": redis_host,
         "redis_port": redis_port,
         "http_host": "127.0.0.1",
         "http_port": http_port,

@@ -2,6 +2,7 @@
 //! and real Envoy, each started on free loopback ports and stopped when dropped.
 
 pub mod gateway;
+pub mod harness;
 pub mod host;
 pub mod http;
 pub mod process;
