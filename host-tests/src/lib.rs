@@ -8,6 +8,7 @@ pub mod http;
 pub mod process;
 pub mod redis_exec;
 pub mod redis_server;
+pub mod sim;
 pub mod usage;
 
 use std::path::PathBuf;

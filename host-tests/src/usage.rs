@@ -14,7 +14,16 @@ pub fn this_period() -> String {
 
 /// The monthly summary of `user`: counters per action plus `plan`, `limits`, `updated_at`.
 pub fn summary(conn: &mut redis::Connection, user: &str, period: &str) -> BTreeMap<String, String> {
-    let keys = UsageKeys::new(PREFIX, user, period, "-");
+    summary_with_prefix(conn, PREFIX, user, period)
+}
+
+pub fn summary_with_prefix(
+    conn: &mut redis::Connection,
+    prefix: &str,
+    user: &str,
+    period: &str,
+) -> BTreeMap<String, String> {
+    let keys = UsageKeys::new(prefix, user, period, "-");
     redis::cmd("HGETALL")
         .arg(&keys.summary)
         .query(conn)

@@ -163,3 +163,7 @@ impl VmState {
         });
     }
 }
+
+pub fn nanos_to_datetime(nanos: u64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_nanos(nanos as i64)
+}
