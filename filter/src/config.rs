@@ -511,4 +511,69 @@ mod tests {
             .collect();
         assert_eq!(names, ["professional", "enterprise"]);
     }
+
+    /// Every JSON pointer of a value, for the fuzzer to aim at.
+    fn pointers(value: &serde_json::Value, at: String, out: &mut Vec<String>) {
+        out.push(at.clone());
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    pointers(v, format!("{at}/{k}"), out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    pointers(v, format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn any_json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            "[a-z_ ]{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(2, 8, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Any single edit of plans.json is either accepted or refused with a path; it never
+        /// panics. A longer run: `PROPTEST_CASES=100000 cargo test -p plan-limits-filter fuzz`.
+        #[test]
+        fn fuzz_config_edits(target in 0usize..1000, value in any_json()) {
+            let mut doc: serde_json::Value = serde_json::from_str(PLANS_JSON).unwrap();
+            let mut all = Vec::new();
+            pointers(&doc, String::new(), &mut all);
+            let pointer = &all[target % all.len()];
+            if pointer.is_empty() {
+                doc = value;
+            } else {
+                *doc.pointer_mut(pointer).unwrap() = value;
+            }
+            match Config::from_json(doc.to_string().as_bytes()) {
+                Ok(config) => {
+                    let gate = crate::request::Gate::new(config);
+                    let _ = &gate;
+                }
+                Err(e) => proptest::prop_assert!(!e.path.is_empty() && !e.reason.is_empty()),
+            }
+        }
+
+        #[test]
+        fn fuzz_config_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = Config::from_json(&bytes);
+        }
+    }
 }

@@ -96,13 +96,14 @@ impl Gate {
     }
 
     /// Decides what to do with a request from its method, path and headers.
-    /// `header` returns a request header's raw value; `reservation_id` is called only when a
-    /// reservation is needed and must be unique across every Envoy sharing the Redis.
+    /// `headers` returns every raw value of a request header, in order (it is asked only for
+    /// metered routes); `reservation_id` is called only when a reservation is needed and must
+    /// be unique across every Envoy sharing the Redis.
     pub fn admit(
         &self,
         method: &str,
         path: &str,
-        header: &dyn Fn(&str) -> Option<Vec<u8>>,
+        headers: &dyn Fn(&str) -> Vec<Vec<u8>>,
         now: DateTime<Utc>,
         reservation_id: impl FnOnce() -> String,
     ) -> Admission {
@@ -112,8 +113,29 @@ impl Gate {
         };
         let action = &config.actions[action_key];
         let identity = &config.identity;
+        // Identity and size headers must be unambiguous: the upstream might read another copy.
+        let single = |name: &str| -> Result<Option<Vec<u8>>, LocalResponse> {
+            let mut values = headers(name);
+            match values.len() {
+                0 => Ok(None),
+                1 => Ok(values.pop()),
+                _ => Err(responses::bad_request(
+                    name,
+                    "the header appears more than once",
+                )),
+            }
+        };
+        let header = |name: &str| headers(name).into_iter().next();
+        macro_rules! single {
+            ($name:expr) => {
+                match single($name) {
+                    Ok(value) => value,
+                    Err(response) => return Admission::Reject(response),
+                }
+            };
+        }
 
-        let user = match header(&identity.user_header) {
+        let user = match single!(&identity.user_header) {
             None => return Admission::Reject(responses::missing_user(&identity.user_header)),
             Some(raw) if raw.is_empty() => {
                 return Admission::Reject(responses::missing_user(&identity.user_header))
@@ -125,7 +147,7 @@ impl Gate {
                 }
             },
         };
-        let plan_header = header(&identity.plan_header);
+        let plan_header = single!(&identity.plan_header);
         let plan_name = plan_header
             .as_deref()
             .and_then(|p| std::str::from_utf8(p).ok());
@@ -139,7 +161,7 @@ impl Gate {
             }
         }
 
-        let content_length = header("content-length");
+        let content_length = single!("content-length");
         let bytes = match (action.enforce_max_file_size, content_length) {
             (true, None) => return Admission::Reject(responses::length_required()),
             (true, Some(raw)) => match parse_content_length(&raw) {
@@ -386,8 +408,9 @@ mod tests {
         let lookup = |name: &str| {
             headers
                 .iter()
-                .find(|(n, _)| *n == name)
+                .filter(|(n, _)| *n == name)
                 .map(|(_, v)| v.to_vec())
+                .collect()
         };
         gate.admit(method, path, &lookup, now(), || "r1".into())
     }
@@ -424,6 +447,21 @@ mod tests {
         for bad in [&long[..], b"\xff\xfe", b"a\nb"] {
             let a = admit(&g, "POST", "/api/teammate", &[("x-user-id", bad)]);
             assert_eq!(status(&a), Some(400));
+        }
+    }
+
+    #[test]
+    fn duplicated_identity_or_length_headers_are_400() {
+        let g = gate();
+        for name in ["x-user-id", "x-user-plan", "content-length"] {
+            let mut headers: Vec<(&str, &[u8])> = vec![
+                ("x-user-id", b"u"),
+                ("x-user-plan", b"free"),
+                ("content-length", b"1"),
+            ];
+            headers.push((name, b"other"));
+            let a = admit(&g, "POST", "/api/upload", &headers);
+            assert_eq!(status(&a), Some(400), "{name}");
         }
     }
 
@@ -653,7 +691,7 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn no_header_value_crashes_admission(user in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+        fn fuzz_admission_headers(user in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
                                              plan in proptest::collection::vec(proptest::num::u8::ANY, 0..20),
                                              length in proptest::collection::vec(proptest::num::u8::ANY, 0..24)) {
             let g = gate();

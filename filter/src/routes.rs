@@ -120,7 +120,7 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn matching_never_panics(method in ".{0,8}", path in ".{0,64}") {
+        fn fuzz_route_matching(method in ".{0,8}", path in ".{0,64}") {
             let _ = match_action(&routes(), &method, &path);
             let _ = query_param(&path, "kind");
         }

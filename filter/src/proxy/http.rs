@@ -124,10 +124,18 @@ impl HttpContext for MeteredHttp {
         let shared = self.shared.clone();
         let method = self.get_http_request_header(":method").unwrap_or_default();
         let path = self.get_http_request_header(":path").unwrap_or_default();
-        let header = |name: &str| self.get_http_request_header_bytes(name);
+        // Fetched once, and only for metered routes.
+        let all = std::cell::OnceCell::new();
+        let headers = |name: &str| -> Vec<Vec<u8>> {
+            all.get_or_init(|| self.get_http_request_headers_bytes())
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+                .collect()
+        };
         let admission = shared
             .gate
-            .admit(&method, &path, &header, super::now(), || shared.ids.next());
+            .admit(&method, &path, &headers, super::now(), || shared.ids.next());
         let metrics = &shared.metrics;
         match admission {
             Admission::Unmetered => {

@@ -67,7 +67,7 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn any_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..128)) {
+        fn fuzz_resp_reply(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..128)) {
             let _ = parse_reply(&bytes).map(|r| r.into_ints());
         }
     }

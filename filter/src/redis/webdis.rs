@@ -116,12 +116,12 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn any_body_parses_or_fails_cleanly(body in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+        fn fuzz_webdis_reply_bytes(body in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
             let _ = parse_response(Some(200), &body).map(|r| r.into_ints());
         }
 
         #[test]
-        fn any_json_parses_or_fails_cleanly(s in "\\{\"EVAL\":\\[(-?[0-9]{1,20}|null|false|true|\"[a-z]*\"|,|\\[|\\]){0,12}\\]\\}") {
+        fn fuzz_webdis_reply_json(s in "\\{\"EVAL\":\\[(-?[0-9]{1,20}|null|false|true|\"[a-z]*\"|,|\\[|\\]){0,12}\\]\\}") {
             let _ = parse_response(Some(200), s.as_bytes()).map(|r| r.into_ints());
         }
     }
