@@ -2,8 +2,10 @@
 """Demo upstreams of the product: every path answers 200 with a small JSON body.
 
 `x-demo-status: 503` makes it answer with that status, `x-demo-delay-ms: 500` makes it wait
-first (timeouts). It reads and discards request bodies. `GET /__demo/stats` tells how many
-2xx answers it gave per path, so tests can compare counters with what really succeeded.
+first (timeouts), `x-demo-fail-times: 1` answers 503 to the first attempt of a request (by
+`x-request-id`) so that Envoy's retry succeeds. It reads and discards request bodies.
+`GET /__demo/stats` tells how many 2xx answers it gave per path and how many attempts it
+saw, so tests can compare counters with what really succeeded.
 """
 import json
 import sys
@@ -13,6 +15,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 successes = Counter()
+attempts = Counter()
 lock = threading.Lock()
 
 
@@ -31,12 +34,18 @@ class Handler(BaseHTTPRequestHandler):
             length -= len(chunk)
         if self.path == "/__demo/stats":
             with lock:
-                self.answer(200, {"successes": dict(successes)})
+                self.answer(200, {"successes": dict(successes), "attempts": sum(attempts.values())})
             return
+        request_id = self.headers.get("x-request-id") or ""
+        with lock:
+            attempts[request_id] += 1
+            attempt = attempts[request_id]
         delay_ms = int(self.headers.get("x-demo-delay-ms") or 0)
         if delay_ms:
             time.sleep(delay_ms / 1000)
         status = int(self.headers.get("x-demo-status") or 200)
+        if attempt <= int(self.headers.get("x-demo-fail-times") or 0):
+            status = 503
         if 200 <= status < 300:
             with lock:
                 successes[self.path.split("?")[0]] += 1

@@ -82,6 +82,7 @@ pub fn envoy_bin() -> PathBuf {
     }
 }
 
+#[derive(Clone)]
 pub struct GatewayOptions {
     pub plans_json: String,
     pub concurrency: u32,
@@ -133,9 +134,10 @@ pub struct Gateway {
     pub upstream_port: u16,
     pub webdis_port: u16,
     // Stopped in reverse order of start: Envoy first.
-    pub envoy: Service,
+    pub envoy: Option<Service>,
     pub webdis: Service,
     pub upstream: Service,
+    pub options: GatewayOptions,
 }
 
 impl Gateway {
@@ -168,57 +170,112 @@ impl Gateway {
         let mut upstream = Service::spawn("demo upstream", command, &dir.join("upstream.log"));
         upstream.wait_for_port(upstream_port, Duration::from_secs(10));
 
-        let (gateway_port, admin_port) = (ports.gateway, ports.admin);
-        let wasm = crate::filter_wasm();
+        let mut gateway = Self {
+            dir,
+            redis,
+            gateway_port: ports.gateway,
+            admin_port: ports.admin,
+            upstream_port: ports.upstream,
+            webdis_port,
+            envoy: None,
+            webdis,
+            upstream,
+            options,
+        };
+        let envoy = gateway
+            .spawn_envoy("envoy", ports.gateway, ports.admin, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        gateway.envoy = Some(envoy);
+        gateway
+    }
+
+    /// Renders envoy.yaml for this gateway (its upstream and webdis) with `plans_json`.
+    pub fn envoy_config(
+        &self,
+        gateway_port: u16,
+        admin_port: u16,
+        plans_json: &str,
+    ) -> Result<String, String> {
         let template = std::fs::read_to_string(crate::repo_root().join("envoy.yaml")).unwrap();
-        let config = render_envoy_config(
+        render_envoy_config(
             &template,
             &EnvoyParams {
                 admin_port,
                 gateway_port,
-                upstream_port,
-                webdis_port,
-                upstream_timeout: &options.upstream_timeout,
-                filter_wasm: &wasm,
-                plans_json: &options.plans_json,
+                upstream_port: self.upstream_port,
+                webdis_port: self.webdis_port,
+                upstream_timeout: &self.options.upstream_timeout,
+                filter_wasm: &crate::filter_wasm(),
+                plans_json,
             },
         )
+    }
+
+    /// Starts an Envoy of this gateway (another process sharing the same Redis, or the
+    /// first). `hot_restart` = `(base id, epoch)` starts it as a hot restart of another.
+    pub fn spawn_envoy(
+        &self,
+        name: &str,
+        gateway_port: u16,
+        admin_port: u16,
+        hot_restart: Option<(u32, u32)>,
+    ) -> Result<Service, String> {
+        self.spawn_envoy_with(
+            name,
+            gateway_port,
+            admin_port,
+            &self.options.plans_json,
+            hot_restart,
+        )
+    }
+
+    pub fn spawn_envoy_with(
+        &self,
+        name: &str,
+        gateway_port: u16,
+        admin_port: u16,
+        plans_json: &str,
+        hot_restart: Option<(u32, u32)>,
+    ) -> Result<Service, String> {
+        let envoy_yaml = self.dir.join(format!("{name}.yaml"));
+        std::fs::write(
+            &envoy_yaml,
+            self.envoy_config(gateway_port, admin_port, plans_json)?,
+        )
         .unwrap();
-        let envoy_yaml = dir.join("envoy.yaml");
-        std::fs::write(&envoy_yaml, config).unwrap();
         let mut command = Command::new(envoy_bin());
         command
             .arg("-c")
             .arg(&envoy_yaml)
-            .args(["--concurrency", &options.concurrency.to_string()])
-            .args(["--use-dynamic-base-id", "--log-level", "warn"])
-            .arg("--component-log-level")
-            .arg("wasm:info");
-        let mut envoy = Service::spawn("envoy", command, &dir.join("envoy.log"));
-        envoy.wait_for_port(gateway_port, Duration::from_secs(30));
-
-        Self {
-            dir,
-            redis,
-            gateway_port,
-            admin_port,
-            upstream_port,
-            webdis_port,
-            envoy,
-            webdis,
-            upstream,
+            .args(["--concurrency", &self.options.concurrency.to_string()])
+            .args(["--log-level", "warn", "--component-log-level", "wasm:info"]);
+        match hot_restart {
+            Some((base_id, epoch)) => {
+                command.args([
+                    "--base-id",
+                    &base_id.to_string(),
+                    "--restart-epoch",
+                    &epoch.to_string(),
+                ]);
+            }
+            None => {
+                command.arg("--use-dynamic-base-id");
+            }
         }
+        let mut envoy = Service::spawn(name, command, &self.dir.join(format!("{name}.log")));
+        if hot_restart.is_none() {
+            envoy.wait_for_port(gateway_port, Duration::from_secs(30));
+        }
+        Ok(envoy)
+    }
+
+    pub fn envoy(&mut self) -> &mut Service {
+        self.envoy.as_mut().expect("envoy started")
     }
 
     /// The filter's counters from Envoy's admin `/stats` (`plan_limits.<name>`).
     pub fn metric(&self, name: &str) -> u64 {
-        let stats = crate::http::get(self.admin_port, "/stats?filter=plan_limits").body_text();
-        let key = format!("wasmcustom.plan_limits.{name}: ");
-        stats
-            .lines()
-            .find_map(|line| line.strip_prefix(&key))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+        metric_at(self.admin_port, name)
     }
 
     /// 2xx answers the demo upstream gave for `path`.
@@ -226,4 +283,22 @@ impl Gateway {
         let stats = crate::http::get(self.upstream_port, "/__demo/stats").json();
         stats["successes"][path].as_u64().unwrap_or(0)
     }
+
+    /// Requests (attempts, retries included) the demo upstream saw.
+    pub fn upstream_attempts(&self) -> u64 {
+        crate::http::get(self.upstream_port, "/__demo/stats").json()["attempts"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+}
+
+/// A filter counter from the Envoy whose admin listens on `admin_port`.
+pub fn metric_at(admin_port: u16, name: &str) -> u64 {
+    let stats = crate::http::get(admin_port, "/stats?filter=plan_limits").body_text();
+    let key = format!("wasmcustom.plan_limits.{name}: ");
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }

@@ -24,6 +24,9 @@ impl RedisServer {
             "",
             "--appendonly",
             "no",
+            // Fault tests stall Redis with DEBUG SLEEP (from loopback only).
+            "--enable-debug-command",
+            "local",
         ]);
         let mut service = Service::spawn(
             "redis-server",

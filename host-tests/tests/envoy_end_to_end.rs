@@ -284,7 +284,7 @@ fn redis_down_follows_each_actions_failure_mode() {
     assert_eq!(r.json()["error"], "Usage service unavailable");
     assert_eq!(gw.metric("fail_closed"), 1);
     assert!(
-        gw.envoy.log_text().contains("fail_open"),
+        gw.envoy().log_text().contains("fail_open"),
         "a log line says so"
     );
 }
