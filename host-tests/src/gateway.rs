@@ -91,6 +91,8 @@ pub struct GatewayOptions {
     pub ports: Option<Ports>,
     /// Where configs and logs go; a fresh temporary directory when `None`.
     pub dir: Option<PathBuf>,
+    /// Start Envoy with this `--base-id` (epoch 0) so a hot restart can follow.
+    pub base_id: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -122,6 +124,7 @@ impl Default for GatewayOptions {
             upstream_timeout: "15s".into(),
             ports: None,
             dir: None,
+            base_id: None,
         }
     }
 }
@@ -182,8 +185,9 @@ impl Gateway {
             upstream,
             options,
         };
+        let hot_restart = gateway.options.base_id.map(|id| (id, 0));
         let envoy = gateway
-            .spawn_envoy("envoy", ports.gateway, ports.admin, None)
+            .spawn_envoy("envoy", ports.gateway, ports.admin, hot_restart)
             .unwrap_or_else(|e| panic!("{e}"));
         gateway.envoy = Some(envoy);
         gateway
@@ -263,7 +267,7 @@ impl Gateway {
             }
         }
         let mut envoy = Service::spawn(name, command, &self.dir.join(format!("{name}.log")));
-        if hot_restart.is_none() {
+        if hot_restart.is_none_or(|(_, epoch)| epoch == 0) {
             envoy.wait_for_port(gateway_port, Duration::from_secs(30));
         }
         Ok(envoy)

@@ -370,3 +370,195 @@ fn enforcement_resumes_within_a_second_of_redis_coming_back() {
     );
     assert_no_trap(&mut gw);
 }
+
+fn bad_plans() -> String {
+    let mut plans: serde_json::Value = serde_json::from_str(&host_tests::plans_json()).unwrap();
+    plans["plans"]["free"]["limits"]["upload"] = (-1).into();
+    plans.to_string()
+}
+
+#[test]
+fn envoy_validate_refuses_a_bad_plans_json() {
+    let gw = gateway();
+    let check = |plans: &str| {
+        let path = gw.dir.join("validate.yaml");
+        std::fs::write(
+            &path,
+            gw.envoy_config(free_port(), free_port(), plans).unwrap(),
+        )
+        .unwrap();
+        std::process::Command::new(host_tests::gateway::envoy_bin())
+            .args(["--mode", "validate", "--use-dynamic-base-id", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let good = check(&host_tests::plans_json());
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let bad = check(&bad_plans());
+    assert!(!bad.status.success());
+    let output =
+        String::from_utf8_lossy(&bad.stderr).into_owned() + &String::from_utf8_lossy(&bad.stdout);
+    assert!(
+        output.contains("plans.free.limits.upload: invalid value: integer `-1`"),
+        "{output}"
+    );
+}
+
+#[test]
+fn a_running_envoy_given_a_bad_config_keeps_serving_with_the_last_good_one() {
+    let base_id = 40_000 + (std::process::id() % 20_000);
+    let mut gw = Gateway::start(GatewayOptions {
+        base_id: Some(base_id),
+        ..GatewayOptions::default()
+    });
+    assert_eq!(upload("max").send(gw.gateway_port).status, 200);
+    // A hot restart with a broken plans.json: the new Envoy refuses it and exits ...
+    let (port, admin) = (gw.gateway_port, gw.admin_port);
+    let mut next = gw
+        .spawn_envoy_with("envoy-bad", port, admin, &bad_plans(), Some((base_id, 1)))
+        .unwrap();
+    let status = next
+        .wait_exit(Duration::from_secs(30))
+        .expect("the new Envoy gives up");
+    assert!(!status.success());
+    assert!(
+        next.log_text().contains("plans.free.limits.upload"),
+        "{}",
+        next.log_text()
+    );
+    // ... and the running one goes on with the last good plans.
+    for _ in 0..4 {
+        assert_eq!(upload("max").send(gw.gateway_port).status, 200);
+    }
+    assert_eq!(upload("max").send(gw.gateway_port).status, 429);
+    assert_no_trap(&mut gw);
+}
+
+#[test]
+fn hostile_requests_cannot_crash_skip_metering_or_reach_another_users_counter() {
+    let mut gw = gateway();
+    let big = vec![b'a'; 64 * 1024];
+    let teammate = || Request::new("POST", "/api/teammate");
+    let cases: Vec<(&str, Request, &[u16])> = vec![
+        ("no user", teammate(), &[401]),
+        ("empty user", teammate().header("x-user-id", ""), &[401]),
+        (
+            "64 KB user",
+            teammate().header("x-user-id", &big),
+            &[400, 431],
+        ),
+        (
+            "non-UTF-8 user",
+            teammate().header("x-user-id", [0xff, 0xfe]),
+            &[400],
+        ),
+        (
+            "two users",
+            teammate().header("x-user-id", "a").header("x-user-id", "b"),
+            &[400],
+        ),
+        (
+            "two plans",
+            teammate()
+                .header("x-user-id", "a")
+                .header("x-user-plan", "free")
+                .header("x-user-plan", "enterprise"),
+            &[400],
+        ),
+        (
+            "64 KB plan",
+            teammate()
+                .header("x-user-id", "a")
+                .header("x-user-plan", &big),
+            &[400, 431],
+        ),
+        (
+            "non-UTF-8 plan",
+            teammate()
+                .header("x-user-id", "odd-plan")
+                .header("x-user-plan", [0xc3, 0x28]),
+            &[200],
+        ),
+        (
+            "length not a number",
+            Request::new("POST", "/api/upload")
+                .header("x-user-id", "a")
+                .header("content-length", "abc"),
+            &[400],
+        ),
+        (
+            "negative length",
+            Request::new("POST", "/api/upload")
+                .header("x-user-id", "a")
+                .header("content-length", "-1"),
+            &[400],
+        ),
+        (
+            "length over u64",
+            Request::new("POST", "/api/upload")
+                .header("x-user-id", "a")
+                .header("content-length", "99999999999999999999999"),
+            &[400, 413],
+        ),
+    ];
+    for (what, request, allowed) in cases {
+        let status = match request.try_send(gw.gateway_port) {
+            Ok(r) => r.status,
+            Err(e) => panic!("{what}: no answer: {e}"),
+        };
+        assert!(
+            allowed.contains(&status),
+            "{what}: {status}, expected one of {allowed:?}"
+        );
+    }
+    // Ids with key separators and patterns are ordinary ids: metered, each on its own key.
+    let odd = [
+        "a:b",
+        "*",
+        "x y",
+        "{u}",
+        "}:{",
+        "plan-limits:{victim}:2026-11",
+    ];
+    for user in odd {
+        assert_eq!(
+            teammate().user(user, "free").send(gw.gateway_port).status,
+            200,
+            "{user:?}"
+        );
+    }
+    assert_eq!(
+        teammate()
+            .user("victim", "free")
+            .send(gw.gateway_port)
+            .status,
+        200
+    );
+    let mut redis = gw.redis.connection();
+    for user in odd.iter().chain(&["victim", "odd-plan"]) {
+        assert!(
+            eventually(|| usage::counter(&mut redis, user, "ai_analysis") == 1),
+            "{user:?}"
+        );
+    }
+    let period = usage::this_period();
+    let mut expected: Vec<String> = odd
+        .iter()
+        .chain(&["victim", "odd-plan"])
+        .map(|u| {
+            plan_limits_filter::keys::UsageKeys::new("plan-limits", u, &period, "ai_analysis")
+                .summary
+        })
+        .collect();
+    expected.push(usage::EVENTS.to_string());
+    expected.sort();
+    let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut redis).unwrap();
+    keys.sort();
+    assert_eq!(keys, expected, "no request reached a key it does not own");
+    assert_no_trap(&mut gw);
+}
