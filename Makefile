@@ -5,7 +5,7 @@ WASM := target/plan_limits_filter.wasm
 WASM_HOSTCALLS := target/plan_limits_filter_redis_hostcalls.wasm
 OPT := wasm-opt -Oz --enable-bulk-memory --enable-sign-ext
 
-.PHONY: deps build run test lint clean
+.PHONY: deps build run test soak lint clean
 
 deps:
 	@scripts/install-deps.sh
@@ -27,6 +27,10 @@ run: build
 test: build lint
 	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) PLAN_LIMITS_WASM_HOSTCALLS=$(CURDIR)/$(WASM_HOSTCALLS) \
 		cargo test --locked --workspace
+
+## soak: 60 s of load (wrk) with Redis restarted in the middle; prints the figures
+soak: build
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo test --locked -p host-tests --test soak -- --ignored --nocapture
 
 lint:
 	cargo fmt --all -- --check

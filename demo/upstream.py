@@ -21,6 +21,9 @@ lock = threading.Lock()
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without this, Nagle's algorithm and delayed ACKs
+    # hold every answer for 40 ms.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass
@@ -64,6 +67,7 @@ class Handler(BaseHTTPRequestHandler):
 
 if __name__ == "__main__":
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 10080
+    ThreadingHTTPServer.request_queue_size = 256  # the default backlog of 5 drops connections under load
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     print(f"demo upstream on 127.0.0.1:{port}", flush=True)

@@ -18,6 +18,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v webdis >/dev/null || missing+=(webdis)
 command -v wasm-opt >/dev/null || missing+=(binaryen)
 command -v python3 >/dev/null || missing+=(python3)
+command -v wrk >/dev/null || missing+=(wrk)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} (apt-get)"
   export DEBIAN_FRONTEND=noninteractive

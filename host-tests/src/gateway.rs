@@ -93,6 +93,8 @@ pub struct GatewayOptions {
     pub dir: Option<PathBuf>,
     /// Start Envoy with this `--base-id` (epoch 0) so a hot restart can follow.
     pub base_id: Option<u32>,
+    /// Redis keeps an append-only file, so it can be restarted without losing counters.
+    pub persistent_redis: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -125,6 +127,7 @@ impl Default for GatewayOptions {
             ports: None,
             dir: None,
             base_id: None,
+            persistent_redis: false,
         }
     }
 }
@@ -151,7 +154,7 @@ impl Gateway {
             .unwrap_or_else(|| scratch_dir("gateway"));
         std::fs::create_dir_all(&dir).expect("gateway dir");
         let ports = options.ports.unwrap_or_else(Ports::free);
-        let redis = RedisServer::start_on(&dir, ports.redis);
+        let redis = RedisServer::start_with(&dir, ports.redis, options.persistent_redis);
 
         let webdis_port = ports.webdis;
         let webdis_json = dir.join("webdis.json");
@@ -286,6 +289,22 @@ impl Gateway {
     pub fn upstream_successes(&self, path: &str) -> u64 {
         let stats = crate::http::get(self.upstream_port, "/__demo/stats").json();
         stats["successes"][path].as_u64().unwrap_or(0)
+    }
+
+    /// A counter of Envoy's own admin `/stats` (`http.gateway.downstream_rq_5xx`, ...).
+    pub fn envoy_stat(&self, name: &str) -> u64 {
+        let stats = crate::http::get(self.admin_port, &format!("/stats?filter={name}")).body_text();
+        let key = format!("{name}: ");
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Every 2xx the demo upstream gave, per path.
+    pub fn upstream_success_map(&self) -> serde_json::Value {
+        crate::http::get(self.upstream_port, "/__demo/stats").json()["successes"].clone()
     }
 
     /// Requests (attempts, retries included) the demo upstream saw.

@@ -12,8 +12,14 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts (or restarts) on a given port.
+    /// Starts (or restarts) on a given port, without persistence.
     pub fn start_on(dir: &Path, port: u16) -> Self {
+        Self::start_with(dir, port, false)
+    }
+
+    /// With `persistent`, every write goes to an append-only file in `dir`, so a restart
+    /// (after `SHUTDOWN`) keeps the data, as a production Redis would.
+    pub fn start_with(dir: &Path, port: u16, persistent: bool) -> Self {
         let mut command = Command::new("redis-server");
         command.args([
             "--port",
@@ -22,8 +28,14 @@ impl RedisServer {
             "127.0.0.1",
             "--save",
             "",
+            "--dir",
+            &dir.display().to_string(),
+            "--appendfilename",
+            &format!("appendonly-{port}.aof"),
+            "--appendfsync",
+            "always",
             "--appendonly",
-            "no",
+            if persistent { "yes" } else { "no" },
             // Fault tests stall Redis with DEBUG SLEEP (from loopback only).
             "--enable-debug-command",
             "local",
@@ -48,6 +60,15 @@ impl RedisServer {
     }
 
     pub fn stop(&mut self) {
+        self.service.stop();
+    }
+
+    /// A clean stop: Redis flushes its append-only file first.
+    pub fn shutdown(&mut self) {
+        if let Ok(mut conn) = redis::Client::open(self.url()).and_then(|c| c.get_connection()) {
+            let _: redis::RedisResult<()> = redis::cmd("SHUTDOWN").query(&mut conn);
+        }
+        let _ = self.service.wait_exit(Duration::from_secs(10));
         self.service.stop();
     }
 }
