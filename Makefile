@@ -5,7 +5,7 @@ WASM := target/plan_limits_filter.wasm
 WASM_HOSTCALLS := target/plan_limits_filter_redis_hostcalls.wasm
 OPT := wasm-opt -Oz --enable-bulk-memory --enable-sign-ext
 
-.PHONY: deps build run test soak lint clean
+.PHONY: deps build run test soak bench bench-smoke lint clean
 
 deps:
 	@scripts/install-deps.sh
@@ -27,6 +27,18 @@ run: build
 test: build lint
 	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) PLAN_LIMITS_WASM_HOSTCALLS=$(CURDIR)/$(WASM_HOSTCALLS) \
 		cargo test --locked --workspace
+	$(MAKE) --no-print-directory bench-smoke
+
+## bench: every case for 10 s with the same wrk load; prints the table, writes bench/results.{json,png}
+bench: build
+	@.venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check matplotlib
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p host-tests --bin plan-limits-bench -- --seconds 10
+	.venv/bin/python bench/chart.py bench/results.json bench/results.png
+	cargo bench --locked -p plan-limits-filter --bench decision
+
+# A one-second run of every case: checks the benchmark works, times nothing.
+bench-smoke:
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p host-tests --bin plan-limits-bench -- --seconds 1 --out target/bench-smoke
 
 ## soak: 60 s of load (wrk) with Redis restarted in the middle; prints the figures
 soak: build

