@@ -81,6 +81,9 @@ pub struct RedisSettings {
     pub events_stream: String,
     /// Approximate cap on the usage-event stream; `None` keeps every event for billing.
     pub events_max_len: Option<u64>,
+    /// A user refused because the month's count reached the limit is refused without asking
+    /// Redis for this long (per worker); 0 asks Redis every time.
+    pub deny_cache_ms: u64,
 }
 
 impl Default for RedisSettings {
@@ -97,6 +100,7 @@ impl Default for RedisSettings {
             summary_retention_days: 400,
             events_stream: "plan-limits:events".into(),
             events_max_len: None,
+            deny_cache_ms: 1000,
         }
     }
 }

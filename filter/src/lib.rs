@@ -5,6 +5,7 @@
 //! and the core; it exists only in the wasm32 build.
 
 pub mod config;
+pub mod denials;
 pub mod keys;
 pub mod period;
 pub mod redis;

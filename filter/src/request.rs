@@ -8,12 +8,14 @@
 //! end     ──on_end──> release, if still held (client gone, stream reset)
 //! ```
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use chrono::{DateTime, Utc};
 
 use crate::config::{Config, FailureMode, Plan};
+use crate::denials::{Denial, DenialCache};
 use crate::keys::UsageKeys;
 use crate::period::BillingPeriod;
 use crate::redis::scripts::{self, SettleMode, Settlement};
@@ -27,6 +29,7 @@ pub struct Gate {
     pub config: Config,
     /// Each plan's limits as a JSON object, snapshotted into the monthly summary.
     limits_json: BTreeMap<String, Rc<str>>,
+    denials: RefCell<DenialCache>,
 }
 
 pub enum Admission {
@@ -34,6 +37,8 @@ pub enum Admission {
     Unmetered,
     /// Answer the client now (401, 400, 403, 411, 413).
     Reject(LocalResponse),
+    /// 429 without asking Redis: this user was refused moments ago and no unit can come back.
+    Deny(LocalResponse),
     /// Unlimited: let it through without waiting on Redis, count it on success.
     Proceed(MeteredRequest),
     /// Limited: send `RedisCommand` and wait for the reservation before going upstream.
@@ -92,7 +97,31 @@ impl Gate {
         Self {
             config,
             limits_json,
+            denials: RefCell::new(DenialCache::new(10_000)),
         }
+    }
+
+    fn limit_reached(
+        &self,
+        metered: &MeteredRequest,
+        limit: u64,
+        current: u64,
+        now: DateTime<Utc>,
+    ) -> LocalResponse {
+        let plan = self.plan_of(metered);
+        responses::limit_reached(
+            &self.config,
+            &metered.plan,
+            plan,
+            &metered.action,
+            &self.config.actions[&metered.action],
+            &metered.period,
+            responses::Exhausted {
+                current,
+                limit,
+                retry_after_secs: metered.period.seconds_until_end(now),
+            },
+        )
     }
 
     /// Decides what to do with a request from its method, path and headers.
@@ -227,6 +256,21 @@ impl Gate {
         match limit {
             None => Admission::Proceed(metered),
             Some(limit) => {
+                let denied = self
+                    .denials
+                    .borrow()
+                    .get(
+                        &metered.user,
+                        action_key,
+                        &metered.period.id,
+                        limit,
+                        unix_millis(now),
+                    )
+                    .map(|d| d.current);
+                if let Some(current) = denied {
+                    metered.hold = Hold::Settled;
+                    return Admission::Deny(self.limit_reached(&metered, limit, current, now));
+                }
                 metered.reservation_id = reservation_id();
                 metered.hold = Hold::Reserving;
                 let command = scripts::reserve(
@@ -275,22 +319,24 @@ impl MeteredRequest {
             }
             Ok(r) => {
                 self.hold = Hold::Settled;
-                let config = &gate.config;
-                let plan = gate.plan_of(self);
-                let limit = plan.limit(&self.action).unwrap_or(0);
-                return Decision::Denied(responses::limit_reached(
-                    config,
-                    &self.plan,
-                    plan,
-                    &self.action,
-                    &config.actions[&self.action],
-                    &self.period,
-                    responses::Exhausted {
-                        current: r.committed + r.pending,
+                let limit = gate.plan_of(self).limit(&self.action).unwrap_or(0);
+                let current = r.committed + r.pending;
+                let cache_ms = gate.config.redis.deny_cache_ms;
+                // Final for this period only when successes alone used the allowance.
+                if r.committed >= limit && cache_ms > 0 {
+                    let now_ms = unix_millis(now);
+                    let until_ms = (now_ms + cache_ms).min(unix_millis(self.period.end));
+                    let denial = Denial {
+                        period_id: self.period.id.clone(),
                         limit,
-                        retry_after_secs: self.period.seconds_until_end(now),
-                    },
-                ));
+                        current,
+                        until_ms,
+                    };
+                    gate.denials
+                        .borrow_mut()
+                        .remember(&self.user, &self.action, denial, now_ms);
+                }
+                return Decision::Denied(gate.limit_reached(self, limit, current, now));
             }
             Err(failure) => failure,
         };
@@ -647,6 +693,81 @@ mod tests {
         assert_eq!(r.status, 429);
         assert!(r.body.contains("\"current\":5"));
         assert!(m.on_end(&g, now()).is_none());
+    }
+
+    #[test]
+    fn a_final_refusal_is_remembered_briefly() {
+        let g = gate();
+        let mut m = reserved(&g);
+        m.on_reservation(
+            &g,
+            Ok(RedisReply::Array(vec![
+                RedisReply::Int(0),
+                RedisReply::Int(5),
+                RedisReply::Int(0),
+            ])),
+            now(),
+        );
+        let a = admit(
+            &g,
+            "POST",
+            "/api/upload",
+            &[("x-user-id", b"u"), ("content-length", b"10")],
+        );
+        let Admission::Deny(r) = a else {
+            panic!("expected a remembered refusal")
+        };
+        assert_eq!(r.status, 429);
+        assert!(r.body.contains("\"current\":5"));
+        // Another user, and the same user a second later, ask Redis again.
+        let other = admit(
+            &g,
+            "POST",
+            "/api/upload",
+            &[("x-user-id", b"v"), ("content-length", b"10")],
+        );
+        assert!(matches!(other, Admission::Reserve(..)));
+        let later = g.admit(
+            "POST",
+            "/api/upload",
+            &|n: &str| {
+                if n == "x-user-id" {
+                    vec![b"u".to_vec()]
+                } else if n == "content-length" {
+                    vec![b"1".to_vec()]
+                } else {
+                    vec![]
+                }
+            },
+            now() + chrono::Duration::milliseconds(1000),
+            || "r".into(),
+        );
+        assert!(matches!(later, Admission::Reserve(..)));
+    }
+
+    #[test]
+    fn a_refusal_while_units_are_in_flight_is_not_remembered() {
+        let g = gate();
+        let mut m = reserved(&g);
+        m.on_reservation(
+            &g,
+            Ok(RedisReply::Array(vec![
+                RedisReply::Int(0),
+                RedisReply::Int(4),
+                RedisReply::Int(1),
+            ])),
+            now(),
+        );
+        let a = admit(
+            &g,
+            "POST",
+            "/api/upload",
+            &[("x-user-id", b"u"), ("content-length", b"10")],
+        );
+        assert!(
+            matches!(a, Admission::Reserve(..)),
+            "the unit in flight may be released"
+        );
     }
 
     #[test]

@@ -47,7 +47,7 @@ fn unfilled_placeholder(text: &str) -> Option<&str> {
         .find(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'))
 }
 
-/// webdis in front of Redis, allowing nothing but EVAL (the filter's two scripts).
+/// webdis in front of Redis, allowing nothing but EVALSHA and EVAL (the filter's two scripts).
 pub fn webdis_config(redis_port: u16, http_port: u16, log: &Path) -> String {
     webdis_config_for("127.0.0.1", redis_port, http_port, log)
 }
@@ -62,7 +62,7 @@ pub fn webdis_config_for(redis_host: &str, redis_port: u16, http_port: u16, log:
         "pool_size": 8,
         "daemonize": false,
         "database": 0,
-        "acl": [{"disabled": ["*"]}, {"enabled": ["EVAL"]}],
+        "acl": [{"disabled": ["*"]}, {"enabled": ["EVAL", "EVALSHA"]}],
         "verbosity": 1,
         "logfile": log.display().to_string(),
     })

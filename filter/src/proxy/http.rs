@@ -138,12 +138,15 @@ impl HttpContext for MeteredHttp {
             .admit(&method, &path, &headers, super::now(), || shared.ids.next());
         let metrics = &shared.metrics;
         match admission {
-            Admission::Unmetered => {
-                bump(metrics.unmetered, 1);
-                Action::Continue
-            }
+            // Not counted: Envoy's own request stats already do, and this path must stay cheap.
+            Admission::Unmetered => Action::Continue,
             Admission::Reject(response) => {
                 bump(metrics.rejected, 1);
+                respond(&response);
+                Action::Pause
+            }
+            Admission::Deny(response) => {
+                bump(metrics.denied, 1);
                 respond(&response);
                 Action::Pause
             }

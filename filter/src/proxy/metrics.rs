@@ -18,7 +18,6 @@ macro_rules! counters {
 }
 
 counters!(
-    unmetered,
     allowed,
     denied,
     rejected,

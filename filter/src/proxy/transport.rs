@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use crate::config::RedisSettings;
-use crate::redis::{RedisCommand, RedisReply, TransportError};
+use crate::redis::{scripts, RedisCommand, RedisReply, TransportError};
 
 pub type Reply = Result<RedisReply, TransportError>;
 type Handler = Box<dyn FnOnce(Reply)>;
@@ -22,13 +22,29 @@ thread_local! {
 }
 
 /// Sends `command`; `on_reply` runs with its answer. Returns the call's token.
+/// A script Redis does not know yet (`NOSCRIPT`) is sent once more with its source.
 pub fn call(
     settings: &RedisSettings,
     command: &RedisCommand,
     on_reply: impl FnOnce(Reply) + 'static,
 ) -> Result<u32, TransportError> {
     let token = imp::send(settings, command)?;
-    WAITING.with(|w| w.borrow_mut().insert(token, Box::new(on_reply)));
+    let handler: Handler = match scripts::with_source(command) {
+        None => Box::new(on_reply),
+        Some(eval) => {
+            let settings = settings.clone();
+            Box::new(move |reply: Reply| match reply {
+                Ok(ref r) if scripts::is_noscript(r) => {
+                    // The retry's answer goes to the same handler, under the new token.
+                    if let Err(e) = call(&settings, &eval, on_reply) {
+                        log::warn!("plan-limits: resending a script with its source failed: {e}");
+                    }
+                }
+                reply => on_reply(reply),
+            })
+        }
+    };
+    WAITING.with(|w| w.borrow_mut().insert(token, handler));
     Ok(token)
 }
 

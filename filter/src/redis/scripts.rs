@@ -1,11 +1,53 @@
 //! The two Redis scripts and the commands that run them. Each runs atomically in Redis, so
 //! reserve / commit / release never interleave with another request's.
+//!
+//! Commands name a script by its SHA1 (`EVALSHA`), so a request carries 40 bytes instead of
+//! the script; when Redis does not know it yet (`NOSCRIPT`, after a restart), the transport
+//! sends the same command once more as `EVAL` with the source (`with_source`).
 
-use super::RedisCommand;
+use std::sync::OnceLock;
+
+use super::{RedisCommand, RedisReply};
 use crate::keys::UsageKeys;
 
 pub const RESERVE: &str = include_str!("reserve.lua");
 pub const SETTLE: &str = include_str!("settle.lua");
+
+fn sha1_of(source: &'static str, cell: &'static OnceLock<String>) -> &'static str {
+    cell.get_or_init(|| sha1_smol::Sha1::from(source).digest().to_string())
+}
+
+fn reserve_sha() -> &'static str {
+    static SHA: OnceLock<String> = OnceLock::new();
+    sha1_of(RESERVE, &SHA)
+}
+
+fn settle_sha() -> &'static str {
+    static SHA: OnceLock<String> = OnceLock::new();
+    sha1_of(SETTLE, &SHA)
+}
+
+/// The `EVAL` form of an `EVALSHA` command of one of our scripts.
+pub fn with_source(command: &RedisCommand) -> Option<RedisCommand> {
+    if command.args.first().map(Vec::as_slice) != Some(b"EVALSHA") {
+        return None;
+    }
+    let sha = command.args.get(1)?;
+    let source = [RESERVE, SETTLE]
+        .into_iter()
+        .zip([reserve_sha(), settle_sha()])
+        .find(|(_, known)| known.as_bytes() == sha.as_slice())?
+        .0;
+    let mut args = command.args.clone();
+    args[0] = b"EVAL".to_vec();
+    args[1] = source.as_bytes().to_vec();
+    Some(RedisCommand { args })
+}
+
+/// Redis does not have the script cached (it restarted, or it was flushed).
+pub fn is_noscript(reply: &RedisReply) -> bool {
+    matches!(reply, RedisReply::Error(message) if message.starts_with("NOSCRIPT"))
+}
 
 /// What `reserve.lua` decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,8 +67,8 @@ pub fn reserve(
     now_ms: u64,
     ttl_ms: u64,
 ) -> RedisCommand {
-    RedisCommand::new("EVAL")
-        .arg(RESERVE)
+    RedisCommand::new("EVALSHA")
+        .arg(reserve_sha())
         .arg("2")
         .arg(&keys.summary)
         .arg(&keys.pending)
@@ -96,8 +138,8 @@ pub fn settle(
     events_stream: &str,
     events_max_len: Option<u64>,
 ) -> RedisCommand {
-    let mut cmd = RedisCommand::new("EVAL")
-        .arg(SETTLE)
+    let mut cmd = RedisCommand::new("EVALSHA")
+        .arg(settle_sha())
         .arg((1 + 2 * batch.len()).to_string())
         .arg(events_stream);
     for item in batch {
@@ -153,6 +195,23 @@ mod tests {
                 "60000"
             ]
         );
+    }
+
+    #[test]
+    fn scripts_are_named_by_sha1_with_the_source_as_fallback() {
+        let keys = UsageKeys::new("p", "u", "2026-11", "upload");
+        let cmd = reserve(&keys, "upload", 5, "r1", 1000, 60_000);
+        assert_eq!(cmd.args[0], b"EVALSHA");
+        assert_eq!(cmd.args[1].len(), 40);
+        let eval = with_source(&cmd).unwrap();
+        assert_eq!(eval.args[0], b"EVAL");
+        assert_eq!(eval.args[1], RESERVE.as_bytes());
+        assert_eq!(eval.args[2..], cmd.args[2..]);
+        assert!(with_source(&eval).is_none());
+        assert!(is_noscript(&RedisReply::Error(
+            "NOSCRIPT No matching script.".into()
+        )));
+        assert!(!is_noscript(&RedisReply::Error("ERR x".into())));
     }
 
     #[test]
