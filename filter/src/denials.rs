@@ -5,11 +5,14 @@
 
 use std::collections::HashMap;
 
+use crate::responses::LocalResponse;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
     pub period_id: String,
     pub limit: u64,
-    pub current: u64,
+    /// The 429 given, answered again as it was (but for `Retry-After`).
+    pub response: LocalResponse,
     /// Unix milliseconds after which Redis is asked again.
     pub until_ms: u64,
 }
@@ -65,7 +68,11 @@ mod tests {
         Denial {
             period_id: "2026-11".into(),
             limit: 5,
-            current: 5,
+            response: LocalResponse {
+                status: 429,
+                headers: Vec::new(),
+                body: String::new(),
+            },
             until_ms,
         }
     }

@@ -3,7 +3,7 @@
 //! Today every period is the calendar month in UTC; the id (`2026-11`) is part of every
 //! counter key, so a new month starts from zero without any reset job.
 
-use chrono::{DateTime, Datelike, TimeZone, Utc};
+use chrono::{DateTime, Datelike, TimeZone, Timelike, Utc};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BillingPeriod {
@@ -39,7 +39,45 @@ impl BillingPeriod {
 
     /// `resets_at` in 429 bodies: RFC 3339, second precision, `Z`.
     pub fn resets_at(&self) -> String {
-        self.end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        rfc3339(self.end, false)
+    }
+
+    /// "December 1": the day the period resets, for messages.
+    pub fn resets_on(&self) -> String {
+        const MONTHS: [&str; 12] = [
+            "January",
+            "February",
+            "March",
+            "April",
+            "May",
+            "June",
+            "July",
+            "August",
+            "September",
+            "October",
+            "November",
+            "December",
+        ];
+        format!("{} {}", MONTHS[self.end.month0() as usize], self.end.day())
+    }
+}
+
+/// RFC 3339 in UTC (`2026-11-30T23:59:59Z`, or `...59.999Z` with `millis`). Written out here
+/// because chrono's formatting machinery would double the size of the `.wasm`.
+pub fn rfc3339(t: DateTime<Utc>, millis: bool) -> String {
+    let date = format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    );
+    if millis {
+        format!("{date}.{:03}Z", t.timestamp_subsec_millis().min(999))
+    } else {
+        format!("{date}Z")
     }
 }
 
@@ -93,6 +131,18 @@ mod tests {
     }
 
     #[test]
+    fn times_are_written_as_rfc3339() {
+        let t = at("2026-11-30T23:59:59.999Z");
+        assert_eq!(rfc3339(t, true), "2026-11-30T23:59:59.999Z");
+        assert_eq!(rfc3339(t, false), "2026-11-30T23:59:59Z");
+        assert_eq!(
+            rfc3339(at("0999-01-02T03:04:05.006Z"), true),
+            "0999-01-02T03:04:05.006Z"
+        );
+        assert_eq!(BillingPeriod::calendar_month(t).resets_on(), "December 1");
+    }
+
+    #[test]
     fn host_nanoseconds_convert_exactly() {
         let t = from_unix_nanos(1_796_083_199_999_000_000);
         assert_eq!(t, at("2026-11-30T23:59:59.999Z"));
@@ -106,6 +156,8 @@ mod tests {
             proptest::prop_assert!(period.start <= now && now < period.end);
             let wait = period.seconds_until_end(now);
             proptest::prop_assert!((1..=31 * 24 * 3600).contains(&wait));
+            let written = rfc3339(now, true);
+            proptest::prop_assert_eq!(DateTime::parse_from_rfc3339(&written).unwrap(), now);
         }
     }
 }

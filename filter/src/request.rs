@@ -266,10 +266,11 @@ impl Gate {
                         limit,
                         unix_millis(now),
                     )
-                    .map(|d| d.current);
-                if let Some(current) = denied {
-                    metered.hold = Hold::Settled;
-                    return Admission::Deny(self.limit_reached(&metered, limit, current, now));
+                    .map(|d| d.response.clone());
+                if let Some(mut response) = denied {
+                    let retry_after = metered.period.seconds_until_end(now).to_string();
+                    response.set_header("retry-after", retry_after);
+                    return Admission::Deny(response);
                 }
                 metered.reservation_id = reservation_id();
                 metered.hold = Hold::Reserving;
@@ -320,7 +321,7 @@ impl MeteredRequest {
             Ok(r) => {
                 self.hold = Hold::Settled;
                 let limit = gate.plan_of(self).limit(&self.action).unwrap_or(0);
-                let current = r.committed + r.pending;
+                let response = gate.limit_reached(self, limit, r.committed + r.pending, now);
                 let cache_ms = gate.config.redis.deny_cache_ms;
                 // Final for this period only when successes alone used the allowance.
                 if r.committed >= limit && cache_ms > 0 {
@@ -329,14 +330,14 @@ impl MeteredRequest {
                     let denial = Denial {
                         period_id: self.period.id.clone(),
                         limit,
-                        current,
+                        response: response.clone(),
                         until_ms,
                     };
                     gate.denials
                         .borrow_mut()
                         .remember(&self.user, &self.action, denial, now_ms);
                 }
-                return Decision::Denied(gate.limit_reached(self, limit, current, now));
+                return Decision::Denied(response);
             }
             Err(failure) => failure,
         };
@@ -406,7 +407,7 @@ impl MeteredRequest {
             kind: self.kind.clone(),
             bytes: self.bytes,
             status,
-            at: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            at: crate::period::rfc3339(now, true),
             request_id: self.request_id.clone(),
             period_id: self.period.id.clone(),
             keep_for_ms: unix_millis(self.period.end + retention).saturating_sub(unix_millis(now)),

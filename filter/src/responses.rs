@@ -23,8 +23,16 @@ impl LocalResponse {
     }
 
     fn with_header(mut self, name: &str, value: String) -> Self {
-        self.headers.push((name.into(), value));
+        self.set_header(name, value);
         self
+    }
+
+    /// Sets `name` to `value`, replacing any value it had.
+    pub fn set_header(&mut self, name: &str, value: String) {
+        match self.headers.iter_mut().find(|(n, _)| n == name) {
+            Some(entry) => entry.1 = value,
+            None => self.headers.push((name.into(), value)),
+        }
     }
 }
 
@@ -57,7 +65,7 @@ pub fn limit_reached(
             next.name,
             describe_allowance(next.limit(action_key), action)
         ),
-        None => format!(" Your limit resets on {}.", period.end.format("%B %-d")),
+        None => format!(" Your limit resets on {}.", period.resets_on()),
     };
     let message = format!(
         "You've reached your {} limit of {} {} this month.{}",

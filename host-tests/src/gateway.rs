@@ -33,11 +33,75 @@ pub fn render_envoy_config(template: &str, p: &EnvoyParams) -> Result<String, St
         .replace("@WEBDIS_PORT@", &p.webdis_port.to_string())
         .replace("@UPSTREAM_TIMEOUT@", p.upstream_timeout)
         .replace("@FILTER_WASM@", &p.filter_wasm.display().to_string())
+        // A plans.json the filter refuses yields no metered routes: Envoy (or its `--mode
+        // validate`) then fails on the filter's own message, naming the field.
+        .replace(
+            "@METERED_ROUTES@",
+            &metered_routes(p.plans_json, p.upstream_timeout).unwrap_or_default(),
+        )
         .replace("@PLANS_JSON@", &plans);
     match unfilled_placeholder(&rendered) {
         Some(name) => Err(format!("envoy.yaml: placeholder @{name}@ was not filled")),
         None => Ok(rendered),
     }
+}
+
+/// Envoy routes for the metered routes of plans.json, matching as the filter does: an exact
+/// `path` with or without one trailing slash, a `prefix` on whole segments, the method without
+/// case, the query string ignored. Everything else falls to the catch-all route, where the
+/// filter is disabled.
+pub fn metered_routes(plans_json: &str, timeout: &str) -> Result<String, String> {
+    let config = plan_limits_filter::config::Config::from_json(plans_json.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let indent = "              ";
+    let mut out = Vec::new();
+    for route in &config.routes {
+        let method = route
+            .method
+            .as_ref()
+            .map(|m| {
+                let m = serde_json::Value::String(m.clone());
+                format!(", headers: [{{ name: \":method\", string_match: {{ exact: {m}, ignore_case: true }} }}]")
+            })
+            .unwrap_or_default();
+        let trim = |p: &str| -> String {
+            if p.len() > 1 {
+                p.trim_end_matches('/').to_string()
+            } else {
+                p.to_string()
+            }
+        };
+        let matchers: Vec<String> = match (&route.path, &route.prefix) {
+            (Some(path), _) => {
+                let exact = trim(path);
+                let mut m = vec![format!(
+                    "path: {}",
+                    serde_json::Value::String(exact.clone())
+                )];
+                if exact != "/" {
+                    m.push(format!(
+                        "path: {}",
+                        serde_json::Value::String(format!("{exact}/"))
+                    ));
+                }
+                m
+            }
+            (None, Some(prefix)) => match trim(prefix).as_str() {
+                "/" => vec!["prefix: \"/\"".to_string()],
+                p => vec![format!(
+                    "path_separated_prefix: {}",
+                    serde_json::Value::String(p.to_string())
+                )],
+            },
+            (None, None) => unreachable!("validated: a route has a path or a prefix"),
+        };
+        for matcher in matchers {
+            out.push(format!(
+                "{indent}- match: {{ {matcher}{method} }}\n{indent}  route: {{ cluster: product_upstream, timeout: {timeout} }}"
+            ));
+        }
+    }
+    Ok(out.join("\n"))
 }
 
 fn unfilled_placeholder(text: &str) -> Option<&str> {

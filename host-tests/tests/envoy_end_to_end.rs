@@ -313,3 +313,43 @@ fn concurrent_uploads_never_pass_the_limit() {
     assert_eq!(gw.upstream_successes("/api/upload"), 5);
     assert_eq!(usage::events_of(&mut redis, "judy").len(), 5);
 }
+
+#[test]
+fn envoy_routes_meter_exactly_what_the_filter_matches() {
+    // Envoy skips the filter on routes plans.json does not meter; every spelling of a metered
+    // route must still reach it (a request without a user is then 401).
+    let gw = gateway();
+    let metered = [
+        ("POST", "/api/upload"),
+        ("POST", "/api/upload/"),
+        ("POST", "/api/upload?x=1"),
+        ("POST", "/api//upload"),
+        ("GET", "/api/procedures"),
+        ("GET", "/api/procedures/7/steps"),
+        ("GET", "/api/v1"),
+        ("DELETE", "/api/v1/diagrams/3"),
+        ("POST", "/api/export/pdf"),
+    ];
+    for (method, path) in metered {
+        let r = Request::new(method, path)
+            .body(Body::Bytes(b"x".to_vec()))
+            .send(gw.gateway_port);
+        assert_eq!(r.status, 401, "{method} {path} must be metered");
+    }
+    // A lower-case method never reaches the upstream (Envoy refuses it).
+    let r = Request::new("post", "/api/upload")
+        .body(Body::Bytes(b"x".to_vec()))
+        .send(gw.gateway_port);
+    assert_eq!(r.status, 400);
+    let unmetered = [
+        ("GET", "/api/upload"),
+        ("POST", "/api/uploads"),
+        ("GET", "/api/proceduresX"),
+        ("GET", "/api/v10"),
+        ("GET", "/"),
+    ];
+    for (method, path) in unmetered {
+        let r = Request::new(method, path).send(gw.gateway_port);
+        assert_eq!(r.status, 200, "{method} {path} is not metered");
+    }
+}
