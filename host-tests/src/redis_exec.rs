@@ -22,7 +22,11 @@ fn run_once(conn: &mut redis::Connection, command: &RedisCommand) -> RedisReply 
     }
     match cmd.query::<redis::Value>(conn) {
         Ok(value) => from_value(value),
-        Err(e) => RedisReply::Error(e.to_string()),
+        Err(e) => match (e.code(), e.detail()) {
+            (Some(code), Some(detail)) => RedisReply::Error(format!("{code} {detail}")),
+            (Some(code), None) => RedisReply::Error(code.to_string()),
+            _ => RedisReply::Error(e.to_string()),
+        },
     }
 }
 
@@ -37,7 +41,9 @@ pub fn from_value(value: redis::Value) -> RedisReply {
         Value::Array(items) | Value::Set(items) => {
             RedisReply::Array(items.into_iter().map(from_value).collect())
         }
-        Value::ServerError(e) => RedisReply::Error(format!("{e:?}")),
+        Value::ServerError(e) => {
+            RedisReply::Error(format!("{} {}", e.code(), e.details().unwrap_or_default()))
+        }
         other => RedisReply::Bulk(format!("{other:?}").into_bytes()),
     }
 }

@@ -20,6 +20,14 @@ pub fn parse_reply(bytes: &[u8]) -> Result<RedisReply, TransportError> {
     }
 }
 
+/// An error reply as Redis wrote it: `NOSCRIPT No matching script...`.
+fn error_text(code: &str, detail: Option<&str>) -> String {
+    match detail {
+        Some(detail) => format!("{code} {detail}"),
+        None => code.to_string(),
+    }
+}
+
 fn from_value(value: redis::Value) -> RedisReply {
     use redis::Value;
     match value {
@@ -31,7 +39,7 @@ fn from_value(value: redis::Value) -> RedisReply {
         Value::Array(items) | Value::Set(items) => {
             RedisReply::Array(items.into_iter().map(from_value).collect())
         }
-        Value::ServerError(e) => RedisReply::Error(format!("{e:?}")),
+        Value::ServerError(e) => RedisReply::Error(error_text(e.code(), e.details())),
         other => RedisReply::Bulk(format!("{other:?}").into_bytes()),
     }
 }
@@ -63,6 +71,10 @@ mod tests {
             Ok(RedisReply::Error(m)) if m.contains("boom")
         ));
         assert!(parse_reply(b"*3\r\n:1").is_err());
+        assert_eq!(
+            parse_reply(b"-NOSCRIPT No matching script.\r\n").unwrap(),
+            RedisReply::Error("NOSCRIPT No matching script.".into())
+        );
     }
 
     proptest::proptest! {

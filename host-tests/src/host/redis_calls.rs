@@ -102,8 +102,15 @@ pub fn perform(conn: &mut redis::Connection, query: &[u8]) -> Option<Vec<u8>> {
         {
             None
         }
-        // Redis answered with an error: hand it on as an error reply.
-        Err(e) => Some(format!("-{}\r\n", e.to_string().replace(['\r', '\n'], " ")).into_bytes()),
+        // Redis answered with an error: hand it on as the error reply it was.
+        Err(e) => {
+            let text = match (e.code(), e.detail()) {
+                (Some(code), Some(detail)) => format!("{code} {detail}"),
+                (Some(code), None) => code.to_string(),
+                _ => format!("ERR {e}"),
+            };
+            Some(format!("-{}\r\n", text.replace(['\r', '\n'], " ")).into_bytes())
+        }
     }
 }
 
@@ -127,9 +134,12 @@ pub fn encode(value: &redis::Value) -> Vec<u8> {
                 out.extend(encode(item));
             }
         }
-        Value::ServerError(e) => out.extend_from_slice(
-            format!("-{}\r\n", format!("{e:?}").replace(['\r', '\n'], " ")).as_bytes(),
-        ),
+        Value::ServerError(e) => {
+            let text = format!("{} {}", e.code(), e.details().unwrap_or_default());
+            out.extend_from_slice(
+                format!("-{}\r\n", text.trim_end().replace(['\r', '\n'], " ")).as_bytes(),
+            )
+        }
         other => {
             let text = format!("{other:?}");
             out.extend_from_slice(format!("${}\r\n{text}\r\n", text.len()).as_bytes());
