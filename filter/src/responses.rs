@@ -223,21 +223,26 @@ pub fn percentage(current: u64, limit: u64) -> u64 {
     }
 }
 
+/// "10 MB", "10.5 MB" (MB = 1024² bytes), in integers: float formatting would weigh on the
+/// `.wasm`.
 fn megabytes(bytes: u64) -> String {
     const MB: u64 = 1024 * 1024;
-    if bytes.is_multiple_of(MB) {
-        format!("{} MB", bytes / MB)
+    let tenths = (u128::from(bytes) * 10 + u128::from(MB) / 2) / u128::from(MB);
+    if tenths % 10 == 0 {
+        format!("{} MB", tenths / 10)
     } else {
-        format!("{:.1} MB", bytes as f64 / MB as f64)
+        format!("{}.{} MB", tenths / 10, tenths % 10)
     }
 }
 
+/// The label with an upper-case first letter (ASCII: Unicode case tables would weigh on the
+/// `.wasm`, and labels are the product's own words).
 fn capitalized(s: &str) -> String {
-    let mut chars = s.chars();
-    match chars.next() {
-        Some(first) => first.to_uppercase().chain(chars).collect(),
-        None => String::new(),
+    let mut out = s.to_string();
+    if let Some(first) = out.get_mut(..1) {
+        first.make_ascii_uppercase();
     }
+    out
 }
 
 #[cfg(test)]
@@ -364,6 +369,17 @@ mod tests {
             10 * 1024 * 1024,
         );
         assert_eq!(body(&r)["upgrade"]["plan"], "enterprise");
+    }
+
+    #[test]
+    fn sizes_read_in_megabytes() {
+        assert_eq!(megabytes(10 * 1024 * 1024), "10 MB");
+        assert_eq!(megabytes(11 * 1024 * 1024 + 512 * 1024), "11.5 MB");
+        assert_eq!(megabytes(1), "0 MB");
+        assert_eq!(megabytes(u64::MAX), "17592186044416 MB");
+        assert_eq!(capitalized("upload"), "Upload");
+        assert_eq!(capitalized("élan"), "élan");
+        assert_eq!(capitalized(""), "");
     }
 
     #[test]
