@@ -28,7 +28,7 @@ left.set_xlim(0, max(ratios + [1.0]) * 1.35)
 left.invert_yaxis()
 right.barh(names, added, color="#2a7ab9")
 for i, c in enumerate(cases):
-    right.text(added[i] + 1, i, f'+{c["added_p50_us_1conn"]:.0f} µs p50, +{c["added_p99_us_1conn"]:.0f} µs p99', va="center", fontsize=8)
+    right.text(added[i] + 1, i, f'{c["added_p50_us_1conn"]:+.0f} µs p50, {c["added_p99_us_1conn"]:+.0f} µs p99', va="center", fontsize=8)
 right.set_xlabel("latency added at one connection (p50, µs)")
 right.set_xlim(0, max(added + [10]) * 1.6)
 right.invert_yaxis()

@@ -429,3 +429,38 @@ fn a_bad_plans_json_is_refused_at_configure_time() {
         "{message}"
     );
 }
+
+scenario!(at_most_one_blocking_redis_call_per_request, |build| {
+    let mut h = harness(build);
+    // Before the request may go upstream: one call for a limited action ...
+    let id = h.begin(0, &upload("ned", "free")).unwrap();
+    assert_eq!(
+        (h.vms[0].flow(id), h.vms[0].pending_calls()),
+        (Flow::Paused, 1)
+    );
+    h.settle_calls(0, id).unwrap();
+    h.finish(0, id, 200).unwrap();
+    // ... none for an unlimited one or an unmetered route: they go on at once.
+    for call in [
+        Call::new("GET", "/api/procedures/1").user("ned", "free"),
+        Call::new("GET", "/health"),
+    ] {
+        let id = h.begin(1, &call).unwrap();
+        assert_eq!(
+            (h.vms[1].flow(id), h.vms[1].pending_calls()),
+            (Flow::Continue, 0),
+            "{}",
+            call.path
+        );
+        h.finish(1, id, 200).unwrap();
+    }
+    // A user refused moments ago is refused again without asking Redis.
+    for _ in 0..4 {
+        h.send(0, &upload("ned", "free")).unwrap();
+    }
+    assert_eq!(h.send(0, &upload("ned", "free")).unwrap().status, 429);
+    let id = h.begin(0, &upload("ned", "free")).unwrap();
+    assert_eq!(h.vms[0].pending_calls(), 0);
+    assert!(matches!(h.vms[0].flow(id), Flow::Responded(ref r) if r.status == 429));
+    h.finish(0, id, 200).unwrap();
+});
