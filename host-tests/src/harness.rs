@@ -302,10 +302,6 @@ fn host_port(redis_url: &str) -> (String, u16) {
     }
 }
 
-pub fn plans_path() -> PathBuf {
-    crate::repo_root().join("plans.json")
-}
-
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }

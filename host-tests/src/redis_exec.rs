@@ -30,20 +30,4 @@ fn run_once(conn: &mut redis::Connection, command: &RedisCommand) -> RedisReply 
     }
 }
 
-pub fn from_value(value: redis::Value) -> RedisReply {
-    use redis::Value;
-    match value {
-        Value::Nil => RedisReply::Nil,
-        Value::Int(n) => RedisReply::Int(n),
-        Value::BulkString(b) => RedisReply::Bulk(b),
-        Value::SimpleString(s) => RedisReply::Status(s),
-        Value::Okay => RedisReply::Status("OK".into()),
-        Value::Array(items) | Value::Set(items) => {
-            RedisReply::Array(items.into_iter().map(from_value).collect())
-        }
-        Value::ServerError(e) => {
-            RedisReply::Error(format!("{} {}", e.code(), e.details().unwrap_or_default()))
-        }
-        other => RedisReply::Bulk(format!("{other:?}").into_bytes()),
-    }
-}
+pub use plan_limits_filter::redis::resp::from_value;

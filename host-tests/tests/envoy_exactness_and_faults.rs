@@ -43,6 +43,17 @@ fn concurrent_uploads(ports: &[u16], user: &str, n: usize) -> Vec<u16> {
     })
 }
 
+/// Blocks the Redis on `port` for `seconds` (DEBUG SLEEP), from another thread.
+fn stall_redis(port: u16, seconds: &'static str) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let _: redis::RedisResult<()> = redis::cmd("DEBUG").arg("SLEEP").arg(seconds).query(&mut c);
+    })
+}
+
 fn assert_exactly_five_counted(gw: &Gateway, user: &str, statuses: &[u16]) {
     let ok = statuses.iter().filter(|&&s| s == 200).count();
     let limited = statuses.iter().filter(|&&s| s == 429).count();
@@ -203,14 +214,7 @@ fn a_late_redis_reply_never_counts_twice() {
     assert_eq!(upload("warm").send(gw.gateway_port).status, 200);
     // ... stalls past the filter's 250 ms timeout: the reservation and the settlement answer
     // late, after the filter gave up and let the upload through (fail_open).
-    let port = gw.redis.port;
-    let stall = std::thread::spawn(move || {
-        let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        let _: redis::RedisResult<()> = redis::cmd("DEBUG").arg("SLEEP").arg("0.8").query(&mut c);
-    });
+    let stall = stall_redis(gw.redis.port, "0.8");
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(upload("gus").send(gw.gateway_port).status, 200);
     stall.join().unwrap();
@@ -312,14 +316,7 @@ fn webdis_down_follows_the_failure_modes() {
 #[test]
 fn a_slow_redis_follows_the_failure_modes() {
     let mut gw = gateway();
-    let port = gw.redis.port;
-    let stall = std::thread::spawn(move || {
-        let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        let _: redis::RedisResult<()> = redis::cmd("DEBUG").arg("SLEEP").arg("3").query(&mut c);
-    });
+    let stall = stall_redis(gw.redis.port, "3");
     std::thread::sleep(Duration::from_millis(50));
     assert_failure_modes(&gw, "jon");
     stall.join().unwrap();

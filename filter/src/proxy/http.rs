@@ -61,7 +61,44 @@ fn respond(response: &LocalResponse) {
     let _ = hostcalls::send_http_response(response.status, headers, Some(response.body.as_bytes()));
 }
 
-/// The reservation's answer arrived for stream `context_id`.
+/// Applies the reservation's answer (or its failure): counts it, and answers the client when
+/// the request may not go on. Returns whether it may go on.
+fn apply(shared: &Shared, metered: &mut MeteredRequest, reply: Reply) -> bool {
+    let metrics = &shared.metrics;
+    match metered.on_reservation(&shared.gate, reply, super::now()) {
+        Decision::Allowed => {
+            bump(metrics.allowed, 1);
+            true
+        }
+        Decision::Denied(response) => {
+            bump(metrics.denied, 1);
+            respond(&response);
+            false
+        }
+        Decision::FailOpen(e) => {
+            bump(metrics.redis_errors, 1);
+            bump(metrics.fail_open, 1);
+            warn!(
+                "plan-limits: {} for user {:?} let through unchecked (fail_open): {e}",
+                metered.action(),
+                metered.user()
+            );
+            true
+        }
+        Decision::FailClosed(e, response) => {
+            bump(metrics.redis_errors, 1);
+            bump(metrics.fail_closed, 1);
+            warn!(
+                "plan-limits: {} refused (fail_closed): {e}",
+                metered.action()
+            );
+            respond(&response);
+            false
+        }
+    }
+}
+
+/// The reservation's answer arrived for stream `context_id`, which is paused waiting for it.
 fn on_reservation(shared: &Shared, state: &RefCell<RequestState>, context_id: u32, reply: Reply) {
     let mut state = state.borrow_mut();
     state.reservation_token = None;
@@ -72,38 +109,11 @@ fn on_reservation(shared: &Shared, state: &RefCell<RequestState>, context_id: u3
     if hostcalls::set_effective_context(context_id).is_err() {
         return;
     }
-    let metrics = &shared.metrics;
     let Some(metered) = state.metered.as_mut() else {
         return;
     };
-    match metered.on_reservation(&shared.gate, reply, super::now()) {
-        Decision::Allowed => {
-            bump(metrics.allowed, 1);
-            let _ = hostcalls::resume_http_request();
-        }
-        Decision::Denied(response) => {
-            bump(metrics.denied, 1);
-            respond(&response);
-        }
-        Decision::FailOpen(e) => {
-            bump(metrics.redis_errors, 1);
-            bump(metrics.fail_open, 1);
-            warn!(
-                "plan-limits: {} for user {:?} let through unchecked (fail_open): {e}",
-                metered.action(),
-                metered.user()
-            );
-            let _ = hostcalls::resume_http_request();
-        }
-        Decision::FailClosed(e, response) => {
-            bump(metrics.redis_errors, 1);
-            bump(metrics.fail_closed, 1);
-            warn!(
-                "plan-limits: {} refused (fail_closed): {e}",
-                metered.action()
-            );
-            respond(&response);
-        }
+    if apply(shared, metered, reply) {
+        let _ = hostcalls::resume_http_request();
     }
 }
 
@@ -168,13 +178,13 @@ impl HttpContext for MeteredHttp {
                         Action::Pause
                     }
                     Err(e) => {
-                        // Same path as a failed reply: the action's failure mode decides.
-                        on_reservation(&shared, &self.state, context_id, Err(e));
-                        match self.state.borrow().metered.as_ref() {
-                            Some(_) if self.get_http_response_header(":status").is_some() => {
-                                Action::Pause
-                            }
-                            _ => Action::Continue,
+                        // Not sent at all: the action's failure mode decides, right now.
+                        let mut state = self.state.borrow_mut();
+                        let metered = state.metered.as_mut().expect("stored above");
+                        if apply(&shared, metered, Err(e)) {
+                            Action::Continue
+                        } else {
+                            Action::Pause
                         }
                     }
                 }

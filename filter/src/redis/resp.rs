@@ -28,7 +28,8 @@ fn error_text(code: &str, detail: Option<&str>) -> String {
     }
 }
 
-fn from_value(value: redis::Value) -> RedisReply {
+/// A reply of the `redis` crate as ours.
+pub fn from_value(value: redis::Value) -> RedisReply {
     use redis::Value;
     match value {
         Value::Nil => RedisReply::Nil,
