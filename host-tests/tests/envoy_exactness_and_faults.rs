@@ -151,6 +151,10 @@ fn a_reservation_of_a_killed_envoy_expires_and_is_never_counted() {
     for _ in 0..4 {
         assert_eq!(upload("fay").send(gw.gateway_port).status, 200);
     }
+    let mut redis = gw.redis.connection();
+    assert!(eventually(
+        || usage::counter(&mut redis, "fay", "upload") == 4
+    ));
     let port = gw.gateway_port;
     // The fifth upload is in flight (slow upstream) when Envoy dies.
     let stuck = std::thread::spawn(move || {
@@ -158,7 +162,6 @@ fn a_reservation_of_a_killed_envoy_expires_and_is_never_counted() {
             .header("x-demo-delay-ms", "10000")
             .try_send(port)
     });
-    let mut redis = gw.redis.connection();
     assert!(eventually(
         || usage::pending(&mut redis, "fay", "upload") == 1
     ));
