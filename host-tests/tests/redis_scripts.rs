@@ -224,3 +224,29 @@ fn the_event_stream_can_be_capped() {
         "the counter is never capped"
     );
 }
+
+#[test]
+fn a_batch_of_one_users_settlements_counts_each_and_records_each_event() {
+    let (_server, mut conn) = redis();
+    assert!(reserve(&mut conn, "u", "r1", 5, NOW).granted);
+    let mut batch: Vec<_> = (0..3)
+        .map(|i| settlement(SettleMode::Count, "u", &format!("c{i}")))
+        .collect();
+    batch.push(settlement(SettleMode::Commit, "u", "r1"));
+    batch.push(settlement(SettleMode::Release, "u", "gone"));
+    let mut unreserved = settlement(SettleMode::Count, "u", "");
+    unreserved.plan = "professional".into();
+    batch.push(unreserved);
+    assert_eq!(settle(&mut conn, &batch), [1, 1, 1, 1, 0, 1]);
+    assert_eq!(counter(&mut conn, "u"), Some(5));
+    let len: u64 = redis::cmd("XLEN")
+        .arg("plan-limits:events")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(len, 5);
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(keys("u").summary)
+        .query(&mut conn)
+        .unwrap();
+    assert!(pttl > 0);
+}

@@ -8,6 +8,9 @@
 -- ARGV: stream max length ('' = keep all), fields per item, then the items' fields.
 local maxlen, stride = ARGV[1], tonumber(ARGV[2])
 local results = {}
+-- A batch often holds many settlements of one user: the summary's plan, limits and expiry
+-- are written once per summary.
+local written = {}
 for i = 0, (#KEYS - 1) / 2 - 1 do
   local summary, pending = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
   local f = 2 + stride * i
@@ -15,12 +18,18 @@ for i = 0, (#KEYS - 1) / 2 - 1 do
   local plan, limits, kind, bytes = ARGV[f + 5], ARGV[f + 6], ARGV[f + 7], ARGV[f + 8]
   local status, at, request_id, period = ARGV[f + 9], ARGV[f + 10], ARGV[f + 11], ARGV[f + 12]
   local keep_for = ARGV[f + 13]
-  local held = redis.call('ZREM', pending, id)
+  local held = 0
+  if id ~= '' then
+    held = redis.call('ZREM', pending, id)
+  end
   local counted = 0
   if mode == 'count' or (mode == 'commit' and held == 1) then
     redis.call('HINCRBY', summary, action, 1)
-    redis.call('HSET', summary, 'plan', plan, 'limits', limits, 'updated_at', at)
-    redis.call('PEXPIRE', summary, keep_for)
+    if not written[summary] then
+      redis.call('HSET', summary, 'plan', plan, 'limits', limits, 'updated_at', at)
+      redis.call('PEXPIRE', summary, keep_for)
+      written[summary] = true
+    end
     local event = {'user', user, 'action', action, 'kind', kind, 'bytes', bytes,
       'status', status, 'at', at, 'request_id', request_id, 'plan', plan, 'period', period}
     if maxlen == '' then
