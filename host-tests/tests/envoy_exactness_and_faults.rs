@@ -226,12 +226,11 @@ fn a_late_redis_reply_never_counts_twice() {
     let counted = usage::counter(&mut redis, "gus", "upload");
     let dropped = gw.metric("settlements_dropped");
     // Counted once, or not at all and then reported: a count whose outcome is unknown is
-    // never sent twice.
+    // never sent twice (it may still land late).
     assert!(counted <= 1, "counted {counted} times");
-    assert_eq!(
-        counted + dropped,
-        1,
-        "counted {counted}, reported as not applied {dropped}"
+    assert!(
+        counted == 1 || dropped >= 1,
+        "an uncounted success must be reported (settlements_dropped)"
     );
     assert_eq!(
         usage::counter(&mut redis, "warm", "upload"),
