@@ -40,15 +40,18 @@ impl MeteredHttp {
     }
 
     fn queue(&self, settlement: Option<Settlement>) {
-        queue(&self.shared, settlement);
-    }
-}
-
-fn queue(shared: &Shared, settlement: Option<Settlement>) {
-    let Some(settlement) = settlement else { return };
-    if shared.settler.queue.borrow_mut().push(settlement).is_some() {
-        bump(shared.metrics.settlements_dropped, 1);
-        warn!("plan-limits: settlement queue full, oldest settlement dropped");
+        let Some(settlement) = settlement else { return };
+        if self
+            .shared
+            .settler
+            .queue
+            .borrow_mut()
+            .push(settlement)
+            .is_some()
+        {
+            bump(self.shared.metrics.settlements_dropped, 1);
+            warn!("plan-limits: settlement queue full, oldest settlement dropped");
+        }
     }
 }
 
