@@ -603,6 +603,15 @@ mod tests {
         }
     }
 
+    /// What reserve.lua answers: granted (1 or 0), committed, pending.
+    fn reply(granted: i64, committed: i64, pending: i64) -> Result<RedisReply, TransportError> {
+        Ok(RedisReply::Array(vec![
+            RedisReply::Int(granted),
+            RedisReply::Int(committed),
+            RedisReply::Int(pending),
+        ]))
+    }
+
     fn reserved(g: &Gate) -> MeteredRequest {
         match admit(
             g,
@@ -620,15 +629,7 @@ mod tests {
         let g = gate();
         let mut m = reserved(&g);
         assert_eq!(
-            m.on_reservation(
-                &g,
-                Ok(RedisReply::Array(vec![
-                    RedisReply::Int(1),
-                    RedisReply::Int(0),
-                    RedisReply::Int(1)
-                ])),
-                now()
-            ),
+            m.on_reservation(&g, reply(1, 0, 1), now()),
             Decision::Allowed
         );
         let s = m.on_response(&g, 201, now()).unwrap();
@@ -642,15 +643,7 @@ mod tests {
     fn a_failed_upstream_releases_the_unit() {
         let g = gate();
         let mut m = reserved(&g);
-        m.on_reservation(
-            &g,
-            Ok(RedisReply::Array(vec![
-                RedisReply::Int(1),
-                RedisReply::Int(0),
-                RedisReply::Int(1),
-            ])),
-            now(),
-        );
+        m.on_reservation(&g, reply(1, 0, 1), now());
         assert_eq!(
             m.on_response(&g, 500, now()).unwrap().mode,
             SettleMode::Release
@@ -663,15 +656,7 @@ mod tests {
         let mut m = reserved(&g);
         assert_eq!(m.on_end(&g, now()).unwrap().mode, SettleMode::Release);
         let mut m = reserved(&g);
-        m.on_reservation(
-            &g,
-            Ok(RedisReply::Array(vec![
-                RedisReply::Int(1),
-                RedisReply::Int(0),
-                RedisReply::Int(1),
-            ])),
-            now(),
-        );
+        m.on_reservation(&g, reply(1, 0, 1), now());
         assert_eq!(m.on_end(&g, now()).unwrap().mode, SettleMode::Release);
     }
 
@@ -679,15 +664,7 @@ mod tests {
     fn a_refused_reservation_is_429_with_the_current_usage() {
         let g = gate();
         let mut m = reserved(&g);
-        let d = m.on_reservation(
-            &g,
-            Ok(RedisReply::Array(vec![
-                RedisReply::Int(0),
-                RedisReply::Int(4),
-                RedisReply::Int(1),
-            ])),
-            now(),
-        );
+        let d = m.on_reservation(&g, reply(0, 4, 1), now());
         let Decision::Denied(r) = d else {
             panic!("expected 429")
         };
@@ -700,15 +677,7 @@ mod tests {
     fn a_final_refusal_is_remembered_briefly() {
         let g = gate();
         let mut m = reserved(&g);
-        m.on_reservation(
-            &g,
-            Ok(RedisReply::Array(vec![
-                RedisReply::Int(0),
-                RedisReply::Int(5),
-                RedisReply::Int(0),
-            ])),
-            now(),
-        );
+        m.on_reservation(&g, reply(0, 5, 0), now());
         let a = admit(
             &g,
             "POST",
@@ -750,15 +719,7 @@ mod tests {
     fn a_refusal_while_units_are_in_flight_is_not_remembered() {
         let g = gate();
         let mut m = reserved(&g);
-        m.on_reservation(
-            &g,
-            Ok(RedisReply::Array(vec![
-                RedisReply::Int(0),
-                RedisReply::Int(4),
-                RedisReply::Int(1),
-            ])),
-            now(),
-        );
+        m.on_reservation(&g, reply(0, 4, 1), now());
         let a = admit(
             &g,
             "POST",
