@@ -464,3 +464,30 @@ scenario!(at_most_one_blocking_redis_call_per_request, |build| {
     assert!(matches!(h.vms[0].flow(id), Flow::Responded(ref r) if r.status == 429));
     h.finish(0, id, 200).unwrap();
 });
+
+scenario!(a_stopping_vm_sends_its_queued_settlements_first, |build| {
+    let mut h = harness(build);
+    // A success whose settlement is still queued in the worker when Envoy stops the VM.
+    let id = h.begin(0, &upload("oli", "free")).unwrap();
+    h.settle_calls(0, id).unwrap();
+    h.vms[0].response_headers(id, 200, Vec::new()).unwrap();
+    h.vms[0].end_stream(id).unwrap();
+    assert_eq!(counter(&h, "oli", "2026-11", "upload"), 0);
+    assert!(
+        !h.vms[0].shut_down().unwrap(),
+        "not done while the batch is on its way"
+    );
+    assert!(!h.vms[0].done_called());
+    // (A fresh Redis answers the first batch NOSCRIPT; it goes again with the script.)
+    while h.vms[0].pending_calls() > 0 {
+        assert!(!h.vms[0].done_called());
+        h.vms[0].deliver_calls().unwrap();
+    }
+    assert!(
+        h.vms[0].done_called(),
+        "proxy_done once the batch is answered"
+    );
+    assert_eq!(counter(&h, "oli", "2026-11", "upload"), 1);
+    // An idle VM is done at once.
+    assert!(h.vms[1].shut_down().unwrap());
+});

@@ -43,6 +43,8 @@ impl ReservationIds {
 pub struct Settler {
     pub queue: RefCell<SettlementQueue>,
     in_flight: Cell<bool>,
+    /// Envoy is stopping the VM and waits for `proxy_done` once the last batch is answered.
+    stopping: Cell<bool>,
 }
 
 impl Settler {
@@ -70,6 +72,9 @@ impl Settler {
             record(&metrics, &report);
             // More may be waiting: keep the queue moving without waiting for the next tick.
             settler.flush(&settings, metrics);
+            if settler.stopping.get() && settler.idle() {
+                let _ = proxy_wasm::hostcalls::done();
+            }
         });
         match sent {
             Ok(_) => self.in_flight.set(true),
@@ -102,6 +107,7 @@ impl PlanLimitsRoot {
                     defaults.max_batch,
                 )),
                 in_flight: Cell::new(false),
+                stopping: Cell::new(false),
             }),
             ids: Rc::new(ReservationIds {
                 vm_nonce: getrandom::u64().unwrap_or(0),
@@ -130,7 +136,9 @@ impl Context for PlanLimitsRoot {
     }
 
     fn on_done(&mut self) -> bool {
-        // Envoy is stopping this VM: send what is queued; done once nothing is in flight.
+        // Envoy is stopping this VM: send what is queued; done now if nothing is in flight,
+        // else `proxy_done` once the batch is answered.
+        self.settler.stopping.set(true);
         self.flush();
         self.settler.idle()
     }

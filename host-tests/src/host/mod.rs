@@ -493,6 +493,11 @@ impl Vm {
         Ok(done != 0 || self.store.data().done_called)
     }
 
+    /// The filter called `proxy_done` (it finished what it had to do before stopping).
+    pub fn done_called(&self) -> bool {
+        self.store.data().done_called
+    }
+
     fn stream_mut(&mut self, id: u32) -> &mut Stream {
         self.store
             .data_mut()
