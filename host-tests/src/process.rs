@@ -89,11 +89,23 @@ impl Drop for Service {
 }
 
 /// A loopback port nobody listens on right now.
+///
+/// Ports come from 16000–31999, below Linux's ephemeral range (32768 and up): a port the
+/// kernel hands out for outgoing connections could otherwise be taken between this check and
+/// the server's bind. Each process starts at its own offset and never hands a port out twice.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 16_000;
+    const COUNT: u32 = 16_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = (std::process::id() * 997) % COUNT;
+    for _ in 0..COUNT {
+        let port = (FIRST + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % COUNT) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT)
 }
 
 /// A fresh directory for one test's configs and logs.
