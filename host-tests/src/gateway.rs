@@ -357,13 +357,7 @@ impl Gateway {
 
     /// A counter of Envoy's own admin `/stats` (`http.gateway.downstream_rq_5xx`, ...).
     pub fn envoy_stat(&self, name: &str) -> u64 {
-        let stats = crate::http::get(self.admin_port, &format!("/stats?filter={name}")).body_text();
-        let key = format!("{name}: ");
-        stats
-            .lines()
-            .find_map(|line| line.strip_prefix(&key))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+        admin_stat(self.admin_port, name)
     }
 
     /// Every 2xx the demo upstream gave, per path.
@@ -381,8 +375,13 @@ impl Gateway {
 
 /// A filter counter from the Envoy whose admin listens on `admin_port`.
 pub fn metric_at(admin_port: u16, name: &str) -> u64 {
-    let stats = crate::http::get(admin_port, "/stats?filter=plan_limits").body_text();
-    let key = format!("wasmcustom.plan_limits.{name}: ");
+    admin_stat(admin_port, &format!("wasmcustom.plan_limits.{name}"))
+}
+
+/// A counter from Envoy's admin `/stats` by its full name (0 when absent).
+fn admin_stat(admin_port: u16, name: &str) -> u64 {
+    let stats = crate::http::get(admin_port, &format!("/stats?filter={name}")).body_text();
+    let key = format!("{name}: ");
     stats
         .lines()
         .find_map(|line| line.strip_prefix(&key))

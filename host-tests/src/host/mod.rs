@@ -266,10 +266,6 @@ impl Vm {
         self.store.data().root_context_id
     }
 
-    pub fn tick_period_ms(&self) -> u32 {
-        self.store.data().tick_period_ms
-    }
-
     /// Reconfigures the running VM (Envoy does this on a config update); `Ok(false)` when the
     /// filter refused the new configuration.
     pub fn configure(&mut self, configuration: &[u8]) -> Result<bool, HostError> {
@@ -322,11 +318,6 @@ impl Vm {
             (None, true) => Flow::Continue,
             (None, false) => Flow::Paused,
         }
-    }
-
-    /// The request headers as the upstream would receive them.
-    pub fn upstream_request_headers(&self, id: u32) -> Pairs {
-        self.store.data().streams[&id].request_headers.clone()
     }
 
     /// A local reply goes through the response path too, as in Envoy.
