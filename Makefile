@@ -21,7 +21,7 @@ build: deps
 
 ## run: Redis, webdis, the demo upstreams and Envoy in the foreground; Ctrl-C stops them all
 run: build
-	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p host-tests --bin plan-limits-gateway
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --no-default-features --bin plan-limits-gateway
 
 ## test: unit tests of the core, then end-to-end tests through real Envoy and Redis
 test: build lint
@@ -32,17 +32,17 @@ test: build lint
 ## bench: every case for 10 s with the same wrk load; prints the table, writes bench/results.{json,png}
 bench: build
 	@.venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check matplotlib
-	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p host-tests --bin plan-limits-bench -- --seconds 10
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --bin plan-limits-bench -- --seconds 10
 	.venv/bin/python bench/chart.py bench/results.json bench/results.png
-	cargo bench --locked -p plan-limits-filter --bench decision
+	cargo bench --locked -p plan-limits-core --bench decision
 
 # A one-second run of every case: checks the benchmark works, times nothing.
 bench-smoke:
-	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p host-tests --bin plan-limits-bench -- --seconds 1 --out target/bench-smoke
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --bin plan-limits-bench -- --seconds 1 --out target/bench-smoke
 
 ## soak: 60 s of load (wrk) with Redis restarted in the middle; prints the figures
 soak: build
-	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo test --locked -p host-tests --test soak -- --ignored --nocapture
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo test --locked -p plan-limits-tests --test soak -- --ignored --nocapture
 
 lint:
 	cargo fmt --all -- --check

@@ -1,0 +1,573 @@
+//! Exact under concurrency, safe under faults, through real Envoy and real Redis: a count
+//! always equals the successful actions.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use plan_limits_services::gateway::{metric_at, Gateway, GatewayOptions};
+use plan_limits_services::http::{Body, Request};
+use plan_limits_services::process::free_port;
+use plan_limits_services::usage::{self, eventually};
+
+fn gateway_with(edit: impl FnOnce(&mut serde_json::Value)) -> Gateway {
+    let mut plans: serde_json::Value = serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
+    edit(&mut plans);
+    Gateway::start(GatewayOptions {
+        plans_json: plans.to_string(),
+        upstream_timeout: "2s".into(),
+        ..GatewayOptions::default()
+    })
+}
+
+fn gateway() -> Gateway {
+    gateway_with(|_| {})
+}
+
+fn upload(user: &str) -> Request {
+    Request::new("POST", "/api/upload")
+        .user(user, "free")
+        .body(Body::Bytes(b"<diagram/>".to_vec()))
+}
+
+/// Sends `n` uploads for `user` at once, spread over `ports`; returns the statuses.
+fn concurrent_uploads(ports: &[u16], user: &str, n: usize) -> Vec<u16> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let port = ports[i % ports.len()];
+                s.spawn(move || upload(user).send(port).status)
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Blocks the Redis on `port` for `seconds` (DEBUG SLEEP), from another thread.
+fn stall_redis(port: u16, seconds: &'static str) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let _: redis::RedisResult<()> = redis::cmd("DEBUG").arg("SLEEP").arg(seconds).query(&mut c);
+    })
+}
+
+fn assert_exactly_five_counted(gw: &Gateway, user: &str, statuses: &[u16]) {
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    let limited = statuses.iter().filter(|&&s| s == 429).count();
+    assert_eq!((ok, limited), (5, statuses.len() - 5), "{statuses:?}");
+    let mut redis = gw.redis.connection();
+    assert!(eventually(
+        || usage::counter(&mut redis, user, "upload") == 5
+    ));
+    assert_eq!(usage::pending(&mut redis, user, "upload"), 0);
+    assert_eq!(usage::events_of(&mut redis, user).len(), 5);
+    assert_eq!(gw.upstream_successes("/api/upload"), 5);
+    println!(
+        "{user}: {} requests, {ok} 2xx, {limited} 429, counter 5, events 5",
+        statuses.len()
+    );
+}
+
+#[test]
+fn two_hundred_concurrent_uploads_through_two_workers_count_exactly_five() {
+    let gw = gateway();
+    let statuses = concurrent_uploads(&[gw.gateway_port], "ann", 200);
+    assert_exactly_five_counted(&gw, "ann", &statuses);
+}
+
+#[test]
+fn two_hundred_concurrent_uploads_through_two_envoys_count_exactly_five() {
+    let gw = gateway();
+    let (port, admin) = (free_port(), free_port());
+    let _second = gw.spawn_envoy("envoy-2", port, admin, None).unwrap();
+    let statuses = concurrent_uploads(&[gw.gateway_port, port], "ben", 200);
+    assert_exactly_five_counted(&gw, "ben", &statuses);
+    assert!(
+        metric_at(admin, "denied") > 0 && gw.metric("denied") > 0,
+        "both Envoys refused some"
+    );
+}
+
+#[test]
+fn an_upstream_timeout_is_not_counted() {
+    let gw = gateway();
+    let r = upload("cat")
+        .header("x-demo-delay-ms", "3000")
+        .send(gw.gateway_port);
+    assert_eq!(r.status, 504, "Envoy's route timeout (2s)");
+    let mut redis = gw.redis.connection();
+    assert!(eventually(|| gw.metric("released") == 1));
+    assert_eq!(usage::counter(&mut redis, "cat", "upload"), 0);
+    assert_eq!(usage::pending(&mut redis, "cat", "upload"), 0);
+}
+
+#[test]
+fn a_client_that_disconnects_mid_request_is_not_counted() {
+    let gw = gateway();
+    let mut stream = TcpStream::connect(("127.0.0.1", gw.gateway_port)).unwrap();
+    stream
+        .write_all(b"POST /api/upload HTTP/1.1\r\nhost: g\r\nx-user-id: dan\r\ncontent-length: 100000\r\n\r\npartial")
+        .unwrap();
+    let mut redis = gw.redis.connection();
+    assert!(
+        eventually(|| usage::pending(&mut redis, "dan", "upload") == 1),
+        "reserved"
+    );
+    drop(stream);
+    assert!(
+        eventually(|| usage::pending(&mut redis, "dan", "upload") == 0),
+        "released"
+    );
+    assert_eq!(usage::counter(&mut redis, "dan", "upload"), 0);
+    assert_eq!(gw.upstream_successes("/api/upload"), 0);
+}
+
+#[test]
+fn a_client_that_disconnects_right_after_the_response_is_counted_once() {
+    let gw = gateway();
+    let mut stream = TcpStream::connect(("127.0.0.1", gw.gateway_port)).unwrap();
+    stream
+        .write_all(b"POST /api/upload HTTP/1.1\r\nhost: g\r\nx-user-id: eve\r\ncontent-length: 2\r\n\r\nok")
+        .unwrap();
+    let mut first = [0u8; 12];
+    stream.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    drop(stream);
+    let mut redis = gw.redis.connection();
+    assert!(eventually(
+        || usage::counter(&mut redis, "eve", "upload") == 1
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(usage::counter(&mut redis, "eve", "upload"), 1);
+    assert_eq!(usage::events_of(&mut redis, "eve").len(), 1);
+}
+
+#[test]
+fn a_reservation_of_a_killed_envoy_expires_and_is_never_counted() {
+    let mut gw = gateway_with(|p| p["redis"]["reservation_ttl_ms"] = 4000.into());
+    for _ in 0..4 {
+        assert_eq!(upload("fay").send(gw.gateway_port).status, 200);
+    }
+    let mut redis = gw.redis.connection();
+    assert!(eventually(
+        || usage::counter(&mut redis, "fay", "upload") == 4
+    ));
+    let port = gw.gateway_port;
+    // The fifth upload is in flight (slow upstream) when Envoy dies.
+    let stuck = std::thread::spawn(move || {
+        upload("fay")
+            .header("x-demo-delay-ms", "10000")
+            .try_send(port)
+    });
+    assert!(eventually(
+        || usage::pending(&mut redis, "fay", "upload") == 1
+    ));
+    // The reservation was made at most this long ago; it expires 4 s after it was made.
+    let reserved_at = Instant::now();
+    let pid = gw.envoy().pid();
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let _ = stuck.join();
+    let (port, admin) = (free_port(), free_port());
+    let _replacement = gw.spawn_envoy("envoy-2", port, admin, None).unwrap();
+    if reserved_at.elapsed() < Duration::from_millis(3000) {
+        assert_eq!(
+            upload("fay").send(port).status,
+            429,
+            "the dead request still holds its unit"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(4500).saturating_sub(reserved_at.elapsed()));
+    assert_eq!(
+        upload("fay").send(port).status,
+        200,
+        "the unit is free after the expiry"
+    );
+    assert!(eventually(
+        || usage::counter(&mut redis, "fay", "upload") == 5
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        usage::counter(&mut redis, "fay", "upload"),
+        5,
+        "the dead request is never counted"
+    );
+}
+
+#[test]
+fn the_default_reservation_expiry_outlives_the_route_timeout() {
+    let plans: serde_json::Value = serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
+    let ttl_ms = plans["redis"]["reservation_ttl_ms"].as_u64().unwrap();
+    let template = std::fs::read_to_string(plan_limits_services::repo_root().join("envoy.yaml")).unwrap();
+    assert!(template.contains("timeout: @UPSTREAM_TIMEOUT@"));
+    let run_timeout = GatewayOptions::default().upstream_timeout;
+    let route_ms = run_timeout.trim_end_matches('s').parse::<u64>().unwrap() * 1000;
+    assert!(
+        ttl_ms > route_ms,
+        "reservation_ttl_ms {ttl_ms} vs route timeout {route_ms} ms"
+    );
+}
+
+#[test]
+fn a_late_redis_reply_never_counts_twice() {
+    let gw = gateway();
+    // A Redis that has served before (it knows the scripts) ...
+    assert_eq!(upload("warm").send(gw.gateway_port).status, 200);
+    // ... stalls past the filter's 250 ms timeout: the reservation and the settlement answer
+    // late, after the filter gave up and let the upload through (fail_open).
+    let stall = stall_redis(gw.redis.port, "0.8");
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(upload("gus").send(gw.gateway_port).status, 200);
+    stall.join().unwrap();
+    std::thread::sleep(Duration::from_millis(1500)); // every retry and late reply is in
+    let mut redis = gw.redis.connection();
+    let counted = usage::counter(&mut redis, "gus", "upload");
+    let dropped = gw.metric("settlements_dropped");
+    // Counted once, or not at all and then reported: a count whose outcome is unknown is
+    // never sent twice (it may still land late).
+    assert!(counted <= 1, "counted {counted} times");
+    assert!(
+        counted == 1 || dropped >= 1,
+        "an uncounted success must be reported (settlements_dropped)"
+    );
+    assert_eq!(
+        usage::counter(&mut redis, "warm", "upload"),
+        1,
+        "the commit was resent, once"
+    );
+    assert_eq!(gw.metric("fail_open"), 1);
+}
+
+#[test]
+fn an_upload_retried_by_envoy_is_counted_once() {
+    let gw = gateway();
+    let r = upload("hal")
+        .header("x-envoy-retry-on", "5xx")
+        .header("x-envoy-max-retries", "2")
+        .header("x-demo-fail-times", "1")
+        .send(gw.gateway_port);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        gw.upstream_attempts(),
+        2,
+        "the first attempt failed and was retried"
+    );
+    let mut redis = gw.redis.connection();
+    assert!(eventually(
+        || usage::counter(&mut redis, "hal", "upload") == 1
+    ));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(usage::counter(&mut redis, "hal", "upload"), 1);
+}
+
+/// What each route answers while Redis is unreachable: fail-open routes pass, fail-closed 503.
+fn assert_failure_modes(gw: &Gateway, user: &str) {
+    for (method, path) in [
+        ("POST", "/api/upload"),
+        ("POST", "/api/teammate"),
+        ("GET", "/api/procedures/1"),
+        ("POST", "/api/export/pdf"),
+    ] {
+        let r = Request::new(method, path)
+            .user(user, "free")
+            .body(Body::Bytes(b"x".to_vec()))
+            .send(gw.gateway_port);
+        assert_eq!(
+            r.status,
+            200,
+            "{method} {path} is fail_open: {}",
+            r.body_text()
+        );
+    }
+    let r = Request::new("GET", "/api/v1/x")
+        .user(user, "enterprise")
+        .send(gw.gateway_port);
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"], "Usage service unavailable");
+}
+
+fn assert_no_trap(gw: &mut Gateway) {
+    let log = gw.envoy().log_text();
+    for sign in [
+        "RuntimeError",
+        "panicked",
+        "wasm trap",
+        "Function: proxy_on",
+    ] {
+        assert!(!log.contains(sign), "{sign} in the Envoy log:\n{log}");
+    }
+}
+
+#[test]
+fn webdis_down_follows_the_failure_modes() {
+    let mut gw = gateway();
+    gw.webdis.stop();
+    assert_failure_modes(&gw, "ida");
+    assert_eq!(
+        gw.metric("fail_open"),
+        2,
+        "limited actions that skipped their check"
+    );
+    assert_eq!(gw.metric("fail_closed"), 1);
+    assert!(gw.envoy().log_text().contains("fail_open"));
+    assert_no_trap(&mut gw);
+}
+
+#[test]
+fn a_slow_redis_follows_the_failure_modes() {
+    let mut gw = gateway();
+    let stall = stall_redis(gw.redis.port, "3");
+    std::thread::sleep(Duration::from_millis(50));
+    assert_failure_modes(&gw, "jon");
+    stall.join().unwrap();
+    assert_no_trap(&mut gw);
+}
+
+#[test]
+fn redis_error_replies_follow_the_failure_modes() {
+    let mut gw = gateway();
+    let mut redis = gw.redis.connection();
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("-eval")
+        .exec(&mut redis)
+        .unwrap();
+    assert_failure_modes(&gw, "kay");
+    assert_no_trap(&mut gw);
+}
+
+#[test]
+fn enforcement_resumes_within_a_second_of_redis_coming_back() {
+    let mut gw = gateway();
+    let port = gw.redis.port;
+    gw.redis.stop();
+    assert_failure_modes(&gw, "lou");
+    gw.redis = plan_limits_services::redis_server::RedisServer::start_on(&gw.dir, port);
+    let back = Instant::now();
+    // The user already used the month's five uploads.
+    let mut redis = gw.redis.connection();
+    let keys = plan_limits_core::keys::UsageKeys::new(
+        "plan-limits",
+        "lou",
+        &usage::this_period(),
+        "upload",
+    );
+    redis::cmd("HSET")
+        .arg(&keys.summary)
+        .arg("upload")
+        .arg(5)
+        .exec(&mut redis)
+        .unwrap();
+    loop {
+        let r = upload("lou").send(gw.gateway_port);
+        if r.status == 429 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(1),
+            "still not enforced after {:?}",
+            back.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "enforcement resumed {:?} after Redis came back",
+        back.elapsed()
+    );
+    assert_no_trap(&mut gw);
+}
+
+fn bad_plans() -> String {
+    let mut plans: serde_json::Value = serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
+    plans["plans"]["free"]["limits"]["upload"] = (-1).into();
+    plans.to_string()
+}
+
+#[test]
+fn envoy_validate_refuses_a_bad_plans_json() {
+    let gw = gateway();
+    let check = |plans: &str| {
+        let path = gw.dir.join("validate.yaml");
+        std::fs::write(
+            &path,
+            gw.envoy_config(free_port(), free_port(), plans).unwrap(),
+        )
+        .unwrap();
+        std::process::Command::new(plan_limits_services::gateway::envoy_bin())
+            .args(["--mode", "validate", "--use-dynamic-base-id", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let good = check(&plan_limits_services::plans_json());
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let bad = check(&bad_plans());
+    assert!(!bad.status.success());
+    let output =
+        String::from_utf8_lossy(&bad.stderr).into_owned() + &String::from_utf8_lossy(&bad.stdout);
+    assert!(
+        output.contains("plans.free.limits.upload: invalid value: integer `-1`"),
+        "{output}"
+    );
+}
+
+#[test]
+fn a_running_envoy_given_a_bad_config_keeps_serving_with_the_last_good_one() {
+    let base_id = 40_000 + (std::process::id() % 20_000);
+    let mut gw = Gateway::start(GatewayOptions {
+        base_id: Some(base_id),
+        ..GatewayOptions::default()
+    });
+    assert_eq!(upload("max").send(gw.gateway_port).status, 200);
+    // A hot restart with a broken plans.json: the new Envoy refuses it and exits ...
+    let (port, admin) = (gw.gateway_port, gw.admin_port);
+    let mut next = gw
+        .spawn_envoy_with("envoy-bad", port, admin, &bad_plans(), Some((base_id, 1)))
+        .unwrap();
+    let status = next
+        .wait_exit(Duration::from_secs(30))
+        .expect("the new Envoy gives up");
+    assert!(!status.success());
+    assert!(
+        next.log_text().contains("plans.free.limits.upload"),
+        "{}",
+        next.log_text()
+    );
+    // ... and the running one goes on with the last good plans.
+    for _ in 0..4 {
+        assert_eq!(upload("max").send(gw.gateway_port).status, 200);
+    }
+    assert_eq!(upload("max").send(gw.gateway_port).status, 429);
+    assert_no_trap(&mut gw);
+}
+
+#[test]
+fn hostile_requests_cannot_crash_skip_metering_or_reach_another_users_counter() {
+    let mut gw = gateway();
+    let big = vec![b'a'; 64 * 1024];
+    let teammate = || Request::new("POST", "/api/teammate");
+    let cases: Vec<(&str, Request, &[u16])> = vec![
+        ("no user", teammate(), &[401]),
+        ("empty user", teammate().header("x-user-id", ""), &[401]),
+        (
+            "64 KB user",
+            teammate().header("x-user-id", &big),
+            &[400, 431],
+        ),
+        (
+            "non-UTF-8 user",
+            teammate().header("x-user-id", [0xff, 0xfe]),
+            &[400],
+        ),
+        (
+            "two users",
+            teammate().header("x-user-id", "a").header("x-user-id", "b"),
+            &[400],
+        ),
+        (
+            "two plans",
+            teammate()
+                .header("x-user-id", "a")
+                .header("x-user-plan", "free")
+                .header("x-user-plan", "enterprise"),
+            &[400],
+        ),
+        (
+            "64 KB plan",
+            teammate()
+                .header("x-user-id", "a")
+                .header("x-user-plan", &big),
+            &[400, 431],
+        ),
+        (
+            "non-UTF-8 plan",
+            teammate()
+                .header("x-user-id", "odd-plan")
+                .header("x-user-plan", [0xc3, 0x28]),
+            &[200],
+        ),
+        (
+            "length not a number",
+            Request::new("POST", "/api/upload")
+                .header("x-user-id", "a")
+                .header("content-length", "abc"),
+            &[400],
+        ),
+        (
+            "negative length",
+            Request::new("POST", "/api/upload")
+                .header("x-user-id", "a")
+                .header("content-length", "-1"),
+            &[400],
+        ),
+        (
+            "length over u64",
+            Request::new("POST", "/api/upload")
+                .header("x-user-id", "a")
+                .header("content-length", "99999999999999999999999"),
+            &[400, 413],
+        ),
+    ];
+    for (what, request, allowed) in cases {
+        let status = match request.try_send(gw.gateway_port) {
+            Ok(r) => r.status,
+            Err(e) => panic!("{what}: no answer: {e}"),
+        };
+        assert!(
+            allowed.contains(&status),
+            "{what}: {status}, expected one of {allowed:?}"
+        );
+    }
+    // Ids with key separators and patterns are ordinary ids: metered, each on its own key.
+    let odd = [
+        "a:b",
+        "*",
+        "x y",
+        "{u}",
+        "}:{",
+        "plan-limits:{victim}:2026-11",
+    ];
+    for user in odd {
+        assert_eq!(
+            teammate().user(user, "free").send(gw.gateway_port).status,
+            200,
+            "{user:?}"
+        );
+    }
+    assert_eq!(
+        teammate()
+            .user("victim", "free")
+            .send(gw.gateway_port)
+            .status,
+        200
+    );
+    let mut redis = gw.redis.connection();
+    for user in odd.iter().chain(&["victim", "odd-plan"]) {
+        assert!(
+            eventually(|| usage::counter(&mut redis, user, "ai_analysis") == 1),
+            "{user:?}"
+        );
+    }
+    let period = usage::this_period();
+    let mut expected: Vec<String> = odd
+        .iter()
+        .chain(&["victim", "odd-plan"])
+        .map(|u| {
+            plan_limits_core::keys::UsageKeys::new("plan-limits", u, &period, "ai_analysis")
+                .summary
+        })
+        .collect();
+    expected.push(usage::EVENTS.to_string());
+    expected.sort();
+    let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut redis).unwrap();
+    keys.sort();
+    assert_eq!(keys, expected, "no request reached a key it does not own");
+    assert_no_trap(&mut gw);
+}

@@ -1,0 +1,320 @@
+//! `make bench`: the same wrk load against Envoy without filters, with Envoy's own
+//! `local_ratelimit`, and with our filter on each kind of route, in one run on loopback.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use plan_limits_services::gateway::{envoy_bin, render_envoy_config, webdis_config, EnvoyParams};
+use plan_limits_services::process::{free_port, Service};
+
+/// One benchmark case: an Envoy configuration and the request wrk repeats.
+pub struct Case {
+    pub name: &'static str,
+    pub label: &'static str,
+    pub filters: Filters,
+    pub method: &'static str,
+    pub path: &'static str,
+    pub headers: &'static str,
+    pub body: &'static str,
+    pub expect_status: u16,
+    pub target_ratio: Option<f64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Filters {
+    None,
+    LocalRateLimit,
+    PlanLimits,
+}
+
+pub const LIMITED_USER: &str = "bench-limited";
+pub const EXHAUSTED_USER: &str = "bench-exhausted";
+
+pub fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "baseline",
+            label: "1 Envoy, no filter",
+            filters: Filters::None,
+            method: "GET",
+            path: "/health",
+            headers: "",
+            body: "",
+            expect_status: 200,
+            target_ratio: None,
+        },
+        Case {
+            name: "local_ratelimit",
+            label: "2 Envoy local_ratelimit",
+            filters: Filters::LocalRateLimit,
+            method: "GET",
+            path: "/health",
+            headers: "",
+            body: "",
+            expect_status: 200,
+            target_ratio: None,
+        },
+        Case {
+            name: "unmetered",
+            label: "3 plan-limits, unmetered route",
+            filters: Filters::PlanLimits,
+            method: "GET",
+            path: "/health",
+            headers: "",
+            body: "",
+            expect_status: 200,
+            target_ratio: Some(0.90),
+        },
+        Case {
+            name: "limited",
+            label: "4 plan-limits, limited plan",
+            filters: Filters::PlanLimits,
+            method: "GET",
+            path: "/api/v1/items",
+            headers: "x-user-id: bench-limited|x-user-plan: enterprise",
+            body: "",
+            expect_status: 200,
+            target_ratio: Some(0.60),
+        },
+        Case {
+            name: "unlimited",
+            label: "5 plan-limits, unlimited plan",
+            filters: Filters::PlanLimits,
+            method: "GET",
+            path: "/api/procedures/1",
+            headers: "x-user-id: bench-unlimited|x-user-plan: free",
+            body: "",
+            expect_status: 200,
+            target_ratio: Some(0.85),
+        },
+        Case {
+            name: "denied",
+            label: "6 plan-limits, answering 429",
+            filters: Filters::PlanLimits,
+            method: "POST",
+            path: "/api/upload",
+            headers: "x-user-id: bench-exhausted|x-user-plan: free",
+            body: "x",
+            expect_status: 429,
+            target_ratio: Some(1.0),
+        },
+    ]
+}
+
+/// The bench's plans: the repository's, with a limit on API calls no run can reach.
+pub fn bench_plans() -> String {
+    let mut plans: Value = serde_json::from_str(&plan_limits_services::plans_json()).expect("plans.json");
+    plans["plans"]["enterprise"]["limits"]["api_call"] = json!(1_000_000_000_000u64);
+    plans.to_string()
+}
+
+/// The rendered envoy.yaml with the plan_limits filter replaced for the reference cases.
+pub fn envoy_config(params: &EnvoyParams, filters: Filters) -> String {
+    let rendered = render_envoy_config(
+        &std::fs::read_to_string(plan_limits_services::repo_root().join("envoy.yaml")).unwrap(),
+        params,
+    )
+    .expect("render envoy.yaml");
+    let start = rendered
+        .find("          - name: plan_limits")
+        .expect("the plan_limits filter");
+    let end = rendered
+        .find("          - name: envoy.filters.http.router")
+        .expect("the router");
+    let replacement = match filters {
+        Filters::PlanLimits => return rendered,
+        Filters::None => String::new(),
+        Filters::LocalRateLimit => r#"          - name: envoy.filters.http.local_ratelimit
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+              stat_prefix: bench
+              token_bucket: { max_tokens: 1000000000, tokens_per_fill: 1000000000, fill_interval: 1s }
+              filter_enabled: { default_value: { numerator: 100, denominator: HUNDRED } }
+              filter_enforced: { default_value: { numerator: 100, denominator: HUNDRED } }
+"#
+        .to_string(),
+    };
+    format!("{}{}{}", &rendered[..start], replacement, &rendered[end..])
+}
+
+/// wrk's figures: requests/s, p50 and p99 in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WrkFigures {
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub requests: u64,
+    /// Answers that were not 2xx or 3xx (the 429s of the denied case).
+    pub non_2xx: u64,
+}
+
+pub fn parse_wrk(output: &str) -> Option<WrkFigures> {
+    let rps = output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let percentile = |p: &str| {
+        output.lines().find_map(|l| {
+            let mut parts = l.split_whitespace();
+            (parts.next()? == p)
+                .then(|| parse_duration_us(parts.next()?))
+                .flatten()
+        })
+    };
+    let requests = output.lines().find_map(|l| {
+        l.trim()
+            .split_once(" requests in ")
+            .and_then(|(n, _)| n.parse().ok())
+    })?;
+    let non_2xx = output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    Some(WrkFigures {
+        rps,
+        p50_us: percentile("50%")?,
+        p99_us: percentile("99%")?,
+        requests,
+        non_2xx,
+    })
+}
+
+fn parse_duration_us(text: &str) -> Option<f64> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = text.split_at(split);
+    let n: f64 = number.parse().ok()?;
+    Some(match unit {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        "m" => n * 60e6,
+        _ => return None,
+    })
+}
+
+pub fn run_wrk(
+    script: &Path,
+    port: u16,
+    case: &Case,
+    connections: u32,
+    seconds: u64,
+) -> (WrkFigures, String) {
+    let out = Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(script)
+        .arg(format!("http://127.0.0.1:{port}{}", case.path))
+        .env("BENCH_METHOD", case.method)
+        .env("BENCH_PATH", case.path)
+        .env("BENCH_HEADERS", case.headers)
+        .env("BENCH_BODY", case.body)
+        .output()
+        .expect("run wrk (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let figures = parse_wrk(&text).unwrap_or_else(|| {
+        panic!(
+            "cannot read wrk's output:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (figures, text)
+}
+
+/// nginx answering `return 200` on `port`: an upstream that is never the bottleneck.
+pub fn start_nginx(dir: &Path, port: u16) -> Service {
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log stderr warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
+               client_body_temp_path {dir};\n\
+               server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 200 'ok'; }}\n  }}\n}}\n",
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new("nginx");
+    command.arg("-c").arg(&conf).arg("-p").arg(dir);
+    let mut nginx = Service::spawn("nginx", command, &dir.join("nginx.log"));
+    nginx.wait_for_port(port, Duration::from_secs(10));
+    nginx
+}
+
+pub fn start_webdis(dir: &Path, redis_port: u16) -> (Service, u16) {
+    let port = free_port();
+    let config = dir.join("webdis.json");
+    std::fs::write(
+        &config,
+        webdis_config(redis_port, port, &dir.join("webdis-internal.log")),
+    )
+    .unwrap();
+    let mut command = Command::new("webdis");
+    command.arg(&config);
+    let mut webdis = Service::spawn("webdis", command, &dir.join("webdis.log"));
+    webdis.wait_for_port(port, Duration::from_secs(10));
+    (webdis, port)
+}
+
+pub fn start_envoy(dir: &Path, name: &str, config: &str, port: u16) -> Service {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, config).unwrap();
+    let mut command = Command::new(envoy_bin());
+    command.arg("-c").arg(&path).args([
+        "--concurrency",
+        "1",
+        "--use-dynamic-base-id",
+        "--log-level",
+        "warn",
+    ]);
+    let mut envoy = Service::spawn(name, command, &dir.join(format!("{name}.log")));
+    envoy.wait_for_port(port, Duration::from_secs(30));
+    envoy
+}
+
+/// What machine the figures come from.
+pub fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cpu": cpu,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_output_is_read() {
+        let out = "  Latency Distribution\n     50%  512.00us\n     75%    1.20ms\n     90%    2.00ms\n     99%    4.50ms\n  1000 requests in 1.00s, 1MB read\n  Non-2xx or 3xx responses: 7\nRequests/sec:  41234.56\n";
+        assert_eq!(
+            parse_wrk(out),
+            Some(WrkFigures {
+                rps: 41234.56,
+                p50_us: 512.0,
+                p99_us: 4500.0,
+                requests: 1000,
+                non_2xx: 7
+            })
+        );
+        assert_eq!(parse_wrk("nothing"), None);
+    }
+}

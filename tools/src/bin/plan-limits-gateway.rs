@@ -1,0 +1,81 @@
+//! `make run`: the gateway on fixed loopback ports, in the foreground until Ctrl-C.
+//! Redis, webdis, the demo upstream and Envoy are children of this process and stop with it.
+
+use std::path::PathBuf;
+
+use plan_limits_services::gateway::{Gateway, GatewayOptions, Ports};
+
+fn port(var: &str, default: u16) -> u16 {
+    std::env::var(var)
+        .ok()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{var}={v} is not a port"))
+        })
+        .unwrap_or(default)
+}
+
+fn main() {
+    let ports = Ports {
+        gateway: port("GATEWAY_PORT", 10000),
+        admin: port("ADMIN_PORT", 9901),
+        upstream: port("UPSTREAM_PORT", 18080),
+        webdis: port("WEBDIS_PORT", 17379),
+        redis: port("REDIS_PORT", 16379),
+    };
+    let plans = std::env::var("PLANS_JSON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| plan_limits_services::repo_root().join("plans.json"));
+    let plans_json = std::fs::read_to_string(&plans)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", plans.display()));
+    let dir = plan_limits_services::repo_root().join(".gateway");
+    let gw = Gateway::start(GatewayOptions {
+        plans_json,
+        ports: Some(ports),
+        dir: Some(dir.clone()),
+        ..GatewayOptions::default()
+    });
+    let g = gw.gateway_port;
+    println!(
+        r#"
+Gateway ready on http://127.0.0.1:{g} (Envoy admin http://127.0.0.1:{admin}), plans from {plans}
+Redis on 127.0.0.1:{redis}; configs and logs in {dir}
+
+Try:
+  curl -i -X POST -H 'x-user-id: alice' -H 'x-user-plan: free' --data 'diagram' http://127.0.0.1:{g}/api/upload
+  curl -i -X POST -H 'x-user-id: alice' -H 'x-user-plan: free' -H 'x-analysis-kind: vision' http://127.0.0.1:{g}/api/teammate
+  curl -i -X POST -H 'x-user-id: alice' -H 'x-user-plan: free' http://127.0.0.1:{g}/api/export/dxf
+  curl -i -X POST -H 'x-user-id: alice' -H 'x-user-plan: free' -H 'x-demo-status: 500' --data 'x' http://127.0.0.1:{g}/api/upload
+  redis-cli -p {redis} HGETALL 'plan-limits:{{alice}}:{period}'
+  redis-cli -p {redis} XRANGE plan-limits:events - +
+  curl -s http://127.0.0.1:{admin}/stats?filter=plan_limits
+
+Ctrl-C stops everything."#,
+        admin = gw.admin_port,
+        plans = plans.display(),
+        redis = gw.redis.port,
+        dir = dir.display(),
+        period = plan_limits_services::usage::this_period(),
+    );
+    let signal = wait_for_stop_signal();
+    println!("\nsignal {signal}: stopping Envoy, the upstream, webdis and Redis");
+    drop(gw);
+}
+
+/// Blocks until SIGINT (Ctrl-C) or SIGTERM, even if this process was started with them
+/// ignored (as background jobs of scripts are).
+fn wait_for_stop_signal() -> i32 {
+    // SAFETY: plain libc signal-mask calls on this thread; no handlers run Rust code.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            libc::signal(signal, libc::SIG_DFL);
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut received = 0;
+        libc::sigwait(&set, &mut received);
+        received
+    }
+}
