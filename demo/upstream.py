@@ -3,9 +3,10 @@
 
 `x-demo-status: 503` makes it answer with that status, `x-demo-delay-ms: 500` makes it wait
 first (timeouts), `x-demo-fail-times: 1` answers 503 to the first attempt of a request (by
-`x-request-id`) so that Envoy's retry succeeds. It reads and discards request bodies.
-`GET /__demo/stats` tells how many 2xx answers it gave per path and how many attempts it
-saw, so tests can compare counters with what really succeeded.
+`x-request-id`) so that Envoy's retry succeeds. It reads and discards request bodies, and
+marks its answers with `x-upstream: demo`. `GET /__demo/stats` tells how many 2xx answers it
+gave per path and how many attempts it saw, so tests can compare counters with what really
+succeeded.
 """
 import json
 import sys
@@ -58,6 +59,7 @@ class Handler(BaseHTTPRequestHandler):
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
+        self.send_header("x-upstream", "demo")
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

@@ -1,107 +1,118 @@
-//! The filter's core decision, natively: what one request costs before any host call.
-//! `cargo bench -p plan-limits-filter --bench decision` (part of `make bench`).
+//! The filter's core decisions, natively: what one request costs the worker before any host
+//! call. `cargo bench -p plan-limits-core --bench decision` (part of `make bench`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::hint::black_box;
 
-use chrono::{TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use criterion::{criterion_group, criterion_main, Criterion};
-use plan_limits_core::config::Config;
-use plan_limits_core::redis::{webdis, RedisReply};
-use plan_limits_core::request::{Admission, Gate};
-use plan_limits_core::settlements::SettlementQueue;
+use plan_limits_core::config::RedisSettings;
+use plan_limits_core::metrics::Metric;
+use plan_limits_core::redis::{webdis, RedisCommand, RedisReply, TransportError};
+use plan_limits_core::responses::LocalResponse;
+use plan_limits_core::worker::{Io, LogLevel, StreamId, Token, Worker};
 
-fn gate() -> Gate {
-    Gate::new(Config::from_json(include_bytes!("../../plans.json")).unwrap())
+/// A host that does nothing but encode what would be sent for webdis (as the shell does).
+#[derive(Default)]
+struct Host {
+    next_token: Token,
+    last_token: Token,
 }
 
-fn headers<'a>(pairs: &'a [(&'a str, &'a [u8])]) -> impl Fn(&str) -> Vec<Vec<u8>> + 'a {
-    move |name| {
-        pairs
-            .iter()
-            .filter(|(n, _)| *n == name)
-            .map(|(_, v)| v.to_vec())
-            .collect()
+impl Io for Host {
+    fn send(&mut self, _: &RedisSettings, command: &RedisCommand) -> Result<Token, TransportError> {
+        black_box(webdis::request_body(command));
+        self.next_token += 1;
+        self.last_token = self.next_token;
+        Ok(self.next_token)
     }
+    fn respond(&mut self, _: StreamId, response: &LocalResponse) {
+        black_box(response);
+    }
+    fn resume(&mut self, stream: StreamId) {
+        black_box(stream);
+    }
+    fn count(&mut self, metric: Metric, by: u64) {
+        black_box((metric, by));
+    }
+    fn log(&mut self, _: LogLevel, message: String) {
+        black_box(message);
+    }
+    fn done(&mut self) {}
+}
+
+fn head(method: &str, path: &str, plan: &str) -> Vec<(String, Vec<u8>)> {
+    vec![
+        (":method".into(), method.into()),
+        (":path".into(), path.into()),
+        ("x-user-id".into(), b"user-42".to_vec()),
+        ("x-user-plan".into(), plan.into()),
+        ("content-length".into(), b"1024".to_vec()),
+    ]
 }
 
 fn decision(c: &mut Criterion) {
-    let gate = gate();
-    let now = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
-    let user: &[(&str, &[u8])] = &[
-        ("x-user-id", b"user-42"),
-        ("x-user-plan", b"free"),
-        ("content-length", b"1024"),
-    ];
-
-    c.bench_function("unmetered route", |b| {
-        let h = headers(&[]);
-        b.iter(|| {
-            gate.admit(
-                black_box("GET"),
-                black_box("/health"),
-                &h,
-                now,
-                || unreachable!(),
-            )
-        })
-    });
-
-    c.bench_function("limited: admit + reservation reply + response", |b| {
-        let h = headers(user);
-        let granted = RedisReply::Array(vec![
+    let mut host = Host::default();
+    let mut worker = Worker::new(1);
+    assert!(worker.configure(include_bytes!("../../plans.json"), &mut host));
+    let now: DateTime<Utc> = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
+    let granted = || {
+        Ok(RedisReply::Array(vec![
             RedisReply::Int(1),
             RedisReply::Int(2),
             RedisReply::Int(1),
-        ]);
-        b.iter(|| {
-            let Admission::Reserve(mut metered, command) =
-                gate.admit("POST", black_box("/api/upload"), &h, now, || {
-                    "0123456789abcdef-1".into()
-                })
-            else {
-                unreachable!()
-            };
-            black_box(webdis::request_body(&command));
-            metered.on_reservation(&gate, Ok(granted.clone()), now);
-            metered.on_response(&gate, 200, now)
-        })
+        ]))
+    };
+
+    c.bench_function("unmetered route", |b| {
+        let h = head("GET", "/health", "free");
+        b.iter(|| worker.on_request_headers(1, black_box(&h), now, &mut host))
     });
 
-    c.bench_function("unlimited: admit + response", |b| {
-        let h = headers(user);
+    c.bench_function(
+        "limited: headers + reservation (webdis body) + reply + response + end",
+        |b| {
+            let h = head("POST", "/api/upload", "free");
+            b.iter(|| {
+                worker.on_request_headers(1, black_box(&h), now, &mut host);
+                worker.on_reply(host.last_token, granted(), now, &mut host);
+                worker.on_response_headers(1, 200, now, &mut host);
+                worker.on_stream_end(1, now, &mut host);
+                // Keep the queue from filling: a batch every 64 requests, as the tick would.
+                if worker.queued_settlements() >= 64 {
+                    worker.on_tick(now, &mut host);
+                    let ones = vec![RedisReply::Int(1); worker.queued_settlements()];
+                    worker.on_reply(host.last_token, Ok(RedisReply::Array(ones)), now, &mut host);
+                }
+            })
+        },
+    );
+
+    c.bench_function("unlimited: headers + response + end", |b| {
+        let h = head("GET", "/api/procedures/7", "free");
         b.iter(|| {
-            let Admission::Proceed(mut metered) = gate.admit(
-                "GET",
-                black_box("/api/procedures/7"),
-                &h,
-                now,
-                || unreachable!(),
-            ) else {
-                unreachable!()
-            };
-            metered.on_response(&gate, 200, now)
+            worker.on_request_headers(1, black_box(&h), now, &mut host);
+            worker.on_response_headers(1, 200, now, &mut host);
+            worker.on_stream_end(1, now, &mut host);
+            if worker.queued_settlements() >= 64 {
+                worker.on_tick(now, &mut host);
+                let ones = vec![RedisReply::Int(1); worker.queued_settlements()];
+                worker.on_reply(host.last_token, Ok(RedisReply::Array(ones)), now, &mut host);
+            }
         })
     });
 
     c.bench_function("settlement batch of 64 (command + webdis body)", |b| {
-        let h = headers(user);
-        let items: Vec<_> = (0..64)
-            .map(|_| {
-                let Admission::Proceed(mut metered) =
-                    gate.admit("GET", "/api/procedures/7", &h, now, || unreachable!())
-                else {
-                    unreachable!()
-                };
-                metered.on_response(&gate, 200, now).unwrap()
-            })
-            .collect();
+        let h = head("GET", "/api/procedures/7", "free");
         b.iter(|| {
-            let mut queue = SettlementQueue::new(1000, 64);
-            for item in &items {
-                queue.push(item.clone());
+            for _ in 0..64 {
+                worker.on_request_headers(1, &h, now, &mut host);
+                worker.on_response_headers(1, 200, now, &mut host);
+                worker.on_stream_end(1, now, &mut host);
             }
-            let command = queue.next_batch(0, "plan-limits:events", None).unwrap();
-            black_box(webdis::request_body(&command))
+            worker.on_tick(now, &mut host);
+            let ones = vec![RedisReply::Int(1); 64];
+            worker.on_reply(host.last_token, Ok(RedisReply::Array(ones)), now, &mut host);
         })
     });
 }

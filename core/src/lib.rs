@@ -2,14 +2,29 @@
 //!
 //! Every decision of the filter lives here, in plain Rust with no host calls, unit-tested
 //! natively; the proxy-wasm shell (`plan-limits-filter`) only moves data between Envoy and
-//! this crate.
+//! `worker::Worker`, which owns a worker's requests and settlements:
+//!
+//! - `config`: plans.json as written (serde, errors name the JSON path);
+//! - `plans`: plans.json checked and compiled once (routes, actions, plans, terms);
+//! - `routes`, `period`, `keys`: matching, billing periods, Redis key names;
+//! - `admission`: a request's head read once (identity, plan, feature, size, kind);
+//! - `request`: a metered request's life (reservation, response, end);
+//! - `settlement`: commits, counts and releases, and the worker's queue of them;
+//! - `denials`: refusals remembered briefly per worker;
+//! - `worker`: the events in / actions out state machine the shell drives;
+//! - `responses`: every answer the filter gives itself; `metrics`: its counters;
+//! - `redis`: commands and replies as data, the Lua scripts, the webdis and RESP codecs.
 
+pub mod admission;
 pub mod config;
 pub mod denials;
 pub mod keys;
+pub mod metrics;
 pub mod period;
+pub mod plans;
 pub mod redis;
 pub mod request;
 pub mod responses;
 pub mod routes;
-pub mod settlements;
+pub mod settlement;
+pub mod worker;

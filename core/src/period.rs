@@ -3,7 +3,7 @@
 //! Today every period is the calendar month in UTC; the id (`2026-11`) is part of every
 //! counter key, so a new month starts from zero without any reset job.
 
-use chrono::{DateTime, Datelike, TimeZone, Timelike, Utc};
+use chrono::{DateTime, Datelike, Timelike, Utc};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BillingPeriod {
@@ -58,7 +58,8 @@ impl BillingPeriod {
             "November",
             "December",
         ];
-        format!("{} {}", MONTHS[self.end.month0() as usize], self.end.day())
+        let month = MONTHS.get(self.end.month0() as usize).unwrap_or(&"");
+        format!("{month} {}", self.end.day())
     }
 }
 
@@ -81,10 +82,13 @@ pub fn rfc3339(t: DateTime<Utc>, millis: bool) -> String {
     }
 }
 
+/// Midnight UTC of the first of the month (the end of time past chrono's last year, which no
+/// clock reaches).
 fn month_start(year: i32, month: u32) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(year, month, 1, 0, 0, 0)
-        .single()
-        .expect("the first of a month at midnight UTC always exists")
+    chrono::NaiveDate::from_ymd_opt(year, month, 1)
+        .and_then(|day| day.and_hms_opt(0, 0, 0))
+        .map(|midnight| midnight.and_utc())
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// Host clocks give nanoseconds since the epoch.

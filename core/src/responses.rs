@@ -3,8 +3,9 @@
 
 use serde_json::{json, Value};
 
-use crate::config::{ActionSettings, Config, Limit, Plan};
+use crate::config::Limit;
 use crate::period::BillingPeriod;
+use crate::plans::{Action, Plan, Terms, UpgradeStep};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalResponse {
@@ -44,12 +45,10 @@ pub struct Exhausted {
     pub retry_after_secs: u64,
 }
 
+/// 429: the month's allowance of `action` under `terms` is used up.
 pub fn limit_reached(
-    config: &Config,
-    plan_key: &str,
-    plan: &Plan,
-    action_key: &str,
-    action: &ActionSettings,
+    action: &Action,
+    terms: &Terms,
     period: &BillingPeriod,
     usage: Exhausted,
 ) -> LocalResponse {
@@ -58,12 +57,11 @@ pub fn limit_reached(
         limit,
         retry_after_secs,
     } = usage;
-    let upgrade = config.upgrade_path(plan).next();
-    let pitch = match upgrade {
-        Some((_, next)) => format!(
+    let pitch = match &terms.upgrade {
+        Some(upgrade) => format!(
             " Upgrade to {} for {}.",
-            next.name,
-            describe_allowance(next.limit(action_key), action)
+            upgrade.name,
+            describe_allowance(upgrade.limit, &action.unit)
         ),
         None => format!(" Your limit resets on {}.", period.resets_on()),
     };
@@ -79,31 +77,30 @@ pub fn limit_reached(
             "current": current,
             "limit": limit,
             "percentage": percentage(current, limit),
-            "action": action_key,
-            "plan": plan_key,
+            "action": action.key,
+            "plan": terms.plan.key,
             "resets_at": period.resets_at(),
-            "upgrade": upgrade.map(|(key, next)| json!({
-                "plan": key,
-                "name": next.name,
-                "limit": next.limit(action_key),
+            "upgrade": terms.upgrade.as_ref().map(|upgrade| json!({
+                "plan": upgrade.plan,
+                "name": upgrade.name,
+                "limit": upgrade.limit,
             })),
         }),
     )
     .with_header("retry-after", retry_after_secs.to_string())
 }
 
+/// 403: `plan` lacks `feature`, which the action labelled `label` needs; `offer` is the first
+/// plan up the upgrade path that has it. Built once per plan and action, when plans.json is
+/// compiled.
 pub fn feature_unavailable(
-    config: &Config,
-    plan_key: &str,
+    label: &str,
     plan: &Plan,
-    action: &ActionSettings,
     feature: &str,
+    offer: Option<&UpgradeStep>,
 ) -> LocalResponse {
-    let offer = config
-        .upgrade_path(plan)
-        .find(|(_, candidate)| candidate.has_feature(feature));
     let pitch = match offer {
-        Some((_, with_it)) => format!(" Upgrade to {} to use it.", with_it.name),
+        Some(with_it) => format!(" Upgrade to {} to use it.", with_it.name),
         None => String::new(),
     };
     LocalResponse::json(
@@ -112,29 +109,24 @@ pub fn feature_unavailable(
             "error": "Feature not available",
             "message": format!(
                 "{} is not included in the {} plan.{}",
-                capitalized(&action.label), plan.name, pitch
+                capitalized(label), plan.name, pitch
             ),
             "feature": feature,
-            "plan": plan_key,
-            "upgrade": offer.map(|(key, with_it)| json!({"plan": key, "name": with_it.name})),
+            "plan": plan.key,
+            "upgrade": offer.map(|with_it| json!({"plan": with_it.key, "name": with_it.name})),
         }),
     )
 }
 
-pub fn file_too_large(
-    config: &Config,
-    plan_key: &str,
-    plan: &Plan,
-    size_bytes: u64,
-    max_bytes: u64,
-) -> LocalResponse {
-    let offer = config.upgrade_path(plan).find(|(_, bigger)| {
+/// 413: a file of `size_bytes` is over `plan`'s `max_bytes`.
+pub fn file_too_large(plan: &Plan, size_bytes: u64, max_bytes: u64) -> LocalResponse {
+    let offer = plan.upgrade_path.iter().find(|bigger| {
         bigger
             .max_file_size_bytes
             .is_none_or(|max| max >= size_bytes)
     });
     let pitch = match offer {
-        Some((_, bigger)) => format!(
+        Some(bigger) => format!(
             " Upgrade to {} for files up to {}.",
             bigger.name,
             bigger
@@ -154,9 +146,9 @@ pub fn file_too_large(
             ),
             "size_bytes": size_bytes,
             "max_bytes": max_bytes,
-            "plan": plan_key,
-            "upgrade": offer.map(|(key, bigger)| json!({
-                "plan": key,
+            "plan": plan.key,
+            "upgrade": offer.map(|bigger| json!({
+                "plan": bigger.key,
                 "name": bigger.name,
                 "max_bytes": bigger.max_file_size_bytes,
             })),
@@ -207,10 +199,23 @@ pub fn usage_unavailable(action_key: &str) -> LocalResponse {
     .with_header("retry-after", "1".into())
 }
 
-fn describe_allowance(limit: Limit, action: &ActionSettings) -> String {
+/// 503 from a worker that has no plans yet (Envoy sends it no traffic; should any come, it is
+/// not let past a limit unchecked).
+pub fn not_configured() -> LocalResponse {
+    LocalResponse::json(
+        503,
+        json!({
+            "error": "Usage service unavailable",
+            "message": "Usage limits are not configured yet; please retry in a moment.",
+        }),
+    )
+    .with_header("retry-after", "1".into())
+}
+
+fn describe_allowance(limit: Limit, unit: &str) -> String {
     match limit {
-        None => format!("unlimited {}", action.unit),
-        Some(n) => format!("{n} {} a month", action.unit),
+        None => format!("unlimited {unit}"),
+        Some(n) => format!("{n} {unit} a month"),
     }
 }
 
@@ -248,10 +253,21 @@ fn capitalized(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plans::Plans;
     use chrono::{TimeZone, Utc};
+    use std::rc::Rc;
 
-    fn config() -> Config {
-        Config::from_json(include_bytes!("../../plans.json")).unwrap()
+    fn plans() -> Plans {
+        Plans::from_json(include_bytes!("../../plans.json")).unwrap()
+    }
+
+    fn action(plans: &Plans, key: &str) -> Rc<Action> {
+        plans
+            .actions()
+            .iter()
+            .find(|a| a.key == key)
+            .unwrap()
+            .clone()
     }
 
     fn body(response: &LocalResponse) -> Value {
@@ -260,7 +276,7 @@ mod tests {
 
     #[test]
     fn the_upload_429_matches_the_seed() {
-        let c = config();
+        let p = plans();
         let now = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
         let period = BillingPeriod::calendar_month(now);
         let usage = Exhausted {
@@ -268,15 +284,8 @@ mod tests {
             limit: 5,
             retry_after_secs: period.seconds_until_end(now),
         };
-        let r = limit_reached(
-            &c,
-            "free",
-            &c.plans["free"],
-            "upload",
-            &c.actions["upload"],
-            &period,
-            usage,
-        );
+        let upload = action(&p, "upload");
+        let r = limit_reached(&upload, upload.terms(Some("free")), &period, usage);
         assert_eq!(r.status, 429);
         assert!(r.headers.contains(&("retry-after".into(), "302400".into())));
         let b = body(&r);
@@ -299,7 +308,7 @@ mod tests {
 
     #[test]
     fn the_top_plan_is_told_when_it_resets() {
-        let c = config();
+        let p = plans();
         let now = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
         let period = BillingPeriod::calendar_month(now);
         let usage = Exhausted {
@@ -307,16 +316,13 @@ mod tests {
             limit: 10_000,
             retry_after_secs: 1,
         };
-        let r = limit_reached(
-            &c,
-            "enterprise",
-            &c.plans["enterprise"],
-            "api_call",
-            &c.actions["api_call"],
+        let api = action(&p, "api_call");
+        let b = body(&limit_reached(
+            &api,
+            api.terms(Some("enterprise")),
             &period,
             usage,
-        );
-        let b = body(&r);
+        ));
         assert_eq!(b["error"], "API call limit reached");
         assert!(b["message"]
             .as_str()
@@ -327,14 +333,12 @@ mod tests {
 
     #[test]
     fn a_missing_feature_names_the_plan_that_has_it() {
-        let c = config();
-        let r = feature_unavailable(
-            &c,
-            "free",
-            &c.plans["free"],
-            &c.actions["api_call"],
-            "api_access",
-        );
+        let p = plans();
+        let r = action(&p, "api_call")
+            .terms(Some("free"))
+            .forbidden
+            .clone()
+            .unwrap();
         assert_eq!(r.status, 403);
         let b = body(&r);
         assert_eq!(b["feature"], "api_access");
@@ -347,27 +351,16 @@ mod tests {
 
     #[test]
     fn a_large_file_is_offered_a_plan_that_takes_it() {
-        let c = config();
-        let r = file_too_large(
-            &c,
-            "free",
-            &c.plans["free"],
-            11 * 1024 * 1024,
-            10 * 1024 * 1024,
-        );
+        let p = plans();
+        let free = p.plan("free").unwrap();
+        let r = file_too_large(free, 11 * 1024 * 1024, 10 * 1024 * 1024);
         assert_eq!(r.status, 413);
         let b = body(&r);
         assert_eq!(
             b["message"],
             "This file is 11 MB; the Free plan allows files up to 10 MB. Upgrade to Professional for files up to 100 MB."
         );
-        let r = file_too_large(
-            &c,
-            "free",
-            &c.plans["free"],
-            200 * 1024 * 1024,
-            10 * 1024 * 1024,
-        );
+        let r = file_too_large(free, 200 * 1024 * 1024, 10 * 1024 * 1024);
         assert_eq!(body(&r)["upgrade"]["plan"], "enterprise");
     }
 

@@ -1,12 +1,15 @@
 #![cfg(target_arch = "wasm32")]
 //! The proxy-wasm shell of plan-limits: contexts that move data between the host (Envoy, or
-//! Higress) and `plan-limits-core`. It exists only in the wasm32 build.
+//! Higress) and `plan_limits_core::worker::Worker`, where every decision is made. It exists
+//! only in the wasm32 build.
 //!
-//! - `root`: parses plans.json in `on_configure`, sends settlement batches on each tick;
-//! - `http`: one per request, runs the core's request pipeline;
-//! - `transport`: how a Redis command travels (webdis, or the Redis host calls);
-//! - `metrics`: the counters Envoy exposes on its admin `/stats`.
+//! - `root`: one per worker thread: owns the worker, applies plans.json, ticks, stops;
+//! - `http`: one per request: hands the worker its headers, status and end;
+//! - `host`: what the worker asks of the host (`Io`), carried out with host calls;
+//! - `transport`: how a Redis command travels (webdis, or Higress's Redis host calls);
+//! - `metrics`: the worker's counters, defined with the host.
 
+mod host;
 mod http;
 mod metrics;
 mod root;
@@ -17,15 +20,5 @@ use proxy_wasm::types::LogLevel;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(root::PlanLimitsRoot::new()) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(root::PlanLimitsRoot::new(id)) });
 }}
-
-/// The host's clock, as the core wants it.
-fn now() -> chrono::DateTime<chrono::Utc> {
-    let nanos = proxy_wasm::hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    plan_limits_core::period::from_unix_nanos(nanos)
-}

@@ -1,42 +1,40 @@
-//! Counters exposed by Envoy as `wasmcustom.plan_limits.*` on the admin `/stats` endpoint.
+//! The worker's counters, defined with the host once per root context (Envoy shares them by
+//! name across workers and shows them as `wasmcustom.plan_limits.*`).
 
+use plan_limits_core::metrics::Metric;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
-macro_rules! counters {
-    ($($field:ident),* $(,)?) => {
-        /// Metric ids, defined once per VM (Envoy shares them by name across workers).
-        #[derive(Debug, Clone, Copy)]
-        pub struct Metrics { $(pub $field: u32,)* }
+pub struct MetricIds {
+    /// The host's id of each of `Metric::ALL`, in order; `None` if the host refused it.
+    ids: Vec<(Metric, Option<u32>)>,
+}
 
-        impl Metrics {
-            pub fn define() -> Self {
-                Self { $($field: define(concat!("plan_limits.", stringify!($field))),)* }
-            }
+impl MetricIds {
+    pub fn define() -> Self {
+        let ids = Metric::ALL
+            .iter()
+            .map(|&m| {
+                (
+                    m,
+                    hostcalls::define_metric(MetricType::Counter, m.name()).ok(),
+                )
+            })
+            .collect();
+        Self { ids }
+    }
+
+    pub fn increment(&self, metric: Metric, by: u64) {
+        if by == 0 {
+            return;
         }
-    };
-}
-
-counters!(
-    allowed,
-    denied,
-    rejected,
-    fail_open,
-    fail_closed,
-    redis_errors,
-    counted,
-    released,
-    commits_unmatched,
-    settle_errors,
-    settlements_dropped,
-);
-
-fn define(name: &str) -> u32 {
-    hostcalls::define_metric(MetricType::Counter, name).unwrap_or(u32::MAX)
-}
-
-pub fn bump(metric: u32, by: u64) {
-    if metric != u32::MAX && by > 0 {
-        let _ = hostcalls::increment_metric(metric, by as i64);
+        let id = self
+            .ids
+            .iter()
+            .find(|(m, _)| *m == metric)
+            .and_then(|(_, id)| *id);
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+        }
     }
 }

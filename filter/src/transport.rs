@@ -1,78 +1,42 @@
-//! How a Redis command travels, and how its answer finds the code waiting for it.
+//! How a Redis command travels, as bytes in and out: the worker decides what to send and
+//! what an answer means.
 //!
 //! - default build: stock Envoy has no Redis host calls, so commands go to webdis (an HTTP
 //!   front of Redis) with `dispatch_http_call`; the answer arrives as an HTTP call response
 //!   on the context that sent it.
 //! - `redis-hostcalls` build: the Higress gateway's `proxy_redis_call`, answered through
-//!   `proxy_on_redis_call_response` on the root context, the RESP reply in buffer 9.
-//!
-//! Either way the waiting code registered a handler under the call's token.
-
-use std::cell::RefCell;
-use std::collections::HashMap;
+//!   `proxy_on_redis_call_response` on the root context (see `root.rs`), the RESP reply in
+//!   buffer 9.
 
 use plan_limits_core::config::RedisSettings;
-use plan_limits_core::redis::{scripts, RedisCommand, RedisReply, TransportError};
+use plan_limits_core::redis::{RedisCommand, RedisReply, TransportError};
 
 pub type Reply = Result<RedisReply, TransportError>;
-type Handler = Box<dyn FnOnce(Reply)>;
 
-thread_local! {
-    static WAITING: RefCell<HashMap<u32, Handler>> = RefCell::new(HashMap::new());
-}
-
-/// Sends `command`; `on_reply` runs with its answer. Returns the call's token.
-/// A script Redis does not know yet (`NOSCRIPT`) is sent once more with its source.
-pub fn call(
-    settings: &RedisSettings,
-    command: &RedisCommand,
-    on_reply: impl FnOnce(Reply) + 'static,
-) -> Result<u32, TransportError> {
-    let token = imp::send(settings, command)?;
-    let handler: Handler = match scripts::with_source(command) {
-        None => Box::new(on_reply),
-        Some(eval) => {
-            let settings = settings.clone();
-            Box::new(move |reply: Reply| match reply {
-                Ok(ref r) if scripts::is_noscript(r) => {
-                    // The retry's answer goes to the same handler, under the new token.
-                    if let Err(e) = call(&settings, &eval, on_reply) {
-                        log::warn!("plan-limits: resending a script with its source failed: {e}");
-                    }
-                }
-                reply => on_reply(reply),
-            })
-        }
-    };
-    WAITING.with(|w| w.borrow_mut().insert(token, handler));
-    Ok(token)
-}
-
-/// The waiting code is gone (its stream ended): drop its handler.
-pub fn forget(token: u32) {
-    WAITING.with(|w| w.borrow_mut().remove(&token));
-}
-
-fn answer(token: u32, reply: Reply) {
-    // Taken out first: the handler may send another call.
-    let handler = WAITING.with(|w| w.borrow_mut().remove(&token));
-    if let Some(handler) = handler {
-        handler(reply);
-    }
-}
-
-/// Called from every context's `on_http_call_response`.
-pub fn on_http_call_response(token: u32, num_headers: usize, body_size: usize) {
-    #[cfg(not(feature = "redis-hostcalls"))]
-    answer(token, imp::receive(num_headers, body_size));
-    #[cfg(feature = "redis-hostcalls")]
-    let _ = (token, num_headers, body_size);
+/// Sends `command`; returns the call's token.
+pub fn send(settings: &RedisSettings, command: &RedisCommand) -> Result<u32, TransportError> {
+    imp::send(settings, command)
 }
 
 /// Prepares the transport when a configuration is applied.
 pub fn init(settings: &RedisSettings) -> Result<(), TransportError> {
     imp::init(settings)
 }
+
+/// The Redis answer an HTTP call response carries (webdis build); `None` when HTTP calls are
+/// not how Redis is reached.
+pub fn http_call_reply(num_headers: usize, body_size: usize) -> Option<Reply> {
+    #[cfg(not(feature = "redis-hostcalls"))]
+    return Some(imp::receive(num_headers, body_size));
+    #[cfg(feature = "redis-hostcalls")]
+    {
+        let _ = (num_headers, body_size);
+        None
+    }
+}
+
+#[cfg(feature = "redis-hostcalls")]
+pub use imp::redis_call_reply;
 
 #[cfg(not(feature = "redis-hostcalls"))]
 mod imp {
@@ -221,21 +185,13 @@ mod imp {
         }
     }
 
-    /// Higress calls this on the root context; the token tells whose call it was.
-    #[no_mangle]
-    pub extern "C" fn proxy_on_redis_call_response(
-        _root_context_id: u32,
-        token: u32,
-        status: u32,
-        size: usize,
-    ) {
-        let reply: Reply = if status != STATUS_OK {
-            Err(TransportError::Unknown(format!(
+    /// The answer to a Redis host call: `status` non-zero when Higress could not run it.
+    pub fn redis_call_reply(status: u32, size: usize) -> Reply {
+        if status != STATUS_OK {
+            return Err(TransportError::Unknown(format!(
                 "redis call failed (status {status})"
-            )))
-        } else {
-            resp::parse_reply(&reply_bytes(size))
-        };
-        super::answer(token, reply);
+            )));
+        }
+        resp::parse_reply(&reply_bytes(size))
     }
 }

@@ -1,5 +1,6 @@
-//! A small HTTP/1.1 client over a raw socket, so tests can send exactly the bytes they mean
-//! (duplicate headers, non-UTF-8 values, bodies the gateway refuses before reading them).
+//! Requests and responses, the one vocabulary of every runner (the harness and real Envoy),
+//! and a small HTTP/1.1 client over a raw socket, so tests can send exactly the bytes they
+//! mean (duplicate headers, non-UTF-8 values, bodies the gateway refuses before reading them).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -28,7 +29,19 @@ impl Response {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body_text()))
     }
+
+    /// The answer came from the upstream (the demo upstream marks its answers), not from the
+    /// filter or Envoy.
+    pub fn from_upstream(&self) -> bool {
+        self.header(UPSTREAM_MARK) == Some("demo")
+    }
 }
+
+/// The response header the demo upstream (and the harness's stand-in for it) marks its
+/// answers with.
+pub const UPSTREAM_MARK: &str = "x-upstream";
+/// The request header that makes the demo upstream answer with another status.
+pub const DEMO_STATUS: &str = "x-demo-status";
 
 #[derive(Debug, Clone, Default)]
 pub struct Request {
@@ -47,6 +60,16 @@ pub enum Body {
     Zeros(u64),
     /// A Content-Length header but no body sent: for requests the gateway answers first.
     DeclaredOnly(u64),
+}
+
+impl Body {
+    fn length(&self) -> Option<u64> {
+        match self {
+            Body::Empty => None,
+            Body::Bytes(b) => Some(b.len() as u64),
+            Body::Zeros(n) | Body::DeclaredOnly(n) => Some(*n),
+        }
+    }
 }
 
 impl Request {
@@ -72,6 +95,21 @@ impl Request {
         self
     }
 
+    /// The upstream answers `status` (the demo upstream, and the harness's stand-in for it).
+    pub fn upstream_status(self, status: u16) -> Self {
+        self.header(DEMO_STATUS, status.to_string())
+    }
+
+    /// The Content-Length the request is sent with, if any.
+    pub fn content_length(&self) -> Option<u64> {
+        let explicit = self
+            .headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok());
+        explicit.or(self.body.length())
+    }
+
     pub fn send(&self, port: u16) -> Response {
         self.try_send(port)
             .unwrap_or_else(|e| panic!("{} {}: {e}", self.method, self.path))
@@ -92,16 +130,11 @@ impl Request {
             head.extend_from_slice(value);
             head.extend_from_slice(b"\r\n");
         }
-        let length = match &self.body {
-            Body::Empty => None,
-            Body::Bytes(b) => Some(b.len() as u64),
-            Body::Zeros(n) | Body::DeclaredOnly(n) => Some(*n),
-        };
         let explicit_length = self
             .headers
             .iter()
             .any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
-        if let (Some(n), false) = (length, explicit_length) {
+        if let (Some(n), false) = (self.body.length(), explicit_length) {
             head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
         }
         head.extend_from_slice(b"\r\n");

@@ -3,12 +3,15 @@
 //! stopped (with all its children) when dropped. The launcher of `make run`, the tests and
 //! the bench all start them through here.
 
+pub mod envoy;
 pub mod gateway;
 pub mod http;
 pub mod process;
 pub mod redis_exec;
 pub mod redis_server;
+pub mod upstream;
 pub mod usage;
+pub mod webdis;
 
 use std::path::PathBuf;
 

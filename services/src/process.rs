@@ -1,4 +1,5 @@
-//! Child processes that stop when dropped, and free loopback ports.
+//! Child processes that stop, with every process they started, when dropped; free loopback
+//! ports; scratch directories.
 
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -6,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A service running as a child process, in a process group of its own.
 pub struct Service {
     pub name: String,
     child: Child,
@@ -15,8 +17,11 @@ pub struct Service {
 impl Service {
     /// Starts `command` with stdout and stderr going to `log`.
     pub fn spawn(name: &str, mut command: Command, log: &Path) -> Self {
-        let out = std::fs::File::create(log).expect("log file");
-        // If the test process dies without dropping us, the child goes too.
+        let out = std::fs::File::create(log)
+            .unwrap_or_else(|e| panic!("{name}: log file {}: {e}", log.display()));
+        // Its own process group, so stopping it stops what it forked too (nginx's workers).
+        command.process_group(0);
+        // If this process dies without dropping us, the child goes too.
         // SAFETY: prctl is async-signal-safe and touches no memory of ours.
         unsafe {
             command.pre_exec(|| {
@@ -24,10 +29,13 @@ impl Service {
                 Ok(())
             });
         }
+        let err = out
+            .try_clone()
+            .unwrap_or_else(|e| panic!("{name}: log file: {e}"));
         let child = command
             .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log file"))
-            .stderr(out)
+            .stdout(out)
+            .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({command:?}): {e}"));
         Self {
@@ -76,7 +84,17 @@ impl Service {
         self.child.id()
     }
 
+    /// Every live process of its group (itself and what it forked).
+    pub fn processes(&self) -> Vec<u32> {
+        processes_in_group(self.pid())
+    }
+
+    /// Stops it and everything in its process group.
     pub fn stop(&mut self) {
+        if let Ok(pgid) = i32::try_from(self.child.id()) {
+            // SAFETY: a signal to our own child's process group.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -86,6 +104,25 @@ impl Drop for Service {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Live processes whose process group is `pgid` (read from /proc).
+pub fn processes_in_group(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after the command name (which may hold spaces): state, ppid, pgrp, ...
+            let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+            let mut fields = after.split_whitespace();
+            let state = fields.next();
+            let pgrp = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
+            pgrp == Some(pgid) && state != Some("Z")
+        })
+        .collect()
 }
 
 /// A loopback port nobody listens on right now.
@@ -108,13 +145,13 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT)
 }
 
-/// A fresh directory for one test's configs and logs.
+/// A fresh directory for one run's configs and logs.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "plan-limits-{name}-{}-{}",
         std::process::id(),
         free_port()
     ));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("scratch dir {}: {e}", dir.display()));
     dir
 }

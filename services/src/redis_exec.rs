@@ -1,23 +1,28 @@
 //! Runs the filter's Redis commands on a real Redis with the `redis` crate, and turns its
 //! replies into the filter's `RedisReply`: what a Redis transport on the host side does.
 
+use plan_limits_core::redis::scripts::{self, Form};
 use plan_limits_core::redis::{RedisCommand, RedisReply};
 
-/// Runs `command`; a script Redis does not know yet is sent again with its source, as the
-/// filter's transports do.
-pub fn run(conn: &mut redis::Connection, command: &RedisCommand) -> RedisReply {
-    let reply = run_once(conn, command);
-    match plan_limits_core::redis::scripts::with_source(command) {
-        Some(eval) if plan_limits_core::redis::scripts::is_noscript(&reply) => {
-            run_once(conn, &eval)
-        }
-        _ => reply,
+/// Runs a script command built by `command`; a script Redis does not know yet is sent again
+/// with its source, as the filter does.
+pub fn run_script(
+    conn: &mut redis::Connection,
+    command: impl Fn(Form) -> RedisCommand,
+) -> RedisReply {
+    match run(conn, &command(Form::BySha)) {
+        reply if scripts::is_noscript(&reply) => run(conn, &command(Form::WithSource)),
+        reply => reply,
     }
 }
 
-fn run_once(conn: &mut redis::Connection, command: &RedisCommand) -> RedisReply {
-    let mut cmd = redis::cmd(std::str::from_utf8(&command.args[0]).expect("command name"));
-    for arg in &command.args[1..] {
+/// Runs one command as it is.
+pub fn run(conn: &mut redis::Connection, command: &RedisCommand) -> RedisReply {
+    let Some((name, args)) = command.args.split_first() else {
+        return RedisReply::Error("ERR empty command".into());
+    };
+    let mut cmd = redis::cmd(&String::from_utf8_lossy(name));
+    for arg in args {
         cmd.arg(&arg[..]);
     }
     match cmd.query::<redis::Value>(conn) {

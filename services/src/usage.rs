@@ -1,20 +1,28 @@
-//! Reads what the filter wrote to Redis: counters and summaries (hashes) and usage events.
+//! Reads what the filter wrote to Redis: monthly summaries (hashes), reservations in flight
+//! and usage events.
 
 use std::collections::BTreeMap;
 
+use plan_limits_core::config::RedisSettings;
 use plan_limits_core::keys::UsageKeys;
 
-pub const PREFIX: &str = "plan-limits";
-pub const EVENTS: &str = "plan-limits:events";
+/// The key prefix and event stream of the repository's plans.json.
+pub fn prefix() -> String {
+    RedisSettings::default().key_prefix
+}
 
-/// The current UTC month's id (`2026-11`).
+pub fn events_stream() -> String {
+    RedisSettings::default().events_stream
+}
+
+/// The current UTC month's id (`2026-11`), as the filter names it.
 pub fn this_period() -> String {
-    chrono::Utc::now().format("%Y-%m").to_string()
+    plan_limits_core::period::BillingPeriod::calendar_month(chrono::Utc::now()).id
 }
 
 /// The monthly summary of `user`: counters per action plus `plan`, `limits`, `updated_at`.
 pub fn summary(conn: &mut redis::Connection, user: &str, period: &str) -> BTreeMap<String, String> {
-    summary_with_prefix(conn, PREFIX, user, period)
+    summary_with_prefix(conn, &prefix(), user, period)
 }
 
 pub fn summary_with_prefix(
@@ -27,39 +35,42 @@ pub fn summary_with_prefix(
     redis::cmd("HGETALL")
         .arg(&keys.summary)
         .query(conn)
-        .expect("HGETALL summary")
+        .unwrap_or_else(|e| panic!("HGETALL {}: {e}", keys.summary))
 }
 
-/// The counter of `action` for `user` this period (0 when nothing was counted).
-pub fn counter(conn: &mut redis::Connection, user: &str, action: &str) -> u64 {
-    summary(conn, user, &this_period())
+/// The counter of `action` for `user` in `period` (0 when nothing was counted).
+pub fn counter(conn: &mut redis::Connection, user: &str, action: &str, period: &str) -> u64 {
+    summary(conn, user, period)
         .get(action)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
 
-/// Reservations still held for `user`'s `action` this period.
-pub fn pending(conn: &mut redis::Connection, user: &str, action: &str) -> u64 {
-    let keys = UsageKeys::new(PREFIX, user, &this_period(), action);
+/// Reservations still held for `user`'s `action` in `period`.
+pub fn pending(conn: &mut redis::Connection, user: &str, action: &str, period: &str) -> u64 {
+    let keys = UsageKeys::new(&prefix(), user, period, action);
     redis::cmd("ZCARD")
         .arg(&keys.pending)
         .query(conn)
-        .expect("ZCARD pending")
+        .unwrap_or_else(|e| panic!("ZCARD {}: {e}", keys.pending))
 }
 
 /// Every usage event, oldest first, as field maps.
 pub fn events(conn: &mut redis::Connection) -> Vec<BTreeMap<String, String>> {
     let raw: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-        .arg(EVENTS)
+        .arg(events_stream())
         .arg("-")
         .arg("+")
         .query(conn)
-        .expect("XRANGE events");
+        .unwrap_or_else(|e| panic!("XRANGE events: {e}"));
     raw.into_iter()
         .map(|(_, fields)| {
             fields
                 .chunks(2)
-                .map(|kv| (kv[0].clone(), kv.get(1).cloned().unwrap_or_default()))
+                .map(|kv| {
+                    let value = kv.get(1).cloned().unwrap_or_default();
+                    (kv.first().cloned().unwrap_or_default(), value)
+                })
                 .collect()
         })
         .collect()
@@ -73,8 +84,18 @@ pub fn events_of(conn: &mut redis::Connection, user: &str) -> Vec<BTreeMap<Strin
         .collect()
 }
 
-/// Waits (briefly) until `f` holds: settlements reach Redis a few milliseconds after the
-/// response, from the worker's batch.
+/// Every key in Redis, sorted.
+pub fn keys(conn: &mut redis::Connection) -> Vec<String> {
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query(conn)
+        .unwrap_or_else(|e| panic!("KEYS: {e}"));
+    keys.sort();
+    keys
+}
+
+/// Waits (up to 5 s) until `f` holds: settlements reach Redis a few milliseconds after the
+/// response, from the worker's batch (at once in the harness).
 pub fn eventually(mut f: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while std::time::Instant::now() < deadline {

@@ -5,29 +5,17 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use plan_limits_services::gateway::{metric_at, Gateway, GatewayOptions};
-use plan_limits_services::http::{Body, Request};
+use plan_limits_services::envoy::metric_at;
 use plan_limits_services::process::free_port;
-use plan_limits_services::usage::{self, eventually};
+use plan_limits_tests::*;
 
-fn gateway_with(edit: impl FnOnce(&mut serde_json::Value)) -> Gateway {
-    let mut plans: serde_json::Value = serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
-    edit(&mut plans);
-    Gateway::start(GatewayOptions {
-        plans_json: plans.to_string(),
-        upstream_timeout: "2s".into(),
-        ..GatewayOptions::default()
-    })
+/// Envoy with a 2 s route timeout.
+fn gateway() -> EnvoyGateway {
+    envoy_with(|_| {})
 }
 
-fn gateway() -> Gateway {
-    gateway_with(|_| {})
-}
-
-fn upload(user: &str) -> Request {
-    Request::new("POST", "/api/upload")
-        .user(user, "free")
-        .body(Body::Bytes(b"<diagram/>".to_vec()))
+fn free_upload(user: &str) -> Request {
+    upload(user, "free")
 }
 
 /// Sends `n` uploads for `user` at once, spread over `ports`; returns the statuses.
@@ -36,7 +24,7 @@ fn concurrent_uploads(ports: &[u16], user: &str, n: usize) -> Vec<u16> {
         let handles: Vec<_> = (0..n)
             .map(|i| {
                 let port = ports[i % ports.len()];
-                s.spawn(move || upload(user).send(port).status)
+                s.spawn(move || free_upload(user).send(port).status)
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -54,17 +42,15 @@ fn stall_redis(port: u16, seconds: &'static str) -> std::thread::JoinHandle<()> 
     })
 }
 
-fn assert_exactly_five_counted(gw: &Gateway, user: &str, statuses: &[u16]) {
+fn assert_exactly_five_counted(gw: &EnvoyGateway, user: &str, statuses: &[u16]) {
     let ok = statuses.iter().filter(|&&s| s == 200).count();
     let limited = statuses.iter().filter(|&&s| s == 429).count();
     assert_eq!((ok, limited), (5, statuses.len() - 5), "{statuses:?}");
     let mut redis = gw.redis.connection();
-    assert!(eventually(
-        || usage::counter(&mut redis, user, "upload") == 5
-    ));
-    assert_eq!(usage::pending(&mut redis, user, "upload"), 0);
+    assert!(eventually(|| counter(gw, user, "upload") == 5));
+    assert_eq!(pending(gw, user, "upload"), 0);
     assert_eq!(usage::events_of(&mut redis, user).len(), 5);
-    assert_eq!(gw.upstream_successes("/api/upload"), 5);
+    assert_eq!(gw.upstream.successes("/api/upload"), 5);
     println!(
         "{user}: {} requests, {ok} 2xx, {limited} 429, counter 5, events 5",
         statuses.len()
@@ -94,14 +80,13 @@ fn two_hundred_concurrent_uploads_through_two_envoys_count_exactly_five() {
 #[test]
 fn an_upstream_timeout_is_not_counted() {
     let gw = gateway();
-    let r = upload("cat")
+    let r = free_upload("cat")
         .header("x-demo-delay-ms", "3000")
         .send(gw.gateway_port);
     assert_eq!(r.status, 504, "Envoy's route timeout (2s)");
-    let mut redis = gw.redis.connection();
     assert!(eventually(|| gw.metric("released") == 1));
-    assert_eq!(usage::counter(&mut redis, "cat", "upload"), 0);
-    assert_eq!(usage::pending(&mut redis, "cat", "upload"), 0);
+    assert_eq!(counter(&gw, "cat", "upload"), 0);
+    assert_eq!(pending(&gw, "cat", "upload"), 0);
 }
 
 #[test]
@@ -111,18 +96,17 @@ fn a_client_that_disconnects_mid_request_is_not_counted() {
     stream
         .write_all(b"POST /api/upload HTTP/1.1\r\nhost: g\r\nx-user-id: dan\r\ncontent-length: 100000\r\n\r\npartial")
         .unwrap();
-    let mut redis = gw.redis.connection();
     assert!(
-        eventually(|| usage::pending(&mut redis, "dan", "upload") == 1),
+        eventually(|| pending(&gw, "dan", "upload") == 1),
         "reserved"
     );
     drop(stream);
     assert!(
-        eventually(|| usage::pending(&mut redis, "dan", "upload") == 0),
+        eventually(|| pending(&gw, "dan", "upload") == 0),
         "released"
     );
-    assert_eq!(usage::counter(&mut redis, "dan", "upload"), 0);
-    assert_eq!(gw.upstream_successes("/api/upload"), 0);
+    assert_eq!(counter(&gw, "dan", "upload"), 0);
+    assert_eq!(gw.upstream.successes("/api/upload"), 0);
 }
 
 #[test]
@@ -137,34 +121,27 @@ fn a_client_that_disconnects_right_after_the_response_is_counted_once() {
     assert_eq!(&first, b"HTTP/1.1 200");
     drop(stream);
     let mut redis = gw.redis.connection();
-    assert!(eventually(
-        || usage::counter(&mut redis, "eve", "upload") == 1
-    ));
+    assert!(eventually(|| counter(&gw, "eve", "upload") == 1));
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(usage::counter(&mut redis, "eve", "upload"), 1);
+    assert_eq!(counter(&gw, "eve", "upload"), 1);
     assert_eq!(usage::events_of(&mut redis, "eve").len(), 1);
 }
 
 #[test]
 fn a_reservation_of_a_killed_envoy_expires_and_is_never_counted() {
-    let mut gw = gateway_with(|p| p["redis"]["reservation_ttl_ms"] = 4000.into());
+    let mut gw = envoy_with(|p| p["redis"]["reservation_ttl_ms"] = 4000.into());
     for _ in 0..4 {
-        assert_eq!(upload("fay").send(gw.gateway_port).status, 200);
+        assert_eq!(free_upload("fay").send(gw.gateway_port).status, 200);
     }
-    let mut redis = gw.redis.connection();
-    assert!(eventually(
-        || usage::counter(&mut redis, "fay", "upload") == 4
-    ));
+    assert!(eventually(|| counter(&gw, "fay", "upload") == 4));
     let port = gw.gateway_port;
     // The fifth upload is in flight (slow upstream) when Envoy dies.
     let stuck = std::thread::spawn(move || {
-        upload("fay")
+        free_upload("fay")
             .header("x-demo-delay-ms", "10000")
             .try_send(port)
     });
-    assert!(eventually(
-        || usage::pending(&mut redis, "fay", "upload") == 1
-    ));
+    assert!(eventually(|| pending(&gw, "fay", "upload") == 1));
     // The reservation was made at most this long ago; it expires 4 s after it was made.
     let reserved_at = Instant::now();
     let pid = gw.envoy().pid();
@@ -174,23 +151,21 @@ fn a_reservation_of_a_killed_envoy_expires_and_is_never_counted() {
     let _replacement = gw.spawn_envoy("envoy-2", port, admin, None).unwrap();
     if reserved_at.elapsed() < Duration::from_millis(3000) {
         assert_eq!(
-            upload("fay").send(port).status,
+            free_upload("fay").send(port).status,
             429,
             "the dead request still holds its unit"
         );
     }
     std::thread::sleep(Duration::from_millis(4500).saturating_sub(reserved_at.elapsed()));
     assert_eq!(
-        upload("fay").send(port).status,
+        free_upload("fay").send(port).status,
         200,
         "the unit is free after the expiry"
     );
-    assert!(eventually(
-        || usage::counter(&mut redis, "fay", "upload") == 5
-    ));
+    assert!(eventually(|| counter(&gw, "fay", "upload") == 5));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
-        usage::counter(&mut redis, "fay", "upload"),
+        counter(&gw, "fay", "upload"),
         5,
         "the dead request is never counted"
     );
@@ -198,9 +173,11 @@ fn a_reservation_of_a_killed_envoy_expires_and_is_never_counted() {
 
 #[test]
 fn the_default_reservation_expiry_outlives_the_route_timeout() {
-    let plans: serde_json::Value = serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
+    let plans: serde_json::Value =
+        serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
     let ttl_ms = plans["redis"]["reservation_ttl_ms"].as_u64().unwrap();
-    let template = std::fs::read_to_string(plan_limits_services::repo_root().join("envoy.yaml")).unwrap();
+    let template =
+        std::fs::read_to_string(plan_limits_services::repo_root().join("envoy.yaml")).unwrap();
     assert!(template.contains("timeout: @UPSTREAM_TIMEOUT@"));
     let run_timeout = GatewayOptions::default().upstream_timeout;
     let route_ms = run_timeout.trim_end_matches('s').parse::<u64>().unwrap() * 1000;
@@ -214,16 +191,15 @@ fn the_default_reservation_expiry_outlives_the_route_timeout() {
 fn a_late_redis_reply_never_counts_twice() {
     let gw = gateway();
     // A Redis that has served before (it knows the scripts) ...
-    assert_eq!(upload("warm").send(gw.gateway_port).status, 200);
+    assert_eq!(free_upload("warm").send(gw.gateway_port).status, 200);
     // ... stalls past the filter's 250 ms timeout: the reservation and the settlement answer
     // late, after the filter gave up and let the upload through (fail_open).
     let stall = stall_redis(gw.redis.port, "0.8");
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(upload("gus").send(gw.gateway_port).status, 200);
+    assert_eq!(free_upload("gus").send(gw.gateway_port).status, 200);
     stall.join().unwrap();
     std::thread::sleep(Duration::from_millis(1500)); // every retry and late reply is in
-    let mut redis = gw.redis.connection();
-    let counted = usage::counter(&mut redis, "gus", "upload");
+    let counted = counter(&gw, "gus", "upload");
     let dropped = gw.metric("settlements_dropped");
     // Counted once, or not at all and then reported: a count whose outcome is unknown is
     // never sent twice (it may still land late).
@@ -233,7 +209,7 @@ fn a_late_redis_reply_never_counts_twice() {
         "an uncounted success must be reported (settlements_dropped)"
     );
     assert_eq!(
-        usage::counter(&mut redis, "warm", "upload"),
+        counter(&gw, "warm", "upload"),
         1,
         "the commit was resent, once"
     );
@@ -243,27 +219,24 @@ fn a_late_redis_reply_never_counts_twice() {
 #[test]
 fn an_upload_retried_by_envoy_is_counted_once() {
     let gw = gateway();
-    let r = upload("hal")
+    let r = free_upload("hal")
         .header("x-envoy-retry-on", "5xx")
         .header("x-envoy-max-retries", "2")
         .header("x-demo-fail-times", "1")
         .send(gw.gateway_port);
     assert_eq!(r.status, 200);
     assert_eq!(
-        gw.upstream_attempts(),
+        gw.upstream.attempts(),
         2,
         "the first attempt failed and was retried"
     );
-    let mut redis = gw.redis.connection();
-    assert!(eventually(
-        || usage::counter(&mut redis, "hal", "upload") == 1
-    ));
+    assert!(eventually(|| counter(&gw, "hal", "upload") == 1));
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(usage::counter(&mut redis, "hal", "upload"), 1);
+    assert_eq!(counter(&gw, "hal", "upload"), 1);
 }
 
 /// What each route answers while Redis is unreachable: fail-open routes pass, fail-closed 503.
-fn assert_failure_modes(gw: &Gateway, user: &str) {
+fn assert_failure_modes(gw: &EnvoyGateway, user: &str) {
     for (method, path) in [
         ("POST", "/api/upload"),
         ("POST", "/api/teammate"),
@@ -288,7 +261,7 @@ fn assert_failure_modes(gw: &Gateway, user: &str) {
     assert_eq!(r.json()["error"], "Usage service unavailable");
 }
 
-fn assert_no_trap(gw: &mut Gateway) {
+fn assert_no_trap(gw: &mut EnvoyGateway) {
     let log = gw.envoy().log_text();
     for sign in [
         "RuntimeError",
@@ -362,7 +335,7 @@ fn enforcement_resumes_within_a_second_of_redis_coming_back() {
         .exec(&mut redis)
         .unwrap();
     loop {
-        let r = upload("lou").send(gw.gateway_port);
+        let r = free_upload("lou").send(gw.gateway_port);
         if r.status == 429 {
             break;
         }
@@ -381,7 +354,8 @@ fn enforcement_resumes_within_a_second_of_redis_coming_back() {
 }
 
 fn bad_plans() -> String {
-    let mut plans: serde_json::Value = serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
+    let mut plans: serde_json::Value =
+        serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
     plans["plans"]["free"]["limits"]["upload"] = (-1).into();
     plans.to_string()
 }
@@ -396,7 +370,7 @@ fn envoy_validate_refuses_a_bad_plans_json() {
             gw.envoy_config(free_port(), free_port(), plans).unwrap(),
         )
         .unwrap();
-        std::process::Command::new(plan_limits_services::gateway::envoy_bin())
+        std::process::Command::new(plan_limits_services::envoy::envoy_bin())
             .args(["--mode", "validate", "--use-dynamic-base-id", "-c"])
             .arg(&path)
             .output()
@@ -421,11 +395,11 @@ fn envoy_validate_refuses_a_bad_plans_json() {
 #[test]
 fn a_running_envoy_given_a_bad_config_keeps_serving_with_the_last_good_one() {
     let base_id = 40_000 + (std::process::id() % 20_000);
-    let mut gw = Gateway::start(GatewayOptions {
+    let mut gw = EnvoyGateway::start(GatewayOptions {
         base_id: Some(base_id),
         ..GatewayOptions::default()
     });
-    assert_eq!(upload("max").send(gw.gateway_port).status, 200);
+    assert_eq!(free_upload("max").send(gw.gateway_port).status, 200);
     // A hot restart with a broken plans.json: the new Envoy refuses it and exits ...
     let (port, admin) = (gw.gateway_port, gw.admin_port);
     let mut next = gw
@@ -442,9 +416,9 @@ fn a_running_envoy_given_a_bad_config_keeps_serving_with_the_last_good_one() {
     );
     // ... and the running one goes on with the last good plans.
     for _ in 0..4 {
-        assert_eq!(upload("max").send(gw.gateway_port).status, 200);
+        assert_eq!(free_upload("max").send(gw.gateway_port).status, 200);
     }
-    assert_eq!(upload("max").send(gw.gateway_port).status, 429);
+    assert_eq!(free_upload("max").send(gw.gateway_port).status, 429);
     assert_no_trap(&mut gw);
 }
 
@@ -551,7 +525,7 @@ fn hostile_requests_cannot_crash_skip_metering_or_reach_another_users_counter() 
     let mut redis = gw.redis.connection();
     for user in odd.iter().chain(&["victim", "odd-plan"]) {
         assert!(
-            eventually(|| usage::counter(&mut redis, user, "ai_analysis") == 1),
+            eventually(|| counter(&gw, user, "ai_analysis") == 1),
             "{user:?}"
         );
     }
@@ -560,11 +534,10 @@ fn hostile_requests_cannot_crash_skip_metering_or_reach_another_users_counter() 
         .iter()
         .chain(&["victim", "odd-plan"])
         .map(|u| {
-            plan_limits_core::keys::UsageKeys::new("plan-limits", u, &period, "ai_analysis")
-                .summary
+            plan_limits_core::keys::UsageKeys::new("plan-limits", u, &period, "ai_analysis").summary
         })
         .collect();
-    expected.push(usage::EVENTS.to_string());
+    expected.push(usage::events_stream());
     expected.sort();
     let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut redis).unwrap();
     keys.sort();

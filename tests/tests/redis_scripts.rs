@@ -3,11 +3,12 @@
 
 use std::rc::Rc;
 
-use plan_limits_services::process::{free_port, scratch_dir};
-use plan_limits_services::redis_exec::run;
-use plan_limits_services::redis_server::RedisServer;
 use plan_limits_core::keys::UsageKeys;
-use plan_limits_core::redis::scripts::{self, Reservation, SettleMode, Settlement};
+use plan_limits_core::redis::scripts::{self, Reservation, ReserveArgs};
+use plan_limits_core::settlement::{SettleMode, Settlement};
+use plan_limits_services::process::{free_port, scratch_dir};
+use plan_limits_services::redis_exec::run_script;
+use plan_limits_services::redis_server::RedisServer;
 
 const TTL: u64 = 60_000;
 const NOW: u64 = 1_795_000_000_000;
@@ -29,11 +30,17 @@ fn reserve(
     limit: u64,
     now: u64,
 ) -> Reservation {
-    let reply = run(
-        conn,
-        &scripts::reserve(&keys(user), "upload", limit, id, now, TTL),
-    );
-    scripts::parse_reservation(&reply.into_ints().unwrap()).unwrap()
+    let keys = keys(user);
+    let args = ReserveArgs {
+        keys: &keys,
+        action: "upload",
+        limit,
+        reservation_id: id,
+        now_ms: now,
+        ttl_ms: TTL,
+    };
+    let reply = run_script(conn, |form| scripts::reserve(args, form));
+    scripts::parse_reservation(reply).unwrap()
 }
 
 fn settlement(mode: SettleMode, user: &str, id: &str) -> Settlement {
@@ -56,9 +63,11 @@ fn settlement(mode: SettleMode, user: &str, id: &str) -> Settlement {
 }
 
 fn settle(conn: &mut redis::Connection, batch: &[Settlement]) -> Vec<i64> {
-    run(conn, &scripts::settle(batch, "plan-limits:events", None))
-        .into_ints()
-        .unwrap()
+    run_script(conn, |form| {
+        scripts::settle(batch, "plan-limits:events", None, form)
+    })
+    .into_ints()
+    .unwrap()
 }
 
 fn counter(conn: &mut redis::Connection, user: &str) -> Option<u64> {
@@ -208,10 +217,9 @@ fn the_event_stream_can_be_capped() {
         .map(|i| settlement(SettleMode::Count, "u", &format!("c{i}")))
         .collect();
     for chunk in batch.chunks(50) {
-        run(
-            &mut conn,
-            &scripts::settle(chunk, "plan-limits:events", Some(100)),
-        );
+        run_script(&mut conn, |form| {
+            scripts::settle(chunk, "plan-limits:events", Some(100), form)
+        });
     }
     let len: u64 = redis::cmd("XLEN")
         .arg("plan-limits:events")

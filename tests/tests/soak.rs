@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use plan_limits_services::gateway::{Gateway, GatewayOptions};
+use plan_limits_services::gateway::{EnvoyGateway, Gateway, GatewayOptions};
 use plan_limits_services::redis_server::RedisServer;
 
 const SECONDS: u64 = 60;
@@ -23,7 +23,7 @@ fn sixty_seconds_of_load_with_a_redis_restart() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(SECONDS);
-    let mut gw = Gateway::start(GatewayOptions {
+    let mut gw = EnvoyGateway::start(GatewayOptions {
         persistent_redis: true,
         ..GatewayOptions::default()
     });
@@ -53,7 +53,7 @@ fn sixty_seconds_of_load_with_a_redis_restart() {
     );
     std::thread::sleep(Duration::from_secs(2)); // the last settlement batches
 
-    let successes = gw.upstream_success_map();
+    let successes = gw.upstream.success_map();
     let upstream_2xx: u64 = METERED
         .iter()
         .map(|(path, _)| successes[path].as_u64().unwrap_or(0))
@@ -62,7 +62,8 @@ fn sixty_seconds_of_load_with_a_redis_restart() {
     let period = plan_limits_services::usage::this_period();
     let mut counted = 0;
     for user in 0..300 {
-        let summary = plan_limits_services::usage::summary(&mut redis, &format!("soak-{user}"), &period);
+        let summary =
+            plan_limits_services::usage::summary(&mut redis, &format!("soak-{user}"), &period);
         counted += METERED
             .iter()
             .map(|(_, action)| {

@@ -3,12 +3,10 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use plan_limits_services::gateway::{envoy_bin, render_envoy_config, webdis_config, EnvoyParams};
-use plan_limits_services::process::{free_port, Service};
+use plan_limits_services::envoy::{self, EnvoyParams};
 
 /// One benchmark case: an Envoy configuration and the request wrk repeats.
 pub struct Case {
@@ -106,18 +104,15 @@ pub fn cases() -> Vec<Case> {
 
 /// The bench's plans: the repository's, with a limit on API calls no run can reach.
 pub fn bench_plans() -> String {
-    let mut plans: Value = serde_json::from_str(&plan_limits_services::plans_json()).expect("plans.json");
+    let mut plans: Value =
+        serde_json::from_str(&plan_limits_services::plans_json()).expect("plans.json");
     plans["plans"]["enterprise"]["limits"]["api_call"] = json!(1_000_000_000_000u64);
     plans.to_string()
 }
 
 /// The rendered envoy.yaml with the plan_limits filter replaced for the reference cases.
 pub fn envoy_config(params: &EnvoyParams, filters: Filters) -> String {
-    let rendered = render_envoy_config(
-        &std::fs::read_to_string(plan_limits_services::repo_root().join("envoy.yaml")).unwrap(),
-        params,
-    )
-    .expect("render envoy.yaml");
+    let rendered = envoy::render(&envoy::template(), params).expect("render envoy.yaml");
     let start = rendered
         .find("          - name: plan_limits")
         .expect("the plan_limits filter");
@@ -229,59 +224,6 @@ pub fn run_wrk(
         )
     });
     (figures, text)
-}
-
-/// nginx answering `return 200` on `port`: an upstream that is never the bottleneck.
-pub fn start_nginx(dir: &Path, port: u16) -> Service {
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "worker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log stderr warn;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
-               client_body_temp_path {dir};\n\
-               server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 200 'ok'; }}\n  }}\n}}\n",
-            dir = dir.display()
-        ),
-    )
-    .unwrap();
-    let mut command = Command::new("nginx");
-    command.arg("-c").arg(&conf).arg("-p").arg(dir);
-    let mut nginx = Service::spawn("nginx", command, &dir.join("nginx.log"));
-    nginx.wait_for_port(port, Duration::from_secs(10));
-    nginx
-}
-
-pub fn start_webdis(dir: &Path, redis_port: u16) -> (Service, u16) {
-    let port = free_port();
-    let config = dir.join("webdis.json");
-    std::fs::write(
-        &config,
-        webdis_config(redis_port, port, &dir.join("webdis-internal.log")),
-    )
-    .unwrap();
-    let mut command = Command::new("webdis");
-    command.arg(&config);
-    let mut webdis = Service::spawn("webdis", command, &dir.join("webdis.log"));
-    webdis.wait_for_port(port, Duration::from_secs(10));
-    (webdis, port)
-}
-
-pub fn start_envoy(dir: &Path, name: &str, config: &str, port: u16) -> Service {
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, config).unwrap();
-    let mut command = Command::new(envoy_bin());
-    command.arg("-c").arg(&path).args([
-        "--concurrency",
-        "1",
-        "--use-dynamic-base-id",
-        "--log-level",
-        "warn",
-    ]);
-    let mut envoy = Service::spawn(name, command, &dir.join(format!("{name}.log")));
-    envoy.wait_for_port(port, Duration::from_secs(30));
-    envoy
 }
 
 /// What machine the figures come from.

@@ -1,17 +1,18 @@
-//! The replay tool's logic: scenario lines in, one result line per request out.
+//! `plan-limits replay`: scenario lines in (JSON lines, one request each), one result line per
+//! request out, from the real filter `.wasm` in our wasmtime host against a real Redis.
 
 use std::collections::BTreeMap;
 
-use plan_limits_core::config::Config;
 use plan_limits_core::period::BillingPeriod;
-use plan_limits_core::routes;
+use plan_limits_core::plans::Plans;
+use plan_limits_services::gateway::Gateway;
+use plan_limits_services::http::{Body, Request};
+use plan_limits_wasm_host::harness::Harness;
+use plan_limits_wasm_host::HostError;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use plan_limits_wasm_host::harness::{Call, Harness};
-use plan_limits_wasm_host::HostError;
-
-/// One request of a scenario file (JSON lines).
+/// One request of a scenario file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScenarioLine {
@@ -31,6 +32,29 @@ pub struct ScenarioLine {
     /// What the upstream answers if the request reaches it (200 when absent).
     #[serde(default)]
     pub upstream_status: Option<u16>,
+}
+
+impl ScenarioLine {
+    /// The line as the request every runner takes.
+    pub fn request(&self) -> Request {
+        let mut request = Request::new(&self.method, &self.path);
+        if let Some(user) = &self.user {
+            request = request.header("x-user-id", user);
+        }
+        if let Some(plan) = &self.plan {
+            request = request.header("x-user-plan", plan);
+        }
+        if let Some(n) = self.content_length {
+            request = request.body(Body::DeclaredOnly(n));
+        }
+        for (name, value) in &self.headers {
+            request = request.header(name, value);
+        }
+        match self.upstream_status {
+            Some(status) if status != 200 => request.upstream_status(status),
+            _ => request,
+        }
+    }
 }
 
 /// Parses a scenario; errors name the line.
@@ -53,7 +77,7 @@ pub fn parse_scenario(text: &str) -> Result<Vec<ScenarioLine>, String> {
 /// Runs every line through the harness, round-robin over its VMs; one JSON value per line.
 pub fn run(
     harness: &mut Harness,
-    config: &Config,
+    plans: &Plans,
     lines: &[ScenarioLine],
 ) -> Result<Vec<Value>, HostError> {
     let mut out = Vec::with_capacity(lines.len());
@@ -61,27 +85,17 @@ pub fn run(
         if let Some(at) = &line.at {
             harness.set_time(at);
         }
-        let mut call =
-            Call::new(&line.method, &line.path).upstream(line.upstream_status.unwrap_or(200));
-        call.user = line.user.clone();
-        call.plan = line.plan.clone();
-        call.content_length = line.content_length;
-        for (k, v) in &line.headers {
-            call = call.header(k, v);
-        }
         let vm = i % harness.vms.len();
-        let outcome = harness.send(vm, &call)?;
-
-        let now = plan_limits_wasm_host::state::nanos_to_datetime(harness.plugin.clock().nanos());
-        let action = routes::match_action(&config.routes, &line.method, &line.path);
-        let counter = match (action, &line.user) {
+        let response = harness.send_on(vm, &line.request())?;
+        let now = harness.now();
+        let action = plans.route(&line.method, &line.path).map(|a| a.key.clone());
+        let counter = match (&action, &line.user) {
             (Some(action), Some(user)) => {
-                let period = BillingPeriod::calendar_month(now);
                 let summary = plan_limits_services::usage::summary_with_prefix(
                     &mut harness.connection(),
-                    &config.redis.key_prefix,
+                    &plans.redis.key_prefix,
                     user,
-                    &period.id,
+                    &BillingPeriod::calendar_month(now).id,
                 );
                 json!(summary
                     .get(action)
@@ -97,78 +111,18 @@ pub fn run(
             "path": line.path,
             "user": line.user,
             "action": action,
-            "status": outcome.status,
-            "reached_upstream": outcome.reached_upstream,
+            "status": response.status,
+            "reached_upstream": response.from_upstream(),
             "counter": counter,
         });
-        if let Some(reply) = &outcome.reply {
-            result["body"] = serde_json::from_slice(&reply.body).unwrap_or_else(|_| {
-                Value::String(String::from_utf8_lossy(&reply.body).into_owned())
-            });
-            if let Some(retry) = reply.header("retry-after") {
+        if !response.from_upstream() {
+            result["body"] = serde_json::from_slice(&response.body)
+                .unwrap_or_else(|_| Value::String(response.body_text()));
+            if let Some(retry) = response.header("retry-after") {
                 result["retry_after"] = json!(retry);
             }
         }
         out.push(result);
     }
     Ok(out)
-}
-
-/// `validate`: the plans as a table (actions and limits per plan).
-pub fn plans_table(config: &Config) -> String {
-    let plans: Vec<_> = config.plans.iter().collect();
-    let mut rows: Vec<Vec<String>> = Vec::new();
-    let mut header = vec!["".to_string()];
-    header.extend(
-        plans
-            .iter()
-            .map(|(key, plan)| format!("{} ({key})", plan.name)),
-    );
-    rows.push(header);
-    let limit = |v: Option<u64>| {
-        v.map(|n| n.to_string())
-            .unwrap_or_else(|| "unlimited".into())
-    };
-    for (action_key, action) in &config.actions {
-        let mut row = vec![format!("{action_key} / month")];
-        for (_, plan) in &plans {
-            row.push(match &action.feature {
-                Some(f) if !plan.has_feature(f) => format!("off (needs {f})"),
-                _ => limit(plan.limit(action_key)),
-            });
-        }
-        rows.push(row);
-    }
-    let bytes = |v: Option<u64>| match v {
-        None => "unlimited".to_string(),
-        Some(b) if b % (1 << 30) == 0 => format!("{} GB", b >> 30),
-        Some(b) => format!("{} MB", b as f64 / (1 << 20) as f64),
-    };
-    let mut push = |name: &str, f: &dyn Fn(&plan_limits_core::config::Plan) -> String| {
-        let mut row = vec![name.to_string()];
-        row.extend(plans.iter().map(|(_, p)| f(p)));
-        rows.push(row);
-    };
-    push("max file size", &|p| bytes(p.max_file_size_bytes));
-    push("storage", &|p| bytes(p.storage_bytes));
-    push("team members", &|p| limit(p.team_members));
-    push("features", &|p| p.features.len().to_string());
-    push("upgrade to", &|p| {
-        p.upgrade_to.clone().unwrap_or_else(|| "-".into())
-    });
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    rows.iter()
-        .map(|r| {
-            r.iter()
-                .zip(&widths)
-                .map(|(cell, w)| format!("{cell:<w$}"))
-                .collect::<Vec<_>>()
-                .join("  ")
-                .trim_end()
-                .to_string()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
 }

@@ -16,7 +16,7 @@ fn sim(args: &[&str]) -> std::process::Output {
 
 fn replay_matches_the_expected_output(build: &str) {
     let out = sim(&[
-        "run",
+        "replay",
         "plans.json",
         "scenarios/month-end.jsonl",
         "--build",
@@ -70,7 +70,8 @@ fn validate_prints_the_plans() {
 #[test]
 fn validate_names_the_field_of_an_error() {
     let dir = plan_limits_services::process::scratch_dir("sim");
-    let mut plans: serde_json::Value = serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
+    let mut plans: serde_json::Value =
+        serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
     plans["plans"]["professional"]["limits"]["ai_analysis"] = 1.5.into();
     let path = dir.join("plans.json");
     std::fs::write(&path, plans.to_string()).unwrap();
@@ -93,7 +94,7 @@ fn a_bad_scenario_line_is_named() {
         "{\"method\":\"GET\",\"path\":\"/\"}\n{\"usr\":\"u1\",\"method\":\"GET\",\"path\":\"/\"}\n",
     )
     .unwrap();
-    let out = sim(&["run", "plans.json", path.to_str().unwrap()]);
+    let out = sim(&["replay", "plans.json", path.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(

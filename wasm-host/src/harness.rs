@@ -1,16 +1,18 @@
-//! The filter in our wasmtime host, wired to a real Redis: for deterministic scenario tests and
-//! for the `plan-limits-sim` replay tool. One call of `Harness::send` is a request's whole
-//! life: headers in, Redis answers, the upstream's status, the end of the stream, and the
-//! worker's settlements flushed to Redis.
+//! The filter in our wasmtime host, wired to a real Redis: for deterministic scenario tests
+//! and for `plan-limits replay`. One `send` is a request's whole life: headers in, its Redis
+//! calls answered, the upstream's status, the end of the stream, and the worker's settlements
+//! flushed to Redis. It speaks the same `Request`/`Response` as real Envoy (`Gateway`).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::path::PathBuf;
 
-use plan_limits_services::process::{free_port, scratch_dir, Service};
+use chrono::{DateTime, Utc};
+use plan_limits_services::gateway::Gateway;
+use plan_limits_services::http::{Request, Response, DEMO_STATUS, UPSTREAM_MARK};
+use plan_limits_services::process::{free_port, scratch_dir};
 use plan_limits_services::redis_server::RedisServer;
+use plan_limits_services::webdis::Webdis;
 
-use crate::{Flow, HostError, LocalReply, Pairs, Plugin, Upstreams, Vm};
+use crate::{Flow, HostError, Pairs, Plugin, Upstreams, Vm};
 
 /// Which filter build runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +31,8 @@ impl Build {
                 let path = std::env::var_os("PLAN_LIMITS_WASM_HOSTCALLS")
                     .map(PathBuf::from)
                     .unwrap_or_else(|| {
-                        plan_limits_services::repo_root().join("target/plan_limits_filter_redis_hostcalls.wasm")
+                        plan_limits_services::repo_root()
+                            .join("target/plan_limits_filter_redis_hostcalls.wasm")
                     });
                 assert!(
                     path.exists(),
@@ -42,98 +45,13 @@ impl Build {
     }
 }
 
-/// One request of a scenario.
-#[derive(Debug, Clone)]
-pub struct Call {
-    pub method: String,
-    pub path: String,
-    pub user: Option<String>,
-    pub plan: Option<String>,
-    pub content_length: Option<u64>,
-    pub headers: Vec<(String, Vec<u8>)>,
-    /// What the upstream answers if the request gets there.
-    pub upstream_status: u16,
-}
-
-impl Call {
-    pub fn new(method: &str, path: &str) -> Self {
-        Self {
-            method: method.into(),
-            path: path.into(),
-            user: None,
-            plan: None,
-            content_length: None,
-            headers: Vec::new(),
-            upstream_status: 200,
-        }
-    }
-
-    pub fn user(mut self, user: &str, plan: &str) -> Self {
-        self.user = Some(user.into());
-        self.plan = Some(plan.into());
-        self
-    }
-
-    pub fn length(mut self, bytes: u64) -> Self {
-        self.content_length = Some(bytes);
-        self
-    }
-
-    pub fn header(mut self, name: &str, value: &str) -> Self {
-        self.headers.push((name.into(), value.as_bytes().to_vec()));
-        self
-    }
-
-    pub fn upstream(mut self, status: u16) -> Self {
-        self.upstream_status = status;
-        self
-    }
-
-    fn pairs(&self, request_id: u64) -> Pairs {
-        let mut pairs: Pairs = vec![
-            (":method".into(), self.method.clone().into_bytes()),
-            (":path".into(), self.path.clone().into_bytes()),
-            (":authority".into(), b"gateway".to_vec()),
-            (":scheme".into(), b"http".to_vec()),
-            (
-                "x-request-id".into(),
-                format!("sim-{request_id}").into_bytes(),
-            ),
-        ];
-        if let Some(user) = &self.user {
-            pairs.push(("x-user-id".into(), user.clone().into_bytes()));
-        }
-        if let Some(plan) = &self.plan {
-            pairs.push(("x-user-plan".into(), plan.clone().into_bytes()));
-        }
-        if let Some(n) = self.content_length {
-            pairs.push(("content-length".into(), n.to_string().into_bytes()));
-        }
-        pairs.extend(
-            self.headers
-                .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
-        );
-        pairs
-    }
-}
-
-/// What the client saw.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    pub status: u16,
-    /// The filter's own answer, when it gave one.
-    pub reply: Option<LocalReply>,
-    pub reached_upstream: bool,
-}
-
 pub struct Harness {
     pub plugin: Plugin,
     pub vms: Vec<Vm>,
     pub redis_url: String,
     /// Our Redis, unless one was given.
     pub redis: Option<RedisServer>,
-    pub webdis: Option<Service>,
+    pub webdis: Option<Webdis>,
     pub dir: PathBuf,
     requests: u64,
 }
@@ -168,25 +86,12 @@ impl Harness {
         let mut webdis = None;
         match build {
             Build::Webdis => {
-                let port = free_port();
                 let (host, redis_port) = host_port(&redis_url);
-                let config = dir.join("webdis.json");
-                std::fs::write(
-                    &config,
-                    plan_limits_services::gateway::webdis_config_for(
-                        &host,
-                        redis_port,
-                        port,
-                        &dir.join("webdis-internal.log"),
-                    ),
-                )
-                .expect("webdis config");
-                let mut command = Command::new("webdis");
-                command.arg(&config);
-                let mut service = Service::spawn("webdis", command, &dir.join("webdis.log"));
-                service.wait_for_port(port, Duration::from_secs(10));
-                webdis = Some(service);
-                upstreams.http.insert(cluster, format!("127.0.0.1:{port}"));
+                let started = Webdis::start(&dir, &host, redis_port, None);
+                upstreams
+                    .http
+                    .insert(cluster, format!("127.0.0.1:{}", started.port));
+                webdis = Some(started);
             }
             Build::RedisHostCalls => {
                 upstreams.redis.insert(cluster, redis_url.clone());
@@ -210,61 +115,64 @@ impl Harness {
     pub fn connection(&self) -> redis::Connection {
         redis::Client::open(self.redis_url.as_str())
             .and_then(|c| c.get_connection())
-            .expect("connect to redis")
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.redis_url))
     }
 
     /// Sets the host clock (RFC 3339).
     pub fn set_time(&self, rfc3339: &str) {
-        let t = chrono::DateTime::parse_from_rfc3339(rfc3339).expect("an RFC 3339 time");
+        let t = chrono::DateTime::parse_from_rfc3339(rfc3339)
+            .unwrap_or_else(|e| panic!("{rfc3339}: {e}"));
+        let nanos = t.timestamp_nanos_opt().unwrap_or(0);
         self.plugin
             .clock()
-            .set_nanos(t.timestamp_nanos_opt().expect("a time after 1970") as u64);
+            .set_nanos(u64::try_from(nanos).unwrap_or(0));
     }
 
-    /// Starts a request on VM `vm` and lets its Redis calls run until it is decided.
-    pub fn begin(&mut self, vm: usize, call: &Call) -> Result<u32, HostError> {
+    /// Starts `request` on VM `vm` (its headers go in); returns its stream id.
+    pub fn begin(&mut self, vm: usize, request: &Request) -> Result<u32, HostError> {
         self.requests += 1;
+        let pairs = pairs(request, self.requests);
         let vm = &mut self.vms[vm];
         let id = vm.new_stream()?;
-        vm.request_headers(id, call.pairs(self.requests), call.content_length.is_none())?;
+        vm.request_headers(id, pairs, request.content_length().is_none())?;
         Ok(id)
     }
 
-    /// Finishes a request begun on `vm`: the upstream answers (if it got there), the stream
-    /// ends, and the worker's settlements reach Redis.
+    /// Finishes a request begun on `vm`: the upstream answers `upstream_status` (if the
+    /// request got there), the stream ends, and the worker's settlements reach Redis.
     pub fn finish(
         &mut self,
         vm: usize,
         id: u32,
         upstream_status: u16,
-    ) -> Result<Outcome, HostError> {
+    ) -> Result<Response, HostError> {
         let v = &mut self.vms[vm];
-        let outcome = match v.flow(id) {
-            Flow::Responded(reply) => Outcome {
+        let response = match v.flow(id) {
+            Flow::Responded(reply) => Response {
                 status: reply.status as u16,
-                reply: Some(reply),
-                reached_upstream: false,
+                headers: reply
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                    .collect(),
+                body: reply.body,
             },
             Flow::Continue => {
                 v.response_headers(id, upstream_status, Vec::new())?;
-                Outcome {
-                    status: upstream_status,
-                    reply: None,
-                    reached_upstream: true,
-                }
+                upstream_answer(upstream_status)
             }
             Flow::Paused => panic!("request {id} is still paused with no call pending"),
         };
         v.end_stream(id)?;
         self.flush(vm)?;
-        Ok(outcome)
+        Ok(response)
     }
 
     /// A request's whole life on VM `vm`.
-    pub fn send(&mut self, vm: usize, call: &Call) -> Result<Outcome, HostError> {
-        let id = self.begin(vm, call)?;
+    pub fn send_on(&mut self, vm: usize, request: &Request) -> Result<Response, HostError> {
+        let id = self.begin(vm, request)?;
         self.settle_calls(vm, id)?;
-        self.finish(vm, id, call.upstream_status)
+        self.finish(vm, id, upstream_status(request))
     }
 
     /// Delivers calls until request `id` is no longer waiting.
@@ -293,6 +201,77 @@ impl Harness {
     }
 }
 
+impl Gateway for Harness {
+    /// Round-robin over the VMs, like Envoy's workers.
+    fn send(&mut self, request: &Request) -> Response {
+        let vm = usize::try_from(self.requests).unwrap_or(0) % self.vms.len();
+        self.send_on(vm, request)
+            .unwrap_or_else(|e| panic!("{} {}: {e}", request.method, request.path))
+    }
+
+    fn redis(&self) -> redis::Connection {
+        self.connection()
+    }
+
+    fn metric(&self, name: &str) -> u64 {
+        self.plugin.metric(&format!("plan_limits.{name}"))
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        crate::state::nanos_to_datetime(self.plugin.clock().nanos())
+    }
+}
+
+/// The request as the filter's host call sees it: pseudo-headers, a request id as Envoy adds
+/// one, names in lower case.
+fn pairs(request: &Request, n: u64) -> Pairs {
+    let mut pairs: Pairs = vec![
+        (":method".into(), request.method.clone().into_bytes()),
+        (":path".into(), request.path.clone().into_bytes()),
+        (":authority".into(), b"gateway".to_vec()),
+        (":scheme".into(), b"http".to_vec()),
+    ];
+    let has = |name: &str| {
+        request
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case(name))
+    };
+    if !has("x-request-id") {
+        pairs.push(("x-request-id".into(), format!("sim-{n}").into_bytes()));
+    }
+    if let (Some(n), false) = (request.content_length(), has("content-length")) {
+        pairs.push(("content-length".into(), n.to_string().into_bytes()));
+    }
+    pairs.extend(
+        request
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
+    );
+    pairs
+}
+
+/// What the demo upstream would answer: `x-demo-status`, else 200.
+fn upstream_status(request: &Request) -> u16 {
+    request
+        .headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(DEMO_STATUS))
+        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
+        .unwrap_or(200)
+}
+
+fn upstream_answer(status: u16) -> Response {
+    Response {
+        status,
+        headers: vec![(UPSTREAM_MARK.into(), "demo".into())],
+        body: serde_json::json!({"upstream": "demo", "status": status})
+            .to_string()
+            .into_bytes(),
+    }
+}
+
 fn host_port(redis_url: &str) -> (String, u16) {
     let rest = redis_url.trim_start_matches("redis://");
     let rest = rest.rsplit('@').next().unwrap_or(rest);
@@ -301,8 +280,4 @@ fn host_port(redis_url: &str) -> (String, u16) {
         Some((host, port)) => (host.to_string(), port.parse().unwrap_or(6379)),
         None => (authority.to_string(), 6379),
     }
-}
-
-pub fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }

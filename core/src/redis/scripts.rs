@@ -1,47 +1,58 @@
 //! The two Redis scripts and the commands that run them. Each runs atomically in Redis, so
 //! reserve / commit / release never interleave with another request's.
 //!
-//! Commands name a script by its SHA1 (`EVALSHA`), so a request carries 40 bytes instead of
-//! the script; when Redis does not know it yet (`NOSCRIPT`, after a restart), the transport
-//! sends the same command once more as `EVAL` with the source (`with_source`).
+//! A command names its script by SHA1 (`EVALSHA`), so a request carries 40 bytes instead of
+//! the script; when Redis does not know it yet (`NOSCRIPT`, after a restart), the same command
+//! is built once more with the source (`EVAL`): see `Form`.
 
 use std::sync::OnceLock;
 
 use super::{RedisCommand, RedisReply};
 use crate::keys::UsageKeys;
+use crate::settlement::Settlement;
 
 pub const RESERVE: &str = include_str!("reserve.lua");
 pub const SETTLE: &str = include_str!("settle.lua");
 
-fn sha1_of(source: &'static str, cell: &'static OnceLock<String>) -> &'static str {
-    cell.get_or_init(|| sha1_smol::Sha1::from(source).digest().to_string())
+/// How a command names its script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// `EVALSHA <sha1>`: the usual form.
+    BySha,
+    /// `EVAL <source>`: after Redis answered `NOSCRIPT`.
+    WithSource,
 }
 
-fn reserve_sha() -> &'static str {
-    static SHA: OnceLock<String> = OnceLock::new();
-    sha1_of(RESERVE, &SHA)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Script {
+    Reserve,
+    Settle,
 }
 
-fn settle_sha() -> &'static str {
-    static SHA: OnceLock<String> = OnceLock::new();
-    sha1_of(SETTLE, &SHA)
-}
-
-/// The `EVAL` form of an `EVALSHA` command of one of our scripts.
-pub fn with_source(command: &RedisCommand) -> Option<RedisCommand> {
-    if command.args.first().map(Vec::as_slice) != Some(b"EVALSHA") {
-        return None;
+impl Script {
+    fn source(self) -> &'static str {
+        match self {
+            Script::Reserve => RESERVE,
+            Script::Settle => SETTLE,
+        }
     }
-    let sha = command.args.get(1)?;
-    let source = [RESERVE, SETTLE]
-        .into_iter()
-        .zip([reserve_sha(), settle_sha()])
-        .find(|(_, known)| known.as_bytes() == sha.as_slice())?
-        .0;
-    let mut args = command.args.clone();
-    args[0] = b"EVAL".to_vec();
-    args[1] = source.as_bytes().to_vec();
-    Some(RedisCommand { args })
+
+    fn sha1(self) -> &'static str {
+        static RESERVE_SHA: OnceLock<String> = OnceLock::new();
+        static SETTLE_SHA: OnceLock<String> = OnceLock::new();
+        let cell = match self {
+            Script::Reserve => &RESERVE_SHA,
+            Script::Settle => &SETTLE_SHA,
+        };
+        cell.get_or_init(|| sha1_smol::Sha1::from(self.source()).digest().to_string())
+    }
+
+    fn command(self, form: Form) -> RedisCommand {
+        match form {
+            Form::BySha => RedisCommand::new("EVALSHA").arg(self.sha1()),
+            Form::WithSource => RedisCommand::new("EVAL").arg(self.source()),
+        }
+    }
 }
 
 /// Redis does not have the script cached (it restarted, or it was flushed).
@@ -59,87 +70,59 @@ pub struct Reservation {
     pub pending: u64,
 }
 
-pub fn reserve(
-    keys: &UsageKeys,
-    action: &str,
-    limit: u64,
-    reservation_id: &str,
-    now_ms: u64,
-    ttl_ms: u64,
-) -> RedisCommand {
-    RedisCommand::new("EVALSHA")
-        .arg(reserve_sha())
+/// One request's reservation: `reserve.lua` on its user's keys.
+#[derive(Debug, Clone, Copy)]
+pub struct ReserveArgs<'a> {
+    pub keys: &'a UsageKeys,
+    pub action: &'a str,
+    pub limit: u64,
+    pub reservation_id: &'a str,
+    pub now_ms: u64,
+    pub ttl_ms: u64,
+}
+
+pub fn reserve(args: ReserveArgs, form: Form) -> RedisCommand {
+    Script::Reserve
+        .command(form)
         .arg("2")
-        .arg(&keys.summary)
-        .arg(&keys.pending)
-        .arg(action)
-        .arg(limit.to_string())
-        .arg(reservation_id)
-        .arg(now_ms.to_string())
-        .arg((now_ms + ttl_ms).to_string())
-        .arg(ttl_ms.to_string())
+        .arg(&args.keys.summary)
+        .arg(&args.keys.pending)
+        .arg(args.action)
+        .arg(args.limit.to_string())
+        .arg(args.reservation_id)
+        .arg(args.now_ms.to_string())
+        .arg(args.now_ms.saturating_add(args.ttl_ms).to_string())
+        .arg(args.ttl_ms.to_string())
 }
 
-pub fn parse_reservation(ints: &[i64]) -> Option<Reservation> {
-    match *ints {
-        [granted @ (0 | 1), committed, pending] => Some(Reservation {
-            granted: granted == 1,
-            committed: u64::try_from(committed).ok()?,
-            pending: u64::try_from(pending).ok()?,
-        }),
-        _ => None,
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SettleMode {
-    Commit,
-    Count,
-    Release,
-}
-
-impl SettleMode {
-    fn as_str(self) -> &'static str {
-        match self {
-            SettleMode::Commit => "commit",
-            SettleMode::Count => "count",
-            SettleMode::Release => "release",
+pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, super::TransportError> {
+    let ints = reply.into_ints()?;
+    match *ints.as_slice() {
+        [granted @ (0 | 1), committed, pending] if committed >= 0 && pending >= 0 => {
+            Ok(Reservation {
+                granted: granted == 1,
+                committed: committed.unsigned_abs(),
+                pending: pending.unsigned_abs(),
+            })
         }
+        _ => Err(super::TransportError::BadReply(format!(
+            "reserve returned {ints:?}"
+        ))),
     }
-}
-
-/// One request's settlement: what `settle.lua` needs to count it and record its usage event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Settlement {
-    pub mode: SettleMode,
-    pub keys: UsageKeys,
-    pub reservation_id: String,
-    pub action: String,
-    pub user: String,
-    pub plan: String,
-    /// The plan's limits when the request was made (JSON object), kept in the summary.
-    pub limits_json: std::rc::Rc<str>,
-    pub kind: String,
-    pub bytes: u64,
-    pub status: u32,
-    /// RFC 3339 time of the upstream's answer.
-    pub at: String,
-    pub request_id: String,
-    pub period_id: String,
-    /// How long the summary is kept from now (ms): until its period ends plus the retention.
-    pub keep_for_ms: u64,
 }
 
 /// Fields per item in `settle.lua`'s ARGV.
 const SETTLE_FIELDS: usize = 13;
 
+/// One `settle.lua` call for a batch of settlements.
 pub fn settle(
     batch: &[Settlement],
     events_stream: &str,
     events_max_len: Option<u64>,
+    form: Form,
 ) -> RedisCommand {
-    let mut cmd = RedisCommand::new("EVALSHA")
-        .arg(settle_sha())
+    let mut cmd = Script::Settle
+        .command(form)
         .arg((1 + 2 * batch.len()).to_string())
         .arg(events_stream);
     for item in batch {
@@ -173,10 +156,21 @@ pub fn settle(
 mod tests {
     use super::*;
 
+    fn args(keys: &UsageKeys) -> ReserveArgs<'_> {
+        ReserveArgs {
+            keys,
+            action: "upload",
+            limit: 5,
+            reservation_id: "r1",
+            now_ms: 1000,
+            ttl_ms: 60_000,
+        }
+    }
+
     #[test]
     fn reserve_passes_keys_then_arguments() {
         let keys = UsageKeys::new("p", "u", "2026-11", "upload");
-        let cmd = reserve(&keys, "upload", 5, "r1", 1000, 60_000);
+        let cmd = reserve(args(&keys), Form::BySha);
         let args: Vec<_> = cmd.args[2..]
             .iter()
             .map(|a| String::from_utf8_lossy(a).into_owned())
@@ -198,16 +192,23 @@ mod tests {
     }
 
     #[test]
-    fn scripts_are_named_by_sha1_with_the_source_as_fallback() {
+    fn scripts_are_named_by_sha1_or_sent_with_their_source() {
         let keys = UsageKeys::new("p", "u", "2026-11", "upload");
-        let cmd = reserve(&keys, "upload", 5, "r1", 1000, 60_000);
-        assert_eq!(cmd.args[0], b"EVALSHA");
-        assert_eq!(cmd.args[1].len(), 40);
-        let eval = with_source(&cmd).unwrap();
+        let by_sha = reserve(args(&keys), Form::BySha);
+        assert_eq!(by_sha.args[0], b"EVALSHA");
+        assert_eq!(
+            by_sha.args[1],
+            sha1_smol::Sha1::from(RESERVE)
+                .digest()
+                .to_string()
+                .as_bytes()
+        );
+        let eval = reserve(args(&keys), Form::WithSource);
         assert_eq!(eval.args[0], b"EVAL");
         assert_eq!(eval.args[1], RESERVE.as_bytes());
-        assert_eq!(eval.args[2..], cmd.args[2..]);
-        assert!(with_source(&eval).is_none());
+        assert_eq!(eval.args[2..], by_sha.args[2..]);
+        let settle_eval = settle(&[], "s", None, Form::WithSource);
+        assert_eq!(settle_eval.args[1], SETTLE.as_bytes());
         assert!(is_noscript(&RedisReply::Error(
             "NOSCRIPT No matching script.".into()
         )));
@@ -216,16 +217,18 @@ mod tests {
 
     #[test]
     fn reservation_replies_are_checked() {
+        let ints = |v: &[i64]| RedisReply::Array(v.iter().map(|&n| RedisReply::Int(n)).collect());
         assert_eq!(
-            parse_reservation(&[1, 4, 1]),
-            Some(Reservation {
+            parse_reservation(ints(&[1, 4, 1])),
+            Ok(Reservation {
                 granted: true,
                 committed: 4,
                 pending: 1
             })
         );
-        assert_eq!(parse_reservation(&[2, 4, 1]), None);
-        assert_eq!(parse_reservation(&[1, -4, 1]), None);
-        assert_eq!(parse_reservation(&[1]), None);
+        assert!(parse_reservation(ints(&[2, 4, 1])).is_err());
+        assert!(parse_reservation(ints(&[1, -4, 1])).is_err());
+        assert!(parse_reservation(ints(&[1])).is_err());
+        assert!(parse_reservation(RedisReply::Nil).is_err());
     }
 }

@@ -6,11 +6,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use plan_limits_tools::bench::{self, Filters};
-use plan_limits_services::gateway::EnvoyParams;
+use plan_limits_services::envoy::{self, EnvoyOptions, EnvoyParams};
 use plan_limits_services::http::{Body, Request};
 use plan_limits_services::process::{free_port, scratch_dir};
 use plan_limits_services::redis_server::RedisServer;
+use plan_limits_services::upstream::Nginx;
+use plan_limits_services::webdis::Webdis;
+use plan_limits_tools::bench::{self, Filters};
 use serde_json::json;
 
 fn main() {
@@ -31,9 +33,8 @@ fn main() {
     std::fs::create_dir_all(&out).unwrap();
     let dir = scratch_dir("bench");
     let redis = RedisServer::start_on(&dir, free_port());
-    let (_webdis, webdis_port) = bench::start_webdis(&dir, redis.port);
-    let nginx_port = free_port();
-    let _nginx = bench::start_nginx(&dir, nginx_port);
+    let webdis = Webdis::start(&dir, "127.0.0.1", redis.port, None);
+    let nginx = Nginx::start(&dir);
     let wasm = plan_limits_services::filter_wasm();
     let plans = bench::bench_plans();
     let script = plan_limits_services::repo_root().join("bench/wrk.lua");
@@ -61,18 +62,20 @@ fn main() {
         let params = EnvoyParams {
             admin_port: admin,
             gateway_port: port,
-            upstream_port: nginx_port,
-            webdis_port,
+            upstream_port: nginx.port,
+            webdis_port: webdis.port,
             upstream_timeout: "15s",
             filter_wasm: &wasm,
             plans_json: &plans,
         };
-        let mut envoy = bench::start_envoy(
-            &dir,
-            case.name,
-            &bench::envoy_config(&params, case.filters),
+        let mut envoy = envoy::start(EnvoyOptions {
+            name: case.name,
+            dir: &dir,
+            config: &bench::envoy_config(&params, case.filters),
+            concurrency: 1,
+            hot_restart: None,
             port,
-        );
+        });
         // One request first: the case must answer as intended before it is timed.
         let mut probe = Request::new(case.method, case.path);
         for pair in case.headers.split('|').filter(|p| !p.is_empty()) {
@@ -109,7 +112,8 @@ fn main() {
             "{:<34} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  ratio {:>5.2}  | 1 conn: p50 {:>5.0} µs (+{:>4.0})  p99 {:>5.0} µs (+{:>4.0})",
             case.label, load.rps, load.p50_us, load.p99_us, ratio, single.p50_us, single.p50_us - base.1, single.p99_us, single.p99_us - base.2
         );
-        let filter_stats = plan_limits_services::http::get(admin, "/stats?filter=plan_limits").body_text();
+        let filter_stats =
+            plan_limits_services::http::get(admin, "/stats?filter=plan_limits").body_text();
         results.push(json!({
             "name": case.name,
             "label": case.label,

@@ -1,9 +1,11 @@
 //! `make run`: the gateway on fixed loopback ports, in the foreground until Ctrl-C.
 //! Redis, webdis, the demo upstream and Envoy are children of this process and stop with it.
+//! It does not depend on wasmtime, so `make run` compiles only what it runs.
 
 use std::path::PathBuf;
+use std::time::Instant;
 
-use plan_limits_services::gateway::{Gateway, GatewayOptions, Ports};
+use plan_limits_services::gateway::{EnvoyGateway, GatewayOptions, Ports};
 
 fn port(var: &str, default: u16) -> u16 {
     std::env::var(var)
@@ -28,17 +30,23 @@ fn main() {
         .unwrap_or_else(|_| plan_limits_services::repo_root().join("plans.json"));
     let plans_json = std::fs::read_to_string(&plans)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", plans.display()));
+    if let Err(e) = plan_limits_core::plans::Plans::from_json(plans_json.as_bytes()) {
+        eprintln!("{}: {e}", plans.display());
+        std::process::exit(1);
+    }
     let dir = plan_limits_services::repo_root().join(".gateway");
-    let gw = Gateway::start(GatewayOptions {
+    let started = Instant::now();
+    let gw = EnvoyGateway::start(GatewayOptions {
         plans_json,
         ports: Some(ports),
         dir: Some(dir.clone()),
+        verbose: true,
         ..GatewayOptions::default()
     });
     let g = gw.gateway_port;
     println!(
         r#"
-Gateway ready on http://127.0.0.1:{g} (Envoy admin http://127.0.0.1:{admin}), plans from {plans}
+Gateway ready in {secs:.1} s on http://127.0.0.1:{g} (Envoy admin http://127.0.0.1:{admin}), plans from {plans}
 Redis on 127.0.0.1:{redis}; configs and logs in {dir}
 
 Try:
@@ -51,6 +59,7 @@ Try:
   curl -s http://127.0.0.1:{admin}/stats?filter=plan_limits
 
 Ctrl-C stops everything."#,
+        secs = started.elapsed().as_secs_f64(),
         admin = gw.admin_port,
         plans = plans.display(),
         redis = gw.redis.port,

@@ -1,11 +1,55 @@
-//! Settlements waiting to reach Redis. Each worker keeps one queue and sends it in batches
-//! from its root context, so no request waits for its commit and a commit outlives the
-//! stream that made it (Envoy cancels a stream's own calls when the stream ends).
+//! Settlements: what a metered request's end means for its count (commit, count, release),
+//! and the worker's queue of them. Each worker sends its queue in batches from its root
+//! context, so no request waits for its commit and a commit outlives the stream that made it
+//! (Envoy cancels a stream's own calls when the stream ends).
 
 use std::collections::VecDeque;
+use std::rc::Rc;
 
-use crate::redis::scripts::{self, SettleMode, Settlement};
-use crate::redis::{RedisCommand, RedisReply, TransportError};
+use crate::keys::UsageKeys;
+use crate::redis::{RedisReply, TransportError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettleMode {
+    /// The upstream succeeded: the held reservation becomes a count.
+    Commit,
+    /// A success with nothing reserved (unlimited plan, or Redis was unreachable): count it.
+    Count,
+    /// The upstream failed or the client left: give the reserved unit back.
+    Release,
+}
+
+impl SettleMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SettleMode::Commit => "commit",
+            SettleMode::Count => "count",
+            SettleMode::Release => "release",
+        }
+    }
+}
+
+/// One request's settlement: what `settle.lua` needs to count it and record its usage event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub mode: SettleMode,
+    pub keys: UsageKeys,
+    pub reservation_id: String,
+    pub action: String,
+    pub user: String,
+    pub plan: String,
+    /// The plan's limits when the request was made (JSON object), kept in the summary.
+    pub limits_json: Rc<str>,
+    pub kind: String,
+    pub bytes: u64,
+    pub status: u32,
+    /// RFC 3339 time of the upstream's answer.
+    pub at: String,
+    pub request_id: String,
+    pub period_id: String,
+    /// How long the summary is kept from now (ms): until its period ends plus the retention.
+    pub keep_for_ms: u64,
+}
 
 #[derive(Debug)]
 pub struct SettlementQueue {
@@ -74,23 +118,24 @@ impl SettlementQueue {
         self.len() == 0
     }
 
-    /// The next batch to send, if one is due and none is in flight.
-    pub fn next_batch(
-        &mut self,
-        now_ms: u64,
-        events_stream: &str,
-        events_max_len: Option<u64>,
-    ) -> Option<RedisCommand> {
+    /// Whether a batch is on its way to Redis.
+    pub fn batch_in_flight(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
+    /// Moves the next batch in flight and returns it, if one is due and none is in flight.
+    pub fn start_batch(&mut self, now_ms: u64) -> Option<&[Settlement]> {
         if !self.in_flight.is_empty() || self.waiting.is_empty() || now_ms < self.retry_at_ms {
             return None;
         }
         let n = self.waiting.len().min(self.max_batch);
         self.in_flight = self.waiting.drain(..n).collect();
-        Some(scripts::settle(
-            &self.in_flight,
-            events_stream,
-            events_max_len,
-        ))
+        Some(&self.in_flight)
+    }
+
+    /// The batch on its way (empty when none is).
+    pub fn in_flight(&self) -> &[Settlement] {
+        &self.in_flight
     }
 
     /// The batch in flight was answered (or failed).
@@ -155,7 +200,6 @@ impl SettlementQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::UsageKeys;
 
     fn item(mode: SettleMode, id: &str) -> Settlement {
         Settlement {
@@ -188,14 +232,15 @@ mod tests {
         for id in ["a", "b", "c"] {
             q.push(item(SettleMode::Commit, id));
         }
-        let first = q.next_batch(0, "s", None).unwrap();
-        assert_eq!(first.args[2], b"5", "1 stream + 2 keys per item");
-        assert!(q.next_batch(0, "s", None).is_none(), "one batch in flight");
+        let first = q.start_batch(0).unwrap();
+        assert_eq!(first.len(), 2);
+        assert!(q.batch_in_flight());
+        assert!(q.start_batch(0).is_none(), "one batch in flight");
         let report = q.on_batch_reply(ints(&[1, 0]), 0);
         assert_eq!((report.counted, report.commits_unmatched), (1, 1));
-        assert!(q.next_batch(0, "s", None).is_some());
+        assert_eq!(q.start_batch(0).unwrap()[0].reservation_id, "c");
         q.on_batch_reply(ints(&[1]), 0);
-        assert!(q.is_empty());
+        assert!(q.is_empty() && !q.batch_in_flight());
     }
 
     #[test]
@@ -204,18 +249,18 @@ mod tests {
         q.push(item(SettleMode::Commit, "a"));
         q.push(item(SettleMode::Count, "b"));
         q.push(item(SettleMode::Release, "c"));
-        q.next_batch(0, "s", None).unwrap();
+        q.start_batch(0).unwrap();
         let report = q.on_batch_reply(Err(TransportError::Unknown("timeout".into())), 1000);
         assert_eq!((report.requeued, report.dropped_unknown), (2, 1));
-        assert!(q.next_batch(1000, "s", None).is_none(), "backing off");
-        assert!(q.next_batch(1000 + MIN_BACKOFF_MS, "s", None).is_some());
+        assert!(q.start_batch(1000).is_none(), "backing off");
+        assert!(q.start_batch(1000 + MIN_BACKOFF_MS).is_some());
         let report = q.on_batch_reply(Err(TransportError::NotSent("down".into())), 2000);
         assert_eq!(report.requeued, 2);
         assert!(
-            q.next_batch(2000 + MIN_BACKOFF_MS, "s", None).is_none(),
+            q.start_batch(2000 + MIN_BACKOFF_MS).is_none(),
             "backoff doubled"
         );
-        assert!(q.next_batch(2000 + 2 * MIN_BACKOFF_MS, "s", None).is_some());
+        assert!(q.start_batch(2000 + 2 * MIN_BACKOFF_MS).is_some());
         assert_eq!(q.on_batch_reply(ints(&[1, 0]), 3000).counted, 1);
     }
 

@@ -1,0 +1,725 @@
+//! plans.json compiled once into the model every request uses: routes point at their action,
+//! each action holds every plan's terms for it (limit, the 403 if the plan lacks its feature,
+//! the upgrade offer), plans carry their limits snapshot and upgrade path. A request resolves
+//! its route and plan once and then holds references: nothing is looked up by name again, and
+//! nothing here can fail after `compile` succeeded.
+
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+use crate::config::{
+    ActionSettings, Config, ConfigError, FailureMode, Identity, KindSource, Limit, RedisSettings,
+};
+use crate::responses::{self, LocalResponse};
+use crate::routes::{self, PathPattern, Route};
+
+/// The compiled plans.json.
+#[derive(Debug)]
+pub struct Plans {
+    pub identity: Identity,
+    pub redis: RedisSettings,
+    pub features: Vec<String>,
+    actions: Vec<Rc<Action>>,
+    plans: Vec<Rc<Plan>>,
+    default_plan: Rc<Plan>,
+    routes: Vec<Route<Rc<Action>>>,
+}
+
+/// A metered action and every plan's terms for it.
+#[derive(Debug)]
+pub struct Action {
+    /// Its name in plans.json, Redis counters and events: `upload`.
+    pub key: String,
+    /// Words for messages: "upload", "diagrams".
+    pub label: String,
+    pub unit: String,
+    pub feature: Option<String>,
+    pub enforce_max_file_size: bool,
+    pub on_redis_error: FailureMode,
+    pub kind: Option<KindSource>,
+    terms: HashMap<String, Rc<Terms>>,
+    default_terms: Rc<Terms>,
+}
+
+/// One plan's terms for one action.
+#[derive(Debug)]
+pub struct Terms {
+    pub plan: Rc<Plan>,
+    /// The monthly allowance; `None` is unlimited.
+    pub limit: Limit,
+    /// The 403 answered when the plan lacks the action's feature; `None` when it has it.
+    pub forbidden: Option<LocalResponse>,
+    /// The plan suggested in this action's 429, with its limit for the action.
+    pub upgrade: Option<Upgrade>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgrade {
+    pub plan: String,
+    pub name: String,
+    pub limit: Limit,
+}
+
+#[derive(Debug)]
+pub struct Plan {
+    pub key: String,
+    /// Display name: "Professional".
+    pub name: String,
+    pub max_file_size_bytes: Option<u64>,
+    pub storage_bytes: Option<u64>,
+    pub team_members: Option<u64>,
+    pub features: Vec<String>,
+    pub limits: BTreeMap<String, Limit>,
+    /// `limits` as a JSON object, snapshotted into each monthly summary.
+    pub limits_json: Rc<str>,
+    /// Plans suggested one after another: its upgrade, that one's upgrade, ... (no cycles).
+    pub upgrade_path: Vec<UpgradeStep>,
+}
+
+/// A plan on another plan's upgrade path, with what offers are made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradeStep {
+    pub key: String,
+    pub name: String,
+    pub max_file_size_bytes: Option<u64>,
+}
+
+impl Plans {
+    /// Reads, checks and compiles plans.json; every error names the JSON path it is about.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
+        Self::compile(Config::from_json(bytes)?)
+    }
+
+    pub fn compile(config: Config) -> Result<Self, ConfigError> {
+        validate(&config)?;
+        let plans = compile_plans(&config)?;
+        let default_plan = find_plan(&plans, &config.default_plan)?;
+        let actions: Vec<Rc<Action>> = config
+            .actions
+            .iter()
+            .map(|(key, settings)| compile_action(&config, &plans, key, settings).map(Rc::new))
+            .collect::<Result<_, _>>()?;
+        let routes = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, route)| {
+                let action = actions
+                    .iter()
+                    .find(|a| a.key == route.action)
+                    .ok_or_else(|| ConfigError::at(format!("routes[{i}].action"), "unknown"))?;
+                let path = match (&route.path, &route.prefix) {
+                    (Some(exact), None) => PathPattern::exact(exact),
+                    (None, Some(prefix)) => PathPattern::prefix(prefix),
+                    _ => return Err(ConfigError::at(format!("routes[{i}]"), "no pattern")),
+                };
+                Ok(Route {
+                    method: route.method.clone(),
+                    path,
+                    target: action.clone(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            identity: config.identity,
+            redis: config.redis,
+            features: config.features,
+            actions,
+            plans,
+            default_plan,
+            routes,
+        })
+    }
+
+    /// The action of the first route matching the request; `None`: unmetered.
+    pub fn route(&self, method: &str, path: &str) -> Option<&Rc<Action>> {
+        routes::find(&self.routes, method, path).map(|route| &route.target)
+    }
+
+    /// The metered routes, in order, with their normalised patterns.
+    pub fn routes(&self) -> &[Route<Rc<Action>>] {
+        &self.routes
+    }
+
+    pub fn actions(&self) -> &[Rc<Action>] {
+        &self.actions
+    }
+
+    /// Every plan, in name order.
+    pub fn plans(&self) -> &[Rc<Plan>] {
+        &self.plans
+    }
+
+    pub fn plan(&self, key: &str) -> Option<&Rc<Plan>> {
+        self.plans.iter().find(|plan| plan.key == key)
+    }
+
+    pub fn default_plan(&self) -> &Rc<Plan> {
+        &self.default_plan
+    }
+}
+
+impl Action {
+    /// The terms of the plan named `plan`; the default plan's when it names no plan.
+    pub fn terms(&self, plan: Option<&str>) -> &Rc<Terms> {
+        plan.and_then(|name| self.terms.get(name))
+            .unwrap_or(&self.default_terms)
+    }
+}
+
+impl Plan {
+    pub fn has_feature(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
+    }
+}
+
+fn find_plan(plans: &[Rc<Plan>], key: &str) -> Result<Rc<Plan>, ConfigError> {
+    plans
+        .iter()
+        .find(|plan| plan.key == key)
+        .cloned()
+        .ok_or_else(|| ConfigError::at("default_plan", format!("names no plan: \"{key}\"")))
+}
+
+fn compile_plans(config: &Config) -> Result<Vec<Rc<Plan>>, ConfigError> {
+    config
+        .plans
+        .iter()
+        .map(|(key, plan)| {
+            let limits_json = serde_json::to_string(&plan.limits)
+                .map_err(|e| ConfigError::at(format!("plans.{key}.limits"), e.to_string()))?;
+            Ok(Rc::new(Plan {
+                key: key.clone(),
+                name: plan.name.clone(),
+                max_file_size_bytes: plan.max_file_size_bytes,
+                storage_bytes: plan.storage_bytes,
+                team_members: plan.team_members,
+                features: plan.features.clone(),
+                limits: plan.limits.clone(),
+                limits_json: Rc::from(limits_json),
+                upgrade_path: upgrade_path(config, key),
+            }))
+        })
+        .collect()
+}
+
+/// The upgrade chain from `start` (validated to end at a top plan).
+fn upgrade_path(config: &Config, start: &str) -> Vec<UpgradeStep> {
+    let mut path = Vec::new();
+    let mut next = config
+        .plans
+        .get(start)
+        .and_then(|p| p.upgrade_to.as_deref());
+    while let Some((key, plan)) = next.and_then(|key| config.plans.get_key_value(key)) {
+        if path.len() >= config.plans.len() {
+            break;
+        }
+        path.push(UpgradeStep {
+            key: key.clone(),
+            name: plan.name.clone(),
+            max_file_size_bytes: plan.max_file_size_bytes,
+        });
+        next = plan.upgrade_to.as_deref();
+    }
+    path
+}
+
+fn compile_action(
+    config: &Config,
+    plans: &[Rc<Plan>],
+    key: &str,
+    settings: &ActionSettings,
+) -> Result<Action, ConfigError> {
+    let terms: HashMap<String, Rc<Terms>> = plans
+        .iter()
+        .map(|plan| {
+            let terms = compile_terms(config, plan, key, settings);
+            (plan.key.clone(), Rc::new(terms))
+        })
+        .collect();
+    let default_terms = terms
+        .get(&config.default_plan)
+        .cloned()
+        .ok_or_else(|| ConfigError::at("default_plan", "names no plan"))?;
+    Ok(Action {
+        key: key.to_string(),
+        label: settings.label.clone(),
+        unit: settings.unit.clone(),
+        feature: settings.feature.clone(),
+        enforce_max_file_size: settings.enforce_max_file_size,
+        on_redis_error: settings.on_redis_error,
+        kind: settings.kind.clone(),
+        terms,
+        default_terms,
+    })
+}
+
+fn compile_terms(
+    config: &Config,
+    plan: &Rc<Plan>,
+    action: &str,
+    settings: &ActionSettings,
+) -> Terms {
+    let limit_in = |key: &str| {
+        config
+            .plans
+            .get(key)
+            .and_then(|p| p.limits.get(action))
+            .copied()
+            .flatten()
+    };
+    let forbidden = settings
+        .feature
+        .as_deref()
+        .filter(|feature| !plan.has_feature(feature))
+        .map(|feature| {
+            let offer = plan.upgrade_path.iter().find(|step| {
+                config
+                    .plans
+                    .get(&step.key)
+                    .is_some_and(|p| p.features.iter().any(|f| f == feature))
+            });
+            responses::feature_unavailable(&settings.label, plan, feature, offer)
+        });
+    Terms {
+        plan: plan.clone(),
+        limit: limit_in(&plan.key),
+        forbidden,
+        upgrade: plan.upgrade_path.first().map(|step| Upgrade {
+            plan: step.key.clone(),
+            name: step.name.clone(),
+            limit: limit_in(&step.key),
+        }),
+    }
+}
+
+/// Checks the document as a whole; the first error names its JSON path.
+fn validate(config: &Config) -> Result<(), ConfigError> {
+    let known_feature = |f: &str| config.features.iter().any(|k| k == f);
+    if config.actions.is_empty() {
+        return Err(ConfigError::at("actions", "at least one action is needed"));
+    }
+    if !config.plans.contains_key(&config.default_plan) {
+        return Err(ConfigError::at(
+            "default_plan",
+            format!("names no plan: \"{}\"", config.default_plan),
+        ));
+    }
+    for (i, feature) in config.features.iter().enumerate() {
+        if config.features.iter().take(i).any(|f| f == feature) {
+            return Err(ConfigError::at(
+                format!("features[{i}]"),
+                format!("\"{feature}\" is listed twice"),
+            ));
+        }
+    }
+    for (name, action) in &config.actions {
+        let path = format!("actions.{name}");
+        if !is_identifier(name) {
+            return Err(ConfigError::at(
+                path,
+                "action names use only a-z, 0-9 and _",
+            ));
+        }
+        if let Some(feature) = &action.feature {
+            if !known_feature(feature) {
+                return Err(ConfigError::at(
+                    format!("{path}.feature"),
+                    format!("names no feature listed in `features`: \"{feature}\""),
+                ));
+            }
+        }
+        if let Some(kind) = &action.kind {
+            if kind.header.is_none() && kind.query.is_none() {
+                return Err(ConfigError::at(
+                    format!("{path}.kind"),
+                    "needs a `header` or a `query` parameter to read the kind from",
+                ));
+            }
+        }
+    }
+    for (i, route) in config.routes.iter().enumerate() {
+        let path = format!("routes[{i}]");
+        if !config.actions.contains_key(&route.action) {
+            return Err(ConfigError::at(
+                format!("{path}.action"),
+                format!("unknown action \"{}\"", route.action),
+            ));
+        }
+        let pattern = match (&route.path, &route.prefix) {
+            (Some(p), None) | (None, Some(p)) => p,
+            _ => {
+                return Err(ConfigError::at(
+                    path,
+                    "needs exactly one of `path` and `prefix`",
+                ))
+            }
+        };
+        if !pattern.starts_with('/') {
+            return Err(ConfigError::at(
+                path,
+                format!("path patterns start with '/': \"{pattern}\""),
+            ));
+        }
+    }
+    for (plan_name, plan) in &config.plans {
+        let path = format!("plans.{plan_name}");
+        if let Some(upgrade) = &plan.upgrade_to {
+            if !config.plans.contains_key(upgrade) {
+                return Err(ConfigError::at(
+                    format!("{path}.upgrade_to"),
+                    format!("names no plan: \"{upgrade}\""),
+                ));
+            }
+            if upgrade == plan_name {
+                return Err(ConfigError::at(
+                    format!("{path}.upgrade_to"),
+                    "a plan cannot upgrade to itself",
+                ));
+            }
+        }
+        for action in plan.limits.keys() {
+            if !config.actions.contains_key(action) {
+                return Err(ConfigError::at(
+                    format!("{path}.limits.{action}"),
+                    format!("unknown action \"{action}\""),
+                ));
+            }
+        }
+        for action in config.actions.keys() {
+            if !plan.limits.contains_key(action) {
+                return Err(ConfigError::at(
+                    format!("{path}.limits"),
+                    format!("no limit for action \"{action}\" (use null for unlimited)"),
+                ));
+            }
+        }
+        for (i, feature) in plan.features.iter().enumerate() {
+            if !known_feature(feature) {
+                return Err(ConfigError::at(
+                    format!("{path}.features[{i}]"),
+                    format!("names no feature listed in `features`: \"{feature}\""),
+                ));
+            }
+        }
+    }
+    check_upgrade_chains(config)
+}
+
+/// Upgrade suggestions must end at a top plan, or a message could loop forever.
+fn check_upgrade_chains(config: &Config) -> Result<(), ConfigError> {
+    for start in config.plans.keys() {
+        let mut current = config.plans.get(start);
+        for _ in 0..=config.plans.len() {
+            current = current
+                .and_then(|plan| plan.upgrade_to.as_ref())
+                .and_then(|next| config.plans.get(next));
+        }
+        if current.is_some() {
+            return Err(ConfigError::at(
+                format!("plans.{start}.upgrade_to"),
+                "upgrade suggestions form a cycle",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const PLANS_JSON: &str = include_str!("../../plans.json");
+
+    fn plans() -> Plans {
+        Plans::from_json(PLANS_JSON.as_bytes()).unwrap()
+    }
+
+    fn with(edit: impl FnOnce(&mut serde_json::Value)) -> Result<Plans, ConfigError> {
+        let mut value: serde_json::Value = serde_json::from_str(PLANS_JSON).unwrap();
+        edit(&mut value);
+        Plans::from_json(value.to_string().as_bytes())
+    }
+
+    fn action(plans: &Plans, key: &str) -> Rc<Action> {
+        plans
+            .actions()
+            .iter()
+            .find(|a| a.key == key)
+            .unwrap()
+            .clone()
+    }
+
+    fn limit(plans: &Plans, plan: &str, key: &str) -> Limit {
+        action(plans, key).terms(Some(plan)).limit
+    }
+
+    #[test]
+    fn the_repository_plans_json_holds_the_seed_plans() {
+        let p = plans();
+        assert_eq!(limit(&p, "free", "upload"), Some(5));
+        assert_eq!(limit(&p, "free", "ai_analysis"), Some(3));
+        assert_eq!(limit(&p, "free", "procedure_view"), None);
+        assert_eq!(limit(&p, "professional", "upload"), None);
+        assert_eq!(limit(&p, "professional", "ai_analysis"), Some(100));
+        assert_eq!(limit(&p, "professional", "dxf_export"), Some(50));
+        assert_eq!(limit(&p, "enterprise", "api_call"), Some(10_000));
+        assert_eq!(limit(&p, "enterprise", "ai_analysis"), None);
+        assert_eq!(p.features.len(), 10);
+        let enterprise = p.plan("enterprise").unwrap();
+        assert_eq!(enterprise.features.len(), 10);
+        assert!(enterprise.features.iter().all(|f| p.features.contains(f)));
+        assert!(!p.plan("free").unwrap().has_feature("dxf_export"));
+        assert!(p.plan("professional").unwrap().has_feature("dxf_export"));
+        assert!(!p.plan("professional").unwrap().has_feature("api_access"));
+        let mb = 1024 * 1024;
+        let plan = |k: &str| p.plan(k).unwrap().clone();
+        assert_eq!(plan("free").max_file_size_bytes, Some(10 * mb));
+        assert_eq!(plan("professional").max_file_size_bytes, Some(100 * mb));
+        assert_eq!(plan("enterprise").max_file_size_bytes, Some(500 * mb));
+        assert_eq!(plan("free").storage_bytes, Some(1024 * mb));
+        assert_eq!(plan("enterprise").storage_bytes, None);
+        assert_eq!(plan("professional").team_members, Some(5));
+        assert_eq!(plan("enterprise").team_members, None);
+    }
+
+    #[test]
+    fn routes_point_at_their_action() {
+        let p = plans();
+        let key = |m: &str, path: &str| p.route(m, path).map(|a| a.key.clone());
+        assert_eq!(key("POST", "/api/upload").as_deref(), Some("upload"));
+        assert_eq!(
+            key("POST", "/api/teammate?kind=vision").as_deref(),
+            Some("ai_analysis")
+        );
+        assert_eq!(
+            key("GET", "/api/procedures/42").as_deref(),
+            Some("procedure_view")
+        );
+        assert_eq!(
+            key("POST", "/api/export/pdf").as_deref(),
+            Some("pdf_export")
+        );
+        assert_eq!(
+            key("POST", "/api/export/dxf").as_deref(),
+            Some("dxf_export")
+        );
+        assert_eq!(key("GET", "/api/v1/diagrams").as_deref(), Some("api_call"));
+        assert_eq!(key("GET", "/api/upload"), None);
+        assert_eq!(key("GET", "/health"), None);
+    }
+
+    #[test]
+    fn unknown_plan_names_get_the_default_plans_terms() {
+        let p = plans();
+        let upload = action(&p, "upload");
+        assert_eq!(upload.terms(Some("platinum")).plan.key, "free");
+        assert_eq!(upload.terms(None).plan.key, "free");
+        assert_eq!(upload.terms(Some("enterprise")).plan.key, "enterprise");
+    }
+
+    #[test]
+    fn terms_carry_the_upgrade_offer_and_the_prepared_403() {
+        let p = plans();
+        let upload = action(&p, "upload");
+        assert_eq!(
+            upload.terms(Some("free")).upgrade,
+            Some(Upgrade {
+                plan: "professional".into(),
+                name: "Professional".into(),
+                limit: None
+            })
+        );
+        assert_eq!(upload.terms(Some("enterprise")).upgrade, None);
+        let dxf = action(&p, "dxf_export");
+        let forbidden = dxf.terms(Some("free")).forbidden.clone().unwrap();
+        assert_eq!(forbidden.status, 403);
+        assert!(
+            forbidden.body.contains("\"plan\":\"professional\""),
+            "{}",
+            forbidden.body
+        );
+        assert!(dxf.terms(Some("professional")).forbidden.is_none());
+    }
+
+    #[test]
+    fn the_upgrade_path_walks_to_the_top_plan() {
+        let p = plans();
+        let names: Vec<_> = p
+            .plan("free")
+            .unwrap()
+            .upgrade_path
+            .iter()
+            .map(|s| s.key.as_str())
+            .collect();
+        assert_eq!(names, ["professional", "enterprise"]);
+    }
+
+    #[test]
+    fn a_summary_snapshot_holds_the_plans_limits() {
+        let p = plans();
+        let limits: serde_json::Value =
+            serde_json::from_str(&p.plan("free").unwrap().limits_json).unwrap();
+        assert_eq!(limits["upload"], 5);
+        assert_eq!(limits["pdf_export"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn an_unknown_action_in_a_plan_is_refused() {
+        let err = with(|v| v["plans"]["free"]["limits"]["print"] = 1.into()).unwrap_err();
+        assert_eq!(err.path, "plans.free.limits.print");
+        assert!(err.reason.contains("unknown action"));
+    }
+
+    #[test]
+    fn an_unknown_action_in_a_route_is_refused() {
+        let err = with(|v| v["routes"][0]["action"] = "print".into()).unwrap_err();
+        assert_eq!(err.path, "routes[0].action");
+    }
+
+    #[test]
+    fn a_plan_without_a_limit_for_an_action_is_refused() {
+        let err = with(|v| {
+            v["plans"]["professional"]["limits"]
+                .as_object_mut()
+                .unwrap()
+                .remove("dxf_export");
+        })
+        .unwrap_err();
+        assert_eq!(err.path, "plans.professional.limits");
+        assert!(err.reason.contains("dxf_export"), "{err}");
+    }
+
+    #[test]
+    fn an_upgrade_to_no_plan_is_refused() {
+        let err = with(|v| v["plans"]["free"]["upgrade_to"] = "gold".into()).unwrap_err();
+        assert_eq!(err.path, "plans.free.upgrade_to");
+        assert!(err.reason.contains("gold"));
+    }
+
+    #[test]
+    fn an_upgrade_cycle_is_refused() {
+        let err = with(|v| v["plans"]["enterprise"]["upgrade_to"] = "free".into()).unwrap_err();
+        assert!(err.reason.contains("cycle"), "{err}");
+        let err = with(|v| v["plans"]["free"]["upgrade_to"] = "free".into()).unwrap_err();
+        assert!(err.reason.contains("itself"), "{err}");
+    }
+
+    #[test]
+    fn a_default_plan_that_does_not_exist_is_refused() {
+        let err = with(|v| v["default_plan"] = "trial".into()).unwrap_err();
+        assert_eq!(err.path, "default_plan");
+    }
+
+    #[test]
+    fn an_undeclared_or_repeated_feature_is_refused() {
+        let err =
+            with(|v| v["plans"]["free"]["features"] = serde_json::json!(["teleport"])).unwrap_err();
+        assert_eq!(err.path, "plans.free.features[0]");
+        let err = with(|v| v["features"][1] = "team_collaboration".into()).unwrap_err();
+        assert_eq!(err.path, "features[1]");
+        let err = with(|v| v["actions"]["upload"]["feature"] = "teleport".into()).unwrap_err();
+        assert_eq!(err.path, "actions.upload.feature");
+    }
+
+    #[test]
+    fn a_route_needs_one_pattern_starting_with_a_slash() {
+        let err = with(|v| v["routes"][0] = serde_json::json!({"action": "upload"})).unwrap_err();
+        assert_eq!(err.path, "routes[0]");
+        let err = with(|v| {
+            v["routes"][0] = serde_json::json!({"action": "upload", "path": "/a", "prefix": "/b"})
+        })
+        .unwrap_err();
+        assert_eq!(err.path, "routes[0]");
+        let err = with(|v| v["routes"][0] = serde_json::json!({"action": "upload", "path": "a"}))
+            .unwrap_err();
+        assert!(err.reason.contains("start with '/'"), "{err}");
+    }
+
+    #[test]
+    fn action_names_and_kinds_are_checked() {
+        let err = with(|v| {
+            let upload = v["actions"]["upload"].clone();
+            v["actions"]["Upload!"] = upload;
+        })
+        .unwrap_err();
+        assert_eq!(err.path, "actions.Upload!");
+        let err =
+            with(|v| v["actions"]["ai_analysis"]["kind"] = serde_json::json!({"allowed": []}))
+                .unwrap_err();
+        assert_eq!(err.path, "actions.ai_analysis.kind");
+        let err = with(|v| v["actions"] = serde_json::json!({})).unwrap_err();
+        assert_eq!(err.path, "actions");
+    }
+
+    /// Every JSON pointer of a value, for the fuzzer to aim at.
+    fn pointers(value: &serde_json::Value, at: String, out: &mut Vec<String>) {
+        out.push(at.clone());
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    pointers(v, format!("{at}/{k}"), out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    pointers(v, format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn any_json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            "[a-z_ ]{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(2, 8, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Any single edit of plans.json is either compiled or refused with a path; it never
+        /// panics, and what compiles resolves every route to terms for every plan. A longer
+        /// run: `PROPTEST_CASES=100000 cargo test -p plan-limits-core fuzz`.
+        #[test]
+        fn fuzz_config_edits(target in 0usize..1000, value in any_json()) {
+            let mut doc: serde_json::Value = serde_json::from_str(PLANS_JSON).unwrap();
+            let mut all = Vec::new();
+            pointers(&doc, String::new(), &mut all);
+            let pointer = &all[target % all.len()];
+            if pointer.is_empty() {
+                doc = value;
+            } else {
+                *doc.pointer_mut(pointer).unwrap() = value;
+            }
+            match Plans::from_json(doc.to_string().as_bytes()) {
+                Ok(plans) => {
+                    for route in plans.routes() {
+                        for plan in plans.plans() {
+                            let terms = route.target.terms(Some(&plan.key));
+                            proptest::prop_assert_eq!(&terms.plan.key, &plan.key);
+                        }
+                    }
+                }
+                Err(e) => proptest::prop_assert!(!e.path.is_empty() && !e.reason.is_empty()),
+            }
+        }
+    }
+}

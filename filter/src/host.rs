@@ -1,0 +1,138 @@
+//! What the worker asks of the host, carried out with proxy-wasm host calls.
+//!
+//! Answers and resumptions of streams are carried out after the worker returns (`finish`),
+//! never while it is borrowed: a host may call back into the filter from them.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use chrono::{DateTime, Utc};
+use log::{error, info, warn};
+use plan_limits_core::config::RedisSettings;
+use plan_limits_core::metrics::Metric;
+use plan_limits_core::period;
+use plan_limits_core::redis::{RedisCommand, TransportError};
+use plan_limits_core::responses::LocalResponse;
+use plan_limits_core::worker::{Io, LogLevel, StreamId, Token, Worker};
+use proxy_wasm::hostcalls;
+
+use crate::metrics::MetricIds;
+use crate::transport;
+
+/// What a root context shares with its HTTP contexts.
+pub struct Shared {
+    pub worker: RefCell<Worker>,
+    pub metrics: MetricIds,
+}
+
+impl Shared {
+    /// Runs `event` on the worker with a host to act through, then carries out what it asked
+    /// of the streams.
+    pub fn handle<R>(self: &Rc<Self>, event: impl FnOnce(&mut Worker, &mut Host) -> R) -> R {
+        let mut host = Host {
+            metrics: &self.metrics,
+            streams: Vec::new(),
+        };
+        let result = event(&mut self.worker.borrow_mut(), &mut host);
+        host.finish();
+        result
+    }
+
+    /// An HTTP call answered (webdis build: a Redis answer), on the context that made it.
+    pub fn on_http_call_response(
+        self: &Rc<Self>,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+    ) {
+        if let Some(reply) = transport::http_call_reply(num_headers, body_size) {
+            self.handle(|worker, host| worker.on_reply(token, reply, now(), host));
+        }
+    }
+}
+
+enum StreamAction {
+    Respond(StreamId, LocalResponse),
+    Resume(StreamId),
+}
+
+pub struct Host<'a> {
+    metrics: &'a MetricIds,
+    streams: Vec<StreamAction>,
+}
+
+impl Host<'_> {
+    fn finish(self) {
+        for action in self.streams {
+            let stream = match &action {
+                StreamAction::Respond(stream, _) | StreamAction::Resume(stream) => *stream,
+            };
+            // Redis answers may arrive on another context (the root, with Higress).
+            if hostcalls::set_effective_context(stream).is_err() {
+                continue;
+            }
+            match action {
+                StreamAction::Respond(_, response) => {
+                    let headers: Vec<(&str, &str)> = response
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    let _ = hostcalls::send_http_response(
+                        response.status,
+                        headers,
+                        Some(response.body.as_bytes()),
+                    );
+                }
+                StreamAction::Resume(_) => {
+                    let _ = hostcalls::resume_http_request();
+                }
+            }
+        }
+    }
+}
+
+impl Io for Host<'_> {
+    fn send(
+        &mut self,
+        redis: &RedisSettings,
+        command: &RedisCommand,
+    ) -> Result<Token, TransportError> {
+        transport::send(redis, command)
+    }
+
+    fn respond(&mut self, stream: StreamId, response: &LocalResponse) {
+        self.streams
+            .push(StreamAction::Respond(stream, response.clone()));
+    }
+
+    fn resume(&mut self, stream: StreamId) {
+        self.streams.push(StreamAction::Resume(stream));
+    }
+
+    fn count(&mut self, metric: Metric, by: u64) {
+        self.metrics.increment(metric, by);
+    }
+
+    fn log(&mut self, level: LogLevel, message: String) {
+        match level {
+            LogLevel::Info => info!("{message}"),
+            LogLevel::Warn => warn!("{message}"),
+            LogLevel::Error => error!("{message}"),
+        }
+    }
+
+    fn done(&mut self) {
+        let _ = hostcalls::done();
+    }
+}
+
+/// The host's clock, as the core wants it.
+pub fn now() -> DateTime<Utc> {
+    let nanos = hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    period::from_unix_nanos(nanos)
+}

@@ -1,0 +1,232 @@
+//! What the gateway does for every request kind, written once and run three times: in our
+//! wasmtime host with the webdis build and with the Redis host-call build, and through real
+//! Envoy (two workers) with webdis, each against a real Redis.
+
+use plan_limits_tests::*;
+
+on_every_gateway!(five_uploads_then_429_with_the_upgrade_json, |gw| {
+    for i in 1..=5 {
+        let r = gw.send(&upload("alice", "free"));
+        assert_eq!(r.status, 200, "upload {i}: {}", r.body_text());
+        assert!(r.from_upstream());
+    }
+    let r = gw.send(&upload("alice", "free"));
+    assert_eq!(r.status, 429, "{}", r.body_text());
+    assert!(!r.from_upstream());
+    let body = r.json();
+    assert_eq!(body["error"], "Upload limit reached");
+    assert_eq!(
+        body["message"],
+        "You've reached your upload limit of 5 diagrams this month. Upgrade to Professional for unlimited diagrams."
+    );
+    assert_eq!(
+        (&body["current"], &body["limit"], &body["percentage"]),
+        (&5.into(), &5.into(), &100.into())
+    );
+    assert_eq!(
+        (&body["action"], &body["plan"]),
+        (&"upload".into(), &"free".into())
+    );
+    assert_eq!(
+        body["upgrade"],
+        serde_json::json!({"plan": "professional", "name": "Professional", "limit": null})
+    );
+    // Retry-After points at the period's end, which `resets_at` names.
+    let resets_at =
+        chrono::DateTime::parse_from_rfc3339(body["resets_at"].as_str().unwrap()).unwrap();
+    assert_eq!(resets_at.format("%d %H:%M:%S").to_string(), "01 00:00:00");
+    let retry_after: i64 = r.header("retry-after").unwrap().parse().unwrap();
+    let expected = resets_at.timestamp() - gw.now().timestamp();
+    assert!(
+        (retry_after - expected).abs() <= 2,
+        "Retry-After {retry_after} vs {expected}"
+    );
+
+    assert!(counts(gw, "alice", "upload", 5));
+    assert_eq!(pending(gw, "alice", "upload"), 0);
+    assert_eq!(usage::events_of(&mut gw.redis(), "alice").len(), 5);
+    assert!(eventually(|| gw.metric("counted") == 5));
+    assert_eq!(gw.metric("denied"), 1);
+});
+
+on_every_gateway!(a_failed_upload_is_not_counted, |gw| {
+    let r = gw.send(&upload("bob", "free").upstream_status(500));
+    assert_eq!(r.status, 500, "the upstream's answer reaches the client");
+    assert!(eventually(|| gw.metric("released") == 1));
+    assert_eq!(counter(gw, "bob", "upload"), 0);
+    assert_eq!(pending(gw, "bob", "upload"), 0);
+    assert!(usage::events_of(&mut gw.redis(), "bob").is_empty());
+    // The failure took nothing from the allowance: five uploads still go through.
+    for _ in 0..5 {
+        assert_eq!(gw.send(&upload("bob", "free")).status, 200);
+    }
+    assert_eq!(gw.send(&upload("bob", "free")).status, 429);
+    assert!(counts(gw, "bob", "upload", 5));
+});
+
+on_every_gateway!(three_ai_analyses_then_429_and_the_kind_is_recorded, |gw| {
+    for kind in ["vision", "chat"] {
+        let r = gw.send(&analysis("carol", "free").header("x-analysis-kind", kind));
+        assert_eq!(r.status, 200, "{}", r.body_text());
+    }
+    let r = gw.send(&Request::new("POST", "/api/teammate?kind=photo").user("carol", "free"));
+    assert_eq!(r.status, 200);
+    let r = gw.send(&Request::new("POST", "/api/teammate?kind=explain").user("carol", "free"));
+    assert_eq!(r.status, 429);
+    let body = r.json();
+    assert_eq!(body["error"], "AI analysis limit reached");
+    assert_eq!((&body["current"], &body["limit"]), (&3.into(), &3.into()));
+    assert_eq!(body["upgrade"]["limit"], 100);
+    assert!(eventually(|| usage::events_of(&mut gw.redis(), "carol")
+        .len()
+        == 3));
+    let mut kinds: Vec<_> = usage::events_of(&mut gw.redis(), "carol")
+        .into_iter()
+        .map(|e| e["kind"].clone())
+        .collect();
+    kinds.sort();
+    assert_eq!(kinds, ["chat", "photo", "vision"]);
+});
+
+on_every_gateway!(
+    professional_uploads_are_unlimited_and_ai_analyses_stop_at_100,
+    |gw| {
+        for _ in 0..30 {
+            assert_eq!(gw.send(&upload("dave", "professional")).status, 200);
+        }
+        for i in 1..=100 {
+            let r = gw.send(&analysis("dave", "professional"));
+            assert_eq!(r.status, 200, "analysis {i}");
+        }
+        let r = gw.send(&analysis("dave", "professional"));
+        assert_eq!(r.status, 429);
+        assert_eq!(r.json()["upgrade"]["plan"], "enterprise");
+        // Unlimited uploads are still counted, for analytics.
+        assert!(counts(gw, "dave", "upload", 30));
+        assert!(counts(gw, "dave", "ai_analysis", 100));
+    }
+);
+
+on_every_gateway!(features_outside_the_plan_are_403, |gw| {
+    let r = gw.send(&Request::new("POST", "/api/export/dxf").user("erin", "free"));
+    assert_eq!(r.status, 403);
+    let body = r.json();
+    assert_eq!(body["feature"], "dxf_export");
+    assert_eq!(body["upgrade"]["plan"], "professional");
+    let r = gw.send(&Request::new("GET", "/api/v1/diagrams").user("erin", "professional"));
+    assert_eq!(r.status, 403);
+    assert!(!r.from_upstream());
+    assert_eq!(r.json()["upgrade"]["plan"], "enterprise");
+    let r = gw.send(&Request::new("POST", "/api/export/dxf").user("erin", "professional"));
+    assert_eq!(r.status, 200);
+    assert_eq!(gw.metric("rejected"), 2);
+});
+
+on_every_gateway!(file_size_limits_follow_the_plan, |gw| {
+    let r = gw.send(
+        &Request::new("POST", "/api/upload")
+            .user("frank", "free")
+            .body(Body::DeclaredOnly(11 * MB)),
+    );
+    assert_eq!(r.status, 413);
+    let body = r.json();
+    assert_eq!(body["max_bytes"], 10 * MB);
+    assert_eq!(body["upgrade"]["plan"], "professional");
+    let r = gw.send(
+        &Request::new("POST", "/api/upload")
+            .user("grace", "professional")
+            .body(Body::Zeros(50 * MB)),
+    );
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert!(eventually(|| usage::events_of(&mut gw.redis(), "grace")
+        .len()
+        == 1));
+    let event = &usage::events_of(&mut gw.redis(), "grace")[0];
+    assert_eq!(event["bytes"], (50 * MB).to_string());
+    assert_eq!(
+        (event["action"].as_str(), event["status"].as_str()),
+        ("upload", "200")
+    );
+    assert_eq!(counter(gw, "frank", "upload"), 0);
+});
+
+on_every_gateway!(
+    unmetered_routes_pass_untouched_and_a_missing_user_is_401,
+    |gw| {
+        for (method, path) in [
+            ("GET", "/"),
+            ("GET", "/health"),
+            ("GET", "/api/upload"),
+            ("POST", "/api/uploads"),
+        ] {
+            let r = gw.send(&Request::new(method, path));
+            assert_eq!(r.status, 200, "{method} {path}");
+            assert!(r.from_upstream());
+        }
+        assert_eq!(
+            gw.metric("allowed") + gw.metric("rejected"),
+            0,
+            "the filter metered none"
+        );
+        let r = gw.send(
+            &analysis("x", "free")
+                .header("x-user-id", "")
+                .body(Body::Empty),
+        );
+        assert_eq!(r.status, 400, "two user headers");
+        let r = gw.send(&Request::new("POST", "/api/teammate"));
+        assert_eq!(r.status, 401);
+        assert!(r.json()["message"].as_str().unwrap().contains("x-user-id"));
+        assert!(!r.from_upstream());
+        assert!(
+            usage::keys(&mut gw.redis()).is_empty(),
+            "nothing was written"
+        );
+    }
+);
+
+on_every_gateway!(
+    usage_events_and_the_monthly_summary_hold_what_happened,
+    |gw| {
+        gw.send(&upload("heidi", "free"));
+        gw.send(&Request::new("GET", "/api/procedures/7").user("heidi", "free"));
+        gw.send(
+            &Request::new("POST", "/api/export/pdf")
+                .user("heidi", "free")
+                .header("x-request-id", "req-pdf-1"),
+        );
+        gw.send(
+            &Request::new("POST", "/api/export/pdf")
+                .user("heidi", "free")
+                .upstream_status(502),
+        );
+        assert!(eventually(|| usage::events_of(&mut gw.redis(), "heidi")
+            .len()
+            == 3));
+        let summary = usage::summary(&mut gw.redis(), "heidi", &gw.period());
+        assert_eq!(summary["upload"], "1");
+        assert_eq!(summary["procedure_view"], "1");
+        assert_eq!(summary["pdf_export"], "1");
+        assert_eq!(summary["plan"], "free");
+        let limits: serde_json::Value = serde_json::from_str(&summary["limits"]).unwrap();
+        assert_eq!(
+            (&limits["upload"], &limits["ai_analysis"]),
+            (&5.into(), &3.into())
+        );
+        assert_eq!(limits["pdf_export"], serde_json::Value::Null);
+        // Each Envoy worker sends its own batches, so events of different workers may interleave.
+        let events = usage::events_of(&mut gw.redis(), "heidi");
+        let mut actions: Vec<_> = events.iter().map(|e| e["action"].as_str()).collect();
+        actions.sort();
+        assert_eq!(actions, ["pdf_export", "procedure_view", "upload"]);
+        let pdf = events.iter().find(|e| e["action"] == "pdf_export").unwrap();
+        assert_eq!(pdf["request_id"], "req-pdf-1");
+        assert_eq!(
+            (pdf["plan"].as_str(), pdf["status"].as_str()),
+            ("free", "200")
+        );
+        assert_eq!(pdf["period"], gw.period());
+        let at = chrono::DateTime::parse_from_rfc3339(&pdf["at"]).unwrap();
+        assert!((gw.now().timestamp() - at.timestamp()).abs() < 60, "{at}");
+    }
+);
