@@ -233,7 +233,8 @@ impl Plugin {
 pub struct Vm {
     store: Store<VmState>,
     instance: Instance,
-    redis: HashMap<String, redis::Connection>,
+    /// Open connections per Redis cluster, with the init settings they were opened with.
+    redis: HashMap<String, (state::RedisInit, redis::Connection)>,
     next_context: u32,
 }
 
@@ -466,12 +467,32 @@ impl Vm {
     }
 
     fn run_redis(&mut self, cluster: &str, query: &[u8]) -> Option<Vec<u8>> {
+        let init = self.store.data().redis_initialized.get(cluster)?.clone();
+        // Higress drops a cluster's connections when it is initialized with other settings.
+        if self
+            .redis
+            .get(cluster)
+            .is_some_and(|(with, _)| *with != init)
+        {
+            self.redis.remove(cluster);
+        }
         if !self.redis.contains_key(cluster) {
             let url = self.store.data().redis_clusters.get(cluster)?.clone();
-            let conn = redis::Client::open(url).ok()?.get_connection().ok()?;
-            self.redis.insert(cluster.to_string(), conn);
+            let (conn, notes) = match redis_calls::connect(&url, &init) {
+                Ok(opened) => opened,
+                Err(e) => {
+                    self.store.data().log(1, format!("redis {cluster}: {e}"));
+                    return None;
+                }
+            };
+            for note in notes {
+                self.store.data().log(1, format!("{cluster}: {note}"));
+            }
+            self.redis.insert(cluster.to_string(), (init, conn));
         }
-        let reply = redis_calls::perform(self.redis.get_mut(cluster)?, query);
+        // A call that fails or outlives the timeout answers as a failed call; the connection,
+        // whose late reply would answer the next call, goes.
+        let reply = redis_calls::perform(&mut self.redis.get_mut(cluster)?.1, query);
         if reply.is_none() {
             self.redis.remove(cluster);
         }

@@ -3,16 +3,51 @@
 //! `proxy_redis_call(cluster, RESP query, token out)`, answered through
 //! `proxy_on_redis_call_response(root_context_id, token, status, size)` with the RESP reply in
 //! buffer 9. The host side runs the query on a real Redis with the `redis` crate.
+//!
+//! Init options follow Higress's wasm-go SDK (`pkg/wrapper/redis_wrapper.go`,
+//! `RedisClusterClient.Init`): the cluster name carries them after `?` as `k=v` pairs joined
+//! by `&` (a wasm-go plugin passes
+//! `outbound|6379||redis.dns?db=5&buffer_flush_timeout=3&max_buffer_size_before_flush=1024`);
+//! calls name the bare cluster. Only `db` matters here: the other two tune Envoy's request
+//! pipelining, and this host runs one call at a time.
+//!
+//! Connections are set up as Higress's Envoy sets up its Redis clients
+//! (`AsyncClientImpl::initialize` in higress-group/envoy `source/common/redis/` takes the
+//! username, password, options and op timeout; the client sends AUTH, then SELECT, ahead of
+//! the first command and drops their replies), so a wrong password shows up in the reply to
+//! the filter's own command, not as an unreachable Redis.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use wasmtime::{Caller, Linker};
 
 use super::abi::{BAD_ARGUMENT, OK};
 use super::memory::{read, read_string, write_u32};
-use super::state::{Callout, PendingCall, VmState};
+use super::state::{Callout, PendingCall, RedisInit, VmState};
 
-/// The cluster name up to `?` (Higress passes options such as `?db=1` after it).
+/// For a timeout of 0: Envoy's default Redis op timeout (`ConfigImpl()` in higress-group/envoy
+/// `source/common/redis/async_client_impl.h`), also what wasm-go plugins default to.
+const DEFAULT_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// The cluster name up to `?`.
 fn cluster_name(raw: &str) -> &str {
     raw.split('?').next().unwrap_or(raw)
+}
+
+/// The `k=v&k=v` options after `?` in the cluster name.
+fn cluster_options(raw: &str) -> BTreeMap<String, String> {
+    let Some((_, query)) = raw.split_once('?') else {
+        return BTreeMap::new();
+    };
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (pair.to_string(), String::new()),
+        })
+        .collect()
 }
 
 pub fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
@@ -26,17 +61,27 @@ pub fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
          user_len: i32,
          password_ptr: i32,
          password_len: i32,
-         _timeout_ms: i32|
+         timeout_ms: i32|
          -> wasmtime::Result<i32> {
-            let cluster = read_string(&mut caller, cluster_ptr, cluster_len)?;
-            let _ = read(&mut caller, user_ptr, user_len)?;
-            let _ = read(&mut caller, password_ptr, password_len)?;
-            let cluster = cluster_name(&cluster).to_string();
+            let raw = read_string(&mut caller, cluster_ptr, cluster_len)?;
+            let username = read_string(&mut caller, user_ptr, user_len)?;
+            let password = read_string(&mut caller, password_ptr, password_len)?;
+            let cluster = cluster_name(&raw).to_string();
             let state = caller.data_mut();
             if !state.redis_clusters.contains_key(&cluster) {
                 return Ok(BAD_ARGUMENT);
             }
-            state.redis_initialized.insert(cluster, true);
+            let timeout = match timeout_ms as u32 {
+                0 => DEFAULT_TIMEOUT,
+                ms => Duration::from_millis(ms.into()),
+            };
+            let init = RedisInit {
+                username,
+                password,
+                options: cluster_options(&raw),
+                timeout,
+            };
+            state.redis_initialized.insert(cluster, init);
             Ok(OK)
         },
     )?;
@@ -54,12 +99,7 @@ pub fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             let cluster = cluster_name(&cluster).to_string();
             let query = read(&mut caller, query_ptr, query_len)?;
             let state = caller.data_mut();
-            if !state
-                .redis_initialized
-                .get(&cluster)
-                .copied()
-                .unwrap_or(false)
-            {
+            if !state.redis_initialized.contains_key(&cluster) {
                 return Ok(BAD_ARGUMENT);
             }
             state.next_token += 1;
@@ -76,6 +116,77 @@ pub fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         },
     )?;
     Ok(())
+}
+
+/// Opens a connection to the cluster at `url` as Higress does with `init`: the read/write
+/// timeout is the per-call timeout, AUTH (username and password, or password only) and SELECT
+/// go first and their replies are dropped, each noted for the log. `Err` when Redis could not
+/// be reached.
+pub fn connect(url: &str, init: &RedisInit) -> Result<(redis::Connection, Vec<String>), String> {
+    use redis::IntoConnectionInfo;
+    let info = url.into_connection_info().map_err(|e| e.to_string())?;
+    let from_url = info.redis_settings().clone();
+    // Credentials in the cluster's URL stand in for a filter that passes none.
+    let (username, password) = if init.password.is_empty() {
+        (
+            from_url.username().unwrap_or_default().to_string(),
+            from_url.password().unwrap_or_default().to_string(),
+        )
+    } else {
+        (init.username.clone(), init.password.clone())
+    };
+    let db = match init.db() {
+        Some(db) => Some(db.to_string()),
+        None => (from_url.db() != 0).then(|| from_url.db().to_string()),
+    };
+    // The handshake is ours, not the crate's: it would refuse the connection on a bad AUTH.
+    let bare = redis::RedisConnectionInfo::default().set_skip_set_lib_name();
+    let client = redis::Client::open(info.set_redis_settings(bare)).map_err(|e| e.to_string())?;
+    let mut conn = client
+        .get_connection_with_timeout(init.timeout)
+        .map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(init.timeout))
+        .and_then(|_| conn.set_write_timeout(Some(init.timeout)))
+        .map_err(|e| e.to_string())?;
+    let mut notes = Vec::new();
+    if !password.is_empty() {
+        let mut auth = redis::cmd("AUTH");
+        if !username.is_empty() {
+            auth.arg(&username);
+        }
+        auth.arg(&password);
+        handshake(&mut conn, &auth, "AUTH", &mut notes)?;
+    }
+    if let Some(db) = db {
+        handshake(
+            &mut conn,
+            redis::cmd("SELECT").arg(&db),
+            "SELECT",
+            &mut notes,
+        )?;
+    }
+    Ok((conn, notes))
+}
+
+/// One handshake command: its error reply is only noted, a network error fails the connection.
+fn handshake(
+    conn: &mut redis::Connection,
+    cmd: &redis::Cmd,
+    name: &str,
+    notes: &mut Vec<String>,
+) -> Result<(), String> {
+    match cmd.query::<redis::Value>(conn) {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+            Err(format!("redis {name}: {e}"))
+        }
+        Err(e) => {
+            notes.push(format!(
+                "redis {name} failed (reply dropped, as Envoy does): {e}"
+            ));
+            Ok(())
+        }
+    }
 }
 
 /// Runs a RESP-encoded command on the real Redis and returns the RESP-encoded reply; `None`
@@ -146,4 +257,22 @@ pub fn encode(value: &redis::Value) -> Vec<u8> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_after_the_cluster_name() {
+        let raw = concat!(
+            "outbound|6379||redis.dns",
+            "?db=5&buffer_flush_timeout=3&max_buffer_size_before_flush=1024"
+        );
+        assert_eq!(cluster_name(raw), "outbound|6379||redis.dns");
+        let options = cluster_options(raw);
+        assert_eq!(options.get("db").map(String::as_str), Some("5"));
+        assert_eq!(options.len(), 3);
+        assert!(cluster_options("plan_limits_redis").is_empty());
+    }
 }

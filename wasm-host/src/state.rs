@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::abi::Pairs;
 
@@ -96,6 +97,26 @@ impl LocalReply {
     }
 }
 
+/// What `proxy_redis_init` set for a cluster; Higress keeps it per cluster and applies it to
+/// every connection it opens there (AUTH, then SELECT, then the filter's commands).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisInit {
+    /// Empty: password-only AUTH (or none without a password).
+    pub username: String,
+    /// Empty: no AUTH.
+    pub password: String,
+    /// The options after `?` in the cluster name (`db=1`), as Higress parses them.
+    pub options: BTreeMap<String, String>,
+    /// Per-call timeout: a call that takes longer fails (status non-zero).
+    pub timeout: Duration,
+}
+
+impl RedisInit {
+    pub fn db(&self) -> Option<&str> {
+        self.options.get("db").map(String::as_str)
+    }
+}
+
 /// An outbound call made by the filter, waiting for the test to let it run.
 #[derive(Debug, Clone)]
 pub enum Callout {
@@ -142,9 +163,10 @@ pub struct VmState {
     pub redis_call_response: Option<Vec<u8>>,
     /// Clusters the filter may call (`proxy_http_call`): name -> `host:port`.
     pub http_clusters: HashMap<String, String>,
-    /// Clusters for Redis host calls: name -> `redis://` URL; initialized ones are marked.
+    /// Clusters for Redis host calls: name -> `redis://` URL.
     pub redis_clusters: HashMap<String, String>,
-    pub redis_initialized: HashMap<String, bool>,
+    /// Clusters the filter called `proxy_redis_init` for, with what it passed.
+    pub redis_initialized: HashMap<String, RedisInit>,
     pub plugin_properties: HashMap<String, Vec<u8>>,
     pub random_state: u64,
     pub done_called: bool,
