@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 
 use crate::config::Identity;
 use crate::period::BillingPeriod;
-use crate::plans::{Action, Plan, Plans};
+use crate::plans::{Action, FeatureAccess, Plan, Plans};
 use crate::request::{MeteredRequest, RequestFacts};
 use crate::responses::{self, LocalResponse};
 use crate::routes;
@@ -92,8 +92,13 @@ fn metered(
     let user = user(identity, head)?;
     let plan_name = head.single(&identity.plan_header)?;
     let terms = action.terms(plan_name.and_then(|p| std::str::from_utf8(p).ok()));
-    if let Some(forbidden) = &terms.forbidden {
-        return Err(forbidden.clone());
+    if let FeatureAccess::Missing { feature, offer } = &terms.feature {
+        return Err(responses::feature_unavailable(
+            action,
+            &terms.plan,
+            feature,
+            offer.as_ref(),
+        ));
     }
     let bytes = size(action, &terms.plan, head)?;
     Ok(MeteredRequest::new(RequestFacts {

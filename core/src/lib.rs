@@ -9,7 +9,7 @@
 //! - `routes`, `period`, `keys`: matching, billing periods, Redis key names;
 //! - `admission`: a request's head read once (identity, plan, feature, size, kind);
 //! - `request`: a metered request's life (reservation, response, end);
-//! - `settlement`: commits, counts and releases, and the worker's queue of them;
+//! - `settlement`: commits, counts and releases; `settlement_queue`: a worker's, in batches;
 //! - `denials`: refusals remembered briefly per worker;
 //! - `worker`: the events in / actions out state machine the shell drives;
 //! - `responses`: every answer the filter gives itself; `metrics`: its counters;
@@ -27,4 +27,5 @@ pub mod request;
 pub mod responses;
 pub mod routes;
 pub mod settlement;
+pub mod settlement_queue;
 pub mod worker;

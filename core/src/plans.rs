@@ -1,6 +1,6 @@
 //! plans.json compiled once into the model every request uses: routes point at their action,
-//! each action holds every plan's terms for it (limit, the 403 if the plan lacks its feature,
-//! the upgrade offer), plans carry their limits snapshot and upgrade path. A request resolves
+//! each action holds every plan's terms for it (limit, whether the plan has its feature, the
+//! upgrade offers), plans carry their limits snapshot and upgrade path. A request resolves
 //! its route and plan once and then holds references: nothing is looked up by name again, and
 //! nothing here can fail after `compile` succeeded.
 
@@ -10,7 +10,6 @@ use std::rc::Rc;
 use crate::config::{
     ActionSettings, Config, ConfigError, FailureMode, Identity, KindSource, Limit, RedisSettings,
 };
-use crate::responses::{self, LocalResponse};
 use crate::routes::{self, PathPattern, Route};
 
 /// The compiled plans.json.
@@ -47,10 +46,21 @@ pub struct Terms {
     pub plan: Rc<Plan>,
     /// The monthly allowance; `None` is unlimited.
     pub limit: Limit,
-    /// The 403 answered when the plan lacks the action's feature; `None` when it has it.
-    pub forbidden: Option<LocalResponse>,
+    pub feature: FeatureAccess,
     /// The plan suggested in this action's 429, with its limit for the action.
     pub upgrade: Option<Upgrade>,
+}
+
+/// Whether a plan has the feature an action needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeatureAccess {
+    /// The action needs no feature, or the plan has it.
+    Included,
+    /// The plan lacks `feature` (403); `offer` is the first plan up the upgrade path with it.
+    Missing {
+        feature: String,
+        offer: Option<UpgradeStep>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,23 +278,26 @@ fn compile_terms(
             .copied()
             .flatten()
     };
-    let forbidden = settings
-        .feature
-        .as_deref()
-        .filter(|feature| !plan.has_feature(feature))
-        .map(|feature| {
-            let offer = plan.upgrade_path.iter().find(|step| {
-                config
-                    .plans
-                    .get(&step.key)
-                    .is_some_and(|p| p.features.iter().any(|f| f == feature))
-            });
-            responses::feature_unavailable(&settings.label, plan, feature, offer)
-        });
+    let feature = match settings.feature.as_deref() {
+        Some(feature) if !plan.has_feature(feature) => FeatureAccess::Missing {
+            feature: feature.to_string(),
+            offer: plan
+                .upgrade_path
+                .iter()
+                .find(|step| {
+                    config
+                        .plans
+                        .get(&step.key)
+                        .is_some_and(|p| p.features.iter().any(|f| f == feature))
+                })
+                .cloned(),
+        },
+        _ => FeatureAccess::Included,
+    };
     Terms {
         plan: plan.clone(),
         limit: limit_in(&plan.key),
-        forbidden,
+        feature,
         upgrade: plan.upgrade_path.first().map(|step| Upgrade {
             plan: step.key.clone(),
             name: step.name.clone(),
@@ -525,7 +538,7 @@ mod tests {
     }
 
     #[test]
-    fn terms_carry_the_upgrade_offer_and_the_prepared_403() {
+    fn terms_carry_the_upgrade_offers() {
         let p = plans();
         let upload = action(&p, "upload");
         assert_eq!(
@@ -538,14 +551,24 @@ mod tests {
         );
         assert_eq!(upload.terms(Some("enterprise")).upgrade, None);
         let dxf = action(&p, "dxf_export");
-        let forbidden = dxf.terms(Some("free")).forbidden.clone().unwrap();
-        assert_eq!(forbidden.status, 403);
-        assert!(
-            forbidden.body.contains("\"plan\":\"professional\""),
-            "{}",
-            forbidden.body
+        let FeatureAccess::Missing { feature, offer } = &dxf.terms(Some("free")).feature else {
+            panic!("free has no DXF export")
+        };
+        assert_eq!(feature, "dxf_export");
+        assert_eq!(offer.as_ref().unwrap().key, "professional");
+        assert_eq!(
+            dxf.terms(Some("professional")).feature,
+            FeatureAccess::Included
         );
-        assert!(dxf.terms(Some("professional")).forbidden.is_none());
+        let api = action(&p, "api_call");
+        let FeatureAccess::Missing { offer, .. } = &api.terms(Some("free")).feature else {
+            panic!("free has no API access")
+        };
+        assert_eq!(
+            offer.as_ref().unwrap().key,
+            "enterprise",
+            "the first plan that has it"
+        );
     }
 
     #[test]

@@ -90,11 +90,10 @@ pub fn limit_reached(
     .with_header("retry-after", retry_after_secs.to_string())
 }
 
-/// 403: `plan` lacks `feature`, which the action labelled `label` needs; `offer` is the first
-/// plan up the upgrade path that has it. Built once per plan and action, when plans.json is
-/// compiled.
+/// 403: `plan` lacks `feature`, which `action` needs; `offer` is the first plan up the
+/// upgrade path that has it.
 pub fn feature_unavailable(
-    label: &str,
+    action: &Action,
     plan: &Plan,
     feature: &str,
     offer: Option<&UpgradeStep>,
@@ -109,7 +108,7 @@ pub fn feature_unavailable(
             "error": "Feature not available",
             "message": format!(
                 "{} is not included in the {} plan.{}",
-                capitalized(label), plan.name, pitch
+                capitalized(&action.label), plan.name, pitch
             ),
             "feature": feature,
             "plan": plan.key,
@@ -334,11 +333,13 @@ mod tests {
     #[test]
     fn a_missing_feature_names_the_plan_that_has_it() {
         let p = plans();
-        let r = action(&p, "api_call")
-            .terms(Some("free"))
-            .forbidden
-            .clone()
-            .unwrap();
+        let api = action(&p, "api_call");
+        let crate::plans::FeatureAccess::Missing { feature, offer } =
+            &api.terms(Some("free")).feature
+        else {
+            panic!("free has no API access")
+        };
+        let r = feature_unavailable(&api, p.plan("free").unwrap(), feature, offer.as_ref());
         assert_eq!(r.status, 403);
         let b = body(&r);
         assert_eq!(b["feature"], "api_access");

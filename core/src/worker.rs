@@ -25,7 +25,8 @@ use crate::redis::scripts::{self, Form};
 use crate::redis::{RedisCommand, RedisReply, TransportError};
 use crate::request::{unix_millis, Decision, MeteredRequest};
 use crate::responses::{self, LocalResponse};
-use crate::settlement::{BatchReport, Settlement, SettlementQueue};
+use crate::settlement::Settlement;
+use crate::settlement_queue::{BatchReport, SettlementQueue};
 
 /// The host's id of an HTTP stream (its context id).
 pub type StreamId = u32;

@@ -1,7 +1,7 @@
 //! `plan-limits validate`: the plans as a table, one column per plan.
 
 use plan_limits_core::config::Limit;
-use plan_limits_core::plans::{Plan, Plans};
+use plan_limits_core::plans::{FeatureAccess, Plan, Plans};
 
 pub fn render(plans: &Plans) -> String {
     let columns = plans.plans();
@@ -17,9 +17,9 @@ pub fn render(plans: &Plans) -> String {
         let mut row = vec![format!("{} / month", action.key)];
         for plan in columns {
             let terms = action.terms(Some(&plan.key));
-            row.push(match (&action.feature, &terms.forbidden) {
-                (Some(feature), Some(_)) => format!("off (needs {feature})"),
-                _ => count(terms.limit),
+            row.push(match &terms.feature {
+                FeatureAccess::Missing { feature, .. } => format!("off (needs {feature})"),
+                FeatureAccess::Included => count(terms.limit),
             });
         }
         rows.push(row);
