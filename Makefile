@@ -5,23 +5,33 @@ WASM := target/plan_limits_filter.wasm
 WASM_HOSTCALLS := target/plan_limits_filter_redis_hostcalls.wasm
 OPT := wasm-opt -Oz --enable-bulk-memory --enable-sign-ext
 
-.PHONY: deps build run test soak bench bench-smoke lint clean
+.PHONY: deps build build-stock build-hostcalls run test soak bench bench-smoke lint clean
 
 deps:
 	@scripts/install-deps.sh
 
 ## build: the optimized filter .wasm Envoy loads, and the build for the Higress Redis host calls
-build: deps
-	cargo build --release --locked -p plan-limits-filter --target wasm32-wasip1 --features redis-hostcalls
-	$(OPT) $(WASM_RAW) -o $(WASM_HOSTCALLS)
+build: build-hostcalls build-stock
+
+build-stock: deps
 	cargo build --release --locked -p plan-limits-filter --target wasm32-wasip1
 	$(OPT) $(WASM_RAW) -o $(WASM)
 	@echo "filter for stock Envoy (webdis): $(WASM) ($$(stat -c %s $(WASM)) bytes)"
-	@echo "filter for Redis host calls:     $(WASM_HOSTCALLS) ($$(stat -c %s $(WASM_HOSTCALLS)) bytes)"
 
-## run: Redis, webdis, the demo upstreams and Envoy in the foreground; Ctrl-C stops them all
-run: build
-	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --no-default-features --bin plan-limits-gateway
+build-hostcalls: deps
+	cargo build --release --locked -p plan-limits-filter --target wasm32-wasip1 --features redis-hostcalls
+	$(OPT) $(WASM_RAW) -o $(WASM_HOSTCALLS)
+	@echo "filter for Redis host calls: $(WASM_HOSTCALLS) ($$(stat -c %s $(WASM_HOSTCALLS)) bytes)"
+
+## run: Redis, webdis, the demo upstream and Envoy in the foreground; Ctrl-C stops them all.
+## Compiles only what it runs: the stock .wasm and the launcher (which has no wasmtime).
+run: deps
+	@echo "==> 1/3 the filter for stock Envoy (release, wasm32)"
+	@$(MAKE) --no-print-directory build-stock
+	@echo "==> 2/3 the launcher"
+	cargo build --locked -p plan-limits-tools --no-default-features --bin plan-limits-gateway
+	@echo "==> 3/3 starting the gateway"
+	@PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) target/debug/plan-limits-gateway
 
 ## test: unit tests of the core, then end-to-end tests through real Envoy and Redis
 test: build lint
