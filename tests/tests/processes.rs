@@ -26,7 +26,10 @@ fn no_process_started_by_a_gateway_the_harness_or_the_bench_outlives_it() {
         "nginx runs a master and a worker: {nginx_group:?}"
     );
     let mut started = gw.processes();
-    assert!(started.len() >= 4, "Envoy, the upstream, webdis, Redis: {started:?}");
+    assert!(
+        started.len() >= 4,
+        "Envoy, the upstream, webdis, Redis: {started:?}"
+    );
     started.extend(nginx_group);
     for service in [
         harness.redis.as_ref().map(|r| r.service()),
