@@ -188,15 +188,7 @@ fn kind(action: &Action, head: RequestHead) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone;
-
-    fn plans() -> Plans {
-        Plans::from_json(include_bytes!("../../plans.json")).unwrap()
-    }
-
-    fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap()
-    }
+    use crate::testing::{now, plans};
 
     fn admit_with(plans: &Plans, method: &str, path: &str, headers: &[(&str, &[u8])]) -> Admission {
         let mut all = vec![
@@ -217,8 +209,7 @@ mod tests {
     fn metered(admission: Admission) -> MeteredRequest {
         match admission {
             Admission::Metered(m) => m,
-            Admission::Refused(r) => panic!("refused: {} {}", r.status, r.body),
-            Admission::Unmetered => panic!("unmetered"),
+            _ => panic!("expected a metered request"),
         }
     }
 

@@ -192,12 +192,10 @@ impl Config {
 mod tests {
     use super::*;
 
-    const PLANS_JSON: &str = include_str!("../../plans.json");
+    use crate::testing::plans_json_with;
 
     fn with(edit: impl FnOnce(&mut serde_json::Value)) -> Result<Config, ConfigError> {
-        let mut value: serde_json::Value = serde_json::from_str(PLANS_JSON).unwrap();
-        edit(&mut value);
-        Config::from_json(value.to_string().as_bytes())
+        Config::from_json(plans_json_with(edit).as_bytes())
     }
 
     #[test]

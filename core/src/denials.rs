@@ -100,30 +100,16 @@ impl DenialCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admission::{admit, Admission, RequestHead};
     use crate::plans::Plans;
+    use crate::testing::{head, metered, now, plans, plans_json_with};
     use chrono::TimeZone;
 
-    fn plans() -> Plans {
-        Plans::from_json(include_bytes!("../../plans.json")).unwrap()
-    }
-
     fn at(ms: i64) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap() + chrono::Duration::milliseconds(ms)
+        now() + chrono::Duration::milliseconds(ms)
     }
 
     fn upload(p: &Plans, user: &str, plan: &str, when: DateTime<Utc>) -> MeteredRequest {
-        let headers = vec![
-            (":method".to_string(), b"POST".to_vec()),
-            (":path".to_string(), b"/api/upload".to_vec()),
-            ("x-user-id".to_string(), user.as_bytes().to_vec()),
-            ("x-user-plan".to_string(), plan.as_bytes().to_vec()),
-            ("content-length".to_string(), b"1".to_vec()),
-        ];
-        match admit(p, RequestHead::new(&headers), when) {
-            Admission::Metered(m) => m,
-            _ => panic!("expected a metered request"),
-        }
+        metered(p, &head("POST", "/api/upload", user, plan), when)
     }
 
     fn response() -> LocalResponse {
@@ -159,16 +145,19 @@ mod tests {
             .refusal(&upload(&p, "v", "free", at(1)), at(1))
             .is_none());
         // A plan change (here to one whose upload is limited too, in a patched copy).
-        let mut json: serde_json::Value =
-            serde_json::from_str(include_str!("../../plans.json")).unwrap();
-        json["plans"]["professional"]["limits"]["upload"] = 5.into();
-        let patched = Plans::from_json(json.to_string().as_bytes()).unwrap();
+        let patched = Plans::from_json(
+            plans_json_with(|p| p["plans"]["professional"]["limits"]["upload"] = 5.into())
+                .as_bytes(),
+        )
+        .unwrap();
         assert!(cache
             .refusal(&upload(&patched, "u", "professional", at(1)), at(1))
             .is_none());
         // Another limit for the same plan.
-        json["plans"]["free"]["limits"]["upload"] = 6.into();
-        let raised = Plans::from_json(json.to_string().as_bytes()).unwrap();
+        let raised = Plans::from_json(
+            plans_json_with(|p| p["plans"]["free"]["limits"]["upload"] = 6.into()).as_bytes(),
+        )
+        .unwrap();
         assert!(cache
             .refusal(&upload(&raised, "u", "free", at(1)), at(1))
             .is_none());

@@ -29,3 +29,6 @@ pub mod routes;
 pub mod settlement;
 pub mod settlement_queue;
 pub mod worker;
+
+#[cfg(test)]
+mod testing;

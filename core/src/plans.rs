@@ -448,25 +448,10 @@ fn is_identifier(s: &str) -> bool {
 mod tests {
     use super::*;
 
-    pub const PLANS_JSON: &str = include_str!("../../plans.json");
-
-    fn plans() -> Plans {
-        Plans::from_json(PLANS_JSON.as_bytes()).unwrap()
-    }
+    use crate::testing::{action, plans, plans_json_with, PLANS_JSON};
 
     fn with(edit: impl FnOnce(&mut serde_json::Value)) -> Result<Plans, ConfigError> {
-        let mut value: serde_json::Value = serde_json::from_str(PLANS_JSON).unwrap();
-        edit(&mut value);
-        Plans::from_json(value.to_string().as_bytes())
-    }
-
-    fn action(plans: &Plans, key: &str) -> Rc<Action> {
-        plans
-            .actions()
-            .iter()
-            .find(|a| a.key == key)
-            .unwrap()
-            .clone()
+        Plans::from_json(plans_json_with(edit).as_bytes())
     }
 
     fn limit(plans: &Plans, plan: &str, key: &str) -> Limit {

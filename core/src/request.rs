@@ -285,30 +285,12 @@ pub fn unix_millis(t: DateTime<Utc>) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admission::{admit, Admission, RequestHead};
     use crate::plans::Plans;
+    use crate::testing::{head, ints, metered, now, plans};
     use chrono::TimeZone;
 
-    fn plans() -> Plans {
-        Plans::from_json(include_bytes!("../../plans.json")).unwrap()
-    }
-
-    fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap()
-    }
-
     fn request(p: &Plans, method: &str, path: &str, plan: &str) -> MeteredRequest {
-        let headers = vec![
-            (":method".to_string(), method.as_bytes().to_vec()),
-            (":path".to_string(), path.as_bytes().to_vec()),
-            ("x-user-id".to_string(), b"u".to_vec()),
-            ("x-user-plan".to_string(), plan.as_bytes().to_vec()),
-            ("content-length".to_string(), b"10".to_vec()),
-        ];
-        match admit(p, RequestHead::new(&headers), now()) {
-            Admission::Metered(m) => m,
-            _ => panic!("expected a metered request"),
-        }
+        metered(p, &head(method, path, "u", plan), now())
     }
 
     /// An upload of a free user, its reservation asked for.
@@ -320,11 +302,7 @@ mod tests {
 
     /// What reserve.lua answers: granted (1 or 0), committed, pending.
     fn reply(granted: i64, committed: i64, pending: i64) -> Result<RedisReply, TransportError> {
-        Ok(RedisReply::Array(vec![
-            RedisReply::Int(granted),
-            RedisReply::Int(committed),
-            RedisReply::Int(pending),
-        ]))
+        ints(&[granted, committed, pending])
     }
 
     #[test]

@@ -252,22 +252,7 @@ fn capitalized(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plans::Plans;
-    use chrono::{TimeZone, Utc};
-    use std::rc::Rc;
-
-    fn plans() -> Plans {
-        Plans::from_json(include_bytes!("../../plans.json")).unwrap()
-    }
-
-    fn action(plans: &Plans, key: &str) -> Rc<Action> {
-        plans
-            .actions()
-            .iter()
-            .find(|a| a.key == key)
-            .unwrap()
-            .clone()
-    }
+    use crate::testing::{action, now, plans};
 
     fn body(response: &LocalResponse) -> Value {
         serde_json::from_str(&response.body).unwrap()
@@ -276,7 +261,7 @@ mod tests {
     #[test]
     fn the_upload_429_matches_the_seed() {
         let p = plans();
-        let now = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
+        let now = now();
         let period = BillingPeriod::calendar_month(now);
         let usage = Exhausted {
             current: 5,
@@ -308,7 +293,7 @@ mod tests {
     #[test]
     fn the_top_plan_is_told_when_it_resets() {
         let p = plans();
-        let now = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
+        let now = now();
         let period = BillingPeriod::calendar_month(now);
         let usage = Exhausted {
             current: 10_000,

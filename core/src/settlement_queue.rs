@@ -157,6 +157,7 @@ impl SettlementQueue {
 mod tests {
     use super::*;
     use crate::keys::UsageKeys;
+    use crate::testing::ints;
 
     fn item(mode: SettleMode, id: &str) -> Settlement {
         Settlement {
@@ -175,12 +176,6 @@ mod tests {
             period_id: "2026-11".into(),
             keep_for_ms: 1,
         }
-    }
-
-    fn ints(v: &[i64]) -> Result<RedisReply, TransportError> {
-        Ok(RedisReply::Array(
-            v.iter().map(|&n| RedisReply::Int(n)).collect(),
-        ))
     }
 
     #[test]

@@ -549,9 +549,7 @@ fn record(report: &BatchReport, io: &mut dyn Io) {
 mod tests {
     use super::*;
     use crate::settlement::SettleMode;
-    use chrono::TimeZone;
-
-    const PLANS_JSON: &[u8] = include_bytes!("../../plans.json");
+    use crate::testing::{head, ints, now, plans_json_with, PLANS_JSON};
 
     /// The host as the core's tests see it: records every action, sends nothing.
     #[derive(Default)]
@@ -615,34 +613,22 @@ mod tests {
         }
     }
 
-    fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap()
-    }
-
     fn worker(io: &mut Recorder) -> Worker {
         let mut w = Worker::new(0xfeed);
-        assert!(w.configure(PLANS_JSON, io));
+        assert!(w.configure(PLANS_JSON.as_bytes(), io));
         w
     }
 
-    fn head(method: &str, path: &str, user: &str, plan: &str) -> Vec<(String, Vec<u8>)> {
-        vec![
-            (":method".into(), method.into()),
-            (":path".into(), path.into()),
-            ("x-user-id".into(), user.into()),
-            ("x-user-plan".into(), plan.into()),
-            ("content-length".into(), b"10".to_vec()),
-        ]
+    /// An unlimited request (a procedure view) that succeeds and ends: one count queued.
+    fn view_succeeds(w: &mut Worker, stream: StreamId, io: &mut Recorder) {
+        let h = head("GET", "/api/procedures/1", "u", "free");
+        assert_eq!(w.on_request_headers(stream, &h, now(), io), Flow::Continue);
+        w.on_response_headers(stream, 200, now(), io);
+        w.on_stream_end(stream, now(), io);
     }
 
     fn upload(user: &str) -> Vec<(String, Vec<u8>)> {
         head("POST", "/api/upload", user, "free")
-    }
-
-    fn ints(values: &[i64]) -> Result<RedisReply, TransportError> {
-        Ok(RedisReply::Array(
-            values.iter().map(|&n| RedisReply::Int(n)).collect(),
-        ))
     }
 
     fn noscript() -> Result<RedisReply, TransportError> {
@@ -871,14 +857,7 @@ mod tests {
     fn a_settlement_batch_answered_noscript_goes_again_and_a_failed_resend_is_retried() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        w.on_request_headers(
-            1,
-            &head("GET", "/api/procedures/1", "u", "free"),
-            now(),
-            &mut io,
-        );
-        w.on_response_headers(1, 200, now(), &mut io);
-        w.on_stream_end(1, now(), &mut io);
+        view_succeeds(&mut w, 1, &mut io);
         w.on_tick(now(), &mut io);
         let (batch, _) = io.last_sent();
         io.refuse_sends = true;
@@ -946,18 +925,10 @@ mod tests {
     fn a_full_settlement_queue_drops_the_oldest_and_says_so() {
         let mut io = Recorder::default();
         let mut w = Worker::new(1);
-        let mut json: serde_json::Value = serde_json::from_slice(PLANS_JSON).unwrap();
-        json["redis"]["max_queued_settlements"] = 2.into();
-        assert!(w.configure(json.to_string().as_bytes(), &mut io));
+        let json = plans_json_with(|p| p["redis"]["max_queued_settlements"] = 2.into());
+        assert!(w.configure(json.as_bytes(), &mut io));
         for stream in 1..=3 {
-            w.on_request_headers(
-                stream,
-                &head("GET", "/api/procedures/1", "u", "free"),
-                now(),
-                &mut io,
-            );
-            w.on_response_headers(stream, 200, now(), &mut io);
-            w.on_stream_end(stream, now(), &mut io);
+            view_succeeds(&mut w, stream, &mut io);
         }
         assert_eq!(w.queued_settlements(), 2);
         assert_eq!(io.count_of(Metric::SettlementsDropped), 1);
@@ -970,14 +941,7 @@ mod tests {
         assert!(w.on_shutdown(now(), &mut io), "idle: done at once");
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        w.on_request_headers(
-            1,
-            &head("GET", "/api/procedures/1", "u", "free"),
-            now(),
-            &mut io,
-        );
-        w.on_response_headers(1, 200, now(), &mut io);
-        w.on_stream_end(1, now(), &mut io);
+        view_succeeds(&mut w, 1, &mut io);
         assert!(!w.on_shutdown(now(), &mut io), "a batch is on its way");
         let (token, _) = io.last_sent();
         assert_eq!(io.done, 0);
@@ -1001,10 +965,9 @@ mod tests {
         );
         assert!(!w.configure(b"{", &mut io));
         assert!(w.plans().is_none());
-        assert!(w.configure(PLANS_JSON, &mut io));
-        let mut bad: serde_json::Value = serde_json::from_slice(PLANS_JSON).unwrap();
-        bad["plans"]["free"]["limits"]["upload"] = (-1).into();
-        assert!(!w.configure(bad.to_string().as_bytes(), &mut io));
+        assert!(w.configure(PLANS_JSON.as_bytes(), &mut io));
+        let bad = plans_json_with(|p| p["plans"]["free"]["limits"]["upload"] = (-1).into());
+        assert!(!w.configure(bad.as_bytes(), &mut io));
         assert!(io
             .logs
             .iter()
@@ -1020,9 +983,8 @@ mod tests {
         let mut w = worker(&mut io);
         w.on_request_headers(1, &upload("u"), now(), &mut io);
         let (token, _) = io.last_sent();
-        let mut changed: serde_json::Value = serde_json::from_slice(PLANS_JSON).unwrap();
-        changed["plans"]["free"]["limits"]["upload"] = 3.into();
-        assert!(w.configure(changed.to_string().as_bytes(), &mut io));
+        let changed = plans_json_with(|p| p["plans"]["free"]["limits"]["upload"] = 3.into());
+        assert!(w.configure(changed.as_bytes(), &mut io));
         w.on_reply(token, ints(&[0, 5, 0]), now(), &mut io);
         let (_, refusal) = io.responded.last().unwrap();
         assert!(refusal.body.contains("\"limit\":5"), "{}", refusal.body);

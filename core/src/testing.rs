@@ -1,0 +1,65 @@
+//! Fixtures the core's unit tests share: the repository's plans, a fixed clock, request heads
+//! and Redis replies.
+
+use std::rc::Rc;
+
+use chrono::{DateTime, TimeZone, Utc};
+
+use crate::admission::{admit, Admission, RequestHead};
+use crate::plans::{Action, Plans};
+use crate::redis::{RedisReply, TransportError};
+use crate::request::MeteredRequest;
+
+pub const PLANS_JSON: &str = include_str!("../../plans.json");
+
+pub fn plans() -> Plans {
+    Plans::from_json(PLANS_JSON.as_bytes()).unwrap()
+}
+
+/// The repository's plans.json with `edit` applied, as JSON.
+pub fn plans_json_with(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let mut value: serde_json::Value = serde_json::from_str(PLANS_JSON).unwrap();
+    edit(&mut value);
+    value.to_string()
+}
+
+pub fn action(plans: &Plans, key: &str) -> Rc<Action> {
+    plans
+        .actions()
+        .iter()
+        .find(|a| a.key == key)
+        .unwrap()
+        .clone()
+}
+
+/// 2026-11-27T12:00:00Z, three and a half days before November ends.
+pub fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap()
+}
+
+/// A request head as the host hands it over, with a 10-byte body.
+pub fn head(method: &str, path: &str, user: &str, plan: &str) -> Vec<(String, Vec<u8>)> {
+    vec![
+        (":method".into(), method.into()),
+        (":path".into(), path.into()),
+        ("x-user-id".into(), user.into()),
+        ("x-user-plan".into(), plan.into()),
+        ("content-length".into(), b"10".to_vec()),
+    ]
+}
+
+/// The request `head` makes at `when`, which must be metered.
+pub fn metered(plans: &Plans, head: &[(String, Vec<u8>)], when: DateTime<Utc>) -> MeteredRequest {
+    match admit(plans, RequestHead::new(head), when) {
+        Admission::Metered(m) => m,
+        Admission::Refused(r) => panic!("refused: {} {}", r.status, r.body),
+        Admission::Unmetered => panic!("unmetered"),
+    }
+}
+
+/// An array of integers, as both scripts answer.
+pub fn ints(values: &[i64]) -> Result<RedisReply, TransportError> {
+    Ok(RedisReply::Array(
+        values.iter().map(|&n| RedisReply::Int(n)).collect(),
+    ))
+}
