@@ -51,6 +51,15 @@ fn head(method: &str, path: &str, plan: &str) -> Vec<(String, Vec<u8>)> {
     ]
 }
 
+/// Keeps the queue from filling: a batch of 64 sent and answered, as the tick would.
+fn settle_every_64(worker: &mut Worker, host: &mut Host, now: DateTime<Utc>) {
+    if worker.queued_settlements() >= 64 {
+        worker.on_tick(now, host);
+        let ones = vec![RedisReply::Int(1); worker.queued_settlements()];
+        worker.on_reply(host.last_token, Ok(RedisReply::Array(ones)), now, host);
+    }
+}
+
 fn decision(c: &mut Criterion) {
     let mut host = Host::default();
     let mut worker = Worker::new(1);
@@ -78,12 +87,7 @@ fn decision(c: &mut Criterion) {
                 worker.on_reply(host.last_token, granted(), now, &mut host);
                 worker.on_response_headers(1, 200, now, &mut host);
                 worker.on_stream_end(1, now, &mut host);
-                // Keep the queue from filling: a batch every 64 requests, as the tick would.
-                if worker.queued_settlements() >= 64 {
-                    worker.on_tick(now, &mut host);
-                    let ones = vec![RedisReply::Int(1); worker.queued_settlements()];
-                    worker.on_reply(host.last_token, Ok(RedisReply::Array(ones)), now, &mut host);
-                }
+                settle_every_64(&mut worker, &mut host, now);
             })
         },
     );
@@ -94,11 +98,7 @@ fn decision(c: &mut Criterion) {
             worker.on_request_headers(1, black_box(&h), now, &mut host);
             worker.on_response_headers(1, 200, now, &mut host);
             worker.on_stream_end(1, now, &mut host);
-            if worker.queued_settlements() >= 64 {
-                worker.on_tick(now, &mut host);
-                let ones = vec![RedisReply::Int(1); worker.queued_settlements()];
-                worker.on_reply(host.last_token, Ok(RedisReply::Array(ones)), now, &mut host);
-            }
+            settle_every_64(&mut worker, &mut host, now);
         })
     });
 
