@@ -323,7 +323,7 @@ fn enforcement_resumes_within_a_second_of_redis_coming_back() {
     // The user already used the month's five uploads.
     let mut redis = gw.redis.connection();
     let keys = plan_limits_core::keys::UsageKeys::new(
-        "plan-limits",
+        &usage::prefix(),
         "lou",
         &usage::this_period(),
         "upload",
@@ -534,7 +534,8 @@ fn hostile_requests_cannot_crash_skip_metering_or_reach_another_users_counter() 
         .iter()
         .chain(&["victim", "odd-plan"])
         .map(|u| {
-            plan_limits_core::keys::UsageKeys::new("plan-limits", u, &period, "ai_analysis").summary
+            plan_limits_core::keys::UsageKeys::new(&usage::prefix(), u, &period, "ai_analysis")
+                .summary
         })
         .collect();
     expected.push(usage::events_stream());

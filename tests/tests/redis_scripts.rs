@@ -9,6 +9,7 @@ use plan_limits_core::settlement::{SettleMode, Settlement};
 use plan_limits_services::process::{free_port, scratch_dir};
 use plan_limits_services::redis_exec::run_script;
 use plan_limits_services::redis_server::RedisServer;
+use plan_limits_services::usage;
 
 const TTL: u64 = 60_000;
 const NOW: u64 = 1_795_000_000_000;
@@ -20,7 +21,7 @@ fn redis() -> (RedisServer, redis::Connection) {
 }
 
 fn keys(user: &str) -> UsageKeys {
-    UsageKeys::new("plan-limits", user, "2026-11", "upload")
+    UsageKeys::new(&usage::prefix(), user, "2026-11", "upload")
 }
 
 fn reserve(
@@ -64,7 +65,7 @@ fn settlement(mode: SettleMode, user: &str, id: &str) -> Settlement {
 
 fn settle(conn: &mut redis::Connection, batch: &[Settlement]) -> Vec<i64> {
     run_script(conn, |form| {
-        scripts::settle(batch, "plan-limits:events", None, form)
+        scripts::settle(batch, &usage::events_stream(), None, form)
     })
     .into_ints()
     .unwrap()
@@ -179,7 +180,7 @@ fn a_count_updates_the_summary_and_records_an_event() {
     );
 
     let events: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-        .arg("plan-limits:events")
+        .arg(&usage::events_stream())
         .arg("-")
         .arg("+")
         .query(&mut conn)
@@ -218,11 +219,11 @@ fn the_event_stream_can_be_capped() {
         .collect();
     for chunk in batch.chunks(50) {
         run_script(&mut conn, |form| {
-            scripts::settle(chunk, "plan-limits:events", Some(100), form)
+            scripts::settle(chunk, &usage::events_stream(), Some(100), form)
         });
     }
     let len: u64 = redis::cmd("XLEN")
-        .arg("plan-limits:events")
+        .arg(&usage::events_stream())
         .query(&mut conn)
         .unwrap();
     assert!((100..300).contains(&len), "approximately capped: {len}");
@@ -248,7 +249,7 @@ fn a_batch_of_one_users_settlements_counts_each_and_records_each_event() {
     assert_eq!(settle(&mut conn, &batch), [1, 1, 1, 1, 0, 1]);
     assert_eq!(counter(&mut conn, "u"), Some(5));
     let len: u64 = redis::cmd("XLEN")
-        .arg("plan-limits:events")
+        .arg(&usage::events_stream())
         .query(&mut conn)
         .unwrap();
     assert_eq!(len, 5);

@@ -43,7 +43,7 @@ fn main() {
     let mut conn = redis.connection();
     let period = plan_limits_services::usage::this_period();
     let keys = plan_limits_core::keys::UsageKeys::new(
-        "plan-limits",
+        &plan_limits_services::usage::prefix(),
         bench::EXHAUSTED_USER,
         &period,
         "upload",
