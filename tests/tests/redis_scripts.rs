@@ -180,7 +180,7 @@ fn a_count_updates_the_summary_and_records_an_event() {
     );
 
     let events: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-        .arg(&usage::events_stream())
+        .arg(usage::events_stream())
         .arg("-")
         .arg("+")
         .query(&mut conn)
@@ -223,7 +223,7 @@ fn the_event_stream_can_be_capped() {
         });
     }
     let len: u64 = redis::cmd("XLEN")
-        .arg(&usage::events_stream())
+        .arg(usage::events_stream())
         .query(&mut conn)
         .unwrap();
     assert!((100..300).contains(&len), "approximately capped: {len}");
@@ -249,7 +249,7 @@ fn a_batch_of_one_users_settlements_counts_each_and_records_each_event() {
     assert_eq!(settle(&mut conn, &batch), [1, 1, 1, 1, 0, 1]);
     assert_eq!(counter(&mut conn, "u"), Some(5));
     let len: u64 = redis::cmd("XLEN")
-        .arg(&usage::events_stream())
+        .arg(usage::events_stream())
         .query(&mut conn)
         .unwrap();
     assert_eq!(len, 5);
