@@ -6,6 +6,7 @@ use std::hint::black_box;
 
 use chrono::{DateTime, TimeZone, Utc};
 use criterion::{criterion_group, criterion_main, Criterion};
+use plan_limits_core::admission::{Claims, RequestHead};
 use plan_limits_core::config::RedisSettings;
 use plan_limits_core::metrics::Metric;
 use plan_limits_core::redis::{webdis, RedisCommand, RedisReply, TransportError};
@@ -29,6 +30,17 @@ impl Io for Host {
     fn respond(&mut self, _: StreamId, response: &LocalResponse) {
         black_box(response);
     }
+    fn set_request_header(&mut self, _: StreamId, name: &str, value: &str) {
+        black_box((name, value));
+    }
+    fn shared_get(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        black_box(key);
+        (None, None)
+    }
+    fn shared_set(&mut self, key: &str, value: &[u8], _: Option<u32>) -> bool {
+        black_box((key, value));
+        true
+    }
     fn resume(&mut self, stream: StreamId) {
         black_box(stream);
     }
@@ -41,22 +53,40 @@ impl Io for Host {
     fn done(&mut self) {}
 }
 
-fn head(method: &str, path: &str, plan: &str) -> Vec<(String, Vec<u8>)> {
-    vec![
+/// A request's headers and its verified token's claims.
+fn head(method: &str, path: &str, plan: &str) -> (Vec<(String, Vec<u8>)>, Claims) {
+    let headers = vec![
         (":method".into(), method.into()),
         (":path".into(), path.into()),
-        ("x-user-id".into(), b"user-42".to_vec()),
-        ("x-user-plan".into(), plan.into()),
         ("content-length".into(), b"1024".to_vec()),
-    ]
+    ];
+    let claims = Claims {
+        user: Some(b"user-42".to_vec()),
+        plan: Some(plan.into()),
+        org: None,
+    };
+    (headers, claims)
+}
+
+/// plan_limits_settle's answer to `n` items: all done, no entitlement recorded.
+fn settled(n: usize) -> Result<RedisReply, TransportError> {
+    Ok(RedisReply::Array(
+        (0..n)
+            .flat_map(|_| [RedisReply::Int(1), RedisReply::Nil])
+            .collect(),
+    ))
 }
 
 /// Keeps the queue from filling: a batch of 64 sent and answered, as the tick would.
 fn settle_every_64(worker: &mut Worker, host: &mut Host, now: DateTime<Utc>) {
     if worker.queued_settlements() >= 64 {
         worker.on_tick(now, host);
-        let ones = vec![RedisReply::Int(1); worker.queued_settlements()];
-        worker.on_reply(host.last_token, Ok(RedisReply::Array(ones)), now, host);
+        worker.on_reply(
+            host.last_token,
+            settled(worker.queued_settlements()),
+            now,
+            host,
+        );
     }
 }
 
@@ -70,12 +100,22 @@ fn decision(c: &mut Criterion) {
             RedisReply::Int(1),
             RedisReply::Int(2),
             RedisReply::Int(1),
+            RedisReply::Bulk(b"free".to_vec()),
+            RedisReply::Bulk(b"free".to_vec()),
         ]))
     };
 
     c.bench_function("unmetered route", |b| {
         let h = head("GET", "/health", "free");
-        b.iter(|| worker.on_request_headers(1, black_box(&h), now, &mut host))
+        b.iter(|| {
+            worker.on_request_headers(
+                1,
+                RequestHead::new(black_box(&h.0), &h.1),
+                false,
+                now,
+                &mut host,
+            )
+        })
     });
 
     c.bench_function(
@@ -83,7 +123,13 @@ fn decision(c: &mut Criterion) {
         |b| {
             let h = head("POST", "/api/upload", "free");
             b.iter(|| {
-                worker.on_request_headers(1, black_box(&h), now, &mut host);
+                worker.on_request_headers(
+                    1,
+                    RequestHead::new(black_box(&h.0), &h.1),
+                    false,
+                    now,
+                    &mut host,
+                );
                 worker.on_reply(host.last_token, granted(), now, &mut host);
                 worker.on_response_headers(1, 200, now, &mut host);
                 worker.on_stream_end(1, now, &mut host);
@@ -95,7 +141,13 @@ fn decision(c: &mut Criterion) {
     c.bench_function("unlimited: headers + response + end", |b| {
         let h = head("GET", "/api/procedures/7", "free");
         b.iter(|| {
-            worker.on_request_headers(1, black_box(&h), now, &mut host);
+            worker.on_request_headers(
+                1,
+                RequestHead::new(black_box(&h.0), &h.1),
+                false,
+                now,
+                &mut host,
+            );
             worker.on_response_headers(1, 200, now, &mut host);
             worker.on_stream_end(1, now, &mut host);
             settle_every_64(&mut worker, &mut host, now);
@@ -106,13 +158,12 @@ fn decision(c: &mut Criterion) {
         let h = head("GET", "/api/procedures/7", "free");
         b.iter(|| {
             for _ in 0..64 {
-                worker.on_request_headers(1, &h, now, &mut host);
+                worker.on_request_headers(1, RequestHead::new(&h.0, &h.1), false, now, &mut host);
                 worker.on_response_headers(1, 200, now, &mut host);
                 worker.on_stream_end(1, now, &mut host);
             }
             worker.on_tick(now, &mut host);
-            let ones = vec![RedisReply::Int(1); 64];
-            worker.on_reply(host.last_token, Ok(RedisReply::Array(ones)), now, &mut host);
+            worker.on_reply(host.last_token, settled(64), now, &mut host);
         })
     });
 }

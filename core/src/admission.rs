@@ -6,20 +6,32 @@ use std::rc::Rc;
 
 use chrono::{DateTime, Utc};
 
-use crate::config::Identity;
+use crate::config::{Identity, IdentitySource, UnknownPlan};
 use crate::period::BillingPeriod;
-use crate::plans::{Action, FeatureAccess, Plan, Plans};
+use crate::plans::{Action, Plans};
 use crate::request::{MeteredRequest, RequestFacts};
 use crate::responses::{self, LocalResponse};
 use crate::routes;
 
-/// The request headers as the host hands them over (pseudo-headers included, names in lower
-/// case, values as bytes: a client may send any).
+/// The request as the host hands it over: its headers (pseudo-headers included, names in
+/// lower case, values as bytes: a client may send any) and the claims of its verified token.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestHead<'a> {
     headers: &'a [(String, Vec<u8>)],
+    claims: &'a Claims,
 }
 
+/// The claims `jwt_authn` verified and put in the request's dynamic metadata (absent without
+/// a valid token). Strings as their bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claims {
+    pub user: Option<Vec<u8>>,
+    pub plan: Option<Vec<u8>>,
+    pub org: Option<Vec<u8>>,
+}
+
+// Returned and matched at once, never stored: a boxed request would only cost an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Admission {
     /// No metered route matched: pass untouched, count nothing.
     Unmetered,
@@ -29,25 +41,35 @@ pub enum Admission {
     Metered(MeteredRequest),
 }
 
+/// Who is calling, as the configured identity source says.
+struct Caller<'a> {
+    user: String,
+    plan: Option<&'a [u8]>,
+    org: Option<&'a [u8]>,
+}
+
 impl<'a> RequestHead<'a> {
-    pub fn new(headers: &'a [(String, Vec<u8>)]) -> Self {
-        Self { headers }
+    pub fn new(headers: &'a [(String, Vec<u8>)], claims: &'a Claims) -> Self {
+        Self { headers, claims }
     }
 
-    fn values(&self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    fn values<'n>(&self, name: &'n str) -> impl Iterator<Item = &'a [u8]> + 'n
+    where
+        'a: 'n,
+    {
         self.headers
             .iter()
             .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_slice())
     }
 
-    fn first(&self, name: &'a str) -> Option<&'a [u8]> {
+    fn first(&self, name: &str) -> Option<&'a [u8]> {
         self.values(name).next()
     }
 
     /// A header that may appear at most once: with two copies, the upstream might read the
     /// other one.
-    fn single(&self, name: &'a str) -> Result<Option<&'a [u8]>, LocalResponse> {
+    fn single(&self, name: &str) -> Result<Option<&'a [u8]>, LocalResponse> {
         let mut values = self.values(name);
         match (values.next(), values.next()) {
             (first, None) => Ok(first),
@@ -58,7 +80,7 @@ impl<'a> RequestHead<'a> {
         }
     }
 
-    fn text(&self, name: &'a str) -> Cow<'a, str> {
+    fn text(&self, name: &str) -> Cow<'a, str> {
         String::from_utf8_lossy(self.first(name).unwrap_or_default())
     }
 
@@ -89,68 +111,92 @@ fn metered(
     now: DateTime<Utc>,
 ) -> Result<MeteredRequest, LocalResponse> {
     let identity = &plans.identity;
-    let user = user(identity, head)?;
-    let plan_name = head.single(&identity.plan_header)?;
-    let terms = action.terms(plan_name.and_then(|p| std::str::from_utf8(p).ok()));
-    if let FeatureAccess::Missing { feature, offer } = &terms.feature {
-        return Err(responses::feature_unavailable(
-            action,
-            &terms.plan,
-            feature,
-            offer.as_ref(),
-        ));
-    }
-    let bytes = size(action, &terms.plan, head)?;
-    Ok(MeteredRequest::new(RequestFacts {
+    let caller = caller(identity, head)?;
+    // No plan named: the default plan. A plan plans.json does not know: as configured.
+    let named = caller.plan.map(|p| String::from_utf8_lossy(p).into_owned());
+    let (terms, unknown_plan) = match named.as_deref().map(|name| (name, action.terms_of(name))) {
+        None => (action.terms(None), None),
+        Some((_, Some(terms))) => (terms, None),
+        Some((name, None)) => match identity.unknown_plan {
+            UnknownPlan::DefaultPlan => (action.terms(None), Some(name.to_string())),
+            UnknownPlan::Forbid => return Err(responses::unknown_plan(name)),
+        },
+    };
+    let request = MeteredRequest::new(RequestFacts {
         action: action.clone(),
         terms: terms.clone(),
-        user,
+        user: caller.user,
+        org: caller.org.map(|o| String::from_utf8_lossy(o).into_owned()),
+        unknown_plan,
         kind: kind(action, head),
-        bytes,
-        request_id: head.text("x-request-id").into_owned(),
+        bytes: declared_size(action, head)?,
+        request_id: request_id(head),
         period: BillingPeriod::calendar_month(now),
         key_prefix: &plans.redis.key_prefix,
-    }))
+    });
+    request.admissible()?;
+    Ok(request)
 }
 
-/// The caller: one non-empty header, UTF-8 without control characters, not too long.
-fn user(identity: &Identity, head: RequestHead) -> Result<String, LocalResponse> {
-    let header = &identity.user_header;
-    let raw = match head.single(header)? {
-        None | Some([]) => return Err(responses::missing_user(header)),
-        Some(raw) => raw,
-    };
+/// The caller from the verified token's claims (`jwt`), or from headers an authenticator in
+/// front set (`trusted_headers`).
+fn caller<'a>(identity: &Identity, head: RequestHead<'a>) -> Result<Caller<'a>, LocalResponse> {
+    match identity.source {
+        IdentitySource::Jwt => {
+            let claims = head.claims;
+            let raw = match claims.user.as_deref() {
+                None | Some([]) => return Err(responses::missing_token()),
+                Some(raw) => raw,
+            };
+            Ok(Caller {
+                user: user_id(identity, &identity.jwt.user_claim, raw)?,
+                plan: claims.plan.as_deref(),
+                org: claims.org.as_deref(),
+            })
+        }
+        IdentitySource::TrustedHeaders => {
+            let header = &identity.user_header;
+            let raw = match head.single(header)? {
+                None | Some([]) => return Err(responses::missing_user(header)),
+                Some(raw) => raw,
+            };
+            Ok(Caller {
+                user: user_id(identity, header, raw)?,
+                plan: head.single(&identity.plan_header)?,
+                org: head.single(&identity.org_header)?,
+            })
+        }
+    }
+}
+
+/// A user id: UTF-8 without control characters, not too long.
+fn user_id(identity: &Identity, field: &str, raw: &[u8]) -> Result<String, LocalResponse> {
     if raw.len() > identity.max_user_id_bytes {
         return Err(responses::bad_request(
-            header,
+            field,
             "user id is longer than identity.max_user_id_bytes",
         ));
     }
     let user = std::str::from_utf8(raw)
-        .map_err(|_| responses::bad_request(header, "user id is not UTF-8"))?;
+        .map_err(|_| responses::bad_request(field, "user id is not UTF-8"))?;
     if user.chars().any(char::is_control) {
         return Err(responses::bad_request(
-            header,
+            field,
             "user id contains control characters",
         ));
     }
     Ok(user.to_string())
 }
 
-/// The bytes an upload declares, checked against the plan's file size limit where the action
-/// asks for it (413 over it, 411 without a length).
-fn size(action: &Action, plan: &Plan, head: RequestHead) -> Result<u64, LocalResponse> {
+/// The bytes an upload declares (411 without a length where the action checks file sizes).
+fn declared_size(action: &Action, head: RequestHead) -> Result<u64, LocalResponse> {
     let declared = head.single("content-length")?;
     if !action.enforce_max_file_size {
         return Ok(declared.and_then(parse_content_length).unwrap_or(0));
     }
     let raw = declared.ok_or_else(responses::length_required)?;
-    let bytes = parse_content_length(raw)
-        .ok_or_else(|| responses::bad_request("content-length", "not a whole number of bytes"))?;
-    match plan.max_file_size_bytes {
-        Some(max) if bytes > max => Err(responses::file_too_large(plan, bytes, max)),
-        _ => Ok(bytes),
-    }
+    parse_content_length(raw)
+        .ok_or_else(|| responses::bad_request("content-length", "not a whole number of bytes"))
 }
 
 /// A Content-Length is ASCII digits only (no sign, no spaces) and fits in u64.
@@ -159,6 +205,19 @@ fn parse_content_length(raw: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(raw).ok()?.parse().ok()
+}
+
+/// The request id recorded in the usage event: Envoy's `x-request-id`, kept only if it is
+/// short and plain (a client could otherwise write anything into billing's events).
+fn request_id(head: RequestHead) -> String {
+    const MAX: usize = 128;
+    let raw = head.first("x-request-id").unwrap_or_default();
+    let plain = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':');
+    if raw.len() <= MAX && raw.iter().all(plain) {
+        String::from_utf8_lossy(raw).into_owned()
+    } else {
+        String::new()
+    }
 }
 
 /// The kind recorded in the usage event (`other` when not an allowed value; empty when the
@@ -188,16 +247,7 @@ fn kind(action: &Action, head: RequestHead) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{now, plans};
-
-    fn admit_with(plans: &Plans, method: &str, path: &str, headers: &[(&str, &[u8])]) -> Admission {
-        let mut all = vec![
-            (":method".to_string(), method.as_bytes().to_vec()),
-            (":path".to_string(), path.as_bytes().to_vec()),
-        ];
-        all.extend(headers.iter().map(|(n, v)| (n.to_string(), v.to_vec())));
-        admit(plans, RequestHead::new(&all), now())
-    }
+    use crate::testing::{head, now, plans, plans_json_with, Req};
 
     fn status(admission: &Admission) -> Option<u32> {
         match admission {
@@ -213,81 +263,142 @@ mod tests {
         }
     }
 
+    fn admit_req(plans: &Plans, req: &Req) -> Admission {
+        admit(plans, req.head(), now())
+    }
+
+    /// The repository's plans with identity read from headers an authenticator set.
+    fn trusted_headers() -> Plans {
+        Plans::from_json(
+            plans_json_with(|p| p["identity"]["source"] = "trusted_headers".into()).as_bytes(),
+        )
+        .unwrap()
+    }
+
+    /// A request without a token, with these headers.
+    fn bare(method: &str, path: &str, headers: &[(&str, &[u8])]) -> Req {
+        let mut req = head(method, path, "", "");
+        req.claims = Claims::default();
+        for (name, value) in headers {
+            req = req.header(name, value);
+        }
+        req
+    }
+
     #[test]
     fn unmatched_routes_are_unmetered() {
         assert!(matches!(
-            admit_with(&plans(), "GET", "/health", &[]),
+            admit_req(&plans(), &bare("GET", "/health", &[])),
             Admission::Unmetered
         ));
     }
 
     #[test]
-    fn a_metered_route_without_a_user_is_401() {
+    fn without_a_verified_token_a_metered_route_is_401_whatever_headers_say() {
         let p = plans();
-        assert_eq!(
-            status(&admit_with(&p, "POST", "/api/teammate", &[])),
-            Some(401)
-        );
-        assert_eq!(
-            status(&admit_with(
-                &p,
-                "POST",
-                "/api/teammate",
-                &[("x-user-id", b"")]
-            )),
-            Some(401)
-        );
+        let no_token = bare("POST", "/api/teammate", &[("x-user-id", b"victim")]);
+        let Admission::Refused(r) = admit_req(&p, &no_token) else {
+            panic!("expected 401")
+        };
+        assert_eq!(r.status, 401);
+        assert!(r
+            .headers
+            .contains(&("www-authenticate".into(), "Bearer".into())));
+        let empty = head("POST", "/api/teammate", "", "free");
+        assert_eq!(status(&admit_req(&p, &empty)), Some(401));
+    }
+
+    #[test]
+    fn the_user_and_plan_come_from_the_claims_not_the_headers() {
+        let p = plans();
+        let req = head("POST", "/api/teammate", "alice", "professional")
+            .header("x-user-id", b"mallory")
+            .header("x-user-plan", b"enterprise");
+        let m = metered(admit_req(&p, &req));
+        assert_eq!((m.user(), m.plan().key.as_str()), ("alice", "professional"));
+        let mut no_plan = head("POST", "/api/teammate", "alice", "");
+        no_plan.claims.plan = None;
+        assert_eq!(metered(admit_req(&p, &no_plan)).plan().key, "free");
     }
 
     #[test]
     fn bad_user_ids_are_400() {
         let p = plans();
-        let long = vec![b'a'; 257];
-        for bad in [&long[..], b"\xff\xfe", b"a\nb"] {
-            let a = admit_with(&p, "POST", "/api/teammate", &[("x-user-id", bad)]);
-            assert_eq!(status(&a), Some(400));
+        for bad in [&[b'a'; 257][..], b"\xff\xfe", b"a\nb"] {
+            let mut req = head("POST", "/api/teammate", "", "free");
+            req.claims.user = Some(bad.to_vec());
+            assert_eq!(status(&admit_req(&p, &req)), Some(400));
         }
-        let longest = vec![b'a'; 256];
-        let a = admit_with(&p, "POST", "/api/teammate", &[("x-user-id", &longest)]);
-        assert!(matches!(a, Admission::Metered(_)));
+        let longest = "a".repeat(256);
+        let req = head("POST", "/api/teammate", &longest, "free");
+        assert!(matches!(admit_req(&p, &req), Admission::Metered(_)));
     }
 
     #[test]
-    fn duplicated_identity_or_length_headers_are_400() {
-        let p = plans();
-        for name in ["x-user-id", "x-user-plan", "content-length"] {
-            let mut headers: Vec<(&str, &[u8])> = vec![
-                ("x-user-id", b"u"),
-                ("x-user-plan", b"free"),
-                ("content-length", b"1"),
-            ];
-            headers.push((name, b"other"));
-            let a = admit_with(&p, "POST", "/api/upload", &headers);
-            assert_eq!(status(&a), Some(400), "{name}");
-        }
+    fn an_unknown_plan_gets_the_default_plan_or_403_as_configured() {
+        let req = head("POST", "/api/teammate", "u", "platinum");
+        let m = metered(admit_req(&plans(), &req));
+        assert_eq!(
+            (m.plan().key.as_str(), m.unknown_plan()),
+            ("free", Some("platinum"))
+        );
+        let forbid = Plans::from_json(
+            plans_json_with(|p| p["identity"]["unknown_plan"] = "forbid".into()).as_bytes(),
+        )
+        .unwrap();
+        let Admission::Refused(r) = admit_req(&forbid, &req) else {
+            panic!("expected 403")
+        };
+        assert_eq!(r.status, 403);
+        assert!(r.body.contains("platinum"), "{}", r.body);
     }
 
     #[test]
-    fn header_names_compare_without_case() {
-        let p = plans();
-        let m = metered(admit_with(
-            &p,
+    fn trusted_headers_are_read_once_each() {
+        let p = trusted_headers();
+        let req = bare(
             "POST",
             "/api/teammate",
-            &[("X-User-Id", b"u"), ("X-User-Plan", b"professional")],
-        ));
+            &[
+                ("X-User-Id", b"u"),
+                ("X-User-Plan", b"professional"),
+                ("x-org-id", b"acme"),
+            ],
+        );
+        let m = metered(admit_req(&p, &req));
         assert_eq!((m.user(), m.plan().key.as_str()), ("u", "professional"));
+        assert_eq!(
+            m.identity_headers("x-user-id", "x-user-plan", "x-org-id")[2],
+            ("x-org-id", "acme")
+        );
+        assert_eq!(
+            status(&admit_req(&p, &bare("POST", "/api/teammate", &[]))),
+            Some(401)
+        );
+        for name in ["x-user-id", "x-user-plan", "content-length"] {
+            let req = bare(
+                "POST",
+                "/api/upload",
+                &[
+                    ("x-user-id", b"u"),
+                    ("x-user-plan", b"free"),
+                    ("content-length", b"1"),
+                ],
+            )
+            .header(name, b"other");
+            assert_eq!(status(&admit_req(&p, &req)), Some(400), "{name}");
+        }
     }
 
     #[test]
     fn the_kind_comes_from_the_header_or_the_query_and_is_checked() {
         let p = plans();
         let kind = |path: &str, headers: &[(&str, &[u8])]| {
-            let mut all = vec![("x-user-id", &b"u"[..])];
-            all.extend_from_slice(headers);
-            metered(admit_with(&p, "POST", path, &all))
-                .kind()
-                .to_string()
+            let mut req = head("POST", path, "u", "free");
+            for (name, value) in headers {
+                req = req.header(name, value);
+            }
+            metered(admit_req(&p, &req)).kind().to_string()
         };
         assert_eq!(kind("/api/teammate?kind=vision", &[]), "vision");
         assert_eq!(
@@ -299,104 +410,86 @@ mod tests {
     }
 
     #[test]
-    fn unknown_plans_fall_back_to_the_default_plan() {
-        let p = plans();
-        for plan in [&b"platinum"[..], b"\xc3\x28"] {
-            let m = metered(admit_with(
-                &p,
-                "POST",
-                "/api/teammate",
-                &[("x-user-id", b"u"), ("x-user-plan", plan)],
-            ));
-            assert_eq!(m.plan().key, "free");
-        }
-    }
-
-    #[test]
     fn features_outside_the_plan_are_403() {
         let p = plans();
-        let a = admit_with(&p, "POST", "/api/export/dxf", &[("x-user-id", b"u")]);
-        assert_eq!(status(&a), Some(403));
-        let a = admit_with(
-            &p,
-            "POST",
-            "/api/export/dxf",
-            &[("x-user-id", b"u"), ("x-user-plan", b"professional")],
-        );
-        assert_eq!(metered(a).limit(), Some(50));
+        let free = head("POST", "/api/export/dxf", "u", "free");
+        assert_eq!(status(&admit_req(&p, &free)), Some(403));
+        let pro = head("POST", "/api/export/dxf", "u", "professional");
+        assert_eq!(metered(admit_req(&p, &pro)).limit(), Some(50));
+    }
+
+    /// An upload of `plan` declaring `length`.
+    fn upload(plan: &str, length: &[u8]) -> Req {
+        let mut req = head("POST", "/api/upload", "u", plan);
+        req.headers.retain(|(n, _)| n != "content-length");
+        req.header("content-length", length)
     }
 
     #[test]
     fn upload_sizes_are_checked_against_the_plan() {
         let p = plans();
         let mb11 = (11 * 1024 * 1024).to_string();
-        let mb50 = (50 * 1024 * 1024).to_string();
-        let free = admit_with(
-            &p,
-            "POST",
-            "/api/upload",
-            &[("x-user-id", b"u"), ("content-length", mb11.as_bytes())],
+        assert_eq!(
+            status(&admit_req(&p, &upload("free", mb11.as_bytes()))),
+            Some(413)
         );
-        assert_eq!(status(&free), Some(413));
-        let pro = metered(admit_with(
-            &p,
-            "POST",
-            "/api/upload",
-            &[
-                ("x-user-id", b"u"),
-                ("x-user-plan", b"professional"),
-                ("content-length", mb50.as_bytes()),
-            ],
-        ));
+        let mb50 = (50 * 1024 * 1024).to_string();
+        let pro = metered(admit_req(&p, &upload("professional", mb50.as_bytes())));
         assert_eq!(pro.bytes(), 50 * 1024 * 1024);
         assert_eq!(pro.limit(), None);
     }
 
     #[test]
-    fn uploads_need_a_valid_content_length() {
+    fn uploads_need_one_valid_content_length() {
         let p = plans();
-        assert_eq!(
-            status(&admit_with(
-                &p,
-                "POST",
-                "/api/upload",
-                &[("x-user-id", b"u")]
-            )),
-            Some(411)
-        );
+        let mut none = head("POST", "/api/upload", "u", "free");
+        none.headers.retain(|(n, _)| n != "content-length");
+        assert_eq!(status(&admit_req(&p, &none)), Some(411));
         for bad in [&b"-1"[..], b"12a", b"", b" 1", b"99999999999999999999999"] {
-            let a = admit_with(
-                &p,
-                "POST",
-                "/api/upload",
-                &[("x-user-id", b"u"), ("content-length", bad)],
-            );
+            let a = admit_req(&p, &upload("free", bad));
             assert_eq!(status(&a), Some(400), "{:?}", String::from_utf8_lossy(bad));
         }
+        let twice = upload("free", b"1").header("content-length", b"2");
+        assert_eq!(status(&admit_req(&p, &twice)), Some(400));
     }
 
     #[test]
     fn a_limited_request_knows_its_keys_and_limit() {
         let p = plans();
-        let m = metered(admit_with(
-            &p,
-            "POST",
-            "/api/teammate?kind=vision",
-            &[("x-user-id", b"u:1"), ("x-request-id", b"req-7")],
-        ));
+        let req = head("POST", "/api/teammate?kind=vision", "u:1", "free")
+            .header("x-request-id", b"req-7");
+        let m = metered(admit_req(&p, &req));
         assert_eq!(m.keys().summary, "plan-limits:{u%3A1}:2026-11");
         assert_eq!(m.limit(), Some(3));
         assert_eq!(m.request_id(), "req-7");
     }
 
+    #[test]
+    fn a_request_id_goes_into_events_only_if_short_and_plain() {
+        let p = plans();
+        let id = |value: &[u8]| {
+            let req = head("POST", "/api/teammate", "u", "free").header("x-request-id", value);
+            metered(admit_req(&p, &req)).request_id().to_string()
+        };
+        assert_eq!(
+            id(b"0b6c0e4e-5c1c-4f7e-9c7b-0d7c4c2e4f11"),
+            "0b6c0e4e-5c1c-4f7e-9c7b-0d7c4c2e4f11"
+        );
+        assert_eq!(id(&[b'a'; 129]), "");
+        assert_eq!(id(b"a\"b"), "");
+        assert_eq!(id(b"\xff"), "");
+    }
+
     proptest::proptest! {
         #[test]
-        fn fuzz_admission_headers(user in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
-                                  plan in proptest::collection::vec(proptest::num::u8::ANY, 0..20),
-                                  length in proptest::collection::vec(proptest::num::u8::ANY, 0..24)) {
+        fn fuzz_admission_claims_and_headers(user in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+                                             plan in proptest::collection::vec(proptest::num::u8::ANY, 0..20),
+                                             length in proptest::collection::vec(proptest::num::u8::ANY, 0..24)) {
             let p = plans();
-            let a = admit_with(&p, "POST", "/api/upload", &[("x-user-id", &user), ("x-user-plan", &plan), ("content-length", &length)]);
-            if let Admission::Metered(m) = a {
+            let mut req = upload("free", &length);
+            req.claims.user = Some(user.clone());
+            req.claims.plan = Some(plan);
+            if let Admission::Metered(m) = admit_req(&p, &req) {
                 proptest::prop_assert_eq!(m.user().as_bytes(), &user[..]);
             }
         }

@@ -44,20 +44,81 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Identity {
+    /// Where the caller's identity comes from.
+    pub source: IdentitySource,
+    pub jwt: JwtClaims,
+    /// In `jwt` mode the filter sets these request headers for the upstream to the verified
+    /// user, the plan in force and the organisation (Envoy removes client copies first); in
+    /// `trusted_headers` mode it reads the user and the claimed plan from them.
     pub user_header: String,
     pub plan_header: String,
+    pub org_header: String,
     /// Longer user ids are refused with 400: they would only bloat keys and events.
     pub max_user_id_bytes: usize,
+    /// A plan name plans.json does not know (in a claim or in billing's record).
+    pub unknown_plan: UnknownPlan,
 }
 
 impl Default for Identity {
     fn default() -> Self {
         Self {
+            source: IdentitySource::Jwt,
+            jwt: JwtClaims::default(),
             user_header: "x-user-id".into(),
             plan_header: "x-user-plan".into(),
+            org_header: "x-org-id".into(),
             max_user_id_bytes: 256,
+            unknown_plan: UnknownPlan::DefaultPlan,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// A bearer token verified by Envoy's `jwt_authn`, its payload read from dynamic metadata.
+    #[default]
+    Jwt,
+    /// The user and plan headers as they arrive: only behind an authenticator that sets them
+    /// and removes any copy a client sent.
+    TrustedHeaders,
+}
+
+/// Where the verified token's claims are, and which claims name the user, plan and org.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtClaims {
+    /// `jwt_authn`'s `payload_in_metadata` key.
+    pub payload_key: String,
+    pub user_claim: String,
+    pub plan_claim: String,
+    pub org_claim: String,
+    /// The issuer and audience Envoy's `jwt_authn` accepts (rendered into its config).
+    pub issuer: String,
+    pub audience: String,
+}
+
+impl Default for JwtClaims {
+    fn default() -> Self {
+        Self {
+            payload_key: "jwt_payload".into(),
+            user_claim: "sub".into(),
+            plan_claim: "plan".into(),
+            org_claim: "org".into(),
+            issuer: "plan-limits-dev".into(),
+            audience: "plan-limits".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownPlan {
+    /// Apply `default_plan` (metric `unknown_plan`, and a log line at most once a second).
+    #[default]
+    DefaultPlan,
+    /// Refuse with 403.
+    Forbid,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +146,19 @@ pub struct RedisSettings {
     /// A user refused because the month's count reached the limit is refused without asking
     /// Redis for this long (per worker); 0 asks Redis every time.
     pub deny_cache_ms: u64,
+    /// How long a worker keeps a user's plan as billing recorded it (learnt from Redis's
+    /// answers), for requests that do not wait on Redis (unlimited actions).
+    pub entitlement_cache_ms: u64,
+    /// How long Redis remembers a commit, so that one sent again counts once; a commit whose
+    /// answer was lost is not sent again after this.
+    pub commit_memory_ms: u64,
+    /// While Redis is unreachable, a fail-open action lets a user through at most what this
+    /// Envoy last knew remained, plus this many.
+    pub fail_open_allowance: u64,
+    /// Credentials of the filter's Redis user, for Higress's Redis host calls (webdis holds
+    /// its own).
+    pub username: Option<String>,
+    pub password: Option<String>,
 }
 
 impl Default for RedisSettings {
@@ -102,6 +176,11 @@ impl Default for RedisSettings {
             events_stream: "plan-limits:events".into(),
             events_max_len: None,
             deny_cache_ms: 1000,
+            entitlement_cache_ms: 5000,
+            commit_memory_ms: 3_600_000,
+            fail_open_allowance: 1,
+            username: None,
+            password: None,
         }
     }
 }
@@ -134,6 +213,18 @@ pub struct ActionSettings {
     /// Where the analysis kind (recorded as metadata) is read from.
     #[serde(default)]
     pub kind: Option<KindSource>,
+    /// A client that leaves before the upstream answered: give the unit back, or count it
+    /// once the request was fully forwarded (the upstream does the work anyway).
+    #[serde(default)]
+    pub on_client_abort: OnClientAbort,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnClientAbort {
+    #[default]
+    Release,
+    Commit,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -14,6 +14,11 @@ pub struct UsageKeys {
     pub summary: String,
     /// Sorted set per action: reservations in flight, scored by their expiry (ms).
     pub pending: String,
+    /// Sorted set per action: recently committed reservation ids, so a commit sent twice
+    /// counts once.
+    pub commits: String,
+    /// Hash: the user's entitlement as billing recorded it (`plan`), over any claim.
+    pub entitlement: String,
 }
 
 impl UsageKeys {
@@ -22,8 +27,20 @@ impl UsageKeys {
         Self {
             summary: format!("{prefix}:{{{user}}}:{period_id}"),
             pending: format!("{prefix}:{{{user}}}:{period_id}:pending:{action}"),
+            commits: format!("{prefix}:{{{user}}}:{period_id}:commits:{action}"),
+            entitlement: entitlement_key(prefix, user),
         }
     }
+}
+
+/// The user's entitlement record (not per period).
+pub fn entitlement_key(prefix: &str, user: impl std::fmt::Display) -> String {
+    format!("{prefix}:{{{user}}}:entitlement")
+}
+
+/// `user` as it stands in keys.
+pub fn encoded_user(user: &str) -> String {
+    utf8_percent_encode(user, KEY_SAFE).to_string()
 }
 
 #[cfg(test)]
@@ -35,6 +52,12 @@ mod tests {
         let keys = UsageKeys::new("plan-limits", "u1", "2026-11", "upload");
         assert_eq!(keys.summary, "plan-limits:{u1}:2026-11");
         assert_eq!(keys.pending, "plan-limits:{u1}:2026-11:pending:upload");
+        assert_eq!(keys.commits, "plan-limits:{u1}:2026-11:commits:upload");
+        assert_eq!(keys.entitlement, "plan-limits:{u1}:entitlement");
+        assert_eq!(
+            entitlement_key("p", encoded_user("a b")),
+            "p:{a%20b}:entitlement"
+        );
     }
 
     #[test]

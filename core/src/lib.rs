@@ -18,8 +18,10 @@
 pub mod admission;
 pub mod config;
 pub mod denials;
+pub mod entitlements;
 pub mod keys;
 pub mod metrics;
+pub mod outage;
 pub mod period;
 pub mod plans;
 pub mod redis;

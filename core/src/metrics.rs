@@ -11,6 +11,8 @@ pub enum Metric {
     Rejected,
     /// Redis did not answer usably and the action is `fail_open`: let through unchecked.
     FailOpen,
+    /// Redis did not answer usably, and the user had used what this Envoy knew remained (429).
+    FailOpenRefused,
     /// Redis did not answer usably and the action is `fail_closed`: 503.
     FailClosed,
     /// Reservations without a usable answer (either failure mode).
@@ -25,14 +27,19 @@ pub enum Metric {
     SettleErrors,
     /// Settlements given up: the queue overflowed, or a count's outcome was unknown.
     SettlementsDropped,
+    /// Reservations of requests still in flight pushed back (slow uploads).
+    Extended,
+    /// A plan name plans.json does not know, in a token or billing's record.
+    UnknownPlan,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 11] = [
+    pub const ALL: [Metric; 14] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::Rejected,
         Metric::FailOpen,
+        Metric::FailOpenRefused,
         Metric::FailClosed,
         Metric::RedisErrors,
         Metric::Counted,
@@ -40,6 +47,8 @@ impl Metric {
         Metric::CommitsUnmatched,
         Metric::SettleErrors,
         Metric::SettlementsDropped,
+        Metric::Extended,
+        Metric::UnknownPlan,
     ];
 
     /// The name the host defines it under.
@@ -49,6 +58,7 @@ impl Metric {
             Metric::Denied => "plan_limits.denied",
             Metric::Rejected => "plan_limits.rejected",
             Metric::FailOpen => "plan_limits.fail_open",
+            Metric::FailOpenRefused => "plan_limits.fail_open_refused",
             Metric::FailClosed => "plan_limits.fail_closed",
             Metric::RedisErrors => "plan_limits.redis_errors",
             Metric::Counted => "plan_limits.counted",
@@ -56,6 +66,8 @@ impl Metric {
             Metric::CommitsUnmatched => "plan_limits.commits_unmatched",
             Metric::SettleErrors => "plan_limits.settle_errors",
             Metric::SettlementsDropped => "plan_limits.settlements_dropped",
+            Metric::Extended => "plan_limits.extended",
+            Metric::UnknownPlan => "plan_limits.unknown_plan",
         }
     }
 }

@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 use crate::config::{
-    ActionSettings, Config, ConfigError, FailureMode, Identity, KindSource, Limit, RedisSettings,
+    ActionSettings, Config, ConfigError, FailureMode, Identity, KindSource, Limit, OnClientAbort,
+    RedisSettings,
 };
 use crate::routes::{self, PathPattern, Route};
 
@@ -35,9 +36,12 @@ pub struct Action {
     pub feature: Option<String>,
     pub enforce_max_file_size: bool,
     pub on_redis_error: FailureMode,
+    pub on_client_abort: OnClientAbort,
     pub kind: Option<KindSource>,
     terms: HashMap<String, Rc<Terms>>,
     default_terms: Rc<Terms>,
+    /// Every plan's limit for the action, as the reservation sends them to Redis.
+    limits: Vec<(String, Limit)>,
 }
 
 /// One plan's terms for one action.
@@ -172,8 +176,18 @@ impl Plans {
 impl Action {
     /// The terms of the plan named `plan`; the default plan's when it names no plan.
     pub fn terms(&self, plan: Option<&str>) -> &Rc<Terms> {
-        plan.and_then(|name| self.terms.get(name))
+        plan.and_then(|name| self.terms_of(name))
             .unwrap_or(&self.default_terms)
+    }
+
+    /// The terms of the plan named `plan`, if plans.json has it.
+    pub fn terms_of(&self, plan: &str) -> Option<&Rc<Terms>> {
+        self.terms.get(plan)
+    }
+
+    /// Every plan's limit for this action.
+    pub fn limits(&self) -> &[(String, Limit)] {
+        &self.limits
     }
 }
 
@@ -258,7 +272,12 @@ fn compile_action(
         feature: settings.feature.clone(),
         enforce_max_file_size: settings.enforce_max_file_size,
         on_redis_error: settings.on_redis_error,
+        on_client_abort: settings.on_client_abort,
         kind: settings.kind.clone(),
+        limits: plans
+            .iter()
+            .map(|plan| (plan.key.clone(), plan.limits.get(key).copied().flatten()))
+            .collect(),
         terms,
         default_terms,
     })

@@ -2,21 +2,22 @@
 //! the end of its stream, each turned into what to tell the client and what to settle.
 //!
 //! ```text
-//! reserve  ──> a command to send (limited actions only)
-//! reply    ──on_reservation──> Allowed | Denied(429) | FailOpen | FailClosed(503)
+//! reserve  ──> a command to send (actions the plan limits)
+//! reply    ──on_reservation──> Allowed | Denied(429) | Refused(403/413) | FailOpen | FailClosed(503)
 //! status   ──on_response──> commit (2xx) / release (otherwise) / count (2xx, nothing reserved)
-//! end      ──on_end──> release, if still held (client gone, stream reset)
+//! tick     ──extension──> extend (a reservation held long enough to need it)
+//! end      ──on_end──> release, or commit (client left, action counts what was forwarded)
 //! ```
 
 use std::rc::Rc;
 
 use chrono::{DateTime, Utc};
 
-use crate::config::{FailureMode, Limit, RedisSettings};
+use crate::config::{FailureMode, Limit, OnClientAbort, RedisSettings};
 use crate::keys::UsageKeys;
 use crate::period::{self, BillingPeriod};
-use crate::plans::{Action, Plan, Terms};
-use crate::redis::scripts::{self, Form, ReserveArgs};
+use crate::plans::{Action, FeatureAccess, Plan, Terms};
+use crate::redis::functions::{self, ReserveArgs, ReserveStatus};
 use crate::redis::{RedisCommand, RedisReply, TransportError};
 use crate::responses::{self, Exhausted, LocalResponse};
 use crate::settlement::{SettleMode, Settlement};
@@ -26,6 +27,9 @@ pub struct RequestFacts<'a> {
     pub action: Rc<Action>,
     pub terms: Rc<Terms>,
     pub user: String,
+    pub org: Option<String>,
+    /// A plan name the caller named that plans.json does not know (the default plan applies).
+    pub unknown_plan: Option<String>,
     pub kind: String,
     pub bytes: u64,
     pub request_id: String,
@@ -39,6 +43,8 @@ pub struct MeteredRequest {
     action: Rc<Action>,
     terms: Rc<Terms>,
     user: String,
+    org: Option<String>,
+    unknown_plan: Option<String>,
     kind: String,
     bytes: u64,
     request_id: String,
@@ -46,8 +52,11 @@ pub struct MeteredRequest {
     keys: UsageKeys,
     /// Empty until a reservation is asked for.
     reservation_id: String,
-    reserved_at_ms: u64,
     reserved_limit: u64,
+    /// When Redis last set the reservation's expiry (unix ms).
+    held_since_ms: u64,
+    /// The whole request went to the upstream (its body too).
+    forwarded: bool,
     hold: Hold,
 }
 
@@ -75,7 +84,10 @@ pub enum Decision {
         response: LocalResponse,
         final_refusal: bool,
     },
-    /// Redis did not answer usably; the action is `fail_open`, so the request goes on.
+    /// The plan in force (billing's record) does not allow the request (403, 413).
+    Refused(LocalResponse),
+    /// Redis did not answer usably; the action is `fail_open`: the request may go on, within
+    /// what this Envoy knows remains.
     FailOpen(TransportError),
     /// Redis did not answer usably; the action is `fail_closed`.
     FailClosed(TransportError, LocalResponse),
@@ -93,14 +105,17 @@ impl MeteredRequest {
             action: facts.action,
             terms: facts.terms,
             user: facts.user,
+            org: facts.org,
+            unknown_plan: facts.unknown_plan,
             kind: facts.kind,
             bytes: facts.bytes,
             request_id: facts.request_id,
             period: facts.period,
             keys,
             reservation_id: String::new(),
-            reserved_at_ms: 0,
             reserved_limit: 0,
+            held_since_ms: 0,
+            forwarded: false,
             hold: Hold::Unreserved,
         }
     }
@@ -141,33 +156,82 @@ impl MeteredRequest {
         &self.keys
     }
 
+    /// A plan name the caller or billing named that plans.json does not know.
+    pub fn unknown_plan(&self) -> Option<&str> {
+        self.unknown_plan.as_deref()
+    }
+
+    /// Whether the plan in force lets this request through at all: the action's feature
+    /// (403) and the file size (413).
+    pub fn admissible(&self) -> Result<(), LocalResponse> {
+        if let FeatureAccess::Missing { feature, offer } = &self.terms.feature {
+            return Err(responses::feature_unavailable(
+                &self.action,
+                &self.terms.plan,
+                feature,
+                offer.as_ref(),
+            ));
+        }
+        match self.terms.plan.max_file_size_bytes {
+            Some(max) if self.action.enforce_max_file_size && self.bytes > max => {
+                Err(responses::file_too_large(&self.terms.plan, self.bytes, max))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Puts the request under the terms of another plan (billing's record overrides the
+    /// claim); it must still be admissible under them.
+    pub fn apply_plan(&mut self, plan: &str) -> Result<(), LocalResponse> {
+        if let Some(terms) = self.action.terms_of(plan) {
+            self.terms = terms.clone();
+        }
+        self.admissible()
+    }
+
+    /// The request headers the upstream gets: the verified user, the plan in force and the
+    /// organisation, replacing whatever the client sent.
+    pub fn identity_headers<'a>(
+        &'a self,
+        user_header: &'a str,
+        plan_header: &'a str,
+        org_header: &'a str,
+    ) -> Vec<(&'a str, &'a str)> {
+        let mut headers = vec![
+            (user_header, self.user.as_str()),
+            (plan_header, self.terms.plan.key.as_str()),
+        ];
+        if let Some(org) = &self.org {
+            headers.push((org_header, org.as_str()));
+        }
+        headers
+    }
+
     /// Asks for one unit of `limit` under `id` (unique across every Envoy sharing the Redis).
-    pub fn reserve(&mut self, limit: u64, id: String, now_ms: u64, ttl_ms: u64) -> RedisCommand {
+    /// Redis applies billing's plan over the claimed one; `fallback` is the plan for a name
+    /// plans.json does not know (`None`: refused).
+    pub fn reserve(
+        &mut self,
+        limit: u64,
+        id: String,
+        now_ms: u64,
+        ttl_ms: u64,
+        fallback: Option<&str>,
+    ) -> RedisCommand {
         self.reservation_id = id;
-        self.reserved_at_ms = now_ms;
         self.reserved_limit = limit;
+        self.held_since_ms = now_ms;
         self.hold = Hold::Reserving;
-        self.reservation_command(ttl_ms, Form::BySha)
-    }
-
-    /// The reservation asked for, again (with the script's source after `NOSCRIPT`); `None`
-    /// when none was asked for.
-    pub fn reserve_command(&self, ttl_ms: u64, form: Form) -> Option<RedisCommand> {
-        (!self.reservation_id.is_empty()).then(|| self.reservation_command(ttl_ms, form))
-    }
-
-    fn reservation_command(&self, ttl_ms: u64, form: Form) -> RedisCommand {
-        scripts::reserve(
-            ReserveArgs {
-                keys: &self.keys,
-                action: &self.action.key,
-                limit: self.reserved_limit,
-                reservation_id: &self.reservation_id,
-                now_ms: self.reserved_at_ms,
-                ttl_ms,
-            },
-            form,
-        )
+        functions::reserve(ReserveArgs {
+            keys: &self.keys,
+            action: &self.action.key,
+            claimed_plan: &self.terms.plan.key,
+            fallback_plan: fallback,
+            reservation_id: &self.reservation_id,
+            now_ms,
+            ttl_ms,
+            limits: self.action.limits(),
+        })
     }
 
     /// The reservation's answer (or why there is none) arrived.
@@ -176,16 +240,32 @@ impl MeteredRequest {
         reply: Result<RedisReply, TransportError>,
         now: DateTime<Utc>,
     ) -> Decision {
-        match reply.and_then(scripts::parse_reservation) {
-            Ok(r) if r.granted => {
-                self.hold = Hold::Held;
-                Decision::Allowed
-            }
-            Ok(r) => {
-                self.hold = Hold::Settled;
-                let limit = self.reserved_limit;
+        let reservation = match reply.and_then(functions::parse_reservation) {
+            Ok(reservation) => reservation,
+            Err(failure) => return self.redis_failed(failure),
+        };
+        if reservation.named_plan != reservation.plan {
+            self.unknown_plan = Some(reservation.named_plan.clone());
+        }
+        let granted = reservation.status == ReserveStatus::Granted;
+        self.hold = match reservation.status {
+            ReserveStatus::Granted => Hold::Held,
+            ReserveStatus::Unlimited => Hold::Unreserved,
+            ReserveStatus::Refused | ReserveStatus::UnknownPlan => Hold::Settled,
+        };
+        if reservation.status == ReserveStatus::UnknownPlan {
+            return Decision::Refused(responses::unknown_plan(&reservation.named_plan));
+        }
+        // Billing's record may name another plan than the claim: its terms apply.
+        if let Err(response) = self.apply_plan(&reservation.plan) {
+            // A unit reserved under them is given back when the stream ends.
+            return Decision::Refused(response);
+        }
+        match reservation.status {
+            ReserveStatus::Refused => {
+                let limit = self.limit().unwrap_or(self.reserved_limit);
                 let usage = Exhausted {
-                    current: r.committed.saturating_add(r.pending),
+                    current: reservation.committed.saturating_add(reservation.pending),
                     limit,
                     retry_after_secs: self.period.seconds_until_end(now),
                 };
@@ -196,22 +276,63 @@ impl MeteredRequest {
                         &self.period,
                         usage,
                     ),
-                    final_refusal: r.committed >= limit,
+                    final_refusal: reservation.committed >= limit,
                 }
             }
-            Err(failure) => match self.action.on_redis_error {
-                FailureMode::FailOpen => {
-                    // Whether the reservation was made is unknown: settle as a plain count on
-                    // success (and release the id, in case it was).
-                    self.hold = Hold::Uncertain;
-                    Decision::FailOpen(failure)
-                }
-                FailureMode::FailClosed => {
-                    self.hold = Hold::Settled;
-                    Decision::FailClosed(failure, responses::usage_unavailable(&self.action.key))
-                }
-            },
+            _ => {
+                debug_assert!(granted || reservation.status == ReserveStatus::Unlimited);
+                Decision::Allowed
+            }
         }
+    }
+
+    fn redis_failed(&mut self, failure: TransportError) -> Decision {
+        match self.action.on_redis_error {
+            FailureMode::FailOpen => {
+                // Whether the reservation was made is unknown: settle as a plain count on
+                // success (and release the id, in case it was).
+                self.hold = Hold::Uncertain;
+                Decision::FailOpen(failure)
+            }
+            FailureMode::FailClosed => {
+                self.hold = Hold::Settled;
+                Decision::FailClosed(failure, responses::usage_unavailable(&self.action.key))
+            }
+        }
+    }
+
+    /// The 429 of a fail-open request past what this Envoy knows remains while Redis is
+    /// unreachable: the limit is taken as reached.
+    pub fn outage_refusal(&mut self, now: DateTime<Utc>) -> LocalResponse {
+        self.hold = Hold::Settled;
+        let limit = self.limit().unwrap_or(self.reserved_limit);
+        let usage = Exhausted {
+            current: limit,
+            limit,
+            retry_after_secs: self.period.seconds_until_end(now),
+        };
+        responses::limit_reached(&self.action, &self.terms, &self.period, usage)
+    }
+
+    /// The request's body (all of it) went to the upstream.
+    pub fn on_forwarded(&mut self) {
+        self.forwarded = true;
+    }
+
+    /// A held reservation older than `every_ms` is extended (the request is still in flight,
+    /// e.g. a slow upload): its unit stays held until the request ends.
+    pub fn extension(
+        &mut self,
+        now: DateTime<Utc>,
+        every_ms: u64,
+        redis: &RedisSettings,
+    ) -> Option<Settlement> {
+        let now_ms = unix_millis(now);
+        if self.hold != Hold::Held || now_ms.saturating_sub(self.held_since_ms) < every_ms {
+            return None;
+        }
+        self.held_since_ms = now_ms;
+        Some(self.settlement(SettleMode::Extend, 0, now, redis))
     }
 
     /// The upstream answered with `status`: 2xx counts, anything else gives the unit back.
@@ -235,15 +356,20 @@ impl MeteredRequest {
         Some(self.settlement(mode, status, now, redis))
     }
 
-    /// The stream ended: a unit still held (client left, stream reset) is released.
+    /// The stream ended before the upstream answered (client left, stream reset): the unit
+    /// still held is released, unless the action counts what was fully forwarded
+    /// (`on_client_abort: commit`: the upstream does the work anyway).
     pub fn on_end(&mut self, now: DateTime<Utc>, redis: &RedisSettings) -> Option<Settlement> {
-        match self.hold {
-            Hold::Held | Hold::Reserving | Hold::Uncertain => {
-                self.hold = Hold::Settled;
-                Some(self.settlement(SettleMode::Release, 0, now, redis))
-            }
-            Hold::Unreserved | Hold::Settled => None,
-        }
+        let counts_when_forwarded =
+            self.forwarded && self.action.on_client_abort == OnClientAbort::Commit;
+        let mode = match (self.hold, counts_when_forwarded) {
+            (Hold::Held, true) => SettleMode::Commit,
+            (Hold::Unreserved | Hold::Uncertain, true) => SettleMode::Count,
+            (Hold::Held | Hold::Reserving | Hold::Uncertain, _) => SettleMode::Release,
+            (Hold::Unreserved | Hold::Settled, _) => return None,
+        };
+        self.hold = Hold::Settled;
+        Some(self.settlement(mode, 0, now, redis))
     }
 
     fn settlement(
@@ -274,6 +400,7 @@ impl MeteredRequest {
             request_id: self.request_id.clone(),
             period_id: self.period.id.clone(),
             keep_for_ms: unix_millis(kept_until).saturating_sub(unix_millis(now)),
+            made_at_ms: unix_millis(now),
         }
     }
 }
@@ -286,7 +413,7 @@ pub fn unix_millis(t: DateTime<Utc>) -> u64 {
 mod tests {
     use super::*;
     use crate::plans::Plans;
-    use crate::testing::{head, ints, metered, now, plans};
+    use crate::testing::{head, metered, now, plans};
     use chrono::TimeZone;
 
     fn request(p: &Plans, method: &str, path: &str, plan: &str) -> MeteredRequest {
@@ -296,48 +423,53 @@ mod tests {
     /// An upload of a free user, its reservation asked for.
     fn reserved(p: &Plans) -> MeteredRequest {
         let mut m = request(p, "POST", "/api/upload", "free");
-        m.reserve(5, "r1".into(), 1_000, 60_000);
+        m.reserve(5, "r1".into(), 1_000, 60_000, Some("free"));
         m
     }
 
-    /// What reserve.lua answers: granted (1 or 0), committed, pending.
-    fn reply(granted: i64, committed: i64, pending: i64) -> Result<RedisReply, TransportError> {
-        ints(&[granted, committed, pending])
+    /// What plan_limits_reserve answers: status, committed, pending, plan (named the same).
+    fn reply(
+        status: i64,
+        committed: i64,
+        pending: i64,
+        plan: &str,
+    ) -> Result<RedisReply, TransportError> {
+        Ok(RedisReply::Array(vec![
+            RedisReply::Int(status),
+            RedisReply::Int(committed),
+            RedisReply::Int(pending),
+            RedisReply::Bulk(plan.as_bytes().to_vec()),
+            RedisReply::Bulk(plan.as_bytes().to_vec()),
+        ]))
     }
 
     #[test]
-    fn a_reservation_names_its_id_and_expiry() {
+    fn a_reservation_sends_every_plans_limit_and_the_fallback() {
         let p = plans();
         let mut m = request(&p, "POST", "/api/upload", "free");
-        assert!(
-            m.reserve_command(60_000, Form::BySha).is_none(),
-            "none asked for yet"
-        );
-        let cmd = m.reserve(5, "r1".into(), 1_000, 60_000);
+        let cmd = m.reserve(5, "r1".into(), 1_000, 60_000, Some("free"));
         let text: Vec<_> = cmd
             .args
             .iter()
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
         assert_eq!(
-            text[3..],
+            text[6..],
             [
-                "plan-limits:{u}:2026-11",
-                "plan-limits:{u}:2026-11:pending:upload",
                 "upload",
-                "5",
+                "free",
+                "free",
                 "r1",
                 "1000",
                 "61000",
-                "60000"
+                "60000",
+                "enterprise",
+                "",
+                "free",
+                "5",
+                "professional",
+                ""
             ]
-        );
-        let again = m.reserve_command(60_000, Form::WithSource).unwrap();
-        assert_eq!(again.args[0], b"EVAL");
-        assert_eq!(
-            again.args[2..],
-            cmd.args[2..],
-            "the same reservation, with the source"
         );
     }
 
@@ -354,7 +486,10 @@ mod tests {
     fn a_granted_reservation_commits_on_2xx() {
         let p = plans();
         let mut m = reserved(&p);
-        assert_eq!(m.on_reservation(reply(1, 0, 1), now()), Decision::Allowed);
+        assert_eq!(
+            m.on_reservation(reply(1, 0, 1, "free"), now()),
+            Decision::Allowed
+        );
         let s = m.on_response(201, now(), &p.redis).unwrap();
         assert_eq!(s.mode, SettleMode::Commit);
         assert_eq!(
@@ -374,10 +509,74 @@ mod tests {
     }
 
     #[test]
+    fn billings_plan_overrides_the_claim() {
+        let p = plans();
+        // Claimed free, billing says professional: unlimited uploads, nothing reserved.
+        let mut m = reserved(&p);
+        assert_eq!(
+            m.on_reservation(reply(2, 9, 0, "professional"), now()),
+            Decision::Allowed
+        );
+        assert_eq!(m.plan().key, "professional");
+        assert_eq!(
+            m.identity_headers("x-user-id", "x-user-plan", "x-org-id"),
+            [("x-user-id", "u"), ("x-user-plan", "professional")]
+        );
+        let s = m.on_response(200, now(), &p.redis).unwrap();
+        assert_eq!(
+            (s.mode, s.plan.as_str()),
+            (SettleMode::Count, "professional")
+        );
+        // Claimed professional, billing says free: free has no DXF export.
+        let mut m = metered(
+            &p,
+            &head("POST", "/api/export/dxf", "u", "professional"),
+            now(),
+        );
+        m.reserve(50, "r2".into(), 0, 1, None);
+        let Decision::Refused(r) = m.on_reservation(reply(1, 0, 1, "free"), now()) else {
+            panic!("free has no DXF export")
+        };
+        assert_eq!(r.status, 403);
+        assert_eq!(
+            m.on_end(now(), &p.redis).unwrap().mode,
+            SettleMode::Release,
+            "the unit reserved is given back"
+        );
+    }
+
+    #[test]
+    fn an_unknown_plan_is_refused_or_named() {
+        let p = plans();
+        let mut m = reserved(&p);
+        let unknown = Ok(RedisReply::Array(vec![
+            RedisReply::Int(3),
+            RedisReply::Int(0),
+            RedisReply::Int(0),
+            RedisReply::Bulk(b"gold".to_vec()),
+            RedisReply::Bulk(b"gold".to_vec()),
+        ]));
+        let Decision::Refused(r) = m.on_reservation(unknown, now()) else {
+            panic!("an unknown plan without a fallback is refused")
+        };
+        assert_eq!(r.status, 403);
+        let mut m = reserved(&p);
+        let fell_back = Ok(RedisReply::Array(vec![
+            RedisReply::Int(1),
+            RedisReply::Int(0),
+            RedisReply::Int(1),
+            RedisReply::Bulk(b"free".to_vec()),
+            RedisReply::Bulk(b"gold".to_vec()),
+        ]));
+        assert_eq!(m.on_reservation(fell_back, now()), Decision::Allowed);
+        assert_eq!(m.unknown_plan(), Some("gold"));
+    }
+
+    #[test]
     fn a_failed_upstream_releases_the_unit() {
         let p = plans();
         let mut m = reserved(&p);
-        m.on_reservation(reply(1, 0, 1), now());
+        m.on_reservation(reply(1, 0, 1, "free"), now());
         assert_eq!(
             m.on_response(500, now(), &p.redis).unwrap().mode,
             SettleMode::Release
@@ -385,13 +584,69 @@ mod tests {
     }
 
     #[test]
-    fn a_client_that_leaves_releases_the_unit() {
+    fn a_client_that_leaves_releases_the_unit_unless_the_action_counts_what_was_forwarded() {
         let p = plans();
         let mut m = reserved(&p);
         assert_eq!(m.on_end(now(), &p.redis).unwrap().mode, SettleMode::Release);
         let mut m = reserved(&p);
-        m.on_reservation(reply(1, 0, 1), now());
-        assert_eq!(m.on_end(now(), &p.redis).unwrap().mode, SettleMode::Release);
+        m.on_reservation(reply(1, 0, 1, "free"), now());
+        m.on_forwarded();
+        assert_eq!(
+            m.on_end(now(), &p.redis).unwrap().mode,
+            SettleMode::Release,
+            "upload releases"
+        );
+        // ai_analysis counts a fully forwarded request whose client left.
+        let mut ai = request(&p, "POST", "/api/teammate", "free");
+        ai.reserve(3, "r3".into(), 0, 60_000, None);
+        ai.on_reservation(reply(1, 0, 1, "free"), now());
+        assert_eq!(
+            ai.on_end(now(), &p.redis).unwrap().mode,
+            SettleMode::Release,
+            "not forwarded yet"
+        );
+        let mut ai = request(&p, "POST", "/api/teammate", "free");
+        ai.reserve(3, "r4".into(), 0, 60_000, None);
+        ai.on_reservation(reply(1, 0, 1, "free"), now());
+        ai.on_forwarded();
+        assert_eq!(ai.on_end(now(), &p.redis).unwrap().mode, SettleMode::Commit);
+        // ... but not when the upstream answered non-2xx first.
+        let mut ai = request(&p, "POST", "/api/teammate", "free");
+        ai.reserve(3, "r5".into(), 0, 60_000, None);
+        ai.on_reservation(reply(1, 0, 1, "free"), now());
+        ai.on_forwarded();
+        assert_eq!(
+            ai.on_response(502, now(), &p.redis).unwrap().mode,
+            SettleMode::Release
+        );
+        assert!(ai.on_end(now(), &p.redis).is_none());
+    }
+
+    #[test]
+    fn a_held_reservation_is_extended_while_the_request_is_in_flight() {
+        let p = plans();
+        let mut m = reserved(&p);
+        assert!(
+            m.extension(now(), 20_000, &p.redis).is_none(),
+            "not held yet"
+        );
+        m.on_reservation(reply(1, 0, 1, "free"), now());
+        // Reserved at 1 000 ms (unix); now is far later: due.
+        let s = m.extension(now(), 20_000, &p.redis).unwrap();
+        assert_eq!(
+            (s.mode, s.reservation_id.as_str()),
+            (SettleMode::Extend, "r1")
+        );
+        assert!(
+            m.extension(now(), 20_000, &p.redis).is_none(),
+            "just extended"
+        );
+        let later = now() + chrono::Duration::seconds(20);
+        assert!(m.extension(later, 20_000, &p.redis).is_some());
+        m.on_response(200, later, &p.redis);
+        assert!(m
+            .extension(later + chrono::Duration::seconds(60), 20_000, &p.redis)
+            .is_none());
     }
 
     #[test]
@@ -401,7 +656,7 @@ mod tests {
         let Decision::Denied {
             response,
             final_refusal,
-        } = m.on_reservation(reply(0, 4, 1), now())
+        } = m.on_reservation(reply(0, 4, 1, "free"), now())
         else {
             panic!("expected 429")
         };
@@ -410,7 +665,7 @@ mod tests {
         assert!(!final_refusal, "the unit in flight may be released");
         assert!(m.on_end(now(), &p.redis).is_none());
         let mut m = reserved(&p);
-        let d = m.on_reservation(reply(0, 5, 0), now());
+        let d = m.on_reservation(reply(0, 5, 0, "free"), now());
         assert!(matches!(
             d,
             Decision::Denied {
@@ -437,14 +692,14 @@ mod tests {
         assert_eq!(m.on_end(now(), &p.redis).unwrap().mode, SettleMode::Release);
 
         let mut api = request(&p, "GET", "/api/v1/x", "enterprise");
-        api.reserve(10_000, "r2".into(), 0, 1);
+        api.reserve(10_000, "r2".into(), 0, 1, None);
         let d = api.on_reservation(Ok(RedisReply::Error("ERR".into())), now());
         assert!(matches!(d, Decision::FailClosed(_, ref r) if r.status == 503));
         assert!(api.on_end(now(), &p.redis).is_none());
     }
 
     #[test]
-    fn a_reply_that_is_not_reserve_luas_is_a_failure() {
+    fn a_reply_that_is_not_the_functions_is_a_failure() {
         let p = plans();
         let mut m = reserved(&p);
         let d = m.on_reservation(Ok(RedisReply::Bulk(b"OK".to_vec())), now());

@@ -155,12 +155,38 @@ pub fn file_too_large(plan: &Plan, size_bytes: u64, max_bytes: u64) -> LocalResp
     )
 }
 
+/// 401: a metered route without a valid bearer token (none, expired, or not ours).
+pub fn missing_token() -> LocalResponse {
+    LocalResponse::json(
+        401,
+        json!({
+            "error": "Unauthorized",
+            "message": "This route is metered per user; send a valid bearer token (Authorization: Bearer ...).",
+        }),
+    )
+    .with_header("www-authenticate", "Bearer".into())
+}
+
+/// 401: a metered route without the user header (`trusted_headers` mode).
 pub fn missing_user(header: &str) -> LocalResponse {
     LocalResponse::json(
         401,
         json!({
             "error": "Unauthorized",
             "message": format!("This route is metered per user; send the {header} header."),
+        }),
+    )
+}
+
+/// 403: the plan named (by the token or billing's record) is not one plans.json knows, and
+/// `identity.unknown_plan` is `forbid`.
+pub fn unknown_plan(plan: &str) -> LocalResponse {
+    LocalResponse::json(
+        403,
+        json!({
+            "error": "Unknown plan",
+            "message": format!("The plan \"{plan}\" is not offered; please contact support."),
+            "plan": plan,
         }),
     )
 }

@@ -1,5 +1,5 @@
-//! Settlements: what the end of a metered request means for its count (commit, count or
-//! release), and what `settle.lua` records with it.
+//! Settlements: what a metered request means for its count (commit, count or release when it
+//! ends; extend while it is still in flight), and what `plan_limits_settle` records with it.
 
 use std::rc::Rc;
 
@@ -13,6 +13,8 @@ pub enum SettleMode {
     Count,
     /// The upstream failed or the client left: give the reserved unit back.
     Release,
+    /// The request is still in flight: its reservation keeps holding its unit.
+    Extend,
 }
 
 impl SettleMode {
@@ -21,11 +23,13 @@ impl SettleMode {
             SettleMode::Commit => "commit",
             SettleMode::Count => "count",
             SettleMode::Release => "release",
+            SettleMode::Extend => "extend",
         }
     }
 }
 
-/// One request's settlement: what `settle.lua` needs to count it and record its usage event.
+/// One request's settlement: what `plan_limits_settle` needs to count it and record its
+/// usage event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settlement {
     pub mode: SettleMode,
@@ -45,4 +49,6 @@ pub struct Settlement {
     pub period_id: String,
     /// How long the summary is kept from now (ms): until its period ends plus the retention.
     pub keep_for_ms: u64,
+    /// When it was made (unix ms): a commit is sent again only while Redis remembers commits.
+    pub made_at_ms: u64,
 }

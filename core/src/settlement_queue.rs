@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 
+use crate::redis::functions;
 use crate::redis::{RedisReply, TransportError};
 use crate::settlement::{SettleMode, Settlement};
 
@@ -21,14 +22,19 @@ pub struct SettlementQueue {
 /// What one batch's answer meant, for metrics and logs.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchReport {
-    /// Successes counted (commits that still held their reservation, and counts).
+    /// Successes counted (commits and counts).
     pub counted: u64,
-    /// Commits whose reservation was gone (expired, or already committed by a retry).
+    /// Commits Redis had counted already (a commit sent again after its answer was lost).
     pub commits_unmatched: u64,
     pub released: u64,
+    /// Reservations of requests still in flight pushed back.
+    pub extended: u64,
+    /// Each user's plan as billing recorded it (`None`: no record), as Redis answered.
+    pub entitlements: Vec<(String, Option<String>)>,
     /// Put back to be sent again (Redis certainly did not run them).
     pub requeued: u64,
-    /// Given up: counts whose outcome is unknown (sending them again could count twice).
+    /// Given up: counts whose outcome is unknown (sending them again could count twice), and
+    /// commits older than Redis remembers commits for.
     pub dropped_unknown: u64,
     pub error: Option<TransportError>,
 }
@@ -94,46 +100,46 @@ impl SettlementQueue {
         &self.in_flight
     }
 
-    /// The batch in flight was answered (or failed).
+    /// The batch in flight was answered (or failed). A commit is sent again only while Redis
+    /// still remembers commits (`remember_commits_ms`), so that it counts once.
     pub fn on_batch_reply(
         &mut self,
         reply: Result<RedisReply, TransportError>,
         now_ms: u64,
+        remember_commits_ms: u64,
     ) -> BatchReport {
         let batch = std::mem::take(&mut self.in_flight);
         let mut report = BatchReport::default();
-        let results = reply.and_then(|r| {
-            let ints = r.into_ints()?;
-            if ints.len() == batch.len() {
-                Ok(ints)
-            } else {
-                Err(TransportError::BadReply(format!(
-                    "settle returned {} results for {} items",
-                    ints.len(),
-                    batch.len()
-                )))
-            }
-        });
-        match results {
-            Ok(counted) => {
+        match reply.and_then(|r| functions::parse_settled(r, batch.len())) {
+            Ok(settled) => {
                 self.backoff_ms = MIN_BACKOFF_MS;
                 self.retry_at_ms = 0;
-                for (item, counted) in batch.iter().zip(counted) {
-                    match (item.mode, counted) {
+                for (item, settled) in batch.into_iter().zip(settled) {
+                    match (item.mode, settled.done) {
                         (SettleMode::Release, _) => report.released += 1,
-                        (_, 1) => report.counted += 1,
-                        (SettleMode::Commit, _) => report.commits_unmatched += 1,
-                        (SettleMode::Count, _) => report.dropped_unknown += 1,
+                        (SettleMode::Extend, true) => report.extended += 1,
+                        (SettleMode::Extend, false) => {}
+                        (_, true) => report.counted += 1,
+                        (SettleMode::Commit, false) => report.commits_unmatched += 1,
+                        (SettleMode::Count, false) => report.dropped_unknown += 1,
                     }
+                    report.entitlements.push((item.user, settled.entitled_plan));
                 }
             }
             Err(error) => {
                 let certainly_not_run = matches!(error, TransportError::NotSent(_));
-                // Commits and releases are idempotent (they act only on a held reservation),
-                // so they are always sent again; a count is sent again only if it surely
-                // did not run.
+                // Commits, releases and extends are idempotent (Redis remembers commits; the
+                // others act only on a held reservation), so they are sent again; a count is
+                // sent again only if it surely did not run.
                 for item in batch.into_iter().rev() {
-                    if certainly_not_run || item.mode != SettleMode::Count {
+                    let resend = match item.mode {
+                        SettleMode::Count => certainly_not_run,
+                        SettleMode::Commit => {
+                            now_ms.saturating_sub(item.made_at_ms) < remember_commits_ms
+                        }
+                        SettleMode::Release | SettleMode::Extend => true,
+                    };
+                    if resend {
                         report.requeued += 1;
                         self.waiting.push_front(item);
                     } else {
@@ -157,7 +163,8 @@ impl SettlementQueue {
 mod tests {
     use super::*;
     use crate::keys::UsageKeys;
-    use crate::testing::ints;
+
+    const REMEMBER: u64 = 3_600_000;
 
     fn item(mode: SettleMode, id: &str) -> Settlement {
         Settlement {
@@ -175,7 +182,17 @@ mod tests {
             request_id: String::new(),
             period_id: "2026-11".into(),
             keep_for_ms: 1,
+            made_at_ms: 0,
         }
+    }
+
+    /// What plan_limits_settle answers: per item, done and the user's entitled plan (none).
+    fn settled(done: &[i64]) -> Result<RedisReply, TransportError> {
+        Ok(RedisReply::Array(
+            done.iter()
+                .flat_map(|&d| [RedisReply::Int(d), RedisReply::Nil])
+                .collect(),
+        ))
     }
 
     #[test]
@@ -188,11 +205,29 @@ mod tests {
         assert_eq!(first.len(), 2);
         assert!(q.batch_in_flight());
         assert!(q.start_batch(0).is_none(), "one batch in flight");
-        let report = q.on_batch_reply(ints(&[1, 0]), 0);
+        let report = q.on_batch_reply(settled(&[1, 0]), 0, REMEMBER);
         assert_eq!((report.counted, report.commits_unmatched), (1, 1));
+        assert_eq!(
+            report.entitlements,
+            [("u".into(), None), ("u".into(), None)]
+        );
         assert_eq!(q.start_batch(0).unwrap()[0].reservation_id, "c");
-        q.on_batch_reply(ints(&[1]), 0);
+        q.on_batch_reply(settled(&[1]), 0, REMEMBER);
         assert!(q.is_empty() && !q.batch_in_flight());
+    }
+
+    #[test]
+    fn extends_and_releases_are_reported() {
+        let mut q = SettlementQueue::new(100, 10);
+        q.push(item(SettleMode::Extend, "a"));
+        q.push(item(SettleMode::Extend, "b"));
+        q.push(item(SettleMode::Release, "c"));
+        q.start_batch(0).unwrap();
+        let report = q.on_batch_reply(settled(&[1, 0, 1]), 0, REMEMBER);
+        assert_eq!(
+            (report.extended, report.released, report.counted),
+            (1, 1, 0)
+        );
     }
 
     #[test]
@@ -201,19 +236,42 @@ mod tests {
         q.push(item(SettleMode::Commit, "a"));
         q.push(item(SettleMode::Count, "b"));
         q.push(item(SettleMode::Release, "c"));
+        q.push(item(SettleMode::Extend, "d"));
         q.start_batch(0).unwrap();
-        let report = q.on_batch_reply(Err(TransportError::Unknown("timeout".into())), 1000);
-        assert_eq!((report.requeued, report.dropped_unknown), (2, 1));
+        let report = q.on_batch_reply(
+            Err(TransportError::Unknown("timeout".into())),
+            1000,
+            REMEMBER,
+        );
+        assert_eq!((report.requeued, report.dropped_unknown), (3, 1));
         assert!(q.start_batch(1000).is_none(), "backing off");
         assert!(q.start_batch(1000 + MIN_BACKOFF_MS).is_some());
-        let report = q.on_batch_reply(Err(TransportError::NotSent("down".into())), 2000);
-        assert_eq!(report.requeued, 2);
+        let report = q.on_batch_reply(Err(TransportError::NotSent("down".into())), 2000, REMEMBER);
+        assert_eq!(report.requeued, 3);
         assert!(
             q.start_batch(2000 + MIN_BACKOFF_MS).is_none(),
             "backoff doubled"
         );
         assert!(q.start_batch(2000 + 2 * MIN_BACKOFF_MS).is_some());
-        assert_eq!(q.on_batch_reply(ints(&[1, 0]), 3000).counted, 1);
+        assert_eq!(
+            q.on_batch_reply(settled(&[1, 0, 1]), 3000, REMEMBER)
+                .counted,
+            1
+        );
+    }
+
+    #[test]
+    fn a_commit_older_than_redis_remembers_is_not_sent_again() {
+        let mut q = SettlementQueue::new(100, 10);
+        q.push(item(SettleMode::Commit, "a"));
+        q.start_batch(0).unwrap();
+        let report = q.on_batch_reply(
+            Err(TransportError::Unknown("timeout".into())),
+            REMEMBER,
+            REMEMBER,
+        );
+        assert_eq!((report.requeued, report.dropped_unknown), (0, 1));
+        assert!(q.is_empty());
     }
 
     #[test]

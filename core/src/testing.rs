@@ -5,9 +5,8 @@ use std::rc::Rc;
 
 use chrono::{DateTime, TimeZone, Utc};
 
-use crate::admission::{admit, Admission, RequestHead};
+use crate::admission::{admit, Admission, Claims, RequestHead};
 use crate::plans::{Action, Plans};
-use crate::redis::{RedisReply, TransportError};
 use crate::request::MeteredRequest;
 
 pub const PLANS_JSON: &str = include_str!("../../plans.json");
@@ -37,29 +36,45 @@ pub fn now() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap()
 }
 
-/// A request head as the host hands it over, with a 10-byte body.
-pub fn head(method: &str, path: &str, user: &str, plan: &str) -> Vec<(String, Vec<u8>)> {
-    vec![
-        (":method".into(), method.into()),
-        (":path".into(), path.into()),
-        ("x-user-id".into(), user.into()),
-        ("x-user-plan".into(), plan.into()),
-        ("content-length".into(), b"10".to_vec()),
-    ]
+/// A request as the host hands it over: its headers and its verified token's claims.
+#[derive(Debug, Clone)]
+pub struct Req {
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub claims: Claims,
 }
 
-/// The request `head` makes at `when`, which must be metered.
-pub fn metered(plans: &Plans, head: &[(String, Vec<u8>)], when: DateTime<Utc>) -> MeteredRequest {
-    match admit(plans, RequestHead::new(head), when) {
+impl Req {
+    pub fn head(&self) -> RequestHead<'_> {
+        RequestHead::new(&self.headers, &self.claims)
+    }
+
+    pub fn header(mut self, name: &str, value: &[u8]) -> Self {
+        self.headers.push((name.into(), value.to_vec()));
+        self
+    }
+}
+
+/// A request of `user` whose token claims `plan`, with a 10-byte body.
+pub fn head(method: &str, path: &str, user: &str, plan: &str) -> Req {
+    Req {
+        headers: vec![
+            (":method".into(), method.into()),
+            (":path".into(), path.into()),
+            ("content-length".into(), b"10".to_vec()),
+        ],
+        claims: Claims {
+            user: Some(user.into()),
+            plan: Some(plan.into()),
+            org: None,
+        },
+    }
+}
+
+/// The request `req` makes at `when`, which must be metered.
+pub fn metered(plans: &Plans, req: &Req, when: DateTime<Utc>) -> MeteredRequest {
+    match admit(plans, req.head(), when) {
         Admission::Metered(m) => m,
         Admission::Refused(r) => panic!("refused: {} {}", r.status, r.body),
         Admission::Unmetered => panic!("unmetered"),
     }
-}
-
-/// An array of integers, as both scripts answer.
-pub fn ints(values: &[i64]) -> Result<RedisReply, TransportError> {
-    Ok(RedisReply::Array(
-        values.iter().map(|&n| RedisReply::Int(n)).collect(),
-    ))
 }

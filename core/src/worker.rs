@@ -2,14 +2,15 @@
 //! context (one per Envoy worker thread) and hands it every event; the worker answers through
 //! `Io`.
 //!
-//! Events in: plans.json (`configure`), request headers, a Redis call's answer, the upstream's
-//! status, the end of a stream, a tick, shutdown. Actions out: send this Redis command, answer
-//! this stream, resume that one, count this metric, log this line, done.
+//! Events in: plans.json (`configure`), a request's head, the end of its body, a Redis call's
+//! answer, the upstream's status, the end of a stream, a tick, shutdown. Actions out: send this
+//! Redis command, answer this stream, resume that one, set its identity headers, count this
+//! metric, log this line, read or write this Envoy's shared data, done.
 //!
 //! The worker owns the metered streams in flight, the calls waiting for Redis (by token, each
-//! with its waiter), the settlement queue, the refusal cache and the reservation ids. Every
-//! call it sends gets exactly one answer delivered to its waiter: a `NOSCRIPT` reply is sent
-//! once more with the script's source, and if that cannot be sent, the waiter gets the failure.
+//! with its waiter: every call gets exactly one answer, delivered to its waiter or dropped
+//! with its ended stream), the settlement queue, the refusal and entitlement caches and the
+//! reservation ids.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -17,11 +18,13 @@ use std::rc::Rc;
 use chrono::{DateTime, Utc};
 
 use crate::admission::{self, Admission, RequestHead};
-use crate::config::RedisSettings;
+use crate::config::{RedisSettings, UnknownPlan};
 use crate::denials::DenialCache;
+use crate::entitlements::EntitlementCache;
 use crate::metrics::Metric;
+use crate::outage::{self, Budget};
 use crate::plans::Plans;
-use crate::redis::scripts::{self, Form};
+use crate::redis::functions::{self, SettleArgs};
 use crate::redis::{RedisCommand, RedisReply, TransportError};
 use crate::request::{unix_millis, Decision, MeteredRequest};
 use crate::responses::{self, LocalResponse};
@@ -45,10 +48,17 @@ pub trait Io {
     ) -> Result<Token, TransportError>;
     /// Answers the client of `stream` with `response` instead of the upstream.
     fn respond(&mut self, stream: StreamId, response: &LocalResponse);
+    /// Sets a request header of `stream` (replacing any), before it goes upstream.
+    fn set_request_header(&mut self, stream: StreamId, name: &str, value: &str);
     /// Lets the paused `stream` go on to the upstream.
     fn resume(&mut self, stream: StreamId);
     fn count(&mut self, metric: Metric, by: u64);
     fn log(&mut self, level: LogLevel, message: String);
+    /// This Envoy's shared data (across its workers): the value and its version.
+    fn shared_get(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
+    /// Writes it if still at `version` (any version with `None`); `false` if another worker
+    /// wrote it first.
+    fn shared_set(&mut self, key: &str, value: &[u8], version: Option<u32>) -> bool;
     /// The worker finished what it had to do after `on_shutdown` said it was not done.
     fn done(&mut self);
 }
@@ -69,17 +79,25 @@ pub enum Flow {
     Pause,
 }
 
-/// Refusals remembered per worker (`deny_cache_ms`); beyond this many users, old ones go.
-const REMEMBERED_REFUSALS: usize = 10_000;
+/// Users remembered per worker, in the refusal and entitlement caches; beyond this many, old
+/// ones go.
+const REMEMBERED_USERS: usize = 10_000;
+/// Requests let through unchecked, or names of unknown plans, are logged at most this often.
+const LOG_EVERY_MS: u64 = 1000;
 
 pub struct Worker {
     plans: Option<Rc<Plans>>,
     streams: HashMap<StreamId, Stream>,
-    calls: HashMap<Token, Call>,
+    calls: HashMap<Token, Waiter>,
     settlements: SettlementQueue,
     denials: DenialCache,
+    entitlements: EntitlementCache,
     ids: ReservationIds,
     stopping: bool,
+    /// When held reservations were last looked at for extension (unix ms).
+    extended_at_ms: u64,
+    fail_open_log: RateLimitedLog,
+    unknown_plan_log: RateLimitedLog,
 }
 
 /// A metered stream, from its headers to its end.
@@ -89,13 +107,7 @@ struct Stream {
     call: Option<Token>,
 }
 
-/// A call waiting for its answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Call {
-    waiter: Waiter,
-    form: Form,
-}
-
+/// Who waits for a call's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Waiter {
     /// A paused stream's reservation.
@@ -118,6 +130,31 @@ impl ReservationIds {
     }
 }
 
+/// A log line written at most once per `LOG_EVERY_MS`, saying how many it stood for.
+#[derive(Default)]
+struct RateLimitedLog {
+    last_ms: Option<u64>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    /// Whether to write now; the count of occurrences it stands for.
+    fn due(&mut self, now_ms: u64) -> Option<u64> {
+        match self.last_ms {
+            Some(last) if now_ms.saturating_sub(last) < LOG_EVERY_MS => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last_ms = Some(now_ms);
+                let n = self.suppressed + 1;
+                self.suppressed = 0;
+                Some(n)
+            }
+        }
+    }
+}
+
 impl Worker {
     /// `vm_nonce`: random, so reservation ids of different VMs never collide.
     pub fn new(vm_nonce: u64) -> Self {
@@ -127,9 +164,13 @@ impl Worker {
             streams: HashMap::new(),
             calls: HashMap::new(),
             settlements: SettlementQueue::new(defaults.max_queued_settlements, defaults.max_batch),
-            denials: DenialCache::new(REMEMBERED_REFUSALS),
+            denials: DenialCache::new(REMEMBERED_USERS),
+            entitlements: EntitlementCache::new(REMEMBERED_USERS),
             ids: ReservationIds { vm_nonce, next: 0 },
             stopping: false,
+            extended_at_ms: 0,
+            fail_open_log: RateLimitedLog::default(),
+            unknown_plan_log: RateLimitedLog::default(),
         }
     }
 
@@ -168,11 +209,12 @@ impl Worker {
         }
     }
 
-    /// A request's headers arrived (all of them, pseudo-headers included).
+    /// A request's head arrived; `end_of_stream`: it has no body.
     pub fn on_request_headers(
         &mut self,
         stream: StreamId,
-        headers: &[(String, Vec<u8>)],
+        head: RequestHead,
+        end_of_stream: bool,
         now: DateTime<Utc>,
         io: &mut dyn Io,
     ) -> Flow {
@@ -182,7 +224,7 @@ impl Worker {
             io.respond(stream, &responses::not_configured());
             return Flow::Pause;
         };
-        match admission::admit(&plans, RequestHead::new(headers), now) {
+        match admission::admit(&plans, head, now) {
             // Not counted: Envoy's own request stats already do, and this path must stay cheap.
             Admission::Unmetered => Flow::Continue,
             Admission::Refused(response) => {
@@ -190,7 +232,12 @@ impl Worker {
                 io.respond(stream, &response);
                 Flow::Pause
             }
-            Admission::Metered(request) => self.meter(stream, request, &plans, now, io),
+            Admission::Metered(mut request) => {
+                if end_of_stream {
+                    request.on_forwarded();
+                }
+                self.meter(stream, request, &plans, now, io)
+            }
         }
     }
 
@@ -202,9 +249,24 @@ impl Worker {
         now: DateTime<Utc>,
         io: &mut dyn Io,
     ) -> Flow {
+        let now_ms = unix_millis(now);
+        // Billing's record, as this worker last heard it, over the token's plan.
+        let entitled = self
+            .entitlements
+            .get(request.user(), now_ms)
+            .map(String::from);
+        if let Some(plan) = entitled.filter(|plan| *plan != request.plan().key) {
+            if let Err(response) = request.apply_plan(&plan) {
+                io.count(Metric::Rejected, 1);
+                io.respond(stream, &response);
+                return Flow::Pause;
+            }
+        }
+        self.note_unknown_plan(&request, now_ms, io);
         let Some(limit) = request.limit() else {
             // Unlimited: on at once, counted on success.
             io.count(Metric::Allowed, 1);
+            set_identity(stream, &request, plans, io);
             self.streams.insert(
                 stream,
                 Stream {
@@ -220,21 +282,20 @@ impl Worker {
             return Flow::Pause;
         }
         let redis = &plans.redis;
+        let fallback = match plans.identity.unknown_plan {
+            UnknownPlan::DefaultPlan => Some(plans.default_plan().key.as_str()),
+            UnknownPlan::Forbid => None,
+        };
         let command = request.reserve(
             limit,
             self.ids.next(),
-            unix_millis(now),
+            now_ms,
             redis.reservation_ttl_ms,
+            fallback,
         );
         let flow = match io.send(redis, &command) {
             Ok(token) => {
-                self.calls.insert(
-                    token,
-                    Call {
-                        waiter: Waiter::Reservation(stream),
-                        form: Form::BySha,
-                    },
-                );
+                self.calls.insert(token, Waiter::Reservation(stream));
                 self.streams.insert(
                     stream,
                     Stream {
@@ -247,7 +308,7 @@ impl Worker {
             // Not sent at all: the action's failure mode decides, right now.
             Err(e) => {
                 let decision = request.on_reservation(Err(e), now);
-                match self.carry_out(&request, decision, redis, now, io) {
+                match self.carry_out(stream, &mut request, decision, plans, now, io) {
                     Ok(()) => Flow::Continue,
                     Err(response) => {
                         io.respond(stream, &response);
@@ -266,19 +327,38 @@ impl Worker {
         flow
     }
 
+    fn note_unknown_plan(&mut self, request: &MeteredRequest, now_ms: u64, io: &mut dyn Io) {
+        let Some(plan) = request.unknown_plan() else {
+            return;
+        };
+        io.count(Metric::UnknownPlan, 1);
+        if let Some(times) = self.unknown_plan_log.due(now_ms) {
+            io.log(
+                LogLevel::Warn,
+                format!(
+                    "plan-limits: plan {plan:?} is not in plans.json; the default plan applies ({times} requests in the last second)"
+                ),
+            );
+        }
+    }
+
     /// Counts, logs and remembers what a reservation's answer decided; `Err` is the answer
-    /// the client gets instead of the upstream's.
+    /// the client gets instead of the upstream's. A request that goes on gets its verified
+    /// identity headers.
     fn carry_out(
         &mut self,
-        request: &MeteredRequest,
+        stream: StreamId,
+        request: &mut MeteredRequest,
         decision: Decision,
-        redis: &RedisSettings,
+        plans: &Plans,
         now: DateTime<Utc>,
         io: &mut dyn Io,
     ) -> Result<(), LocalResponse> {
+        let redis = &plans.redis;
         match decision {
             Decision::Allowed => {
                 io.count(Metric::Allowed, 1);
+                set_identity(stream, request, plans, io);
                 Ok(())
             }
             Decision::Denied {
@@ -292,17 +372,27 @@ impl Worker {
                 }
                 Err(response)
             }
+            Decision::Refused(response) => {
+                io.count(Metric::Rejected, 1);
+                Err(response)
+            }
             Decision::FailOpen(e) => {
                 io.count(Metric::RedisErrors, 1);
+                if !spend_outage_budget(request, redis, io) {
+                    io.count(Metric::FailOpenRefused, 1);
+                    return Err(request.outage_refusal(now));
+                }
                 io.count(Metric::FailOpen, 1);
-                io.log(
-                    LogLevel::Warn,
-                    format!(
-                        "plan-limits: {} for user {:?} let through unchecked (fail_open): {e}",
-                        request.action().key,
-                        request.user()
-                    ),
-                );
+                // No user id: the log is not a place for who did what.
+                if let Some(times) = self.fail_open_log.due(unix_millis(now)) {
+                    io.log(
+                        LogLevel::Warn,
+                        format!(
+                            "plan-limits: Redis did not answer ({e}); {times} requests let through unchecked (fail_open) in the last second"
+                        ),
+                    );
+                }
+                set_identity(stream, request, plans, io);
                 Ok(())
             }
             Decision::FailClosed(e, response) => {
@@ -329,64 +419,11 @@ impl Worker {
         io: &mut dyn Io,
     ) {
         // Unknown: its stream ended meanwhile (and released what it held).
-        let Some(call) = self.calls.remove(&token) else {
-            return;
-        };
-        let reply = match reply {
-            Ok(r) if call.form == Form::BySha && scripts::is_noscript(&r) => {
-                match self.resend_with_source(call.waiter, io) {
-                    // The answer comes under the new token.
-                    Ok(()) => return,
-                    Err(e) => Err(e),
-                }
-            }
-            other => other,
-        };
-        match call.waiter {
-            Waiter::Reservation(stream) => self.on_reservation(stream, reply, now, io),
-            Waiter::Batch => self.on_batch_reply(reply, now, io),
+        match self.calls.remove(&token) {
+            Some(Waiter::Reservation(stream)) => self.on_reservation(stream, reply, now, io),
+            Some(Waiter::Batch) => self.on_batch_reply(reply, now, io),
+            None => {}
         }
-    }
-
-    /// Sends the waiter's command again, naming its script by source (Redis restarted or was
-    /// flushed and no longer knows it).
-    fn resend_with_source(
-        &mut self,
-        waiter: Waiter,
-        io: &mut dyn Io,
-    ) -> Result<(), TransportError> {
-        let plans = self
-            .plans
-            .clone()
-            .ok_or_else(|| TransportError::NotSent("not configured".into()))?;
-        let redis = &plans.redis;
-        let command = match waiter {
-            Waiter::Reservation(stream) => self.streams.get(&stream).and_then(|s| {
-                s.request
-                    .reserve_command(redis.reservation_ttl_ms, Form::WithSource)
-            }),
-            Waiter::Batch => Some(scripts::settle(
-                self.settlements.in_flight(),
-                &redis.events_stream,
-                redis.events_max_len,
-                Form::WithSource,
-            )),
-        }
-        .ok_or_else(|| TransportError::NotSent("nothing to send again".into()))?;
-        let token = io.send(redis, &command)?;
-        self.calls.insert(
-            token,
-            Call {
-                waiter,
-                form: Form::WithSource,
-            },
-        );
-        if let Waiter::Reservation(stream) = waiter {
-            if let Some(s) = self.streams.get_mut(&stream) {
-                s.call = Some(token);
-            }
-        }
-        Ok(())
     }
 
     /// The paused `stream`'s reservation was answered: it goes on, or is answered here.
@@ -402,12 +439,35 @@ impl Worker {
             return;
         };
         entry.call = None;
+        let numbers = reply
+            .as_ref()
+            .ok()
+            .and_then(|r| functions::parse_reservation(r.clone()).ok());
         let decision = entry.request.on_reservation(reply, now);
-        match self.carry_out(&entry.request, decision, &plans.redis, now, io) {
+        if let Some(reservation) = numbers {
+            let now_ms = unix_millis(now);
+            let for_ms = plans.redis.entitlement_cache_ms;
+            self.entitlements.learn(
+                entry.request.user(),
+                Some(&reservation.plan),
+                now_ms,
+                for_ms,
+            );
+            self.note_unknown_plan(&entry.request, now_ms, io);
+            record_budget(&entry.request, &reservation, &plans.redis, io);
+        }
+        match self.carry_out(stream, &mut entry.request, decision, &plans, now, io) {
             Ok(()) => io.resume(stream),
             Err(response) => io.respond(stream, &response),
         }
         self.streams.insert(stream, entry);
+    }
+
+    /// The last of `stream`'s request body went through (it was fully forwarded).
+    pub fn on_request_body_end(&mut self, stream: StreamId) {
+        if let Some(entry) = self.streams.get_mut(&stream) {
+            entry.request.on_forwarded();
+        }
     }
 
     /// The upstream answered `stream` with `status` (a local reply of the filter's own passes
@@ -430,7 +490,8 @@ impl Worker {
     }
 
     /// `stream` is gone (completed, reset, or the client left): a unit it still holds is
-    /// released, and an answer still owed to it is no longer wanted.
+    /// released (or committed, for an action that counts what was forwarded), and an answer
+    /// still owed to it is no longer wanted.
     pub fn on_stream_end(&mut self, stream: StreamId, now: DateTime<Utc>, io: &mut dyn Io) {
         let Some(mut entry) = self.streams.remove(&stream) else {
             return;
@@ -456,9 +517,33 @@ impl Worker {
         }
     }
 
-    /// The periodic tick (`flush_interval_ms`): send queued settlements.
+    /// The periodic tick (`flush_interval_ms`): extend the reservations of requests still in
+    /// flight that need it, send queued settlements.
     pub fn on_tick(&mut self, now: DateTime<Utc>, io: &mut dyn Io) {
+        self.extend_held(now, io);
         self.flush(now, io);
+    }
+
+    /// A reservation is extended every third of its expiry while its request is in flight,
+    /// so a slow upload keeps its unit and a dead Envoy's expires.
+    fn extend_held(&mut self, now: DateTime<Utc>, io: &mut dyn Io) {
+        let Some(plans) = self.plans.clone() else {
+            return;
+        };
+        let every_ms = plans.redis.reservation_ttl_ms / 3;
+        let now_ms = unix_millis(now);
+        if now_ms.saturating_sub(self.extended_at_ms) < every_ms / 4 {
+            return;
+        }
+        self.extended_at_ms = now_ms;
+        let extensions: Vec<Settlement> = self
+            .streams
+            .values_mut()
+            .filter_map(|s| s.request.extension(now, every_ms, &plans.redis))
+            .collect();
+        for extension in extensions {
+            self.queue(Some(extension), io);
+        }
     }
 
     /// Sends the next batch if one is due and none is in flight.
@@ -467,24 +552,23 @@ impl Worker {
             return;
         };
         let redis = &plans.redis;
-        let Some(batch) = self.settlements.start_batch(unix_millis(now)) else {
+        let now_ms = unix_millis(now);
+        let Some(batch) = self.settlements.start_batch(now_ms) else {
             return;
         };
-        let command = scripts::settle(
+        let command = functions::settle(
             batch,
-            &redis.events_stream,
-            redis.events_max_len,
-            Form::BySha,
+            SettleArgs {
+                events_stream: &redis.events_stream,
+                events_max_len: redis.events_max_len,
+                now_ms,
+                ttl_ms: redis.reservation_ttl_ms,
+                remember_commits_ms: redis.commit_memory_ms,
+            },
         );
         match io.send(redis, &command) {
             Ok(token) => {
-                self.calls.insert(
-                    token,
-                    Call {
-                        waiter: Waiter::Batch,
-                        form: Form::BySha,
-                    },
-                );
+                self.calls.insert(token, Waiter::Batch);
             }
             Err(e) => self.on_batch_reply(Err(e), now, io),
         }
@@ -496,7 +580,18 @@ impl Worker {
         now: DateTime<Utc>,
         io: &mut dyn Io,
     ) {
-        let report = self.settlements.on_batch_reply(reply, unix_millis(now));
+        let Some(plans) = self.plans.clone() else {
+            return;
+        };
+        let now_ms = unix_millis(now);
+        let report = self
+            .settlements
+            .on_batch_reply(reply, now_ms, plans.redis.commit_memory_ms);
+        for (user, plan) in &report.entitlements {
+            let for_ms = plans.redis.entitlement_cache_ms;
+            self.entitlements
+                .learn(user, plan.as_deref(), now_ms, for_ms);
+        }
         record(&report, io);
         // More may be waiting: keep the queue moving without waiting for the next tick (a
         // failed batch backs off first, so this ends).
@@ -520,9 +615,62 @@ impl Worker {
     }
 }
 
+/// The verified user, the plan in force and the organisation, for the upstream.
+fn set_identity(stream: StreamId, request: &MeteredRequest, plans: &Plans, io: &mut dyn Io) {
+    let identity = &plans.identity;
+    for (name, value) in request.identity_headers(
+        &identity.user_header,
+        &identity.plan_header,
+        &identity.org_header,
+    ) {
+        io.set_request_header(stream, name, value);
+    }
+}
+
+/// What remains of the user's allowance, as Redis just said, for this Envoy's workers to go
+/// by should Redis become unreachable.
+fn record_budget(
+    request: &MeteredRequest,
+    reservation: &functions::Reservation,
+    redis: &RedisSettings,
+    io: &mut dyn Io,
+) {
+    let Some(limit) = request.limit() else {
+        return;
+    };
+    let used = reservation.committed.saturating_add(reservation.pending);
+    let budget = Budget {
+        period_id: request.period().id.clone(),
+        remaining: limit.saturating_sub(used),
+        spent: 0,
+    };
+    let key = outage::key(&redis.key_prefix, request.user(), &request.action().key);
+    io.shared_set(&key, &budget.encode(), None);
+}
+
+/// Takes one unit of what this Envoy knows remains for a fail-open request while Redis is
+/// unreachable; `false` when none is left.
+fn spend_outage_budget(request: &MeteredRequest, redis: &RedisSettings, io: &mut dyn Io) -> bool {
+    let key = outage::key(&redis.key_prefix, request.user(), &request.action().key);
+    // Another worker may spend at the same moment: retry on a version conflict.
+    for _ in 0..8 {
+        let (value, version) = io.shared_get(&key);
+        let mut budget = Budget::decode(value.as_deref(), &request.period().id);
+        if !budget.may_spend(redis.fail_open_allowance) {
+            return false;
+        }
+        budget.spent += 1;
+        if io.shared_set(&key, &budget.encode(), version) {
+            return true;
+        }
+    }
+    false
+}
+
 fn record(report: &BatchReport, io: &mut dyn Io) {
     io.count(Metric::Counted, report.counted);
     io.count(Metric::Released, report.released);
+    io.count(Metric::Extended, report.extended);
     io.count(Metric::CommitsUnmatched, report.commits_unmatched);
     io.count(Metric::SettlementsDropped, report.dropped_unknown);
     if let Some(e) = &report.error {
@@ -549,7 +697,7 @@ fn record(report: &BatchReport, io: &mut dyn Io) {
 mod tests {
     use super::*;
     use crate::settlement::SettleMode;
-    use crate::testing::{head, ints, now, plans_json_with, PLANS_JSON};
+    use crate::testing::{head, now, plans_json_with, Req, PLANS_JSON};
 
     /// The host as the core's tests see it: records every action, sends nothing.
     #[derive(Default)]
@@ -560,8 +708,10 @@ mod tests {
         refuse_sends: bool,
         responded: Vec<(StreamId, LocalResponse)>,
         resumed: Vec<StreamId>,
+        headers: Vec<(StreamId, String, String)>,
         counts: HashMap<Metric, u64>,
         logs: Vec<(LogLevel, String)>,
+        shared: HashMap<String, (Vec<u8>, u32)>,
         done: u32,
     }
 
@@ -581,6 +731,9 @@ mod tests {
         fn respond(&mut self, stream: StreamId, response: &LocalResponse) {
             self.responded.push((stream, response.clone()));
         }
+        fn set_request_header(&mut self, stream: StreamId, name: &str, value: &str) {
+            self.headers.push((stream, name.into(), value.into()));
+        }
         fn resume(&mut self, stream: StreamId) {
             self.resumed.push(stream);
         }
@@ -589,6 +742,21 @@ mod tests {
         }
         fn log(&mut self, level: LogLevel, message: String) {
             self.logs.push((level, message));
+        }
+        fn shared_get(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+            match self.shared.get(key) {
+                Some((value, version)) => (Some(value.clone()), Some(*version)),
+                None => (None, None),
+            }
+        }
+        fn shared_set(&mut self, key: &str, value: &[u8], version: Option<u32>) -> bool {
+            let current = self.shared.get(key).map(|(_, v)| *v);
+            if version.is_some() && version != current {
+                return false;
+            }
+            let next = current.unwrap_or(0) + 1;
+            self.shared.insert(key.into(), (value.to_vec(), next));
+            true
         }
         fn done(&mut self) {
             self.done += 1;
@@ -611,53 +779,95 @@ mod tests {
                 .find(|(s, _)| *s == stream)
                 .map(|(_, r)| r.status)
         }
+
+        fn headers_of(&self, stream: StreamId) -> Vec<(&str, &str)> {
+            self.headers
+                .iter()
+                .filter(|(s, _, _)| *s == stream)
+                .map(|(_, n, v)| (n.as_str(), v.as_str()))
+                .collect()
+        }
     }
 
     fn worker(io: &mut Recorder) -> Worker {
+        worker_with(io, PLANS_JSON)
+    }
+
+    fn worker_with(io: &mut Recorder, json: &str) -> Worker {
         let mut w = Worker::new(0xfeed);
-        assert!(w.configure(PLANS_JSON.as_bytes(), io));
+        assert!(w.configure(json.as_bytes(), io));
         w
+    }
+
+    fn send(w: &mut Worker, stream: StreamId, req: &Req, io: &mut Recorder) -> Flow {
+        w.on_request_headers(stream, req.head(), false, now(), io)
+    }
+
+    fn upload(user: &str) -> Req {
+        head("POST", "/api/upload", user, "free")
     }
 
     /// An unlimited request (a procedure view) that succeeds and ends: one count queued.
     fn view_succeeds(w: &mut Worker, stream: StreamId, io: &mut Recorder) {
         let h = head("GET", "/api/procedures/1", "u", "free");
-        assert_eq!(w.on_request_headers(stream, &h, now(), io), Flow::Continue);
+        assert_eq!(send(w, stream, &h, io), Flow::Continue);
         w.on_response_headers(stream, 200, now(), io);
         w.on_stream_end(stream, now(), io);
     }
 
-    fn upload(user: &str) -> Vec<(String, Vec<u8>)> {
-        head("POST", "/api/upload", user, "free")
+    /// What plan_limits_reserve answers under `plan`.
+    fn reserved(
+        status: i64,
+        committed: i64,
+        pending: i64,
+        plan: &str,
+    ) -> Result<RedisReply, TransportError> {
+        Ok(RedisReply::Array(vec![
+            RedisReply::Int(status),
+            RedisReply::Int(committed),
+            RedisReply::Int(pending),
+            RedisReply::Bulk(plan.into()),
+            RedisReply::Bulk(plan.into()),
+        ]))
     }
 
-    fn noscript() -> Result<RedisReply, TransportError> {
-        Ok(RedisReply::Error("NOSCRIPT No matching script.".into()))
+    fn granted() -> Result<RedisReply, TransportError> {
+        reserved(1, 0, 1, "free")
     }
 
-    fn name(command: &RedisCommand) -> &[u8] {
-        &command.args[0]
+    /// What plan_limits_settle answers: each item done, no entitlement recorded.
+    fn settled(done: &[i64]) -> Result<RedisReply, TransportError> {
+        Ok(RedisReply::Array(
+            done.iter()
+                .flat_map(|&d| [RedisReply::Int(d), RedisReply::Nil])
+                .collect(),
+        ))
+    }
+
+    fn name(command: &RedisCommand) -> (&[u8], &[u8]) {
+        (&command.args[0], &command.args[1])
     }
 
     #[test]
     fn unmetered_requests_go_on_untouched() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        let flow = w.on_request_headers(1, &head("GET", "/health", "", ""), now(), &mut io);
+        let flow = send(&mut w, 1, &head("GET", "/health", "", ""), &mut io);
         assert_eq!(flow, Flow::Continue);
         w.on_response_headers(1, 200, now(), &mut io);
         w.on_stream_end(1, now(), &mut io);
         w.on_tick(now(), &mut io);
         assert!(io.sent.is_empty() && io.counts.is_empty() && io.responded.is_empty());
+        assert!(io.headers.is_empty());
     }
 
     #[test]
     fn a_refused_request_is_answered_and_counted() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        let mut h = upload("");
-        h.retain(|(n, _)| n != "x-user-id");
-        assert_eq!(w.on_request_headers(1, &h, now(), &mut io), Flow::Pause);
+        let mut no_token = upload("u");
+        no_token.claims = Default::default();
+        assert_eq!(send(&mut w, 1, &no_token, &mut io), Flow::Pause);
         assert_eq!(io.status_for(1), Some(401));
         assert_eq!(io.count_of(Metric::Rejected), 1);
         // Envoy passes the local reply through the response path: nothing to settle.
@@ -667,21 +877,25 @@ mod tests {
     }
 
     #[test]
-    fn an_unlimited_success_goes_on_at_once_and_is_counted_in_the_next_batch() {
+    fn an_unlimited_success_goes_on_at_once_with_its_identity_and_is_counted_in_the_next_batch() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
         let h = head("GET", "/api/procedures/1", "u", "free");
-        assert_eq!(w.on_request_headers(1, &h, now(), &mut io), Flow::Continue);
+        assert_eq!(send(&mut w, 1, &h, &mut io), Flow::Continue);
         assert!(io.sent.is_empty(), "no Redis call before the upstream");
         assert_eq!(io.count_of(Metric::Allowed), 1);
+        assert_eq!(
+            io.headers_of(1),
+            [("x-user-id", "u"), ("x-user-plan", "free")]
+        );
         w.on_response_headers(1, 200, now(), &mut io);
         w.on_stream_end(1, now(), &mut io);
         assert_eq!(w.queued_settlements(), 1);
         w.on_tick(now(), &mut io);
         let (token, batch) = io.last_sent();
-        assert_eq!(name(batch), b"EVALSHA");
+        assert_eq!(name(batch), (&b"FCALL"[..], &b"plan_limits_settle"[..]));
         assert!(batch.args.iter().any(|a| a == b"count"));
-        w.on_reply(token, ints(&[1]), now(), &mut io);
+        w.on_reply(token, settled(&[1]), now(), &mut io);
         assert_eq!(io.count_of(Metric::Counted), 1);
         assert_eq!(w.queued_settlements(), 0);
     }
@@ -690,57 +904,115 @@ mod tests {
     fn a_limited_request_waits_for_its_reservation_then_commits() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        assert_eq!(
-            w.on_request_headers(7, &upload("u"), now(), &mut io),
-            Flow::Pause
-        );
+        assert_eq!(send(&mut w, 7, &upload("u"), &mut io), Flow::Pause);
         let (token, reserve) = io.last_sent();
-        assert_eq!(name(reserve), b"EVALSHA");
+        assert_eq!(name(reserve), (&b"FCALL"[..], &b"plan_limits_reserve"[..]));
         assert_eq!(reserve.args[3], b"plan-limits:{u}:2026-11");
         assert_eq!(
-            reserve.args[7], b"000000000000feed-0",
+            reserve.args[9], b"000000000000feed-0",
             "the VM's reservation id"
         );
-        w.on_reply(token, ints(&[1, 0, 1]), now(), &mut io);
+        assert!(
+            io.headers_of(7).is_empty(),
+            "no identity before the decision"
+        );
+        w.on_reply(token, granted(), now(), &mut io);
         assert_eq!(io.resumed, [7]);
         assert_eq!(io.count_of(Metric::Allowed), 1);
+        assert_eq!(
+            io.headers_of(7),
+            [("x-user-id", "u"), ("x-user-plan", "free")]
+        );
         w.on_response_headers(7, 201, now(), &mut io);
         w.on_stream_end(7, now(), &mut io);
         w.on_tick(now(), &mut io);
         let (token, batch) = io.last_sent();
         assert!(batch.args.iter().any(|a| a == b"commit"));
         assert!(batch.args.iter().any(|a| a == b"000000000000feed-0"));
-        w.on_reply(token, ints(&[1]), now(), &mut io);
+        w.on_reply(token, settled(&[1]), now(), &mut io);
         assert_eq!(io.count_of(Metric::Counted), 1);
+    }
+
+    #[test]
+    fn billings_plan_applies_and_is_remembered_for_requests_that_do_not_wait() {
+        let mut io = Recorder::default();
+        // A plan where procedure views are limited, so that billing's record matters for them.
+        let json = plans_json_with(|p| p["plans"]["free"]["limits"]["procedure_view"] = 2.into());
+        let mut w = worker_with(&mut io, &json);
+        // The token says professional (unlimited views); nothing known yet: on at once.
+        let view = head("GET", "/api/procedures/1", "u", "professional");
+        assert_eq!(send(&mut w, 1, &view, &mut io), Flow::Continue);
+        w.on_response_headers(1, 200, now(), &mut io);
+        w.on_stream_end(1, now(), &mut io);
+        // Redis's answer to the batch says billing records free for this user ...
+        w.on_tick(now(), &mut io);
+        let (token, _) = io.last_sent();
+        let reply = Ok(RedisReply::Array(vec![
+            RedisReply::Int(1),
+            RedisReply::Bulk(b"free".to_vec()),
+        ]));
+        w.on_reply(token, reply, now(), &mut io);
+        // ... so the next view is limited: it reserves under free's limit.
+        assert_eq!(send(&mut w, 2, &view, &mut io), Flow::Pause);
+        let (token, reserve) = io.last_sent();
+        assert_eq!(name(reserve).1, b"plan_limits_reserve");
+        assert_eq!(
+            reserve.args[7], b"free",
+            "the claimed plan sent is billing's"
+        );
+        w.on_reply(token, reserved(1, 1, 1, "free"), now(), &mut io);
+        assert_eq!(io.headers_of(2)[1], ("x-user-plan", "free"));
+        // An upgrade recorded by billing shows in the next reservation's answer.
+        send(&mut w, 3, &upload("u"), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, reserved(2, 5, 0, "professional"), now(), &mut io);
+        assert_eq!(io.resumed, [2, 3], "professional uploads are unlimited");
+        assert_eq!(io.headers_of(3)[1], ("x-user-plan", "professional"));
+    }
+
+    #[test]
+    fn an_unknown_plan_is_counted_and_logged_at_most_once_a_second() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        for stream in 1..=3 {
+            let h = head("GET", "/api/procedures/1", "u", "platinum");
+            assert_eq!(send(&mut w, stream, &h, &mut io), Flow::Continue);
+        }
+        assert_eq!(io.count_of(Metric::UnknownPlan), 3);
+        let lines = io
+            .logs
+            .iter()
+            .filter(|(_, m)| m.contains("platinum"))
+            .count();
+        assert_eq!(lines, 1);
+        assert_eq!(io.headers_of(1)[1], ("x-user-plan", "free"));
     }
 
     #[test]
     fn a_final_refusal_is_answered_again_without_redis_until_it_expires() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        w.on_request_headers(1, &upload("u"), now(), &mut io);
+        send(&mut w, 1, &upload("u"), &mut io);
         let (token, _) = io.last_sent();
-        w.on_reply(token, ints(&[0, 5, 0]), now(), &mut io);
+        w.on_reply(token, reserved(0, 5, 0, "free"), now(), &mut io);
         assert_eq!(io.status_for(1), Some(429));
         assert!(io.resumed.is_empty());
         w.on_stream_end(1, now(), &mut io);
         let sends = io.sent.len();
         let later = now() + chrono::Duration::milliseconds(999);
+        let u = upload("u");
         assert_eq!(
-            w.on_request_headers(2, &upload("u"), later, &mut io),
+            w.on_request_headers(2, u.head(), false, later, &mut io),
             Flow::Pause
         );
         assert_eq!(io.sent.len(), sends, "answered from the refusal cache");
         assert_eq!(io.status_for(2), Some(429));
         assert_eq!(io.count_of(Metric::Denied), 2);
         // Another user, and the same user once deny_cache_ms (1 s) passed, ask Redis again.
-        w.on_request_headers(3, &upload("v"), later, &mut io);
-        w.on_request_headers(
-            4,
-            &upload("u"),
-            now() + chrono::Duration::seconds(1),
-            &mut io,
-        );
+        let v = upload("v");
+        w.on_request_headers(3, v.head(), false, later, &mut io);
+        let second_later = now() + chrono::Duration::seconds(1);
+        w.on_request_headers(4, u.head(), false, second_later, &mut io);
         assert_eq!(io.sent.len(), sends + 2);
     }
 
@@ -748,11 +1020,11 @@ mod tests {
     fn a_refusal_while_a_unit_is_in_flight_is_not_remembered() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        w.on_request_headers(1, &upload("u"), now(), &mut io);
+        send(&mut w, 1, &upload("u"), &mut io);
         let (token, _) = io.last_sent();
-        w.on_reply(token, ints(&[0, 4, 1]), now(), &mut io);
+        w.on_reply(token, reserved(0, 4, 1, "free"), now(), &mut io);
         let sends = io.sent.len();
-        w.on_request_headers(2, &upload("u"), now(), &mut io);
+        send(&mut w, 2, &upload("u"), &mut io);
         assert_eq!(
             io.sent.len(),
             sends + 1,
@@ -767,20 +1039,17 @@ mod tests {
             ..Recorder::default()
         };
         let mut w = worker(&mut io);
-        // upload is fail_open: on at once, counted on success once Redis is back.
-        assert_eq!(
-            w.on_request_headers(1, &upload("u"), now(), &mut io),
-            Flow::Continue
-        );
+        // upload is fail_open: on at once (the allowance), counted once Redis is back.
+        assert_eq!(send(&mut w, 1, &upload("u"), &mut io), Flow::Continue);
         assert_eq!(io.count_of(Metric::FailOpen), 1);
         assert_eq!(io.count_of(Metric::RedisErrors), 1);
         assert!(io
             .logs
             .iter()
-            .any(|(l, m)| *l == LogLevel::Warn && m.contains("fail_open")));
+            .any(|(l, m)| *l == LogLevel::Warn && m.contains("fail_open") && !m.contains("\"u\"")));
         // api_call is fail_closed: 503.
         let api = head("GET", "/api/v1/x", "u", "enterprise");
-        assert_eq!(w.on_request_headers(2, &api, now(), &mut io), Flow::Pause);
+        assert_eq!(send(&mut w, 2, &api, &mut io), Flow::Pause);
         assert_eq!(io.status_for(2), Some(503));
         assert_eq!(io.count_of(Metric::FailClosed), 1);
         w.on_response_headers(1, 200, now(), &mut io);
@@ -796,95 +1065,79 @@ mod tests {
     }
 
     #[test]
-    fn a_reservation_answered_noscript_is_sent_again_with_the_source() {
+    fn while_redis_is_unreachable_a_user_gets_what_remained_plus_the_allowance() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        w.on_request_headers(1, &upload("u"), now(), &mut io);
-        let (first, by_sha) = io.last_sent();
-        let by_sha = by_sha.clone();
-        w.on_reply(first, noscript(), now(), &mut io);
-        let (second, eval) = io.last_sent();
-        assert_eq!(name(eval), b"EVAL");
-        assert_eq!(eval.args[2..], by_sha.args[2..], "the same reservation");
-        assert!(
-            io.resumed.is_empty() && io.responded.is_empty(),
-            "still waiting"
-        );
-        w.on_reply(first, ints(&[1, 0, 1]), now(), &mut io);
-        assert!(
-            io.resumed.is_empty(),
-            "the first token was answered already"
-        );
-        w.on_reply(second, ints(&[1, 0, 1]), now(), &mut io);
-        assert_eq!(io.resumed, [1]);
-    }
-
-    #[test]
-    fn a_noscript_whose_resend_cannot_be_sent_still_answers_the_request() {
-        let mut io = Recorder::default();
-        let mut w = worker(&mut io);
-        w.on_request_headers(1, &upload("u"), now(), &mut io);
-        w.on_request_headers(
-            2,
-            &head("GET", "/api/v1/x", "u", "enterprise"),
+        // Redis said 3 of 5 uploads were used (this one included): 2 remain.
+        send(&mut w, 1, &upload("u"), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, reserved(1, 2, 1, "free"), now(), &mut io);
+        // Then Redis stops answering: 2 remain, plus an allowance of 1.
+        let mut passed = 0;
+        for stream in 10..20 {
+            send(&mut w, stream, &upload("u"), &mut io);
+            let (token, _) = io.last_sent();
+            w.on_reply(
+                token,
+                Err(TransportError::Unknown("timeout".into())),
+                now(),
+                &mut io,
+            );
+            if io.resumed.contains(&stream) {
+                passed += 1;
+            } else {
+                assert_eq!(io.status_for(stream), Some(429));
+            }
+        }
+        assert_eq!(passed, 3);
+        assert_eq!(io.count_of(Metric::FailOpenRefused), 7);
+        // A user this Envoy knows nothing of gets the allowance only.
+        send(&mut w, 30, &upload("stranger"), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(
+            token,
+            Err(TransportError::Unknown("timeout".into())),
             now(),
             &mut io,
         );
-        let tokens: Vec<Token> = io.sent.iter().map(|(t, _)| *t).collect();
-        io.refuse_sends = true;
-        for token in tokens {
-            w.on_reply(token, noscript(), now(), &mut io);
-        }
-        assert_eq!(io.resumed, [1], "fail_open: on, not left hanging");
-        assert_eq!(io.status_for(2), Some(503), "fail_closed: answered");
+        send(&mut w, 31, &upload("stranger"), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(
+            token,
+            Err(TransportError::Unknown("timeout".into())),
+            now(),
+            &mut io,
+        );
+        assert!(io.resumed.contains(&30));
+        assert_eq!(io.status_for(31), Some(429));
     }
 
     #[test]
-    fn a_noscript_to_the_source_form_is_a_failure_not_a_loop() {
+    fn a_missing_redis_library_fails_like_an_unreachable_redis_and_says_why() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        w.on_request_headers(1, &upload("u"), now(), &mut io);
-        let (first, _) = io.last_sent();
-        w.on_reply(first, noscript(), now(), &mut io);
-        let (second, _) = io.last_sent();
-        w.on_reply(second, noscript(), now(), &mut io);
-        assert_eq!(io.sent.len(), 2);
-        assert_eq!(io.resumed, [1]);
-        assert_eq!(io.count_of(Metric::FailOpen), 1);
-    }
-
-    #[test]
-    fn a_settlement_batch_answered_noscript_goes_again_and_a_failed_resend_is_retried() {
-        let mut io = Recorder::default();
-        let mut w = worker(&mut io);
-        view_succeeds(&mut w, 1, &mut io);
-        w.on_tick(now(), &mut io);
-        let (batch, _) = io.last_sent();
-        io.refuse_sends = true;
-        w.on_reply(batch, noscript(), now(), &mut io);
-        assert_eq!(io.count_of(Metric::SettleErrors), 1);
-        assert_eq!(w.queued_settlements(), 1, "kept: it certainly did not run");
-        // The worker is not stuck: once Redis can be reached, the batch goes again.
-        io.refuse_sends = false;
-        w.on_tick(now() + chrono::Duration::seconds(1), &mut io);
-        let (again, command) = io.last_sent();
-        assert_eq!(name(command), b"EVALSHA");
-        w.on_reply(again, noscript(), now(), &mut io);
-        let (with_source, command) = io.last_sent();
-        assert_eq!(name(command), b"EVAL");
-        w.on_reply(with_source, ints(&[1]), now(), &mut io);
-        assert_eq!(io.count_of(Metric::Counted), 1);
-        assert_eq!(w.queued_settlements(), 0);
+        send(&mut w, 1, &upload("u"), &mut io);
+        let (token, _) = io.last_sent();
+        let missing = Ok(RedisReply::Error("ERR Function not found".into()));
+        w.on_reply(token, missing, now(), &mut io);
+        assert_eq!(io.resumed, [1], "fail_open within the allowance");
+        assert!(
+            io.logs
+                .iter()
+                .any(|(_, m)| m.contains("plan-limits functions load")),
+            "{:?}",
+            io.logs
+        );
     }
 
     #[test]
     fn a_stream_that_ends_while_waiting_releases_and_ignores_the_late_answer() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        w.on_request_headers(1, &upload("u"), now(), &mut io);
+        send(&mut w, 1, &upload("u"), &mut io);
         let (token, _) = io.last_sent();
         w.on_stream_end(1, now(), &mut io);
-        w.on_reply(token, ints(&[1, 0, 1]), now(), &mut io);
+        w.on_reply(token, granted(), now(), &mut io);
         assert!(io.resumed.is_empty() && io.responded.is_empty());
         w.on_tick(now(), &mut io);
         let (_, batch) = io.last_sent();
@@ -895,7 +1148,7 @@ mod tests {
     fn answers_to_unknown_calls_are_ignored() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        w.on_reply(99, ints(&[1, 0, 1]), now(), &mut io);
+        w.on_reply(99, granted(), now(), &mut io);
         assert!(io.resumed.is_empty() && io.responded.is_empty() && io.counts.is_empty());
     }
 
@@ -904,9 +1157,9 @@ mod tests {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
         for (stream, status) in [(1, Some(500)), (2, None)] {
-            w.on_request_headers(stream, &upload("u"), now(), &mut io);
+            send(&mut w, stream, &upload("u"), &mut io);
             let (token, _) = io.last_sent();
-            w.on_reply(token, ints(&[1, 0, 1]), now(), &mut io);
+            w.on_reply(token, granted(), now(), &mut io);
             if let Some(status) = status {
                 w.on_response_headers(stream, status, now(), &mut io);
             }
@@ -916,17 +1169,96 @@ mod tests {
         let (token, batch) = io.last_sent();
         let releases = batch.args.iter().filter(|a| *a == b"release").count();
         assert_eq!(releases, 2);
-        w.on_reply(token, ints(&[0, 0]), now(), &mut io);
+        w.on_reply(token, settled(&[0, 0]), now(), &mut io);
         assert_eq!(io.count_of(Metric::Released), 2);
         assert_eq!(io.count_of(Metric::Counted), 0);
     }
 
     #[test]
+    fn an_analysis_fully_forwarded_is_counted_when_its_client_leaves() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        let ai = head("POST", "/api/teammate", "u", "free");
+        for stream in [1, 2] {
+            send(&mut w, stream, &ai, &mut io);
+            let (token, _) = io.last_sent();
+            w.on_reply(token, granted(), now(), &mut io);
+        }
+        w.on_request_body_end(1);
+        w.on_stream_end(1, now(), &mut io);
+        w.on_stream_end(2, now(), &mut io);
+        w.on_tick(now(), &mut io);
+        let (_, batch) = io.last_sent();
+        let modes: Vec<&[u8]> = batch
+            .args
+            .iter()
+            .map(Vec::as_slice)
+            .filter(|a| *a == b"commit" || *a == b"release")
+            .collect();
+        assert_eq!(modes, [&b"commit"[..], &b"release"[..]]);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, settled(&[1, 0]), now(), &mut io);
+        // A request without a body is forwarded with its headers.
+        let ai_no_body = head("POST", "/api/teammate", "v", "free");
+        w.on_request_headers(4, ai_no_body.head(), true, now(), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, granted(), now(), &mut io);
+        w.on_stream_end(4, now(), &mut io);
+        w.on_tick(now(), &mut io);
+        let (_, batch) = io.last_sent();
+        assert!(batch.args.iter().any(|a| a == b"commit"));
+    }
+
+    #[test]
+    fn reservations_of_requests_still_in_flight_are_extended() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        send(&mut w, 1, &upload("u"), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, granted(), now(), &mut io);
+        w.on_tick(now(), &mut io);
+        assert_eq!(w.queued_settlements(), 0, "just reserved");
+        // A third of the 60 s expiry later, the upload is still being sent.
+        let later = now() + chrono::Duration::seconds(20);
+        w.on_tick(later, &mut io);
+        let (token, batch) = io.last_sent();
+        assert!(batch.args.iter().any(|a| a == b"extend"));
+        w.on_reply(token, settled(&[1]), later, &mut io);
+        assert_eq!(io.count_of(Metric::Extended), 1);
+        w.on_response_headers(1, 200, later, &mut io);
+        w.on_stream_end(1, later, &mut io);
+        let much_later = later + chrono::Duration::seconds(60);
+        w.on_tick(much_later, &mut io);
+        let (_, batch) = io.last_sent();
+        assert!(batch.args.iter().any(|a| a == b"commit"));
+        assert!(
+            !batch.args.iter().any(|a| a == b"extend"),
+            "settled: no more extensions"
+        );
+    }
+
+    #[test]
+    fn a_settlement_batch_that_cannot_be_sent_is_retried() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        view_succeeds(&mut w, 1, &mut io);
+        io.refuse_sends = true;
+        w.on_tick(now(), &mut io);
+        assert_eq!(io.count_of(Metric::SettleErrors), 1);
+        assert_eq!(w.queued_settlements(), 1, "kept: it certainly did not run");
+        io.refuse_sends = false;
+        w.on_tick(now() + chrono::Duration::seconds(1), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, settled(&[1]), now(), &mut io);
+        assert_eq!(io.count_of(Metric::Counted), 1);
+        assert_eq!(w.queued_settlements(), 0);
+    }
+
+    #[test]
     fn a_full_settlement_queue_drops_the_oldest_and_says_so() {
         let mut io = Recorder::default();
-        let mut w = Worker::new(1);
         let json = plans_json_with(|p| p["redis"]["max_queued_settlements"] = 2.into());
-        assert!(w.configure(json.as_bytes(), &mut io));
+        let mut w = worker_with(&mut io, &json);
         for stream in 1..=3 {
             view_succeeds(&mut w, stream, &mut io);
         }
@@ -945,7 +1277,7 @@ mod tests {
         assert!(!w.on_shutdown(now(), &mut io), "a batch is on its way");
         let (token, _) = io.last_sent();
         assert_eq!(io.done, 0);
-        w.on_reply(token, ints(&[1]), now(), &mut io);
+        w.on_reply(token, settled(&[1]), now(), &mut io);
         assert_eq!(io.done, 1);
         assert_eq!(io.count_of(Metric::Counted), 1);
     }
@@ -954,10 +1286,7 @@ mod tests {
     fn a_bad_configuration_keeps_the_last_good_one() {
         let mut io = Recorder::default();
         let mut w = Worker::new(1);
-        assert_eq!(
-            w.on_request_headers(1, &upload("u"), now(), &mut io),
-            Flow::Pause
-        );
+        assert_eq!(send(&mut w, 1, &upload("u"), &mut io), Flow::Pause);
         assert_eq!(
             io.status_for(1),
             Some(503),
@@ -972,25 +1301,33 @@ mod tests {
             .logs
             .iter()
             .any(|(l, m)| *l == LogLevel::Error && m.contains("plans.free.limits.upload")));
-        w.on_request_headers(2, &upload("u"), now(), &mut io);
+        send(&mut w, 2, &upload("u"), &mut io);
         let (_, reserve) = io.last_sent();
-        assert_eq!(reserve.args[6], b"5", "still the last good limit");
+        let limits = reserve.args[13..].to_vec();
+        assert!(
+            limits.windows(2).any(|w| w[0] == b"free" && w[1] == b"5"),
+            "still the last good limit"
+        );
     }
 
     #[test]
     fn a_request_in_flight_keeps_the_terms_it_was_admitted_under() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        w.on_request_headers(1, &upload("u"), now(), &mut io);
+        send(&mut w, 1, &upload("u"), &mut io);
         let (token, _) = io.last_sent();
         let changed = plans_json_with(|p| p["plans"]["free"]["limits"]["upload"] = 3.into());
         assert!(w.configure(changed.as_bytes(), &mut io));
-        w.on_reply(token, ints(&[0, 5, 0]), now(), &mut io);
+        w.on_reply(token, reserved(0, 5, 0, "free"), now(), &mut io);
         let (_, refusal) = io.responded.last().unwrap();
         assert!(refusal.body.contains("\"limit\":5"), "{}", refusal.body);
-        w.on_request_headers(2, &upload("u"), now(), &mut io);
+        send(&mut w, 2, &upload("u"), &mut io);
         let (_, reserve) = io.last_sent();
-        assert_eq!(reserve.args[6], b"3", "new requests get the new limit");
+        let limits = reserve.args[13..].to_vec();
+        assert!(
+            limits.windows(2).any(|w| w[0] == b"free" && w[1] == b"3"),
+            "new requests get the new limit"
+        );
     }
 
     #[test]
@@ -998,9 +1335,9 @@ mod tests {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
         for stream in 1..=3 {
-            w.on_request_headers(stream, &upload("u"), now(), &mut io);
+            send(&mut w, stream, &upload("u"), &mut io);
         }
-        let mut ids: Vec<_> = io.sent.iter().map(|(_, c)| c.args[7].clone()).collect();
+        let mut ids: Vec<_> = io.sent.iter().map(|(_, c)| c.args[9].clone()).collect();
         ids.dedup();
         assert_eq!(ids.len(), 3);
     }
@@ -1009,14 +1346,13 @@ mod tests {
     fn settlements_carry_the_request() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        let mut h = head("POST", "/api/teammate?kind=vision", "u", "free");
-        h.push(("x-request-id".into(), b"req-1".to_vec()));
-        w.on_request_headers(1, &h, now(), &mut io);
+        let h =
+            head("POST", "/api/teammate?kind=vision", "u", "free").header("x-request-id", b"req-1");
+        send(&mut w, 1, &h, &mut io);
         let (token, _) = io.last_sent();
-        w.on_reply(token, ints(&[1, 0, 1]), now(), &mut io);
+        w.on_reply(token, granted(), now(), &mut io);
         w.on_response_headers(1, 200, now(), &mut io);
-        let queued = w.settlements.len();
-        assert_eq!(queued, 1);
+        assert_eq!(w.settlements.len(), 1);
         let s = &w.settlements.start_batch(0).unwrap()[0];
         assert_eq!(
             (

@@ -1,8 +1,8 @@
 //! Redis as data: the commands the filter sends and the replies it reads. Transports (webdis
 //! over `dispatch_http_call` today) only move these bytes.
 
+pub mod functions;
 pub mod resp;
-pub mod scripts;
 pub mod webdis;
 
 /// One Redis command, as its arguments (`EVAL`, script, numkeys, keys..., args...).

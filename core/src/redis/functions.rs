@@ -1,0 +1,415 @@
+//! The filter's Redis functions (`plan_limits.lua`, one Redis Functions library) and the
+//! commands that call them. An admin loads the library once (`load_library`); the filter's
+//! Redis user may run `FCALL` and nothing else, and no script travels with a request.
+
+use super::{RedisCommand, RedisReply, TransportError};
+use crate::config::Limit;
+use crate::keys::UsageKeys;
+use crate::settlement::Settlement;
+
+/// The library's source.
+pub const LIBRARY: &str = include_str!("plan_limits.lua");
+
+const RESERVE: &str = "plan_limits_reserve";
+const SETTLE: &str = "plan_limits_settle";
+
+/// Loads (or replaces) the library: an admin's command, never the filter's.
+pub fn load_library() -> RedisCommand {
+    RedisCommand::new("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(LIBRARY)
+}
+
+/// The error a call gets when the library is not loaded, in words an operator can act on.
+pub fn explain(error: TransportError) -> TransportError {
+    match error {
+        TransportError::NotSent(message) if message.contains("Function not found") => {
+            TransportError::NotSent(format!(
+                "{message}: the plan_limits library is not loaded in Redis (plan-limits functions load)"
+            ))
+        }
+        other => other,
+    }
+}
+
+/// What `plan_limits_reserve` decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub status: ReserveStatus,
+    /// Units counted this period (successes already committed).
+    pub committed: u64,
+    /// Reservations in flight, this one included when granted.
+    pub pending: u64,
+    /// The plan applied: the entitlement record's, else the claimed, else the fallback.
+    pub plan: String,
+    /// The plan the record or the claim named (not `plan` when it is unknown).
+    pub named_plan: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReserveStatus {
+    Granted,
+    /// The limit is reached.
+    Refused,
+    /// The plan has no limit for the action: nothing was reserved.
+    Unlimited,
+    /// The plan is not one of plans.json's: nothing was reserved.
+    UnknownPlan,
+}
+
+/// One request's reservation.
+#[derive(Debug, Clone, Copy)]
+pub struct ReserveArgs<'a> {
+    pub keys: &'a UsageKeys,
+    pub action: &'a str,
+    /// The plan the caller claims (its token's), used when billing recorded none.
+    pub claimed_plan: &'a str,
+    /// Applied when the named plan is unknown; `None` leaves it unknown (refused).
+    pub fallback_plan: Option<&'a str>,
+    pub reservation_id: &'a str,
+    pub now_ms: u64,
+    pub ttl_ms: u64,
+    /// Every plan's limit for the action, so the entitlement's plan is known in the same call.
+    pub limits: &'a [(String, Limit)],
+}
+
+pub fn reserve(args: ReserveArgs) -> RedisCommand {
+    let mut cmd = RedisCommand::new("FCALL")
+        .arg(RESERVE)
+        .arg("3")
+        .arg(&args.keys.summary)
+        .arg(&args.keys.pending)
+        .arg(&args.keys.entitlement)
+        .arg(args.action)
+        .arg(args.claimed_plan)
+        .arg(args.fallback_plan.unwrap_or_default())
+        .arg(args.reservation_id)
+        .arg(args.now_ms.to_string())
+        .arg(args.now_ms.saturating_add(args.ttl_ms).to_string())
+        .arg(args.ttl_ms.to_string());
+    for (plan, limit) in args.limits {
+        cmd = cmd
+            .arg(plan)
+            .arg(limit.map(|n| n.to_string()).unwrap_or_default());
+    }
+    cmd
+}
+
+pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportError> {
+    let bad = |what: &RedisReply| TransportError::BadReply(format!("reserve returned {what:?}"));
+    let RedisReply::Array(items) = reply else {
+        return Err(match reply {
+            RedisReply::Error(message) => explain(TransportError::NotSent(message)),
+            other => bad(&other),
+        });
+    };
+    let count = |item: Option<&RedisReply>| match item {
+        Some(RedisReply::Int(n)) => u64::try_from(*n).ok(),
+        _ => None,
+    };
+    let status = match items.first() {
+        Some(RedisReply::Int(1)) => Some(ReserveStatus::Granted),
+        Some(RedisReply::Int(0)) => Some(ReserveStatus::Refused),
+        Some(RedisReply::Int(2)) => Some(ReserveStatus::Unlimited),
+        Some(RedisReply::Int(3)) => Some(ReserveStatus::UnknownPlan),
+        _ => None,
+    };
+    let text = |item: Option<&RedisReply>| match item {
+        Some(RedisReply::Bulk(bytes)) => String::from_utf8(bytes.clone()).ok(),
+        Some(RedisReply::Status(text)) => Some(text.clone()),
+        _ => None,
+    };
+    let parts = (
+        status,
+        count(items.get(1)),
+        count(items.get(2)),
+        text(items.get(3)),
+        text(items.get(4)),
+    );
+    match parts {
+        (Some(status), Some(committed), Some(pending), Some(plan), Some(named_plan))
+            if items.len() == 5 =>
+        {
+            Ok(Reservation {
+                status,
+                committed,
+                pending,
+                plan,
+                named_plan,
+            })
+        }
+        _ => Err(bad(&RedisReply::Array(items))),
+    }
+}
+
+/// What a settlement batch is sent with besides its items.
+#[derive(Debug, Clone, Copy)]
+pub struct SettleArgs<'a> {
+    pub events_stream: &'a str,
+    pub events_max_len: Option<u64>,
+    pub now_ms: u64,
+    /// Extended reservations expire this long from now.
+    pub ttl_ms: u64,
+    /// How long commit ids are remembered, so that a commit sent again counts once.
+    pub remember_commits_ms: u64,
+}
+
+/// Fields per item in `plan_limits_settle`'s args.
+const SETTLE_FIELDS: usize = 13;
+
+/// One `plan_limits_settle` call for a batch.
+pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
+    let mut cmd = RedisCommand::new("FCALL")
+        .arg(SETTLE)
+        .arg((1 + 4 * batch.len()).to_string())
+        .arg(args.events_stream);
+    for item in batch {
+        cmd = cmd
+            .arg(&item.keys.summary)
+            .arg(&item.keys.pending)
+            .arg(&item.keys.commits)
+            .arg(&item.keys.entitlement);
+    }
+    cmd = cmd
+        .arg(
+            args.events_max_len
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+        )
+        .arg(args.now_ms.to_string())
+        .arg(args.ttl_ms.to_string())
+        .arg(args.remember_commits_ms.to_string())
+        .arg(SETTLE_FIELDS.to_string());
+    for item in batch {
+        let before = cmd.args.len();
+        cmd = cmd
+            .arg(item.mode.as_str())
+            .arg(&item.reservation_id)
+            .arg(&item.action)
+            .arg(&item.user)
+            .arg(&item.plan)
+            .arg(item.limits_json.as_bytes())
+            .arg(&item.kind)
+            .arg(item.bytes.to_string())
+            .arg(item.status.to_string())
+            .arg(&item.at)
+            .arg(&item.request_id)
+            .arg(&item.period_id)
+            .arg(item.keep_for_ms.to_string());
+        debug_assert_eq!(cmd.args.len() - before, SETTLE_FIELDS);
+    }
+    cmd
+}
+
+/// What `plan_limits_settle` answered for one item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    /// Counted (commit, count) or extended (extend); for a release, whether it was held.
+    pub done: bool,
+    /// The user's plan as billing recorded it, if it did.
+    pub entitled_plan: Option<String>,
+}
+
+/// The answer to a batch of `n` items.
+pub fn parse_settled(reply: RedisReply, n: usize) -> Result<Vec<Settled>, TransportError> {
+    let items = match reply {
+        RedisReply::Array(items) => items,
+        RedisReply::Error(message) => return Err(explain(TransportError::NotSent(message))),
+        other => {
+            return Err(TransportError::BadReply(format!(
+                "settle returned {other:?}"
+            )))
+        }
+    };
+    if items.len() != 2 * n {
+        return Err(TransportError::BadReply(format!(
+            "settle returned {} values for {n} items",
+            items.len()
+        )));
+    }
+    items
+        .chunks(2)
+        .map(|pair| match pair {
+            [RedisReply::Int(done @ (0 | 1)), plan] => Ok(Settled {
+                done: *done == 1,
+                entitled_plan: match plan {
+                    RedisReply::Bulk(bytes) => String::from_utf8(bytes.clone()).ok(),
+                    _ => None,
+                },
+            }),
+            other => Err(TransportError::BadReply(format!(
+                "settle returned {other:?} for an item"
+            ))),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Vec<(String, Limit)> {
+        vec![("free".into(), Some(5)), ("pro".into(), None)]
+    }
+
+    #[test]
+    fn reserve_passes_keys_then_arguments_then_every_plans_limit() {
+        let keys = UsageKeys::new("p", "u", "2026-11", "upload");
+        let limits = limits();
+        let cmd = reserve(ReserveArgs {
+            keys: &keys,
+            action: "upload",
+            claimed_plan: "free",
+            fallback_plan: Some("free"),
+            reservation_id: "r1",
+            now_ms: 1000,
+            ttl_ms: 60_000,
+            limits: &limits,
+        });
+        let text: Vec<_> = cmd
+            .args
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "FCALL",
+                "plan_limits_reserve",
+                "3",
+                "p:{u}:2026-11",
+                "p:{u}:2026-11:pending:upload",
+                "p:{u}:entitlement",
+                "upload",
+                "free",
+                "free",
+                "r1",
+                "1000",
+                "61000",
+                "60000",
+                "free",
+                "5",
+                "pro",
+                ""
+            ]
+        );
+    }
+
+    #[test]
+    fn the_library_registers_both_functions_and_loads_with_replace() {
+        assert!(LIBRARY.starts_with("#!lua name=plan_limits\n"));
+        for name in [RESERVE, SETTLE] {
+            assert!(
+                LIBRARY.contains(&format!("function_name = '{name}'")),
+                "{name}"
+            );
+        }
+        let load = load_library();
+        assert_eq!(
+            load.args[..3],
+            [b"FUNCTION".to_vec(), b"LOAD".to_vec(), b"REPLACE".to_vec()]
+        );
+        assert_eq!(load.args[3], LIBRARY.as_bytes());
+    }
+
+    #[test]
+    fn reservation_replies_are_checked() {
+        let reply = |v: Vec<RedisReply>| RedisReply::Array(v);
+        let plan = || RedisReply::Bulk(b"free".to_vec());
+        let named = || RedisReply::Bulk(b"gold".to_vec());
+        assert_eq!(
+            parse_reservation(reply(vec![
+                RedisReply::Int(1),
+                RedisReply::Int(4),
+                RedisReply::Int(1),
+                plan(),
+                named()
+            ])),
+            Ok(Reservation {
+                status: ReserveStatus::Granted,
+                committed: 4,
+                pending: 1,
+                plan: "free".into(),
+                named_plan: "gold".into()
+            })
+        );
+        for (status, expected) in [
+            (0, ReserveStatus::Refused),
+            (2, ReserveStatus::Unlimited),
+            (3, ReserveStatus::UnknownPlan),
+        ] {
+            let r = parse_reservation(reply(vec![
+                RedisReply::Int(status),
+                RedisReply::Int(0),
+                RedisReply::Int(0),
+                plan(),
+                plan(),
+            ]));
+            assert_eq!(r.unwrap().status, expected);
+        }
+        let bad = [
+            reply(vec![
+                RedisReply::Int(4),
+                RedisReply::Int(0),
+                RedisReply::Int(0),
+                plan(),
+                plan(),
+            ]),
+            reply(vec![
+                RedisReply::Int(1),
+                RedisReply::Int(-4),
+                RedisReply::Int(1),
+                plan(),
+                plan(),
+            ]),
+            reply(vec![
+                RedisReply::Int(1),
+                RedisReply::Int(4),
+                RedisReply::Int(1),
+                plan(),
+            ]),
+            RedisReply::Nil,
+        ];
+        for reply in bad {
+            assert!(matches!(
+                parse_reservation(reply),
+                Err(TransportError::BadReply(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_missing_library_is_named() {
+        let err = parse_reservation(RedisReply::Error("ERR Function not found".into()));
+        assert!(
+            matches!(err, Err(TransportError::NotSent(ref m)) if m.contains("plan-limits functions load")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn settle_replies_pair_each_item_with_its_entitlement() {
+        let reply = RedisReply::Array(vec![
+            RedisReply::Int(1),
+            RedisReply::Nil,
+            RedisReply::Int(0),
+            RedisReply::Bulk(b"pro".to_vec()),
+        ]);
+        assert_eq!(
+            parse_settled(reply.clone(), 2).unwrap(),
+            [
+                Settled {
+                    done: true,
+                    entitled_plan: None
+                },
+                Settled {
+                    done: false,
+                    entitled_plan: Some("pro".into())
+                }
+            ]
+        );
+        assert!(parse_settled(reply, 3).is_err());
+        assert!(parse_settled(RedisReply::Error("ERR x".into()), 1).is_err());
+    }
+}

@@ -1,0 +1,129 @@
+#!lua name=plan_limits
+-- The filter's Redis side: one Redis Functions library (Redis >= 7.0), loaded once by an admin
+-- (`plan-limits functions load`, or FUNCTION LOAD REPLACE) and called with FCALL by a Redis
+-- user that may run nothing else. Each call runs atomically, so reserve / commit / release /
+-- extend never interleave with another request's. Every key a function touches is one of its
+-- declared keys, and all of one call's keys share the user's {hash tag} but the event stream.
+
+-- plan_limits_reserve: reserve one unit of an action's allowance, or refuse. Committed units
+-- (the summary's counter) plus unexpired reservations count against the limit, so concurrent
+-- requests can never take more than the limit between them. The plan is the entitlement
+-- record's (written by billing: `plan-limits set-plan`), else the one the caller claims; a
+-- plan the filter does not know falls back to `fallback` ('' = no fallback).
+-- keys: summary, pending, entitlement.
+-- args: action, claimed plan, fallback plan, reservation id, now (ms), expiry (ms), ttl (ms),
+--       then pairs of plan name and that plan's limit for the action ('' = unlimited).
+-- Returns {status, committed, pending, plan, named plan}: status 1 granted, 0 refused (limit
+-- reached), 2 unlimited under that plan (nothing reserved), 3 the plan is unknown (nothing
+-- reserved); plan is the one applied, named plan the one the record or the claim named.
+-- Scores use the filter's clock; the key's own expiry is relative, so a clock that differs
+-- from Redis's cannot expire it early.
+local function reserve(keys, args)
+  local summary, pending, entitlement = keys[1], keys[2], keys[3]
+  local action, claimed, fallback, id = args[1], args[2], args[3], args[4]
+  local now, expires, ttl = tonumber(args[5]), tonumber(args[6]), tonumber(args[7])
+  local function limit_of(plan)
+    for i = 8, #args - 1, 2 do
+      if args[i] == plan then
+        return true, tonumber(args[i + 1])
+      end
+    end
+    return false, nil
+  end
+  local named = redis.call('HGET', entitlement, 'plan') or claimed
+  local plan = named
+  local known, limit = limit_of(plan)
+  if not known and fallback ~= '' then
+    plan = fallback
+    known, limit = limit_of(plan)
+  end
+  redis.call('ZREMRANGEBYSCORE', pending, '-inf', now)
+  local committed = tonumber(redis.call('HGET', summary, action) or '0')
+  local held = redis.call('ZCARD', pending)
+  if not known then
+    return {3, committed, held, plan, named}
+  end
+  if limit == nil then
+    return {2, committed, held, plan, named}
+  end
+  if committed + held >= limit then
+    return {0, committed, held, plan, named}
+  end
+  redis.call('ZADD', pending, expires, id)
+  redis.call('PEXPIRE', pending, ttl)
+  return {1, committed, held + 1, plan, named}
+end
+
+-- plan_limits_settle: a batch of settlements, each one of
+--   commit  - the upstream succeeded: the reservation becomes a count. Counted once: a commit
+--             sent again (its first answer was lost) finds its id among the recent commits.
+--             A commit whose reservation already expired (Redis unreachable for longer than
+--             the reservation's expiry) still counts: the success happened;
+--   count   - a success that had no reservation (unlimited plan, or Redis was down): count it;
+--   release - the upstream failed or the client left: drop the reservation;
+--   extend  - the request is still in flight: push its reservation's expiry back.
+-- Every count also updates the monthly summary and appends a usage event.
+-- keys: events stream, then per item: summary, pending, commits (recent commit ids),
+--       entitlement.
+-- args: stream max length ('' = keep all), now (ms), reservation ttl (ms), how long commit
+--       ids are remembered (ms), fields per item, then the items' fields.
+-- Returns per item {counted or extended (1/0), the user's entitled plan or false}, flattened.
+local function settle(keys, args)
+  local maxlen, now, ttl = args[1], tonumber(args[2]), tonumber(args[3])
+  local remember, stride = tonumber(args[4]), tonumber(args[5])
+  local results = {}
+  -- A batch often holds many settlements of one user: the summary's plan, limits and expiry
+  -- are written once per summary.
+  local written = {}
+  for i = 0, (#keys - 1) / 4 - 1 do
+    local summary, pending = keys[2 + 4 * i], keys[3 + 4 * i]
+    local commits, entitlement = keys[4 + 4 * i], keys[5 + 4 * i]
+    local f = 5 + stride * i
+    local mode, id, action, user = args[f + 1], args[f + 2], args[f + 3], args[f + 4]
+    local plan, limits, kind, bytes = args[f + 5], args[f + 6], args[f + 7], args[f + 8]
+    local status, at, request_id, period = args[f + 9], args[f + 10], args[f + 11], args[f + 12]
+    local keep_for = args[f + 13]
+    local done = 0
+    if mode == 'extend' then
+      if redis.call('ZSCORE', pending, id) then
+        redis.call('ZADD', pending, 'XX', now + ttl, id)
+        redis.call('PEXPIRE', pending, ttl)
+        done = 1
+      end
+    else
+      local held = 0
+      if id ~= '' then
+        held = redis.call('ZREM', pending, id)
+      end
+      local counts = mode == 'count'
+      if mode == 'commit' then
+        counts = held == 1 or not redis.call('ZSCORE', commits, id)
+        redis.call('ZADD', commits, now, id)
+        redis.call('ZREMRANGEBYSCORE', commits, '-inf', now - remember)
+        redis.call('PEXPIRE', commits, remember)
+      end
+      if counts then
+        redis.call('HINCRBY', summary, action, 1)
+        if not written[summary] then
+          redis.call('HSET', summary, 'plan', plan, 'limits', limits, 'updated_at', at)
+          redis.call('PEXPIRE', summary, keep_for)
+          written[summary] = true
+        end
+        local event = {'user', user, 'action', action, 'kind', kind, 'bytes', bytes,
+          'status', status, 'at', at, 'request_id', request_id, 'plan', plan, 'period', period}
+        if maxlen == '' then
+          redis.call('XADD', keys[1], '*', unpack(event))
+        else
+          redis.call('XADD', keys[1], 'MAXLEN', '~', maxlen, '*', unpack(event))
+        end
+        done = 1
+      end
+    end
+    results[2 * i + 1] = done
+    results[2 * i + 2] = redis.call('HGET', entitlement, 'plan')
+  end
+  return results
+end
+
+redis.register_function{function_name = 'plan_limits_reserve', callback = reserve}
+redis.register_function{function_name = 'plan_limits_settle', callback = settle}
