@@ -98,6 +98,20 @@ pub struct JwtClaims {
     pub audience: String,
 }
 
+impl JwtClaims {
+    /// The property path of `claim` in the request's dynamic metadata, where `jwt_authn`
+    /// put the verified payload.
+    pub fn path<'a>(&'a self, claim: &'a str) -> [&'a str; 5] {
+        [
+            "metadata",
+            "filter_metadata",
+            "envoy.filters.http.jwt_authn",
+            &self.payload_key,
+            claim,
+        ]
+    }
+}
+
 impl Default for JwtClaims {
     fn default() -> Self {
         Self {

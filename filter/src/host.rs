@@ -15,6 +15,7 @@ use plan_limits_core::redis::{RedisCommand, TransportError};
 use plan_limits_core::responses::LocalResponse;
 use plan_limits_core::worker::{Io, LogLevel, StreamId, Token, Worker};
 use proxy_wasm::hostcalls;
+use proxy_wasm::types::MapType;
 
 use crate::metrics::MetricIds;
 use crate::transport;
@@ -51,8 +52,10 @@ impl Shared {
     }
 }
 
+/// What the worker asked of a stream, carried out in the order asked.
 enum StreamAction {
     Respond(StreamId, LocalResponse),
+    SetHeader(StreamId, String, String),
     Resume(StreamId),
 }
 
@@ -65,7 +68,9 @@ impl Host<'_> {
     fn finish(self) {
         for action in self.streams {
             let stream = match &action {
-                StreamAction::Respond(stream, _) | StreamAction::Resume(stream) => *stream,
+                StreamAction::Respond(stream, _)
+                | StreamAction::SetHeader(stream, _, _)
+                | StreamAction::Resume(stream) => *stream,
             };
             // Redis answers may arrive on another context (the root, with Higress).
             if hostcalls::set_effective_context(stream).is_err() {
@@ -82,6 +87,13 @@ impl Host<'_> {
                         response.status,
                         headers,
                         Some(response.body.as_bytes()),
+                    );
+                }
+                StreamAction::SetHeader(_, name, value) => {
+                    let _ = hostcalls::set_map_value(
+                        MapType::HttpRequestHeaders,
+                        &name,
+                        Some(&value),
                     );
                 }
                 StreamAction::Resume(_) => {
@@ -106,6 +118,11 @@ impl Io for Host<'_> {
             .push(StreamAction::Respond(stream, response.clone()));
     }
 
+    fn set_request_header(&mut self, stream: StreamId, name: &str, value: &str) {
+        self.streams
+            .push(StreamAction::SetHeader(stream, name.into(), value.into()));
+    }
+
     fn resume(&mut self, stream: StreamId) {
         self.streams.push(StreamAction::Resume(stream));
     }
@@ -120,6 +137,14 @@ impl Io for Host<'_> {
             LogLevel::Warn => warn!("{message}"),
             LogLevel::Error => error!("{message}"),
         }
+    }
+
+    fn shared_get(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        hostcalls::get_shared_data(key).unwrap_or((None, None))
+    }
+
+    fn shared_set(&mut self, key: &str, value: &[u8], version: Option<u32>) -> bool {
+        hostcalls::set_shared_data(key, Some(value), version).is_ok()
     }
 
     fn done(&mut self) {

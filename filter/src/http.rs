@@ -3,7 +3,10 @@
 
 use std::rc::Rc;
 
+use plan_limits_core::admission::{Claims, RequestHead};
+use plan_limits_core::config::IdentitySource;
 use plan_limits_core::worker::Flow;
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
@@ -17,6 +20,27 @@ pub struct PlanLimitsHttp {
 impl PlanLimitsHttp {
     pub fn new(shared: Rc<Shared>, id: u32) -> Self {
         Self { shared, id }
+    }
+}
+
+impl PlanLimitsHttp {
+    /// The verified token's claims the plans name, from the request's dynamic metadata.
+    fn claims(&self) -> Claims {
+        let plans = self.shared.worker.borrow().plans().cloned();
+        let Some(plans) = plans.filter(|p| p.identity.source == IdentitySource::Jwt) else {
+            return Claims::default();
+        };
+        let jwt = &plans.identity.jwt;
+        let claim = |name: &str| {
+            hostcalls::get_property(jwt.path(name).to_vec())
+                .ok()
+                .flatten()
+        };
+        Claims {
+            user: claim(&jwt.user_claim),
+            plan: claim(&jwt.plan_claim),
+            org: claim(&jwt.org_claim),
+        }
     }
 }
 
@@ -34,17 +58,26 @@ impl Context for PlanLimitsHttp {
 }
 
 impl HttpContext for PlanLimitsHttp {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         // One host call for all of them: Envoy's route table sends only metered routes here.
         let headers = self.get_http_request_headers_bytes();
+        let claims = self.claims();
         let id = self.id;
-        let flow = self
-            .shared
-            .handle(|worker, host| worker.on_request_headers(id, &headers, now(), host));
+        let flow = self.shared.handle(|worker, host| {
+            let head = RequestHead::new(&headers, &claims);
+            worker.on_request_headers(id, head, end_of_stream, now(), host)
+        });
         match flow {
             Flow::Continue => Action::Continue,
             Flow::Pause => Action::Pause,
         }
+    }
+
+    fn on_http_request_body(&mut self, _body_size: usize, end_of_stream: bool) -> Action {
+        if end_of_stream {
+            self.shared.worker.borrow_mut().on_request_body_end(self.id);
+        }
+        Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {

@@ -127,16 +127,19 @@ mod imp {
 
     pub fn init(settings: &RedisSettings) -> Result<(), TransportError> {
         let cluster = settings.cluster.as_bytes();
+        let username = settings.username.as_deref().unwrap_or_default().as_bytes();
+        let password = settings.password.as_deref().unwrap_or_default().as_bytes();
+        let timeout_ms = u32::try_from(settings.timeout_ms).unwrap_or(u32::MAX);
         // SAFETY: pointers and sizes describe live slices for the duration of the call.
         let status = unsafe {
             proxy_redis_init(
                 cluster.as_ptr(),
                 cluster.len(),
-                std::ptr::null(),
-                0,
-                std::ptr::null(),
-                0,
-                settings.timeout_ms as u32,
+                username.as_ptr(),
+                username.len(),
+                password.as_ptr(),
+                password.len(),
+                timeout_ms,
             )
         };
         match status {
