@@ -53,7 +53,10 @@ class Handler(BaseHTTPRequestHandler):
         if 200 <= status < 300:
             with lock:
                 successes[self.path.split("?")[0]] += 1
-        self.answer(status, {"upstream": "demo", "method": self.command, "path": self.path, "status": status})
+        # What the gateway told it about the caller (set by the filter, never the client's).
+        identity = {name: self.headers.get(name) for name in ("x-user-id", "x-user-plan", "x-org-id")}
+        self.answer(status, {"upstream": "demo", "method": self.command, "path": self.path,
+                             "status": status, "identity": identity})
 
     def answer(self, status, payload):
         body = json.dumps(payload).encode()

@@ -90,11 +90,8 @@ impl Host<'_> {
                     );
                 }
                 StreamAction::SetHeader(_, name, value) => {
-                    let _ = hostcalls::set_map_value(
-                        MapType::HttpRequestHeaders,
-                        &name,
-                        Some(&value),
-                    );
+                    let _ =
+                        hostcalls::set_map_value(MapType::HttpRequestHeaders, &name, Some(&value));
                 }
                 StreamAction::Resume(_) => {
                     let _ = hostcalls::resume_http_request();

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use plan_limits_core::config::IdentitySource;
 use plan_limits_core::plans::Plans;
 use plan_limits_core::routes::PathPattern;
 
@@ -19,6 +20,8 @@ pub struct EnvoyParams<'a> {
     pub upstream_timeout: &'a str,
     pub filter_wasm: &'a Path,
     pub plans_json: &'a str,
+    /// The JSON Web Key Set Envoy verifies bearer tokens with (`jwt` identity).
+    pub jwks: &'a Path,
 }
 
 /// The repository's envoy.yaml template.
@@ -36,8 +39,14 @@ pub fn render(template: &str, p: &EnvoyParams) -> Result<String, String> {
     let plans = serde_json::Value::String(plans.to_string()).to_string();
     // A plans.json the filter refuses yields no metered routes: Envoy (or its `--mode
     // validate`) then fails on the filter's own message, naming the field.
-    let routes = Plans::from_json(p.plans_json.as_bytes())
-        .map(|plans| metered_routes(&plans, p.upstream_timeout))
+    let compiled = Plans::from_json(p.plans_json.as_bytes()).ok();
+    let routes = compiled
+        .as_ref()
+        .map(|plans| metered_routes(plans, p.upstream_timeout))
+        .unwrap_or_default();
+    let identity = compiled
+        .as_ref()
+        .map(|plans| identity_filters(plans, p.jwks))
         .unwrap_or_default();
     let rendered = template
         .replace("@ADMIN_PORT@", &p.admin_port.to_string())
@@ -47,6 +56,7 @@ pub fn render(template: &str, p: &EnvoyParams) -> Result<String, String> {
         .replace("@UPSTREAM_TIMEOUT@", p.upstream_timeout)
         .replace("@FILTER_WASM@", &p.filter_wasm.display().to_string())
         .replace("@METERED_ROUTES@", &routes)
+        .replace("@IDENTITY_FILTERS@", &identity)
         .replace("@PLANS_JSON@", &plans);
     match unfilled_placeholder(&rendered) {
         Some(name) => Err(format!("envoy.yaml: placeholder @{name}@ was not filled")),
@@ -91,6 +101,54 @@ pub fn metered_routes(plans: &Plans, timeout: &str) -> String {
         }
     }
     out.join("\n")
+}
+
+/// The filters ahead of plan-limits that establish who is calling. For `jwt`: client copies
+/// of the identity headers are removed (the filter sets them for the upstream, verified), then
+/// `jwt_authn` verifies a bearer token and puts its payload in the request's metadata; a
+/// request without a valid token still reaches the filter, which answers 401 on metered
+/// routes. For `trusted_headers`: nothing (an authenticator in front sets them).
+pub fn identity_filters(plans: &Plans, jwks: &Path) -> String {
+    let identity = &plans.identity;
+    if identity.source != IdentitySource::Jwt {
+        return String::new();
+    }
+    let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+    let jwt = &identity.jwt;
+    format!(
+        r#"          - name: envoy.filters.http.header_mutation
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+              mutations:
+                request_mutations:
+                - remove: {user}
+                - remove: {plan}
+                - remove: {org}
+          - name: envoy.filters.http.jwt_authn
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
+              providers:
+                plan_limits:
+                  issuer: {issuer}
+                  audiences: [{audience}]
+                  local_jwks: {{ filename: {jwks} }}
+                  forward: false
+                  payload_in_metadata: {payload}
+              rules:
+              - match: {{ prefix: "/" }}
+                requires:
+                  requires_any:
+                    requirements:
+                    - provider_name: plan_limits
+                    - allow_missing_or_failed: {{}}"#,
+        user = q(&identity.user_header),
+        plan = q(&identity.plan_header),
+        org = q(&identity.org_header),
+        issuer = q(&jwt.issuer),
+        audience = q(&jwt.audience),
+        jwks = q(&jwks.display().to_string()),
+        payload = q(&jwt.payload_key),
+    )
 }
 
 fn unfilled_placeholder(text: &str) -> Option<&str> {
@@ -220,6 +278,7 @@ mod tests {
             upstream_timeout: "1s",
             filter_wasm: Path::new("/f.wasm"),
             plans_json: "{}",
+            jwks: Path::new("/jwks.json"),
         };
         assert!(render(&template(), &params).is_ok());
         let err = render("a: @NOT_THERE@", &params).unwrap_err();

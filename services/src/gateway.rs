@@ -3,12 +3,14 @@
 //! requests offers (this one, and the wasmtime harness), so a scenario is written once.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use plan_limits_core::period::BillingPeriod;
 
 use crate::envoy::{self, EnvoyOptions, EnvoyParams};
 use crate::http::{Request, Response};
+use crate::jwt::DevKey;
 use crate::process::{free_port, scratch_dir, Service};
 use crate::redis_server::RedisServer;
 use crate::upstream::DemoUpstream;
@@ -46,6 +48,8 @@ pub struct GatewayOptions {
     pub persistent_redis: bool,
     /// Say what is being started (for `make run`).
     pub verbose: bool,
+    /// Where the token signing key is kept; the tests' key when `None`.
+    pub jwt_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -80,6 +84,7 @@ impl Default for GatewayOptions {
             base_id: None,
             persistent_redis: false,
             verbose: false,
+            jwt_dir: None,
         }
     }
 }
@@ -95,6 +100,8 @@ pub struct EnvoyGateway {
     pub gateway_port: u16,
     pub admin_port: u16,
     pub options: GatewayOptions,
+    /// The key whose tokens this gateway accepts.
+    pub jwt: Arc<DevKey>,
 }
 
 impl EnvoyGateway {
@@ -114,12 +121,22 @@ impl EnvoyGateway {
         say(&format!("starting Redis on 127.0.0.1:{}", ports.redis));
         let redis = RedisServer::start_with(&dir, ports.redis, options.persistent_redis);
         say(&format!("starting webdis on 127.0.0.1:{}", ports.webdis));
-        let webdis = Webdis::start(&dir, "127.0.0.1", redis.port, Some(ports.webdis));
+        let webdis = Webdis::start(
+            &dir,
+            "127.0.0.1",
+            redis.port,
+            redis.filter_password(),
+            Some(ports.webdis),
+        );
         say(&format!(
             "starting the demo upstream on 127.0.0.1:{}",
             ports.upstream
         ));
         let upstream = DemoUpstream::start(&dir, Some(ports.upstream));
+        let jwt = match &options.jwt_dir {
+            Some(jwt_dir) => Arc::new(DevKey::load_or_create(jwt_dir)),
+            None => DevKey::for_tests(),
+        };
         let mut gateway = Self {
             envoy: None,
             upstream,
@@ -129,6 +146,7 @@ impl EnvoyGateway {
             gateway_port: ports.gateway,
             admin_port: ports.admin,
             options,
+            jwt,
         };
         say(&format!(
             "starting Envoy on 127.0.0.1:{} (admin {}) with {}",
@@ -161,6 +179,7 @@ impl EnvoyGateway {
                 upstream_timeout: &self.options.upstream_timeout,
                 filter_wasm: &crate::filter_wasm(),
                 plans_json,
+                jwks: &self.jwt.jwks_path(),
             },
         )
     }

@@ -6,6 +6,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use plan_limits_core::config::JwtClaims;
+
+use crate::jwt::TokenClaims;
+
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: u16,
@@ -86,7 +90,27 @@ impl Request {
         self
     }
 
+    /// The request of `user` with a bearer token claiming `plan`, signed by the tests' key
+    /// (`jwt::DevKey::for_tests`, the one every test gateway trusts).
     pub fn user(self, user: &str, plan: &str) -> Self {
+        let token = crate::jwt::DevKey::for_tests().token(
+            &JwtClaims::default(),
+            &TokenClaims {
+                user,
+                plan: Some(plan),
+                org: None,
+                ttl_secs: 3600,
+            },
+        );
+        self.bearer(&token)
+    }
+
+    pub fn bearer(self, token: &str) -> Self {
+        self.header("authorization", format!("Bearer {token}"))
+    }
+
+    /// The user and plan as headers an authenticator in front would set (`trusted_headers`).
+    pub fn trusted_identity(self, user: &str, plan: &str) -> Self {
         self.header("x-user-id", user).header("x-user-plan", plan)
     }
 

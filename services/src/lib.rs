@@ -6,6 +6,7 @@
 pub mod envoy;
 pub mod gateway;
 pub mod http;
+pub mod jwt;
 pub mod process;
 pub mod redis_exec;
 pub mod redis_server;

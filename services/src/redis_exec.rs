@@ -1,20 +1,7 @@
 //! Runs the filter's Redis commands on a real Redis with the `redis` crate, and turns its
 //! replies into the filter's `RedisReply`: what a Redis transport on the host side does.
 
-use plan_limits_core::redis::scripts::{self, Form};
 use plan_limits_core::redis::{RedisCommand, RedisReply};
-
-/// Runs a script command built by `command`; a script Redis does not know yet is sent again
-/// with its source, as the filter does.
-pub fn run_script(
-    conn: &mut redis::Connection,
-    command: impl Fn(Form) -> RedisCommand,
-) -> RedisReply {
-    match run(conn, &command(Form::BySha)) {
-        reply if scripts::is_noscript(&reply) => run(conn, &command(Form::WithSource)),
-        reply => reply,
-    }
-}
 
 /// Runs one command as it is.
 pub fn run(conn: &mut redis::Connection, command: &RedisCommand) -> RedisReply {

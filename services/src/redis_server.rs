@@ -1,16 +1,97 @@
-//! A real `redis-server` on a free loopback port, without persistence unless asked, with a
-//! password when asked.
+//! A real `redis-server` on a loopback port. As plan-limits runs it (`start_on`,
+//! `start_with`): locked down (the filter's user may call the library's functions on the key
+//! prefix and nothing else, an admin user may do anything), never evicting, the library
+//! loaded, and with `persistent` every write in an append-only file. Plain (`start_with_options`):
+//! for someone else's plugin.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
+
+use plan_limits_core::config::RedisSettings;
+use plan_limits_core::redis::functions;
 
 use crate::process::Service;
 
 pub struct RedisServer {
     pub port: u16,
     password: Option<String>,
+    /// The plan-limits users' passwords, when locked down.
+    users: Option<Users>,
     service: Service,
+}
+
+/// The admin user's name (it may do anything; the filter's is Redis's `default` user, the
+/// only one webdis can log in as).
+pub const ADMIN_USER: &str = "plan-limits-admin";
+
+/// The commands the library's functions run: Redis checks them against the caller's rights.
+const FILTER_COMMANDS: &str = "+fcall +hget +hset +hincrby +zadd +zrem +zcard +zscore \
+                               +zremrangebyscore +pexpire +xadd";
+
+#[derive(Debug, Clone)]
+struct Users {
+    filter_password: String,
+    admin_password: String,
+}
+
+impl Users {
+    /// The passwords of the Redis in `dir` on `port`: made once, kept for its restarts.
+    fn of(dir: &Path, port: u16) -> Self {
+        let path = dir.join(format!("redis-{port}.passwords"));
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Some((filter, admin)) = text.trim().split_once(' ') {
+                return Self {
+                    filter_password: filter.into(),
+                    admin_password: admin.into(),
+                };
+            }
+        }
+        let users = Self {
+            filter_password: random_password(),
+            admin_password: random_password(),
+        };
+        let text = format!("{} {}\n", users.filter_password, users.admin_password);
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        users
+    }
+
+    /// Redis's ACL file: the filter's rules on the default user (with `+pexpireat`, which
+    /// Redis 7.0 needs to replay its append-only file), and the admin.
+    fn acl(&self) -> String {
+        let redis = RedisSettings::default();
+        let commands = FILTER_COMMANDS
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut keys = format!("~{}:*", redis.key_prefix);
+        if !redis
+            .events_stream
+            .starts_with(&format!("{}:", redis.key_prefix))
+        {
+            keys.push_str(&format!(" ~{}", redis.events_stream));
+        }
+        format!(
+            "user default on >{} resetkeys {keys} resetchannels -@all {commands} +pexpireat\n\
+             user {ADMIN_USER} on >{} ~* &* +@all\n",
+            self.filter_password, self.admin_password
+        )
+    }
+}
+
+fn random_password() -> String {
+    let mut bytes = [0u8; 16];
+    let read = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+    if read.is_err() {
+        // No /dev/urandom: the time will do for a test's password.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes.copy_from_slice(&nanos.to_le_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How to start a `RedisServer`.
@@ -23,26 +104,50 @@ pub struct RedisOptions {
 }
 
 impl RedisServer {
-    /// Starts (or restarts) on a given port, without persistence.
+    /// Starts (or restarts) plan-limits' Redis on a given port, without persistence.
     pub fn start_on(dir: &Path, port: u16) -> Self {
         Self::start_with(dir, port, false)
     }
 
-    /// With `persistent`, every write goes to an append-only file in `dir`, so a restart
-    /// (after `SHUTDOWN`) keeps the data, as a production Redis would.
+    /// Starts (or restarts) plan-limits' Redis; with `persistent`, every write goes to an
+    /// append-only file in `dir` first, so a restart (even after `kill -9`) keeps the data.
     pub fn start_with(dir: &Path, port: u16, persistent: bool) -> Self {
-        Self::start_with_options(
+        let users = Users::of(dir, port);
+        let acl = dir.join(format!("redis-{port}.acl"));
+        std::fs::write(&acl, users.acl()).unwrap_or_else(|e| panic!("{}: {e}", acl.display()));
+        let mut server = Self::spawn(
             dir,
             port,
-            RedisOptions {
-                persistent,
-                ..RedisOptions::default()
-            },
-        )
+            persistent,
+            &[
+                "--aclfile",
+                &acl.display().to_string(),
+                "--maxmemory-policy",
+                "noeviction",
+            ],
+        );
+        server.users = Some(users);
+        let mut admin = server.connection();
+        let loaded = crate::redis_exec::run(&mut admin, &functions::load_library());
+        if let plan_limits_core::redis::RedisReply::Error(e) = loaded {
+            panic!("FUNCTION LOAD: {e}");
+        }
+        server
     }
 
+    /// A plain Redis: no ACL but `requirepass` when given.
     pub fn start_with_options(dir: &Path, port: u16, options: RedisOptions) -> Self {
-        let persistent = options.persistent;
+        let password_args = match &options.password {
+            Some(password) => vec!["--requirepass".to_string(), password.clone()],
+            None => Vec::new(),
+        };
+        let args: Vec<&str> = password_args.iter().map(String::as_str).collect();
+        let mut server = Self::spawn(dir, port, options.persistent, &args);
+        server.password = options.password;
+        server
+    }
+
+    fn spawn(dir: &Path, port: u16, persistent: bool, extra: &[&str]) -> Self {
         let mut command = Command::new("redis-server");
         command.args([
             "--port",
@@ -63,9 +168,7 @@ impl RedisServer {
             "--enable-debug-command",
             "local",
         ]);
-        if let Some(password) = &options.password {
-            command.args(["--requirepass", password]);
-        }
+        command.args(extra);
         let mut service = Service::spawn(
             "redis-server",
             command,
@@ -74,7 +177,8 @@ impl RedisServer {
         service.wait_for_port(port, Duration::from_secs(10));
         Self {
             port,
-            password: options.password,
+            password: None,
+            users: None,
             service,
         }
     }
@@ -84,11 +188,32 @@ impl RedisServer {
         &self.service
     }
 
+    /// Where to connect with every right: the admin user (plan-limits), or the password.
     pub fn url(&self) -> String {
-        match &self.password {
-            Some(password) => format!("redis://:{password}@127.0.0.1:{}/", self.port),
-            None => format!("redis://127.0.0.1:{}/", self.port),
+        match (&self.users, &self.password) {
+            (Some(users), _) => format!(
+                "redis://{ADMIN_USER}:{}@127.0.0.1:{}/",
+                users.admin_password, self.port
+            ),
+            (None, Some(password)) => format!("redis://:{password}@127.0.0.1:{}/", self.port),
+            (None, None) => format!("redis://127.0.0.1:{}/", self.port),
         }
+    }
+
+    /// Where the filter connects: its own user, which may only call the library's functions.
+    pub fn filter_url(&self) -> String {
+        match &self.users {
+            Some(users) => format!(
+                "redis://:{}@127.0.0.1:{}/",
+                users.filter_password, self.port
+            ),
+            None => self.url(),
+        }
+    }
+
+    /// The filter's password (what webdis logs in with), when locked down.
+    pub fn filter_password(&self) -> Option<&str> {
+        self.users.as_ref().map(|u| u.filter_password.as_str())
     }
 
     /// The URL without credentials: where a client that authenticates itself connects.

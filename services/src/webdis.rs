@@ -13,13 +13,20 @@ pub struct Webdis {
 
 impl Webdis {
     /// Starts webdis on `port` (a free one when `None`) in front of the Redis at
-    /// `redis_host:redis_port`; its config and logs go to `dir`.
-    pub fn start(dir: &Path, redis_host: &str, redis_port: u16, port: Option<u16>) -> Self {
+    /// `redis_host:redis_port`, logging in with `redis_password` (as Redis's default user:
+    /// Debian's webdis 0.1.9 cannot name another); its config and logs go to `dir`.
+    pub fn start(
+        dir: &Path,
+        redis_host: &str,
+        redis_port: u16,
+        redis_password: Option<&str>,
+        port: Option<u16>,
+    ) -> Self {
         let port = port.unwrap_or_else(free_port);
         let config = dir.join(format!("webdis-{port}.json"));
         let log = dir.join(format!("webdis-{port}-internal.log"));
-        std::fs::write(&config, config_json(redis_host, redis_port, port, &log))
-            .unwrap_or_else(|e| panic!("{}: {e}", config.display()));
+        let json = config_json(redis_host, redis_port, redis_password, port, &log);
+        std::fs::write(&config, json).unwrap_or_else(|e| panic!("{}: {e}", config.display()));
         let mut command = Command::new("webdis");
         command.arg(&config);
         let mut service =
@@ -33,10 +40,16 @@ impl Webdis {
     }
 }
 
-/// webdis's configuration: loopback only, and nothing but the filter's two script commands
-/// (EVALSHA, and EVAL for the first call after a Redis restart).
-pub fn config_json(redis_host: &str, redis_port: u16, http_port: u16, log: &Path) -> String {
-    serde_json::json!({
+/// webdis's configuration: loopback only, and nothing but `FCALL` (the filter calls the
+/// library's functions and nothing else; Redis's ACL holds the same line behind it).
+pub fn config_json(
+    redis_host: &str,
+    redis_port: u16,
+    redis_password: Option<&str>,
+    http_port: u16,
+    log: &Path,
+) -> String {
+    let mut config = serde_json::json!({
         "redis_host": redis_host,
         "redis_port": redis_port,
         "http_host": "127.0.0.1",
@@ -45,9 +58,13 @@ pub fn config_json(redis_host: &str, redis_port: u16, http_port: u16, log: &Path
         "pool_size": 8,
         "daemonize": false,
         "database": 0,
-        "acl": [{"disabled": ["*"]}, {"enabled": ["EVAL", "EVALSHA"]}],
+        "websockets": false,
+        "acl": [{"disabled": ["*"]}, {"enabled": ["FCALL"]}],
         "verbosity": 1,
         "logfile": log.display().to_string(),
-    })
-    .to_string()
+    });
+    if let Some(password) = redis_password {
+        config["redis_auth"] = password.into();
+    }
+    config.to_string()
 }

@@ -305,7 +305,7 @@ fn redis_error_replies_follow_the_failure_modes() {
     redis::cmd("ACL")
         .arg("SETUSER")
         .arg("default")
-        .arg("-eval")
+        .arg("-fcall")
         .exec(&mut redis)
         .unwrap();
     assert_failure_modes(&gw, "kay");

@@ -98,7 +98,7 @@ on_both_builds!(a_redis_error_reply_follows_the_failure_mode, |build| {
             .exec(conn)
             .unwrap()
     };
-    acl("-eval", &mut conn);
+    acl("-fcall", &mut conn);
     let out = h.send_on(0, &upload("kim", "free")).unwrap();
     assert_eq!(out.status, 200, "upload is fail_open");
     assert_eq!(h.metric("fail_open"), 1);
@@ -117,7 +117,7 @@ on_both_builds!(a_redis_error_reply_follows_the_failure_mode, |build| {
     assert_eq!(out.json()["error"], "Usage service unavailable");
     assert!(h.metric("settle_errors") >= 1);
     // Redis recovers: the fail-open success is counted once the queued count goes through.
-    acl("+eval", &mut conn);
+    acl("+fcall", &mut conn);
     h.plugin.clock().advance_millis(1_000);
     h.flush(0).unwrap();
     let logs: Vec<_> = h.plugin.logs().into_iter().map(|l| l.message).collect();

@@ -1,18 +1,25 @@
-//! The two Lua scripts (reserve, settle) on a real redis-server: atomic limits, expiry of
-//! unsettled reservations, idempotent commits, summaries and usage events.
+//! The Redis functions library (`plan_limits.lua`) on a real, locked-down redis-server: atomic
+//! limits, billing's plan over the claimed one, expiry and extension of reservations, commits
+//! counted once however late, summaries and usage events; and what the filter's Redis user
+//! may not do.
 
 use std::rc::Rc;
 
-use plan_limits_core::keys::UsageKeys;
-use plan_limits_core::redis::scripts::{self, Reservation, ReserveArgs};
+use plan_limits_core::config::Limit;
+use plan_limits_core::keys::{encoded_user, entitlement_key, UsageKeys};
+use plan_limits_core::redis::functions::{
+    self, Reservation, ReserveArgs, ReserveStatus, SettleArgs, Settled,
+};
+use plan_limits_core::redis::RedisReply;
 use plan_limits_core::settlement::{SettleMode, Settlement};
 use plan_limits_services::process::{free_port, scratch_dir};
-use plan_limits_services::redis_exec::run_script;
+use plan_limits_services::redis_exec::run;
 use plan_limits_services::redis_server::RedisServer;
 use plan_limits_services::usage;
 
 const TTL: u64 = 60_000;
 const NOW: u64 = 1_795_000_000_000;
+const REMEMBER: u64 = 3_600_000;
 
 fn redis() -> (RedisServer, redis::Connection) {
     let server = RedisServer::start_on(&scratch_dir("scripts"), free_port());
@@ -24,6 +31,37 @@ fn keys(user: &str) -> UsageKeys {
     UsageKeys::new(&usage::prefix(), user, "2026-11", "upload")
 }
 
+/// Plans' limits for uploads: free 3, professional unlimited.
+fn limits(free: u64) -> Vec<(String, Limit)> {
+    vec![("free".into(), Some(free)), ("professional".into(), None)]
+}
+
+fn reserve_as(
+    conn: &mut redis::Connection,
+    user: &str,
+    id: &str,
+    limit: u64,
+    now: u64,
+    claimed: &str,
+) -> Reservation {
+    let keys = keys(user);
+    let limits = limits(limit);
+    let reply = run(
+        conn,
+        &functions::reserve(ReserveArgs {
+            keys: &keys,
+            action: "upload",
+            claimed_plan: claimed,
+            fallback_plan: Some("free"),
+            reservation_id: id,
+            now_ms: now,
+            ttl_ms: TTL,
+            limits: &limits,
+        }),
+    );
+    functions::parse_reservation(reply).unwrap()
+}
+
 fn reserve(
     conn: &mut redis::Connection,
     user: &str,
@@ -31,17 +69,11 @@ fn reserve(
     limit: u64,
     now: u64,
 ) -> Reservation {
-    let keys = keys(user);
-    let args = ReserveArgs {
-        keys: &keys,
-        action: "upload",
-        limit,
-        reservation_id: id,
-        now_ms: now,
-        ttl_ms: TTL,
-    };
-    let reply = run_script(conn, |form| scripts::reserve(args, form));
-    scripts::parse_reservation(reply).unwrap()
+    reserve_as(conn, user, id, limit, now, "free")
+}
+
+fn granted(r: &Reservation) -> bool {
+    r.status == ReserveStatus::Granted
 }
 
 fn settlement(mode: SettleMode, user: &str, id: &str) -> Settlement {
@@ -60,15 +92,33 @@ fn settlement(mode: SettleMode, user: &str, id: &str) -> Settlement {
         request_id: "req-1".into(),
         period_id: "2026-11".into(),
         keep_for_ms: 400 * 86_400_000,
+        made_at_ms: NOW,
     }
 }
 
-fn settle(conn: &mut redis::Connection, batch: &[Settlement]) -> Vec<i64> {
-    run_script(conn, |form| {
-        scripts::settle(batch, &usage::events_stream(), None, form)
-    })
-    .into_ints()
-    .unwrap()
+fn settle_at(conn: &mut redis::Connection, batch: &[Settlement], now: u64) -> Vec<Settled> {
+    let reply = run(
+        conn,
+        &functions::settle(
+            batch,
+            SettleArgs {
+                events_stream: &usage::events_stream(),
+                events_max_len: None,
+                now_ms: now,
+                ttl_ms: TTL,
+                remember_commits_ms: REMEMBER,
+            },
+        ),
+    );
+    functions::parse_settled(reply, batch.len()).unwrap()
+}
+
+/// Whether each item was done (counted, extended).
+fn settle(conn: &mut redis::Connection, batch: &[Settlement]) -> Vec<bool> {
+    settle_at(conn, batch, NOW)
+        .into_iter()
+        .map(|s| s.done)
+        .collect()
 }
 
 fn counter(conn: &mut redis::Connection, user: &str) -> Option<u64> {
@@ -79,80 +129,169 @@ fn counter(conn: &mut redis::Connection, user: &str) -> Option<u64> {
         .unwrap()
 }
 
+fn set_plan(conn: &mut redis::Connection, user: &str, plan: &str) {
+    redis::cmd("HSET")
+        .arg(entitlement_key(&usage::prefix(), encoded_user(user)))
+        .arg("plan")
+        .arg(plan)
+        .exec(conn)
+        .unwrap();
+}
+
 #[test]
 fn reservations_stop_at_the_limit_counting_those_in_flight() {
     let (_server, mut conn) = redis();
     for i in 0..3 {
         let r = reserve(&mut conn, "u", &format!("r{i}"), 3, NOW);
-        assert!(r.granted);
+        assert!(granted(&r));
         assert_eq!(r.pending, i + 1);
     }
     let r = reserve(&mut conn, "u", "r3", 3, NOW);
     assert_eq!(
-        r,
-        Reservation {
-            granted: false,
-            committed: 0,
-            pending: 3
-        }
+        (r.status, r.committed, r.pending, r.plan.as_str()),
+        (ReserveStatus::Refused, 0, 3, "free")
     );
     assert_eq!(
         settle(&mut conn, &[settlement(SettleMode::Commit, "u", "r0")]),
-        [1]
+        [true]
     );
     let r = reserve(&mut conn, "u", "r4", 3, NOW);
     assert_eq!(
-        r,
-        Reservation {
-            granted: false,
-            committed: 1,
-            pending: 2
-        }
+        (r.status, r.committed, r.pending),
+        (ReserveStatus::Refused, 1, 2)
     );
     // Another user's allowance is their own.
-    assert!(reserve(&mut conn, "u2", "r5", 3, NOW).granted);
+    assert!(granted(&reserve(&mut conn, "u2", "r5", 3, NOW)));
+}
+
+#[test]
+fn billings_plan_wins_over_the_claimed_one_and_an_unknown_plan_falls_back() {
+    let (_server, mut conn) = redis();
+    // No record: the claim applies (professional: unlimited, nothing reserved).
+    let r = reserve_as(&mut conn, "u", "r1", 3, NOW, "professional");
+    assert_eq!(
+        (r.status, r.plan.as_str()),
+        (ReserveStatus::Unlimited, "professional")
+    );
+    // Billing downgraded the user: free's limit applies whatever the token says.
+    set_plan(&mut conn, "u", "free");
+    let r = reserve_as(&mut conn, "u", "r2", 1, NOW, "professional");
+    assert_eq!(
+        (r.status, r.plan.as_str()),
+        (ReserveStatus::Granted, "free")
+    );
+    let r = reserve_as(&mut conn, "u", "r3", 1, NOW, "professional");
+    assert_eq!(r.status, ReserveStatus::Refused);
+    // A record naming a plan plans.json does not know: the fallback, named as such.
+    set_plan(&mut conn, "v", "platinum");
+    let r = reserve_as(&mut conn, "v", "r4", 2, NOW, "professional");
+    assert_eq!(
+        (r.status, r.plan.as_str(), r.named_plan.as_str()),
+        (ReserveStatus::Granted, "free", "platinum")
+    );
 }
 
 #[test]
 fn a_release_gives_the_unit_back_and_counts_nothing() {
     let (_server, mut conn) = redis();
-    assert!(reserve(&mut conn, "u", "r1", 1, NOW).granted);
-    assert!(!reserve(&mut conn, "u", "r2", 1, NOW).granted);
+    assert!(granted(&reserve(&mut conn, "u", "r1", 1, NOW)));
+    assert!(!granted(&reserve(&mut conn, "u", "r2", 1, NOW)));
     assert_eq!(
         settle(&mut conn, &[settlement(SettleMode::Release, "u", "r1")]),
-        [0]
+        [false]
     );
     assert_eq!(counter(&mut conn, "u"), None);
-    assert!(reserve(&mut conn, "u", "r3", 1, NOW).granted);
+    assert!(granted(&reserve(&mut conn, "u", "r3", 1, NOW)));
 }
 
 #[test]
-fn an_unsettled_reservation_expires_and_is_never_counted() {
+fn an_unsettled_reservation_expires_and_an_extended_one_does_not() {
     let (_server, mut conn) = redis();
-    assert!(reserve(&mut conn, "u", "lost", 1, NOW).granted);
-    assert!(!reserve(&mut conn, "u", "r2", 1, NOW + TTL - 1).granted);
-    // Past its expiry the unit is free again ...
-    assert!(reserve(&mut conn, "u", "r3", 1, NOW + TTL + 1).granted);
-    // ... and a late commit of the lost reservation counts nothing.
-    assert_eq!(
-        settle(&mut conn, &[settlement(SettleMode::Commit, "u", "lost")]),
-        [0]
-    );
-    assert_eq!(counter(&mut conn, "u"), None);
+    assert!(granted(&reserve(&mut conn, "u", "lost", 1, NOW)));
+    assert!(!granted(&reserve(&mut conn, "u", "r2", 1, NOW + TTL - 1)));
+    // Past its expiry the unit is free again.
+    assert!(granted(&reserve(&mut conn, "u", "r3", 1, NOW + TTL + 1)));
     let pttl: i64 = redis::cmd("PTTL")
         .arg(keys("u").pending)
         .query(&mut conn)
         .unwrap();
     assert!(pttl > 0, "the pending set expires with its reservations");
+    // A reservation extended before it expires keeps holding its unit.
+    assert!(granted(&reserve(&mut conn, "w", "slow", 1, NOW)));
+    let extended = settle_at(
+        &mut conn,
+        &[settlement(SettleMode::Extend, "w", "slow")],
+        NOW + TTL / 2,
+    );
+    assert!(extended[0].done);
+    assert!(!granted(&reserve(
+        &mut conn,
+        "w",
+        "other",
+        1,
+        NOW + TTL + 1
+    )));
+    // Extending a reservation that is gone does nothing.
+    let gone = settle(
+        &mut conn,
+        &[settlement(SettleMode::Extend, "w", "never-made")],
+    );
+    assert_eq!(gone, [false]);
+}
+
+#[test]
+fn a_commit_counts_once_even_after_its_reservation_expired() {
+    let (_server, mut conn) = redis();
+    // The success happened after Redis expired the reservation (say Redis was unreachable for
+    // longer): it still counts ...
+    assert!(granted(&reserve(&mut conn, "u", "late", 1, NOW)));
+    assert!(granted(&reserve(&mut conn, "u", "next", 1, NOW + TTL + 1)));
+    let commit = settlement(SettleMode::Commit, "u", "late");
+    assert_eq!(
+        settle_at(&mut conn, &[commit.clone()], NOW + TTL + 2)[0].done,
+        true
+    );
+    // ... once: sent again (its first answer lost), it counts nothing.
+    assert_eq!(
+        settle_at(&mut conn, &[commit], NOW + TTL + 3)[0].done,
+        false
+    );
+    assert_eq!(counter(&mut conn, "u"), Some(1));
 }
 
 #[test]
 fn a_commit_sent_twice_counts_once() {
     let (_server, mut conn) = redis();
-    assert!(reserve(&mut conn, "u", "r1", 5, NOW).granted);
+    assert!(granted(&reserve(&mut conn, "u", "r1", 5, NOW)));
     let commit = settlement(SettleMode::Commit, "u", "r1");
-    assert_eq!(settle(&mut conn, &[commit.clone(), commit]), [1, 0]);
+    assert_eq!(settle(&mut conn, &[commit.clone(), commit]), [true, false]);
     assert_eq!(counter(&mut conn, "u"), Some(1));
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(keys("u").commits)
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        pttl > 0 && pttl as u64 <= REMEMBER,
+        "commit ids are forgotten in time"
+    );
+}
+
+#[test]
+fn settling_answers_each_users_recorded_plan() {
+    let (_server, mut conn) = redis();
+    set_plan(&mut conn, "b", "professional");
+    let batch = [
+        settlement(SettleMode::Count, "a", ""),
+        settlement(SettleMode::Count, "b", ""),
+    ];
+    let settled = settle_at(&mut conn, &batch, NOW);
+    assert_eq!(
+        settled
+            .iter()
+            .map(|s| s.entitled_plan.clone())
+            .collect::<Vec<_>>(),
+        [None, Some("professional".to_string())]
+    );
 }
 
 #[test]
@@ -160,7 +299,7 @@ fn a_count_updates_the_summary_and_records_an_event() {
     let (_server, mut conn) = redis();
     assert_eq!(
         settle(&mut conn, &[settlement(SettleMode::Count, "u", "c1")]),
-        [1]
+        [true]
     );
     let summary: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
         .arg(keys("u").summary)
@@ -178,35 +317,24 @@ fn a_count_updates_the_summary_and_records_an_event() {
         (399 * 86_400_000..=400 * 86_400_000).contains(&pttl),
         "{pttl}"
     );
-
-    let events: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-        .arg(usage::events_stream())
-        .arg("-")
-        .arg("+")
-        .query(&mut conn)
-        .unwrap();
+    let events = usage::events(&mut conn);
     assert_eq!(events.len(), 1);
+    let fields: Vec<(&str, &str)> = events[0]
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     assert_eq!(
-        events[0].1,
+        fields,
         [
-            "user",
-            "u",
-            "action",
-            "upload",
-            "kind",
-            "vision",
-            "bytes",
-            "42",
-            "status",
-            "201",
-            "at",
-            "2026-11-27T12:00:00.000Z",
-            "request_id",
-            "req-1",
-            "plan",
-            "free",
-            "period",
-            "2026-11"
+            ("action", "upload"),
+            ("at", "2026-11-27T12:00:00.000Z"),
+            ("bytes", "42"),
+            ("kind", "vision"),
+            ("period", "2026-11"),
+            ("plan", "free"),
+            ("request_id", "req-1"),
+            ("status", "201"),
+            ("user", "u"),
         ]
     );
 }
@@ -218,9 +346,17 @@ fn the_event_stream_can_be_capped() {
         .map(|i| settlement(SettleMode::Count, "u", &format!("c{i}")))
         .collect();
     for chunk in batch.chunks(50) {
-        run_script(&mut conn, |form| {
-            scripts::settle(chunk, &usage::events_stream(), Some(100), form)
-        });
+        let command = functions::settle(
+            chunk,
+            SettleArgs {
+                events_stream: &usage::events_stream(),
+                events_max_len: Some(100),
+                now_ms: NOW,
+                ttl_ms: TTL,
+                remember_commits_ms: REMEMBER,
+            },
+        );
+        assert!(matches!(run(&mut conn, &command), RedisReply::Array(_)));
     }
     let len: u64 = redis::cmd("XLEN")
         .arg(usage::events_stream())
@@ -237,7 +373,7 @@ fn the_event_stream_can_be_capped() {
 #[test]
 fn a_batch_of_one_users_settlements_counts_each_and_records_each_event() {
     let (_server, mut conn) = redis();
-    assert!(reserve(&mut conn, "u", "r1", 5, NOW).granted);
+    assert!(granted(&reserve(&mut conn, "u", "r1", 5, NOW)));
     let mut batch: Vec<_> = (0..3)
         .map(|i| settlement(SettleMode::Count, "u", &format!("c{i}")))
         .collect();
@@ -246,16 +382,57 @@ fn a_batch_of_one_users_settlements_counts_each_and_records_each_event() {
     let mut unreserved = settlement(SettleMode::Count, "u", "");
     unreserved.plan = "professional".into();
     batch.push(unreserved);
-    assert_eq!(settle(&mut conn, &batch), [1, 1, 1, 1, 0, 1]);
+    assert_eq!(
+        settle(&mut conn, &batch),
+        [true, true, true, true, false, true]
+    );
     assert_eq!(counter(&mut conn, "u"), Some(5));
-    let len: u64 = redis::cmd("XLEN")
-        .arg(usage::events_stream())
-        .query(&mut conn)
+    assert_eq!(usage::events(&mut conn).len(), 5);
+}
+
+#[test]
+fn the_filters_redis_user_may_call_the_functions_and_nothing_else() {
+    let (server, _admin) = redis();
+    let mut filter = redis::Client::open(server.filter_url())
+        .unwrap()
+        .get_connection()
         .unwrap();
-    assert_eq!(len, 5);
-    let pttl: i64 = redis::cmd("PTTL")
-        .arg(keys("u").summary)
-        .query(&mut conn)
-        .unwrap();
-    assert!(pttl > 0);
+    // The functions work for it.
+    assert!(granted(&reserve(&mut filter, "u", "r1", 1, NOW)));
+    let refused = |conn: &mut redis::Connection, cmd: &mut redis::Cmd| {
+        let err = cmd.exec(conn).unwrap_err();
+        assert!(err.to_string().contains("no permissions"), "{err}");
+    };
+    refused(&mut filter, redis::cmd("EVAL").arg("return 1").arg(0));
+    refused(&mut filter, redis::cmd("KEYS").arg("*"));
+    refused(&mut filter, &mut redis::cmd("FLUSHALL"));
+    refused(&mut filter, redis::cmd("CONFIG").arg("GET").arg("*"));
+    refused(
+        &mut filter,
+        redis::cmd("FUNCTION").arg("LOAD").arg("#!lua name=x\n"),
+    );
+    refused(
+        &mut filter,
+        redis::cmd("HSET").arg("othertenant:x").arg("a").arg(1),
+    );
+    // Keys outside the prefix are refused even through the functions.
+    let outside = UsageKeys::new("othertenant", "u", "2026-11", "upload");
+    let limits = limits(5);
+    let reply = run(
+        &mut filter,
+        &functions::reserve(ReserveArgs {
+            keys: &outside,
+            action: "upload",
+            claimed_plan: "free",
+            fallback_plan: None,
+            reservation_id: "r",
+            now_ms: NOW,
+            ttl_ms: TTL,
+            limits: &limits,
+        }),
+    );
+    assert!(
+        matches!(reply, RedisReply::Error(ref e) if e.contains("no permissions")),
+        "{reply:?}"
+    );
 }

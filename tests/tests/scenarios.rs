@@ -151,7 +151,7 @@ on_every_gateway!(file_size_limits_follow_the_plan, |gw| {
 });
 
 on_every_gateway!(
-    unmetered_routes_pass_untouched_and_a_missing_user_is_401,
+    unmetered_routes_pass_untouched_and_a_request_without_a_token_is_401,
     |gw| {
         for (method, path) in [
             ("GET", "/"),
@@ -168,15 +168,17 @@ on_every_gateway!(
             0,
             "the filter metered none"
         );
-        let r = gw.send(
-            &analysis("x", "free")
-                .header("x-user-id", "")
-                .body(Body::Empty),
+        let r = gw
+            .send(&Request::new("POST", "/api/teammate").trusted_identity("victim", "enterprise"));
+        assert_eq!(
+            r.status, 401,
+            "identity headers a client sends choose nothing"
         );
-        assert_eq!(r.status, 400, "two user headers");
-        let r = gw.send(&Request::new("POST", "/api/teammate"));
-        assert_eq!(r.status, 401);
-        assert!(r.json()["message"].as_str().unwrap().contains("x-user-id"));
+        assert!(r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("bearer token"));
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
         assert!(!r.from_upstream());
         assert!(
             usage::keys(&mut gw.redis()).is_empty(),
@@ -228,5 +230,41 @@ on_every_gateway!(
         assert_eq!(pdf["period"], gw.period());
         let at = chrono::DateTime::parse_from_rfc3339(&pdf["at"]).unwrap();
         assert!((gw.now().timestamp() - at.timestamp()).abs() < 60, "{at}");
+    }
+);
+
+on_every_gateway!(
+    the_upstream_gets_the_verified_caller_not_what_the_client_claims,
+    |gw| {
+        let r = gw.send(
+            &analysis("alice", "professional")
+                .header("x-user-id", "victim")
+                .header("x-user-plan", "enterprise")
+                .header("X-Org-Id", "victim-org"),
+        );
+        assert_eq!(r.status, 200, "{}", r.body_text());
+        assert_eq!(
+            r.json()["identity"],
+            serde_json::json!({"x-user-id": "alice", "x-user-plan": "professional", "x-org-id": null})
+        );
+        assert!(counts(gw, "alice", "ai_analysis", 1));
+        assert_eq!(counter(gw, "victim", "ai_analysis"), 0);
+        // A token signed by another key, or no token at all but garbage, is no token.
+        let other = plan_limits_services::jwt::DevKey::load_or_create(
+            &plan_limits_services::process::scratch_dir("other-key"),
+        );
+        let forged = other.token(
+            &plan_limits_core::config::JwtClaims::default(),
+            &plan_limits_services::jwt::TokenClaims {
+                user: "alice",
+                plan: Some("enterprise"),
+                org: None,
+                ttl_secs: 60,
+            },
+        );
+        let r = gw.send(&Request::new("POST", "/api/teammate").bearer(&forged));
+        assert_eq!(r.status, 401);
+        let r = gw.send(&Request::new("POST", "/api/teammate").bearer("not.a.token"));
+        assert_eq!(r.status, 401);
     }
 );

@@ -7,6 +7,7 @@ use std::process::Command;
 use serde_json::{json, Value};
 
 use plan_limits_services::envoy::{self, EnvoyParams};
+use plan_limits_services::http::{Body, Request};
 
 /// One benchmark case: an Envoy configuration and the request wrk repeats.
 pub struct Case {
@@ -15,7 +16,9 @@ pub struct Case {
     pub filters: Filters,
     pub method: &'static str,
     pub path: &'static str,
-    pub headers: &'static str,
+    /// Who sends it: a user and the plan their bearer token claims (signed by the tests' key,
+    /// which the bench's Envoy trusts).
+    pub caller: Option<(&'static str, &'static str)>,
     pub body: &'static str,
     pub expect_status: u16,
     pub target_ratio: Option<f64>,
@@ -39,7 +42,7 @@ pub fn cases() -> Vec<Case> {
             filters: Filters::None,
             method: "GET",
             path: "/health",
-            headers: "",
+            caller: None,
             body: "",
             expect_status: 200,
             target_ratio: None,
@@ -50,7 +53,7 @@ pub fn cases() -> Vec<Case> {
             filters: Filters::LocalRateLimit,
             method: "GET",
             path: "/health",
-            headers: "",
+            caller: None,
             body: "",
             expect_status: 200,
             target_ratio: None,
@@ -61,7 +64,7 @@ pub fn cases() -> Vec<Case> {
             filters: Filters::PlanLimits,
             method: "GET",
             path: "/health",
-            headers: "",
+            caller: None,
             body: "",
             expect_status: 200,
             target_ratio: Some(0.90),
@@ -72,7 +75,7 @@ pub fn cases() -> Vec<Case> {
             filters: Filters::PlanLimits,
             method: "GET",
             path: "/api/v1/items",
-            headers: "x-user-id: bench-limited|x-user-plan: enterprise",
+            caller: Some(("bench-limited", "enterprise")),
             body: "",
             expect_status: 200,
             target_ratio: Some(0.60),
@@ -83,7 +86,7 @@ pub fn cases() -> Vec<Case> {
             filters: Filters::PlanLimits,
             method: "GET",
             path: "/api/procedures/1",
-            headers: "x-user-id: bench-unlimited|x-user-plan: free",
+            caller: Some(("bench-unlimited", "free")),
             body: "",
             expect_status: 200,
             target_ratio: Some(0.85),
@@ -94,12 +97,42 @@ pub fn cases() -> Vec<Case> {
             filters: Filters::PlanLimits,
             method: "POST",
             path: "/api/upload",
-            headers: "x-user-id: bench-exhausted|x-user-plan: free",
+            caller: Some(("bench-exhausted", "free")),
             body: "x",
             expect_status: 429,
             target_ratio: Some(1.0),
         },
     ]
+}
+
+impl Case {
+    /// The request's headers, as wrk.lua reads them (`name: value|name: value`).
+    pub fn headers(&self) -> String {
+        match self.caller {
+            None => String::new(),
+            Some((user, plan)) => {
+                let request = Request::new(self.method, self.path).user(user, plan);
+                request
+                    .headers
+                    .iter()
+                    .map(|(name, value)| format!("{name}: {}", String::from_utf8_lossy(value)))
+                    .collect::<Vec<_>>()
+                    .join("|")
+            }
+        }
+    }
+
+    /// The same request, to send once before timing.
+    pub fn request(&self) -> Request {
+        let mut request = Request::new(self.method, self.path);
+        if let Some((user, plan)) = self.caller {
+            request = request.user(user, plan);
+        }
+        if !self.body.is_empty() {
+            request = request.body(Body::Bytes(self.body.as_bytes().to_vec()));
+        }
+        request
+    }
 }
 
 /// The bench's plans: the repository's, with a limit on API calls no run can reach.
@@ -212,7 +245,7 @@ pub fn run_wrk(
         .arg(format!("http://127.0.0.1:{port}{}", case.path))
         .env("BENCH_METHOD", case.method)
         .env("BENCH_PATH", case.path)
-        .env("BENCH_HEADERS", case.headers)
+        .env("BENCH_HEADERS", case.headers())
         .env("BENCH_BODY", case.body)
         .output()
         .expect("run wrk (apt-get install wrk)");

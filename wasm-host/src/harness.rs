@@ -4,10 +4,14 @@
 //! flushed to Redis. It speaks the same `Request`/`Response` as real Envoy (`Gateway`).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use plan_limits_core::config::{Identity, IdentitySource};
+use plan_limits_core::plans::Plans;
 use plan_limits_services::gateway::Gateway;
 use plan_limits_services::http::{Request, Response, DEMO_STATUS, UPSTREAM_MARK};
+use plan_limits_services::jwt::DevKey;
 use plan_limits_services::process::{free_port, scratch_dir};
 use plan_limits_services::redis_server::RedisServer;
 use plan_limits_services::webdis::Webdis;
@@ -53,6 +57,9 @@ pub struct Harness {
     pub redis: Option<RedisServer>,
     pub webdis: Option<Webdis>,
     pub dir: PathBuf,
+    /// Who is calling, as plans.json has Envoy establish it (the harness plays `jwt_authn`).
+    identity: Identity,
+    jwt: Arc<DevKey>,
     requests: u64,
 }
 
@@ -70,12 +77,14 @@ impl Harness {
         redis_url: Option<String>,
     ) -> Result<Self, HostError> {
         let dir = scratch_dir("harness");
-        let (redis, redis_url) = match redis_url {
-            Some(url) => (None, url),
+        // `redis_url`: what the harness reads with; `filter_url`: what the filter reaches
+        // Redis as (its own user, which may only call the library's functions).
+        let (redis, redis_url, filter_url) = match redis_url {
+            Some(url) => (None, url.clone(), url),
             None => {
                 let server = RedisServer::start_on(&dir, free_port());
-                let url = server.url();
-                (Some(server), url)
+                let (url, filter_url) = (server.url(), server.filter_url());
+                (Some(server), url, filter_url)
             }
         };
         let cluster = serde_json::from_str::<serde_json::Value>(plans_json)
@@ -86,21 +95,24 @@ impl Harness {
         let mut webdis = None;
         match build {
             Build::Webdis => {
-                let (host, redis_port) = host_port(&redis_url);
-                let started = Webdis::start(&dir, &host, redis_port, None);
+                let (host, redis_port, password) = host_port(&filter_url);
+                let started = Webdis::start(&dir, &host, redis_port, password.as_deref(), None);
                 upstreams
                     .http
                     .insert(cluster, format!("127.0.0.1:{}", started.port));
                 webdis = Some(started);
             }
             Build::RedisHostCalls => {
-                upstreams.redis.insert(cluster, redis_url.clone());
+                upstreams.redis.insert(cluster, filter_url);
             }
         }
         let mut plugin = Plugin::load(&build.wasm(), plans_json.as_bytes(), upstreams)?;
         let vms = (0..vms)
             .map(|_| plugin.start_vm())
             .collect::<Result<Vec<_>, _>>()?;
+        let identity = Plans::from_json(plans_json.as_bytes())
+            .map(|plans| plans.identity.clone())
+            .unwrap_or_default();
         Ok(Self {
             plugin,
             vms,
@@ -108,6 +120,8 @@ impl Harness {
             redis,
             webdis,
             dir,
+            identity,
+            jwt: DevKey::for_tests(),
             requests: 0,
         })
     }
@@ -128,14 +142,64 @@ impl Harness {
             .set_nanos(u64::try_from(nanos).unwrap_or(0));
     }
 
-    /// Starts `request` on VM `vm` (its headers go in); returns its stream id.
+    /// Starts `request` on VM `vm` (its headers go in, after the identity filters Envoy runs
+    /// before ours); returns its stream id.
     pub fn begin(&mut self, vm: usize, request: &Request) -> Result<u32, HostError> {
         self.requests += 1;
-        let pairs = pairs(request, self.requests);
+        let mut pairs = pairs(request, self.requests);
+        let claims = self.authenticate(&mut pairs);
         let vm = &mut self.vms[vm];
         let id = vm.new_stream()?;
+        for (path, value) in claims {
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            vm.set_property(id, &path, value);
+        }
         vm.request_headers(id, pairs, request.content_length().is_none())?;
         Ok(id)
+    }
+
+    /// What Envoy's identity filters do before ours (`jwt` identity): client copies of the
+    /// identity headers removed; a valid bearer token's claims put in the dynamic metadata (as
+    /// `jwt_authn` encodes them: strings as bytes, numbers as f64 little-endian, booleans as
+    /// one byte) and the token not forwarded.
+    fn authenticate(&self, pairs: &mut Pairs) -> Vec<(Vec<String>, Vec<u8>)> {
+        let identity = &self.identity;
+        if identity.source != IdentitySource::Jwt {
+            return Vec::new();
+        }
+        let removed = [
+            &identity.user_header,
+            &identity.plan_header,
+            &identity.org_header,
+        ];
+        pairs.retain(|(name, _)| !removed.iter().any(|r| name.eq_ignore_ascii_case(r)));
+        let token = pairs.iter().find_map(|(name, value)| {
+            let value = std::str::from_utf8(value).ok()?;
+            name.eq_ignore_ascii_case("authorization")
+                .then(|| value.strip_prefix("Bearer "))
+                .flatten()
+                .map(String::from)
+        });
+        let Some(payload) = token.and_then(|t| self.jwt.verify(&identity.jwt, &t)) else {
+            return Vec::new();
+        };
+        pairs.retain(|(name, _)| !name.eq_ignore_ascii_case("authorization"));
+        let Some(claims) = payload.as_object() else {
+            return Vec::new();
+        };
+        claims
+            .iter()
+            .filter_map(|(claim, value)| {
+                let bytes = match value {
+                    serde_json::Value::String(s) => s.clone().into_bytes(),
+                    serde_json::Value::Number(n) => n.as_f64()?.to_le_bytes().to_vec(),
+                    serde_json::Value::Bool(b) => vec![u8::from(*b)],
+                    _ => return None,
+                };
+                let path = identity.jwt.path(claim).map(String::from).to_vec();
+                Some((path, bytes))
+            })
+            .collect()
     }
 
     /// Finishes a request begun on `vm`: the upstream answers `upstream_status` (if the
@@ -158,8 +222,9 @@ impl Harness {
                 body: reply.body,
             },
             Flow::Continue => {
+                let forwarded = v.request_headers_of(id);
                 v.response_headers(id, upstream_status, Vec::new())?;
-                upstream_answer(upstream_status)
+                upstream_answer(upstream_status, &forwarded)
             }
             Flow::Paused => panic!("request {id} is still paused with no call pending"),
         };
@@ -262,22 +327,43 @@ fn upstream_status(request: &Request) -> u16 {
         .unwrap_or(200)
 }
 
-fn upstream_answer(status: u16) -> Response {
+/// What the demo upstream answers, echoing the identity headers it received as it does.
+fn upstream_answer(status: u16, forwarded: &Pairs) -> Response {
+    let header = |name: &str| {
+        forwarded
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    let identity = serde_json::json!({
+        "x-user-id": header("x-user-id"),
+        "x-user-plan": header("x-user-plan"),
+        "x-org-id": header("x-org-id"),
+    });
     Response {
         status,
         headers: vec![(UPSTREAM_MARK.into(), "demo".into())],
-        body: serde_json::json!({"upstream": "demo", "status": status})
+        body: serde_json::json!({"upstream": "demo", "status": status, "identity": identity})
             .to_string()
             .into_bytes(),
     }
 }
 
-fn host_port(redis_url: &str) -> (String, u16) {
+/// Host, port and password of a `redis://[user:password@]host:port/` URL.
+fn host_port(redis_url: &str) -> (String, u16, Option<String>) {
     let rest = redis_url.trim_start_matches("redis://");
-    let rest = rest.rsplit('@').next().unwrap_or(rest);
+    let (credentials, rest) = match rest.rsplit_once('@') {
+        Some((credentials, rest)) => (Some(credentials), rest),
+        None => (None, rest),
+    };
+    let password = credentials
+        .and_then(|c| c.split_once(':'))
+        .map(|(_, password)| password.to_string())
+        .filter(|p| !p.is_empty());
     let authority = rest.split('/').next().unwrap_or(rest);
-    match authority.rsplit_once(':') {
+    let (host, port) = match authority.rsplit_once(':') {
         Some((host, port)) => (host.to_string(), port.parse().unwrap_or(6379)),
         None => (authority.to_string(), 6379),
-    }
+    };
+    (host, port, password)
 }

@@ -292,6 +292,22 @@ impl Vm {
         Ok(id)
     }
 
+    /// Sets a property of stream `id` the filter may read (as Envoy's filters before it would
+    /// have: `jwt_authn`'s payload in the dynamic metadata, say), at `path`.
+    pub fn set_property(&mut self, id: u32, path: &[&str], value: Vec<u8>) {
+        self.stream_mut(id).properties.insert(path.join("."), value);
+    }
+
+    /// The request headers of stream `id` as they stand (as the filter left them).
+    pub fn request_headers_of(&self, id: u32) -> Pairs {
+        self.store
+            .data()
+            .streams
+            .get(&id)
+            .map(|s| s.request_headers.clone())
+            .unwrap_or_default()
+    }
+
     /// Request headers (with pseudo-headers `:method`, `:path`, `:authority`) arrive.
     pub fn request_headers(
         &mut self,

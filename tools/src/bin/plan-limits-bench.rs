@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use plan_limits_services::envoy::{self, EnvoyOptions, EnvoyParams};
-use plan_limits_services::http::{Body, Request};
+use plan_limits_services::jwt::DevKey;
 use plan_limits_services::process::{free_port, scratch_dir};
 use plan_limits_services::redis_server::RedisServer;
 use plan_limits_services::upstream::Nginx;
@@ -33,7 +33,8 @@ fn main() {
     std::fs::create_dir_all(&out).unwrap();
     let dir = scratch_dir("bench");
     let redis = RedisServer::start_on(&dir, free_port());
-    let webdis = Webdis::start(&dir, "127.0.0.1", redis.port, None);
+    let webdis = Webdis::start(&dir, "127.0.0.1", redis.port, redis.filter_password(), None);
+    let jwt = DevKey::for_tests();
     let nginx = Nginx::start(&dir);
     let wasm = plan_limits_services::filter_wasm();
     let plans = bench::bench_plans();
@@ -67,6 +68,7 @@ fn main() {
             upstream_timeout: "15s",
             filter_wasm: &wasm,
             plans_json: &plans,
+            jwks: &jwt.jwks_path(),
         };
         let mut envoy = envoy::start(EnvoyOptions {
             name: case.name,
@@ -77,15 +79,7 @@ fn main() {
             port,
         });
         // One request first: the case must answer as intended before it is timed.
-        let mut probe = Request::new(case.method, case.path);
-        for pair in case.headers.split('|').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once(':').unwrap();
-            probe = probe.header(k.trim(), v.trim());
-        }
-        if !case.body.is_empty() {
-            probe = probe.body(Body::Bytes(case.body.as_bytes().to_vec()));
-        }
-        let status = probe.send(port).status;
+        let status = case.request().send(port).status;
         assert_eq!(
             status, case.expect_status,
             "{}: probe answered {status}",
