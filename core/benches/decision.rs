@@ -102,6 +102,7 @@ fn decision(c: &mut Criterion) {
             RedisReply::Int(1),
             RedisReply::Bulk(b"free".to_vec()),
             RedisReply::Bulk(b"free".to_vec()),
+            RedisReply::Int(0),
         ]))
     };
 

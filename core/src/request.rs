@@ -440,6 +440,7 @@ mod tests {
             RedisReply::Int(pending),
             RedisReply::Bulk(plan.as_bytes().to_vec()),
             RedisReply::Bulk(plan.as_bytes().to_vec()),
+            RedisReply::Int(0),
         ]))
     }
 
@@ -555,6 +556,7 @@ mod tests {
             RedisReply::Int(0),
             RedisReply::Bulk(b"gold".to_vec()),
             RedisReply::Bulk(b"gold".to_vec()),
+            RedisReply::Int(1),
         ]));
         let Decision::Refused(r) = m.on_reservation(unknown, now()) else {
             panic!("an unknown plan without a fallback is refused")
@@ -567,6 +569,7 @@ mod tests {
             RedisReply::Int(1),
             RedisReply::Bulk(b"free".to_vec()),
             RedisReply::Bulk(b"gold".to_vec()),
+            RedisReply::Int(1),
         ]));
         assert_eq!(m.on_reservation(fell_back, now()), Decision::Allowed);
         assert_eq!(m.unknown_plan(), Some("gold"));

@@ -447,12 +447,10 @@ impl Worker {
         if let Some(reservation) = numbers {
             let now_ms = unix_millis(now);
             let for_ms = plans.redis.entitlement_cache_ms;
-            self.entitlements.learn(
-                entry.request.user(),
-                Some(&reservation.plan),
-                now_ms,
-                for_ms,
-            );
+            // Only billing's record, never the caller's own claim.
+            let recorded = reservation.recorded.then_some(reservation.plan.as_str());
+            self.entitlements
+                .learn(entry.request.user(), recorded, now_ms, for_ms);
             self.note_unknown_plan(&entry.request, now_ms, io);
             record_budget(&entry.request, &reservation, &plans.redis, io);
         }
@@ -815,12 +813,32 @@ mod tests {
         w.on_stream_end(stream, now(), io);
     }
 
-    /// What plan_limits_reserve answers under `plan`.
+    /// What plan_limits_reserve answers under `plan`, claimed (billing recorded nothing).
     fn reserved(
         status: i64,
         committed: i64,
         pending: i64,
         plan: &str,
+    ) -> Result<RedisReply, TransportError> {
+        reply(status, committed, pending, plan, false)
+    }
+
+    /// What plan_limits_reserve answers under `plan`, which billing recorded.
+    fn recorded(
+        status: i64,
+        committed: i64,
+        pending: i64,
+        plan: &str,
+    ) -> Result<RedisReply, TransportError> {
+        reply(status, committed, pending, plan, true)
+    }
+
+    fn reply(
+        status: i64,
+        committed: i64,
+        pending: i64,
+        plan: &str,
+        recorded: bool,
     ) -> Result<RedisReply, TransportError> {
         Ok(RedisReply::Array(vec![
             RedisReply::Int(status),
@@ -828,6 +846,7 @@ mod tests {
             RedisReply::Int(pending),
             RedisReply::Bulk(plan.into()),
             RedisReply::Bulk(plan.into()),
+            RedisReply::Int(i64::from(recorded)),
         ]))
     }
 
@@ -960,14 +979,27 @@ mod tests {
             reserve.args[7], b"free",
             "the claimed plan sent is billing's"
         );
-        w.on_reply(token, reserved(1, 1, 1, "free"), now(), &mut io);
+        w.on_reply(token, recorded(1, 1, 1, "free"), now(), &mut io);
         assert_eq!(io.headers_of(2)[1], ("x-user-plan", "free"));
         // An upgrade recorded by billing shows in the next reservation's answer.
         send(&mut w, 3, &upload("u"), &mut io);
         let (token, _) = io.last_sent();
-        w.on_reply(token, reserved(2, 5, 0, "professional"), now(), &mut io);
+        w.on_reply(token, recorded(2, 5, 0, "professional"), now(), &mut io);
         assert_eq!(io.resumed, [2, 3], "professional uploads are unlimited");
         assert_eq!(io.headers_of(3)[1], ("x-user-plan", "professional"));
+    }
+
+    #[test]
+    fn a_claimed_plan_in_redis_answers_is_not_taken_for_billings_record() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        send(&mut w, 1, &upload("u"), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, reserved(1, 0, 1, "free"), now(), &mut io);
+        // The same user's token claims enterprise for an API call: enterprise applies.
+        let api = head("GET", "/api/v1/x", "u", "enterprise");
+        assert_eq!(send(&mut w, 2, &api, &mut io), Flow::Pause);
+        assert_eq!(io.status_for(2), None, "not refused as free");
     }
 
     #[test]

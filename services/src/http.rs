@@ -93,11 +93,16 @@ impl Request {
     /// The request of `user` with a bearer token claiming `plan`, signed by the tests' key
     /// (`jwt::DevKey::for_tests`, the one every test gateway trusts).
     pub fn user(self, user: &str, plan: &str) -> Self {
+        self.user_with(user, Some(plan))
+    }
+
+    /// As `user`, the token claiming `plan` only if given.
+    pub fn user_with(self, user: &str, plan: Option<&str>) -> Self {
         let token = crate::jwt::DevKey::for_tests().token(
             &JwtClaims::default(),
             &TokenClaims {
                 user,
-                plan: Some(plan),
+                plan,
                 org: None,
                 ttl_secs: 3600,
             },

@@ -42,6 +42,19 @@ pub fn envoy_with(edit: impl FnOnce(&mut serde_json::Value)) -> EnvoyGateway {
     })
 }
 
+/// A bearer token of `user` claiming `plan`, signed by the key every test gateway trusts.
+pub fn token(user: &str, plan: &str) -> String {
+    plan_limits_services::jwt::DevKey::for_tests().token(
+        &plan_limits_core::config::JwtClaims::default(),
+        &plan_limits_services::jwt::TokenClaims {
+            user,
+            plan: Some(plan),
+            org: None,
+            ttl_secs: 3600,
+        },
+    )
+}
+
 /// An upload of a small diagram by `user` on `plan`.
 pub fn upload(user: &str, plan: &str) -> Request {
     Request::new("POST", "/api/upload")
@@ -68,6 +81,24 @@ pub fn counts(gw: &dyn Gateway, user: &str, action: &str, n: u64) -> bool {
 /// Reservations `user` still holds for `action` in the gateway's current period.
 pub fn pending(gw: &dyn Gateway, user: &str, action: &str) -> u64 {
     usage::pending(&mut gw.redis(), user, action, &gw.period())
+}
+
+/// Stalls the Redis at `url` (an admin's) for `seconds` with DEBUG SLEEP, from another
+/// thread; join the handle to wait for the end of the stall.
+pub fn stall_redis(url: String, seconds: &'static str) -> std::thread::JoinHandle<()> {
+    let handle = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url)
+            .and_then(|c| c.get_connection())
+            .unwrap_or_else(|e| panic!("connect to stall Redis: {e}"));
+        redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(seconds)
+            .exec(&mut c)
+            .unwrap_or_else(|e| panic!("DEBUG SLEEP: {e}"));
+    });
+    // Let the stall begin before the caller sends what it should meet.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    handle
 }
 
 /// Runs a scenario once per gateway, as three tests: the harness with the webdis build, the

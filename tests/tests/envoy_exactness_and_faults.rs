@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use plan_limits_services::envoy::metric_at;
-use plan_limits_services::process::free_port;
+use plan_limits_services::process::{free_port, scratch_dir};
 use plan_limits_tests::*;
 
 /// Envoy with a 2 s route timeout.
@@ -28,17 +28,6 @@ fn concurrent_uploads(ports: &[u16], user: &str, n: usize) -> Vec<u16> {
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
-
-/// Blocks the Redis on `port` for `seconds` (DEBUG SLEEP), from another thread.
-fn stall_redis(port: u16, seconds: &'static str) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        let _: redis::RedisResult<()> = redis::cmd("DEBUG").arg("SLEEP").arg(seconds).query(&mut c);
     })
 }
 
@@ -93,9 +82,11 @@ fn an_upstream_timeout_is_not_counted() {
 fn a_client_that_disconnects_mid_request_is_not_counted() {
     let gw = gateway();
     let mut stream = TcpStream::connect(("127.0.0.1", gw.gateway_port)).unwrap();
-    stream
-        .write_all(b"POST /api/upload HTTP/1.1\r\nhost: g\r\nx-user-id: dan\r\ncontent-length: 100000\r\n\r\npartial")
-        .unwrap();
+    let head = format!(
+        "POST /api/upload HTTP/1.1\r\nhost: g\r\nauthorization: Bearer {}\r\ncontent-length: 100000\r\n\r\npartial",
+        token("dan", "free")
+    );
+    stream.write_all(head.as_bytes()).unwrap();
     assert!(
         eventually(|| pending(&gw, "dan", "upload") == 1),
         "reserved"
@@ -113,9 +104,11 @@ fn a_client_that_disconnects_mid_request_is_not_counted() {
 fn a_client_that_disconnects_right_after_the_response_is_counted_once() {
     let gw = gateway();
     let mut stream = TcpStream::connect(("127.0.0.1", gw.gateway_port)).unwrap();
-    stream
-        .write_all(b"POST /api/upload HTTP/1.1\r\nhost: g\r\nx-user-id: eve\r\ncontent-length: 2\r\n\r\nok")
-        .unwrap();
+    let head = format!(
+        "POST /api/upload HTTP/1.1\r\nhost: g\r\nauthorization: Bearer {}\r\ncontent-length: 2\r\n\r\nok",
+        token("eve", "free")
+    );
+    stream.write_all(head.as_bytes()).unwrap();
     let mut first = [0u8; 12];
     stream.read_exact(&mut first).unwrap();
     assert_eq!(&first, b"HTTP/1.1 200");
@@ -194,8 +187,7 @@ fn a_late_redis_reply_never_counts_twice() {
     assert_eq!(free_upload("warm").send(gw.gateway_port).status, 200);
     // ... stalls past the filter's 250 ms timeout: the reservation and the settlement answer
     // late, after the filter gave up and let the upload through (fail_open).
-    let stall = stall_redis(gw.redis.port, "0.8");
-    std::thread::sleep(Duration::from_millis(50));
+    let stall = stall_redis(gw.redis.url(), "0.8");
     assert_eq!(free_upload("gus").send(gw.gateway_port).status, 200);
     stall.join().unwrap();
     std::thread::sleep(Duration::from_millis(1500)); // every retry and late reply is in
@@ -291,8 +283,7 @@ fn webdis_down_follows_the_failure_modes() {
 #[test]
 fn a_slow_redis_follows_the_failure_modes() {
     let mut gw = gateway();
-    let stall = stall_redis(gw.redis.port, "3");
-    std::thread::sleep(Duration::from_millis(50));
+    let stall = stall_redis(gw.redis.url(), "3");
     assert_failure_modes(&gw, "jon");
     stall.join().unwrap();
     assert_no_trap(&mut gw);
@@ -425,67 +416,56 @@ fn a_running_envoy_given_a_bad_config_keeps_serving_with_the_last_good_one() {
 #[test]
 fn hostile_requests_cannot_crash_skip_metering_or_reach_another_users_counter() {
     let mut gw = gateway();
-    let big = vec![b'a'; 64 * 1024];
     let teammate = || Request::new("POST", "/api/teammate");
+    let forged = plan_limits_services::jwt::DevKey::load_or_create(&scratch_dir("forged")).token(
+        &plan_limits_core::config::JwtClaims::default(),
+        &plan_limits_services::jwt::TokenClaims {
+            user: "victim",
+            plan: Some("enterprise"),
+            org: None,
+            ttl_secs: 60,
+        },
+    );
+    let upload_with_length = |length: &str| {
+        Request::new("POST", "/api/upload")
+            .user("a", "free")
+            .header("content-length", length)
+    };
     let cases: Vec<(&str, Request, &[u16])> = vec![
-        ("no user", teammate(), &[401]),
-        ("empty user", teammate().header("x-user-id", ""), &[401]),
+        ("no token", teammate(), &[401]),
         (
-            "64 KB user",
-            teammate().header("x-user-id", &big),
+            "identity headers without a token",
+            teammate().trusted_identity("victim", "enterprise"),
+            &[401],
+        ),
+        ("a forged token", teammate().bearer(&forged), &[401]),
+        ("not a token", teammate().bearer("a.b.c"), &[401]),
+        (
+            "two tokens",
+            teammate().user("a", "free").user("b", "enterprise"),
+            &[400, 401],
+        ),
+        ("an empty user", teammate().user("", "free"), &[401]),
+        (
+            "a 2 KB user id",
+            teammate().user(&"a".repeat(2048), "free"),
+            &[400],
+        ),
+        (
+            "a 64 KB user id",
+            teammate().user(&"a".repeat(64 * 1024), "free"),
             &[400, 431],
         ),
         (
-            "non-UTF-8 user",
-            teammate().header("x-user-id", [0xff, 0xfe]),
+            "a user id with a newline",
+            teammate().user("a\nb", "free"),
             &[400],
         ),
-        (
-            "two users",
-            teammate().header("x-user-id", "a").header("x-user-id", "b"),
-            &[400],
-        ),
-        (
-            "two plans",
-            teammate()
-                .header("x-user-id", "a")
-                .header("x-user-plan", "free")
-                .header("x-user-plan", "enterprise"),
-            &[400],
-        ),
-        (
-            "64 KB plan",
-            teammate()
-                .header("x-user-id", "a")
-                .header("x-user-plan", &big),
-            &[400, 431],
-        ),
-        (
-            "non-UTF-8 plan",
-            teammate()
-                .header("x-user-id", "odd-plan")
-                .header("x-user-plan", [0xc3, 0x28]),
-            &[200],
-        ),
-        (
-            "length not a number",
-            Request::new("POST", "/api/upload")
-                .header("x-user-id", "a")
-                .header("content-length", "abc"),
-            &[400],
-        ),
-        (
-            "negative length",
-            Request::new("POST", "/api/upload")
-                .header("x-user-id", "a")
-                .header("content-length", "-1"),
-            &[400],
-        ),
+        ("length not a number", upload_with_length("abc"), &[400]),
+        ("negative length", upload_with_length("-1"), &[400]),
         (
             "length over u64",
-            Request::new("POST", "/api/upload")
-                .header("x-user-id", "a")
-                .header("content-length", "99999999999999999999999"),
+            upload_with_length("99999999999999999999999"),
             &[400, 413],
         ),
     ];
@@ -522,26 +502,38 @@ fn hostile_requests_cannot_crash_skip_metering_or_reach_another_users_counter() 
             .status,
         200
     );
+    // A plan plans.json does not know gets the default plan, on the caller's own key.
+    assert_eq!(
+        teammate()
+            .user("odd-plan", "platinum")
+            .send(gw.gateway_port)
+            .status,
+        200
+    );
     let mut redis = gw.redis.connection();
-    for user in odd.iter().chain(&["victim", "odd-plan"]) {
+    let all: Vec<&str> = odd.iter().copied().chain(["victim", "odd-plan"]).collect();
+    for user in &all {
         assert!(
             eventually(|| counter(&gw, user, "ai_analysis") == 1),
             "{user:?}"
         );
     }
+    assert!(gw.metric("unknown_plan") >= 1);
     let period = usage::this_period();
-    let mut expected: Vec<String> = odd
+    let mut expected: Vec<String> = all
         .iter()
-        .chain(&["victim", "odd-plan"])
-        .map(|u| {
-            plan_limits_core::keys::UsageKeys::new(&usage::prefix(), u, &period, "ai_analysis")
-                .summary
+        .flat_map(|u| {
+            let keys =
+                plan_limits_core::keys::UsageKeys::new(&usage::prefix(), u, &period, "ai_analysis");
+            [keys.summary, keys.commits]
         })
         .collect();
     expected.push(usage::events_stream());
     expected.sort();
-    let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut redis).unwrap();
-    keys.sort();
-    assert_eq!(keys, expected, "no request reached a key it does not own");
+    assert_eq!(
+        usage::keys(&mut redis),
+        expected,
+        "no request reached a key it does not own"
+    );
     assert_no_trap(&mut gw);
 }

@@ -246,16 +246,10 @@ fn a_commit_counts_once_even_after_its_reservation_expired() {
     // longer): it still counts ...
     assert!(granted(&reserve(&mut conn, "u", "late", 1, NOW)));
     assert!(granted(&reserve(&mut conn, "u", "next", 1, NOW + TTL + 1)));
-    let commit = settlement(SettleMode::Commit, "u", "late");
-    assert_eq!(
-        settle_at(&mut conn, &[commit.clone()], NOW + TTL + 2)[0].done,
-        true
-    );
+    let commit = [settlement(SettleMode::Commit, "u", "late")];
+    assert!(settle_at(&mut conn, &commit, NOW + TTL + 2)[0].done);
     // ... once: sent again (its first answer lost), it counts nothing.
-    assert_eq!(
-        settle_at(&mut conn, &[commit], NOW + TTL + 3)[0].done,
-        false
-    );
+    assert!(!settle_at(&mut conn, &commit, NOW + TTL + 3)[0].done);
     assert_eq!(counter(&mut conn, "u"), Some(1));
 }
 

@@ -173,7 +173,11 @@ fn client_list(conn: &mut redis::Connection) -> String {
 
 #[test]
 fn loads_with_the_wasi_calls_go_imports() {
-    let redis = RedisServer::start_on(&scratch_dir("third-party"), free_port());
+    let redis = RedisServer::start_with_options(
+        &scratch_dir("third-party"),
+        free_port(),
+        RedisOptions::default(),
+    );
     let gateway = Gateway::start(&redis.url(), json!({}));
     let imports = gateway.plugin.imports();
     for name in [
@@ -202,7 +206,11 @@ fn loads_with_the_wasi_calls_go_imports() {
 
 #[test]
 fn enforces_its_limit_on_redis_without_a_password() {
-    let redis = RedisServer::start_on(&scratch_dir("third-party"), free_port());
+    let redis = RedisServer::start_with_options(
+        &scratch_dir("third-party"),
+        free_port(),
+        RedisOptions::default(),
+    );
     let mut gateway = Gateway::start(&redis.url(), json!({}));
     gateway.assert_limit_enforced("alice");
     assert!(gateway.request("bob").is_none(), "one bucket per user");
@@ -334,7 +342,11 @@ fn wait_until_stalled(redis: &RedisServer) {
 
 #[test]
 fn a_call_slower_than_the_timeout_fails_and_the_plugin_fails_open() {
-    let redis = RedisServer::start_on(&scratch_dir("third-party"), free_port());
+    let redis = RedisServer::start_with_options(
+        &scratch_dir("third-party"),
+        free_port(),
+        RedisOptions::default(),
+    );
     let mut gateway = Gateway::start(&redis.url(), json!({"timeout": 200}));
     assert!(gateway.request("alice").is_none());
     // Redis stalls for two seconds, from another connection.

@@ -35,14 +35,11 @@ pub struct ScenarioLine {
 }
 
 impl ScenarioLine {
-    /// The line as the request every runner takes.
+    /// The line as the request every runner takes: its user and plan in a bearer token.
     pub fn request(&self) -> Request {
         let mut request = Request::new(&self.method, &self.path);
         if let Some(user) = &self.user {
-            request = request.header("x-user-id", user);
-        }
-        if let Some(plan) = &self.plan {
-            request = request.header("x-user-plan", plan);
+            request = request.user_with(user, self.plan.as_deref());
         }
         if let Some(n) = self.content_length {
             request = request.body(Body::DeclaredOnly(n));

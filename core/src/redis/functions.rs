@@ -45,6 +45,8 @@ pub struct Reservation {
     pub plan: String,
     /// The plan the record or the claim named (not `plan` when it is unknown).
     pub named_plan: String,
+    /// Billing's record named it (rather than the caller's claim).
+    pub recorded: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,25 +122,34 @@ pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportErro
         Some(RedisReply::Status(text)) => Some(text.clone()),
         _ => None,
     };
+    let recorded = match items.get(5) {
+        Some(RedisReply::Int(flag @ (0 | 1))) => Some(*flag == 1),
+        _ => None,
+    };
     let parts = (
         status,
         count(items.get(1)),
         count(items.get(2)),
         text(items.get(3)),
         text(items.get(4)),
+        recorded,
     );
     match parts {
-        (Some(status), Some(committed), Some(pending), Some(plan), Some(named_plan))
-            if items.len() == 5 =>
-        {
-            Ok(Reservation {
-                status,
-                committed,
-                pending,
-                plan,
-                named_plan,
-            })
-        }
+        (
+            Some(status),
+            Some(committed),
+            Some(pending),
+            Some(plan),
+            Some(named_plan),
+            Some(recorded),
+        ) if items.len() == 6 => Ok(Reservation {
+            status,
+            committed,
+            pending,
+            plan,
+            named_plan,
+            recorded,
+        }),
         _ => Err(bad(&RedisReply::Array(items))),
     }
 }
@@ -324,14 +335,16 @@ mod tests {
                 RedisReply::Int(4),
                 RedisReply::Int(1),
                 plan(),
-                named()
+                named(),
+                RedisReply::Int(1)
             ])),
             Ok(Reservation {
                 status: ReserveStatus::Granted,
                 committed: 4,
                 pending: 1,
                 plan: "free".into(),
-                named_plan: "gold".into()
+                named_plan: "gold".into(),
+                recorded: true
             })
         );
         for (status, expected) in [
@@ -345,6 +358,7 @@ mod tests {
                 RedisReply::Int(0),
                 plan(),
                 plan(),
+                RedisReply::Int(0),
             ]));
             assert_eq!(r.unwrap().status, expected);
         }

@@ -13,9 +13,10 @@
 -- keys: summary, pending, entitlement.
 -- args: action, claimed plan, fallback plan, reservation id, now (ms), expiry (ms), ttl (ms),
 --       then pairs of plan name and that plan's limit for the action ('' = unlimited).
--- Returns {status, committed, pending, plan, named plan}: status 1 granted, 0 refused (limit
--- reached), 2 unlimited under that plan (nothing reserved), 3 the plan is unknown (nothing
--- reserved); plan is the one applied, named plan the one the record or the claim named.
+-- Returns {status, committed, pending, plan, named plan, recorded}: status 1 granted, 0 refused
+-- (limit reached), 2 unlimited under that plan (nothing reserved), 3 the plan is unknown
+-- (nothing reserved); plan is the one applied, named plan the one the record or the claim
+-- named; recorded 1 when billing's record named it.
 -- Scores use the filter's clock; the key's own expiry is relative, so a clock that differs
 -- from Redis's cannot expire it early.
 local function reserve(keys, args)
@@ -30,7 +31,9 @@ local function reserve(keys, args)
     end
     return false, nil
   end
-  local named = redis.call('HGET', entitlement, 'plan') or claimed
+  local record = redis.call('HGET', entitlement, 'plan')
+  local named = record or claimed
+  local recorded = record and 1 or 0
   local plan = named
   local known, limit = limit_of(plan)
   if not known and fallback ~= '' then
@@ -41,17 +44,17 @@ local function reserve(keys, args)
   local committed = tonumber(redis.call('HGET', summary, action) or '0')
   local held = redis.call('ZCARD', pending)
   if not known then
-    return {3, committed, held, plan, named}
+    return {3, committed, held, plan, named, recorded}
   end
   if limit == nil then
-    return {2, committed, held, plan, named}
+    return {2, committed, held, plan, named, recorded}
   end
   if committed + held >= limit then
-    return {0, committed, held, plan, named}
+    return {0, committed, held, plan, named, recorded}
   end
   redis.call('ZADD', pending, expires, id)
   redis.call('PEXPIRE', pending, ttl)
-  return {1, committed, held + 1, plan, named}
+  return {1, committed, held + 1, plan, named, recorded}
 end
 
 -- plan_limits_settle: a batch of settlements, each one of

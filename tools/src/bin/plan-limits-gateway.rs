@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use plan_limits_services::gateway::{EnvoyGateway, GatewayOptions, Ports};
+use plan_limits_services::jwt::TokenClaims;
 
 fn port(var: &str, default: u16) -> u16 {
     std::env::var(var)
@@ -36,33 +37,52 @@ fn main() {
     }
     let dir = plan_limits_services::repo_root().join(".gateway");
     let started = Instant::now();
+    let compiled = plan_limits_core::plans::Plans::from_json(plans_json.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
     let gw = EnvoyGateway::start(GatewayOptions {
         plans_json,
         ports: Some(ports),
         dir: Some(dir.clone()),
         verbose: true,
+        persistent_redis: true,
+        jwt_dir: Some(dir.join("jwt")),
         ..GatewayOptions::default()
     });
     let g = gw.gateway_port;
+    let token = |user: &str, plan: &str| {
+        gw.jwt.token(
+            &compiled.identity.jwt,
+            &TokenClaims {
+                user,
+                plan: Some(plan),
+                org: None,
+                ttl_secs: 24 * 3600,
+            },
+        )
+    };
+    let alice = token("alice", "free");
     println!(
         r#"
 Gateway ready in {secs:.1} s on http://127.0.0.1:{g} (Envoy admin http://127.0.0.1:{admin}), plans from {plans}
-Redis on 127.0.0.1:{redis}; configs and logs in {dir}
+Redis (admin) at {redis}; configs, logs and the dev signing key in {dir}
 
-Try:
-  curl -i -X POST -H 'x-user-id: alice' -H 'x-user-plan: free' --data 'diagram' http://127.0.0.1:{g}/api/upload
-  curl -i -X POST -H 'x-user-id: alice' -H 'x-user-plan: free' -H 'x-analysis-kind: vision' http://127.0.0.1:{g}/api/teammate
-  curl -i -X POST -H 'x-user-id: alice' -H 'x-user-plan: free' http://127.0.0.1:{g}/api/export/dxf
-  curl -i -X POST -H 'x-user-id: alice' -H 'x-user-plan: free' -H 'x-demo-status: 500' --data 'x' http://127.0.0.1:{g}/api/upload
-  redis-cli -p {redis} HGETALL 'plan-limits:{{alice}}:{period}'
-  redis-cli -p {redis} XRANGE plan-limits:events - +
+Try, as alice on the free plan (a token valid for a day; more: plan-limits token USER --plan P):
+  TOKEN={alice}
+  curl -i -X POST -H "authorization: Bearer $TOKEN" --data 'diagram' http://127.0.0.1:{g}/api/upload
+  curl -i -X POST -H "authorization: Bearer $TOKEN" -H 'x-analysis-kind: vision' http://127.0.0.1:{g}/api/teammate
+  curl -i -X POST -H "authorization: Bearer $TOKEN" http://127.0.0.1:{g}/api/export/dxf
+  curl -i -X POST -H "authorization: Bearer $TOKEN" -H 'x-demo-status: 500' --data 'x' http://127.0.0.1:{g}/api/upload
+  curl -i -X POST -H 'x-user-id: alice' -H 'x-user-plan: enterprise' --data 'x' http://127.0.0.1:{g}/api/upload
+  REDIS_URL='{redis}' cargo run -q -p plan-limits-tools --bin plan-limits -- set-plan alice professional
+  redis-cli -u '{redis}' HGETALL 'plan-limits:{{alice}}:{period}'
+  redis-cli -u '{redis}' XRANGE plan-limits:events - +
   curl -s http://127.0.0.1:{admin}/stats?filter=plan_limits
 
 Ctrl-C stops everything."#,
         secs = started.elapsed().as_secs_f64(),
         admin = gw.admin_port,
         plans = plans.display(),
-        redis = gw.redis.port,
+        redis = gw.redis.url(),
         dir = dir.display(),
         period = plan_limits_services::usage::this_period(),
     );

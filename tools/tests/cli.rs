@@ -1,0 +1,194 @@
+//! `plan-limits` as a platform team uses it: the repository's scenario replays to exactly the
+//! expected output (with either filter build), bad input is refused by name, tokens verify
+//! with the dev key, and billing's plan is recorded where the filter reads it.
+
+use std::process::Command;
+
+use plan_limits_core::config::JwtClaims;
+use plan_limits_core::keys;
+use plan_limits_services::jwt::DevKey;
+use plan_limits_services::process::{free_port, scratch_dir};
+use plan_limits_services::redis_server::RedisServer;
+use plan_limits_services::repo_root;
+
+fn plan_limits(args: &[&str], redis_url: Option<&str>) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_plan-limits"));
+    command
+        .args(args)
+        .current_dir(repo_root())
+        .env_remove("REDIS_URL");
+    if let Some(url) = redis_url {
+        command.env("REDIS_URL", url);
+    }
+    command.output().expect("run plan-limits")
+}
+
+fn sim(args: &[&str]) -> std::process::Output {
+    plan_limits(args, None)
+}
+
+#[test]
+fn a_token_is_signed_with_the_dev_key_and_claims_what_it_was_asked() {
+    let dir = scratch_dir("cli-token");
+    let key_dir = dir.join("jwt");
+    let out = sim(&[
+        "token",
+        "alice",
+        "--plan",
+        "professional",
+        "--org",
+        "acme",
+        "--key-dir",
+        key_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap();
+    let key = DevKey::load_or_create(&key_dir);
+    let payload = key.verify(&JwtClaims::default(), token.trim()).unwrap();
+    assert_eq!(
+        (&payload["sub"], &payload["plan"], &payload["org"]),
+        (&"alice".into(), &"professional".into(), &"acme".into())
+    );
+    assert!(
+        key_dir.join("jwks.json").exists(),
+        "Envoy's JWKS beside the key"
+    );
+}
+
+#[test]
+fn set_plan_records_billings_plan_and_refuses_an_unknown_one() {
+    let redis = RedisServer::start_on(&scratch_dir("cli-set-plan"), free_port());
+    let url = redis.url();
+    let out = plan_limits(&["set-plan", "a b", "professional"], Some(&url));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = keys::entitlement_key("plan-limits", keys::encoded_user("a b"));
+    let plan: String = redis::cmd("HGET")
+        .arg(&key)
+        .arg("plan")
+        .query(&mut redis.connection())
+        .unwrap();
+    assert_eq!(plan, "professional");
+    let out = plan_limits(&["set-plan", "a b", "platinum"], Some(&url));
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("platinum") && err.contains("free"), "{err}");
+    let out = plan_limits(&["set-plan", "a", "free"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("REDIS_URL"));
+}
+
+#[test]
+fn functions_load_installs_the_library() {
+    let redis = RedisServer::start_on(&scratch_dir("cli-functions"), free_port());
+    redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .exec(&mut redis.connection())
+        .unwrap();
+    let out = plan_limits(&["functions", "load"], Some(&redis.url()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let libraries: Vec<redis::Value> = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .query(&mut redis.connection())
+        .unwrap();
+    assert_eq!(libraries.len(), 1);
+}
+
+fn replay_matches_the_expected_output(build: &str) {
+    let out = sim(&[
+        "replay",
+        "plans.json",
+        "scenarios/month-end.jsonl",
+        "--build",
+        build,
+        "--vms",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected =
+        std::fs::read_to_string(repo_root().join("scenarios/month-end.expected.jsonl")).unwrap();
+    let actual = String::from_utf8(out.stdout).unwrap();
+    for (i, (a, e)) in actual.lines().zip(expected.lines()).enumerate() {
+        let (a, e): (serde_json::Value, serde_json::Value) = (
+            serde_json::from_str(a).unwrap(),
+            serde_json::from_str(e).unwrap(),
+        );
+        assert_eq!(a, e, "line {}", i + 1);
+    }
+    assert_eq!(actual.lines().count(), expected.lines().count());
+}
+
+#[test]
+fn the_month_end_scenario_replays_as_expected_with_webdis() {
+    replay_matches_the_expected_output("webdis");
+}
+
+#[test]
+fn the_month_end_scenario_replays_as_expected_with_redis_hostcalls() {
+    replay_matches_the_expected_output("redis-hostcalls");
+}
+
+#[test]
+fn validate_prints_the_plans() {
+    let out = sim(&["validate", "plans.json"]);
+    assert!(out.status.success());
+    let table = String::from_utf8(out.stdout).unwrap();
+    let upload = table
+        .lines()
+        .find(|l| l.starts_with("upload / month"))
+        .unwrap();
+    assert_eq!(
+        upload.split_whitespace().collect::<Vec<_>>(),
+        ["upload", "/", "month", "unlimited", "5", "unlimited"]
+    );
+}
+
+#[test]
+fn validate_names_the_field_of_an_error() {
+    let dir = plan_limits_services::process::scratch_dir("sim");
+    let mut plans: serde_json::Value =
+        serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
+    plans["plans"]["professional"]["limits"]["ai_analysis"] = 1.5.into();
+    let path = dir.join("plans.json");
+    std::fs::write(&path, plans.to_string()).unwrap();
+    let out = sim(&["validate", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("plans.professional.limits.ai_analysis"),
+        "{err}"
+    );
+    assert!(err.contains("floating point"), "{err}");
+}
+
+#[test]
+fn a_bad_scenario_line_is_named() {
+    let dir = plan_limits_services::process::scratch_dir("sim");
+    let path = dir.join("s.jsonl");
+    std::fs::write(
+        &path,
+        "{\"method\":\"GET\",\"path\":\"/\"}\n{\"usr\":\"u1\",\"method\":\"GET\",\"path\":\"/\"}\n",
+    )
+    .unwrap();
+    let out = sim(&["replay", "plans.json", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("scenario line 2: unknown field `usr`"),
+        "{err}"
+    );
+}
