@@ -34,6 +34,8 @@ pub struct Config {
     pub identity: Identity,
     #[serde(default)]
     pub redis: RedisSettings,
+    #[serde(default)]
+    pub gateway: GatewaySettings,
     /// The feature flags a plan may have; actions and plans may only name these.
     pub features: Vec<String>,
     pub actions: BTreeMap<String, ActionSettings>,
@@ -69,6 +71,26 @@ impl Default for Identity {
             org_header: "x-org-id".into(),
             max_user_id_bytes: 256,
             unknown_plan: UnknownPlan::DefaultPlan,
+        }
+    }
+}
+
+/// What Envoy is told about requests (rendered into its config).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySettings {
+    /// How slow an upload may be and still be taken: the whole-request timeout is the largest
+    /// file a plan allows at this rate, plus a minute (at least 5 minutes).
+    pub min_upload_bytes_per_second: u64,
+    /// The whole-request timeout, if set, instead of the one derived above.
+    pub request_timeout_ms: Option<u64>,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            min_upload_bytes_per_second: 64 * 1024,
+            request_timeout_ms: None,
         }
     }
 }

@@ -18,6 +18,9 @@ use crate::routes::{self, PathPattern, Route};
 pub struct Plans {
     pub identity: Identity,
     pub redis: RedisSettings,
+    /// Envoy's whole-request timeout (ms): long enough for the largest allowed upload on the
+    /// slowest link taken.
+    pub request_timeout_ms: u64,
     pub features: Vec<String>,
     actions: Vec<Rc<Action>>,
     plans: Vec<Rc<Plan>>,
@@ -134,9 +137,11 @@ impl Plans {
                 })
             })
             .collect::<Result<_, _>>()?;
+        let request_timeout_ms = request_timeout_ms(&config);
         Ok(Self {
             identity: config.identity,
             redis: config.redis,
+            request_timeout_ms,
             features: config.features,
             actions,
             plans,
@@ -195,6 +200,25 @@ impl Plan {
     pub fn has_feature(&self, feature: &str) -> bool {
         self.features.iter().any(|f| f == feature)
     }
+}
+
+/// The configured whole-request timeout, or the largest file any plan allows at the slowest
+/// rate taken, plus a minute, and at least 5 minutes.
+fn request_timeout_ms(config: &Config) -> u64 {
+    const MINUTE_MS: u64 = 60_000;
+    if let Some(ms) = config.gateway.request_timeout_ms {
+        return ms;
+    }
+    let rate = config.gateway.min_upload_bytes_per_second.max(1);
+    let largest = config
+        .plans
+        .values()
+        .filter_map(|plan| plan.max_file_size_bytes)
+        .max()
+        .unwrap_or(0);
+    (largest.saturating_mul(1000) / rate)
+        .saturating_add(MINUTE_MS)
+        .max(5 * MINUTE_MS)
 }
 
 fn find_plan(plans: &[Rc<Plan>], key: &str) -> Result<Rc<Plan>, ConfigError> {
@@ -327,6 +351,19 @@ fn compile_terms(
 
 /// Checks the document as a whole; the first error names its JSON path.
 fn validate(config: &Config) -> Result<(), ConfigError> {
+    // A reservation is extended a third into its expiry while its request is in flight; the
+    // extension has the other two thirds to land, through a timed-out attempt and a retry.
+    let redis = &config.redis;
+    let shortest = 2 * (redis.timeout_ms + redis.flush_interval_ms) + 1000;
+    if redis.reservation_ttl_ms < shortest {
+        return Err(ConfigError::at(
+            "redis.reservation_ttl_ms",
+            format!(
+                "{} ms is too short to be extended while its request is in flight; at least {shortest} ms (2 × (timeout_ms + flush_interval_ms) + 1000)",
+                redis.reservation_ttl_ms
+            ),
+        ));
+    }
     let known_feature = |f: &str| config.features.iter().any(|k| k == f);
     if config.actions.is_empty() {
         return Err(ConfigError::at("actions", "at least one action is needed"));
@@ -595,6 +632,23 @@ mod tests {
             serde_json::from_str(&p.plan("free").unwrap().limits_json).unwrap();
         assert_eq!(limits["upload"], 5);
         assert_eq!(limits["pdf_export"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn the_request_timeout_fits_the_largest_upload_on_a_slow_link() {
+        // 500 MB at 64 KiB/s is 8000 s, plus a minute.
+        assert_eq!(plans().request_timeout_ms, 8_060_000);
+        let fixed =
+            with(|v| v["gateway"] = serde_json::json!({"request_timeout_ms": 1000})).unwrap();
+        assert_eq!(fixed.request_timeout_ms, 1000);
+    }
+
+    #[test]
+    fn a_reservation_expiry_too_short_to_extend_is_refused() {
+        let err = with(|v| v["redis"]["reservation_ttl_ms"] = 1000.into()).unwrap_err();
+        assert_eq!(err.path, "redis.reservation_ttl_ms");
+        assert!(err.reason.contains("at least 1510 ms"), "{err}");
+        assert!(with(|v| v["redis"]["reservation_ttl_ms"] = 1510.into()).is_ok());
     }
 
     #[test]

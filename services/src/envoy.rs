@@ -48,6 +48,10 @@ pub fn render(template: &str, p: &EnvoyParams) -> Result<String, String> {
         .as_ref()
         .map(|plans| identity_filters(plans, p.jwks))
         .unwrap_or_default();
+    let request_timeout = compiled
+        .as_ref()
+        .map(|plans| format!("{}s", plans.request_timeout_ms.div_ceil(1000)))
+        .unwrap_or_else(|| "300s".into());
     let rendered = template
         .replace("@ADMIN_PORT@", &p.admin_port.to_string())
         .replace("@GATEWAY_PORT@", &p.gateway_port.to_string())
@@ -57,6 +61,7 @@ pub fn render(template: &str, p: &EnvoyParams) -> Result<String, String> {
         .replace("@FILTER_WASM@", &p.filter_wasm.display().to_string())
         .replace("@METERED_ROUTES@", &routes)
         .replace("@IDENTITY_FILTERS@", &identity)
+        .replace("@REQUEST_TIMEOUT@", &request_timeout)
         .replace("@PLANS_JSON@", &plans);
     match unfilled_placeholder(&rendered) {
         Some(name) => Err(format!("envoy.yaml: placeholder @{name}@ was not filled")),

@@ -1,0 +1,220 @@
+//! No way around the meter, through real Envoy: slow uploads keep their unit and are counted,
+//! a client that leaves an analysis it sent does not get it free, fail-open is bounded, Redis
+//! is locked down and keeps its counts across a crash, request ids are bounded.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use plan_limits_tests::*;
+
+/// Sends an upload of `bytes` from `user` at about `bytes_per_second`, then reads the status.
+fn slow_upload(port: u16, user: &str, bytes: usize, bytes_per_second: usize) -> u16 {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let head = format!(
+        "POST /api/upload HTTP/1.1\r\nhost: g\r\nauthorization: Bearer {}\r\ncontent-length: {bytes}\r\n\r\n",
+        token(user, "free")
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let chunk = (bytes_per_second / 10).max(1);
+    let mut sent = 0;
+    while sent < bytes {
+        let n = chunk.min(bytes - sent);
+        if stream.write_all(&vec![b'x'; n]).is_err() {
+            break; // answered early (429)
+        }
+        sent += n;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut reader = std::io::BufReader::new(stream);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_upload_slower_than_the_reservation_expiry_keeps_its_unit_and_is_counted_once() {
+    // Reservations expire after 3 s unless extended; the uploads take about 5 s.
+    let gw = envoy_with(|p| p["redis"]["reservation_ttl_ms"] = 3000.into());
+    let port = gw.gateway_port;
+    let started = Instant::now();
+    let slow: Vec<_> = (0..5)
+        .map(|_| std::thread::spawn(move || slow_upload(port, "sam", 5_000, 1_000)))
+        .collect();
+    // Once the first reservations would have expired, the month's last units are still held.
+    std::thread::sleep(Duration::from_millis(4_000));
+    let late = upload("sam", "free").send(port);
+    assert_eq!(late.status, 429, "the slow uploads still hold their units");
+    let statuses: Vec<u16> = slow.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(started.elapsed() > Duration::from_secs(4), "they were slow");
+    assert_eq!(statuses, [200; 5]);
+    assert!(counts(&gw, "sam", "upload", 5));
+    assert!(gw.metric("extended") >= 5);
+    assert_eq!(gw.metric("commits_unmatched"), 0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(counter(&gw, "sam", "upload"), 5, "each counted once");
+}
+
+#[test]
+fn a_reservation_expiry_too_short_to_be_extended_is_refused() {
+    let plans = plans_with(|p| p["redis"]["reservation_ttl_ms"] = 100.into());
+    let err = plan_limits_core::plans::Plans::from_json(plans.as_bytes()).unwrap_err();
+    assert_eq!(err.path, "redis.reservation_ttl_ms");
+}
+
+#[test]
+fn a_client_that_leaves_an_analysis_it_sent_is_counted_and_an_upload_is_not() {
+    let gw = envoy();
+    let port = gw.gateway_port;
+    let leave_after_500ms = |request: Request| {
+        std::thread::spawn(move || {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let mut head = format!(
+                "{} {} HTTP/1.1\r\nhost: g\r\nx-demo-delay-ms: 1500\r\n",
+                request.method, request.path
+            );
+            for (name, value) in &request.headers {
+                head.push_str(&format!("{name}: {}\r\n", String::from_utf8_lossy(value)));
+            }
+            head.push_str("content-length: 2\r\n\r\nok");
+            stream.write_all(head.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+        })
+    };
+    let leavers: Vec<_> =
+        (0..3)
+            .map(|_| leave_after_500ms(analysis("lena", "free")))
+            .chain((0..2).map(|_| {
+                leave_after_500ms(Request::new("POST", "/api/upload").user("lena", "free"))
+            }))
+            .collect();
+    for leaver in leavers {
+        leaver.join().unwrap();
+    }
+    // The upstream did the analyses: they are counted; the uploads it never finished are not.
+    assert!(counts(&gw, "lena", "ai_analysis", 3));
+    assert!(eventually(|| pending(&gw, "lena", "upload") == 0));
+    std::thread::sleep(Duration::from_millis(2_000));
+    assert_eq!(counter(&gw, "lena", "ai_analysis"), 3);
+    assert_eq!(counter(&gw, "lena", "upload"), 0);
+    // The analyses are used up.
+    assert_eq!(gw_send(&gw, analysis("lena", "free")), 429);
+}
+
+#[test]
+fn fail_open_lets_a_user_through_at_most_what_remained_plus_the_allowance() {
+    let gw = envoy();
+    for _ in 0..3 {
+        assert_eq!(gw_send(&gw, upload("rita", "free")), 200);
+    }
+    assert!(counts(&gw, "rita", "upload", 3));
+    // Redis stops answering (paused); two uploads remain, and the allowance is 1.
+    let redis_pid = gw.redis.service().pid() as i32;
+    // SAFETY: signals to our own child process.
+    unsafe { libc::kill(redis_pid, libc::SIGSTOP) };
+    let port = gw.gateway_port;
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..10)
+            .map(|_| s.spawn(move || upload("rita", "free").send(port).status))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    unsafe { libc::kill(redis_pid, libc::SIGCONT) };
+    let passed = statuses.iter().filter(|&&s| s == 200).count() as u64;
+    assert!(passed <= 2 + 1, "{statuses:?}");
+    assert!(
+        passed >= 1,
+        "fail-open still lets some through: {statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 429),
+        "{statuses:?}"
+    );
+    assert_eq!(gw.metric("fail_open") + gw.metric("fail_open_refused"), 10);
+    // Everything let through is counted once Redis is back.
+    assert!(counts(&gw, "rita", "upload", 3 + passed));
+    // The log says so without naming the user.
+    let log = std::fs::read_to_string(&gw.envoy.as_ref().unwrap().log).unwrap();
+    assert!(log.contains("let through unchecked"));
+    assert!(!log.contains("rita"));
+}
+
+fn gw_send(gw: &EnvoyGateway, request: Request) -> u16 {
+    request.send(gw.gateway_port).status
+}
+
+#[test]
+fn webdis_runs_nothing_but_the_filters_functions() {
+    let gw = envoy();
+    for body in ["EVAL/return%201/0", "KEYS/*", "FLUSHALL", "FUNCTION/LOAD/x"] {
+        let r = Request::new("POST", "/")
+            .body(Body::Bytes(body.as_bytes().to_vec()))
+            .send(gw.webdis.port);
+        assert_eq!(r.status, 403, "{body}");
+    }
+    assert_eq!(
+        gw_send(&gw, upload("una", "free")),
+        200,
+        "FCALL goes through"
+    );
+}
+
+#[test]
+fn a_crashed_redis_loses_no_committed_count() {
+    let mut gw = EnvoyGateway::start(GatewayOptions {
+        persistent_redis: true,
+        ..GatewayOptions::default()
+    });
+    for _ in 0..3 {
+        assert_eq!(gw_send(&gw, upload("vic", "free")), 200);
+    }
+    assert!(counts(&gw, "vic", "upload", 3));
+    let port = gw.redis.port;
+    gw.redis.stop(); // SIGKILL: no clean shutdown
+    gw.redis = plan_limits_services::redis_server::RedisServer::start_with(&gw.dir, port, true);
+    assert_eq!(
+        counter(&gw, "vic", "upload"),
+        3,
+        "every acknowledged count survived"
+    );
+    // webdis reconnects on its next command: wait until Redis answers through it again (an
+    // API call is fail_closed: 503 until then).
+    let api = || Request::new("GET", "/api/v1/x").user("probe", "enterprise");
+    assert!(eventually(|| gw_send(&gw, api()) == 200));
+    assert_eq!(gw_send(&gw, upload("vic", "free")), 200);
+    assert_eq!(gw_send(&gw, upload("vic", "free")), 200);
+    assert_eq!(gw_send(&gw, upload("vic", "free")), 429);
+}
+
+#[test]
+fn a_request_id_goes_into_events_only_if_short_and_plain() {
+    let gw = envoy();
+    let ids = ["req-ok-1", &"a".repeat(300), "a\"b"];
+    for id in ids {
+        assert_eq!(
+            gw_send(
+                &gw,
+                analysis("wes", "professional").header("x-request-id", id)
+            ),
+            200
+        );
+    }
+    assert!(eventually(|| usage::events_of(&mut gw.redis(), "wes")
+        .len()
+        == 3));
+    let mut recorded: Vec<String> = usage::events_of(&mut gw.redis(), "wes")
+        .into_iter()
+        .map(|e| e["request_id"].clone())
+        .collect();
+    recorded.sort();
+    assert_eq!(recorded[2], "req-ok-1");
+    assert!(recorded[..2]
+        .iter()
+        .all(|id| id.len() <= 128 && !id.contains('"')));
+}
