@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use plan_limits_core::config::RedisSettings;
 use plan_limits_core::redis::functions;
+use plan_limits_core::redis::RedisReply;
 
 use crate::process::Service;
 
@@ -127,10 +128,20 @@ impl RedisServer {
             ],
         );
         server.users = Some(users);
-        let mut admin = server.connection();
-        let loaded = crate::redis_exec::run(&mut admin, &functions::load_library());
-        if let plan_limits_core::redis::RedisReply::Error(e) = loaded {
-            panic!("FUNCTION LOAD: {e}");
+        // A restarted Redis answers LOADING while it reads its append-only file.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let loaded =
+                crate::redis_exec::run(&mut server.connection(), &functions::load_library());
+            match loaded {
+                RedisReply::Error(e)
+                    if e.starts_with("LOADING") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                RedisReply::Error(e) => panic!("FUNCTION LOAD: {e}"),
+                _ => break,
+            }
         }
         server
     }

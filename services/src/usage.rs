@@ -84,6 +84,20 @@ pub fn events_of(conn: &mut redis::Connection, user: &str) -> Vec<BTreeMap<Strin
         .collect()
 }
 
+/// Records `plan` as billing's for `user` (what `plan-limits set-plan` does).
+pub fn set_plan(conn: &mut redis::Connection, user: &str, plan: &str) {
+    let key = plan_limits_core::keys::entitlement_key(
+        &prefix(),
+        plan_limits_core::keys::encoded_user(user),
+    );
+    redis::cmd("HSET")
+        .arg(&key)
+        .arg("plan")
+        .arg(plan)
+        .exec(conn)
+        .unwrap_or_else(|e| panic!("HSET {key}: {e}"));
+}
+
 /// Every key in Redis, sorted.
 pub fn keys(conn: &mut redis::Connection) -> Vec<String> {
     let mut keys: Vec<String> = redis::cmd("KEYS")

@@ -268,3 +268,45 @@ on_every_gateway!(
         assert_eq!(r.status, 401);
     }
 );
+
+on_every_gateway!(billings_plan_wins_over_the_tokens_claim, |gw| {
+    // Upgraded by billing after the token was minted: professional's unlimited uploads.
+    usage::set_plan(&mut gw.redis(), "gina", "professional");
+    for i in 1..=7 {
+        let r = gw.send(&upload("gina", "free"));
+        assert_eq!(r.status, 200, "upload {i}");
+        assert_eq!(r.json()["identity"]["x-user-plan"], "professional");
+    }
+    // Downgraded by billing: free's 3 analyses, whatever the token says.
+    usage::set_plan(&mut gw.redis(), "hugo", "free");
+    let statuses: Vec<u16> = (0..5)
+        .map(|_| gw.send(&analysis("hugo", "professional")).status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    // ... and for an action the token's plan leaves unlimited, once Redis has told the
+    // worker (the first requests may pass on the token's plan; they are counted).
+    let mut passed = 0;
+    for _ in 0..10 {
+        if gw.send(&upload("hugo", "professional")).status == 200 {
+            passed += 1;
+        }
+    }
+    assert!(
+        (5..=7).contains(&passed),
+        "{passed} uploads passed under free's 5"
+    );
+    assert!(counts(gw, "hugo", "upload", passed));
+});
+
+on_every_gateway!(
+    an_unknown_plan_gets_the_default_plans_terms_and_is_counted,
+    |gw| {
+        for _ in 0..5 {
+            assert_eq!(gw.send(&upload("ivan", "platinum")).status, 200);
+        }
+        let r = gw.send(&upload("ivan", "platinum"));
+        assert_eq!(r.status, 429);
+        assert_eq!(r.json()["plan"], "free");
+        assert!(gw.metric("unknown_plan") >= 5);
+    }
+);

@@ -29,11 +29,23 @@ fn sixty_seconds_of_load_with_a_redis_restart() {
     });
     let url = format!("http://127.0.0.1:{}/", gw.gateway_port);
     let script = plan_limits_services::repo_root().join("bench/soak.lua");
+    // Every user's tokens for the plans soak.lua sends them on.
+    let tokens = gw.dir.join("soak-tokens.txt");
+    let lines: Vec<String> = (0..300)
+        .flat_map(|user| {
+            ["free", "professional", "enterprise"].map(|plan| {
+                let user = format!("soak-{user}");
+                format!("{user} {plan} {}", plan_limits_tests::token(&user, plan))
+            })
+        })
+        .collect();
+    std::fs::write(&tokens, lines.join("\n") + "\n").unwrap();
     let wrk = std::thread::spawn(move || {
         Command::new("wrk")
             .args(["-t2", "-c16", &format!("-d{seconds}s"), "-s"])
             .arg(script)
             .arg(url)
+            .env("SOAK_TOKENS", tokens)
             .output()
             .expect("run wrk (apt-get install wrk)")
     });
