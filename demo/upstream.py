@@ -9,6 +9,7 @@ gave per path and how many attempts it saw, so tests can compare counters with w
 succeeded.
 """
 import json
+import re
 import sys
 import threading
 import time
@@ -18,6 +19,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 successes = Counter()
 attempts = Counter()
 lock = threading.Lock()
+# --lenient: read paths as a lenient web framework does (no case, no `;parameters`, no trailing
+# dots, %-encoded letters decoded), so its stats show what each handler really did.
+lenient = "--lenient" in sys.argv
+
+
+def handler_path(path):
+    path = path.split("?")[0].split("#")[0]
+    if not lenient:
+        return path
+    path = re.sub(r"%([0-9A-Fa-f]{2})",
+                  lambda m: chr(int(m.group(1), 16)) if re.match(r"[A-Za-z0-9._~-]", chr(int(m.group(1), 16))) else m.group(0),
+                  path)
+    segments = [s.split(";")[0] for s in path.split("/")]
+    segments = [s if set(s) <= {"."} else s.rstrip(".") for s in segments]
+    path = "/".join(segments).lower()
+    return path[:-1] if len(path) > 1 and path.endswith("/") else path
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -52,7 +69,7 @@ class Handler(BaseHTTPRequestHandler):
             status = 503
         if 200 <= status < 300:
             with lock:
-                successes[self.path.split("?")[0]] += 1
+                successes[handler_path(self.path)] += 1
         # What the gateway told it about the caller (set by the filter, never the client's).
         identity = {name: self.headers.get(name) for name in ("x-user-id", "x-user-plan", "x-org-id")}
         self.answer(status, {"upstream": "demo", "method": self.command, "path": self.path,
@@ -71,7 +88,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    port = int(sys.argv[1]) if len(sys.argv) > 1 else 10080
+    port = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 10080
     ThreadingHTTPServer.request_queue_size = 256  # the default backlog of 5 drops connections under load
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True

@@ -6,9 +6,9 @@ use std::rc::Rc;
 
 use chrono::{DateTime, Utc};
 
-use crate::config::{Identity, IdentitySource, UnknownPlan};
+use crate::config::{Identity, IdentitySource, OtherMethods, UnknownPlan, Variants};
 use crate::period::BillingPeriod;
-use crate::plans::{Action, Plans};
+use crate::plans::{Action, PathClass, Plans};
 use crate::request::{MeteredRequest, RequestFacts};
 use crate::responses::{self, LocalResponse};
 use crate::routes;
@@ -95,8 +95,32 @@ impl<'a> RequestHead<'a> {
 
 /// Decides what the head alone decides.
 pub fn admit(plans: &Plans, head: RequestHead, now: DateTime<Utc>) -> Admission {
-    let Some(action) = plans.route(&head.method(), &head.path()) else {
-        return Admission::Unmetered;
+    let action = match plans.classify(&head.method(), &head.path()) {
+        PathClass::Unmetered => return Admission::Unmetered,
+        PathClass::Guarded => return Admission::Refused(responses::not_routed()),
+        PathClass::Metered(action) => action,
+        PathClass::Variant {
+            route,
+            method_matches: false,
+        } => match route.target.other_methods {
+            OtherMethods::Meter => &route.target.action,
+            OtherMethods::Refuse => {
+                let allowed = route.method.as_deref().unwrap_or_default();
+                return Admission::Refused(responses::method_not_allowed(allowed));
+            }
+        },
+        PathClass::Variant {
+            route,
+            method_matches: true,
+        } => match route.target.variants {
+            Variants::Meter => &route.target.action,
+            Variants::Refuse => {
+                return Admission::Refused(responses::bad_request(
+                    ":path",
+                    "another spelling of a metered path; use its own",
+                ))
+            }
+        },
     };
     match metered(plans, action, head, now) {
         Ok(request) => Admission::Metered(request),
@@ -388,6 +412,39 @@ mod tests {
             .header(name, b"other");
             assert_eq!(status(&admit_req(&p, &req)), Some(400), "{name}");
         }
+    }
+
+    #[test]
+    fn other_spellings_are_metered_or_refused_as_the_route_says() {
+        let p = plans();
+        let m = metered(admit_req(&p, &head("POST", "/API/Upload;x", "u", "free")));
+        assert_eq!(m.action().key, "upload");
+        let Admission::Refused(r) = admit_req(&p, &head("PUT", "/api/upload", "u", "free")) else {
+            panic!("another method")
+        };
+        assert_eq!(r.status, 405);
+        assert!(r.headers.contains(&("allow".into(), "POST".into())));
+        assert_eq!(
+            status(&admit_req(&p, &head("POST", "/api/uploads", "u", "free"))),
+            Some(403)
+        );
+        let strict = Plans::from_json(
+            plans_json_with(|v| {
+                v["routes"][0]["variants"] = "refuse".into();
+                v["routes"][0]["other_methods"] = "meter".into();
+            })
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            status(&admit_req(
+                &strict,
+                &head("POST", "/api/UPLOAD", "u", "free")
+            )),
+            Some(400)
+        );
+        let put = metered(admit_req(&strict, &head("PUT", "/api/upload", "u", "free")));
+        assert_eq!(put.action().key, "upload");
     }
 
     #[test]

@@ -40,7 +40,50 @@ pub struct Config {
     pub features: Vec<String>,
     pub actions: BTreeMap<String, ActionSettings>,
     pub routes: Vec<Route>,
+    /// Paths no action meters: Envoy skips the filter on them. Every other path goes through
+    /// the filter, so that no spelling of a metered route gets past it.
+    #[serde(default)]
+    pub unmetered: Vec<Unmetered>,
+    /// Deny by default under these prefixes: a request that matches neither a route nor
+    /// `unmetered` is refused (403).
+    #[serde(default)]
+    pub guarded_prefixes: Vec<String>,
     pub plans: BTreeMap<String, Plan>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Unmetered {
+    /// Any method when absent.
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+/// What a spelling of a metered path other than its own (`/API/Upload`, `/api/upload;x`,
+/// `/api/upload.`, `/api/%75pload`) gets: a web framework may route it to the same handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Variants {
+    /// Metered as the route's action.
+    #[default]
+    Meter,
+    /// 400.
+    Refuse,
+}
+
+/// What another method on a route's path gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtherMethods {
+    /// 405.
+    #[default]
+    Refuse,
+    /// Metered as the route's action.
+    Meter,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -287,6 +330,11 @@ pub struct Route {
     #[serde(default)]
     pub prefix: Option<String>,
     pub action: String,
+    #[serde(default)]
+    pub variants: Variants,
+    /// Only for a route with a `method`.
+    #[serde(default)]
+    pub other_methods: OtherMethods,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -9,7 +9,7 @@ use std::rc::Rc;
 
 use crate::config::{
     ActionSettings, Config, ConfigError, FailureMode, Identity, KindSource, Limit, OnClientAbort,
-    RedisSettings,
+    OtherMethods, RedisSettings, Variants,
 };
 use crate::routes::{self, PathPattern, Route};
 
@@ -25,7 +25,33 @@ pub struct Plans {
     actions: Vec<Rc<Action>>,
     plans: Vec<Rc<Plan>>,
     default_plan: Rc<Plan>,
-    routes: Vec<Route<Rc<Action>>>,
+    routes: Vec<Route<Metered>>,
+    unmetered: Vec<Route<()>>,
+    /// Under these (in `routes::canonical` spelling), what no route names is refused.
+    guarded: Vec<PathPattern>,
+}
+
+/// What a metered route leads to, and what its other spellings and methods get.
+#[derive(Debug)]
+pub struct Metered {
+    pub action: Rc<Action>,
+    pub variants: Variants,
+    pub other_methods: OtherMethods,
+}
+
+/// What a request's method and path are, as plans.json sees them.
+pub enum PathClass<'a> {
+    /// A metered route, as spelt there.
+    Metered(&'a Rc<Action>),
+    /// Another spelling of a metered route's path, or another method on it.
+    Variant {
+        route: &'a Route<Metered>,
+        method_matches: bool,
+    },
+    /// Listed as unmetered, or outside every guarded prefix.
+    Unmetered,
+    /// Under a guarded prefix, and named by no route.
+    Guarded,
 }
 
 /// A metered action and every plan's terms for it.
@@ -125,18 +151,31 @@ impl Plans {
                     .iter()
                     .find(|a| a.key == route.action)
                     .ok_or_else(|| ConfigError::at(format!("routes[{i}].action"), "unknown"))?;
-                let path = match (&route.path, &route.prefix) {
-                    (Some(exact), None) => PathPattern::exact(exact),
-                    (None, Some(prefix)) => PathPattern::prefix(prefix),
-                    _ => return Err(ConfigError::at(format!("routes[{i}]"), "no pattern")),
+                let path = pattern(&route.path, &route.prefix)
+                    .ok_or_else(|| ConfigError::at(format!("routes[{i}]"), "no pattern"))?;
+                let target = Metered {
+                    action: action.clone(),
+                    variants: route.variants,
+                    other_methods: route.other_methods,
                 };
-                Ok(Route {
-                    method: route.method.clone(),
-                    path,
-                    target: action.clone(),
-                })
+                Ok(Route::new(route.method.clone(), path, target))
             })
             .collect::<Result<_, _>>()?;
+        let unmetered = config
+            .unmetered
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| {
+                let path = pattern(&entry.path, &entry.prefix)
+                    .ok_or_else(|| ConfigError::at(format!("unmetered[{i}]"), "no pattern"))?;
+                Ok(Route::new(entry.method.clone(), path, ()))
+            })
+            .collect::<Result<_, _>>()?;
+        let guarded = config
+            .guarded_prefixes
+            .iter()
+            .map(|prefix| PathPattern::prefix(prefix).loose())
+            .collect();
         let request_timeout_ms = request_timeout_ms(&config);
         Ok(Self {
             identity: config.identity,
@@ -147,17 +186,58 @@ impl Plans {
             plans,
             default_plan,
             routes,
+            unmetered,
+            guarded,
         })
     }
 
-    /// The action of the first route matching the request; `None`: unmetered.
+    /// The action of the first route matching the request as spelt; `None`: not metered as
+    /// spelt (see `classify` for other spellings).
     pub fn route(&self, method: &str, path: &str) -> Option<&Rc<Action>> {
-        routes::find(&self.routes, method, path).map(|route| &route.target)
+        routes::find(&self.routes, method, path).map(|route| &route.target.action)
+    }
+
+    /// What a request's method and path are: a metered route, another spelling of one, an
+    /// unmetered path, or a guarded one no route names.
+    pub fn classify(&self, method: &str, path: &str) -> PathClass<'_> {
+        if let Some(action) = self.route(method, path) {
+            return PathClass::Metered(action);
+        }
+        let canonical = routes::canonical(path);
+        let metered = routes::find_loose(&self.routes, method, &canonical);
+        if let Some((route, true)) = metered {
+            return PathClass::Variant {
+                route,
+                method_matches: true,
+            };
+        }
+        // Another method on a metered path may be listed as unmetered (a GET beside a POST).
+        let listed = routes::find_loose(&self.unmetered, method, &canonical)
+            .is_some_and(|(_, method_matches)| method_matches);
+        if listed {
+            return PathClass::Unmetered;
+        }
+        if let Some((route, false)) = metered {
+            return PathClass::Variant {
+                route,
+                method_matches: false,
+            };
+        }
+        if self.guarded.iter().any(|g| g.matches(&canonical)) {
+            PathClass::Guarded
+        } else {
+            PathClass::Unmetered
+        }
     }
 
     /// The metered routes, in order, with their normalised patterns.
-    pub fn routes(&self) -> &[Route<Rc<Action>>] {
+    pub fn routes(&self) -> &[Route<Metered>] {
         &self.routes
+    }
+
+    /// The unmetered paths (Envoy skips the filter on them).
+    pub fn unmetered(&self) -> &[Route<()>] {
+        &self.unmetered
     }
 
     pub fn actions(&self) -> &[Rc<Action>] {
@@ -219,6 +299,14 @@ fn request_timeout_ms(config: &Config) -> u64 {
     (largest.saturating_mul(1000) / rate)
         .saturating_add(MINUTE_MS)
         .max(5 * MINUTE_MS)
+}
+
+fn pattern(path: &Option<String>, prefix: &Option<String>) -> Option<PathPattern> {
+    match (path, prefix) {
+        (Some(exact), None) => Some(PathPattern::exact(exact)),
+        (None, Some(prefix)) => Some(PathPattern::prefix(prefix)),
+        _ => None,
+    }
 }
 
 fn find_plan(plans: &[Rc<Plan>], key: &str) -> Result<Rc<Plan>, ConfigError> {
@@ -431,6 +519,7 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
             ));
         }
     }
+    validate_unmetered(config)?;
     for (plan_name, plan) in &config.plans {
         let path = format!("plans.{plan_name}");
         if let Some(upgrade) = &plan.upgrade_to {
@@ -473,6 +562,53 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
         }
     }
     check_upgrade_chains(config)
+}
+
+/// Unmetered paths need one pattern, and may not cover a metered route (Envoy skips the filter
+/// on them: a metered route inside one would never be metered).
+fn validate_unmetered(config: &Config) -> Result<(), ConfigError> {
+    for (i, prefix) in config.guarded_prefixes.iter().enumerate() {
+        if !prefix.starts_with('/') {
+            return Err(ConfigError::at(
+                format!("guarded_prefixes[{i}]"),
+                format!("path patterns start with '/': \"{prefix}\""),
+            ));
+        }
+    }
+    for (i, entry) in config.unmetered.iter().enumerate() {
+        let path = format!("unmetered[{i}]");
+        let Some(unmetered) = pattern(&entry.path, &entry.prefix) else {
+            return Err(ConfigError::at(
+                path,
+                "needs exactly one of `path` and `prefix`",
+            ));
+        };
+        let (PathPattern::Exact(text) | PathPattern::Prefix(text)) = &unmetered;
+        if !text.starts_with('/') {
+            return Err(ConfigError::at(
+                path,
+                format!("path patterns start with '/': \"{text}\""),
+            ));
+        }
+        let unmetered = unmetered.loose();
+        for (j, route) in config.routes.iter().enumerate() {
+            let Some(metered) = pattern(&route.path, &route.prefix) else {
+                continue;
+            };
+            let methods_meet = match (&entry.method, &route.method) {
+                (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+                _ => true,
+            };
+            let (PathPattern::Exact(metered) | PathPattern::Prefix(metered)) = metered.loose();
+            if methods_meet && unmetered.matches(&metered) {
+                return Err(ConfigError::at(
+                    path,
+                    format!("covers the metered route routes[{j}] ({metered}); Envoy would skip the filter on it"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Upgrade suggestions must end at a top plan, or a message could loop forever.
@@ -567,6 +703,58 @@ mod tests {
         assert_eq!(key("GET", "/api/v1/diagrams").as_deref(), Some("api_call"));
         assert_eq!(key("GET", "/api/upload"), None);
         assert_eq!(key("GET", "/health"), None);
+    }
+
+    fn class(p: &Plans, method: &str, path: &str) -> String {
+        match p.classify(method, path) {
+            PathClass::Metered(action) => format!("metered {}", action.key),
+            PathClass::Variant {
+                route,
+                method_matches,
+            } => format!("variant {} {method_matches}", route.target.action.key),
+            PathClass::Unmetered => "unmetered".into(),
+            PathClass::Guarded => "guarded".into(),
+        }
+    }
+
+    #[test]
+    fn every_spelling_of_a_metered_path_is_found() {
+        let p = plans();
+        assert_eq!(class(&p, "POST", "/api/upload"), "metered upload");
+        assert_eq!(class(&p, "POST", "/API/Upload"), "variant upload true");
+        assert_eq!(class(&p, "POST", "/api/upload;x"), "variant upload true");
+        assert_eq!(class(&p, "POST", "/api/v1;x/d"), "variant api_call true");
+        assert_eq!(class(&p, "PUT", "/api/upload"), "variant upload false");
+        // Listed as unmetered for GET (a listing beside the upload).
+        assert_eq!(class(&p, "GET", "/api/upload"), "unmetered");
+        assert_eq!(class(&p, "GET", "/API/UPLOAD"), "unmetered");
+        // Under the guarded /api, what no route names is refused; elsewhere it passes.
+        assert_eq!(class(&p, "POST", "/api/uploads"), "guarded");
+        assert_eq!(class(&p, "POST", "/API/teammate/chat"), "guarded");
+        assert_eq!(class(&p, "GET", "/health"), "unmetered");
+        assert_eq!(class(&p, "GET", "/docs"), "unmetered");
+    }
+
+    #[test]
+    fn an_unmetered_path_may_not_cover_a_metered_route() {
+        let err = with(|v| v["unmetered"] = serde_json::json!([{"prefix": "/API"}])).unwrap_err();
+        assert_eq!(err.path, "unmetered[0]");
+        assert!(err.reason.contains("routes[0]"), "{err}");
+        let err = with(|v| {
+            v["unmetered"] = serde_json::json!([{"method": "POST", "path": "/api/upload/"}])
+        })
+        .unwrap_err();
+        assert_eq!(err.path, "unmetered[0]");
+        // Another method on the same path is fine.
+        assert!(with(
+            |v| v["unmetered"] = serde_json::json!([{"method": "DELETE", "path": "/api/upload"}])
+        )
+        .is_ok());
+        let err = with(|v| v["unmetered"] = serde_json::json!([{"path": "/a", "prefix": "/b"}]))
+            .unwrap_err();
+        assert_eq!(err.path, "unmetered[0]");
+        let err = with(|v| v["guarded_prefixes"] = serde_json::json!(["api"])).unwrap_err();
+        assert_eq!(err.path, "guarded_prefixes[0]");
     }
 
     #[test]
@@ -794,7 +982,7 @@ mod tests {
                 Ok(plans) => {
                     for route in plans.routes() {
                         for plan in plans.plans() {
-                            let terms = route.target.terms(Some(&plan.key));
+                            let terms = route.target.action.terms(Some(&plan.key));
                             proptest::prop_assert_eq!(&terms.plan.key, &plan.key);
                         }
                     }

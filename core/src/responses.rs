@@ -191,6 +191,29 @@ pub fn unknown_plan(plan: &str) -> LocalResponse {
     )
 }
 
+/// 405: another method on a metered path (the route names its method).
+pub fn method_not_allowed(allowed: &str) -> LocalResponse {
+    LocalResponse::json(
+        405,
+        json!({
+            "error": "Method not allowed",
+            "message": format!("This path is metered for {allowed} only."),
+        }),
+    )
+    .with_header("allow", allowed.into())
+}
+
+/// 403: a path under a guarded prefix that plans.json neither meters nor lists as unmetered.
+pub fn not_routed() -> LocalResponse {
+    LocalResponse::json(
+        403,
+        json!({
+            "error": "Route not allowed",
+            "message": "This path is not served through the gateway.",
+        }),
+    )
+}
+
 pub fn bad_request(field: &str, reason: &str) -> LocalResponse {
     LocalResponse::json(
         400,

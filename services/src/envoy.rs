@@ -42,7 +42,7 @@ pub fn render(template: &str, p: &EnvoyParams) -> Result<String, String> {
     let compiled = Plans::from_json(p.plans_json.as_bytes()).ok();
     let routes = compiled
         .as_ref()
-        .map(|plans| metered_routes(plans, p.upstream_timeout))
+        .map(|plans| unmetered_routes(plans, p.upstream_timeout))
         .unwrap_or_default();
     let identity = compiled
         .as_ref()
@@ -59,7 +59,7 @@ pub fn render(template: &str, p: &EnvoyParams) -> Result<String, String> {
         .replace("@WEBDIS_PORT@", &p.webdis_port.to_string())
         .replace("@UPSTREAM_TIMEOUT@", p.upstream_timeout)
         .replace("@FILTER_WASM@", &p.filter_wasm.display().to_string())
-        .replace("@METERED_ROUTES@", &routes)
+        .replace("@UNMETERED_ROUTES@", &routes)
         .replace("@IDENTITY_FILTERS@", &identity)
         .replace("@REQUEST_TIMEOUT@", &request_timeout)
         .replace("@PLANS_JSON@", &plans);
@@ -69,15 +69,15 @@ pub fn render(template: &str, p: &EnvoyParams) -> Result<String, String> {
     }
 }
 
-/// Envoy routes for the metered routes of plans.json, from the patterns the filter matches
-/// with: an exact path with or without one trailing slash, a prefix on whole segments, the
-/// method without case, the query string ignored. Everything else falls to the catch-all
-/// route, where the filter is disabled.
-pub fn metered_routes(plans: &Plans, timeout: &str) -> String {
+/// Envoy routes for the paths plans.json lists as unmetered, with the filter disabled on
+/// them: an exact path with or without one trailing slash, a prefix on whole segments, the
+/// method without case. (Envoy matches these as spelt; the filter, which sees every other
+/// spelling, passes the same paths whatever their spelling.)
+pub fn unmetered_routes(plans: &Plans, timeout: &str) -> String {
     let indent = "              ";
     let quoted = |s: &str| serde_json::Value::String(s.to_string()).to_string();
     let mut out = Vec::new();
-    for route in plans.routes() {
+    for route in plans.unmetered() {
         let method = route
             .method
             .as_deref()
@@ -101,7 +101,12 @@ pub fn metered_routes(plans: &Plans, timeout: &str) -> String {
         };
         for matcher in matchers {
             out.push(format!(
-                "{indent}- match: {{ {matcher}{method} }}\n{indent}  route: {{ cluster: product_upstream, timeout: {timeout} }}"
+                "{indent}- match: {{ {matcher}{method} }}\n\
+                 {indent}  route: {{ cluster: product_upstream, timeout: {timeout} }}\n\
+                 {indent}  typed_per_filter_config:\n\
+                 {indent}    plan_limits:\n\
+                 {indent}      \"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig\n\
+                 {indent}      disabled: true"
             ));
         }
     }
@@ -248,15 +253,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn routes_are_rendered_from_the_filters_own_patterns() {
+    fn unmetered_paths_are_rendered_with_the_filter_disabled() {
         let mut json: serde_json::Value = serde_json::from_str(&crate::plans_json()).unwrap();
-        json["routes"] = serde_json::json!([
-            {"method": "POST", "path": "/api/upload/", "action": "upload"},
-            {"prefix": "/api/v1/", "action": "api_call"},
-            {"prefix": "/", "action": "procedure_view"},
+        json["unmetered"] = serde_json::json!([
+            {"method": "GET", "path": "/api/upload/"},
+            {"prefix": "/static/"},
+            {"method": "HEAD", "prefix": "/"},
         ]);
+        json["routes"] =
+            serde_json::json!([{"method": "POST", "path": "/api/upload", "action": "upload"}]);
         let plans = Plans::from_json(json.to_string().as_bytes()).unwrap();
-        let routes = metered_routes(&plans, "15s");
+        let routes = unmetered_routes(&plans, "15s");
         let lines: Vec<&str> = routes
             .lines()
             .map(str::trim)
@@ -265,12 +272,13 @@ mod tests {
         assert_eq!(
             lines,
             [
-                r#"- match: { path: "/api/upload", headers: [{ name: ":method", string_match: { exact: "POST", ignore_case: true } }] }"#,
-                r#"- match: { path: "/api/upload/", headers: [{ name: ":method", string_match: { exact: "POST", ignore_case: true } }] }"#,
-                r#"- match: { path_separated_prefix: "/api/v1" }"#,
-                r#"- match: { prefix: "/" }"#,
+                r#"- match: { path: "/api/upload", headers: [{ name: ":method", string_match: { exact: "GET", ignore_case: true } }] }"#,
+                r#"- match: { path: "/api/upload/", headers: [{ name: ":method", string_match: { exact: "GET", ignore_case: true } }] }"#,
+                r#"- match: { path_separated_prefix: "/static" }"#,
+                r#"- match: { prefix: "/", headers: [{ name: ":method", string_match: { exact: "HEAD", ignore_case: true } }] }"#,
             ]
         );
+        assert_eq!(routes.matches("disabled: true").count(), 4);
     }
 
     #[test]

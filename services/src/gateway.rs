@@ -50,6 +50,8 @@ pub struct GatewayOptions {
     pub verbose: bool,
     /// Where the token signing key is kept; the tests' key when `None`.
     pub jwt_dir: Option<PathBuf>,
+    /// The demo upstream reads paths as a lenient web framework does.
+    pub lenient_upstream: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +87,7 @@ impl Default for GatewayOptions {
             persistent_redis: false,
             verbose: false,
             jwt_dir: None,
+            lenient_upstream: false,
         }
     }
 }
@@ -132,7 +135,7 @@ impl EnvoyGateway {
             "starting the demo upstream on 127.0.0.1:{}",
             ports.upstream
         ));
-        let upstream = DemoUpstream::start(&dir, Some(ports.upstream));
+        let upstream = DemoUpstream::start(&dir, Some(ports.upstream), options.lenient_upstream);
         let jwt = match &options.jwt_dir {
             Some(jwt_dir) => Arc::new(DevKey::load_or_create(jwt_dir)),
             None => DevKey::for_tests(),

@@ -15,12 +15,17 @@ pub struct DemoUpstream {
 }
 
 impl DemoUpstream {
-    pub fn start(dir: &Path, port: Option<u16>) -> Self {
+    /// `lenient`: it reads paths as a lenient web framework does (no case, no `;parameters`,
+    /// no trailing dots), and counts its successes by the path its handler saw.
+    pub fn start(dir: &Path, port: Option<u16>, lenient: bool) -> Self {
         let port = port.unwrap_or_else(free_port);
         let mut command = Command::new("python3");
         command
             .arg(crate::repo_root().join("demo/upstream.py"))
             .arg(port.to_string());
+        if lenient {
+            command.arg("--lenient");
+        }
         let mut service = Service::spawn(
             "demo upstream",
             command,

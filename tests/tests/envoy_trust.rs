@@ -218,3 +218,96 @@ fn a_request_id_goes_into_events_only_if_short_and_plain() {
         .iter()
         .all(|id| id.len() <= 128 && !id.contains('"')));
 }
+
+/// How each spelling is to be answered.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    /// Metered as this action.
+    Metered(&'static str),
+    /// Refused with this status.
+    Refused(u16),
+}
+
+#[test]
+fn every_spelling_of_a_metered_path_is_metered_or_refused() {
+    use Expect::*;
+    let spellings: Vec<(&str, &str, Expect)> = vec![
+        ("POST", "/api/upload", Metered("upload")),
+        ("POST", "/API/upload", Metered("upload")),
+        ("POST", "/Api/Upload", Metered("upload")),
+        ("POST", "/api/UPLOAD", Metered("upload")),
+        ("POST", "/api/upload;x", Metered("upload")),
+        ("POST", "/api/upload;jsessionid=1", Metered("upload")),
+        ("POST", "/api/upload.", Metered("upload")),
+        ("POST", "/api/upload..", Metered("upload")),
+        ("POST", "/api/%75pload", Metered("upload")),
+        ("POST", "/api/%55PLOAD", Metered("upload")),
+        ("POST", "/api/upload/", Metered("upload")),
+        ("POST", "/api//upload", Metered("upload")),
+        ("POST", "/api/./upload", Metered("upload")),
+        ("POST", "/api/x/../upload", Metered("upload")),
+        ("POST", "/api/upload?x=1", Metered("upload")),
+        ("post", "/api/upload", Refused(400)),
+        ("PUT", "/api/upload", Refused(405)),
+        ("PATCH", "/api/upload", Refused(405)),
+        ("DELETE", "/api/upload", Refused(405)),
+        ("POST", "/api/TEAMMATE", Metered("ai_analysis")),
+        ("POST", "/api/teammate;a=b", Metered("ai_analysis")),
+        ("POST", "/api/Teammate.", Metered("ai_analysis")),
+        ("POST", "/api/teammate/chat", Refused(403)),
+        ("GET", "/API/Procedures/7", Metered("procedure_view")),
+        ("GET", "/api/procedures;x/7", Metered("procedure_view")),
+        ("GET", "/api/procedures/7.", Metered("procedure_view")),
+        ("POST", "/api/procedures/7", Refused(405)),
+        ("GET", "/api/V1/items", Metered("api_call")),
+        ("GET", "/api/v1;x/d", Metered("api_call")),
+        ("DELETE", "/API/v1", Metered("api_call")),
+        ("POST", "/api/export/PDF", Metered("pdf_export")),
+        ("POST", "/api/Export/pdf;", Metered("pdf_export")),
+        ("POST", "/api/uploads", Refused(403)),
+        ("GET", "/api/anything-else", Refused(403)),
+    ];
+    assert!(spellings.len() >= 30);
+    let gw = EnvoyGateway::start(GatewayOptions {
+        lenient_upstream: true,
+        ..GatewayOptions::default()
+    });
+    let send = |method: &str, path: &str, user: Option<&str>| {
+        let mut request = Request::new(method, path).body(Body::Bytes(b"x".to_vec()));
+        if let Some(user) = user {
+            request = request.user(user, "enterprise");
+        }
+        request.send(gw.gateway_port).status
+    };
+    // Without a token, nothing metered reaches the upstream: 401, or refused.
+    for (method, path, expect) in &spellings {
+        let status = send(method, path, None);
+        let wanted = match expect {
+            Metered(_) => 401,
+            Refused(status) => *status,
+        };
+        assert_eq!(status, wanted, "{method} {path} without a token");
+    }
+    assert_eq!(gw.upstream.attempts(), 0, "nothing reached the upstream");
+    // With one, each spelling is metered as its route's action (or refused again).
+    let mut expected: std::collections::BTreeMap<&str, u64> = Default::default();
+    for (method, path, expect) in &spellings {
+        let status = send(method, path, Some("tom"));
+        match expect {
+            Metered(action) => {
+                assert_eq!(status, 200, "{method} {path}");
+                *expected.entry(action).or_default() += 1;
+            }
+            Refused(wanted) => assert_eq!(status, *wanted, "{method} {path}"),
+        }
+    }
+    for (action, n) in &expected {
+        assert!(counts(&gw, "tom", action, *n), "{action}: {n}");
+    }
+    // What the lenient upstream's handlers did is exactly what was counted.
+    let done = gw.upstream.success_map();
+    let handled = |path: &str| done[path].as_u64().unwrap_or(0);
+    assert_eq!(handled("/api/upload"), expected["upload"]);
+    assert_eq!(handled("/api/teammate"), expected["ai_analysis"]);
+    assert_eq!(handled("/api/export/pdf"), expected["pdf_export"]);
+}
