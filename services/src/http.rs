@@ -167,10 +167,14 @@ impl Request {
             head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
         }
         head.extend_from_slice(b"\r\n");
+        // A small body goes in the same write as the head (one segment: some servers, webdis
+        // among them, do not wait for a body that arrives in a second one).
+        if let Body::Bytes(b) = &self.body {
+            head.extend_from_slice(b);
+        }
         stream.write_all(&head)?;
         match &self.body {
-            Body::Empty | Body::DeclaredOnly(_) => {}
-            Body::Bytes(b) => stream.write_all(b)?,
+            Body::Empty | Body::DeclaredOnly(_) | Body::Bytes(_) => {}
             Body::Zeros(n) => {
                 let chunk = vec![0u8; 1 << 20];
                 let mut left = *n;
