@@ -3,7 +3,8 @@
 
 `x-demo-status: 503` makes it answer with that status, `x-demo-delay-ms: 500` makes it wait
 first (timeouts), `x-demo-fail-times: 1` answers 503 to the first attempt of a request (by
-`x-request-id`) so that Envoy's retry succeeds. It reads and discards request bodies, and
+`x-request-id`) so that Envoy's retry succeeds. It reads and discards request bodies (with a
+Content-Length or chunked; an incomplete one is not answered), says how many bytes it read, and
 marks its answers with `x-upstream: demo`. `GET /__demo/stats` tells how many 2xx answers it
 gave per path and how many attempts it saw, so tests can compare counters with what really
 succeeded.
@@ -46,13 +47,39 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def handle_any(self):
-        length = int(self.headers.get("content-length") or 0)
+    def read_exactly(self, length):
+        """Reads and discards `length` bytes; False if the connection ended first."""
         while length > 0:
             chunk = self.rfile.read(min(length, 1 << 20))
             if not chunk:
-                return
+                return False
             length -= len(chunk)
+        return True
+
+    def read_body(self):
+        """The body's size, or None if it did not arrive whole."""
+        if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
+            total = 0
+            while True:
+                line = self.rfile.readline(1024)
+                if not line:
+                    return None
+                size = int(line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return total
+                if not self.read_exactly(size) or not self.rfile.readline(1024):
+                    return None
+                total += size
+        length = int(self.headers.get("content-length") or 0)
+        return length if self.read_exactly(length) else None
+
+    def handle_any(self):
+        body_bytes = self.read_body()
+        if body_bytes is None:
+            self.close_connection = True
+            return
         if self.path == "/__demo/stats":
             with lock:
                 self.answer(200, {"successes": dict(successes), "attempts": sum(attempts.values())})
@@ -73,7 +100,7 @@ class Handler(BaseHTTPRequestHandler):
         # What the gateway told it about the caller (set by the filter, never the client's).
         identity = {name: self.headers.get(name) for name in ("x-user-id", "x-user-plan", "x-org-id")}
         self.answer(status, {"upstream": "demo", "method": self.command, "path": self.path,
-                             "status": status, "identity": identity})
+                             "status": status, "identity": identity, "body_bytes": body_bytes})
 
     def answer(self, status, payload):
         body = json.dumps(payload).encode()

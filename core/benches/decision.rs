@@ -44,6 +44,10 @@ impl Io for Host {
     fn resume(&mut self, stream: StreamId) {
         black_box(stream);
     }
+    fn hold(&mut self, stream: StreamId) -> bool {
+        black_box(stream);
+        true
+    }
     fn count(&mut self, metric: Metric, by: u64) {
         black_box((metric, by));
     }

@@ -1,5 +1,5 @@
 //! A request's head, read once: which action it is, who calls on which plan, and whether the
-//! filter answers it itself (401, 400, 403, 411, 413) before any Redis call.
+//! filter answers it itself (401, 400, 403, 405, 413) before any Redis call.
 
 use std::borrow::Cow;
 use std::rc::Rc;
@@ -35,7 +35,7 @@ pub struct Claims {
 pub enum Admission {
     /// No metered route matched: pass untouched, count nothing.
     Unmetered,
-    /// Answered by the filter (401, 400, 403, 411, 413).
+    /// Answered by the filter (401, 400, 403, 405, 413).
     Refused(LocalResponse),
     /// On a metered route: it goes on, or first reserves a unit, by its terms' limit.
     Metered(MeteredRequest),
@@ -90,6 +90,21 @@ impl<'a> RequestHead<'a> {
 
     pub fn path(&self) -> Cow<'a, str> {
         self.text(":path")
+    }
+
+    /// The client waits for a go-ahead before sending its body (`Expect: 100-continue`): an
+    /// answer now reaches it before it sent any.
+    pub fn expects_continue(&self) -> bool {
+        self.first("expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"))
+    }
+
+    /// The Content-Length, if one well-formed one is declared.
+    pub fn content_length(&self) -> Option<u64> {
+        self.single("content-length")
+            .ok()
+            .flatten()
+            .and_then(parse_content_length)
     }
 }
 
@@ -153,7 +168,7 @@ fn metered(
         org: caller.org.map(|o| String::from_utf8_lossy(o).into_owned()),
         unknown_plan,
         kind: kind(action, head),
-        bytes: declared_size(action, head)?,
+        declared_bytes: declared_size(head)?,
         request_id: request_id(head),
         period: BillingPeriod::calendar_month(now),
         key_prefix: &plans.redis.key_prefix,
@@ -212,15 +227,15 @@ fn user_id(identity: &Identity, field: &str, raw: &[u8]) -> Result<String, Local
     Ok(user.to_string())
 }
 
-/// The bytes an upload declares (411 without a length where the action checks file sizes).
-fn declared_size(action: &Action, head: RequestHead) -> Result<u64, LocalResponse> {
-    let declared = head.single("content-length")?;
-    if !action.enforce_max_file_size {
-        return Ok(declared.and_then(parse_content_length).unwrap_or(0));
+/// The bytes the request declares (Content-Length); `None`: none declared (a chunked body,
+/// measured as it streams) or no body.
+fn declared_size(head: RequestHead) -> Result<Option<u64>, LocalResponse> {
+    match head.single("content-length")? {
+        None => Ok(None),
+        Some(raw) => parse_content_length(raw)
+            .map(Some)
+            .ok_or_else(|| responses::bad_request("content-length", "not a whole number of bytes")),
     }
-    let raw = declared.ok_or_else(responses::length_required)?;
-    parse_content_length(raw)
-        .ok_or_else(|| responses::bad_request("content-length", "not a whole number of bytes"))
 }
 
 /// A Content-Length is ASCII digits only (no sign, no spaces) and fits in u64.
@@ -497,11 +512,13 @@ mod tests {
     }
 
     #[test]
-    fn uploads_need_one_valid_content_length() {
+    fn uploads_declare_one_valid_content_length_or_none() {
         let p = plans();
+        // None: a chunked body, measured as it streams.
         let mut none = head("POST", "/api/upload", "u", "free");
         none.headers.retain(|(n, _)| n != "content-length");
-        assert_eq!(status(&admit_req(&p, &none)), Some(411));
+        let streamed = metered(admit_req(&p, &none));
+        assert_eq!(streamed.bytes(), 0);
         for bad in [&b"-1"[..], b"12a", b"", b" 1", b"99999999999999999999999"] {
             let a = admit_req(&p, &upload("free", bad));
             assert_eq!(status(&a), Some(400), "{:?}", String::from_utf8_lossy(bad));

@@ -127,6 +127,10 @@ pub struct GatewaySettings {
     pub min_upload_bytes_per_second: u64,
     /// The whole-request timeout, if set, instead of the one derived above.
     pub request_timeout_ms: Option<u64>,
+    /// The most body the filter reads and discards from a request it refused, so that a client
+    /// that writes its whole body before reading gets the answer rather than a reset; beyond
+    /// it (or a Content-Length over it) the answer goes at once.
+    pub max_drain_bytes: u64,
 }
 
 impl Default for GatewaySettings {
@@ -134,6 +138,7 @@ impl Default for GatewaySettings {
         Self {
             min_upload_bytes_per_second: 64 * 1024,
             request_timeout_ms: None,
+            max_drain_bytes: 64 << 20,
         }
     }
 }

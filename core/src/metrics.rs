@@ -7,7 +7,7 @@ pub enum Metric {
     Allowed,
     /// 429: the monthly limit was reached.
     Denied,
-    /// 401, 400, 403, 411, 413: refused before any Redis call.
+    /// 401, 400, 403, 405, 413: refused before any Redis call (or a streamed body too large).
     Rejected,
     /// Redis did not answer usably and the action is `fail_open`: let through unchecked.
     FailOpen,
@@ -31,10 +31,13 @@ pub enum Metric {
     Extended,
     /// A plan name plans.json does not know, in a token or billing's record.
     UnknownPlan,
+    /// Refusals answered once their body was read (held from the upstream meanwhile), for
+    /// clients that write a whole body before reading.
+    AnsweredAfterBody,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 14] = [
+    pub const ALL: [Metric; 15] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::Rejected,
@@ -49,6 +52,7 @@ impl Metric {
         Metric::SettlementsDropped,
         Metric::Extended,
         Metric::UnknownPlan,
+        Metric::AnsweredAfterBody,
     ];
 
     /// The name the host defines it under.
@@ -68,6 +72,7 @@ impl Metric {
             Metric::SettlementsDropped => "plan_limits.settlements_dropped",
             Metric::Extended => "plan_limits.extended",
             Metric::UnknownPlan => "plan_limits.unknown_plan",
+            Metric::AnsweredAfterBody => "plan_limits.answered_after_body",
         }
     }
 }

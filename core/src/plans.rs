@@ -21,6 +21,8 @@ pub struct Plans {
     /// Envoy's whole-request timeout (ms): long enough for the largest allowed upload on the
     /// slowest link taken.
     pub request_timeout_ms: u64,
+    /// The most body read and discarded from a refused request before answering it.
+    pub max_drain_bytes: u64,
     pub features: Vec<String>,
     actions: Vec<Rc<Action>>,
     plans: Vec<Rc<Plan>>,
@@ -181,6 +183,7 @@ impl Plans {
             identity: config.identity,
             redis: config.redis,
             request_timeout_ms,
+            max_drain_bytes: config.gateway.max_drain_bytes,
             features: config.features,
             actions,
             plans,

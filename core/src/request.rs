@@ -31,7 +31,8 @@ pub struct RequestFacts<'a> {
     /// A plan name the caller named that plans.json does not know (the default plan applies).
     pub unknown_plan: Option<String>,
     pub kind: String,
-    pub bytes: u64,
+    /// The Content-Length, if declared (none: a chunked body, or no body).
+    pub declared_bytes: Option<u64>,
     pub request_id: String,
     pub period: BillingPeriod,
     pub key_prefix: &'a str,
@@ -46,7 +47,9 @@ pub struct MeteredRequest {
     org: Option<String>,
     unknown_plan: Option<String>,
     kind: String,
-    bytes: u64,
+    declared_bytes: Option<u64>,
+    /// The body that went through so far.
+    body_bytes: u64,
     request_id: String,
     period: BillingPeriod,
     keys: UsageKeys,
@@ -108,7 +111,8 @@ impl MeteredRequest {
             org: facts.org,
             unknown_plan: facts.unknown_plan,
             kind: facts.kind,
-            bytes: facts.bytes,
+            declared_bytes: facts.declared_bytes,
+            body_bytes: 0,
             request_id: facts.request_id,
             period: facts.period,
             keys,
@@ -140,8 +144,13 @@ impl MeteredRequest {
         &self.kind
     }
 
+    /// The body's size: what went through once all of it did, else what was declared (Envoy
+    /// holds a body to its Content-Length), else what went through so far.
     pub fn bytes(&self) -> u64 {
-        self.bytes
+        match self.declared_bytes {
+            Some(declared) if !self.forwarded => declared,
+            _ => self.body_bytes,
+        }
     }
 
     pub fn request_id(&self) -> &str {
@@ -172,9 +181,32 @@ impl MeteredRequest {
                 offer.as_ref(),
             ));
         }
-        match self.terms.plan.max_file_size_bytes {
-            Some(max) if self.action.enforce_max_file_size && self.bytes > max => {
-                Err(responses::file_too_large(&self.terms.plan, self.bytes, max))
+        match (self.max_file_size(), self.declared_bytes) {
+            (Some(max), Some(declared)) if declared > max => Err(responses::file_too_large(
+                &self.terms.plan,
+                Some(declared),
+                max,
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The file size the plan in force allows, where the action checks it.
+    fn max_file_size(&self) -> Option<u64> {
+        self.terms
+            .plan
+            .max_file_size_bytes
+            .filter(|_| self.action.enforce_max_file_size)
+    }
+
+    /// `len` more bytes of the body go through. A body without a Content-Length is measured
+    /// as it streams: past the plan's file size it is refused (413), unless the upstream has
+    /// answered already.
+    pub fn on_body(&mut self, len: u64) -> Result<(), LocalResponse> {
+        self.body_bytes = self.body_bytes.saturating_add(len);
+        match self.max_file_size() {
+            Some(max) if self.body_bytes > max && self.hold != Hold::Settled => {
+                Err(responses::file_too_large(&self.terms.plan, None, max))
             }
             _ => Ok(()),
         }
@@ -394,7 +426,7 @@ impl MeteredRequest {
             plan: self.terms.plan.key.clone(),
             limits_json: self.terms.plan.limits_json.clone(),
             kind: self.kind.clone(),
-            bytes: self.bytes,
+            bytes: self.bytes(),
             status,
             at: period::rfc3339(now, true),
             request_id: self.request_id.clone(),

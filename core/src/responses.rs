@@ -1,4 +1,4 @@
-//! Every answer the filter gives itself (401, 400, 403, 411, 413, 429, 503): status, headers
+//! Every answer the filter gives itself (401, 400, 403, 405, 413, 429, 503): status, headers
 //! and the JSON body a client app can show to its user.
 
 use serde_json::{json, Value};
@@ -117,13 +117,15 @@ pub fn feature_unavailable(
     )
 }
 
-/// 413: a file of `size_bytes` is over `plan`'s `max_bytes`.
-pub fn file_too_large(plan: &Plan, size_bytes: u64, max_bytes: u64) -> LocalResponse {
-    let offer = plan.upgrade_path.iter().find(|bigger| {
-        bigger
-            .max_file_size_bytes
-            .is_none_or(|max| max >= size_bytes)
-    });
+/// 413: a file of `size_bytes` (`None`: streamed, and already past `max_bytes`) is over
+/// `plan`'s `max_bytes`.
+pub fn file_too_large(plan: &Plan, size_bytes: Option<u64>, max_bytes: u64) -> LocalResponse {
+    // The smallest size the upgrade must allow.
+    let needed = size_bytes.unwrap_or(max_bytes.saturating_add(1));
+    let offer = plan
+        .upgrade_path
+        .iter()
+        .find(|bigger| bigger.max_file_size_bytes.is_none_or(|max| max >= needed));
     let pitch = match offer {
         Some(bigger) => format!(
             " Upgrade to {} for files up to {}.",
@@ -135,13 +137,17 @@ pub fn file_too_large(plan: &Plan, size_bytes: u64, max_bytes: u64) -> LocalResp
         ),
         None => String::new(),
     };
+    let size = match size_bytes {
+        Some(size) => megabytes(size),
+        None => format!("over {}", megabytes(max_bytes)),
+    };
     LocalResponse::json(
         413,
         json!({
             "error": "File too large",
             "message": format!(
-                "This file is {}; the {} plan allows files up to {}.{}",
-                megabytes(size_bytes), plan.name, megabytes(max_bytes), pitch
+                "This file is {size}; the {} plan allows files up to {}.{pitch}",
+                plan.name, megabytes(max_bytes)
             ),
             "size_bytes": size_bytes,
             "max_bytes": max_bytes,
@@ -221,16 +227,6 @@ pub fn bad_request(field: &str, reason: &str) -> LocalResponse {
             "error": "Bad request",
             "message": format!("{field}: {reason}"),
             "field": field,
-        }),
-    )
-}
-
-pub fn length_required() -> LocalResponse {
-    LocalResponse::json(
-        411,
-        json!({
-            "error": "Length required",
-            "message": "Uploads need a Content-Length header so the plan's file size limit can be checked.",
         }),
     )
 }
@@ -388,15 +384,23 @@ mod tests {
     fn a_large_file_is_offered_a_plan_that_takes_it() {
         let p = plans();
         let free = p.plan("free").unwrap();
-        let r = file_too_large(free, 11 * 1024 * 1024, 10 * 1024 * 1024);
+        let r = file_too_large(free, Some(11 * 1024 * 1024), 10 * 1024 * 1024);
         assert_eq!(r.status, 413);
         let b = body(&r);
         assert_eq!(
             b["message"],
             "This file is 11 MB; the Free plan allows files up to 10 MB. Upgrade to Professional for files up to 100 MB."
         );
-        let r = file_too_large(free, 200 * 1024 * 1024, 10 * 1024 * 1024);
+        let r = file_too_large(free, Some(200 * 1024 * 1024), 10 * 1024 * 1024);
         assert_eq!(body(&r)["upgrade"]["plan"], "enterprise");
+        // Streamed: its size is not known, only that it is past the limit.
+        let r = file_too_large(free, None, 10 * 1024 * 1024);
+        let b = body(&r);
+        assert_eq!(b["size_bytes"], Value::Null);
+        assert_eq!(
+            b["message"],
+            "This file is over 10 MB; the Free plan allows files up to 10 MB. Upgrade to Professional for files up to 100 MB."
+        );
     }
 
     #[test]

@@ -2,10 +2,17 @@
 //! context (one per Envoy worker thread) and hands it every event; the worker answers through
 //! `Io`.
 //!
-//! Events in: plans.json (`configure`), a request's head, the end of its body, a Redis call's
-//! answer, the upstream's status, the end of a stream, a tick, shutdown. Actions out: send this
-//! Redis command, answer this stream, resume that one, set its identity headers, count this
-//! metric, log this line, read or write this Envoy's shared data, done.
+//! Events in: plans.json (`configure`), a request's head, its body as it passes, a Redis
+//! call's answer, the upstream's status, the end of a stream, a tick, shutdown. Actions out:
+//! send this Redis command, answer this stream, resume that one, hold it from the upstream,
+//! set its identity headers, count this metric, log this line, read or write this Envoy's
+//! shared data, done.
+//!
+//! A refusal reaches a client that writes its whole body before reading (most HTTP
+//! libraries): rather than answering mid-body, which makes Envoy close a connection the client
+//! is still writing to (it sees a reset), the worker has the stream held from the upstream,
+//! reads and discards the body, and answers at its end (up to `gateway.max_drain_bytes`). A
+//! client that asked first (`Expect: 100-continue`) is answered at once.
 //!
 //! The worker owns the metered streams in flight, the calls waiting for Redis (by token, each
 //! with its waiter: every call gets exactly one answer, delivered to its waiter or dropped
@@ -52,6 +59,10 @@ pub trait Io {
     fn set_request_header(&mut self, stream: StreamId, name: &str, value: &str);
     /// Lets the paused `stream` go on to the upstream.
     fn resume(&mut self, stream: StreamId);
+    /// Has `stream` held before the upstream once its headers go on (Envoy: by the hold
+    /// filter that follows this one), so that its body can be read and discarded here;
+    /// `false` when nothing can hold it.
+    fn hold(&mut self, stream: StreamId) -> bool;
     fn count(&mut self, metric: Metric, by: u64);
     fn log(&mut self, level: LogLevel, message: String);
     /// This Envoy's shared data (across its workers): the value and its version.
@@ -79,6 +90,19 @@ pub enum Flow {
     Pause,
 }
 
+/// What the body callback returns to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFlow {
+    /// The piece goes on.
+    Continue,
+    /// The request was refused: the piece is emptied, and the empty piece goes on (to what
+    /// holds the request, or as nothing to the upstream).
+    Discard,
+    /// The request was just answered: the piece is emptied and stops here (the end of the
+    /// body must not reach an upstream that has its head).
+    Stop,
+}
+
 /// Users remembered per worker, in the refusal and entitlement caches; beyond this many, old
 /// ones go.
 const REMEMBERED_USERS: usize = 10_000;
@@ -88,6 +112,8 @@ const LOG_EVERY_MS: u64 = 1000;
 pub struct Worker {
     plans: Option<Rc<Plans>>,
     streams: HashMap<StreamId, Stream>,
+    /// Refused streams whose body is read and discarded before they are answered.
+    draining: HashMap<StreamId, Drain>,
     calls: HashMap<Token, Waiter>,
     settlements: SettlementQueue,
     denials: DenialCache,
@@ -105,6 +131,15 @@ struct Stream {
     request: MeteredRequest,
     /// The reservation call it waits for, if any.
     call: Option<Token>,
+    /// Its client may be writing a body it will not read past: a refusal waits for its end.
+    drainable: bool,
+}
+
+/// A refused stream's answer, waiting for the end of its body (`None` once given: whatever
+/// else arrives is discarded too).
+struct Drain {
+    response: Option<LocalResponse>,
+    read: u64,
 }
 
 /// Who waits for a call's answer.
@@ -162,6 +197,7 @@ impl Worker {
         Self {
             plans: None,
             streams: HashMap::new(),
+            draining: HashMap::new(),
             calls: HashMap::new(),
             settlements: SettlementQueue::new(defaults.max_queued_settlements, defaults.max_batch),
             denials: DenialCache::new(REMEMBERED_USERS),
@@ -224,20 +260,59 @@ impl Worker {
             io.respond(stream, &responses::not_configured());
             return Flow::Pause;
         };
+        // A body may follow that its client writes before reading any answer.
+        let drainable = !end_of_stream
+            && !head.expects_continue()
+            && head
+                .content_length()
+                .is_none_or(|n| n <= plans.max_drain_bytes);
         match admission::admit(&plans, head, now) {
             // Not counted: Envoy's own request stats already do, and this path must stay cheap.
             Admission::Unmetered => Flow::Continue,
             Admission::Refused(response) => {
                 io.count(Metric::Rejected, 1);
-                io.respond(stream, &response);
-                Flow::Pause
+                self.refuse_at_head(stream, response, drainable, io)
             }
             Admission::Metered(mut request) => {
                 if end_of_stream {
                     request.on_forwarded();
                 }
-                self.meter(stream, request, &plans, now, io)
+                self.meter(stream, request, drainable, &plans, now, io)
             }
+        }
+    }
+
+    /// Answers `stream` with `response`: at once, or, when its client may be writing a body,
+    /// once the body is read (the stream held from the upstream meanwhile). `true`: held.
+    fn answer(
+        &mut self,
+        stream: StreamId,
+        response: LocalResponse,
+        drainable: bool,
+        io: &mut dyn Io,
+    ) -> bool {
+        if drainable && io.hold(stream) {
+            let response = Some(response);
+            self.draining.insert(stream, Drain { response, read: 0 });
+            true
+        } else {
+            io.respond(stream, &response);
+            false
+        }
+    }
+
+    /// A refusal decided from the head: a held stream's headers go on (to what holds it).
+    fn refuse_at_head(
+        &mut self,
+        stream: StreamId,
+        response: LocalResponse,
+        drainable: bool,
+        io: &mut dyn Io,
+    ) -> Flow {
+        if self.answer(stream, response, drainable, io) {
+            Flow::Continue
+        } else {
+            Flow::Pause
         }
     }
 
@@ -245,6 +320,7 @@ impl Worker {
         &mut self,
         stream: StreamId,
         mut request: MeteredRequest,
+        drainable: bool,
         plans: &Plans,
         now: DateTime<Utc>,
         io: &mut dyn Io,
@@ -258,8 +334,7 @@ impl Worker {
         if let Some(plan) = entitled.filter(|plan| *plan != request.plan().key) {
             if let Err(response) = request.apply_plan(&plan) {
                 io.count(Metric::Rejected, 1);
-                io.respond(stream, &response);
-                return Flow::Pause;
+                return self.refuse_at_head(stream, response, drainable, io);
             }
         }
         self.note_unknown_plan(&request, now_ms, io);
@@ -272,14 +347,14 @@ impl Worker {
                 Stream {
                     request,
                     call: None,
+                    drainable,
                 },
             );
             return Flow::Continue;
         };
         if let Some(response) = self.denials.refusal(&request, now) {
             io.count(Metric::Denied, 1);
-            io.respond(stream, &response);
-            return Flow::Pause;
+            return self.refuse_at_head(stream, response, drainable, io);
         }
         let redis = &plans.redis;
         let fallback = match plans.identity.unknown_plan {
@@ -301,6 +376,7 @@ impl Worker {
                     Stream {
                         request,
                         call: Some(token),
+                        drainable,
                     },
                 );
                 return Flow::Pause;
@@ -310,10 +386,7 @@ impl Worker {
                 let decision = request.on_reservation(Err(e), now);
                 match self.carry_out(stream, &mut request, decision, plans, now, io) {
                     Ok(()) => Flow::Continue,
-                    Err(response) => {
-                        io.respond(stream, &response);
-                        Flow::Pause
-                    }
+                    Err(response) => self.refuse_at_head(stream, response, drainable, io),
                 }
             }
         };
@@ -322,6 +395,7 @@ impl Worker {
             Stream {
                 request,
                 call: None,
+                drainable,
             },
         );
         flow
@@ -456,15 +530,68 @@ impl Worker {
         }
         match self.carry_out(stream, &mut entry.request, decision, &plans, now, io) {
             Ok(()) => io.resume(stream),
-            Err(response) => io.respond(stream, &response),
+            Err(response) => {
+                // Held: it goes on to what holds it, and its body comes here.
+                if self.answer(stream, response, entry.drainable, io) {
+                    io.resume(stream);
+                }
+            }
         }
         self.streams.insert(stream, entry);
     }
 
-    /// The last of `stream`'s request body went through (it was fully forwarded).
-    pub fn on_request_body_end(&mut self, stream: StreamId) {
-        if let Some(entry) = self.streams.get_mut(&stream) {
-            entry.request.on_forwarded();
+    /// `len` bytes of `stream`'s request body passed (`end_of_stream`: the last of it). A
+    /// refused stream's body is discarded, and answered at its end; a streamed upload past
+    /// its plan's file size is refused here (413), its unit given back.
+    pub fn on_request_body(
+        &mut self,
+        stream: StreamId,
+        len: u64,
+        end_of_stream: bool,
+        now: DateTime<Utc>,
+        io: &mut dyn Io,
+    ) -> BodyFlow {
+        if let Some(drain) = self.draining.get_mut(&stream) {
+            drain.read = drain.read.saturating_add(len);
+            let max = self.plans.as_ref().map_or(0, |p| p.max_drain_bytes);
+            if !(end_of_stream || drain.read > max) {
+                return BodyFlow::Discard;
+            }
+            if let Some(response) = drain.response.take() {
+                if end_of_stream {
+                    io.count(Metric::AnsweredAfterBody, 1);
+                }
+                io.respond(stream, &response);
+            }
+            return BodyFlow::Stop;
+        }
+        let (Some(plans), Some(entry)) = (self.plans.clone(), self.streams.get_mut(&stream)) else {
+            return BodyFlow::Continue;
+        };
+        match entry.request.on_body(len) {
+            Ok(()) => {
+                if end_of_stream {
+                    entry.request.on_forwarded();
+                }
+                BodyFlow::Continue
+            }
+            Err(response) => {
+                io.count(Metric::Rejected, 1);
+                let settlement = entry
+                    .request
+                    .on_response(response.status, now, &plans.redis);
+                self.queue(settlement, io);
+                // Its headers went upstream already: what is discarded here never follows
+                // them, and Envoy resets the upstream request when the answer goes.
+                if end_of_stream {
+                    io.respond(stream, &response);
+                    BodyFlow::Stop
+                } else {
+                    let response = Some(response);
+                    self.draining.insert(stream, Drain { response, read: 0 });
+                    BodyFlow::Discard
+                }
+            }
         }
     }
 
@@ -491,6 +618,7 @@ impl Worker {
     /// released (or committed, for an action that counts what was forwarded), and an answer
     /// still owed to it is no longer wanted.
     pub fn on_stream_end(&mut self, stream: StreamId, now: DateTime<Utc>, io: &mut dyn Io) {
+        self.draining.remove(&stream);
         let Some(mut entry) = self.streams.remove(&stream) else {
             return;
         };
@@ -706,6 +834,9 @@ mod tests {
         refuse_sends: bool,
         responded: Vec<(StreamId, LocalResponse)>,
         resumed: Vec<StreamId>,
+        /// Whether a hold filter follows (Envoy as rendered: yes), and the streams it held.
+        holds: bool,
+        held: Vec<StreamId>,
         headers: Vec<(StreamId, String, String)>,
         counts: HashMap<Metric, u64>,
         logs: Vec<(LogLevel, String)>,
@@ -734,6 +865,12 @@ mod tests {
         }
         fn resume(&mut self, stream: StreamId) {
             self.resumed.push(stream);
+        }
+        fn hold(&mut self, stream: StreamId) -> bool {
+            if self.holds {
+                self.held.push(stream);
+            }
+            self.holds
         }
         fn count(&mut self, metric: Metric, by: u64) {
             *self.counts.entry(metric).or_default() += by;
@@ -878,6 +1015,181 @@ mod tests {
         w.on_tick(now(), &mut io);
         assert!(io.sent.is_empty() && io.counts.is_empty() && io.responded.is_empty());
         assert!(io.headers.is_empty());
+    }
+
+    /// A recorder with a hold filter after the plan filter, as envoy.yaml renders it.
+    fn holding() -> Recorder {
+        Recorder {
+            holds: true,
+            ..Recorder::default()
+        }
+    }
+
+    #[test]
+    fn a_refusal_waits_for_the_body_its_client_is_still_writing() {
+        let mut io = holding();
+        let mut w = worker(&mut io);
+        let mut no_token = upload("u");
+        no_token.claims = Default::default();
+        // Its headers go on, to the hold filter; its body comes here and goes nowhere.
+        assert_eq!(send(&mut w, 1, &no_token, &mut io), Flow::Continue);
+        assert_eq!(io.held, [1]);
+        assert!(io.responded.is_empty());
+        let piece = w.on_request_body(1, 4, false, now(), &mut io);
+        assert_eq!(piece, BodyFlow::Discard);
+        assert!(io.responded.is_empty());
+        let last = w.on_request_body(1, 6, true, now(), &mut io);
+        assert_eq!(last, BodyFlow::Stop);
+        assert_eq!(io.status_for(1), Some(401));
+        assert_eq!(io.count_of(Metric::AnsweredAfterBody), 1);
+        assert_eq!(io.count_of(Metric::Rejected), 1);
+    }
+
+    #[test]
+    fn a_refusal_is_answered_at_once_when_no_body_is_being_written() {
+        let mut io = holding();
+        let mut w = worker(&mut io);
+        let mut no_token = upload("u");
+        no_token.claims = Default::default();
+        // No body follows.
+        let flow = w.on_request_headers(1, no_token.head(), true, now(), &mut io);
+        assert_eq!(flow, Flow::Pause);
+        // The client waits for a go-ahead before sending it.
+        let asks = no_token.clone().header("expect", b"100-Continue");
+        assert_eq!(send(&mut w, 2, &asks, &mut io), Flow::Pause);
+        // More than is worth reading.
+        let mut huge = no_token.clone();
+        huge.headers.retain(|(n, _)| n != "content-length");
+        let huge = huge.header("content-length", (65u64 << 20).to_string().as_bytes());
+        assert_eq!(send(&mut w, 3, &huge, &mut io), Flow::Pause);
+        assert!(io.held.is_empty());
+        for stream in [1, 2, 3] {
+            assert_eq!(io.status_for(stream), Some(401));
+        }
+        // Without a hold filter, nothing can keep the request from the upstream: at once.
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        assert_eq!(send(&mut w, 1, &no_token, &mut io), Flow::Pause);
+        assert_eq!(io.status_for(1), Some(401));
+    }
+
+    #[test]
+    fn a_body_past_what_is_worth_reading_is_answered_there() {
+        let json = plans_json_with(|p| p["gateway"] = serde_json::json!({"max_drain_bytes": 100}));
+        let mut io = holding();
+        let mut w = worker_with(&mut io, &json);
+        let mut no_token = upload("u");
+        no_token.claims = Default::default();
+        no_token.headers.retain(|(n, _)| n != "content-length");
+        assert_eq!(send(&mut w, 1, &no_token, &mut io), Flow::Continue);
+        w.on_request_body(1, 100, false, now(), &mut io);
+        assert!(io.responded.is_empty());
+        let past = w.on_request_body(1, 1, false, now(), &mut io);
+        assert_eq!(past, BodyFlow::Stop);
+        assert_eq!(io.status_for(1), Some(401));
+        assert_eq!(io.count_of(Metric::AnsweredAfterBody), 0);
+        // Anything after the answer stops too, and is answered no more.
+        let later = w.on_request_body(1, 1, true, now(), &mut io);
+        assert_eq!(later, BodyFlow::Stop);
+        assert_eq!(io.responded.len(), 1);
+    }
+
+    #[test]
+    fn a_429_after_the_reservation_waits_for_the_body_too() {
+        let mut io = holding();
+        let mut w = worker(&mut io);
+        assert_eq!(send(&mut w, 1, &upload("u"), &mut io), Flow::Pause);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, reserved(0, 5, 0, "free"), now(), &mut io);
+        // Resumed into the hold filter, not to the upstream.
+        assert_eq!(
+            (io.held.as_slice(), io.resumed.as_slice()),
+            (&[1][..], &[1][..])
+        );
+        assert!(io.responded.is_empty());
+        assert_eq!(io.count_of(Metric::Allowed), 0);
+        w.on_request_body(1, 10, true, now(), &mut io);
+        assert_eq!(io.status_for(1), Some(429));
+        // The remembered refusal of the same user, decided from the head, waits as well.
+        assert_eq!(send(&mut w, 2, &upload("u"), &mut io), Flow::Continue);
+        assert_eq!(io.held, [1, 2]);
+        w.on_request_body(2, 10, true, now(), &mut io);
+        assert_eq!(io.status_for(2), Some(429));
+    }
+
+    #[test]
+    fn a_client_that_leaves_while_its_body_is_discarded_leaves_nothing_behind() {
+        let mut io = holding();
+        let mut w = worker(&mut io);
+        let mut no_token = upload("u");
+        no_token.claims = Default::default();
+        send(&mut w, 1, &no_token, &mut io);
+        w.on_request_body(1, 4, false, now(), &mut io);
+        w.on_stream_end(1, now(), &mut io);
+        assert!(io.responded.is_empty());
+        assert_eq!(
+            w.on_request_body(1, 4, true, now(), &mut io),
+            BodyFlow::Continue
+        );
+        assert!(io.responded.is_empty());
+    }
+
+    /// A free user's upload without a Content-Length (a chunked body).
+    fn streamed_upload(user: &str) -> Req {
+        let mut req = upload(user);
+        req.headers.retain(|(n, _)| n != "content-length");
+        req
+    }
+
+    #[test]
+    fn a_streamed_upload_past_the_plans_file_size_is_refused_as_it_streams() {
+        let mut io = holding();
+        let mut w = worker(&mut io);
+        assert_eq!(send(&mut w, 1, &streamed_upload("u"), &mut io), Flow::Pause);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, granted(), now(), &mut io);
+        assert_eq!(io.resumed, [1]);
+        let mb = 1 << 20;
+        for _ in 0..10 {
+            let piece = w.on_request_body(1, mb, false, now(), &mut io);
+            assert_eq!(piece, BodyFlow::Continue);
+        }
+        // One byte past the free plan's 10 MB: that piece and the rest never reach the
+        // upstream; the answer waits for the end of the body.
+        let piece = w.on_request_body(1, 1, false, now(), &mut io);
+        assert_eq!(piece, BodyFlow::Discard);
+        assert!(io.responded.is_empty());
+        let piece = w.on_request_body(1, mb, true, now(), &mut io);
+        assert_eq!(piece, BodyFlow::Stop, "its end never reaches the upstream");
+        let (_, answer) = io.responded.last().unwrap();
+        assert_eq!(answer.status, 413);
+        let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        assert_eq!(body["max_bytes"], 10 * mb);
+        assert_eq!(io.count_of(Metric::Rejected), 1);
+        // Its unit is given back; its own 413 passing the response path changes nothing.
+        w.on_response_headers(1, 413, now(), &mut io);
+        w.on_stream_end(1, now(), &mut io);
+        w.on_tick(now(), &mut io);
+        let (_, batch) = io.last_sent();
+        assert!(batch.args.iter().any(|a| a == b"release"));
+        assert!(!batch.args.iter().any(|a| a == b"commit"));
+    }
+
+    #[test]
+    fn a_streamed_upload_is_counted_with_the_bytes_its_body_had() {
+        let mut io = holding();
+        let mut w = worker(&mut io);
+        send(&mut w, 1, &streamed_upload("u"), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, granted(), now(), &mut io);
+        w.on_request_body(1, 700, false, now(), &mut io);
+        w.on_request_body(1, 300, true, now(), &mut io);
+        w.on_response_headers(1, 201, now(), &mut io);
+        w.on_stream_end(1, now(), &mut io);
+        w.on_tick(now(), &mut io);
+        let (_, batch) = io.last_sent();
+        assert!(batch.args.iter().any(|a| a == b"commit"));
+        assert!(batch.args.iter().any(|a| a == b"1000"), "the body's bytes");
     }
 
     #[test]
@@ -1216,7 +1528,10 @@ mod tests {
             let (token, _) = io.last_sent();
             w.on_reply(token, granted(), now(), &mut io);
         }
-        w.on_request_body_end(1);
+        assert_eq!(
+            w.on_request_body(1, 10, true, now(), &mut io),
+            BodyFlow::Continue
+        );
         w.on_stream_end(1, now(), &mut io);
         w.on_stream_end(2, now(), &mut io);
         w.on_tick(now(), &mut io);

@@ -124,6 +124,15 @@ impl Io for Host<'_> {
         self.streams.push(StreamAction::Resume(stream));
     }
 
+    fn hold(&mut self, stream: StreamId) -> bool {
+        let Some((header, secret)) = crate::hold::marker() else {
+            return false;
+        };
+        self.streams
+            .push(StreamAction::SetHeader(stream, header.into(), secret));
+        true
+    }
+
     fn count(&mut self, metric: Metric, by: u64) {
         self.metrics.increment(metric, by);
     }

@@ -1,11 +1,12 @@
-//! One context per request: hands the worker the request's headers, the upstream's status
-//! and the end of the stream, and (webdis build) the answers to its reservation calls.
+//! One context per request: hands the worker the request's headers, its body as it passes,
+//! the upstream's status and the end of the stream, and (webdis build) the answers to its
+//! reservation calls.
 
 use std::rc::Rc;
 
 use plan_limits_core::admission::{Claims, RequestHead};
 use plan_limits_core::config::IdentitySource;
-use plan_limits_core::worker::Flow;
+use plan_limits_core::worker::{BodyFlow, Flow};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
@@ -73,11 +74,21 @@ impl HttpContext for PlanLimitsHttp {
         }
     }
 
-    fn on_http_request_body(&mut self, _body_size: usize, end_of_stream: bool) -> Action {
-        if end_of_stream {
-            self.shared.worker.borrow_mut().on_request_body_end(self.id);
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let id = self.id;
+        let len = u64::try_from(body_size).unwrap_or(u64::MAX);
+        let flow = self
+            .shared
+            .handle(|worker, host| worker.on_request_body(id, len, end_of_stream, now(), host));
+        if flow != BodyFlow::Continue {
+            // Emptied in place: nothing of it goes on. (Never paused before: a paused body
+            // is Envoy's buffer, where the piece would pile up instead.)
+            self.set_http_request_body(0, body_size, &[]);
         }
-        Action::Continue
+        match flow {
+            BodyFlow::Continue | BodyFlow::Discard => Action::Continue,
+            BodyFlow::Stop => Action::Pause,
+        }
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {

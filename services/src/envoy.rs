@@ -106,6 +106,9 @@ pub fn unmetered_routes(plans: &Plans, timeout: &str) -> String {
                  {indent}  typed_per_filter_config:\n\
                  {indent}    plan_limits:\n\
                  {indent}      \"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig\n\
+                 {indent}      disabled: true\n\
+                 {indent}    plan_limits_hold:\n\
+                 {indent}      \"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig\n\
                  {indent}      disabled: true"
             ));
         }

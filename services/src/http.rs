@@ -1,6 +1,7 @@
 //! Requests and responses, the one vocabulary of every runner (the harness and real Envoy),
 //! and a small HTTP/1.1 client over a raw socket, so tests can send exactly the bytes they
-//! mean (duplicate headers, non-UTF-8 values, bodies the gateway refuses before reading them).
+//! mean (duplicate headers, non-UTF-8 values, bodies written whole before reading, chunked,
+//! or held back for a `100 Continue`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -60,18 +61,33 @@ pub enum Body {
     #[default]
     Empty,
     Bytes(Vec<u8>),
-    /// `n` zero bytes, streamed, with their Content-Length.
+    /// `n` zero bytes with their Content-Length, all written before the answer is read (as
+    /// most HTTP libraries do).
     Zeros(u64),
-    /// A Content-Length header but no body sent: for requests the gateway answers first.
-    DeclaredOnly(u64),
+    /// `n` zero bytes without a Content-Length (`Transfer-Encoding: chunked`), in 1 MiB
+    /// chunks, all written before the answer is read.
+    Chunked(u64),
+    /// `n` zero bytes with their Content-Length and `Expect: 100-continue`: sent only once the
+    /// gateway says to go on (a `100 Continue`), else answered without being sent.
+    ExpectContinue(u64),
 }
 
 impl Body {
+    /// The Content-Length it goes with.
     fn length(&self) -> Option<u64> {
         match self {
-            Body::Empty => None,
+            Body::Empty | Body::Chunked(_) => None,
             Body::Bytes(b) => Some(b.len() as u64),
-            Body::Zeros(n) | Body::DeclaredOnly(n) => Some(*n),
+            Body::Zeros(n) | Body::ExpectContinue(n) => Some(*n),
+        }
+    }
+
+    /// Its size.
+    pub fn size(&self) -> u64 {
+        match self {
+            Body::Empty => 0,
+            Body::Bytes(b) => b.len() as u64,
+            Body::Zeros(n) | Body::Chunked(n) | Body::ExpectContinue(n) => *n,
         }
     }
 }
@@ -139,6 +155,11 @@ impl Request {
         explicit.or(self.body.length())
     }
 
+    /// Whether a body follows its head.
+    pub fn has_body(&self) -> bool {
+        self.body.size() > 0
+    }
+
     pub fn send(&self, port: u16) -> Response {
         self.try_send(port)
             .unwrap_or_else(|e| panic!("{} {}: {e}", self.method, self.path))
@@ -166,31 +187,58 @@ impl Request {
         if let (Some(n), false) = (self.body.length(), explicit_length) {
             head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
         }
+        match &self.body {
+            Body::Chunked(_) => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            Body::ExpectContinue(_) => head.extend_from_slice(b"expect: 100-continue\r\n"),
+            _ => {}
+        }
         head.extend_from_slice(b"\r\n");
         // A small body goes in the same write as the head (one segment: some servers, webdis
         // among them, do not wait for a body that arrives in a second one).
         if let Body::Bytes(b) = &self.body {
             head.extend_from_slice(b);
         }
+        let mut reader = BufReader::new(stream.try_clone()?);
         stream.write_all(&head)?;
         match &self.body {
-            Body::Empty | Body::DeclaredOnly(_) | Body::Bytes(_) => {}
-            Body::Zeros(n) => {
-                let chunk = vec![0u8; 1 << 20];
-                let mut left = *n;
-                while left > 0 {
-                    let k = left.min(chunk.len() as u64) as usize;
-                    stream.write_all(&chunk[..k])?;
-                    left -= k as u64;
+            Body::Empty | Body::Bytes(_) => {}
+            Body::Zeros(n) => write_zeros(&mut stream, *n, false)?,
+            Body::Chunked(n) => write_zeros(&mut stream, *n, true)?,
+            Body::ExpectContinue(n) => {
+                let (status, headers) = read_head(&mut reader)?;
+                if status != 100 {
+                    return read_body(reader, status, headers);
                 }
+                write_zeros(&mut stream, *n, false)?;
             }
         }
-        read_response(stream)
+        read_response(reader)
     }
 }
 
-fn read_response(stream: TcpStream) -> std::io::Result<Response> {
-    let mut reader = BufReader::new(stream);
+/// `n` zero bytes in 1 MiB writes (chunks, with `chunked`).
+fn write_zeros(stream: &mut TcpStream, n: u64, chunked: bool) -> std::io::Result<()> {
+    let piece = vec![0u8; 1 << 20];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(piece.len() as u64) as usize;
+        if chunked {
+            stream.write_all(format!("{k:x}\r\n").as_bytes())?;
+        }
+        stream.write_all(&piece[..k])?;
+        if chunked {
+            stream.write_all(b"\r\n")?;
+        }
+        left -= k as u64;
+    }
+    if chunked {
+        stream.write_all(b"0\r\n\r\n")?;
+    }
+    Ok(())
+}
+
+/// A status line and headers.
+fn read_head(reader: &mut impl BufRead) -> std::io::Result<(u16, Vec<(String, String)>)> {
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let status = line
@@ -210,6 +258,24 @@ fn read_response(stream: TcpStream) -> std::io::Result<Response> {
             headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
         }
     }
+    Ok((status, headers))
+}
+
+/// The final response (interim 1xx ones skipped).
+fn read_response(mut reader: BufReader<TcpStream>) -> std::io::Result<Response> {
+    loop {
+        let (status, headers) = read_head(&mut reader)?;
+        if !(100..200).contains(&status) {
+            return read_body(reader, status, headers);
+        }
+    }
+}
+
+fn read_body(
+    mut reader: BufReader<TcpStream>,
+    status: u16,
+    headers: Vec<(String, String)>,
+) -> std::io::Result<Response> {
     let mut body = Vec::new();
     let length = headers
         .iter()

@@ -66,8 +66,9 @@ on_both_builds!(two_vms_race_for_the_last_unit, |build| {
     for _ in 0..4 {
         h.send_on(0, &upload("jack", "free")).unwrap();
     }
-    let a = h.begin(0, &upload("jack", "free")).unwrap();
-    let b = h.begin(1, &upload("jack", "free")).unwrap();
+    let request = upload("jack", "free");
+    let a = h.begin(0, &request).unwrap();
+    let b = h.begin(1, &request).unwrap();
     assert_eq!(
         (h.vms[0].flow(a), h.vms[1].flow(b)),
         (Flow::Paused, Flow::Paused)
@@ -75,12 +76,14 @@ on_both_builds!(two_vms_race_for_the_last_unit, |build| {
     h.vms[1].deliver_calls().unwrap();
     h.vms[0].deliver_calls().unwrap();
     let (fa, fb) = (h.vms[0].flow(a), h.vms[1].flow(b));
-    let winners = [&fa, &fb].iter().filter(|f| ***f == Flow::Continue).count();
-    assert_eq!(winners, 1, "{fa:?} {fb:?}");
-    assert!(
-        matches!(fa, Flow::Responded(ref r) if r.status == 429),
-        "the later reservation loses"
+    assert_eq!(
+        (&fa, &fb),
+        (&Flow::Held, &Flow::Continue),
+        "the later reservation loses: held from the upstream while its body comes in"
     );
+    h.send_body(0, a, &request).unwrap();
+    assert!(matches!(h.vms[0].flow(a), Flow::Responded(ref r) if r.status == 429));
+    h.send_body(1, b, &request).unwrap();
     h.finish(1, b, 200).unwrap();
     h.finish(0, a, 200).unwrap();
     assert_eq!(counter(&h, "jack", "2026-11", "upload"), 5);
@@ -250,8 +253,13 @@ on_both_builds!(at_most_one_blocking_redis_call_per_request, |build| {
         h.send_on(0, &upload("ned", "free")).unwrap();
     }
     assert_eq!(h.send_on(0, &upload("ned", "free")).unwrap().status, 429);
-    let id = h.begin(0, &upload("ned", "free")).unwrap();
-    assert_eq!(h.vms[0].pending_calls(), 0);
+    let request = upload("ned", "free");
+    let id = h.begin(0, &request).unwrap();
+    assert_eq!(
+        (h.vms[0].flow(id), h.vms[0].pending_calls()),
+        (Flow::Held, 0)
+    );
+    h.send_body(0, id, &request).unwrap();
     assert!(matches!(h.vms[0].flow(id), Flow::Responded(ref r) if r.status == 429));
     h.finish(0, id, 200).unwrap();
 });

@@ -126,7 +126,7 @@ on_every_gateway!(file_size_limits_follow_the_plan, |gw| {
     let r = gw.send(
         &Request::new("POST", "/api/upload")
             .user("frank", "free")
-            .body(Body::DeclaredOnly(11 * MB)),
+            .body(Body::ExpectContinue(11 * MB)),
     );
     assert_eq!(r.status, 413);
     let body = r.json();

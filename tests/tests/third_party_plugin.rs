@@ -107,7 +107,9 @@ impl Gateway {
                 None
             }
             Flow::Responded(reply) => Some(reply),
-            Flow::Paused => panic!("request left paused; log: {:#?}", self.plugin.logs()),
+            Flow::Paused | Flow::Held => {
+                panic!("request left paused; log: {:#?}", self.plugin.logs())
+            }
         };
         vm.end_stream(id).unwrap();
         reply

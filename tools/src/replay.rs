@@ -42,7 +42,7 @@ impl ScenarioLine {
             request = request.user_with(user, self.plan.as_deref());
         }
         if let Some(n) = self.content_length {
-            request = request.body(Body::DeclaredOnly(n));
+            request = request.body(Body::ExpectContinue(n));
         }
         for (name, value) in &self.headers {
             request = request.header(name, value);

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use plan_limits_core::config::{Identity, IdentitySource};
 use plan_limits_core::plans::Plans;
 use plan_limits_services::gateway::Gateway;
-use plan_limits_services::http::{Request, Response, DEMO_STATUS, UPSTREAM_MARK};
+use plan_limits_services::http::{Body, Request, Response, DEMO_STATUS, UPSTREAM_MARK};
 use plan_limits_services::jwt::DevKey;
 use plan_limits_services::process::{free_port, scratch_dir};
 use plan_limits_services::redis_server::RedisServer;
@@ -107,6 +107,8 @@ impl Harness {
             }
         }
         let mut plugin = Plugin::load(&build.wasm(), plans_json.as_bytes(), upstreams)?;
+        // As envoy.yaml renders it: the hold filter (the same module) right after the filter.
+        plugin.with_second_filter("plan_limits_hold");
         let vms = (0..vms)
             .map(|_| plugin.start_vm())
             .collect::<Result<Vec<_>, _>>()?;
@@ -154,8 +156,37 @@ impl Harness {
             let path: Vec<&str> = path.iter().map(String::as_str).collect();
             vm.set_property(id, &path, value);
         }
-        vm.request_headers(id, pairs, request.content_length().is_none())?;
+        vm.request_headers(id, pairs, !request.has_body())?;
         Ok(id)
+    }
+
+    /// Sends request `id`'s body on `vm` in 1 MiB pieces, as far as Envoy would: while the
+    /// filter lets the request go on or has it held (a paused head stops the body in Envoy's
+    /// buffer), and for `Expect: 100-continue` only once the upstream would say go on.
+    pub fn send_body(&mut self, vm: usize, id: u32, request: &Request) -> Result<(), HostError> {
+        const PIECE: u64 = 1 << 20;
+        let v = &mut self.vms[vm];
+        let started = v.flow(id);
+        let goes = match request.body {
+            Body::ExpectContinue(_) => started == Flow::Continue,
+            _ => matches!(started, Flow::Continue | Flow::Held),
+        };
+        if !goes || !request.has_body() {
+            return Ok(());
+        }
+        let mut left = request.body.size();
+        let mut offset = 0usize;
+        while left > 0 && !matches!(v.flow(id), Flow::Responded(_)) {
+            let n = left.min(PIECE);
+            let piece = match &request.body {
+                Body::Bytes(b) => b[offset..offset + n as usize].to_vec(),
+                _ => vec![0; n as usize],
+            };
+            offset += n as usize;
+            left -= n;
+            v.request_body(id, piece, left == 0)?;
+        }
+        Ok(())
     }
 
     /// What Envoy's identity filters do before ours (`jwt` identity): client copies of the
@@ -223,10 +254,12 @@ impl Harness {
             },
             Flow::Continue => {
                 let forwarded = v.request_headers_of(id);
+                let body_bytes = v.upstream_body_bytes(id);
                 v.response_headers(id, upstream_status, Vec::new())?;
-                upstream_answer(upstream_status, &forwarded)
+                upstream_answer(upstream_status, &forwarded, body_bytes)
             }
             Flow::Paused => panic!("request {id} is still paused with no call pending"),
+            Flow::Held => panic!("request {id} is held with its body in and no answer"),
         };
         v.end_stream(id)?;
         self.flush(vm)?;
@@ -237,6 +270,7 @@ impl Harness {
     pub fn send_on(&mut self, vm: usize, request: &Request) -> Result<Response, HostError> {
         let id = self.begin(vm, request)?;
         self.settle_calls(vm, id)?;
+        self.send_body(vm, id, request)?;
         self.finish(vm, id, upstream_status(request))
     }
 
@@ -308,6 +342,11 @@ fn pairs(request: &Request, n: u64) -> Pairs {
     if let (Some(n), false) = (request.content_length(), has("content-length")) {
         pairs.push(("content-length".into(), n.to_string().into_bytes()));
     }
+    match request.body {
+        Body::Chunked(_) => pairs.push(("transfer-encoding".into(), b"chunked".to_vec())),
+        Body::ExpectContinue(_) => pairs.push(("expect".into(), b"100-continue".to_vec())),
+        _ => {}
+    }
     pairs.extend(
         request
             .headers
@@ -327,8 +366,9 @@ fn upstream_status(request: &Request) -> u16 {
         .unwrap_or(200)
 }
 
-/// What the demo upstream answers, echoing the identity headers it received as it does.
-fn upstream_answer(status: u16, forwarded: &Pairs) -> Response {
+/// What the demo upstream answers, echoing the identity headers it received and counting the
+/// body bytes it read, as it does.
+fn upstream_answer(status: u16, forwarded: &Pairs, body_bytes: u64) -> Response {
     let header = |name: &str| {
         forwarded
             .iter()
@@ -343,9 +383,14 @@ fn upstream_answer(status: u16, forwarded: &Pairs) -> Response {
     Response {
         status,
         headers: vec![(UPSTREAM_MARK.into(), "demo".into())],
-        body: serde_json::json!({"upstream": "demo", "status": status, "identity": identity})
-            .to_string()
-            .into_bytes(),
+        body: serde_json::json!({
+            "upstream": "demo",
+            "status": status,
+            "identity": identity,
+            "body_bytes": body_bytes,
+        })
+        .to_string()
+        .into_bytes(),
     }
 }
 

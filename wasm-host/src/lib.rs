@@ -64,6 +64,9 @@ pub struct Plugin {
     shared: Arc<PluginShared>,
     configuration: Vec<u8>,
     upstreams: Upstreams,
+    /// The root id of a second filter of the same module right after this one (Envoy as
+    /// envoy.yaml renders it: the hold filter), if any.
+    hold_root_id: Option<String>,
     vms: usize,
 }
 
@@ -74,6 +77,9 @@ pub enum Flow {
     Continue,
     /// Held, waiting for a call's answer.
     Paused,
+    /// Its headers went on, but the hold filter stopped them before the upstream: the filter
+    /// answers once the body is in.
+    Held,
     /// Answered by the filter itself.
     Responded(LocalReply),
 }
@@ -122,6 +128,7 @@ impl Plugin {
             shared,
             configuration: configuration.to_vec(),
             upstreams,
+            hold_root_id: None,
             vms: 0,
         };
         let mut store = Store::new(&plugin.engine, plugin.vm_state(0));
@@ -153,6 +160,12 @@ impl Plugin {
 
     pub fn clock(&self) -> &Clock {
         &self.shared.clock
+    }
+
+    /// VMs started from now on also run a second filter of the module, under `root_id`
+    /// (without configuration), right after this one on every stream.
+    pub fn with_second_filter(&mut self, root_id: &str) {
+        self.hold_root_id = Some(root_id.to_string());
     }
 
     pub fn metric(&self, name: &str) -> u64 {
@@ -191,6 +204,8 @@ impl Plugin {
                 ("plugin_root_id".to_string(), b"plan_limits".to_vec()),
                 ("plugin_vm_id".to_string(), b"plan_limits".to_vec()),
             ]),
+            hold_root: None,
+            aliases: HashMap::new(),
             random_state: 0x5EED_0000 + index as u64,
             done_called: false,
         }
@@ -210,6 +225,7 @@ impl Plugin {
             instance,
             redis: HashMap::new(),
             next_context: 2,
+            hold: None,
         };
         if vm.instance.get_func(&mut vm.store, "_initialize").is_some() {
             vm.call::<(), ()>("_initialize", ())?;
@@ -226,6 +242,9 @@ impl Plugin {
                 .join("\n");
             return Err(HostError::ConfigureRefused(log));
         }
+        if let Some(root_id) = self.hold_root_id.clone() {
+            vm.start_second_filter(root_id)?;
+        }
         Ok(vm)
     }
 }
@@ -236,6 +255,8 @@ pub struct Vm {
     /// Open connections per Redis cluster, with the init settings they were opened with.
     redis: HashMap<String, (state::RedisInit, redis::Connection)>,
     next_context: u32,
+    /// The second filter's root context, and its HTTP context on each stream.
+    hold: Option<(u32, HashMap<u32, u32>)>,
 }
 
 impl Vm {
@@ -269,6 +290,25 @@ impl Vm {
         self.store.data().root_context_id
     }
 
+    /// The second filter's root context: created, started and configured (with nothing) as
+    /// Envoy does for each filter of a VM.
+    fn start_second_filter(&mut self, root_id: String) -> Result<(), HostError> {
+        let root = self.next_context;
+        self.next_context += 1;
+        self.store.data_mut().hold_root = Some((root, root_id));
+        let configuration = std::mem::take(&mut self.store.data_mut().plugin_configuration);
+        self.call_on::<(i32, i32), ()>(root, "proxy_on_context_create", (root as i32, 0))?;
+        self.call_on::<(i32, i32), i32>(root, "proxy_on_vm_start", (root as i32, 0))?;
+        let accepted =
+            self.call_on::<(i32, i32), i32>(root, "proxy_on_configure", (root as i32, 0));
+        self.store.data_mut().plugin_configuration = configuration;
+        if accepted? == 0 {
+            return Err(HostError::ConfigureRefused("the second filter".into()));
+        }
+        self.hold = Some((root, HashMap::new()));
+        Ok(())
+    }
+
     /// Reconfigures the running VM (Envoy does this on a config update); `Ok(false)` when the
     /// filter refused the new configuration.
     pub fn configure(&mut self, configuration: &[u8]) -> Result<bool, HostError> {
@@ -289,6 +329,19 @@ impl Vm {
         self.store.data_mut().streams.insert(id, Stream::default());
         let root = self.root_context_id();
         self.call_on::<(i32, i32), ()>(id, "proxy_on_context_create", (id as i32, root as i32))?;
+        if let Some((hold_root, _)) = self.hold {
+            let second = self.next_context;
+            self.next_context += 1;
+            self.store.data_mut().aliases.insert(second, id);
+            if let Some((_, contexts)) = &mut self.hold {
+                contexts.insert(id, second);
+            }
+            self.call_on::<(i32, i32), ()>(
+                second,
+                "proxy_on_context_create",
+                (second as i32, hold_root as i32),
+            )?;
+        }
         Ok(id)
     }
 
@@ -325,17 +378,71 @@ impl Vm {
         if action == abi::ACTION_CONTINUE {
             self.stream_mut(id).resumed = true;
         }
+        self.stream_mut(id).end_of_stream = end_of_stream;
+        self.pass_on(id)?;
         self.encode_local_reply(id)?;
         Ok(self.flow(id))
+    }
+
+    /// Headers the filter let go on (at once, or when it resumed) reach the second filter.
+    fn pass_on(&mut self, id: u32) -> Result<(), HostError> {
+        let stream = self.stream_mut(id);
+        if !stream.resumed || stream.passed_on || stream.local_response.is_some() {
+            return Ok(());
+        }
+        stream.passed_on = true;
+        let (count, end_of_stream) = (stream.request_headers.len() as i32, stream.end_of_stream);
+        let Some(second) = self.hold.as_ref().and_then(|(_, c)| c.get(&id).copied()) else {
+            return Ok(());
+        };
+        let action = self.call_on::<(i32, i32, i32), i32>(
+            second,
+            "proxy_on_request_headers",
+            (second as i32, count, end_of_stream as i32),
+        )?;
+        self.stream_mut(id).held = action != abi::ACTION_CONTINUE;
+        Ok(())
+    }
+
+    /// A piece of stream `id`'s request body arrives (`end_of_stream`: the last). Returns the
+    /// bytes of it that went on to the upstream (the filter may empty or stop it, the
+    /// second filter may hold the request).
+    pub fn request_body(
+        &mut self,
+        id: u32,
+        piece: Vec<u8>,
+        end_of_stream: bool,
+    ) -> Result<u64, HostError> {
+        let len = piece.len() as i32;
+        self.stream_mut(id).request_body = piece;
+        let action = self.call_on::<(i32, i32, i32), i32>(
+            id,
+            "proxy_on_request_body",
+            (id as i32, len, end_of_stream as i32),
+        )?;
+        self.encode_local_reply(id)?;
+        let stream = self.stream_mut(id);
+        let went_on = std::mem::take(&mut stream.request_body).len() as u64;
+        if action != abi::ACTION_CONTINUE || stream.held || stream.local_response.is_some() {
+            return Ok(0);
+        }
+        stream.upstream_body_bytes += went_on;
+        Ok(went_on)
+    }
+
+    /// Body bytes of stream `id` that reached the upstream.
+    pub fn upstream_body_bytes(&self, id: u32) -> u64 {
+        self.store.data().streams[&id].upstream_body_bytes
     }
 
     /// Where stream `id` stands now.
     pub fn flow(&self, id: u32) -> Flow {
         let stream = &self.store.data().streams[&id];
-        match (&stream.local_response, stream.resumed) {
-            (Some(reply), _) => Flow::Responded(reply.clone()),
-            (None, true) => Flow::Continue,
-            (None, false) => Flow::Paused,
+        match (&stream.local_response, stream.resumed, stream.held) {
+            (Some(reply), _, _) => Flow::Responded(reply.clone()),
+            (None, true, false) => Flow::Continue,
+            (None, true, true) => Flow::Held,
+            (None, false, _) => Flow::Paused,
         }
     }
 
@@ -379,11 +486,18 @@ impl Vm {
         Ok(())
     }
 
-    /// The stream ends (completed, reset or abandoned): `proxy_on_log`, `_done`, `_delete`.
+    /// The stream ends (completed, reset or abandoned): `proxy_on_log`, `_done`, `_delete`
+    /// (the second filter's too).
     pub fn end_stream(&mut self, id: u32) -> Result<(), HostError> {
-        self.call_on::<(i32,), ()>(id, "proxy_on_log", (id as i32,))?;
-        self.call_on::<(i32,), i32>(id, "proxy_on_done", (id as i32,))?;
-        self.call_on::<(i32,), ()>(id, "proxy_on_delete", (id as i32,))?;
+        let second = self.hold.as_mut().and_then(|(_, c)| c.remove(&id));
+        for context in std::iter::once(id).chain(second) {
+            self.call_on::<(i32,), ()>(context, "proxy_on_log", (context as i32,))?;
+            self.call_on::<(i32,), i32>(context, "proxy_on_done", (context as i32,))?;
+            self.call_on::<(i32,), ()>(context, "proxy_on_delete", (context as i32,))?;
+        }
+        if let Some(second) = second {
+            self.store.data_mut().aliases.remove(&second);
+        }
         self.store.data_mut().streams.remove(&id);
         // Envoy cancels a stream's outstanding HTTP calls when it goes away.
         self.store
@@ -471,12 +585,15 @@ impl Vm {
                 result?;
             }
         }
-        self.encode_local_replies()
+        self.after_callback()
     }
 
-    fn encode_local_replies(&mut self) -> Result<(), HostError> {
+    /// What a callback did to streams: answers go through the response path, resumed
+    /// headers on to the second filter.
+    fn after_callback(&mut self) -> Result<(), HostError> {
         let ids: Vec<u32> = self.store.data().streams.keys().copied().collect();
         for id in ids {
+            self.pass_on(id)?;
             self.encode_local_reply(id)?;
         }
         Ok(())

@@ -1,5 +1,6 @@
 //! Properties (`proxy_get_property`, `proxy_set_property`): paths are `\0`-separated; the
-//! stream's own properties first, then the plugin's (`plugin_name`, `plugin_root_id`, ...).
+//! stream's own properties first, then the plugin's (`plugin_name`, `plugin_root_id`, ...;
+//! the hold filter's contexts see its own root id).
 
 use wasmtime::{Caller, Linker};
 
@@ -23,9 +24,14 @@ pub fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
          -> wasmtime::Result<i32> {
             let key = path_key(&read(&mut caller, path_ptr, path_len)?);
             let state = caller.data_mut();
-            let value = state
-                .stream()
-                .and_then(|s| s.properties.get(&key).cloned())
+            let hold_root_id = match &state.hold_root {
+                Some((_, root_id)) if key == "plugin_root_id" && state.in_hold_filter() => {
+                    Some(root_id.clone().into_bytes())
+                }
+                _ => None,
+            };
+            let value = hold_root_id
+                .or_else(|| state.stream().and_then(|s| s.properties.get(&key).cloned()))
                 .or_else(|| state.plugin_properties.get(&key).cloned());
             match value {
                 None => Ok(NOT_FOUND),

@@ -66,6 +66,14 @@ pub struct Stream {
     pub local_response: Option<LocalReply>,
     /// `proxy_continue_stream` was called while the request was paused.
     pub resumed: bool,
+    /// The request has no body (its headers ended the stream).
+    pub end_of_stream: bool,
+    /// The headers went on past the filter, to the hold filter (if any) and beyond.
+    pub passed_on: bool,
+    /// The hold filter stopped the request before the upstream.
+    pub held: bool,
+    /// Request body bytes that went on to the upstream.
+    pub upstream_body_bytes: u64,
     pub closed: bool,
     pub properties: HashMap<String, Vec<u8>>,
 }
@@ -168,13 +176,26 @@ pub struct VmState {
     /// Clusters the filter called `proxy_redis_init` for, with what it passed.
     pub redis_initialized: HashMap<String, RedisInit>,
     pub plugin_properties: HashMap<String, Vec<u8>>,
+    /// The hold filter's root context and its root id, if it runs in this VM.
+    pub hold_root: Option<(u32, String)>,
+    /// The hold filter's HTTP contexts: each is a second filter on a stream (its id here).
+    pub aliases: HashMap<u32, u32>,
     pub random_state: u64,
     pub done_called: bool,
 }
 
 impl VmState {
     pub fn stream(&mut self) -> Option<&mut Stream> {
-        self.streams.get_mut(&self.effective_context)
+        let id = self.effective_context;
+        let id = self.aliases.get(&id).copied().unwrap_or(id);
+        self.streams.get_mut(&id)
+    }
+
+    /// Whether the effective context belongs to the hold filter.
+    pub fn in_hold_filter(&self) -> bool {
+        let id = self.effective_context;
+        self.hold_root.as_ref().is_some_and(|(root, _)| *root == id)
+            || self.aliases.contains_key(&id)
     }
 
     pub fn log(&self, level: i32, message: String) {

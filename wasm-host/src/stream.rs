@@ -75,7 +75,12 @@ pub fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         |mut caller: Caller<'_, VmState>, context_id: i32| -> i32 {
             let state = caller.data_mut();
             let id = context_id as u32;
-            if id == state.root_context_id || state.streams.contains_key(&id) {
+            let hold_root = state.hold_root.as_ref().map(|(root, _)| *root);
+            if id == state.root_context_id
+                || Some(id) == hold_root
+                || state.streams.contains_key(&id)
+                || state.aliases.contains_key(&id)
+            {
                 state.effective_context = id;
                 OK
             } else {
