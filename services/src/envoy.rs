@@ -281,7 +281,10 @@ mod tests {
                 r#"- match: { prefix: "/", headers: [{ name: ":method", string_match: { exact: "HEAD", ignore_case: true } }] }"#,
             ]
         );
-        assert_eq!(routes.matches("disabled: true").count(), 4);
+        // Both filters (the plan filter and its hold filter) on each.
+        assert_eq!(routes.matches("plan_limits:\n").count(), 4);
+        assert_eq!(routes.matches("plan_limits_hold:\n").count(), 4);
+        assert_eq!(routes.matches("disabled: true").count(), 8);
     }
 
     #[test]
