@@ -33,6 +33,9 @@ impl Io for Host {
     fn set_request_header(&mut self, _: StreamId, name: &str, value: &str) {
         black_box((name, value));
     }
+    fn set_response_header(&mut self, _: StreamId, name: &str, value: &str) {
+        black_box((name, value));
+    }
     fn shared_get(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
         black_box(key);
         (None, None)

@@ -131,6 +131,8 @@ pub struct GatewaySettings {
     /// that writes its whole body before reading gets the answer rather than a reset; beyond
     /// it (or a Content-Length over it) the answer goes at once.
     pub max_drain_bytes: u64,
+    /// IETF RateLimit fields (`RateLimit-Policy`, `RateLimit`) on answers to limited actions.
+    pub ratelimit_headers: bool,
 }
 
 impl Default for GatewaySettings {
@@ -139,6 +141,7 @@ impl Default for GatewaySettings {
             min_upload_bytes_per_second: 64 * 1024,
             request_timeout_ms: None,
             max_drain_bytes: 64 << 20,
+            ratelimit_headers: true,
         }
     }
 }
@@ -286,6 +289,9 @@ pub struct ActionSettings {
     pub label: String,
     /// Plural of what is counted, used in messages: "diagrams", "AI analyses".
     pub unit: String,
+    /// Its singular, for counts of one: "diagram", "AI analysis" (the plural when absent).
+    #[serde(default)]
+    pub unit_singular: Option<String>,
     /// The feature a plan needs for this action at all (403 without it).
     #[serde(default)]
     pub feature: Option<String>,

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 
 use crate::request::{unix_millis, MeteredRequest};
-use crate::responses::LocalResponse;
+use crate::responses::{self, LocalResponse};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Denial {
@@ -51,6 +51,11 @@ impl DenialCache {
         let mut response = denial.response.clone();
         let retry_after = request.period().seconds_until_end(now);
         response.set_header("retry-after", retry_after.to_string());
+        if response.headers.iter().any(|(name, _)| name == "ratelimit") {
+            let [_, (name, value)] =
+                responses::ratelimit_fields(&request.action().key, limit, 0, retry_after);
+            response.set_header(name, value);
+        }
         Some(response)
     }
 

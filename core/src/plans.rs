@@ -23,6 +23,8 @@ pub struct Plans {
     pub request_timeout_ms: u64,
     /// The most body read and discarded from a refused request before answering it.
     pub max_drain_bytes: u64,
+    /// Whether answers to limited actions carry the IETF RateLimit fields.
+    pub ratelimit_headers: bool,
     pub features: Vec<String>,
     actions: Vec<Rc<Action>>,
     plans: Vec<Rc<Plan>>,
@@ -64,6 +66,7 @@ pub struct Action {
     /// Words for messages: "upload", "diagrams".
     pub label: String,
     pub unit: String,
+    pub unit_singular: String,
     pub feature: Option<String>,
     pub enforce_max_file_size: bool,
     pub on_redis_error: FailureMode,
@@ -184,6 +187,7 @@ impl Plans {
             redis: config.redis,
             request_timeout_ms,
             max_drain_bytes: config.gateway.max_drain_bytes,
+            ratelimit_headers: config.gateway.ratelimit_headers,
             features: config.features,
             actions,
             plans,
@@ -262,6 +266,15 @@ impl Plans {
 }
 
 impl Action {
+    /// What is counted, for `n` of it: "1 diagram", "5 diagrams".
+    pub fn units(&self, n: u64) -> &str {
+        if n == 1 {
+            &self.unit_singular
+        } else {
+            &self.unit
+        }
+    }
+
     /// The terms of the plan named `plan`; the default plan's when it names no plan.
     pub fn terms(&self, plan: Option<&str>) -> &Rc<Terms> {
         plan.and_then(|name| self.terms_of(name))
@@ -384,6 +397,10 @@ fn compile_action(
         key: key.to_string(),
         label: settings.label.clone(),
         unit: settings.unit.clone(),
+        unit_singular: settings
+            .unit_singular
+            .clone()
+            .unwrap_or_else(|| settings.unit.clone()),
         feature: settings.feature.clone(),
         enforce_max_file_size: settings.enforce_max_file_size,
         on_redis_error: settings.on_redis_error,

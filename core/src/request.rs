@@ -58,6 +58,8 @@ pub struct MeteredRequest {
     reserved_limit: u64,
     /// When Redis last set the reservation's expiry (unix ms).
     held_since_ms: u64,
+    /// The allowance as Redis reserved from it: the limit, and what remains after this one.
+    quota: Option<Quota>,
     /// The whole request went to the upstream (its body too).
     forwarded: bool,
     hold: Hold,
@@ -75,6 +77,14 @@ enum Hold {
     /// on success (the count also removes it), release otherwise.
     Uncertain,
     Settled,
+}
+
+/// An allowance as a reservation found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub limit: u64,
+    /// What remains after the request (0 when it was refused).
+    pub remaining: u64,
 }
 
 /// What the reservation's answer means for the request.
@@ -119,6 +129,7 @@ impl MeteredRequest {
             reservation_id: String::new(),
             reserved_limit: 0,
             held_since_ms: 0,
+            quota: None,
             forwarded: false,
             hold: Hold::Unreserved,
         }
@@ -155,6 +166,11 @@ impl MeteredRequest {
 
     pub fn request_id(&self) -> &str {
         &self.request_id
+    }
+
+    /// The allowance as its reservation found it (none: unlimited, or Redis did not answer).
+    pub fn quota(&self) -> Option<Quota> {
+        self.quota
     }
 
     pub fn period(&self) -> &BillingPeriod {
@@ -293,11 +309,23 @@ impl MeteredRequest {
             // A unit reserved under them is given back when the stream ends.
             return Decision::Refused(response);
         }
+        if let (ReserveStatus::Granted | ReserveStatus::Refused, Some(limit)) =
+            (reservation.status, self.limit())
+        {
+            let taken = reservation.committed.saturating_add(reservation.pending);
+            let remaining = if granted {
+                limit.saturating_sub(taken)
+            } else {
+                0
+            };
+            self.quota = Some(Quota { limit, remaining });
+        }
         match reservation.status {
             ReserveStatus::Refused => {
                 let limit = self.limit().unwrap_or(self.reserved_limit);
                 let usage = Exhausted {
-                    current: reservation.committed.saturating_add(reservation.pending),
+                    used: reservation.committed,
+                    in_flight: reservation.pending,
                     limit,
                     retry_after_secs: self.period.seconds_until_end(now),
                 };
@@ -338,8 +366,14 @@ impl MeteredRequest {
     pub fn outage_refusal(&mut self, now: DateTime<Utc>) -> LocalResponse {
         self.hold = Hold::Settled;
         let limit = self.limit().unwrap_or(self.reserved_limit);
+        self.quota = Some(Quota {
+            limit,
+            remaining: 0,
+        });
+        // What this Envoy last knew was used up; how much of it was in flight, it cannot tell.
         let usage = Exhausted {
-            current: limit,
+            used: limit,
+            in_flight: 0,
             limit,
             retry_after_secs: self.period.seconds_until_end(now),
         };
@@ -685,7 +719,7 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_reservation_is_429_with_the_current_usage() {
+    fn a_refused_reservation_is_429_with_what_is_used_and_what_is_in_flight() {
         let p = plans();
         let mut m = reserved(&p);
         let Decision::Denied {
@@ -696,7 +730,16 @@ mod tests {
             panic!("expected 429")
         };
         assert_eq!(response.status, 429);
-        assert!(response.body.contains("\"current\":5"));
+        let body: serde_json::Value = serde_json::from_str(&response.body).unwrap();
+        assert_eq!((&body["used"], &body["in_flight"]), (&4.into(), &1.into()));
+        assert_eq!(body["percentage"], 80, "of what is used");
+        assert_eq!(
+            body["message"],
+            "Your upload limit of 5 diagrams this month is taken: 4 used, 1 more in \
+             progress. One that fails gives its unit back. Upgrade to Professional for \
+             unlimited diagrams."
+        );
+        assert_eq!(body["current"], 5, "what counts against the limit");
         assert!(!final_refusal, "the unit in flight may be released");
         assert!(m.on_end(now(), &p.redis).is_none());
         let mut m = reserved(&p);

@@ -37,10 +37,43 @@ impl LocalResponse {
     }
 }
 
-/// Where an exhausted allowance stands: units used (committed and reserved) of `limit`.
+/// The IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers-10) for `action`'s
+/// allowance: its policy (`q`: the limit per period) and where it stands (`r`: what remains,
+/// `t`: seconds until the period resets).
+pub fn ratelimit_fields(
+    action: &str,
+    limit: u64,
+    remaining: u64,
+    reset_secs: u64,
+) -> [(&'static str, String); 2] {
+    let name = sf_string(action);
+    [
+        ("ratelimit-policy", format!("{name};q={limit}")),
+        ("ratelimit", format!("{name};r={remaining};t={reset_secs}")),
+    ]
+}
+
+/// A structured-field string: quoted, `\` and `"` escaped, anything not printable ASCII
+/// dropped.
+fn sf_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars().filter(|c| (' '..='~').contains(c)) {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// Where an exhausted allowance stands: `used` (counted successes) and `in_flight` (units
+/// held by requests still running, which come back if they fail) of `limit`.
 #[derive(Debug, Clone, Copy)]
 pub struct Exhausted {
-    pub current: u64,
+    pub used: u64,
+    pub in_flight: u64,
     pub limit: u64,
     pub retry_after_secs: u64,
 }
@@ -53,7 +86,8 @@ pub fn limit_reached(
     usage: Exhausted,
 ) -> LocalResponse {
     let Exhausted {
-        current,
+        used,
+        in_flight,
         limit,
         retry_after_secs,
     } = usage;
@@ -61,22 +95,31 @@ pub fn limit_reached(
         Some(upgrade) => format!(
             " Upgrade to {} for {}.",
             upgrade.name,
-            describe_allowance(upgrade.limit, &action.unit)
+            describe_allowance(upgrade.limit, action)
         ),
         None => format!(" Your limit resets on {}.", period.resets_on()),
     };
-    let message = format!(
-        "You've reached your {} limit of {} {} this month.{}",
-        action.label, limit, action.unit, pitch
-    );
+    let allowance = format!("{} limit of {limit} {}", action.label, action.units(limit));
+    let message = if used >= limit {
+        format!("You've reached your {allowance} this month.{pitch}")
+    } else {
+        // Not reached yet: requests still running hold the rest, and give it back if they fail.
+        format!(
+            "Your {allowance} this month is taken: {used} used, {in_flight} more in \
+             progress. One that fails gives its unit back.{pitch}"
+        )
+    };
     LocalResponse::json(
         429,
         json!({
             "error": format!("{} limit reached", capitalized(&action.label)),
             "message": message,
-            "current": current,
+            // What counts against the limit, as the seed's `current`.
+            "current": used.saturating_add(in_flight),
+            "used": used,
+            "in_flight": in_flight,
             "limit": limit,
-            "percentage": percentage(current, limit),
+            "percentage": percentage(used, limit),
             "action": action.key,
             "plan": terms.plan.key,
             "resets_at": period.resets_at(),
@@ -256,19 +299,21 @@ pub fn not_configured() -> LocalResponse {
     .with_header("retry-after", "1".into())
 }
 
-fn describe_allowance(limit: Limit, unit: &str) -> String {
+fn describe_allowance(limit: Limit, action: &Action) -> String {
     match limit {
-        None => format!("unlimited {unit}"),
-        Some(n) => format!("{n} {unit} a month"),
+        None => format!("unlimited {}", action.unit),
+        Some(n) => format!("{n} {} a month", action.units(n)),
     }
 }
 
-/// Share of the allowance used, in whole percent (100 when the limit is 0).
-pub fn percentage(current: u64, limit: u64) -> u64 {
+/// Share of the allowance used, in whole percent rounded down, at most 100 (a count above its
+/// limit, after a downgrade mid-period, shows 100; the count itself is reported as it is); 100
+/// when the limit is 0.
+pub fn percentage(used: u64, limit: u64) -> u64 {
     if limit == 0 {
         100
     } else {
-        (u128::from(current) * 100 / u128::from(limit)) as u64
+        (u128::from(used) * 100 / u128::from(limit)).min(100) as u64
     }
 }
 
@@ -309,7 +354,8 @@ mod tests {
         let now = now();
         let period = BillingPeriod::calendar_month(now);
         let usage = Exhausted {
-            current: 5,
+            used: 5,
+            in_flight: 0,
             limit: 5,
             retry_after_secs: period.seconds_until_end(now),
         };
@@ -341,7 +387,8 @@ mod tests {
         let now = now();
         let period = BillingPeriod::calendar_month(now);
         let usage = Exhausted {
-            current: 10_000,
+            used: 10_000,
+            in_flight: 0,
             limit: 10_000,
             retry_after_secs: 1,
         };
@@ -404,6 +451,40 @@ mod tests {
     }
 
     #[test]
+    fn a_count_of_one_reads_in_the_singular() {
+        let p = plans();
+        let period = BillingPeriod::calendar_month(now());
+        let usage = Exhausted {
+            used: 1,
+            in_flight: 0,
+            limit: 1,
+            retry_after_secs: 1,
+        };
+        let pdf = action(&p, "upload");
+        let r = limit_reached(&pdf, pdf.terms(Some("free")), &period, usage);
+        assert!(
+            body(&r)["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("You've reached your upload limit of 1 diagram this month."),
+            "{}",
+            r.body
+        );
+    }
+
+    #[test]
+    fn ratelimit_fields_follow_the_draft() {
+        assert_eq!(
+            ratelimit_fields("upload", 5, 3, 3600),
+            [
+                ("ratelimit-policy", "\"upload\";q=5".to_string()),
+                ("ratelimit", "\"upload\";r=3;t=3600".to_string()),
+            ]
+        );
+        assert_eq!(sf_string("a\"b\\c\u{7f}é"), "\"a\\\"b\\\\c\"");
+    }
+
+    #[test]
     fn sizes_read_in_megabytes() {
         assert_eq!(megabytes(10 * 1024 * 1024), "10 MB");
         assert_eq!(megabytes(11 * 1024 * 1024 + 512 * 1024), "11.5 MB");
@@ -421,5 +502,7 @@ mod tests {
         assert_eq!(percentage(3, 3), 100);
         assert_eq!(percentage(1, 0), 100);
         assert_eq!(percentage(u64::MAX, u64::MAX), 100);
+        // Downgraded mid-month: 40 used of a new limit of 3.
+        assert_eq!(percentage(40, 3), 100);
     }
 }

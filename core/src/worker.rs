@@ -57,6 +57,8 @@ pub trait Io {
     fn respond(&mut self, stream: StreamId, response: &LocalResponse);
     /// Sets a request header of `stream` (replacing any), before it goes upstream.
     fn set_request_header(&mut self, stream: StreamId, name: &str, value: &str);
+    /// Sets a response header of `stream` (replacing any), during its response headers.
+    fn set_response_header(&mut self, stream: StreamId, name: &str, value: &str);
     /// Lets the paused `stream` go on to the upstream.
     fn resume(&mut self, stream: StreamId);
     /// Has `stream` held before the upstream once its headers go on (Envoy: by the hold
@@ -440,6 +442,7 @@ impl Worker {
                 final_refusal,
             } => {
                 io.count(Metric::Denied, 1);
+                let response = with_ratelimit(response, request, plans, now);
                 if final_refusal {
                     self.denials
                         .remember(request, &response, now, redis.deny_cache_ms);
@@ -454,7 +457,8 @@ impl Worker {
                 io.count(Metric::RedisErrors, 1);
                 if !spend_outage_budget(request, redis, io) {
                     io.count(Metric::FailOpenRefused, 1);
-                    return Err(request.outage_refusal(now));
+                    let response = request.outage_refusal(now);
+                    return Err(with_ratelimit(response, request, plans, now));
                 }
                 io.count(Metric::FailOpen, 1);
                 // No user id: the log is not a place for who did what.
@@ -607,10 +611,25 @@ impl Worker {
         let Some(plans) = self.plans.clone() else {
             return;
         };
-        let settlement = self
-            .streams
-            .get_mut(&stream)
-            .and_then(|s| s.request.on_response(status, now, &plans.redis));
+        let Some(entry) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        // The upstream's answer (not one of the filter's own) tells where the allowance stands.
+        if let (true, Some(quota), false) = (
+            plans.ratelimit_headers,
+            entry.request.quota(),
+            self.draining.contains_key(&stream),
+        ) {
+            let request = &entry.request;
+            let reset = request.period().seconds_until_end(now);
+            let key = &request.action().key;
+            for (name, value) in
+                responses::ratelimit_fields(key, quota.limit, quota.remaining, reset)
+            {
+                io.set_response_header(stream, name, &value);
+            }
+        }
+        let settlement = entry.request.on_response(status, now, &plans.redis);
         self.queue(settlement, io);
     }
 
@@ -741,6 +760,24 @@ impl Worker {
     }
 }
 
+/// A refusal of `request` with the RateLimit fields of its allowance, if plans.json wants
+/// them.
+fn with_ratelimit(
+    mut response: LocalResponse,
+    request: &MeteredRequest,
+    plans: &Plans,
+    now: DateTime<Utc>,
+) -> LocalResponse {
+    if let (true, Some(quota)) = (plans.ratelimit_headers, request.quota()) {
+        let reset = request.period().seconds_until_end(now);
+        let key = &request.action().key;
+        for (name, value) in responses::ratelimit_fields(key, quota.limit, quota.remaining, reset) {
+            response.set_header(name, value);
+        }
+    }
+    response
+}
+
 /// The verified user, the plan in force and the organisation, for the upstream.
 fn set_identity(stream: StreamId, request: &MeteredRequest, plans: &Plans, io: &mut dyn Io) {
     let identity = &plans.identity;
@@ -822,6 +859,7 @@ fn record(report: &BatchReport, io: &mut dyn Io) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::period::BillingPeriod;
     use crate::settlement::SettleMode;
     use crate::testing::{head, now, plans_json_with, Req, PLANS_JSON};
 
@@ -838,6 +876,7 @@ mod tests {
         holds: bool,
         held: Vec<StreamId>,
         headers: Vec<(StreamId, String, String)>,
+        response_headers: Vec<(StreamId, String, String)>,
         counts: HashMap<Metric, u64>,
         logs: Vec<(LogLevel, String)>,
         shared: HashMap<String, (Vec<u8>, u32)>,
@@ -862,6 +901,10 @@ mod tests {
         }
         fn set_request_header(&mut self, stream: StreamId, name: &str, value: &str) {
             self.headers.push((stream, name.into(), value.into()));
+        }
+        fn set_response_header(&mut self, stream: StreamId, name: &str, value: &str) {
+            self.response_headers
+                .push((stream, name.into(), value.into()));
         }
         fn resume(&mut self, stream: StreamId) {
             self.resumed.push(stream);
@@ -1190,6 +1233,77 @@ mod tests {
         let (_, batch) = io.last_sent();
         assert!(batch.args.iter().any(|a| a == b"commit"));
         assert!(batch.args.iter().any(|a| a == b"1000"), "the body's bytes");
+    }
+
+    #[test]
+    fn answers_to_limited_actions_carry_the_ratelimit_fields() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        let reset = BillingPeriod::calendar_month(now())
+            .seconds_until_end(now())
+            .to_string();
+        send(&mut w, 1, &upload("u"), &mut io);
+        let (token, _) = io.last_sent();
+        // 2 counted, this one and another in flight: 1 remains after it.
+        w.on_reply(token, reserved(1, 2, 2, "free"), now(), &mut io);
+        w.on_response_headers(1, 201, now(), &mut io);
+        let fields: Vec<(&str, String)> = io
+            .response_headers
+            .iter()
+            .map(|(_, n, v)| (n.as_str(), v.clone()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("ratelimit-policy", "\"upload\";q=5".to_string()),
+                ("ratelimit", format!("\"upload\";r=1;t={reset}")),
+            ]
+        );
+        // A 429: nothing remains, and Retry-After is t; so when remembered.
+        send(&mut w, 2, &upload("v"), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, reserved(0, 5, 0, "free"), now(), &mut io);
+        send(&mut w, 3, &upload("v"), &mut io);
+        for stream in [2, 3] {
+            let (_, answer) = io.responded.iter().find(|(s, _)| *s == stream).unwrap();
+            let header = |name: &str| {
+                answer
+                    .headers
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.clone())
+            };
+            assert_eq!(
+                header("ratelimit"),
+                Some(format!("\"upload\";r=0;t={reset}"))
+            );
+            assert_eq!(header("retry-after"), Some(reset.clone()));
+        }
+        // Unlimited actions have no allowance to describe.
+        let before = io.response_headers.len();
+        view_succeeds(&mut w, 4, &mut io);
+        assert_eq!(io.response_headers.len(), before);
+    }
+
+    #[test]
+    fn the_ratelimit_fields_can_be_switched_off() {
+        let json =
+            plans_json_with(|p| p["gateway"] = serde_json::json!({"ratelimit_headers": false}));
+        let mut io = Recorder::default();
+        let mut w = worker_with(&mut io, &json);
+        send(&mut w, 1, &upload("u"), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, granted(), now(), &mut io);
+        w.on_response_headers(1, 200, now(), &mut io);
+        send(&mut w, 2, &upload("v"), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, reserved(0, 5, 0, "free"), now(), &mut io);
+        assert!(io.response_headers.is_empty());
+        let (_, answer) = &io.responded[0];
+        assert!(!answer
+            .headers
+            .iter()
+            .any(|(n, _)| n.starts_with("ratelimit")));
     }
 
     #[test]

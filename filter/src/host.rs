@@ -56,6 +56,7 @@ impl Shared {
 enum StreamAction {
     Respond(StreamId, LocalResponse),
     SetHeader(StreamId, String, String),
+    SetResponseHeader(StreamId, String, String),
     Resume(StreamId),
 }
 
@@ -70,6 +71,7 @@ impl Host<'_> {
             let stream = match &action {
                 StreamAction::Respond(stream, _)
                 | StreamAction::SetHeader(stream, _, _)
+                | StreamAction::SetResponseHeader(stream, _, _)
                 | StreamAction::Resume(stream) => *stream,
             };
             // Redis answers may arrive on another context (the root, with Higress).
@@ -92,6 +94,10 @@ impl Host<'_> {
                 StreamAction::SetHeader(_, name, value) => {
                     let _ =
                         hostcalls::set_map_value(MapType::HttpRequestHeaders, &name, Some(&value));
+                }
+                StreamAction::SetResponseHeader(_, name, value) => {
+                    let _ =
+                        hostcalls::set_map_value(MapType::HttpResponseHeaders, &name, Some(&value));
                 }
                 StreamAction::Resume(_) => {
                     let _ = hostcalls::resume_http_request();
@@ -118,6 +124,14 @@ impl Io for Host<'_> {
     fn set_request_header(&mut self, stream: StreamId, name: &str, value: &str) {
         self.streams
             .push(StreamAction::SetHeader(stream, name.into(), value.into()));
+    }
+
+    fn set_response_header(&mut self, stream: StreamId, name: &str, value: &str) {
+        self.streams.push(StreamAction::SetResponseHeader(
+            stream,
+            name.into(),
+            value.into(),
+        ));
     }
 
     fn resume(&mut self, stream: StreamId) {

@@ -10,6 +10,9 @@ on_every_gateway!(five_uploads_then_429_with_the_upgrade_json, |gw| {
         assert_eq!(r.status, 200, "upload {i}: {}", r.body_text());
         assert!(r.from_upstream());
     }
+    // (Through Envoy, the last commits reach Redis a few milliseconds after their answers;
+    // until then they are in flight, and the 429 says so.)
+    assert!(counts(gw, "alice", "upload", 5));
     let r = gw.send(&upload("alice", "free"));
     assert_eq!(r.status, 429, "{}", r.body_text());
     assert!(!r.from_upstream());
@@ -23,6 +26,7 @@ on_every_gateway!(five_uploads_then_429_with_the_upgrade_json, |gw| {
         (&body["current"], &body["limit"], &body["percentage"]),
         (&5.into(), &5.into(), &100.into())
     );
+    assert_eq!((&body["used"], &body["in_flight"]), (&5.into(), &0.into()));
     assert_eq!(
         (&body["action"], &body["plan"]),
         (&"upload".into(), &"free".into())
@@ -47,6 +51,45 @@ on_every_gateway!(five_uploads_then_429_with_the_upgrade_json, |gw| {
     assert_eq!(usage::events_of(&mut gw.redis(), "alice").len(), 5);
     assert!(eventually(|| gw.metric("counted") == 5));
     assert_eq!(gw.metric("denied"), 1);
+});
+
+on_every_gateway!(limited_answers_carry_the_ietf_ratelimit_fields, |gw| {
+    // RateLimit: "upload";r=<left>;t=<seconds to the reset>
+    let fields = |r: &Response| -> (String, u64, u64) {
+        let value = r
+            .header("ratelimit")
+            .unwrap_or_else(|| panic!("{:?}", r.headers));
+        let mut parts = value.split(';');
+        let name = parts.next().unwrap().to_string();
+        let param = |key: &str, parts: &mut std::str::Split<'_, char>| -> u64 {
+            let p = parts.next().unwrap();
+            p.strip_prefix(key).unwrap().parse().unwrap()
+        };
+        let r_ = param("r=", &mut parts);
+        let t = param("t=", &mut parts);
+        (name, r_, t)
+    };
+    for left in (0..5).rev() {
+        let r = gw.send(&upload("rita", "free"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("ratelimit-policy"), Some("\"upload\";q=5"));
+        let (name, remaining, t) = fields(&r);
+        assert_eq!((name.as_str(), remaining), ("\"upload\"", left));
+        let end = plan_limits_core::period::BillingPeriod::calendar_month(gw.now()).end;
+        let expected = end.timestamp() - gw.now().timestamp();
+        assert!((t as i64 - expected).abs() <= 2, "t={t} vs {expected}");
+    }
+    // The 429: nothing left, and Retry-After no earlier than t.
+    let r = gw.send(&upload("rita", "free"));
+    assert_eq!(r.status, 429);
+    let (_, remaining, t) = fields(&r);
+    assert_eq!(remaining, 0);
+    let retry_after: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!(retry_after >= t, "Retry-After {retry_after} < t {t}");
+    // Unlimited actions carry none.
+    let r = gw.send(&Request::new("GET", "/api/procedures/7").user("rita", "free"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("ratelimit"), None);
 });
 
 on_every_gateway!(a_failed_upload_is_not_counted, |gw| {

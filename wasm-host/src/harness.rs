@@ -256,7 +256,16 @@ impl Harness {
                 let forwarded = v.request_headers_of(id);
                 let body_bytes = v.upstream_body_bytes(id);
                 v.response_headers(id, upstream_status, Vec::new())?;
-                upstream_answer(upstream_status, &forwarded, body_bytes)
+                let mut answer = upstream_answer(upstream_status, &forwarded, body_bytes);
+                // What the filter added to the upstream's headers.
+                for (name, value) in v.response_headers_of(id) {
+                    if !name.starts_with(':') {
+                        answer
+                            .headers
+                            .push((name, String::from_utf8_lossy(&value).into()));
+                    }
+                }
+                answer
             }
             Flow::Paused => panic!("request {id} is still paused with no call pending"),
             Flow::Held => panic!("request {id} is held with its body in and no answer"),

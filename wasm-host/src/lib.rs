@@ -430,6 +430,16 @@ impl Vm {
         Ok(went_on)
     }
 
+    /// The response headers of stream `id` as they stand (as the filter left them).
+    pub fn response_headers_of(&self, id: u32) -> Pairs {
+        self.store
+            .data()
+            .streams
+            .get(&id)
+            .map(|s| s.response_headers.clone())
+            .unwrap_or_default()
+    }
+
     /// Body bytes of stream `id` that reached the upstream.
     pub fn upstream_body_bytes(&self, id: u32) -> u64 {
         self.store.data().streams[&id].upstream_body_bytes
