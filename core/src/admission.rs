@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 
 use crate::config::{Identity, IdentitySource, OtherMethods, UnknownPlan, Variants};
 use crate::period::BillingPeriod;
-use crate::plans::{Action, PathClass, Plans};
+use crate::plans::{Action, Endpoint, PathClass, Plans};
+use crate::reports::{self, Report, ReportKind};
 use crate::request::{MeteredRequest, RequestFacts};
 use crate::responses::{self, LocalResponse};
 use crate::routes;
@@ -39,6 +40,8 @@ pub enum Admission {
     Refused(LocalResponse),
     /// On a metered route: it goes on, or first reserves a unit, by its terms' limit.
     Metered(MeteredRequest),
+    /// A report the filter answers itself from Redis (the usage endpoints).
+    Report(Report),
 }
 
 /// Who is calling, as the configured identity source says.
@@ -111,6 +114,15 @@ impl<'a> RequestHead<'a> {
 /// Decides what the head alone decides.
 pub fn admit(plans: &Plans, head: RequestHead, now: DateTime<Utc>) -> Admission {
     let action = match plans.classify(&head.method(), &head.path()) {
+        PathClass::Endpoint(_, false) => {
+            return Admission::Refused(responses::method_not_allowed("GET"))
+        }
+        PathClass::Endpoint(endpoint, true) => {
+            return match report(plans, endpoint, head, now) {
+                Ok(report) => Admission::Report(report),
+                Err(response) => Admission::Refused(response),
+            }
+        }
         PathClass::Unmetered => return Admission::Unmetered,
         PathClass::Guarded => return Admission::Refused(responses::not_routed()),
         PathClass::Metered(action) => action,
@@ -141,6 +153,22 @@ pub fn admit(plans: &Plans, head: RequestHead, now: DateTime<Utc>) -> Admission 
         Ok(request) => Admission::Metered(request),
         Err(response) => Admission::Refused(response),
     }
+}
+
+/// A report for the verified caller (401 without one, 400 for a bad query).
+fn report(
+    plans: &Plans,
+    endpoint: Endpoint,
+    head: RequestHead,
+    now: DateTime<Utc>,
+) -> Result<Report, LocalResponse> {
+    let caller = caller(&plans.identity, head)?;
+    let kind = match endpoint {
+        Endpoint::Usage => ReportKind::Usage,
+        Endpoint::History => reports::history_query(plans, &head.path(), now)?,
+    };
+    let claimed = caller.plan.map(|p| String::from_utf8_lossy(p).into_owned());
+    Ok(Report::new(kind, caller.user, claimed, plans, now))
 }
 
 fn metered(

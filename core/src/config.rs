@@ -48,7 +48,23 @@ pub struct Config {
     /// `unmetered` is refused (403).
     #[serde(default)]
     pub guarded_prefixes: Vec<String>,
+    /// Paths the filter answers itself, for the caller (the product's dashboard).
+    #[serde(default)]
+    pub endpoints: Endpoints,
     pub plans: BTreeMap<String, Plan>,
+}
+
+/// The read side: paths answered by the filter from Redis, for the verified caller, never
+/// forwarded and never counted (absent: not served).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoints {
+    /// `GET`: the caller's usage this period, with limits and what an upgrade gives.
+    #[serde(default)]
+    pub usage: Option<String>,
+    /// `GET ?from=YYYY-MM-DD&to=YYYY-MM-DD[&action=A]`: counts per day per action.
+    #[serde(default)]
+    pub history: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -227,6 +243,8 @@ pub struct RedisSettings {
     pub max_queued_settlements: usize,
     /// Monthly summaries are kept this long after their period ends.
     pub summary_retention_days: u32,
+    /// Daily counts (the history endpoint's) are kept this long; the longest range it answers.
+    pub history_retention_days: u32,
     pub events_stream: String,
     /// Approximate cap on the usage-event stream; `None` keeps every event for billing.
     pub events_max_len: Option<u64>,
@@ -260,6 +278,7 @@ impl Default for RedisSettings {
             max_batch: 64,
             max_queued_settlements: 10_000,
             summary_retention_days: 400,
+            history_retention_days: 90,
             events_stream: "plan-limits:events".into(),
             events_max_len: None,
             deny_cache_ms: 1000,

@@ -19,17 +19,54 @@ pub struct UsageKeys {
     pub commits: String,
     /// Hash: the user's entitlement as billing recorded it (`plan`), over any claim.
     pub entitlement: String,
+    /// The user's own keys, for the ones named by day.
+    pub user: UserKeys,
 }
 
 impl UsageKeys {
     pub fn new(prefix: &str, user: &str, period_id: &str, action: &str) -> Self {
+        let user = UserKeys::new(prefix, user);
+        Self {
+            summary: user.summary(period_id),
+            pending: user.pending(period_id, action),
+            commits: format!("{}:{period_id}:commits:{action}", user.base),
+            entitlement: user.entitlement(),
+            user,
+        }
+    }
+}
+
+/// One user's keys: `<prefix>:{<encoded user>}:...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserKeys {
+    base: String,
+}
+
+impl UserKeys {
+    pub fn new(prefix: &str, user: &str) -> Self {
         let user = utf8_percent_encode(user, KEY_SAFE);
         Self {
-            summary: format!("{prefix}:{{{user}}}:{period_id}"),
-            pending: format!("{prefix}:{{{user}}}:{period_id}:pending:{action}"),
-            commits: format!("{prefix}:{{{user}}}:{period_id}:commits:{action}"),
-            entitlement: entitlement_key(prefix, user),
+            base: format!("{prefix}:{{{user}}}"),
         }
+    }
+
+    /// Hash: the period's counters, plan and limits.
+    pub fn summary(&self, period_id: &str) -> String {
+        format!("{}:{period_id}", self.base)
+    }
+
+    /// Sorted set: the action's reservations in flight this period.
+    pub fn pending(&self, period_id: &str, action: &str) -> String {
+        format!("{}:{period_id}:pending:{action}", self.base)
+    }
+
+    /// Hash: one day's counters (`2026-11-29`), per action.
+    pub fn day(&self, date: &str) -> String {
+        format!("{}:day:{date}", self.base)
+    }
+
+    pub fn entitlement(&self) -> String {
+        format!("{}:entitlement", self.base)
     }
 }
 
@@ -54,6 +91,10 @@ mod tests {
         assert_eq!(keys.pending, "plan-limits:{u1}:2026-11:pending:upload");
         assert_eq!(keys.commits, "plan-limits:{u1}:2026-11:commits:upload");
         assert_eq!(keys.entitlement, "plan-limits:{u1}:entitlement");
+        assert_eq!(
+            keys.user.day("2026-11-29"),
+            "plan-limits:{u1}:day:2026-11-29"
+        );
         assert_eq!(
             entitlement_key("p", encoded_user("a b")),
             "p:{a%20b}:entitlement"

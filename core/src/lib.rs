@@ -11,6 +11,7 @@
 //! - `request`: a metered request's life (reservation, response, end);
 //! - `settlement`: commits, counts and releases; `settlement_queue`: a worker's, in batches;
 //! - `denials`: refusals remembered briefly per worker;
+//! - `reports`: the read side (the caller's usage and history, answered from Redis);
 //! - `worker`: the events in / actions out state machine the shell drives;
 //! - `responses`: every answer the filter gives itself; `metrics`: its counters;
 //! - `redis`: commands and replies as data, the Lua scripts, the webdis and RESP codecs.
@@ -25,6 +26,7 @@ pub mod outage;
 pub mod period;
 pub mod plans;
 pub mod redis;
+pub mod reports;
 pub mod request;
 pub mod responses;
 pub mod routes;

@@ -34,10 +34,12 @@ pub enum Metric {
     /// Refusals answered once their body was read (held from the upstream meanwhile), for
     /// clients that write a whole body before reading.
     AnsweredAfterBody,
+    /// Reports answered (the usage endpoints).
+    Reports,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 15] = [
+    pub const ALL: [Metric; 16] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::Rejected,
@@ -53,6 +55,7 @@ impl Metric {
         Metric::Extended,
         Metric::UnknownPlan,
         Metric::AnsweredAfterBody,
+        Metric::Reports,
     ];
 
     /// The name the host defines it under.
@@ -73,6 +76,7 @@ impl Metric {
             Metric::Extended => "plan_limits.extended",
             Metric::UnknownPlan => "plan_limits.unknown_plan",
             Metric::AnsweredAfterBody => "plan_limits.answered_after_body",
+            Metric::Reports => "plan_limits.reports",
         }
     }
 }

@@ -65,6 +65,11 @@ impl BillingPeriod {
 
 /// RFC 3339 in UTC (`2026-11-30T23:59:59Z`, or `...59.999Z` with `millis`). Written out here
 /// because chrono's formatting machinery would double the size of the `.wasm`.
+/// `2026-11-29`: a UTC day, as daily counters are named.
+pub fn date(t: DateTime<Utc>) -> String {
+    format!("{:04}-{:02}-{:02}", t.year(), t.month(), t.day())
+}
+
 pub fn rfc3339(t: DateTime<Utc>, millis: bool) -> String {
     let date = format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",

@@ -33,6 +33,8 @@ pub struct Plans {
     unmetered: Vec<Route<()>>,
     /// Under these (in `routes::canonical` spelling), what no route names is refused.
     guarded: Vec<PathPattern>,
+    /// Paths the filter answers itself.
+    endpoints: Vec<(String, Endpoint)>,
 }
 
 /// What a metered route leads to, and what its other spellings and methods get.
@@ -56,6 +58,15 @@ pub enum PathClass<'a> {
     Unmetered,
     /// Under a guarded prefix, and named by no route.
     Guarded,
+    /// A path the filter answers itself (`endpoints`), with the method it takes.
+    Endpoint(Endpoint, bool),
+}
+
+/// The read side's paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Usage,
+    History,
 }
 
 /// A metered action and every plan's terms for it.
@@ -147,7 +158,7 @@ impl Plans {
             .iter()
             .map(|(key, settings)| compile_action(&config, &plans, key, settings).map(Rc::new))
             .collect::<Result<_, _>>()?;
-        let routes = config
+        let routes: Vec<Route<Metered>> = config
             .routes
             .iter()
             .enumerate()
@@ -166,7 +177,7 @@ impl Plans {
                 Ok(Route::new(route.method.clone(), path, target))
             })
             .collect::<Result<_, _>>()?;
-        let unmetered = config
+        let unmetered: Vec<Route<()>> = config
             .unmetered
             .iter()
             .enumerate()
@@ -182,6 +193,7 @@ impl Plans {
             .map(|prefix| PathPattern::prefix(prefix).loose())
             .collect();
         let request_timeout_ms = request_timeout_ms(&config);
+        let endpoints = compile_endpoints(&config, &routes, &unmetered)?;
         Ok(Self {
             identity: config.identity,
             redis: config.redis,
@@ -195,6 +207,7 @@ impl Plans {
             routes,
             unmetered,
             guarded,
+            endpoints,
         })
     }
 
@@ -207,6 +220,10 @@ impl Plans {
     /// What a request's method and path are: a metered route, another spelling of one, an
     /// unmetered path, or a guarded one no route names.
     pub fn classify(&self, method: &str, path: &str) -> PathClass<'_> {
+        let bare = path.split(['?', '#']).next().unwrap_or(path);
+        if let Some((_, endpoint)) = self.endpoints.iter().find(|(p, _)| p == bare) {
+            return PathClass::Endpoint(*endpoint, method == "GET");
+        }
         if let Some(action) = self.route(method, path) {
             return PathClass::Metered(action);
         }
@@ -315,6 +332,48 @@ fn request_timeout_ms(config: &Config) -> u64 {
     (largest.saturating_mul(1000) / rate)
         .saturating_add(MINUTE_MS)
         .max(5 * MINUTE_MS)
+}
+
+/// The read side's paths: each exact, not one a route meters or Envoy skips the filter on.
+fn compile_endpoints(
+    config: &Config,
+    routes: &[Route<Metered>],
+    unmetered: &[Route<()>],
+) -> Result<Vec<(String, Endpoint)>, ConfigError> {
+    let named = [
+        ("usage", &config.endpoints.usage, Endpoint::Usage),
+        ("history", &config.endpoints.history, Endpoint::History),
+    ];
+    let mut out: Vec<(String, Endpoint)> = Vec::new();
+    for (name, path, endpoint) in named {
+        let Some(path) = path else { continue };
+        let at = format!("endpoints.{name}");
+        if !path.starts_with('/') || path.contains(['?', '#']) {
+            return Err(ConfigError::at(
+                at,
+                format!("a path, without a query: \"{path}\""),
+            ));
+        }
+        let canonical = routes::canonical(path);
+        if routes::find_loose(routes, "GET", &canonical).is_some() {
+            return Err(ConfigError::at(
+                at,
+                format!("\"{path}\" is a metered route's path"),
+            ));
+        }
+        let skipped = routes::find_loose(unmetered, "GET", &canonical);
+        if skipped.is_some_and(|(_, method_matches)| method_matches) {
+            return Err(ConfigError::at(
+                at,
+                format!("\"{path}\" is listed as unmetered: the filter would not see it"),
+            ));
+        }
+        if out.iter().any(|(p, _)| p == path) {
+            return Err(ConfigError::at(at, format!("\"{path}\" is named twice")));
+        }
+        out.push((path.clone(), endpoint));
+    }
+    Ok(out)
 }
 
 fn pattern(path: &Option<String>, prefix: &Option<String>) -> Option<PathPattern> {
@@ -734,6 +793,7 @@ mod tests {
             } => format!("variant {} {method_matches}", route.target.action.key),
             PathClass::Unmetered => "unmetered".into(),
             PathClass::Guarded => "guarded".into(),
+            PathClass::Endpoint(endpoint, method_ok) => format!("{endpoint:?} {method_ok}"),
         }
     }
 
@@ -753,6 +813,42 @@ mod tests {
         assert_eq!(class(&p, "POST", "/API/teammate/chat"), "guarded");
         assert_eq!(class(&p, "GET", "/health"), "unmetered");
         assert_eq!(class(&p, "GET", "/docs"), "unmetered");
+    }
+
+    #[test]
+    fn the_read_sides_paths_are_answered_by_the_filter() {
+        let p = plans();
+        assert_eq!(class(&p, "GET", "/api/usage"), "Usage true");
+        assert_eq!(class(&p, "GET", "/api/usage?x=1"), "Usage true");
+        assert_eq!(class(&p, "POST", "/api/usage"), "Usage false");
+        assert_eq!(
+            class(&p, "GET", "/api/usage/history?from=2026-11-01"),
+            "History true"
+        );
+        // Other spellings are not the endpoint (and are refused under /api).
+        assert_eq!(class(&p, "GET", "/API/usage"), "guarded");
+        for (edit, reason) in [
+            (
+                serde_json::json!({"usage": "/api/upload"}),
+                "is a metered route's path",
+            ),
+            (
+                serde_json::json!({"usage": "/health/usage"}),
+                "listed as unmetered",
+            ),
+            (
+                serde_json::json!({"usage": "api/usage"}),
+                "a path, without a query",
+            ),
+            (
+                serde_json::json!({"usage": "/u", "history": "/u"}),
+                "named twice",
+            ),
+        ] {
+            let err = with(|v| v["endpoints"] = edit.clone()).unwrap_err();
+            assert!(err.to_string().contains(reason), "{edit}: {err}");
+            assert!(err.path.starts_with("endpoints."), "{err}");
+        }
     }
 
     #[test]

@@ -463,6 +463,7 @@ impl MeteredRequest {
             bytes: self.bytes(),
             status,
             at: period::rfc3339(now, true),
+            day: period::date(now),
             request_id: self.request_id.clone(),
             period_id: self.period.id.clone(),
             keep_for_ms: unix_millis(kept_until).saturating_sub(unix_millis(now)),

@@ -274,6 +274,11 @@ pub fn bad_request(field: &str, reason: &str) -> LocalResponse {
     )
 }
 
+/// 200: a report the filter answers itself (the usage endpoints); never cached.
+pub fn report(body: Value) -> LocalResponse {
+    LocalResponse::json(200, body).with_header("cache-control", "no-store".into())
+}
+
 pub fn usage_unavailable(action_key: &str) -> LocalResponse {
     LocalResponse::json(
         503,

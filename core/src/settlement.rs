@@ -45,6 +45,8 @@ pub struct Settlement {
     pub status: u32,
     /// RFC 3339 time of the upstream's answer.
     pub at: String,
+    /// Its UTC day, whose daily counter a count goes to.
+    pub day: String,
     pub request_id: String,
     pub period_id: String,
     /// How long the summary is kept from now (ms): until its period ends plus the retention.

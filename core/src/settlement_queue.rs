@@ -179,6 +179,7 @@ mod tests {
             bytes: 0,
             status: 200,
             at: "2026-11-27T00:00:00.000Z".into(),
+            day: "2026-11-27".into(),
             request_id: String::new(),
             period_id: "2026-11".into(),
             keep_for_ms: 1,

@@ -76,5 +76,6 @@ pub fn metered(plans: &Plans, req: &Req, when: DateTime<Utc>) -> MeteredRequest 
         Admission::Metered(m) => m,
         Admission::Refused(r) => panic!("refused: {} {}", r.status, r.body),
         Admission::Unmetered => panic!("unmetered"),
+        Admission::Report(_) => panic!("a report"),
     }
 }

@@ -33,6 +33,7 @@ use crate::outage::{self, Budget};
 use crate::plans::Plans;
 use crate::redis::functions::{self, SettleArgs};
 use crate::redis::{RedisCommand, RedisReply, TransportError};
+use crate::reports::Report;
 use crate::request::{unix_millis, Decision, MeteredRequest};
 use crate::responses::{self, LocalResponse};
 use crate::settlement::Settlement;
@@ -116,6 +117,8 @@ pub struct Worker {
     streams: HashMap<StreamId, Stream>,
     /// Refused streams whose body is read and discarded before they are answered.
     draining: HashMap<StreamId, Drain>,
+    /// Reports waiting for their Redis call.
+    reports: HashMap<StreamId, PendingReport>,
     calls: HashMap<Token, Waiter>,
     settlements: SettlementQueue,
     denials: DenialCache,
@@ -137,6 +140,13 @@ struct Stream {
     drainable: bool,
 }
 
+/// A report waiting for its call's answer.
+struct PendingReport {
+    report: Report,
+    call: Token,
+    drainable: bool,
+}
+
 /// A refused stream's answer, waiting for the end of its body (`None` once given: whatever
 /// else arrives is discarded too).
 struct Drain {
@@ -149,6 +159,8 @@ struct Drain {
 enum Waiter {
     /// A paused stream's reservation.
     Reservation(StreamId),
+    /// A paused stream's report.
+    Report(StreamId),
     /// The settlement batch in flight.
     Batch,
 }
@@ -200,6 +212,7 @@ impl Worker {
             plans: None,
             streams: HashMap::new(),
             draining: HashMap::new(),
+            reports: HashMap::new(),
             calls: HashMap::new(),
             settlements: SettlementQueue::new(defaults.max_queued_settlements, defaults.max_batch),
             denials: DenialCache::new(REMEMBERED_USERS),
@@ -273,13 +286,43 @@ impl Worker {
             Admission::Unmetered => Flow::Continue,
             Admission::Refused(response) => {
                 io.count(Metric::Rejected, 1);
-                self.refuse_at_head(stream, response, drainable, io)
+                self.answer_at_head(stream, response, drainable, io)
             }
             Admission::Metered(mut request) => {
                 if end_of_stream {
                     request.on_forwarded();
                 }
                 self.meter(stream, request, drainable, &plans, now, io)
+            }
+            Admission::Report(report) => self.report(stream, report, drainable, &plans, now, io),
+        }
+    }
+
+    /// Sends the report's one call; the stream waits for its answer.
+    fn report(
+        &mut self,
+        stream: StreamId,
+        report: Report,
+        drainable: bool,
+        plans: &Plans,
+        now: DateTime<Utc>,
+        io: &mut dyn Io,
+    ) -> Flow {
+        let command = report.command(plans, unix_millis(now));
+        match io.send(&plans.redis, &command) {
+            Ok(call) => {
+                self.calls.insert(call, Waiter::Report(stream));
+                let pending = PendingReport {
+                    report,
+                    call,
+                    drainable,
+                };
+                self.reports.insert(stream, pending);
+                Flow::Pause
+            }
+            Err(e) => {
+                let response = report.answer(Err(e), plans, now);
+                self.answer_at_head(stream, response, drainable, io)
             }
         }
     }
@@ -303,8 +346,8 @@ impl Worker {
         }
     }
 
-    /// A refusal decided from the head: a held stream's headers go on (to what holds it).
-    fn refuse_at_head(
+    /// An answer decided from the head: a held stream's headers go on (to what holds it).
+    fn answer_at_head(
         &mut self,
         stream: StreamId,
         response: LocalResponse,
@@ -336,7 +379,7 @@ impl Worker {
         if let Some(plan) = entitled.filter(|plan| *plan != request.plan().key) {
             if let Err(response) = request.apply_plan(&plan) {
                 io.count(Metric::Rejected, 1);
-                return self.refuse_at_head(stream, response, drainable, io);
+                return self.answer_at_head(stream, response, drainable, io);
             }
         }
         self.note_unknown_plan(&request, now_ms, io);
@@ -356,7 +399,7 @@ impl Worker {
         };
         if let Some(response) = self.denials.refusal(&request, now) {
             io.count(Metric::Denied, 1);
-            return self.refuse_at_head(stream, response, drainable, io);
+            return self.answer_at_head(stream, response, drainable, io);
         }
         let redis = &plans.redis;
         let fallback = match plans.identity.unknown_plan {
@@ -388,7 +431,7 @@ impl Worker {
                 let decision = request.on_reservation(Err(e), now);
                 match self.carry_out(stream, &mut request, decision, plans, now, io) {
                     Ok(()) => Flow::Continue,
-                    Err(response) => self.refuse_at_head(stream, response, drainable, io),
+                    Err(response) => self.answer_at_head(stream, response, drainable, io),
                 }
             }
         };
@@ -499,8 +542,28 @@ impl Worker {
         // Unknown: its stream ended meanwhile (and released what it held).
         match self.calls.remove(&token) {
             Some(Waiter::Reservation(stream)) => self.on_reservation(stream, reply, now, io),
+            Some(Waiter::Report(stream)) => self.on_report(stream, reply, now, io),
             Some(Waiter::Batch) => self.on_batch_reply(reply, now, io),
             None => {}
+        }
+    }
+
+    /// The paused `stream`'s report was answered by Redis: the caller gets it.
+    fn on_report(
+        &mut self,
+        stream: StreamId,
+        reply: Result<RedisReply, TransportError>,
+        now: DateTime<Utc>,
+        io: &mut dyn Io,
+    ) {
+        let (Some(plans), Some(pending)) = (self.plans.clone(), self.reports.remove(&stream))
+        else {
+            return;
+        };
+        io.count(Metric::Reports, 1);
+        let response = pending.report.answer(reply, &plans, now);
+        if self.answer(stream, response, pending.drainable, io) {
+            io.resume(stream);
         }
     }
 
@@ -638,6 +701,9 @@ impl Worker {
     /// still owed to it is no longer wanted.
     pub fn on_stream_end(&mut self, stream: StreamId, now: DateTime<Utc>, io: &mut dyn Io) {
         self.draining.remove(&stream);
+        if let Some(pending) = self.reports.remove(&stream) {
+            self.calls.remove(&pending.call);
+        }
         let Some(mut entry) = self.streams.remove(&stream) else {
             return;
         };
@@ -709,6 +775,7 @@ impl Worker {
                 now_ms,
                 ttl_ms: redis.reservation_ttl_ms,
                 remember_commits_ms: redis.commit_memory_ms,
+                keep_days_ms: u64::from(redis.history_retention_days) * 86_400_000,
             },
         );
         match io.send(redis, &command) {
@@ -1304,6 +1371,38 @@ mod tests {
             .headers
             .iter()
             .any(|(n, _)| n.starts_with("ratelimit")));
+    }
+
+    #[test]
+    fn a_report_is_answered_by_the_worker_and_never_forwarded_or_counted() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        let get = head("GET", "/api/usage", "u", "free");
+        assert_eq!(
+            w.on_request_headers(1, get.head(), true, now(), &mut io),
+            Flow::Pause
+        );
+        let (token, call) = io.last_sent();
+        assert_eq!(name(call), (&b"FCALL"[..], &b"plan_limits_usage"[..]));
+        // Billing's plan (none), then per action its count and what is in flight.
+        let mut items = vec![RedisReply::Nil];
+        items.extend([0; 12].map(RedisReply::Int));
+        let reply = Ok(RedisReply::Array(items));
+        w.on_reply(token, reply, now(), &mut io);
+        assert_eq!(io.status_for(1), Some(200));
+        assert!(io.resumed.is_empty(), "never forwarded");
+        assert_eq!(io.count_of(Metric::Reports), 1);
+        w.on_response_headers(1, 200, now(), &mut io);
+        w.on_stream_end(1, now(), &mut io);
+        assert_eq!(w.queued_settlements(), 0, "never counted");
+        // Without a token: 401; another method: 405.
+        let mut anonymous = get.clone();
+        anonymous.claims = Default::default();
+        w.on_request_headers(2, anonymous.head(), true, now(), &mut io);
+        assert_eq!(io.status_for(2), Some(401));
+        let post = head("POST", "/api/usage", "u", "free");
+        w.on_request_headers(3, post.head(), true, now(), &mut io);
+        assert_eq!(io.status_for(3), Some(405));
     }
 
     #[test]

@@ -27,8 +27,8 @@ pub struct RedisServer {
 pub const ADMIN_USER: &str = "plan-limits-admin";
 
 /// The commands the library's functions run: Redis checks them against the caller's rights.
-const FILTER_COMMANDS: &str = "+fcall +hget +hset +hincrby +zadd +zrem +zcard +zscore \
-                               +zremrangebyscore +pexpire +xadd";
+const FILTER_COMMANDS: &str = "+fcall +hget +hmget +hset +hincrby +zadd +zrem +zcard \
+                               +zcount +zscore +zremrangebyscore +pexpire +xadd";
 
 #[derive(Debug, Clone)]
 struct Users {

@@ -525,7 +525,8 @@ fn hostile_requests_cannot_crash_skip_metering_or_reach_another_users_counter() 
         .flat_map(|u| {
             let keys =
                 plan_limits_core::keys::UsageKeys::new(&usage::prefix(), u, &period, "ai_analysis");
-            [keys.summary, keys.commits]
+            let today = plan_limits_core::period::date(chrono::Utc::now());
+            [keys.summary, keys.commits, keys.user.day(&today)]
         })
         .collect();
     expected.push(usage::events_stream());

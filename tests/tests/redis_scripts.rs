@@ -7,10 +7,12 @@ use std::rc::Rc;
 
 use plan_limits_core::config::Limit;
 use plan_limits_core::keys::{encoded_user, entitlement_key, UsageKeys};
+use plan_limits_core::plans::Plans;
 use plan_limits_core::redis::functions::{
     self, Reservation, ReserveArgs, ReserveStatus, SettleArgs, Settled,
 };
 use plan_limits_core::redis::RedisReply;
+use plan_limits_core::reports::{self as reporting, Report, ReportKind};
 use plan_limits_core::settlement::{SettleMode, Settlement};
 use plan_limits_services::process::{free_port, scratch_dir};
 use plan_limits_services::redis_exec::run;
@@ -89,6 +91,7 @@ fn settlement(mode: SettleMode, user: &str, id: &str) -> Settlement {
         bytes: 42,
         status: 201,
         at: "2026-11-27T12:00:00.000Z".into(),
+        day: "2026-11-27".into(),
         request_id: "req-1".into(),
         period_id: "2026-11".into(),
         keep_for_ms: 400 * 86_400_000,
@@ -107,6 +110,7 @@ fn settle_at(conn: &mut redis::Connection, batch: &[Settlement], now: u64) -> Ve
                 now_ms: now,
                 ttl_ms: TTL,
                 remember_commits_ms: REMEMBER,
+                keep_days_ms: 86_400_000,
             },
         ),
     );
@@ -334,6 +338,66 @@ fn a_count_updates_the_summary_and_records_an_event() {
 }
 
 #[test]
+fn the_read_side_functions_answer_the_filters_user_in_one_flat_reply() {
+    let (server, mut conn) = redis();
+    let counts = [
+        settlement(SettleMode::Count, "u", "c1"),
+        settlement(SettleMode::Count, "u", "c2"),
+    ];
+    assert_eq!(settle(&mut conn, &counts), [true, true]);
+    assert!(granted(&reserve(&mut conn, "u", "r1", 5, NOW)));
+    set_plan(&mut conn, "u", "professional");
+    // The day's counter, kept as long as asked.
+    let day = keys("u").user.day("2026-11-27");
+    let uploads: String = redis::cmd("HGET")
+        .arg(&day)
+        .arg("upload")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(uploads, "2");
+    let pttl: u64 = redis::cmd("PTTL").arg(&day).query(&mut conn).unwrap();
+    assert!((1..=86_400_000).contains(&pttl), "{pttl}");
+
+    let plans = Plans::from_json(plan_limits_services::plans_json().as_bytes()).unwrap();
+    let now = chrono::DateTime::from_timestamp_millis(NOW as i64).unwrap();
+    let mut filter = redis::Client::open(server.filter_url())
+        .and_then(|c| c.get_connection())
+        .unwrap();
+    let usage = Report::new(
+        ReportKind::Usage,
+        "u".into(),
+        Some("free".into()),
+        &plans,
+        now,
+    );
+    let reply = run(&mut filter, &usage.command(&plans, NOW));
+    let answer = usage.answer(Ok(reply), &plans, now);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    assert_eq!(body["plan"]["key"], "professional", "billing's plan");
+    assert_eq!(
+        (
+            &body["actions"]["upload"]["used"],
+            &body["actions"]["upload"]["in_flight"]
+        ),
+        (&2.into(), &1.into())
+    );
+    let history = Report::new(
+        reporting::history_query(&plans, "/h?from=2026-11-26&to=2026-11-27", now).unwrap(),
+        "u".into(),
+        None,
+        &plans,
+        now,
+    );
+    let reply = run(&mut filter, &history.command(&plans, NOW));
+    let answer = history.answer(Ok(reply), &plans, now);
+    let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    assert_eq!(body["days"][0]["total"], 0);
+    assert_eq!(body["days"][1]["counts"]["upload"], 2);
+    assert_eq!(body["totals"]["upload"], 2);
+}
+
+#[test]
 fn the_event_stream_can_be_capped() {
     let (_server, mut conn) = redis();
     let batch: Vec<_> = (0..300)
@@ -348,6 +412,7 @@ fn the_event_stream_can_be_capped() {
                 now_ms: NOW,
                 ttl_ms: TTL,
                 remember_commits_ms: REMEMBER,
+                keep_days_ms: 86_400_000,
             },
         );
         assert!(matches!(run(&mut conn, &command), RedisReply::Array(_)));

@@ -164,6 +164,8 @@ pub struct SettleArgs<'a> {
     pub ttl_ms: u64,
     /// How long commit ids are remembered, so that a commit sent again counts once.
     pub remember_commits_ms: u64,
+    /// How long daily counters are kept.
+    pub keep_days_ms: u64,
 }
 
 /// Fields per item in `plan_limits_settle`'s args.
@@ -173,14 +175,15 @@ const SETTLE_FIELDS: usize = 13;
 pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
     let mut cmd = RedisCommand::new("FCALL")
         .arg(SETTLE)
-        .arg((1 + 4 * batch.len()).to_string())
+        .arg((1 + 5 * batch.len()).to_string())
         .arg(args.events_stream);
     for item in batch {
         cmd = cmd
             .arg(&item.keys.summary)
             .arg(&item.keys.pending)
             .arg(&item.keys.commits)
-            .arg(&item.keys.entitlement);
+            .arg(&item.keys.entitlement)
+            .arg(item.keys.user.day(&item.day));
     }
     cmd = cmd
         .arg(
@@ -191,6 +194,7 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
         .arg(args.now_ms.to_string())
         .arg(args.ttl_ms.to_string())
         .arg(args.remember_commits_ms.to_string())
+        .arg(args.keep_days_ms.to_string())
         .arg(SETTLE_FIELDS.to_string());
     for item in batch {
         let before = cmd.args.len();

@@ -65,23 +65,25 @@ end
 --   count   - a success that had no reservation (unlimited plan, or Redis was down): count it;
 --   release - the upstream failed or the client left: drop the reservation;
 --   extend  - the request is still in flight: push its reservation's expiry back.
--- Every count also updates the monthly summary and appends a usage event.
+-- Every count also updates the monthly summary and the day's counters (the history) and
+-- appends a usage event.
 -- keys: events stream, then per item: summary, pending, commits (recent commit ids),
---       entitlement.
+--       entitlement, the day's counters.
 -- args: stream max length ('' = keep all), now (ms), reservation ttl (ms), how long commit
---       ids are remembered (ms), fields per item, then the items' fields.
+--       ids are remembered (ms), how long days are kept (ms), fields per item, then the items'
+--       fields.
 -- Returns per item {counted or extended (1/0), the user's entitled plan or false}, flattened.
 local function settle(keys, args)
   local maxlen, now, ttl = args[1], tonumber(args[2]), tonumber(args[3])
-  local remember, stride = tonumber(args[4]), tonumber(args[5])
+  local remember, keep_days, stride = tonumber(args[4]), tonumber(args[5]), tonumber(args[6])
   local results = {}
   -- A batch often holds many settlements of one user: the summary's plan, limits and expiry
   -- are written once per summary.
   local written = {}
-  for i = 0, (#keys - 1) / 4 - 1 do
-    local summary, pending = keys[2 + 4 * i], keys[3 + 4 * i]
-    local commits, entitlement = keys[4 + 4 * i], keys[5 + 4 * i]
-    local f = 5 + stride * i
+  for i = 0, (#keys - 1) / 5 - 1 do
+    local summary, pending = keys[2 + 5 * i], keys[3 + 5 * i]
+    local commits, entitlement, day = keys[4 + 5 * i], keys[5 + 5 * i], keys[6 + 5 * i]
+    local f = 6 + stride * i
     local mode, id, action, user = args[f + 1], args[f + 2], args[f + 3], args[f + 4]
     local plan, limits, kind, bytes = args[f + 5], args[f + 6], args[f + 7], args[f + 8]
     local status, at, request_id, period = args[f + 9], args[f + 10], args[f + 11], args[f + 12]
@@ -107,10 +109,15 @@ local function settle(keys, args)
       end
       if counts then
         redis.call('HINCRBY', summary, action, 1)
+        redis.call('HINCRBY', day, action, 1)
         if not written[summary] then
           redis.call('HSET', summary, 'plan', plan, 'limits', limits, 'updated_at', at)
           redis.call('PEXPIRE', summary, keep_for)
           written[summary] = true
+        end
+        if not written[day] then
+          redis.call('PEXPIRE', day, keep_days)
+          written[day] = true
         end
         local event = {'user', user, 'action', action, 'kind', kind, 'bytes', bytes,
           'status', status, 'at', at, 'request_id', request_id, 'plan', plan, 'period', period}
@@ -128,5 +135,40 @@ local function settle(keys, args)
   return results
 end
 
+-- The read side's replies are flat arrays: webdis renders nested ones as null.
+
+-- plan_limits_usage: where a user stands this period, for the usage endpoint (reads only).
+-- keys: summary, entitlement, then each action's pending set.
+-- args: now (ms), then the actions (in the keys' order).
+-- Returns {billing's plan or false, then per action its count and its reservations in flight}.
+local function usage(keys, args)
+  local now = tonumber(args[1])
+  local out = {redis.call('HGET', keys[2], 'plan')}
+  for i = 3, #keys do
+    out[#out + 1] = tonumber(redis.call('HGET', keys[1], args[i - 1]) or '0')
+    out[#out + 1] = redis.call('ZCOUNT', keys[i], '(' .. now, '+inf')
+  end
+  return out
+end
+
+-- plan_limits_history: daily counts, for the history endpoint (reads only).
+-- keys: billing's entitlement, then one day's counters per day asked for.
+-- args: the actions asked for.
+-- Returns {billing's plan or false, then per day, per action, its count}.
+local function history(keys, args)
+  local out = {redis.call('HGET', keys[1], 'plan')}
+  for i = 2, #keys do
+    local counts = redis.call('HMGET', keys[i], unpack(args))
+    for j = 1, #args do
+      out[#out + 1] = tonumber(counts[j] or '0')
+    end
+  end
+  return out
+end
+
 redis.register_function{function_name = 'plan_limits_reserve', callback = reserve}
 redis.register_function{function_name = 'plan_limits_settle', callback = settle}
+redis.register_function{function_name = 'plan_limits_usage', callback = usage,
+  flags = {'no-writes'}}
+redis.register_function{function_name = 'plan_limits_history', callback = history,
+  flags = {'no-writes'}}

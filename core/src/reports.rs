@@ -1,0 +1,514 @@
+//! The read side, for the product's dashboard: the caller's usage this period
+//! (`endpoints.usage`) and its daily counts (`endpoints.history`), each answered by the
+//! filter from one Redis call (a read-only function), never forwarded and never counted.
+//!
+//! Numbers follow the 429's: `used` counts successes, `in_flight` the units held by requests
+//! not settled yet, `remaining` what is left of the limit after both, `percentage` is `used`
+//! of the limit in whole percent, rounded down, at most 100.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Days, NaiveDate, Utc};
+use serde_json::{json, Map, Value};
+
+use crate::keys::UserKeys;
+use crate::period::{self, BillingPeriod};
+use crate::plans::{FeatureAccess, Plan, Plans};
+use crate::redis::{RedisCommand, RedisReply, TransportError};
+use crate::responses::{self, LocalResponse};
+use crate::routes;
+
+const USAGE: &str = "plan_limits_usage";
+const HISTORY: &str = "plan_limits_history";
+
+/// What is asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportKind {
+    Usage,
+    /// Days `from` to `to`, both included; one action's counts, or every action's.
+    History {
+        from: NaiveDate,
+        to: NaiveDate,
+        action: Option<String>,
+    },
+}
+
+/// A report asked for by a verified caller.
+#[derive(Debug, Clone)]
+pub struct Report {
+    kind: ReportKind,
+    user: String,
+    /// The plan its token claims (billing's record, in Redis, wins over it).
+    claimed_plan: Option<String>,
+    keys: UserKeys,
+    period: BillingPeriod,
+}
+
+impl Report {
+    pub fn new(
+        kind: ReportKind,
+        user: String,
+        claimed_plan: Option<String>,
+        plans: &Plans,
+        now: DateTime<Utc>,
+    ) -> Self {
+        let keys = UserKeys::new(&plans.redis.key_prefix, &user);
+        Self {
+            kind,
+            user,
+            claimed_plan,
+            keys,
+            period: BillingPeriod::calendar_month(now),
+        }
+    }
+
+    /// The one Redis call that answers it.
+    pub fn command(&self, plans: &Plans, now_ms: u64) -> RedisCommand {
+        match &self.kind {
+            ReportKind::Usage => {
+                let actions = plans.actions();
+                let mut cmd = RedisCommand::new("FCALL")
+                    .arg(USAGE)
+                    .arg((2 + actions.len()).to_string())
+                    .arg(self.keys.summary(&self.period.id))
+                    .arg(self.keys.entitlement());
+                for action in actions {
+                    cmd = cmd.arg(self.keys.pending(&self.period.id, &action.key));
+                }
+                cmd = cmd.arg(now_ms.to_string());
+                for action in actions {
+                    cmd = cmd.arg(&action.key);
+                }
+                cmd
+            }
+            ReportKind::History { from, to, action } => {
+                let days = days(*from, *to);
+                let mut cmd = RedisCommand::new("FCALL")
+                    .arg(HISTORY)
+                    .arg((1 + days.len()).to_string())
+                    .arg(self.keys.entitlement());
+                for day in &days {
+                    cmd = cmd.arg(self.keys.day(&day.to_string()));
+                }
+                for key in history_actions(plans, action.as_deref()) {
+                    cmd = cmd.arg(key);
+                }
+                cmd
+            }
+        }
+    }
+
+    /// The answer to the caller: the report (200), or 503 when Redis did not answer.
+    pub fn answer(
+        &self,
+        reply: Result<RedisReply, TransportError>,
+        plans: &Plans,
+        now: DateTime<Utc>,
+    ) -> LocalResponse {
+        let body = match &self.kind {
+            ReportKind::Usage => reply.and_then(|r| self.usage(r, plans, now)),
+            ReportKind::History { from, to, action } => {
+                reply.and_then(|r| self.history(r, plans, *from, *to, action.as_deref()))
+            }
+        };
+        match body {
+            Ok(body) => responses::report(body),
+            Err(_) => responses::usage_unavailable("usage"),
+        }
+    }
+
+    /// The plan in force: billing's record, else the token's claim, else the default plan
+    /// (also for a name plans.json does not know).
+    fn plan<'p>(&self, plans: &'p Plans, recorded: Option<String>) -> &'p Plan {
+        recorded
+            .as_deref()
+            .and_then(|name| plans.plan(name))
+            .or_else(|| self.claimed_plan.as_deref().and_then(|n| plans.plan(n)))
+            .unwrap_or(plans.default_plan())
+    }
+
+    fn usage(
+        &self,
+        reply: RedisReply,
+        plans: &Plans,
+        now: DateTime<Utc>,
+    ) -> Result<Value, TransportError> {
+        let (recorded, numbers) = split(reply, 2 * plans.actions().len())
+            .ok_or_else(|| TransportError::BadReply("plan_limits_usage".into()))?;
+        let plan = self.plan(plans, recorded);
+        let mut actions = Map::new();
+        for (action, counts) in plans.actions().iter().zip(numbers.chunks(2)) {
+            let (used, in_flight) = match counts {
+                [used, in_flight] => (*used, *in_flight),
+                _ => (0, 0),
+            };
+            let terms = action.terms(Some(&plan.key));
+            let limit = terms.limit;
+            actions.insert(
+                action.key.clone(),
+                json!({
+                    "label": action.label,
+                    "unit": action.unit,
+                    "available": terms.feature == FeatureAccess::Included,
+                    "used": used,
+                    "in_flight": in_flight,
+                    "limit": limit,
+                    "remaining": limit.map(|l| l.saturating_sub(used.saturating_add(in_flight))),
+                    "percentage": limit.map(|l| responses::percentage(used, l)),
+                }),
+            );
+        }
+        let upgrade = plan
+            .upgrade_path
+            .first()
+            .and_then(|step| plans.plan(&step.key))
+            .map(|next| offer(next));
+        Ok(json!({
+            "user": self.user,
+            "plan": {"key": plan.key, "name": plan.name},
+            "period": {
+                "id": self.period.id,
+                "start": period::rfc3339(self.period.start, false),
+                "end": period::rfc3339(self.period.end, false),
+                "resets_at": self.period.resets_at(),
+                "seconds_to_reset": self.period.seconds_until_end(now),
+            },
+            "actions": actions,
+            "files": {"max_file_size_bytes": plan.max_file_size_bytes},
+            "storage": {"limit_bytes": plan.storage_bytes},
+            "team": {"limit": plan.team_members},
+            "features": plan.features,
+            "upgrade": upgrade,
+        }))
+    }
+
+    fn history(
+        &self,
+        reply: RedisReply,
+        plans: &Plans,
+        from: NaiveDate,
+        to: NaiveDate,
+        only: Option<&str>,
+    ) -> Result<Value, TransportError> {
+        let dates = days(from, to);
+        let actions = history_actions(plans, only);
+        let (_, numbers) = split(reply, dates.len() * actions.len())
+            .ok_or_else(|| TransportError::BadReply("plan_limits_history".into()))?;
+        let mut totals: BTreeMap<&str, u64> = actions.iter().map(|a| (*a, 0)).collect();
+        let mut out = Vec::with_capacity(dates.len());
+        for (date, counts) in dates.iter().zip(numbers.chunks(actions.len().max(1))) {
+            let mut day = Map::new();
+            let mut total = 0u64;
+            for (action, n) in actions.iter().zip(counts) {
+                total = total.saturating_add(*n);
+                if let Some(sum) = totals.get_mut(action) {
+                    *sum = sum.saturating_add(*n);
+                }
+                day.insert((*action).to_string(), (*n).into());
+            }
+            out.push(json!({"date": date.to_string(), "counts": day, "total": total}));
+        }
+        Ok(json!({
+            "user": self.user,
+            "from": from.to_string(),
+            "to": to.to_string(),
+            "actions": actions,
+            "days": out,
+            "totals": totals,
+        }))
+    }
+}
+
+/// What the next plan up gives.
+fn offer(plan: &Plan) -> Value {
+    json!({
+        "plan": plan.key,
+        "name": plan.name,
+        "limits": plan.limits,
+        "max_file_size_bytes": plan.max_file_size_bytes,
+        "storage_bytes": plan.storage_bytes,
+        "team_members": plan.team_members,
+        "features": plan.features,
+    })
+}
+
+/// Every day from `from` to `to`, both included.
+fn days(from: NaiveDate, to: NaiveDate) -> Vec<NaiveDate> {
+    from.iter_days().take_while(|d| *d <= to).collect()
+}
+
+/// The actions a history covers: the one asked for, or all.
+fn history_actions<'p>(plans: &'p Plans, only: Option<&str>) -> Vec<&'p str> {
+    plans
+        .actions()
+        .iter()
+        .map(|a| a.key.as_str())
+        .filter(|key| only.is_none_or(|o| o == *key))
+        .collect()
+}
+
+/// A read-side reply: billing's plan (or nil), then exactly `n` counts.
+fn split(reply: RedisReply, n: usize) -> Option<(Option<String>, Vec<u64>)> {
+    let RedisReply::Array(items) = reply else {
+        return None;
+    };
+    let (first, rest) = items.split_first()?;
+    if rest.len() != n {
+        return None;
+    }
+    let plan = match first {
+        RedisReply::Bulk(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        _ => None,
+    };
+    let counts = rest
+        .iter()
+        .map(|item| match item {
+            RedisReply::Int(n) => u64::try_from(*n).ok(),
+            _ => None,
+        })
+        .collect::<Option<Vec<u64>>>()?;
+    Some((plan, counts))
+}
+
+/// The history's query (`?from=YYYY-MM-DD&to=YYYY-MM-DD[&action=A]`): by default the 30 days
+/// to today; at most `history_retention_days` days; 400 naming the parameter otherwise.
+pub fn history_query(
+    plans: &Plans,
+    path: &str,
+    now: DateTime<Utc>,
+) -> Result<ReportKind, LocalResponse> {
+    let param = |name: &str| routes::query_param(path, name);
+    let date = |name: &str| -> Result<Option<NaiveDate>, LocalResponse> {
+        match param(name) {
+            None => Ok(None),
+            Some(raw) => parse_date(&raw)
+                .map(Some)
+                .ok_or_else(|| responses::bad_request(name, "not a date (YYYY-MM-DD)")),
+        }
+    };
+    let retention = u64::from(plans.redis.history_retention_days.max(1));
+    let to = date("to")?.unwrap_or_else(|| now.date_naive());
+    let from = match date("from")? {
+        Some(from) => from,
+        None => to
+            .checked_sub_days(Days::new(29.min(retention - 1)))
+            .unwrap_or(to),
+    };
+    if from > to {
+        return Err(responses::bad_request("from", "is after to"));
+    }
+    let span = u64::try_from((to - from).num_days())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
+    if span > retention {
+        return Err(responses::bad_request(
+            "from",
+            &format!("the range is {span} days; at most {retention} (history_retention_days)"),
+        ));
+    }
+    let action = param("action");
+    if let Some(name) = &action {
+        if !plans.actions().iter().any(|a| &a.key == name) {
+            return Err(responses::bad_request("action", "no such action"));
+        }
+    }
+    Ok(ReportKind::History { from, to, action })
+}
+
+/// `YYYY-MM-DD`, digits only.
+fn parse_date(raw: &str) -> Option<NaiveDate> {
+    let bytes = raw.as_bytes();
+    let digits = |r: std::ops::Range<usize>| -> Option<u32> {
+        let part = bytes.get(r)?;
+        if !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(part).ok()?.parse().ok()
+    };
+    if bytes.len() != 10 || bytes.get(4) != Some(&b'-') || bytes.get(7) != Some(&b'-') {
+        return None;
+    }
+    let year = i32::try_from(digits(0..4)?).ok()?;
+    NaiveDate::from_ymd_opt(year, digits(5..7)?, digits(8..10)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{now, plans};
+
+    fn bulk(s: &str) -> RedisReply {
+        RedisReply::Bulk(s.as_bytes().to_vec())
+    }
+
+    fn status_of(r: &Result<ReportKind, LocalResponse>) -> Option<(u32, Value)> {
+        r.as_ref()
+            .err()
+            .map(|e| (e.status, serde_json::from_str(&e.body).unwrap()))
+    }
+
+    #[test]
+    fn dates_are_strict() {
+        assert_eq!(
+            parse_date("2026-11-29"),
+            NaiveDate::from_ymd_opt(2026, 11, 29)
+        );
+        for bad in [
+            "2026-11-31",
+            "2026-1-29",
+            "26-11-29",
+            "2026-11-29x",
+            "",
+            "2026/11/29",
+            "+026-11-29",
+        ] {
+            assert_eq!(parse_date(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_history_query_is_checked_and_names_the_parameter() {
+        let p = plans();
+        let ok = history_query(&p, "/h?from=2026-11-01&to=2026-11-29&action=upload", now());
+        assert_eq!(
+            ok.unwrap(),
+            ReportKind::History {
+                from: NaiveDate::from_ymd_opt(2026, 11, 1).unwrap(),
+                to: NaiveDate::from_ymd_opt(2026, 11, 29).unwrap(),
+                action: Some("upload".into()),
+            }
+        );
+        // By default the 30 days to today.
+        let Ok(ReportKind::History { from, to, .. }) = history_query(&p, "/h", now()) else {
+            panic!()
+        };
+        assert_eq!(
+            (from.to_string(), to.to_string()),
+            ("2026-10-29".into(), "2026-11-27".into())
+        );
+        for (query, field) in [
+            ("?from=2026-13-01", "from"),
+            ("?to=yesterday", "to"),
+            ("?from=2026-11-29&to=2026-11-01", "from"),
+            ("?from=2026-01-01&to=2026-11-01", "from"),
+            ("?action=teleport", "action"),
+        ] {
+            let r = history_query(&p, &format!("/h{query}"), now());
+            let (status, body) = status_of(&r).unwrap_or_else(|| panic!("{query} accepted"));
+            assert_eq!(
+                (status, body["field"].as_str()),
+                (400, Some(field)),
+                "{query}"
+            );
+        }
+        // 90 days is the longest range.
+        assert!(history_query(&p, "/h?from=2026-08-30&to=2026-11-27", now()).is_ok());
+        assert!(history_query(&p, "/h?from=2026-08-29&to=2026-11-27", now()).is_err());
+    }
+
+    #[test]
+    fn usage_reads_one_call_and_prefers_billings_plan() {
+        let p = plans();
+        let report = Report::new(
+            ReportKind::Usage,
+            "u".into(),
+            Some("free".into()),
+            &p,
+            now(),
+        );
+        let text: Vec<String> = report
+            .command(&p, 1000)
+            .args
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into())
+            .collect();
+        assert_eq!(
+            &text[..5],
+            [
+                "FCALL",
+                "plan_limits_usage",
+                "8",
+                "plan-limits:{u}:2026-11",
+                "plan-limits:{u}:entitlement"
+            ]
+        );
+        // Actions in plans.json's order: ai_analysis, api_call, dxf_export, pdf_export,
+        // procedure_view, upload.
+        assert_eq!(
+            &text[text.len() - 7..text.len() - 5],
+            ["1000", "ai_analysis"]
+        );
+        // Billing's plan, then per action its count and what is in flight.
+        let reply = |plan: RedisReply| {
+            let mut items = vec![plan];
+            items.extend([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2].map(RedisReply::Int));
+            RedisReply::Array(items)
+        };
+        let r = report.answer(Ok(reply(RedisReply::Nil)), &p, now());
+        assert_eq!(r.status, 200);
+        let body: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(body["plan"]["key"], "free");
+        assert_eq!(
+            body["actions"]["upload"],
+            json!({"label": "upload", "unit": "diagrams", "available": true, "used": 2,
+                   "in_flight": 2, "limit": 5, "remaining": 1, "percentage": 40})
+        );
+        assert_eq!(body["actions"]["dxf_export"]["available"], false);
+        assert_eq!(body["actions"]["procedure_view"]["limit"], Value::Null);
+        assert_eq!(body["actions"]["procedure_view"]["percentage"], Value::Null);
+        assert_eq!(body["upgrade"]["plan"], "professional");
+        assert_eq!(body["upgrade"]["limits"]["upload"], Value::Null);
+        assert_eq!(body["period"]["resets_at"], "2026-12-01T00:00:00Z");
+        assert_eq!(body["files"]["max_file_size_bytes"], 10 * 1024 * 1024);
+        // Billing's record wins over the claim.
+        let r = report.answer(Ok(reply(bulk("enterprise"))), &p, now());
+        let body: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(body["plan"]["key"], "enterprise");
+        assert_eq!(body["upgrade"], Value::Null);
+        // Redis did not answer (or not as the function does): 503.
+        let r = report.answer(Err(TransportError::Unknown("timeout".into())), &p, now());
+        assert_eq!(r.status, 503);
+        let short = RedisReply::Array(vec![RedisReply::Nil, RedisReply::Int(1)]);
+        assert_eq!(report.answer(Ok(short), &p, now()).status, 503);
+    }
+
+    #[test]
+    fn history_has_every_day_and_totals() {
+        let p = plans();
+        let query = "/h?from=2026-11-25&to=2026-11-27&action=upload";
+        let kind = history_query(&p, query, now()).unwrap();
+        let report = Report::new(kind, "u".into(), None, &p, now());
+        let text: Vec<String> = report
+            .command(&p, 0)
+            .args
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into())
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "FCALL",
+                "plan_limits_history",
+                "4",
+                "plan-limits:{u}:entitlement",
+                "plan-limits:{u}:day:2026-11-25",
+                "plan-limits:{u}:day:2026-11-26",
+                "plan-limits:{u}:day:2026-11-27",
+                "upload"
+            ]
+        );
+        let reply = RedisReply::Array(vec![
+            RedisReply::Nil,
+            RedisReply::Int(1),
+            RedisReply::Int(0),
+            RedisReply::Int(2),
+        ]);
+        let body: Value = serde_json::from_str(&report.answer(Ok(reply), &p, now()).body).unwrap();
+        assert_eq!(body["actions"], json!(["upload"]));
+        assert_eq!(
+            body["days"][1],
+            json!({"date": "2026-11-26", "counts": {"upload": 0}, "total": 0})
+        );
+        assert_eq!(body["totals"], json!({"upload": 3}));
+    }
+}
