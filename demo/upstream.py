@@ -3,13 +3,15 @@
 
 `x-demo-status: 503` makes it answer with that status, `x-demo-delay-ms: 500` makes it wait
 first (timeouts), `x-demo-fail-times: 1` answers 503 to the first attempt of a request (by
-`x-request-id`) so that Envoy's retry succeeds. It reads and discards request bodies (with a
+`x-request-id`) so that Envoy's retry succeeds. `GET /usage` is the usage page
+(`demo/usage.html`), which reads the gateway's usage endpoints with the caller's token. It reads and discards request bodies (with a
 Content-Length or chunked; an incomplete one is not answered), says how many bytes it read, and
 marks its answers with `x-upstream: demo`. `GET /__demo/stats` tells how many 2xx answers it
 gave per path and how many attempts it saw, so tests can compare counters with what really
 succeeded.
 """
 import json
+import os
 import re
 import sys
 import threading
@@ -80,6 +82,9 @@ class Handler(BaseHTTPRequestHandler):
         if body_bytes is None:
             self.close_connection = True
             return
+        if self.command == "GET" and self.path.split("?")[0] in ("/usage", "/usage/"):
+            self.page(os.path.join(os.path.dirname(os.path.abspath(__file__)), "usage.html"))
+            return
         if self.path == "/__demo/stats":
             with lock:
                 self.answer(200, {"successes": dict(successes), "attempts": sum(attempts.values())})
@@ -101,6 +106,16 @@ class Handler(BaseHTTPRequestHandler):
         identity = {name: self.headers.get(name) for name in ("x-user-id", "x-user-plan", "x-org-id")}
         self.answer(status, {"upstream": "demo", "method": self.command, "path": self.path,
                              "status": status, "identity": identity, "body_bytes": body_bytes})
+
+    def page(self, path):
+        with open(path, "rb") as f:
+            body = f.read()
+        self.send_response(200)
+        self.send_header("content-type", "text/html; charset=utf-8")
+        self.send_header("x-upstream", "demo")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def answer(self, status, payload):
         body = json.dumps(payload).encode()

@@ -246,8 +246,11 @@ pub struct RedisSettings {
     /// Daily counts (the history endpoint's) are kept this long; the longest range it answers.
     pub history_retention_days: u32,
     pub events_stream: String,
-    /// Approximate cap on the usage-event stream; `None` keeps every event for billing.
+    /// Approximate cap on the event stream's length; when set, it replaces the age limit.
     pub events_max_len: Option<u64>,
+    /// Events older than this are trimmed from the stream (approximately): billing must read
+    /// them within it. `None` (with no `events_max_len`) keeps every event.
+    pub events_retention_days: Option<u32>,
     /// A user refused because the month's count reached the limit is refused without asking
     /// Redis for this long (per worker); 0 asks Redis every time.
     pub deny_cache_ms: u64,
@@ -281,6 +284,7 @@ impl Default for RedisSettings {
             history_retention_days: 90,
             events_stream: "plan-limits:events".into(),
             events_max_len: None,
+            events_retention_days: Some(35),
             deny_cache_ms: 1000,
             entitlement_cache_ms: 5000,
             commit_memory_ms: 3_600_000,

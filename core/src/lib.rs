@@ -14,8 +14,10 @@
 //! - `reports`: the read side (the caller's usage and history, answered from Redis);
 //! - `worker`: the events in / actions out state machine the shell drives;
 //! - `responses`: every answer the filter gives itself; `metrics`: its counters;
+//! - `admin`: the operator's writes (plan, grants, resets), each recorded as an event;
 //! - `redis`: commands and replies as data, the Lua scripts, the webdis and RESP codecs.
 
+pub mod admin;
 pub mod admission;
 pub mod config;
 pub mod denials;

@@ -133,17 +133,18 @@ impl Report {
         plans: &Plans,
         now: DateTime<Utc>,
     ) -> Result<Value, TransportError> {
-        let (recorded, numbers) = split(reply, 2 * plans.actions().len())
+        let (recorded, numbers) = split(reply, 3 * plans.actions().len())
             .ok_or_else(|| TransportError::BadReply("plan_limits_usage".into()))?;
         let plan = self.plan(plans, recorded);
         let mut actions = Map::new();
-        for (action, counts) in plans.actions().iter().zip(numbers.chunks(2)) {
-            let (used, in_flight) = match counts {
-                [used, in_flight] => (*used, *in_flight),
-                _ => (0, 0),
+        for (action, counts) in plans.actions().iter().zip(numbers.chunks(3)) {
+            let (used, in_flight, granted) = match counts {
+                [used, in_flight, granted] => (*used, *in_flight, *granted),
+                _ => (0, 0, 0),
             };
             let terms = action.terms(Some(&plan.key));
-            let limit = terms.limit;
+            // The plan's limit plus what an operator granted this period.
+            let limit = terms.limit.map(|l| l.saturating_add(granted));
             actions.insert(
                 action.key.clone(),
                 json!({
@@ -153,6 +154,7 @@ impl Report {
                     "used": used,
                     "in_flight": in_flight,
                     "limit": limit,
+                    "granted": granted,
                     "remaining": limit.map(|l| l.saturating_sub(used.saturating_add(in_flight))),
                     "percentage": limit.map(|l| responses::percentage(used, l)),
                 }),
@@ -441,7 +443,9 @@ mod tests {
         // Billing's plan, then per action its count and what is in flight.
         let reply = |plan: RedisReply| {
             let mut items = vec![plan];
-            items.extend([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2].map(RedisReply::Int));
+            items.extend(
+                [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 1].map(RedisReply::Int),
+            );
             RedisReply::Array(items)
         };
         let r = report.answer(Ok(reply(RedisReply::Nil)), &p, now());
@@ -451,7 +455,7 @@ mod tests {
         assert_eq!(
             body["actions"]["upload"],
             json!({"label": "upload", "unit": "diagrams", "available": true, "used": 2,
-                   "in_flight": 2, "limit": 5, "remaining": 1, "percentage": 40})
+                   "in_flight": 2, "limit": 6, "granted": 1, "remaining": 2, "percentage": 33})
         );
         assert_eq!(body["actions"]["dxf_export"]["available"], false);
         assert_eq!(body["actions"]["procedure_view"]["limit"], Value::Null);

@@ -56,6 +56,8 @@ pub struct MeteredRequest {
     /// Empty until a reservation is asked for.
     reservation_id: String,
     reserved_limit: u64,
+    /// Extra units an operator granted this period, as the reservation's answer said.
+    granted: u64,
     /// When Redis last set the reservation's expiry (unix ms).
     held_since_ms: u64,
     /// The allowance as Redis reserved from it: the limit, and what remains after this one.
@@ -128,6 +130,7 @@ impl MeteredRequest {
             keys,
             reservation_id: String::new(),
             reserved_limit: 0,
+            granted: 0,
             held_since_ms: 0,
             quota: None,
             forwarded: false,
@@ -145,6 +148,11 @@ impl MeteredRequest {
 
     pub fn limit(&self) -> Limit {
         self.terms.limit
+    }
+
+    /// The plan's limit plus what an operator granted this period (as Redis last said).
+    pub fn effective_limit(&self) -> Limit {
+        self.terms.limit.map(|l| l.saturating_add(self.granted))
     }
 
     pub fn user(&self) -> &str {
@@ -309,8 +317,9 @@ impl MeteredRequest {
             // A unit reserved under them is given back when the stream ends.
             return Decision::Refused(response);
         }
+        self.granted = reservation.granted;
         if let (ReserveStatus::Granted | ReserveStatus::Refused, Some(limit)) =
-            (reservation.status, self.limit())
+            (reservation.status, self.effective_limit())
         {
             let taken = reservation.committed.saturating_add(reservation.pending);
             let remaining = if granted {
@@ -322,7 +331,9 @@ impl MeteredRequest {
         }
         match reservation.status {
             ReserveStatus::Refused => {
-                let limit = self.limit().unwrap_or(self.reserved_limit);
+                let limit = self
+                    .effective_limit()
+                    .unwrap_or(self.reserved_limit.saturating_add(self.granted));
                 let usage = Exhausted {
                     used: reservation.committed,
                     in_flight: reservation.pending,
@@ -365,7 +376,9 @@ impl MeteredRequest {
     /// unreachable: the limit is taken as reached.
     pub fn outage_refusal(&mut self, now: DateTime<Utc>) -> LocalResponse {
         self.hold = Hold::Settled;
-        let limit = self.limit().unwrap_or(self.reserved_limit);
+        let limit = self
+            .effective_limit()
+            .unwrap_or(self.reserved_limit.saturating_add(self.granted));
         self.quota = Some(Quota {
             limit,
             remaining: 0,

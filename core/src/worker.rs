@@ -31,7 +31,7 @@ use crate::entitlements::EntitlementCache;
 use crate::metrics::Metric;
 use crate::outage::{self, Budget};
 use crate::plans::Plans;
-use crate::redis::functions::{self, SettleArgs};
+use crate::redis::functions::{self, EventsTrim, SettleArgs};
 use crate::redis::{RedisCommand, RedisReply, TransportError};
 use crate::reports::Report;
 use crate::request::{unix_millis, Decision, MeteredRequest};
@@ -771,7 +771,11 @@ impl Worker {
             batch,
             SettleArgs {
                 events_stream: &redis.events_stream,
-                events_max_len: redis.events_max_len,
+                events_trim: match (redis.events_max_len, redis.events_retention_days) {
+                    (Some(n), _) => EventsTrim::MaxLen(n),
+                    (None, Some(days)) => EventsTrim::MaxAgeMs(u64::from(days) * 86_400_000),
+                    (None, None) => EventsTrim::KeepAll,
+                },
                 now_ms,
                 ttl_ms: redis.reservation_ttl_ms,
                 remember_commits_ms: redis.commit_memory_ms,
@@ -865,7 +869,7 @@ fn record_budget(
     redis: &RedisSettings,
     io: &mut dyn Io,
 ) {
-    let Some(limit) = request.limit() else {
+    let Some(limit) = request.effective_limit() else {
         return;
     };
     let used = reservation.committed.saturating_add(reservation.pending);
@@ -1386,7 +1390,7 @@ mod tests {
         assert_eq!(name(call), (&b"FCALL"[..], &b"plan_limits_usage"[..]));
         // Billing's plan (none), then per action its count and what is in flight.
         let mut items = vec![RedisReply::Nil];
-        items.extend([0; 12].map(RedisReply::Int));
+        items.extend([0; 18].map(RedisReply::Int));
         let reply = Ok(RedisReply::Array(items));
         w.on_reply(token, reply, now(), &mut io);
         assert_eq!(io.status_for(1), Some(200));

@@ -22,4 +22,23 @@ pub fn run(conn: &mut redis::Connection, command: &RedisCommand) -> RedisReply {
     }
 }
 
+/// Runs `commands` as one MULTI/EXEC transaction: all of them or none.
+pub fn run_atomically(
+    conn: &mut redis::Connection,
+    commands: &[RedisCommand],
+) -> Result<(), String> {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for command in commands {
+        let Some((name, args)) = command.args.split_first() else {
+            continue;
+        };
+        let cmd = pipe.cmd(&String::from_utf8_lossy(name));
+        for arg in args {
+            cmd.arg(&arg[..]);
+        }
+    }
+    pipe.exec(conn).map_err(|e| e.to_string())
+}
+
 pub use plan_limits_core::redis::resp::from_value;

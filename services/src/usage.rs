@@ -76,11 +76,12 @@ pub fn events(conn: &mut redis::Connection) -> Vec<BTreeMap<String, String>> {
         .collect()
 }
 
-/// Usage events of one user.
+/// Usage events of one user (not the operator's `admin` events about them).
 pub fn events_of(conn: &mut redis::Connection, user: &str) -> Vec<BTreeMap<String, String>> {
     events(conn)
         .into_iter()
         .filter(|e| e.get("user").map(String::as_str) == Some(user))
+        .filter(|e| e.get("event").map(String::as_str) == Some("usage"))
         .collect()
 }
 

@@ -32,7 +32,8 @@ on_every_gateway!(the_caller_reads_its_usage_and_history_at_the_edge, |gw| {
     assert_eq!(
         usage["actions"]["upload"],
         serde_json::json!({"label": "upload", "unit": "diagrams", "available": true,
-            "used": 2, "in_flight": 0, "limit": 5, "remaining": 3, "percentage": 40})
+            "used": 2, "in_flight": 0, "limit": 5, "granted": 0, "remaining": 3,
+            "percentage": 40})
     );
     assert_eq!(usage["actions"]["ai_analysis"]["used"], 1);
     assert_eq!(usage["actions"]["dxf_export"]["available"], false);

@@ -9,7 +9,7 @@ use plan_limits_core::config::Limit;
 use plan_limits_core::keys::{encoded_user, entitlement_key, UsageKeys};
 use plan_limits_core::plans::Plans;
 use plan_limits_core::redis::functions::{
-    self, Reservation, ReserveArgs, ReserveStatus, SettleArgs, Settled,
+    self, EventsTrim, Reservation, ReserveArgs, ReserveStatus, SettleArgs, Settled,
 };
 use plan_limits_core::redis::RedisReply;
 use plan_limits_core::reports::{self as reporting, Report, ReportKind};
@@ -106,7 +106,7 @@ fn settle_at(conn: &mut redis::Connection, batch: &[Settlement], now: u64) -> Ve
             batch,
             SettleArgs {
                 events_stream: &usage::events_stream(),
-                events_max_len: None,
+                events_trim: EventsTrim::KeepAll,
                 now_ms: now,
                 ttl_ms: TTL,
                 remember_commits_ms: REMEMBER,
@@ -327,6 +327,7 @@ fn a_count_updates_the_summary_and_records_an_event() {
             ("action", "upload"),
             ("at", "2026-11-27T12:00:00.000Z"),
             ("bytes", "42"),
+            ("event", "usage"),
             ("kind", "vision"),
             ("period", "2026-11"),
             ("plan", "free"),
@@ -398,6 +399,41 @@ fn the_read_side_functions_answer_the_filters_user_in_one_flat_reply() {
 }
 
 #[test]
+fn events_older_than_the_retention_are_trimmed() {
+    let (_server, mut conn) = redis();
+    // 300 events recorded long ago (ids are milliseconds since 1970).
+    for i in 1..=300 {
+        redis::cmd("XADD")
+            .arg(usage::events_stream())
+            .arg(format!("{i}-0"))
+            .arg("event")
+            .arg("usage")
+            .exec(&mut conn)
+            .unwrap();
+    }
+    let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap();
+    let command = functions::settle(
+        &[settlement(SettleMode::Count, "u", "c1")],
+        SettleArgs {
+            events_stream: &usage::events_stream(),
+            events_trim: EventsTrim::MaxAgeMs(35 * 86_400_000),
+            now_ms: now,
+            ttl_ms: TTL,
+            remember_commits_ms: REMEMBER,
+            keep_days_ms: 86_400_000,
+        },
+    );
+    assert!(matches!(run(&mut conn, &command), RedisReply::Array(_)));
+    let len: u64 = redis::cmd("XLEN")
+        .arg(usage::events_stream())
+        .query(&mut conn)
+        .unwrap();
+    // Trimmed by whole nodes of the stream (100 entries each), so about.
+    assert!(len <= 101, "old events trimmed: {len} left");
+    assert_eq!(usage::events(&mut conn).last().unwrap()["user"], "u");
+}
+
+#[test]
 fn the_event_stream_can_be_capped() {
     let (_server, mut conn) = redis();
     let batch: Vec<_> = (0..300)
@@ -408,7 +444,7 @@ fn the_event_stream_can_be_capped() {
             chunk,
             SettleArgs {
                 events_stream: &usage::events_stream(),
-                events_max_len: Some(100),
+                events_trim: EventsTrim::MaxLen(100),
                 now_ms: NOW,
                 ttl_ms: TTL,
                 remember_commits_ms: REMEMBER,

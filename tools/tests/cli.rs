@@ -192,3 +192,87 @@ fn a_bad_scenario_line_is_named() {
         "{err}"
     );
 }
+
+fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn the_operators_changes_reach_a_running_gateway_and_are_on_record() {
+    use plan_limits_services::gateway::{EnvoyGateway, GatewayOptions};
+    use plan_limits_services::http::{Body, Request};
+
+    let gw = EnvoyGateway::start(GatewayOptions::default());
+    let url = gw.redis.url();
+    let upload = || {
+        Request::new("POST", "/api/upload")
+            .user("gia", "free")
+            .body(Body::Bytes(b"<diagram/>".to_vec()))
+            .send(gw.gateway_port)
+    };
+    for _ in 0..5 {
+        assert_eq!(upload().status, 200);
+    }
+    assert_eq!(upload().status, 429);
+    let cli = |args: &[&str]| ok(plan_limits(args, Some(&url)));
+    let grant = cli(&["grant", "gia", "upload", "2", "--operator", "ops-1"]);
+    assert!(grant.contains("gia: 2 more upload this period"), "{grant}");
+    // The refusal the gateway remembered lasts deny_cache_ms (1 s) at most.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(upload().status, 200);
+    assert_eq!(upload().status, 200);
+    let r = upload();
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["limit"], 7);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // `usage` prints what GET /api/usage answers.
+    let usage: serde_json::Value = serde_json::from_str(&cli(&["usage", "gia"])).unwrap();
+    let uploads = &usage["actions"]["upload"];
+    assert_eq!(
+        (&uploads["used"], &uploads["limit"], &uploads["granted"]),
+        (&7.into(), &7.into(), &2.into())
+    );
+    cli(&["reset", "gia", "upload", "--operator", "ops-2"]);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(upload().status, 200, "counts start again");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The history keeps what happened; the reset touched only the period's count.
+    let today = chrono::Utc::now().date_naive().to_string();
+    let history: serde_json::Value =
+        serde_json::from_str(&cli(&["history", "gia", "--action", "upload"])).unwrap();
+    let last = history["days"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (&last["date"], &last["counts"]["upload"]),
+        (&today.clone().into(), &8.into())
+    );
+    let err = plan_limits(&["history", "gia", "--from", "2026-02-30"], Some(&url));
+    assert!(String::from_utf8_lossy(&err.stderr).contains("from: not a date"));
+    // Every use and every change, for billing.
+    let csv = cli(&[
+        "export", "--from", &today, "--to", &today, "--format", "csv",
+    ]);
+    let mut rows = csv::Reader::from_reader(csv.as_bytes());
+    let rows: Vec<csv::StringRecord> = rows.records().map(Result::unwrap).collect();
+    let of = |event: &str| rows.iter().filter(|r| &r[1] == event).count();
+    assert_eq!((of("usage"), of("admin")), (8, 2), "{csv}");
+    let admin: Vec<(&str, &str)> = rows
+        .iter()
+        .filter(|r| &r[1] == "admin")
+        .map(|r| (&r[2], &r[13]))
+        .collect();
+    assert_eq!(admin, [("grant", "ops-1"), ("reset", "ops-2")]);
+    let jsonl = cli(&["export", "--from", &today, "--to", &today]);
+    assert_eq!(jsonl.lines().count(), 10);
+    for line in jsonl.lines() {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(event["id"].is_string() && event["user"] == "gia", "{line}");
+    }
+    // Billing's plan: unlimited uploads from the next request on.
+    cli(&["set-plan", "gia", "professional"]);
+    assert_eq!(upload().status, 200);
+}

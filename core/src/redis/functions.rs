@@ -47,6 +47,8 @@ pub struct Reservation {
     pub named_plan: String,
     /// Billing's record named it (rather than the caller's claim).
     pub recorded: bool,
+    /// Extra units an operator granted for the period: the limit is the plan's plus these.
+    pub granted: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,13 +144,14 @@ pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportErro
             Some(plan),
             Some(named_plan),
             Some(recorded),
-        ) if items.len() == 6 => Ok(Reservation {
+        ) if matches!(items.len(), 6 | 7) => Ok(Reservation {
             status,
             committed,
             pending,
             plan,
             named_plan,
             recorded,
+            granted: count(items.get(6)).unwrap_or(0),
         }),
         _ => Err(bad(&RedisReply::Array(items))),
     }
@@ -158,7 +161,7 @@ pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportErro
 #[derive(Debug, Clone, Copy)]
 pub struct SettleArgs<'a> {
     pub events_stream: &'a str,
-    pub events_max_len: Option<u64>,
+    pub events_trim: EventsTrim,
     pub now_ms: u64,
     /// Extended reservations expire this long from now.
     pub ttl_ms: u64,
@@ -166,6 +169,18 @@ pub struct SettleArgs<'a> {
     pub remember_commits_ms: u64,
     /// How long daily counters are kept.
     pub keep_days_ms: u64,
+}
+
+/// How the event stream is kept from growing without bound (approximately: Redis trims whole
+/// nodes of the stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventsTrim {
+    /// Every event is kept.
+    KeepAll,
+    /// About this many of the newest.
+    MaxLen(u64),
+    /// Those recorded in the last this many milliseconds.
+    MaxAgeMs(u64),
 }
 
 /// Fields per item in `plan_limits_settle`'s args.
@@ -185,12 +200,14 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
             .arg(&item.keys.entitlement)
             .arg(item.keys.user.day(&item.day));
     }
+    let (trim, threshold) = match args.events_trim {
+        EventsTrim::KeepAll => ("", String::new()),
+        EventsTrim::MaxLen(n) => ("MAXLEN", n.to_string()),
+        EventsTrim::MaxAgeMs(ms) => ("MINID", args.now_ms.saturating_sub(ms).to_string()),
+    };
     cmd = cmd
-        .arg(
-            args.events_max_len
-                .map(|n| n.to_string())
-                .unwrap_or_default(),
-        )
+        .arg(trim)
+        .arg(threshold)
         .arg(args.now_ms.to_string())
         .arg(args.ttl_ms.to_string())
         .arg(args.remember_commits_ms.to_string())
@@ -340,7 +357,8 @@ mod tests {
                 RedisReply::Int(1),
                 plan(),
                 named(),
-                RedisReply::Int(1)
+                RedisReply::Int(1),
+                RedisReply::Int(2)
             ])),
             Ok(Reservation {
                 status: ReserveStatus::Granted,
@@ -348,7 +366,8 @@ mod tests {
                 pending: 1,
                 plan: "free".into(),
                 named_plan: "gold".into(),
-                recorded: true
+                recorded: true,
+                granted: 2,
             })
         );
         for (status, expected) in [

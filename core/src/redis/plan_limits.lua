@@ -13,10 +13,11 @@
 -- keys: summary, pending, entitlement.
 -- args: action, claimed plan, fallback plan, reservation id, now (ms), expiry (ms), ttl (ms),
 --       then pairs of plan name and that plan's limit for the action ('' = unlimited).
--- Returns {status, committed, pending, plan, named plan, recorded}: status 1 granted, 0 refused
--- (limit reached), 2 unlimited under that plan (nothing reserved), 3 the plan is unknown
--- (nothing reserved); plan is the one applied, named plan the one the record or the claim
--- named; recorded 1 when billing's record named it.
+-- Returns {status, committed, pending, plan, named plan, recorded, granted}: status 1 granted,
+-- 0 refused (limit reached), 2 unlimited under that plan (nothing reserved), 3 the plan is
+-- unknown (nothing reserved); plan is the one applied, named plan the one the record or the
+-- claim named; recorded 1 when billing's record named it; granted the extra units an operator
+-- gave for the period (the limit checked is the plan's plus these).
 -- Scores use the filter's clock; the key's own expiry is relative, so a clock that differs
 -- from Redis's cannot expire it early.
 local function reserve(keys, args)
@@ -43,18 +44,20 @@ local function reserve(keys, args)
   redis.call('ZREMRANGEBYSCORE', pending, '-inf', now)
   local committed = tonumber(redis.call('HGET', summary, action) or '0')
   local held = redis.call('ZCARD', pending)
+  -- Extra units an operator granted for the period (`plan-limits grant`).
+  local granted = tonumber(redis.call('HGET', summary, 'grant:' .. action) or '0')
   if not known then
-    return {3, committed, held, plan, named, recorded}
+    return {3, committed, held, plan, named, recorded, granted}
   end
   if limit == nil then
-    return {2, committed, held, plan, named, recorded}
+    return {2, committed, held, plan, named, recorded, granted}
   end
-  if committed + held >= limit then
-    return {0, committed, held, plan, named, recorded}
+  if committed + held >= limit + granted then
+    return {0, committed, held, plan, named, recorded, granted}
   end
   redis.call('ZADD', pending, expires, id)
   redis.call('PEXPIRE', pending, ttl)
-  return {1, committed, held + 1, plan, named, recorded}
+  return {1, committed, held + 1, plan, named, recorded, granted}
 end
 
 -- plan_limits_settle: a batch of settlements, each one of
@@ -69,13 +72,14 @@ end
 -- appends a usage event.
 -- keys: events stream, then per item: summary, pending, commits (recent commit ids),
 --       entitlement, the day's counters.
--- args: stream max length ('' = keep all), now (ms), reservation ttl (ms), how long commit
---       ids are remembered (ms), how long days are kept (ms), fields per item, then the items'
---       fields.
+-- args: how the stream is trimmed ('' keep all, 'MAXLEN' to about a length, 'MINID' of
+--       events older than a time) and its threshold, now (ms), reservation ttl (ms), how long
+--       commit ids are remembered (ms), how long days are kept (ms), fields per item, then the
+--       items' fields.
 -- Returns per item {counted or extended (1/0), the user's entitled plan or false}, flattened.
 local function settle(keys, args)
-  local maxlen, now, ttl = args[1], tonumber(args[2]), tonumber(args[3])
-  local remember, keep_days, stride = tonumber(args[4]), tonumber(args[5]), tonumber(args[6])
+  local trim, threshold, now, ttl = args[1], args[2], tonumber(args[3]), tonumber(args[4])
+  local remember, keep_days, stride = tonumber(args[5]), tonumber(args[6]), tonumber(args[7])
   local results = {}
   -- A batch often holds many settlements of one user: the summary's plan, limits and expiry
   -- are written once per summary.
@@ -83,7 +87,7 @@ local function settle(keys, args)
   for i = 0, (#keys - 1) / 5 - 1 do
     local summary, pending = keys[2 + 5 * i], keys[3 + 5 * i]
     local commits, entitlement, day = keys[4 + 5 * i], keys[5 + 5 * i], keys[6 + 5 * i]
-    local f = 6 + stride * i
+    local f = 7 + stride * i
     local mode, id, action, user = args[f + 1], args[f + 2], args[f + 3], args[f + 4]
     local plan, limits, kind, bytes = args[f + 5], args[f + 6], args[f + 7], args[f + 8]
     local status, at, request_id, period = args[f + 9], args[f + 10], args[f + 11], args[f + 12]
@@ -119,12 +123,12 @@ local function settle(keys, args)
           redis.call('PEXPIRE', day, keep_days)
           written[day] = true
         end
-        local event = {'user', user, 'action', action, 'kind', kind, 'bytes', bytes,
+        local event = {'event', 'usage', 'user', user, 'action', action, 'kind', kind, 'bytes', bytes,
           'status', status, 'at', at, 'request_id', request_id, 'plan', plan, 'period', period}
-        if maxlen == '' then
+        if trim == '' then
           redis.call('XADD', keys[1], '*', unpack(event))
         else
-          redis.call('XADD', keys[1], 'MAXLEN', '~', maxlen, '*', unpack(event))
+          redis.call('XADD', keys[1], trim, '~', threshold, '*', unpack(event))
         end
         done = 1
       end
@@ -140,13 +144,16 @@ end
 -- plan_limits_usage: where a user stands this period, for the usage endpoint (reads only).
 -- keys: summary, entitlement, then each action's pending set.
 -- args: now (ms), then the actions (in the keys' order).
--- Returns {billing's plan or false, then per action its count and its reservations in flight}.
+-- Returns {billing's plan or false, then per action its count, its reservations in flight
+-- and the extra units granted}.
 local function usage(keys, args)
   local now = tonumber(args[1])
   local out = {redis.call('HGET', keys[2], 'plan')}
   for i = 3, #keys do
-    out[#out + 1] = tonumber(redis.call('HGET', keys[1], args[i - 1]) or '0')
+    local action = args[i - 1]
+    out[#out + 1] = tonumber(redis.call('HGET', keys[1], action) or '0')
     out[#out + 1] = redis.call('ZCOUNT', keys[i], '(' .. now, '+inf')
+    out[#out + 1] = tonumber(redis.call('HGET', keys[1], 'grant:' .. action) or '0')
   end
   return out
 end

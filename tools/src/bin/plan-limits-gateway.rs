@@ -75,6 +75,7 @@ Try, as alice on the free plan (a token valid for a day; more: plan-limits token
   curl -i -X POST -H 'x-user-id: alice' -H 'x-user-plan: enterprise' --data 'x' http://127.0.0.1:{g}/api/upload
   curl -s -H "authorization: Bearer $TOKEN" http://127.0.0.1:{g}/api/usage
   curl -s -H "authorization: Bearer $TOKEN" 'http://127.0.0.1:{g}/api/usage/history?action=upload'
+  the usage page, in a browser: http://127.0.0.1:{g}/usage#token={alice}
   REDIS_URL='{redis}' cargo run -q -p plan-limits-tools --bin plan-limits -- set-plan alice professional
   redis-cli -u '{redis}' HGETALL 'plan-limits:{{alice}}:{period}'
   redis-cli -u '{redis}' XRANGE plan-limits:events - +

@@ -4,9 +4,18 @@
 //! plan-limits validate PLANS_JSON
 //! plan-limits replay PLANS_JSON SCENARIO_JSONL [--build webdis|redis-hostcalls] [--vms N]
 //! plan-limits token USER [--plan P] [--org O] [--ttl SECONDS]
-//! plan-limits set-plan USER PLAN            (REDIS_URL: an admin's)
-//! plan-limits functions load                (REDIS_URL: an admin's)
+//! plan-limits functions load                (REDIS_URL: an admin's, as below)
+//! plan-limits usage USER
+//! plan-limits history USER [--from YYYY-MM-DD] [--to YYYY-MM-DD] [--action A]
+//! plan-limits set-plan USER PLAN
+//! plan-limits grant USER ACTION N
+//! plan-limits reset USER [ACTION]
+//! plan-limits export --from YYYY-MM-DD --to YYYY-MM-DD [--format jsonl|csv]
 //! ```
+//!
+//! `usage` and `history` print the JSON the gateway's endpoints answer; `set-plan`, `grant`
+//! and `reset` each write one transaction with an `admin` event (`--operator`, default
+//! `$USER`); `export` prints the event stream's events of those days.
 //!
 //! `replay` runs the scenario through the real filter `.wasm` in our wasmtime host, against a
 //! real Redis (one it starts on a free loopback port, or `REDIS_URL`), and prints one JSON line
@@ -17,11 +26,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use plan_limits_core::keys;
+use plan_limits_core::admin::AdminOp;
 use plan_limits_core::plans::Plans;
 use plan_limits_core::redis::functions;
 use plan_limits_core::redis::RedisReply;
 use plan_limits_services::jwt::{DevKey, TokenClaims};
+use plan_limits_tools::operator;
 
 #[derive(Parser)]
 #[command(
@@ -73,7 +83,52 @@ enum Command {
     SetPlan {
         user: String,
         plan: String,
-        /// The plans.json the plan must be one of.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// USER's usage this period: the JSON `GET /api/usage` answers.
+    Usage {
+        user: String,
+        #[arg(long, default_value = "plans.json")]
+        plans: PathBuf,
+    },
+    /// USER's daily counts: the JSON `GET /api/usage/history` answers.
+    History {
+        user: String,
+        /// First day (default: 29 days before --to).
+        #[arg(long)]
+        from: Option<String>,
+        /// Last day (default: today, UTC).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long, default_value = "plans.json")]
+        plans: PathBuf,
+    },
+    /// Give USER N more of ACTION this period, on top of the plan's limit.
+    Grant {
+        user: String,
+        action: String,
+        units: u64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Set USER's counts this period back to zero: ACTION's, or every action's.
+    Reset {
+        user: String,
+        action: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Print the events (usage and admin) recorded on days --from to --to (UTC).
+    Export {
+        #[arg(long)]
+        from: chrono::NaiveDate,
+        #[arg(long)]
+        to: chrono::NaiveDate,
+        #[arg(long, value_enum, default_value_t = FormatArg::Jsonl)]
+        format: FormatArg,
         #[arg(long, default_value = "plans.json")]
         plans: PathBuf,
     },
@@ -86,6 +141,22 @@ enum Command {
 enum Functions {
     /// Load (or replace) the filter's Redis functions library.
     Load,
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The plans.json whose plans and actions the change must name.
+    #[arg(long, default_value = "plans.json")]
+    plans: PathBuf,
+    /// Who makes the change, recorded in its admin event (default: $USER).
+    #[arg(long)]
+    operator: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Jsonl,
+    Csv,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -118,7 +189,55 @@ fn main() -> ExitCode {
             &key_dir,
             &plans,
         ),
-        Command::SetPlan { user, plan, plans } => set_plan(&user, &plan, &plans),
+        Command::SetPlan { user, plan, admin } => change(&user, &AdminOp::SetPlan { plan }, &admin),
+        Command::Grant {
+            user,
+            action,
+            units,
+            admin,
+        } => change(&user, &AdminOp::Grant { action, units }, &admin),
+        Command::Reset {
+            user,
+            action,
+            admin,
+        } => change(&user, &AdminOp::Reset { action }, &admin),
+        Command::Usage { user, plans } => load(&plans).and_then(|(_, plans)| {
+            let json = operator::usage(&mut redis()?, &plans, &user, chrono::Utc::now())?;
+            print_json(&json)
+        }),
+        Command::History {
+            user,
+            from,
+            to,
+            action,
+            plans,
+        } => load(&plans).and_then(|(_, plans)| {
+            let json = operator::history(
+                &mut redis()?,
+                &plans,
+                &user,
+                from.as_deref(),
+                to.as_deref(),
+                action.as_deref(),
+                chrono::Utc::now(),
+            )?;
+            print_json(&json)
+        }),
+        Command::Export {
+            from,
+            to,
+            format,
+            plans,
+        } => load(&plans).and_then(|(_, plans)| {
+            let format = match format {
+                FormatArg::Jsonl => operator::Format::Jsonl,
+                FormatArg::Csv => operator::Format::Csv,
+            };
+            let mut out = std::io::stdout().lock();
+            let n = operator::export(&mut redis()?, &plans, from, to, format, &mut out)?;
+            eprintln!("{n} events");
+            Ok(())
+        }),
         Command::Functions(Functions::Load) => load_functions(),
     };
     match result {
@@ -169,27 +288,42 @@ fn redis() -> Result<redis::Connection, String> {
         .map_err(|e| format!("{url}: {e}"))
 }
 
-fn set_plan(user: &str, plan: &str, plans: &Path) -> Result<(), String> {
-    let (_, compiled) = load(plans)?;
-    if compiled.plan(plan).is_none() {
-        let known: Vec<_> = compiled.plans().iter().map(|p| p.key.as_str()).collect();
-        return Err(format!(
-            "plan {plan:?} is not in {}: one of {}",
-            plans.display(),
-            known.join(", ")
-        ));
-    }
-    let key = keys::entitlement_key(&compiled.redis.key_prefix, keys::encoded_user(user));
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    redis::cmd("HSET")
-        .arg(&key)
-        .arg("plan")
-        .arg(plan)
-        .arg("updated_at")
-        .arg(&now)
-        .exec(&mut redis()?)
-        .map_err(|e| format!("HSET {key}: {e}"))?;
-    println!("{user}: {plan} (a gateway's cache sees it within entitlement_cache_ms)");
+/// An operator's change to what `user` may do, with its admin event.
+fn change(user: &str, op: &AdminOp, args: &AdminArgs) -> Result<(), String> {
+    let (_, plans) = load(&args.plans)?;
+    let operator = args
+        .operator
+        .clone()
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "operator".into());
+    operator::apply(
+        &mut redis()?,
+        &plans,
+        user,
+        op,
+        &operator,
+        chrono::Utc::now(),
+    )
+    .map_err(|e| format!("{}: {e}", args.plans.display()))?;
+    let done = match op {
+        AdminOp::SetPlan { plan } => format!("{user}: billing's plan is {plan}"),
+        AdminOp::Grant { action, units } => format!("{user}: {units} more {action} this period"),
+        AdminOp::Reset { action: Some(a) } => format!("{user}: {a} reset to 0 this period"),
+        AdminOp::Reset { action: None } => format!("{user}: every count reset to 0 this period"),
+    };
+    println!(
+        "{done} (recorded as an admin event; a running gateway sees it at the user's next \
+         limited request, within deny_cache_ms, and within entitlement_cache_ms for unlimited ones)"
+    );
+    Ok(())
+}
+
+fn print_json(json: &str) -> Result<(), String> {
+    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?
+    );
     Ok(())
 }
 
