@@ -51,7 +51,31 @@ pub struct Config {
     /// Paths the filter answers itself, for the caller (the product's dashboard).
     #[serde(default)]
     pub endpoints: Endpoints,
+    /// Soft warnings before the hard block.
+    #[serde(default)]
+    pub warnings: Warnings,
     pub plans: BTreeMap<String, Plan>,
+}
+
+/// Soft warnings: when a counted request brings a user's count of an action to one of these
+/// shares of its limit, the response says so (a hint, from the reservation's numbers) and the
+/// event stream records it once per user, action, period and threshold (exact, from Redis).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Warnings {
+    /// Percent of the limit, each 1 to 100, ascending.
+    pub thresholds: Vec<u8>,
+    /// The response header that names the action and the threshold crossed; `null`: none.
+    pub header: Option<String>,
+}
+
+impl Default for Warnings {
+    fn default() -> Self {
+        Self {
+            thresholds: vec![80, 90],
+            header: Some("x-usage-warning".into()),
+        }
+    }
 }
 
 /// The read side: paths answered by the filter from Redis, for the verified caller, never

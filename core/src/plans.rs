@@ -25,6 +25,7 @@ pub struct Plans {
     pub max_drain_bytes: u64,
     /// Whether answers to limited actions carry the IETF RateLimit fields.
     pub ratelimit_headers: bool,
+    pub warnings: crate::config::Warnings,
     pub features: Vec<String>,
     actions: Vec<Rc<Action>>,
     plans: Vec<Rc<Plan>>,
@@ -200,6 +201,7 @@ impl Plans {
             request_timeout_ms,
             max_drain_bytes: config.gateway.max_drain_bytes,
             ratelimit_headers: config.gateway.ratelimit_headers,
+            warnings: config.warnings.clone(),
             features: config.features,
             actions,
             plans,
@@ -530,6 +532,16 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
                 redis.reservation_ttl_ms
             ),
         ));
+    }
+    let thresholds = &config.warnings.thresholds;
+    for (i, t) in thresholds.iter().enumerate() {
+        let ascending = i == 0 || thresholds.get(i - 1).is_some_and(|before| before < t);
+        if !(1..=100).contains(t) || !ascending {
+            return Err(ConfigError::at(
+                format!("warnings.thresholds[{i}]"),
+                format!("{t}: thresholds are percentages from 1 to 100, ascending"),
+            ));
+        }
     }
     let known_feature = |f: &str| config.features.iter().any(|k| k == f);
     if config.actions.is_empty() {

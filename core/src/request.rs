@@ -87,6 +87,23 @@ pub struct Quota {
     pub limit: u64,
     /// What remains after the request (0 when it was refused).
     pub remaining: u64,
+    /// Units counted or held, this request's included when it was granted.
+    pub taken: u64,
+}
+
+impl Quota {
+    /// The highest of `thresholds` (percent of the limit) this request's unit brought the
+    /// count to, if it crossed one.
+    pub fn crossed(&self, thresholds: &[u8]) -> Option<u8> {
+        let before = self.taken.checked_sub(1)?;
+        let limit = u128::from(self.limit);
+        let reached = |n: u64, t: u8| u128::from(n) * 100 >= u128::from(t) * limit;
+        thresholds
+            .iter()
+            .copied()
+            .filter(|t| self.limit > 0 && reached(self.taken, *t) && !reached(before, *t))
+            .max()
+    }
 }
 
 /// What the reservation's answer means for the request.
@@ -327,7 +344,11 @@ impl MeteredRequest {
             } else {
                 0
             };
-            self.quota = Some(Quota { limit, remaining });
+            self.quota = Some(Quota {
+                limit,
+                remaining,
+                taken,
+            });
         }
         match reservation.status {
             ReserveStatus::Refused => {
@@ -382,6 +403,7 @@ impl MeteredRequest {
         self.quota = Some(Quota {
             limit,
             remaining: 0,
+            taken: limit,
         });
         // What this Envoy last knew was used up; how much of it was in flight, it cannot tell.
         let usage = Exhausted {
@@ -730,6 +752,28 @@ mod tests {
         assert!(m
             .extension(later + chrono::Duration::seconds(60), 20_000, &p.redis)
             .is_none());
+    }
+
+    #[test]
+    fn a_unit_that_brings_the_count_to_a_threshold_crosses_it() {
+        let quota = |limit, taken| Quota {
+            limit,
+            remaining: 0,
+            taken,
+        };
+        let t = [80, 90];
+        assert_eq!(quota(5, 3).crossed(&t), None, "60 %");
+        assert_eq!(quota(5, 4).crossed(&t), Some(80));
+        assert_eq!(quota(5, 5).crossed(&t), Some(90));
+        assert_eq!(quota(10, 9).crossed(&t), Some(90));
+        assert_eq!(
+            quota(3, 3).crossed(&t),
+            Some(90),
+            "66 % to 100 %: the higher"
+        );
+        assert_eq!(quota(100, 85).crossed(&t), None, "past 80 already");
+        assert_eq!(quota(0, 1).crossed(&t), None);
+        assert_eq!(quota(5, 0).crossed(&t), None);
     }
 
     #[test]

@@ -53,6 +53,15 @@ pub fn ratelimit_fields(
     ]
 }
 
+/// The soft-warning header's value: `"<action>";threshold=80;used=4;limit=5` (`used`:
+/// counted and in flight, this request included).
+pub fn warning_field(action: &str, threshold: u8, used: u64, limit: u64) -> String {
+    format!(
+        "{};threshold={threshold};used={used};limit={limit}",
+        sf_string(action)
+    )
+}
+
 /// A structured-field string: quoted, `\` and `"` escaped, anything not printable ASCII
 /// dropped.
 fn sf_string(s: &str) -> String {

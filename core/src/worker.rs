@@ -692,6 +692,23 @@ impl Worker {
                 io.set_response_header(stream, name, &value);
             }
         }
+        // A success whose unit brought the count to a warning threshold says so.
+        let warning = plans
+            .warnings
+            .header
+            .as_deref()
+            .filter(|_| (200..300).contains(&status) && !self.draining.contains_key(&stream));
+        if let (Some(header), Some(quota)) = (warning, entry.request.quota()) {
+            if let Some(threshold) = quota.crossed(&plans.warnings.thresholds) {
+                let value = responses::warning_field(
+                    &entry.request.action().key,
+                    threshold,
+                    quota.taken,
+                    quota.limit,
+                );
+                io.set_response_header(stream, header, &value);
+            }
+        }
         let settlement = entry.request.on_response(status, now, &plans.redis);
         self.queue(settlement, io);
     }
@@ -780,6 +797,7 @@ impl Worker {
                 ttl_ms: redis.reservation_ttl_ms,
                 remember_commits_ms: redis.commit_memory_ms,
                 keep_days_ms: u64::from(redis.history_retention_days) * 86_400_000,
+                warning_thresholds: &plans.warnings.thresholds,
             },
         );
         match io.send(redis, &command) {
@@ -1321,6 +1339,7 @@ mod tests {
         let fields: Vec<(&str, String)> = io
             .response_headers
             .iter()
+            .filter(|(_, n, _)| n.starts_with("ratelimit"))
             .map(|(_, n, v)| (n.as_str(), v.clone()))
             .collect();
         assert_eq!(
@@ -1354,6 +1373,33 @@ mod tests {
         let before = io.response_headers.len();
         view_succeeds(&mut w, 4, &mut io);
         assert_eq!(io.response_headers.len(), before);
+    }
+
+    #[test]
+    fn a_success_that_crosses_a_warning_threshold_says_so() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        send(&mut w, 1, &upload("u"), &mut io);
+        let (token, _) = io.last_sent();
+        // 3 counted and this one: 4 of 5, 80 %.
+        w.on_reply(token, reserved(1, 3, 1, "free"), now(), &mut io);
+        w.on_response_headers(1, 200, now(), &mut io);
+        let warning: Vec<&str> = io
+            .response_headers
+            .iter()
+            .filter(|(_, n, _)| n == "x-usage-warning")
+            .map(|(_, _, v)| v.as_str())
+            .collect();
+        assert_eq!(warning, ["\"upload\";threshold=80;used=4;limit=5"]);
+        // A failure counts nothing, and says nothing.
+        send(&mut w, 2, &upload("v"), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, reserved(1, 3, 1, "free"), now(), &mut io);
+        let before = io.response_headers.len();
+        w.on_response_headers(2, 500, now(), &mut io);
+        assert!(io.response_headers[before..]
+            .iter()
+            .all(|(_, n, _)| n != "x-usage-warning"));
     }
 
     #[test]

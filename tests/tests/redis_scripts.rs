@@ -111,6 +111,7 @@ fn settle_at(conn: &mut redis::Connection, batch: &[Settlement], now: u64) -> Ve
                 ttl_ms: TTL,
                 remember_commits_ms: REMEMBER,
                 keep_days_ms: 86_400_000,
+                warning_thresholds: &[80, 90],
             },
         ),
     );
@@ -399,6 +400,44 @@ fn the_read_side_functions_answer_the_filters_user_in_one_flat_reply() {
 }
 
 #[test]
+fn crossing_a_warning_threshold_is_recorded_once() {
+    let (_server, mut conn) = redis();
+    // The plan allows 5: the 4th count reaches 80 %, the 5th 90 % (and 100 %).
+    let mut counted = Vec::new();
+    for i in 0..7 {
+        let mut item = settlement(SettleMode::Count, "u", &format!("c{i}"));
+        item.limits_json = Rc::from(r#"{"upload":5}"#);
+        counted.push(item);
+    }
+    // In two batches, the second past the limit (counts of successes always count).
+    settle(&mut conn, &counted[..4]);
+    settle(&mut conn, &counted[4..]);
+    let crossed: Vec<(String, String)> = usage::events(&mut conn)
+        .into_iter()
+        .filter(|e| e["event"] == "threshold_crossed")
+        .map(|e| (e["threshold"].clone(), e["used"].clone()))
+        .collect();
+    assert_eq!(
+        crossed,
+        [
+            ("80".to_string(), "4".to_string()),
+            ("90".into(), "5".into())
+        ]
+    );
+    // Unlimited plans have no thresholds.
+    let mut unlimited = settlement(SettleMode::Count, "w", "c1");
+    unlimited.limits_json = Rc::from(r#"{"upload":null}"#);
+    settle(&mut conn, &[unlimited]);
+    let all = usage::events(&mut conn);
+    assert_eq!(
+        all.iter()
+            .filter(|e| e["event"] == "threshold_crossed")
+            .count(),
+        2
+    );
+}
+
+#[test]
 fn events_older_than_the_retention_are_trimmed() {
     let (_server, mut conn) = redis();
     // 300 events recorded long ago (ids are milliseconds since 1970).
@@ -421,6 +460,7 @@ fn events_older_than_the_retention_are_trimmed() {
             ttl_ms: TTL,
             remember_commits_ms: REMEMBER,
             keep_days_ms: 86_400_000,
+            warning_thresholds: &[80, 90],
         },
     );
     assert!(matches!(run(&mut conn, &command), RedisReply::Array(_)));
@@ -449,6 +489,7 @@ fn the_event_stream_can_be_capped() {
                 ttl_ms: TTL,
                 remember_commits_ms: REMEMBER,
                 keep_days_ms: 86_400_000,
+                warning_thresholds: &[80, 90],
             },
         );
         assert!(matches!(run(&mut conn, &command), RedisReply::Array(_)));
@@ -482,7 +523,7 @@ fn a_batch_of_one_users_settlements_counts_each_and_records_each_event() {
         [true, true, true, true, false, true]
     );
     assert_eq!(counter(&mut conn, "u"), Some(5));
-    assert_eq!(usage::events(&mut conn).len(), 5);
+    assert_eq!(usage::events_of(&mut conn, "u").len(), 5);
 }
 
 #[test]

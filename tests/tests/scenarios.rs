@@ -348,3 +348,31 @@ on_every_gateway!(
         assert!(gw.metric("unknown_plan") >= 5);
     }
 );
+
+on_every_gateway!(crossing_a_warning_threshold_is_said_once, |gw| {
+    let warning = |r: &Response| r.header("x-usage-warning").map(String::from);
+    let mut warnings = Vec::new();
+    for _ in 0..5 {
+        let r = gw.send(&upload("wes", "free"));
+        assert_eq!(r.status, 200);
+        warnings.push(warning(&r));
+        // (Through Envoy, the counts reach Redis a few milliseconds after each answer.)
+        assert!(counts(gw, "wes", "upload", warnings.len() as u64));
+    }
+    assert_eq!(
+        warnings,
+        [
+            None,
+            None,
+            None,
+            Some("\"upload\";threshold=80;used=4;limit=5".into()),
+            Some("\"upload\";threshold=90;used=5;limit=5".into()),
+        ]
+    );
+    let crossed: Vec<String> = usage::events(&mut gw.redis())
+        .into_iter()
+        .filter(|e| e["event"] == "threshold_crossed" && e["user"] == "wes")
+        .map(|e| format!("{}@{}", e["threshold"], e["used"]))
+        .collect();
+    assert_eq!(crossed, ["80@4", "90@5"]);
+});

@@ -87,7 +87,7 @@ pub enum Format {
 }
 
 /// The columns of a CSV export: the stream id, then every field an event may have.
-const COLUMNS: [&str; 15] = [
+const COLUMNS: [&str; 18] = [
     "id",
     "event",
     "op",
@@ -103,6 +103,9 @@ const COLUMNS: [&str; 15] = [
     "units",
     "operator",
     "idempotency_key",
+    "threshold",
+    "used",
+    "limit",
 ];
 
 /// Writes the events recorded on days `from` to `to` (UTC, both included) to `out`; returns

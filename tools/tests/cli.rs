@@ -259,7 +259,11 @@ fn the_operators_changes_reach_a_running_gateway_and_are_on_record() {
     let mut rows = csv::Reader::from_reader(csv.as_bytes());
     let rows: Vec<csv::StringRecord> = rows.records().map(Result::unwrap).collect();
     let of = |event: &str| rows.iter().filter(|r| &r[1] == event).count();
-    assert_eq!((of("usage"), of("admin")), (8, 2), "{csv}");
+    assert_eq!(
+        (of("usage"), of("admin"), of("threshold_crossed")),
+        (8, 2, 2),
+        "{csv}"
+    );
     let admin: Vec<(&str, &str)> = rows
         .iter()
         .filter(|r| &r[1] == "admin")
@@ -267,7 +271,7 @@ fn the_operators_changes_reach_a_running_gateway_and_are_on_record() {
         .collect();
     assert_eq!(admin, [("grant", "ops-1"), ("reset", "ops-2")]);
     let jsonl = cli(&["export", "--from", &today, "--to", &today]);
-    assert_eq!(jsonl.lines().count(), 10);
+    assert_eq!(jsonl.lines().count(), 12);
     for line in jsonl.lines() {
         let event: serde_json::Value = serde_json::from_str(line).unwrap();
         assert!(event["id"].is_string() && event["user"] == "gia", "{line}");

@@ -104,7 +104,7 @@ pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportErro
     let bad = |what: &RedisReply| TransportError::BadReply(format!("reserve returned {what:?}"));
     let RedisReply::Array(items) = reply else {
         return Err(match reply {
-            RedisReply::Error(message) => explain(TransportError::NotSent(message)),
+            RedisReply::Error(message) => explain(refusal_or_failure(message)),
             other => bad(&other),
         });
     };
@@ -169,6 +169,8 @@ pub struct SettleArgs<'a> {
     pub remember_commits_ms: u64,
     /// How long daily counters are kept.
     pub keep_days_ms: u64,
+    /// Shares of the limit (percent) whose crossing is recorded once as an event.
+    pub warning_thresholds: &'a [u8],
 }
 
 /// How the event stream is kept from growing without bound (approximately: Redis trims whole
@@ -212,6 +214,13 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
         .arg(args.ttl_ms.to_string())
         .arg(args.remember_commits_ms.to_string())
         .arg(args.keep_days_ms.to_string())
+        .arg(
+            args.warning_thresholds
+                .iter()
+                .map(u8::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        )
         .arg(SETTLE_FIELDS.to_string());
     for item in batch {
         let before = cmd.args.len();
@@ -234,6 +243,17 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
     cmd
 }
 
+/// A Redis error answering a function call: refused before it ran (not found, no right to
+/// call it, Redis loading or read-only: nothing happened), or raised while it ran (Redis
+/// names the function's script in the message), when what it wrote before stays written.
+fn refusal_or_failure(message: String) -> TransportError {
+    if message.contains("script:") || message.contains("@user_function") {
+        TransportError::Unknown(message)
+    } else {
+        TransportError::NotSent(message)
+    }
+}
+
 /// What `plan_limits_settle` answered for one item.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settled {
@@ -247,7 +267,7 @@ pub struct Settled {
 pub fn parse_settled(reply: RedisReply, n: usize) -> Result<Vec<Settled>, TransportError> {
     let items = match reply {
         RedisReply::Array(items) => items,
-        RedisReply::Error(message) => return Err(explain(TransportError::NotSent(message))),
+        RedisReply::Error(message) => return Err(explain(refusal_or_failure(message))),
         other => {
             return Err(TransportError::BadReply(format!(
                 "settle returned {other:?}"
@@ -343,6 +363,21 @@ mod tests {
             [b"FUNCTION".to_vec(), b"LOAD".to_vec(), b"REPLACE".to_vec()]
         );
         assert_eq!(load.args[3], LIBRARY.as_bytes());
+    }
+
+    #[test]
+    fn an_error_raised_inside_a_function_is_not_taken_for_one_that_never_ran() {
+        let raised = "NOPERM User default has no permissions to run the 'hsetnx' command \
+                      script: plan_limits_settle, on @user_function:125.";
+        assert!(matches!(
+            parse_settled(RedisReply::Error(raised.into()), 1),
+            Err(TransportError::Unknown(_))
+        ));
+        let refused = "NOPERM User default has no permissions to run the 'fcall' command";
+        assert!(matches!(
+            parse_settled(RedisReply::Error(refused.into()), 1),
+            Err(TransportError::NotSent(_))
+        ));
     }
 
     #[test]

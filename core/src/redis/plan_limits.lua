@@ -69,17 +69,30 @@ end
 --   release - the upstream failed or the client left: drop the reservation;
 --   extend  - the request is still in flight: push its reservation's expiry back.
 -- Every count also updates the monthly summary and the day's counters (the history) and
--- appends a usage event.
+-- appends a usage event; a count that brings the period's to a warning threshold (a share of
+-- the plan's limit plus grants) appends one `threshold_crossed` event, once per user, action,
+-- period and threshold (marked in the summary).
 -- keys: events stream, then per item: summary, pending, commits (recent commit ids),
 --       entitlement, the day's counters.
 -- args: how the stream is trimmed ('' keep all, 'MAXLEN' to about a length, 'MINID' of
 --       events older than a time) and its threshold, now (ms), reservation ttl (ms), how long
---       commit ids are remembered (ms), how long days are kept (ms), fields per item, then the
---       items' fields.
+--       commit ids are remembered (ms), how long days are kept (ms), the warning thresholds
+--       (percent, comma-separated), fields per item, then the items' fields.
 -- Returns per item {counted or extended (1/0), the user's entitled plan or false}, flattened.
 local function settle(keys, args)
   local trim, threshold, now, ttl = args[1], args[2], tonumber(args[3]), tonumber(args[4])
-  local remember, keep_days, stride = tonumber(args[5]), tonumber(args[6]), tonumber(args[7])
+  local remember, keep_days = tonumber(args[5]), tonumber(args[6])
+  local thresholds, stride = {}, tonumber(args[8])
+  for t in string.gmatch(args[7], '%d+') do
+    thresholds[#thresholds + 1] = tonumber(t)
+  end
+  local function append(event)
+    if trim == '' then
+      redis.call('XADD', keys[1], '*', unpack(event))
+    else
+      redis.call('XADD', keys[1], trim, '~', threshold, '*', unpack(event))
+    end
+  end
   local results = {}
   -- A batch often holds many settlements of one user: the summary's plan, limits and expiry
   -- are written once per summary.
@@ -87,7 +100,7 @@ local function settle(keys, args)
   for i = 0, (#keys - 1) / 5 - 1 do
     local summary, pending = keys[2 + 5 * i], keys[3 + 5 * i]
     local commits, entitlement, day = keys[4 + 5 * i], keys[5 + 5 * i], keys[6 + 5 * i]
-    local f = 7 + stride * i
+    local f = 8 + stride * i
     local mode, id, action, user = args[f + 1], args[f + 2], args[f + 3], args[f + 4]
     local plan, limits, kind, bytes = args[f + 5], args[f + 6], args[f + 7], args[f + 8]
     local status, at, request_id, period = args[f + 9], args[f + 10], args[f + 11], args[f + 12]
@@ -112,7 +125,7 @@ local function settle(keys, args)
         redis.call('PEXPIRE', commits, remember)
       end
       if counts then
-        redis.call('HINCRBY', summary, action, 1)
+        local count = redis.call('HINCRBY', summary, action, 1)
         redis.call('HINCRBY', day, action, 1)
         if not written[summary] then
           redis.call('HSET', summary, 'plan', plan, 'limits', limits, 'updated_at', at)
@@ -123,12 +136,19 @@ local function settle(keys, args)
           redis.call('PEXPIRE', day, keep_days)
           written[day] = true
         end
-        local event = {'event', 'usage', 'user', user, 'action', action, 'kind', kind, 'bytes', bytes,
-          'status', status, 'at', at, 'request_id', request_id, 'plan', plan, 'period', period}
-        if trim == '' then
-          redis.call('XADD', keys[1], '*', unpack(event))
-        else
-          redis.call('XADD', keys[1], trim, '~', threshold, '*', unpack(event))
+        append({'event', 'usage', 'user', user, 'action', action, 'kind', kind, 'bytes', bytes,
+          'status', status, 'at', at, 'request_id', request_id, 'plan', plan, 'period', period})
+        local limit = cjson.decode(limits)[action]
+        if type(limit) == 'number' and limit > 0 then
+          limit = limit + tonumber(redis.call('HGET', summary, 'grant:' .. action) or '0')
+          for _, t in ipairs(thresholds) do
+            if count * 100 >= t * limit
+                and redis.call('HSETNX', summary, 'warned:' .. action .. ':' .. t, at) == 1 then
+              append({'event', 'threshold_crossed', 'user', user, 'action', action,
+                'threshold', t, 'used', count, 'limit', limit, 'plan', plan, 'period', period,
+                'at', at})
+            end
+          end
         end
         done = 1
       end
