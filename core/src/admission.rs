@@ -198,6 +198,7 @@ fn metered(
         kind: kind(action, head),
         declared_bytes: declared_size(head)?,
         request_id: request_id(head),
+        idempotency_key: idempotency_key(head, &plans.idempotency_header)?,
         period: BillingPeriod::calendar_month(now),
         key_prefix: &plans.redis.key_prefix,
     });
@@ -272,6 +273,22 @@ fn parse_content_length(raw: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(raw).ok()?.parse().ok()
+}
+
+/// The idempotency key a client sent: at most 128 plain characters (400 otherwise, naming the
+/// header), since it goes into a Redis key and billing's events.
+fn idempotency_key(head: RequestHead, header: &str) -> Result<Option<String>, LocalResponse> {
+    let Some(raw) = head.single(header)? else {
+        return Ok(None);
+    };
+    let plain = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':');
+    if raw.is_empty() || raw.len() > 128 || !raw.iter().all(plain) {
+        return Err(responses::bad_request(
+            header,
+            "1 to 128 letters, digits, '-', '_', '.' or ':'",
+        ));
+    }
+    Ok(Some(String::from_utf8_lossy(raw).into_owned()))
 }
 
 /// The request id recorded in the usage event: Envoy's `x-request-id`, kept only if it is

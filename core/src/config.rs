@@ -173,6 +173,10 @@ pub struct GatewaySettings {
     pub max_drain_bytes: u64,
     /// IETF RateLimit fields (`RateLimit-Policy`, `RateLimit`) on answers to limited actions.
     pub ratelimit_headers: bool,
+    /// The request header whose value makes repeats of a request one request (counted once).
+    pub idempotency_header: String,
+    /// How long a key is remembered.
+    pub idempotency_ttl_ms: u64,
 }
 
 impl Default for GatewaySettings {
@@ -182,6 +186,8 @@ impl Default for GatewaySettings {
             request_timeout_ms: None,
             max_drain_bytes: 64 << 20,
             ratelimit_headers: true,
+            idempotency_header: "idempotency-key".into(),
+            idempotency_ttl_ms: 86_400_000,
         }
     }
 }

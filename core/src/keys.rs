@@ -68,6 +68,12 @@ impl UserKeys {
     pub fn entitlement(&self) -> String {
         format!("{}:entitlement", self.base)
     }
+
+    /// String: the marker of a request sent with idempotency key `key` for `action`.
+    pub fn idempotency(&self, action: &str, key: &str) -> String {
+        let key = utf8_percent_encode(key, KEY_SAFE);
+        format!("{}:idem:{action}:{key}", self.base)
+    }
 }
 
 /// The user's entitlement record (not per period).

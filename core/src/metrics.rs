@@ -36,10 +36,12 @@ pub enum Metric {
     AnsweredAfterBody,
     /// Reports answered (the usage endpoints).
     Reports,
+    /// 409: a repeat of a request with an idempotency key (neither forwarded nor counted).
+    Duplicates,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 16] = [
+    pub const ALL: [Metric; 17] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::Rejected,
@@ -56,6 +58,7 @@ impl Metric {
         Metric::UnknownPlan,
         Metric::AnsweredAfterBody,
         Metric::Reports,
+        Metric::Duplicates,
     ];
 
     /// The name the host defines it under.
@@ -77,6 +80,7 @@ impl Metric {
             Metric::UnknownPlan => "plan_limits.unknown_plan",
             Metric::AnsweredAfterBody => "plan_limits.answered_after_body",
             Metric::Reports => "plan_limits.reports",
+            Metric::Duplicates => "plan_limits.duplicates",
         }
     }
 }

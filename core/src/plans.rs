@@ -26,6 +26,9 @@ pub struct Plans {
     /// Whether answers to limited actions carry the IETF RateLimit fields.
     pub ratelimit_headers: bool,
     pub warnings: crate::config::Warnings,
+    /// The idempotency key's header (lower case) and how long a key is remembered.
+    pub idempotency_header: String,
+    pub idempotency_ttl_ms: u64,
     pub features: Vec<String>,
     actions: Vec<Rc<Action>>,
     plans: Vec<Rc<Plan>>,
@@ -202,6 +205,8 @@ impl Plans {
             max_drain_bytes: config.gateway.max_drain_bytes,
             ratelimit_headers: config.gateway.ratelimit_headers,
             warnings: config.warnings.clone(),
+            idempotency_header: config.gateway.idempotency_header.to_ascii_lowercase(),
+            idempotency_ttl_ms: config.gateway.idempotency_ttl_ms,
             features: config.features,
             actions,
             plans,

@@ -34,6 +34,8 @@ pub struct RequestFacts<'a> {
     /// The Content-Length, if declared (none: a chunked body, or no body).
     pub declared_bytes: Option<u64>,
     pub request_id: String,
+    /// The client's idempotency key: repeats of the request are one request.
+    pub idempotency_key: Option<String>,
     pub period: BillingPeriod,
     pub key_prefix: &'a str,
 }
@@ -51,6 +53,7 @@ pub struct MeteredRequest {
     /// The body that went through so far.
     body_bytes: u64,
     request_id: String,
+    idempotency_key: Option<String>,
     period: BillingPeriod,
     keys: UsageKeys,
     /// Empty until a reservation is asked for.
@@ -71,6 +74,9 @@ pub struct MeteredRequest {
 enum Hold {
     /// Nothing reserved (unlimited): count on success.
     Unreserved,
+    /// Nothing reserved (unlimited), but its idempotency key marked as in flight: count on
+    /// success, release (the mark) otherwise.
+    Marked,
     /// A reservation was asked for; its answer has not arrived.
     Reserving,
     /// Redis holds a unit for this request until it is committed or released.
@@ -118,6 +124,8 @@ pub enum Decision {
     },
     /// The plan in force (billing's record) does not allow the request (403, 413).
     Refused(LocalResponse),
+    /// A request with the same idempotency key came first (409).
+    Duplicate(LocalResponse),
     /// Redis did not answer usably; the action is `fail_open`: the request may go on, within
     /// what this Envoy knows remains.
     FailOpen(TransportError),
@@ -143,6 +151,7 @@ impl MeteredRequest {
             declared_bytes: facts.declared_bytes,
             body_bytes: 0,
             request_id: facts.request_id,
+            idempotency_key: facts.idempotency_key,
             period: facts.period,
             keys,
             reservation_id: String::new(),
@@ -191,6 +200,11 @@ impl MeteredRequest {
 
     pub fn request_id(&self) -> &str {
         &self.request_id
+    }
+
+    /// The client's idempotency key, if it sent one.
+    pub fn idempotency_key(&self) -> Option<&str> {
+        self.idempotency_key.as_deref()
     }
 
     /// The allowance as its reservation found it (none: unlimited, or Redis did not answer).
@@ -283,6 +297,8 @@ impl MeteredRequest {
     /// Asks for one unit of `limit` under `id` (unique across every Envoy sharing the Redis).
     /// Redis applies billing's plan over the claimed one; `fallback` is the plan for a name
     /// plans.json does not know (`None`: refused).
+    /// With an idempotency key, the key is marked for `idempotency_ttl_ms` (an unlimited
+    /// request then asks too: `limit` 0).
     pub fn reserve(
         &mut self,
         limit: u64,
@@ -290,11 +306,16 @@ impl MeteredRequest {
         now_ms: u64,
         ttl_ms: u64,
         fallback: Option<&str>,
+        idempotency_ttl_ms: u64,
     ) -> RedisCommand {
         self.reservation_id = id;
         self.reserved_limit = limit;
         self.held_since_ms = now_ms;
         self.hold = Hold::Reserving;
+        let marker = self
+            .idempotency_key
+            .as_deref()
+            .map(|key| self.keys.user.idempotency(&self.action.key, key));
         functions::reserve(ReserveArgs {
             keys: &self.keys,
             action: &self.action.key,
@@ -304,6 +325,7 @@ impl MeteredRequest {
             now_ms,
             ttl_ms,
             limits: self.action.limits(),
+            idempotency: marker.as_deref().map(|m| (m, idempotency_ttl_ms)),
         })
     }
 
@@ -323,9 +345,20 @@ impl MeteredRequest {
         let granted = reservation.status == ReserveStatus::Granted;
         self.hold = match reservation.status {
             ReserveStatus::Granted => Hold::Held,
+            ReserveStatus::Unlimited if self.idempotency_key.is_some() => Hold::Marked,
             ReserveStatus::Unlimited => Hold::Unreserved,
-            ReserveStatus::Refused | ReserveStatus::UnknownPlan => Hold::Settled,
+            ReserveStatus::Refused | ReserveStatus::UnknownPlan | ReserveStatus::Duplicate => {
+                Hold::Settled
+            }
         };
+        if reservation.status == ReserveStatus::Duplicate {
+            let key = self.idempotency_key.as_deref().unwrap_or_default();
+            return Decision::Duplicate(responses::duplicate(
+                &self.action,
+                key,
+                &reservation.first,
+            ));
+        }
         if reservation.status == ReserveStatus::UnknownPlan {
             return Decision::Refused(responses::unknown_plan(&reservation.named_plan));
         }
@@ -446,8 +479,10 @@ impl MeteredRequest {
         let success = (200..300).contains(&status);
         let mode = match (self.hold, success) {
             (Hold::Held, true) => SettleMode::Commit,
-            (Hold::Unreserved | Hold::Uncertain, true) => SettleMode::Count,
-            (Hold::Held | Hold::Reserving | Hold::Uncertain, false) => SettleMode::Release,
+            (Hold::Unreserved | Hold::Marked | Hold::Uncertain, true) => SettleMode::Count,
+            (Hold::Held | Hold::Marked | Hold::Reserving | Hold::Uncertain, false) => {
+                SettleMode::Release
+            }
             (Hold::Unreserved | Hold::Settled, false) | (Hold::Settled | Hold::Reserving, true) => {
                 self.hold = Hold::Settled;
                 return None;
@@ -465,8 +500,10 @@ impl MeteredRequest {
             self.forwarded && self.action.on_client_abort == OnClientAbort::Commit;
         let mode = match (self.hold, counts_when_forwarded) {
             (Hold::Held, true) => SettleMode::Commit,
-            (Hold::Unreserved | Hold::Uncertain, true) => SettleMode::Count,
-            (Hold::Held | Hold::Reserving | Hold::Uncertain, _) => SettleMode::Release,
+            (Hold::Unreserved | Hold::Marked | Hold::Uncertain, true) => SettleMode::Count,
+            (Hold::Held | Hold::Marked | Hold::Reserving | Hold::Uncertain, _) => {
+                SettleMode::Release
+            }
             (Hold::Unreserved | Hold::Settled, _) => return None,
         };
         self.hold = Hold::Settled;
@@ -500,6 +537,7 @@ impl MeteredRequest {
             at: period::rfc3339(now, true),
             day: period::date(now),
             request_id: self.request_id.clone(),
+            idempotency_key: self.idempotency_key.clone().unwrap_or_default(),
             period_id: self.period.id.clone(),
             keep_for_ms: unix_millis(kept_until).saturating_sub(unix_millis(now)),
             made_at_ms: unix_millis(now),
@@ -525,7 +563,7 @@ mod tests {
     /// An upload of a free user, its reservation asked for.
     fn reserved(p: &Plans) -> MeteredRequest {
         let mut m = request(p, "POST", "/api/upload", "free");
-        m.reserve(5, "r1".into(), 1_000, 60_000, Some("free"));
+        m.reserve(5, "r1".into(), 1_000, 60_000, Some("free"), 86_400_000);
         m
     }
 
@@ -550,7 +588,7 @@ mod tests {
     fn a_reservation_sends_every_plans_limit_and_the_fallback() {
         let p = plans();
         let mut m = request(&p, "POST", "/api/upload", "free");
-        let cmd = m.reserve(5, "r1".into(), 1_000, 60_000, Some("free"));
+        let cmd = m.reserve(5, "r1".into(), 1_000, 60_000, Some("free"), 86_400_000);
         let text: Vec<_> = cmd
             .args
             .iter()
@@ -566,6 +604,7 @@ mod tests {
                 "1000",
                 "61000",
                 "60000",
+                "",
                 "enterprise",
                 "",
                 "free",
@@ -636,7 +675,7 @@ mod tests {
             &head("POST", "/api/export/dxf", "u", "professional"),
             now(),
         );
-        m.reserve(50, "r2".into(), 0, 1, None);
+        m.reserve(50, "r2".into(), 0, 1, None, 86_400_000);
         let Decision::Refused(r) = m.on_reservation(reply(1, 0, 1, "free"), now()) else {
             panic!("free has no DXF export")
         };
@@ -703,7 +742,7 @@ mod tests {
         );
         // ai_analysis counts a fully forwarded request whose client left.
         let mut ai = request(&p, "POST", "/api/teammate", "free");
-        ai.reserve(3, "r3".into(), 0, 60_000, None);
+        ai.reserve(3, "r3".into(), 0, 60_000, None, 86_400_000);
         ai.on_reservation(reply(1, 0, 1, "free"), now());
         assert_eq!(
             ai.on_end(now(), &p.redis).unwrap().mode,
@@ -711,13 +750,13 @@ mod tests {
             "not forwarded yet"
         );
         let mut ai = request(&p, "POST", "/api/teammate", "free");
-        ai.reserve(3, "r4".into(), 0, 60_000, None);
+        ai.reserve(3, "r4".into(), 0, 60_000, None, 86_400_000);
         ai.on_reservation(reply(1, 0, 1, "free"), now());
         ai.on_forwarded();
         assert_eq!(ai.on_end(now(), &p.redis).unwrap().mode, SettleMode::Commit);
         // ... but not when the upstream answered non-2xx first.
         let mut ai = request(&p, "POST", "/api/teammate", "free");
-        ai.reserve(3, "r5".into(), 0, 60_000, None);
+        ai.reserve(3, "r5".into(), 0, 60_000, None, 86_400_000);
         ai.on_reservation(reply(1, 0, 1, "free"), now());
         ai.on_forwarded();
         assert_eq!(
@@ -828,7 +867,7 @@ mod tests {
         assert_eq!(m.on_end(now(), &p.redis).unwrap().mode, SettleMode::Release);
 
         let mut api = request(&p, "GET", "/api/v1/x", "enterprise");
-        api.reserve(10_000, "r2".into(), 0, 1, None);
+        api.reserve(10_000, "r2".into(), 0, 1, None, 86_400_000);
         let d = api.on_reservation(Ok(RedisReply::Error("ERR".into())), now());
         assert!(matches!(d, Decision::FailClosed(_, ref r) if r.status == 503));
         assert!(api.on_end(now(), &p.redis).is_none());

@@ -283,6 +283,40 @@ pub fn bad_request(field: &str, reason: &str) -> LocalResponse {
     )
 }
 
+/// 409: a request with an idempotency key already used for `action`: in flight
+/// (`pending:<id>`), or counted (`done:<time>`). Nothing is forwarded or counted.
+pub fn duplicate(action: &Action, key: &str, first: &str) -> LocalResponse {
+    let (state, at, message) = match first.strip_prefix("done:") {
+        Some(at) => (
+            "completed",
+            Some(at),
+            format!(
+                "This {} was already done with this Idempotency-Key, at {at}; it is not done or counted again.",
+                action.label
+            ),
+        ),
+        None => (
+            "in_progress",
+            None,
+            format!(
+                "A {} with this Idempotency-Key is in progress; retry once it has finished.",
+                action.label
+            ),
+        ),
+    };
+    LocalResponse::json(
+        409,
+        json!({
+            "error": "Duplicate request",
+            "message": message,
+            "idempotency_key": key,
+            "action": action.key,
+            "state": state,
+            "completed_at": at,
+        }),
+    )
+}
+
 /// 200: a report the filter answers itself (the usage endpoints); never cached.
 pub fn report(body: Value) -> LocalResponse {
     LocalResponse::json(200, body).with_header("cache-control", "no-store".into())

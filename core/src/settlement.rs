@@ -48,6 +48,8 @@ pub struct Settlement {
     /// Its UTC day, whose daily counter a count goes to.
     pub day: String,
     pub request_id: String,
+    /// The client's idempotency key, if it sent one (empty otherwise).
+    pub idempotency_key: String,
     pub period_id: String,
     /// How long the summary is kept from now (ms): until its period ends plus the retention.
     pub keep_for_ms: u64,

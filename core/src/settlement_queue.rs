@@ -181,6 +181,7 @@ mod tests {
             at: "2026-11-27T00:00:00.000Z".into(),
             day: "2026-11-27".into(),
             request_id: String::new(),
+            idempotency_key: String::new(),
             period_id: "2026-11".into(),
             keep_for_ms: 1,
             made_at_ms: 0,

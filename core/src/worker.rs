@@ -383,7 +383,14 @@ impl Worker {
             }
         }
         self.note_unknown_plan(&request, now_ms, io);
-        let Some(limit) = request.limit() else {
+        // An idempotency key is checked in Redis even for an unlimited action: the client asked
+        // for it, and pays the round trip.
+        let limit = match (request.limit(), request.idempotency_key()) {
+            (Some(limit), _) => Some(limit),
+            (None, Some(_)) => Some(0),
+            (None, None) => None,
+        };
+        let Some(limit) = limit else {
             // Unlimited: on at once, counted on success.
             io.count(Metric::Allowed, 1);
             set_identity(stream, &request, plans, io);
@@ -397,7 +404,12 @@ impl Worker {
             );
             return Flow::Continue;
         };
-        if let Some(response) = self.denials.refusal(&request, now) {
+        // (A repeat of a request with an idempotency key is told so by Redis, not refused.)
+        let remembered = match request.idempotency_key() {
+            None => self.denials.refusal(&request, now),
+            Some(_) => None,
+        };
+        if let Some(response) = remembered {
             io.count(Metric::Denied, 1);
             return self.answer_at_head(stream, response, drainable, io);
         }
@@ -412,6 +424,7 @@ impl Worker {
             now_ms,
             redis.reservation_ttl_ms,
             fallback,
+            plans.idempotency_ttl_ms,
         );
         let flow = match io.send(redis, &command) {
             Ok(token) => {
@@ -494,6 +507,10 @@ impl Worker {
             }
             Decision::Refused(response) => {
                 io.count(Metric::Rejected, 1);
+                Err(response)
+            }
+            Decision::Duplicate(response) => {
+                io.count(Metric::Duplicates, 1);
                 Err(response)
             }
             Decision::FailOpen(e) => {
@@ -1400,6 +1417,59 @@ mod tests {
         assert!(io.response_headers[before..]
             .iter()
             .all(|(_, n, _)| n != "x-usage-warning"));
+    }
+
+    #[test]
+    fn an_idempotency_key_makes_repeats_one_request() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        // Even an unlimited action asks Redis when the client sends a key.
+        let view = head("GET", "/api/procedures/1", "u", "free").header("idempotency-key", b"k-1");
+        assert_eq!(send(&mut w, 1, &view, &mut io), Flow::Pause);
+        let (token, reserve) = io.last_sent();
+        assert_eq!(reserve.args[2], b"4", "the key's marker is one of its keys");
+        assert_eq!(reserve.args[6], b"plan-limits:{u}:idem:procedure_view:k-1");
+        w.on_reply(token, reserved(2, 0, 0, "free"), now(), &mut io);
+        assert_eq!(io.resumed, [1]);
+        w.on_response_headers(1, 200, now(), &mut io);
+        w.on_stream_end(1, now(), &mut io);
+        w.on_tick(now(), &mut io);
+        let (token, batch) = io.last_sent();
+        assert!(batch.args.iter().any(|a| a == b"count"));
+        assert!(
+            batch.args.iter().any(|a| a == b"k-1"),
+            "recorded with its key"
+        );
+        w.on_reply(token, settled(&[1]), now(), &mut io);
+        // Its repeat: 409, neither forwarded nor counted.
+        send(&mut w, 2, &view, &mut io);
+        let (token, _) = io.last_sent();
+        let mut first = match reserved(4, 0, 0, "free") {
+            Ok(RedisReply::Array(items)) => items,
+            _ => unreachable!(),
+        };
+        first.extend([
+            RedisReply::Int(0),
+            RedisReply::Bulk(b"done:2026-11-27T12:00:00.000Z".to_vec()),
+        ]);
+        w.on_reply(token, Ok(RedisReply::Array(first)), now(), &mut io);
+        let (_, answer) = io.responded.last().unwrap();
+        assert_eq!(answer.status, 409);
+        let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        assert_eq!(
+            (&body["state"], &body["completed_at"]),
+            (&"completed".into(), &"2026-11-27T12:00:00.000Z".into())
+        );
+        assert_eq!(io.resumed, [1]);
+        assert_eq!(io.count_of(Metric::Duplicates), 1);
+        w.on_stream_end(2, now(), &mut io);
+        assert_eq!(w.queued_settlements(), 0);
+        // A key that is not plain is refused by name.
+        let bad = upload("u").header("idempotency-key", b"a b");
+        send(&mut w, 3, &bad, &mut io);
+        let (_, answer) = io.responded.last().unwrap();
+        assert_eq!(answer.status, 400);
+        assert!(answer.body.contains("\"field\":\"idempotency-key\""));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! No way around the meter, through real Envoy: slow uploads keep their unit and are counted,
 //! a client that leaves an analysis it sent does not get it free, fail-open is bounded, Redis
-//! is locked down and keeps its counts across a crash, request ids are bounded.
+//! is locked down and keeps its counts across a crash, request ids are bounded, racing repeats
+//! of one idempotency key are counted once.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -310,4 +311,44 @@ fn every_spelling_of_a_metered_path_is_metered_or_refused() {
     assert_eq!(handled("/api/upload"), expected["upload"]);
     assert_eq!(handled("/api/teammate"), expected["ai_analysis"]);
     assert_eq!(handled("/api/export/pdf"), expected["pdf_export"]);
+}
+
+#[test]
+fn racing_repeats_of_one_idempotency_key_are_counted_once() {
+    let gw = envoy();
+    let port = gw.gateway_port;
+    // Ten at once, each taking 300 ms upstream: one goes, nine are told it is in progress.
+    let racing: Vec<_> = (0..10)
+        .map(|_| {
+            std::thread::spawn(move || {
+                upload("rex", "free")
+                    .header("idempotency-key", "same")
+                    .header("x-demo-delay-ms", "300")
+                    .send(port)
+            })
+        })
+        .collect();
+    let answers: Vec<Response> = racing.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = answers.iter().filter(|r| r.status == 200).count();
+    let duplicates: Vec<&Response> = answers.iter().filter(|r| r.status == 409).collect();
+    assert_eq!((ok, duplicates.len()), (1, 9));
+    assert!(duplicates
+        .iter()
+        .all(|r| r.json()["state"] == "in_progress"));
+    assert!(counts(&gw, "rex", "upload", 1));
+    assert_eq!(
+        gw.upstream.attempts(),
+        1,
+        "the repeats never reached the upstream"
+    );
+    // And after: completed.
+    let r = upload("rex", "free")
+        .header("idempotency-key", "same")
+        .send(port);
+    assert_eq!(
+        (r.status, r.json()["state"].as_str()),
+        (409, Some("completed"))
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(counter(&gw, "rex", "upload"), 1);
 }

@@ -59,6 +59,7 @@ fn reserve_as(
             now_ms: now,
             ttl_ms: TTL,
             limits: &limits,
+            idempotency: None,
         }),
     );
     functions::parse_reservation(reply).unwrap()
@@ -93,6 +94,7 @@ fn settlement(mode: SettleMode, user: &str, id: &str) -> Settlement {
         at: "2026-11-27T12:00:00.000Z".into(),
         day: "2026-11-27".into(),
         request_id: "req-1".into(),
+        idempotency_key: String::new(),
         period_id: "2026-11".into(),
         keep_for_ms: 400 * 86_400_000,
         made_at_ms: NOW,
@@ -329,6 +331,7 @@ fn a_count_updates_the_summary_and_records_an_event() {
             ("at", "2026-11-27T12:00:00.000Z"),
             ("bytes", "42"),
             ("event", "usage"),
+            ("idempotency_key", ""),
             ("kind", "vision"),
             ("period", "2026-11"),
             ("plan", "free"),
@@ -397,6 +400,57 @@ fn the_read_side_functions_answer_the_filters_user_in_one_flat_reply() {
     assert_eq!(body["days"][0]["total"], 0);
     assert_eq!(body["days"][1]["counts"]["upload"], 2);
     assert_eq!(body["totals"]["upload"], 2);
+}
+
+/// A reservation of an upload sent with idempotency key `key`.
+fn reserve_once(conn: &mut redis::Connection, id: &str, key: &str) -> Reservation {
+    let keys = keys("u");
+    let limits = limits(5);
+    let marker = keys.user.idempotency("upload", key);
+    let reply = run(
+        conn,
+        &functions::reserve(ReserveArgs {
+            keys: &keys,
+            action: "upload",
+            claimed_plan: "free",
+            fallback_plan: Some("free"),
+            reservation_id: id,
+            now_ms: NOW,
+            ttl_ms: TTL,
+            limits: &limits,
+            idempotency: Some((&marker, 86_400_000)),
+        }),
+    );
+    functions::parse_reservation(reply).unwrap()
+}
+
+#[test]
+fn an_idempotency_key_is_one_request_however_often_it_is_sent() {
+    let (_server, mut conn) = redis();
+    assert!(granted(&reserve_once(&mut conn, "r1", "k1")));
+    // While the first is in flight, and once it was counted: a duplicate, nothing reserved.
+    let again = reserve_once(&mut conn, "r2", "k1");
+    assert_eq!(
+        (again.status, again.first.as_str()),
+        (ReserveStatus::Duplicate, "pending:r1")
+    );
+    let mut commit = settlement(SettleMode::Commit, "u", "r1");
+    commit.idempotency_key = "k1".into();
+    assert_eq!(settle(&mut conn, &[commit]), [true]);
+    let again = reserve_once(&mut conn, "r3", "k1");
+    assert_eq!(again.status, ReserveStatus::Duplicate);
+    assert_eq!(again.first, "done:2026-11-27T12:00:00.000Z");
+    assert_eq!((again.committed, again.pending), (1, 0));
+    let marker = keys("u").user.idempotency("upload", "k1");
+    let pttl: i64 = redis::cmd("PTTL").arg(&marker).query(&mut conn).unwrap();
+    assert!((1..=86_400_000).contains(&pttl), "kept a day: {pttl}");
+    // A failed one is forgotten: its retry is a new request.
+    assert!(granted(&reserve_once(&mut conn, "r4", "k2")));
+    let mut release = settlement(SettleMode::Release, "u", "r4");
+    release.idempotency_key = "k2".into();
+    settle(&mut conn, &[release]);
+    assert!(granted(&reserve_once(&mut conn, "r5", "k2")));
+    assert_eq!(usage::events(&mut conn)[0]["idempotency_key"], "k1");
 }
 
 #[test]
@@ -565,6 +619,7 @@ fn the_filters_redis_user_may_call_the_functions_and_nothing_else() {
             now_ms: NOW,
             ttl_ms: TTL,
             limits: &limits,
+            idempotency: None,
         }),
     );
     assert!(

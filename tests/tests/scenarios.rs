@@ -376,3 +376,42 @@ on_every_gateway!(crossing_a_warning_threshold_is_said_once, |gw| {
         .collect();
     assert_eq!(crossed, ["80@4", "90@5"]);
 });
+
+on_every_gateway!(
+    a_request_sent_again_with_its_idempotency_key_is_counted_once,
+    |gw| {
+        let keyed = |key: &str| upload("ida", "free").header("idempotency-key", key);
+        assert_eq!(gw.send(&keyed("up-1")).status, 200);
+        assert!(counts(gw, "ida", "upload", 1));
+        // Its repeat: 409, not forwarded, not counted.
+        let r = gw.send(&keyed("up-1"));
+        assert_eq!(r.status, 409, "{}", r.body_text());
+        assert!(!r.from_upstream());
+        let body = r.json();
+        assert_eq!(
+            (&body["state"], &body["idempotency_key"]),
+            (&"completed".into(), &"up-1".into())
+        );
+        // A failed one is not counted, so its retry is a new request.
+        assert_eq!(gw.send(&keyed("up-2").upstream_status(500)).status, 500);
+        assert!(eventually(|| pending(gw, "ida", "upload") == 0));
+        assert_eq!(gw.send(&keyed("up-2")).status, 200);
+        assert!(counts(gw, "ida", "upload", 2));
+        // Unlimited actions too, when the client sends a key.
+        let view = || {
+            Request::new("GET", "/api/procedures/3")
+                .user("ida", "free")
+                .header("idempotency-key", "pv-1")
+        };
+        assert_eq!(gw.send(&view()).status, 200);
+        assert!(counts(gw, "ida", "procedure_view", 1));
+        assert_eq!(gw.send(&view()).status, 409);
+        assert_eq!(counter(gw, "ida", "procedure_view"), 1);
+        let keys: Vec<String> = usage::events_of(&mut gw.redis(), "ida")
+            .into_iter()
+            .map(|e| e["idempotency_key"].clone())
+            .collect();
+        assert_eq!(keys, ["up-1", "up-2", "pv-1"]);
+        assert_eq!(gw.metric("duplicates"), 2);
+    }
+);

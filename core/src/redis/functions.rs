@@ -49,6 +49,8 @@ pub struct Reservation {
     pub recorded: bool,
     /// Extra units an operator granted for the period: the limit is the plan's plus these.
     pub granted: u64,
+    /// For a duplicate: what the first request's marker says (`pending:<id>`, `done:<time>`).
+    pub first: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +62,8 @@ pub enum ReserveStatus {
     Unlimited,
     /// The plan is not one of plans.json's: nothing was reserved.
     UnknownPlan,
+    /// A request with the same idempotency key was made: nothing was reserved.
+    Duplicate,
 }
 
 /// One request's reservation.
@@ -76,22 +80,33 @@ pub struct ReserveArgs<'a> {
     pub ttl_ms: u64,
     /// Every plan's limit for the action, so the entitlement's plan is known in the same call.
     pub limits: &'a [(String, Limit)],
+    /// The idempotency key's marker and how long it is kept (ms), if the client sent a key.
+    pub idempotency: Option<(&'a str, u64)>,
 }
 
 pub fn reserve(args: ReserveArgs) -> RedisCommand {
     let mut cmd = RedisCommand::new("FCALL")
         .arg(RESERVE)
-        .arg("3")
+        .arg(if args.idempotency.is_some() { "4" } else { "3" })
         .arg(&args.keys.summary)
         .arg(&args.keys.pending)
-        .arg(&args.keys.entitlement)
+        .arg(&args.keys.entitlement);
+    if let Some((marker, _)) = args.idempotency {
+        cmd = cmd.arg(marker);
+    }
+    cmd = cmd
         .arg(args.action)
         .arg(args.claimed_plan)
         .arg(args.fallback_plan.unwrap_or_default())
         .arg(args.reservation_id)
         .arg(args.now_ms.to_string())
         .arg(args.now_ms.saturating_add(args.ttl_ms).to_string())
-        .arg(args.ttl_ms.to_string());
+        .arg(args.ttl_ms.to_string())
+        .arg(
+            args.idempotency
+                .map(|(_, ttl)| ttl.to_string())
+                .unwrap_or_default(),
+        );
     for (plan, limit) in args.limits {
         cmd = cmd
             .arg(plan)
@@ -117,6 +132,7 @@ pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportErro
         Some(RedisReply::Int(0)) => Some(ReserveStatus::Refused),
         Some(RedisReply::Int(2)) => Some(ReserveStatus::Unlimited),
         Some(RedisReply::Int(3)) => Some(ReserveStatus::UnknownPlan),
+        Some(RedisReply::Int(4)) => Some(ReserveStatus::Duplicate),
         _ => None,
     };
     let text = |item: Option<&RedisReply>| match item {
@@ -144,7 +160,7 @@ pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportErro
             Some(plan),
             Some(named_plan),
             Some(recorded),
-        ) if matches!(items.len(), 6 | 7) => Ok(Reservation {
+        ) if matches!(items.len(), 6..=8) => Ok(Reservation {
             status,
             committed,
             pending,
@@ -152,6 +168,7 @@ pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportErro
             named_plan,
             recorded,
             granted: count(items.get(6)).unwrap_or(0),
+            first: text(items.get(7)).unwrap_or_default(),
         }),
         _ => Err(bad(&RedisReply::Array(items))),
     }
@@ -186,21 +203,28 @@ pub enum EventsTrim {
 }
 
 /// Fields per item in `plan_limits_settle`'s args.
-const SETTLE_FIELDS: usize = 13;
+const SETTLE_FIELDS: usize = 14;
 
 /// One `plan_limits_settle` call for a batch.
 pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
     let mut cmd = RedisCommand::new("FCALL")
         .arg(SETTLE)
-        .arg((1 + 5 * batch.len()).to_string())
+        .arg((1 + 6 * batch.len()).to_string())
         .arg(args.events_stream);
     for item in batch {
+        let day = item.keys.user.day(&item.day);
+        // Without a key, any key of the user's stands in (cluster routing needs a name).
+        let marker = match item.idempotency_key.as_str() {
+            "" => day.clone(),
+            key => item.keys.user.idempotency(&item.action, key),
+        };
         cmd = cmd
             .arg(&item.keys.summary)
             .arg(&item.keys.pending)
             .arg(&item.keys.commits)
             .arg(&item.keys.entitlement)
-            .arg(item.keys.user.day(&item.day));
+            .arg(day)
+            .arg(marker);
     }
     let (trim, threshold) = match args.events_trim {
         EventsTrim::KeepAll => ("", String::new()),
@@ -237,7 +261,8 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
             .arg(&item.at)
             .arg(&item.request_id)
             .arg(&item.period_id)
-            .arg(item.keep_for_ms.to_string());
+            .arg(item.keep_for_ms.to_string())
+            .arg(&item.idempotency_key);
         debug_assert_eq!(cmd.args.len() - before, SETTLE_FIELDS);
     }
     cmd
@@ -318,6 +343,7 @@ mod tests {
             now_ms: 1000,
             ttl_ms: 60_000,
             limits: &limits,
+            idempotency: None,
         });
         let text: Vec<_> = cmd
             .args
@@ -340,6 +366,7 @@ mod tests {
                 "1000",
                 "61000",
                 "60000",
+                "",
                 "free",
                 "5",
                 "pro",
@@ -403,6 +430,7 @@ mod tests {
                 named_plan: "gold".into(),
                 recorded: true,
                 granted: 2,
+                first: String::new(),
             })
         );
         for (status, expected) in [

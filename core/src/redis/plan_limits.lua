@@ -10,22 +10,28 @@
 -- requests can never take more than the limit between them. The plan is the entitlement
 -- record's (written by billing: `plan-limits set-plan`), else the one the caller claims; a
 -- plan the filter does not know falls back to `fallback` ('' = no fallback).
--- keys: summary, pending, entitlement.
+-- A request with an idempotency key is one request however often it is sent: its key's
+-- marker says 'pending:<reservation id>' while it is in flight and 'done:<time>' once it was
+-- counted (a failure deletes it), for the key's lifetime.
+-- keys: summary, pending, entitlement, and the idempotency key's marker if there is one.
 -- args: action, claimed plan, fallback plan, reservation id, now (ms), expiry (ms), ttl (ms),
---       then pairs of plan name and that plan's limit for the action ('' = unlimited).
--- Returns {status, committed, pending, plan, named plan, recorded, granted}: status 1 granted,
--- 0 refused (limit reached), 2 unlimited under that plan (nothing reserved), 3 the plan is
--- unknown (nothing reserved); plan is the one applied, named plan the one the record or the
--- claim named; recorded 1 when billing's record named it; granted the extra units an operator
--- gave for the period (the limit checked is the plan's plus these).
+--       the marker's lifetime (ms), then pairs of plan name and that plan's limit for the
+--       action ('' = unlimited).
+-- Returns {status, committed, pending, plan, named plan, recorded, granted, marker}: status 1
+-- granted, 0 refused (limit reached), 2 unlimited under that plan (nothing reserved), 3 the
+-- plan is unknown (nothing reserved), 4 a duplicate (nothing reserved; marker is what the
+-- first one's says); plan is the one applied, named plan the one the record or the claim
+-- named; recorded 1 when billing's record named it; granted the extra units an operator gave
+-- for the period (the limit checked is the plan's plus these).
 -- Scores use the filter's clock; the key's own expiry is relative, so a clock that differs
 -- from Redis's cannot expire it early.
 local function reserve(keys, args)
   local summary, pending, entitlement = keys[1], keys[2], keys[3]
   local action, claimed, fallback, id = args[1], args[2], args[3], args[4]
   local now, expires, ttl = tonumber(args[5]), tonumber(args[6]), tonumber(args[7])
+  local marker, marker_ttl = keys[4], tonumber(args[8])
   local function limit_of(plan)
-    for i = 8, #args - 1, 2 do
+    for i = 9, #args - 1, 2 do
       if args[i] == plan then
         return true, tonumber(args[i + 1])
       end
@@ -47,17 +53,29 @@ local function reserve(keys, args)
   -- Extra units an operator granted for the period (`plan-limits grant`).
   local granted = tonumber(redis.call('HGET', summary, 'grant:' .. action) or '0')
   if not known then
-    return {3, committed, held, plan, named, recorded, granted}
+    return {3, committed, held, plan, named, recorded, granted, ''}
+  end
+  if marker then
+    local first = redis.call('GET', marker)
+    if first then
+      return {4, committed, held, plan, named, recorded, granted, first}
+    end
   end
   if limit == nil then
-    return {2, committed, held, plan, named, recorded, granted}
+    if marker then
+      redis.call('SET', marker, 'pending:' .. id, 'PX', marker_ttl)
+    end
+    return {2, committed, held, plan, named, recorded, granted, ''}
   end
   if committed + held >= limit + granted then
-    return {0, committed, held, plan, named, recorded, granted}
+    return {0, committed, held, plan, named, recorded, granted, ''}
   end
   redis.call('ZADD', pending, expires, id)
   redis.call('PEXPIRE', pending, ttl)
-  return {1, committed, held + 1, plan, named, recorded, granted}
+  if marker then
+    redis.call('SET', marker, 'pending:' .. id, 'PX', marker_ttl)
+  end
+  return {1, committed, held + 1, plan, named, recorded, granted, ''}
 end
 
 -- plan_limits_settle: a batch of settlements, each one of
@@ -72,8 +90,11 @@ end
 -- appends a usage event; a count that brings the period's to a warning threshold (a share of
 -- the plan's limit plus grants) appends one `threshold_crossed` event, once per user, action,
 -- period and threshold (marked in the summary).
+-- A request sent with an idempotency key marks it 'done:<time>' when counted, and deletes
+-- the marker its reservation set when released (a retry is then a new request).
 -- keys: events stream, then per item: summary, pending, commits (recent commit ids),
---       entitlement, the day's counters.
+--       entitlement, the day's counters, the idempotency key's marker (any key of the
+--       user's without one).
 -- args: how the stream is trimmed ('' keep all, 'MAXLEN' to about a length, 'MINID' of
 --       events older than a time) and its threshold, now (ms), reservation ttl (ms), how long
 --       commit ids are remembered (ms), how long days are kept (ms), the warning thresholds
@@ -97,14 +118,15 @@ local function settle(keys, args)
   -- A batch often holds many settlements of one user: the summary's plan, limits and expiry
   -- are written once per summary.
   local written = {}
-  for i = 0, (#keys - 1) / 5 - 1 do
-    local summary, pending = keys[2 + 5 * i], keys[3 + 5 * i]
-    local commits, entitlement, day = keys[4 + 5 * i], keys[5 + 5 * i], keys[6 + 5 * i]
+  for i = 0, (#keys - 1) / 6 - 1 do
+    local summary, pending = keys[2 + 6 * i], keys[3 + 6 * i]
+    local commits, entitlement, day = keys[4 + 6 * i], keys[5 + 6 * i], keys[6 + 6 * i]
+    local marker = keys[7 + 6 * i]
     local f = 8 + stride * i
     local mode, id, action, user = args[f + 1], args[f + 2], args[f + 3], args[f + 4]
     local plan, limits, kind, bytes = args[f + 5], args[f + 6], args[f + 7], args[f + 8]
     local status, at, request_id, period = args[f + 9], args[f + 10], args[f + 11], args[f + 12]
-    local keep_for = args[f + 13]
+    local keep_for, idempotency_key = args[f + 13], args[f + 14]
     local done = 0
     if mode == 'extend' then
       if redis.call('ZSCORE', pending, id) then
@@ -116,6 +138,10 @@ local function settle(keys, args)
       local held = 0
       if id ~= '' then
         held = redis.call('ZREM', pending, id)
+      end
+      if mode == 'release' and idempotency_key ~= ''
+          and redis.call('GET', marker) == 'pending:' .. id then
+        redis.call('DEL', marker)
       end
       local counts = mode == 'count'
       if mode == 'commit' then
@@ -136,8 +162,12 @@ local function settle(keys, args)
           redis.call('PEXPIRE', day, keep_days)
           written[day] = true
         end
+        if idempotency_key ~= '' and redis.call('EXISTS', marker) == 1 then
+          redis.call('SET', marker, 'done:' .. at, 'KEEPTTL')
+        end
         append({'event', 'usage', 'user', user, 'action', action, 'kind', kind, 'bytes', bytes,
-          'status', status, 'at', at, 'request_id', request_id, 'plan', plan, 'period', period})
+          'status', status, 'at', at, 'request_id', request_id, 'plan', plan, 'period', period,
+          'idempotency_key', idempotency_key})
         local limit = cjson.decode(limits)[action]
         if type(limit) == 'number' and limit > 0 then
           limit = limit + tonumber(redis.call('HGET', summary, 'grant:' .. action) or '0')
