@@ -71,6 +71,7 @@ fn head(method: &str, path: &str, plan: &str) -> (Vec<(String, Vec<u8>)>, Claims
         user: Some(b"user-42".to_vec()),
         plan: Some(plan.into()),
         org: None,
+        anchor: None,
     };
     (headers, claims)
 }

@@ -15,8 +15,12 @@ use crate::redis::RedisCommand;
 /// One write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminOp {
-    /// Billing's plan for the user (it wins over a token's claim).
-    SetPlan { plan: String },
+    /// Billing's plan for the user (it wins over a token's claim), and the anchor day its
+    /// periods run from (kept as it was when not given).
+    SetPlan {
+        plan: String,
+        anchor_day: Option<u32>,
+    },
     /// `units` more of `action` this period, on top of the plan's limit.
     Grant { action: String, units: u64 },
     /// The period's counts back to zero: one action's, or every action's. Grants stay.
@@ -33,17 +37,19 @@ impl AdminOp {
     }
 }
 
-/// The transaction for `op` on `user` now, by `operator`; an error names what plans.json
-/// does not know.
+/// The transaction for `op` on `user` now, by `operator`, in the period of the user's anchor
+/// day (`anchor`, as billing recorded it; 0: the calendar month); an error names what
+/// plans.json does not know.
 pub fn transaction(
     plans: &Plans,
     user: &str,
     op: &AdminOp,
     operator: &str,
+    anchor: u32,
     now: DateTime<Utc>,
 ) -> Result<Vec<RedisCommand>, String> {
     let keys = UserKeys::new(&plans.redis.key_prefix, user);
-    let period = BillingPeriod::calendar_month(now);
+    let period = BillingPeriod::anchored(now, anchor);
     let summary = keys.summary(&period.id);
     let at = period::rfc3339(now, true);
     let known_action = |action: &str| {
@@ -64,7 +70,10 @@ pub fn transaction(
     ];
     let mut writes = Vec::new();
     match op {
-        AdminOp::SetPlan { plan } => {
+        AdminOp::SetPlan { plan, anchor_day } => {
+            if anchor_day.is_some_and(|day| !(1..=31).contains(&day)) {
+                return Err("--anchor-day is a day of the month, 1 to 31".into());
+            }
             if plans.plan(plan).is_none() {
                 let known: Vec<&str> = plans.plans().iter().map(|p| p.key.as_str()).collect();
                 return Err(format!(
@@ -72,15 +81,18 @@ pub fn transaction(
                     known.join(", ")
                 ));
             }
-            writes.push(
-                RedisCommand::new("HSET")
-                    .arg(keys.entitlement())
-                    .arg("plan")
-                    .arg(plan)
-                    .arg("updated_at")
-                    .arg(&at),
-            );
+            let mut hset = RedisCommand::new("HSET")
+                .arg(keys.entitlement())
+                .arg("plan")
+                .arg(plan)
+                .arg("updated_at")
+                .arg(&at);
             event.push(("plan", plan.clone()));
+            if let Some(day) = anchor_day {
+                hset = hset.arg("anchor_day").arg(day.to_string());
+                event.push(("anchor_day", day.to_string()));
+            }
+            writes.push(hset);
         }
         AdminOp::Grant { action, units } => {
             known_action(action)?;
@@ -164,7 +176,7 @@ mod tests {
             action: "upload".into(),
             units: 3,
         };
-        let t = texts(&transaction(&p, "a b", &op, "ops", now()).unwrap());
+        let t = texts(&transaction(&p, "a b", &op, "ops", 0, now()).unwrap());
         assert_eq!(
             t[0],
             [
@@ -205,7 +217,7 @@ mod tests {
     fn a_reset_clears_the_periods_counts_and_unknown_names_are_refused() {
         let p = plans();
         let all = AdminOp::Reset { action: None };
-        let t = texts(&transaction(&p, "u", &all, "ops", now()).unwrap());
+        let t = texts(&transaction(&p, "u", &all, "ops", 0, now()).unwrap());
         assert_eq!(
             t[0].len(),
             2 + p.actions().len(),
@@ -216,12 +228,25 @@ mod tests {
             action: "teleport".into(),
             units: 1,
         };
-        let err = transaction(&p, "u", &bad, "ops", now()).unwrap_err();
+        let err = transaction(&p, "u", &bad, "ops", 0, now()).unwrap_err();
         assert!(err.contains("\"teleport\" is not in plans.json"), "{err}");
+        let out_of_range = AdminOp::SetPlan {
+            plan: "free".into(),
+            anchor_day: Some(32),
+        };
+        assert!(transaction(&p, "u", &out_of_range, "ops", 0, now()).is_err());
+        // The period of the user's anchor day.
+        let grant = AdminOp::Grant {
+            action: "upload".into(),
+            units: 1,
+        };
+        let t = texts(&transaction(&p, "u", &grant, "ops", 15, now()).unwrap());
+        assert_eq!(t[0][1], "plan-limits:{u}:2026-11-15");
         let bad = AdminOp::SetPlan {
             plan: "gold".into(),
+            anchor_day: None,
         };
-        let err = transaction(&p, "u", &bad, "ops", now()).unwrap_err();
+        let err = transaction(&p, "u", &bad, "ops", 0, now()).unwrap_err();
         assert!(
             err.contains("one of enterprise, free, professional"),
             "{err}"

@@ -29,6 +29,8 @@ pub struct Claims {
     pub user: Option<Vec<u8>>,
     pub plan: Option<Vec<u8>>,
     pub org: Option<Vec<u8>>,
+    /// The anchor day: a number (`jwt_authn` writes numbers as f64, little-endian) or digits.
+    pub anchor: Option<Vec<u8>>,
 }
 
 // Returned and matched at once, never stored: a boxed request would only cost an allocation.
@@ -49,6 +51,8 @@ struct Caller<'a> {
     user: String,
     plan: Option<&'a [u8]>,
     org: Option<&'a [u8]>,
+    /// The subscription's anchor day the token names (0: none).
+    anchor: u32,
 }
 
 impl<'a> RequestHead<'a> {
@@ -168,7 +172,14 @@ fn report(
         Endpoint::History => reports::history_query(plans, &head.path(), now)?,
     };
     let claimed = caller.plan.map(|p| String::from_utf8_lossy(p).into_owned());
-    Ok(Report::new(kind, caller.user, claimed, plans, now))
+    Ok(Report::new(
+        kind,
+        caller.user,
+        claimed,
+        caller.anchor,
+        plans,
+        now,
+    ))
 }
 
 fn metered(
@@ -199,7 +210,8 @@ fn metered(
         declared_bytes: declared_size(head)?,
         request_id: request_id(head),
         idempotency_key: idempotency_key(head, &plans.idempotency_header)?,
-        period: BillingPeriod::calendar_month(now),
+        anchor: caller.anchor,
+        period: BillingPeriod::anchored(now, caller.anchor),
         key_prefix: &plans.redis.key_prefix,
     });
     request.admissible()?;
@@ -220,6 +232,7 @@ fn caller<'a>(identity: &Identity, head: RequestHead<'a>) -> Result<Caller<'a>, 
                 user: user_id(identity, &identity.jwt.user_claim, raw)?,
                 plan: claims.plan.as_deref(),
                 org: claims.org.as_deref(),
+                anchor: anchor_day(&identity.jwt.anchor_claim, claims.anchor.as_deref())?,
             })
         }
         IdentitySource::TrustedHeaders => {
@@ -232,9 +245,28 @@ fn caller<'a>(identity: &Identity, head: RequestHead<'a>) -> Result<Caller<'a>, 
                 user: user_id(identity, header, raw)?,
                 plan: head.single(&identity.plan_header)?,
                 org: head.single(&identity.org_header)?,
+                anchor: 0,
             })
         }
     }
+}
+
+/// An anchor day claim: a whole number from 1 to 31 (400 naming the claim otherwise); 0 when
+/// there is none.
+fn anchor_day(claim: &str, raw: Option<&[u8]>) -> Result<u32, LocalResponse> {
+    let Some(raw) = raw else { return Ok(0) };
+    let number = match <[u8; 8]>::try_from(raw) {
+        // `jwt_authn` hands numbers over as f64, little-endian.
+        // (Compared, not cast: a float-to-int cast is an instruction not every host runs.)
+        Ok(bytes) => {
+            let n = f64::from_le_bytes(bytes);
+            (1..=31u32).find(|day| f64::from(*day) == n)
+        }
+        Err(_) => std::str::from_utf8(raw).ok().and_then(|s| s.parse().ok()),
+    };
+    number.filter(|n| (1..=31).contains(n)).ok_or_else(|| {
+        responses::bad_request(claim, "an anchor day is a whole number from 1 to 31")
+    })
 }
 
 /// A user id: UTF-8 without control characters, not too long.
@@ -524,6 +556,21 @@ mod tests {
         );
         assert_eq!(kind("/api/teammate?kind=teleport", &[]), "other");
         assert_eq!(kind("/api/teammate", &[]), "");
+    }
+
+    #[test]
+    fn the_tokens_anchor_day_sets_the_period() {
+        let p = plans();
+        let mut req = head("POST", "/api/upload", "u", "free");
+        req.claims.anchor = Some(15f64.to_le_bytes().to_vec());
+        assert_eq!(metered(admit_req(&p, &req)).period().id, "2026-11-15");
+        req.claims.anchor = Some(b"31".to_vec());
+        assert_eq!(metered(admit_req(&p, &req)).period().id, "2026-10-31");
+        for bad in [&40f64.to_le_bytes()[..], &1.5f64.to_le_bytes(), b"0", b"x"] {
+            req.claims.anchor = Some(bad.to_vec());
+            let refused = admit_req(&p, &req);
+            assert_eq!(status(&refused), Some(400), "{bad:?}");
+        }
     }
 
     #[test]

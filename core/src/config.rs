@@ -212,6 +212,9 @@ pub struct JwtClaims {
     pub user_claim: String,
     pub plan_claim: String,
     pub org_claim: String,
+    /// The subscription's anchor day (1 to 31): billing periods run from it (billing's record
+    /// wins over it).
+    pub anchor_claim: String,
     /// The issuer and audience Envoy's `jwt_authn` accepts (rendered into its config).
     pub issuer: String,
     pub audience: String,
@@ -238,6 +241,7 @@ impl Default for JwtClaims {
             user_claim: "sub".into(),
             plan_claim: "plan".into(),
             org_claim: "org".into(),
+            anchor_claim: "anchor_day".into(),
             issuer: "plan-limits-dev".into(),
             audience: "plan-limits".into(),
         }

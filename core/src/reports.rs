@@ -40,15 +40,21 @@ pub struct Report {
     user: String,
     /// The plan its token claims (billing's record, in Redis, wins over it).
     claimed_plan: Option<String>,
+    /// The anchor day its token names, and the one the period was computed with.
+    claimed_anchor: u32,
+    anchor: u32,
+    reanchored: bool,
     keys: UserKeys,
     period: BillingPeriod,
 }
 
 impl Report {
+    /// `anchor`: the anchor day the token names (0: none).
     pub fn new(
         kind: ReportKind,
         user: String,
         claimed_plan: Option<String>,
+        anchor: u32,
         plans: &Plans,
         now: DateTime<Utc>,
     ) -> Self {
@@ -57,9 +63,46 @@ impl Report {
             kind,
             user,
             claimed_plan,
+            claimed_anchor: anchor,
+            anchor,
+            reanchored: false,
             keys,
-            period: BillingPeriod::calendar_month(now),
+            period: BillingPeriod::anchored(now, anchor),
         }
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    pub fn anchor(&self) -> u32 {
+        self.anchor
+    }
+
+    /// Computes the period from another anchor day (billing's record names one).
+    pub fn reanchor(&mut self, anchor: u32, now: DateTime<Utc>) {
+        self.anchor = anchor;
+        self.period = BillingPeriod::anchored(now, anchor);
+    }
+
+    /// The anchor day in force, when Redis's answer says the period was computed from a stale
+    /// one (asked again once).
+    pub fn stale_anchor(&mut self, reply: &RedisReply) -> Option<u32> {
+        if self.reanchored || self.kind != ReportKind::Usage {
+            return None;
+        }
+        let RedisReply::Array(items) = reply else {
+            return None;
+        };
+        let recorded = match items.get(1) {
+            Some(RedisReply::Bulk(day)) => std::str::from_utf8(day).ok()?.parse().ok(),
+            _ => None,
+        };
+        let in_force = recorded.unwrap_or(self.claimed_anchor);
+        (in_force != self.anchor).then(|| {
+            self.reanchored = true;
+            in_force
+        })
     }
 
     /// The one Redis call that answers it.
@@ -133,9 +176,9 @@ impl Report {
         plans: &Plans,
         now: DateTime<Utc>,
     ) -> Result<Value, TransportError> {
-        let (recorded, numbers) = split(reply, 3 * plans.actions().len())
+        let (recorded, numbers) = split(reply, 2, 3 * plans.actions().len())
             .ok_or_else(|| TransportError::BadReply("plan_limits_usage".into()))?;
-        let plan = self.plan(plans, recorded);
+        let plan = self.plan(plans, recorded.into_iter().next().flatten());
         let mut actions = Map::new();
         for (action, counts) in plans.actions().iter().zip(numbers.chunks(3)) {
             let (used, in_flight, granted) = match counts {
@@ -194,7 +237,7 @@ impl Report {
     ) -> Result<Value, TransportError> {
         let dates = days(from, to);
         let actions = history_actions(plans, only);
-        let (_, numbers) = split(reply, dates.len() * actions.len())
+        let (_, numbers) = split(reply, 1, dates.len() * actions.len())
             .ok_or_else(|| TransportError::BadReply("plan_limits_history".into()))?;
         let mut totals: BTreeMap<&str, u64> = actions.iter().map(|a| (*a, 0)).collect();
         let mut out = Vec::with_capacity(dates.len());
@@ -249,19 +292,23 @@ fn history_actions<'p>(plans: &'p Plans, only: Option<&str>) -> Vec<&'p str> {
         .collect()
 }
 
-/// A read-side reply: billing's plan (or nil), then exactly `n` counts.
-fn split(reply: RedisReply, n: usize) -> Option<(Option<String>, Vec<u64>)> {
+/// A read-side reply: `texts` of billing's record (each nil when absent), then exactly `n`
+/// counts.
+fn split(reply: RedisReply, texts: usize, n: usize) -> Option<(Vec<Option<String>>, Vec<u64>)> {
     let RedisReply::Array(items) = reply else {
         return None;
     };
-    let (first, rest) = items.split_first()?;
-    if rest.len() != n {
+    if items.len() != texts + n {
         return None;
     }
-    let plan = match first {
-        RedisReply::Bulk(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
-        _ => None,
-    };
+    let (head, rest) = items.split_at(texts);
+    let head = head
+        .iter()
+        .map(|item| match item {
+            RedisReply::Bulk(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+            _ => None,
+        })
+        .collect();
     let counts = rest
         .iter()
         .map(|item| match item {
@@ -269,7 +316,7 @@ fn split(reply: RedisReply, n: usize) -> Option<(Option<String>, Vec<u64>)> {
             _ => None,
         })
         .collect::<Option<Vec<u64>>>()?;
-    Some((plan, counts))
+    Some((head, counts))
 }
 
 /// The history's query (`?from=YYYY-MM-DD&to=YYYY-MM-DD[&action=A]`): by default the 30 days
@@ -415,6 +462,7 @@ mod tests {
             ReportKind::Usage,
             "u".into(),
             Some("free".into()),
+            0,
             &p,
             now(),
         );
@@ -442,7 +490,7 @@ mod tests {
         );
         // Billing's plan, then per action its count and what is in flight.
         let reply = |plan: RedisReply| {
-            let mut items = vec![plan];
+            let mut items = vec![plan, RedisReply::Nil];
             items.extend(
                 [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 1].map(RedisReply::Int),
             );
@@ -481,7 +529,7 @@ mod tests {
         let p = plans();
         let query = "/h?from=2026-11-25&to=2026-11-27&action=upload";
         let kind = history_query(&p, query, now()).unwrap();
-        let report = Report::new(kind, "u".into(), None, &p, now());
+        let report = Report::new(kind, "u".into(), None, 0, &p, now());
         let text: Vec<String> = report
             .command(&p, 0)
             .args

@@ -36,6 +36,8 @@ pub struct RequestFacts<'a> {
     pub request_id: String,
     /// The client's idempotency key: repeats of the request are one request.
     pub idempotency_key: Option<String>,
+    /// The subscription's anchor day the period runs from (0 or 1: the calendar month).
+    pub anchor: u32,
     pub period: BillingPeriod,
     pub key_prefix: &'a str,
 }
@@ -54,8 +56,14 @@ pub struct MeteredRequest {
     body_bytes: u64,
     request_id: String,
     idempotency_key: Option<String>,
+    anchor: u32,
+    /// The anchor the token named (billing's record wins over it).
+    claimed_anchor: u32,
+    /// The anchor was corrected by billing's record once already.
+    reanchored: bool,
     period: BillingPeriod,
     keys: UsageKeys,
+    key_prefix: String,
     /// Empty until a reservation is asked for.
     reservation_id: String,
     reserved_limit: u64,
@@ -152,6 +160,10 @@ impl MeteredRequest {
             body_bytes: 0,
             request_id: facts.request_id,
             idempotency_key: facts.idempotency_key,
+            anchor: facts.anchor,
+            claimed_anchor: facts.anchor,
+            reanchored: false,
+            key_prefix: facts.key_prefix.to_string(),
             period: facts.period,
             keys,
             reservation_id: String::new(),
@@ -200,6 +212,57 @@ impl MeteredRequest {
 
     pub fn request_id(&self) -> &str {
         &self.request_id
+    }
+
+    /// The anchor day its period runs from (0 or 1: the calendar month).
+    pub fn anchor(&self) -> u32 {
+        self.anchor
+    }
+
+    /// The anchor day in force after a reservation's answer: billing's, else the token's.
+    pub fn anchor_in_force(&self, recorded: Option<u32>) -> u32 {
+        recorded.unwrap_or(self.claimed_anchor)
+    }
+
+    /// Whether the anchor was corrected after a reservation already.
+    pub fn reanchored(&self) -> bool {
+        self.reanchored
+    }
+
+    /// Gives back what a reservation in the wrong period took (its anchor was stale): the
+    /// request is then reserved again, under the same id, in the right one.
+    pub fn abandon_reservation(
+        &mut self,
+        took_a_unit: bool,
+        now: DateTime<Utc>,
+        redis: &RedisSettings,
+    ) -> Option<Settlement> {
+        self.hold = Hold::Settled;
+        if !took_a_unit {
+            return None;
+        }
+        let mut release = self.settlement(SettleMode::Release, 0, now, redis);
+        // The idempotency mark stays: the next reservation, under the same id, keeps it.
+        release.idempotency_key.clear();
+        Some(release)
+    }
+
+    /// The id its reservation was asked under.
+    pub fn reservation_id(&self) -> &str {
+        &self.reservation_id
+    }
+
+    /// Moves the request to the period of another anchor day (billing's record names one).
+    pub fn reanchor(&mut self, anchor: u32, now: DateTime<Utc>) {
+        self.reanchored = true;
+        self.anchor = anchor;
+        self.period = BillingPeriod::anchored(now, anchor);
+        self.keys = UsageKeys::new(
+            &self.key_prefix,
+            &self.user,
+            &self.period.id,
+            &self.action.key,
+        );
     }
 
     /// The client's idempotency key, if it sent one.

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 
+use crate::entitlements::Recorded;
 use crate::redis::functions;
 use crate::redis::{RedisReply, TransportError};
 use crate::settlement::{SettleMode, Settlement};
@@ -30,7 +31,7 @@ pub struct BatchReport {
     /// Reservations of requests still in flight pushed back.
     pub extended: u64,
     /// Each user's plan as billing recorded it (`None`: no record), as Redis answered.
-    pub entitlements: Vec<(String, Option<String>)>,
+    pub entitlements: Vec<(String, Recorded)>,
     /// Put back to be sent again (Redis certainly did not run them).
     pub requeued: u64,
     /// Given up: counts whose outcome is unknown (sending them again could count twice), and
@@ -123,7 +124,11 @@ impl SettlementQueue {
                         (SettleMode::Commit, false) => report.commits_unmatched += 1,
                         (SettleMode::Count, false) => report.dropped_unknown += 1,
                     }
-                    report.entitlements.push((item.user, settled.entitled_plan));
+                    let record = Recorded {
+                        plan: settled.entitled_plan,
+                        anchor: settled.entitled_anchor,
+                    };
+                    report.entitlements.push((item.user, record));
                 }
             }
             Err(error) => {
@@ -192,7 +197,7 @@ mod tests {
     fn settled(done: &[i64]) -> Result<RedisReply, TransportError> {
         Ok(RedisReply::Array(
             done.iter()
-                .flat_map(|&d| [RedisReply::Int(d), RedisReply::Nil])
+                .flat_map(|&d| [RedisReply::Int(d), RedisReply::Nil, RedisReply::Nil])
                 .collect(),
         ))
     }
@@ -211,7 +216,10 @@ mod tests {
         assert_eq!((report.counted, report.commits_unmatched), (1, 1));
         assert_eq!(
             report.entitlements,
-            [("u".into(), None), ("u".into(), None)]
+            [
+                ("u".into(), Recorded::default()),
+                ("u".into(), Recorded::default())
+            ]
         );
         assert_eq!(q.start_batch(0).unwrap()[0].reservation_id, "c");
         q.on_batch_reply(settled(&[1]), 0, REMEMBER);

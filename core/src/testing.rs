@@ -66,6 +66,7 @@ pub fn head(method: &str, path: &str, user: &str, plan: &str) -> Req {
             user: Some(user.into()),
             plan: Some(plan.into()),
             org: None,
+            anchor: None,
         },
     }
 }

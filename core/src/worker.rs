@@ -27,11 +27,11 @@ use chrono::{DateTime, Utc};
 use crate::admission::{self, Admission, RequestHead};
 use crate::config::{RedisSettings, UnknownPlan};
 use crate::denials::DenialCache;
-use crate::entitlements::EntitlementCache;
+use crate::entitlements::{EntitlementCache, Recorded};
 use crate::metrics::Metric;
 use crate::outage::{self, Budget};
 use crate::plans::Plans;
-use crate::redis::functions::{self, EventsTrim, SettleArgs};
+use crate::redis::functions::{self, EventsTrim, ReserveStatus, SettleArgs};
 use crate::redis::{RedisCommand, RedisReply, TransportError};
 use crate::reports::Report;
 use crate::request::{unix_millis, Decision, MeteredRequest};
@@ -308,6 +308,12 @@ impl Worker {
         now: DateTime<Utc>,
         io: &mut dyn Io,
     ) -> Flow {
+        let mut report = report;
+        // Billing's anchor day, as this worker last heard it, over the token's.
+        let recorded = self.entitlements.get(report.user(), unix_millis(now));
+        if let Some(anchor) = recorded.and_then(|r| r.anchor) {
+            report.reanchor(anchor, now);
+        }
         let command = report.command(plans, unix_millis(now));
         match io.send(&plans.redis, &command) {
             Ok(call) => {
@@ -371,12 +377,16 @@ impl Worker {
         io: &mut dyn Io,
     ) -> Flow {
         let now_ms = unix_millis(now);
-        // Billing's record, as this worker last heard it, over the token's plan.
-        let entitled = self
+        // Billing's record, as this worker last heard it, over the token's plan and anchor.
+        let recorded = self
             .entitlements
             .get(request.user(), now_ms)
-            .map(String::from);
-        if let Some(plan) = entitled.filter(|plan| *plan != request.plan().key) {
+            .cloned()
+            .unwrap_or_default();
+        if let Some(anchor) = recorded.anchor.filter(|a| *a != request.anchor()) {
+            request.reanchor(anchor, now);
+        }
+        if let Some(plan) = recorded.plan.filter(|plan| *plan != request.plan().key) {
             if let Err(response) = request.apply_plan(&plan) {
                 io.count(Metric::Rejected, 1);
                 return self.answer_at_head(stream, response, drainable, io);
@@ -414,16 +424,12 @@ impl Worker {
             return self.answer_at_head(stream, response, drainable, io);
         }
         let redis = &plans.redis;
-        let fallback = match plans.identity.unknown_plan {
-            UnknownPlan::DefaultPlan => Some(plans.default_plan().key.as_str()),
-            UnknownPlan::Forbid => None,
-        };
         let command = request.reserve(
             limit,
             self.ids.next(),
             now_ms,
             redis.reservation_ttl_ms,
-            fallback,
+            fallback_plan(plans),
             plans.idempotency_ttl_ms,
         );
         let flow = match io.send(redis, &command) {
@@ -457,6 +463,45 @@ impl Worker {
             },
         );
         flow
+    }
+
+    /// Asks for `entry`'s reservation again under the same id (its anchor was corrected); the
+    /// stream stays paused until the answer.
+    fn reserve_again(
+        &mut self,
+        stream: StreamId,
+        mut entry: Stream,
+        plans: &Plans,
+        now: DateTime<Utc>,
+        io: &mut dyn Io,
+    ) {
+        let id = entry.request.reservation_id().to_string();
+        let command = entry.request.reserve(
+            entry.request.limit().unwrap_or(0),
+            id,
+            unix_millis(now),
+            plans.redis.reservation_ttl_ms,
+            fallback_plan(plans),
+            plans.idempotency_ttl_ms,
+        );
+        match io.send(&plans.redis, &command) {
+            Ok(token) => {
+                self.calls.insert(token, Waiter::Reservation(stream));
+                entry.call = Some(token);
+            }
+            Err(e) => {
+                let decision = entry.request.on_reservation(Err(e), now);
+                match self.carry_out(stream, &mut entry.request, decision, plans, now, io) {
+                    Ok(()) => io.resume(stream),
+                    Err(response) => {
+                        if self.answer(stream, response, entry.drainable, io) {
+                            io.resume(stream);
+                        }
+                    }
+                }
+            }
+        }
+        self.streams.insert(stream, entry);
     }
 
     fn note_unknown_plan(&mut self, request: &MeteredRequest, now_ms: u64, io: &mut dyn Io) {
@@ -573,10 +618,25 @@ impl Worker {
         now: DateTime<Utc>,
         io: &mut dyn Io,
     ) {
-        let (Some(plans), Some(pending)) = (self.plans.clone(), self.reports.remove(&stream))
+        let (Some(plans), Some(mut pending)) = (self.plans.clone(), self.reports.remove(&stream))
         else {
             return;
         };
+        // Computed for a stale anchor day: asked again, once, for the one in force.
+        let stale = reply
+            .as_ref()
+            .ok()
+            .and_then(|r| pending.report.stale_anchor(r));
+        if let Some(anchor) = stale {
+            pending.report.reanchor(anchor, now);
+            let command = pending.report.command(&plans, unix_millis(now));
+            if let Ok(call) = io.send(&plans.redis, &command) {
+                self.calls.insert(call, Waiter::Report(stream));
+                pending.call = call;
+                self.reports.insert(stream, pending);
+                return;
+            }
+        }
         io.count(Metric::Reports, 1);
         let response = pending.report.answer(reply, &plans, now);
         if self.answer(stream, response, pending.drainable, io) {
@@ -601,14 +661,33 @@ impl Worker {
             .as_ref()
             .ok()
             .and_then(|r| functions::parse_reservation(r.clone()).ok());
-        let decision = entry.request.on_reservation(reply, now);
-        if let Some(reservation) = numbers {
+        if let Some(reservation) = &numbers {
             let now_ms = unix_millis(now);
             let for_ms = plans.redis.entitlement_cache_ms;
             // Only billing's record, never the caller's own claim.
-            let recorded = reservation.recorded.then_some(reservation.plan.as_str());
+            let recorded = Recorded {
+                plan: reservation.recorded.then(|| reservation.plan.clone()),
+                anchor: reservation.recorded_anchor,
+            };
             self.entitlements
                 .learn(entry.request.user(), recorded, now_ms, for_ms);
+            let anchor = entry.request.anchor_in_force(reservation.recorded_anchor);
+            if anchor != entry.request.anchor() && !entry.request.reanchored() {
+                // Reserved in the period of a stale anchor: give that back, ask again in the
+                // right one (once).
+                let granted = reservation.status == ReserveStatus::Granted;
+                let release = entry
+                    .request
+                    .abandon_reservation(granted, now, &plans.redis);
+                self.queue(release, io);
+                entry.request.reanchor(anchor, now);
+                self.reserve_again(stream, entry, &plans, now, io);
+                return;
+            }
+        }
+        let decision = entry.request.on_reservation(reply, now);
+        if let Some(reservation) = numbers {
+            let now_ms = unix_millis(now);
             self.note_unknown_plan(&entry.request, now_ms, io);
             record_budget(&entry.request, &reservation, &plans.redis, io);
         }
@@ -838,10 +917,10 @@ impl Worker {
         let report = self
             .settlements
             .on_batch_reply(reply, now_ms, plans.redis.commit_memory_ms);
-        for (user, plan) in &report.entitlements {
+        for (user, record) in &report.entitlements {
             let for_ms = plans.redis.entitlement_cache_ms;
             self.entitlements
-                .learn(user, plan.as_deref(), now_ms, for_ms);
+                .learn(user, record.clone(), now_ms, for_ms);
         }
         record(&report, io);
         // More may be waiting: keep the queue moving without waiting for the next tick (a
@@ -863,6 +942,14 @@ impl Worker {
     /// Settlements waiting or on their way to Redis.
     pub fn queued_settlements(&self) -> usize {
         self.settlements.len()
+    }
+}
+
+/// The plan a name plans.json does not know gets in Redis (`None`: refused).
+fn fallback_plan(plans: &Plans) -> Option<&str> {
+    match plans.identity.unknown_plan {
+        UnknownPlan::DefaultPlan => Some(plans.default_plan().key.as_str()),
+        UnknownPlan::Forbid => None,
     }
 }
 
@@ -1144,7 +1231,7 @@ mod tests {
     fn settled(done: &[i64]) -> Result<RedisReply, TransportError> {
         Ok(RedisReply::Array(
             done.iter()
-                .flat_map(|&d| [RedisReply::Int(d), RedisReply::Nil])
+                .flat_map(|&d| [RedisReply::Int(d), RedisReply::Nil, RedisReply::Nil])
                 .collect(),
         ))
     }
@@ -1505,7 +1592,7 @@ mod tests {
         let (token, call) = io.last_sent();
         assert_eq!(name(call), (&b"FCALL"[..], &b"plan_limits_usage"[..]));
         // Billing's plan (none), then per action its count and what is in flight.
-        let mut items = vec![RedisReply::Nil];
+        let mut items = vec![RedisReply::Nil, RedisReply::Nil];
         items.extend([0; 18].map(RedisReply::Int));
         let reply = Ok(RedisReply::Array(items));
         w.on_reply(token, reply, now(), &mut io);
@@ -1523,6 +1610,34 @@ mod tests {
         let post = head("POST", "/api/usage", "u", "free");
         w.on_request_headers(3, post.head(), true, now(), &mut io);
         assert_eq!(io.status_for(3), Some(405));
+    }
+
+    #[test]
+    fn a_report_for_a_stale_anchor_day_is_asked_again_once() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        let get = head("GET", "/api/usage", "u", "free");
+        w.on_request_headers(1, get.head(), true, now(), &mut io);
+        let (token, first) = io.last_sent();
+        assert_eq!(first.args[3], b"plan-limits:{u}:2026-11");
+        let reply = |anchor: &str| {
+            let mut items = vec![
+                RedisReply::Nil,
+                RedisReply::Bulk(anchor.as_bytes().to_vec()),
+            ];
+            items.extend([0; 18].map(RedisReply::Int));
+            Ok(RedisReply::Array(items))
+        };
+        // Billing records the 15th: asked again for the period from November 15.
+        w.on_reply(token, reply("15"), now(), &mut io);
+        assert!(io.responded.is_empty());
+        let (token, again) = io.last_sent();
+        assert_eq!(again.args[3], b"plan-limits:{u}:2026-11-15");
+        w.on_reply(token, reply("15"), now(), &mut io);
+        let (_, answer) = io.responded.last().unwrap();
+        let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        assert_eq!(body["period"]["id"], "2026-11-15");
+        assert_eq!(io.count_of(Metric::Reports), 1);
     }
 
     #[test]
@@ -1614,6 +1729,7 @@ mod tests {
         let reply = Ok(RedisReply::Array(vec![
             RedisReply::Int(1),
             RedisReply::Bulk(b"free".to_vec()),
+            RedisReply::Nil,
         ]));
         w.on_reply(token, reply, now(), &mut io);
         // ... so the next view is limited: it reserves under free's limit.
@@ -1632,6 +1748,48 @@ mod tests {
         w.on_reply(token, recorded(2, 5, 0, "professional"), now(), &mut io);
         assert_eq!(io.resumed, [2, 3], "professional uploads are unlimited");
         assert_eq!(io.headers_of(3)[1], ("x-user-plan", "professional"));
+    }
+
+    #[test]
+    fn billings_anchor_day_moves_a_request_to_its_period_once() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        let with_anchor = |status: i64, anchor: &str| {
+            let Ok(RedisReply::Array(mut items)) = reserved(status, 0, 1, "free") else {
+                unreachable!()
+            };
+            let text = |s: &str| RedisReply::Bulk(s.as_bytes().to_vec());
+            items.extend([RedisReply::Int(0), text(""), text(anchor)]);
+            Ok(RedisReply::Array(items))
+        };
+        // The token names no anchor: the calendar month's keys.
+        send(&mut w, 1, &upload("u"), &mut io);
+        let (token, first) = io.last_sent();
+        assert_eq!(first.args[3], b"plan-limits:{u}:2026-11");
+        let id = first.args[9].clone();
+        // Billing records the 15th: that unit is given back, and the same reservation asked
+        // for in the period from November 15.
+        w.on_reply(token, with_anchor(1, "15"), now(), &mut io);
+        assert!(io.resumed.is_empty(), "still waiting");
+        let (token, again) = io.last_sent();
+        assert_eq!(again.args[3], b"plan-limits:{u}:2026-11-15");
+        assert_eq!(again.args[9], id, "under the same id");
+        w.on_reply(token, with_anchor(1, "15"), now(), &mut io);
+        assert_eq!(io.resumed, [1]);
+        w.on_tick(now(), &mut io);
+        let (_, batch) = io.last_sent();
+        assert!(
+            batch.args.iter().any(|a| a == b"release"),
+            "the first unit back"
+        );
+        assert!(batch
+            .args
+            .iter()
+            .any(|a| a == b"plan-limits:{u}:2026-11:pending:upload"));
+        // The worker remembers the anchor: the next request asks in the right period at once.
+        send(&mut w, 2, &upload("u"), &mut io);
+        let (_, next) = io.last_sent();
+        assert_eq!(next.args[3], b"plan-limits:{u}:2026-11-15");
     }
 
     #[test]

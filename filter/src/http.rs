@@ -41,6 +41,7 @@ impl PlanLimitsHttp {
             user: claim(&jwt.user_claim),
             plan: claim(&jwt.plan_claim),
             org: claim(&jwt.org_claim),
+            anchor: claim(&jwt.anchor_claim),
         }
     }
 }

@@ -114,15 +114,18 @@ impl Request {
 
     /// As `user`, the token claiming `plan` only if given.
     pub fn user_with(self, user: &str, plan: Option<&str>) -> Self {
-        let token = crate::jwt::DevKey::for_tests().token(
-            &JwtClaims::default(),
-            &TokenClaims {
-                user,
-                plan,
-                org: None,
-                ttl_secs: 3600,
-            },
-        );
+        self.claims(&TokenClaims {
+            user,
+            plan,
+            org: None,
+            anchor_day: None,
+            ttl_secs: 3600,
+        })
+    }
+
+    /// The request with a bearer token of `claims`, signed by the tests' key.
+    pub fn claims(self, claims: &TokenClaims) -> Self {
+        let token = crate::jwt::DevKey::for_tests().token(&JwtClaims::default(), claims);
         self.bearer(&token)
     }
 

@@ -29,6 +29,8 @@ pub struct TokenClaims<'a> {
     pub user: &'a str,
     pub plan: Option<&'a str>,
     pub org: Option<&'a str>,
+    /// The subscription's anchor day (1 to 31), if the token carries one.
+    pub anchor_day: Option<u32>,
     pub ttl_secs: u64,
 }
 
@@ -113,6 +115,9 @@ impl DevKey {
         if let Some(org) = claims.org {
             payload[&jwt.org_claim] = org.into();
         }
+        if let Some(day) = claims.anchor_day {
+            payload[&jwt.anchor_claim] = day.into();
+        }
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(KEY_ID.into());
         jsonwebtoken::encode(&header, &payload, &self.signing)
@@ -159,6 +164,7 @@ mod tests {
                 user: "alice",
                 plan: Some("free"),
                 org: Some("acme"),
+                anchor_day: None,
                 ttl_secs: 60,
             },
         );
@@ -187,6 +193,7 @@ mod tests {
             user: "u",
             plan: None,
             org: None,
+            anchor_day: None,
             ttl_secs: 60,
         };
         let token = first.token(&jwt, &claims);

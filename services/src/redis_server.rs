@@ -27,7 +27,7 @@ pub struct RedisServer {
 pub const ADMIN_USER: &str = "plan-limits-admin";
 
 /// The commands the library's functions run: Redis checks them against the caller's rights.
-const FILTER_COMMANDS: &str = "+fcall +get +set +del +exists +hget +hmget +hset +hsetnx \
+const FILTER_COMMANDS: &str = "+fcall +time +get +set +del +exists +hget +hmget +hset +hsetnx \
                                +hincrby +zadd +zrem +zcard +zcount +zscore +zremrangebyscore \
                                +pexpire +xadd";
 

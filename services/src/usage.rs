@@ -20,7 +20,7 @@ pub fn this_period() -> String {
     plan_limits_core::period::BillingPeriod::calendar_month(chrono::Utc::now()).id
 }
 
-/// The monthly summary of `user`: counters per action plus `plan`, `limits`, `updated_at`.
+/// The summary of `user` in `period`: counters per action plus `plan`, `limits`, `updated_at`.
 pub fn summary(conn: &mut redis::Connection, user: &str, period: &str) -> BTreeMap<String, String> {
     summary_with_prefix(conn, &prefix(), user, period)
 }
@@ -95,6 +95,21 @@ pub fn set_plan(conn: &mut redis::Connection, user: &str, plan: &str) {
         .arg(&key)
         .arg("plan")
         .arg(plan)
+        .exec(conn)
+        .unwrap_or_else(|e| panic!("HSET {key}: {e}"));
+}
+
+/// Records `day` as the anchor day of `user`'s billing periods (what `plan-limits set-plan
+/// --anchor-day` does).
+pub fn set_anchor(conn: &mut redis::Connection, user: &str, day: u32) {
+    let key = plan_limits_core::keys::entitlement_key(
+        &prefix(),
+        plan_limits_core::keys::encoded_user(user),
+    );
+    redis::cmd("HSET")
+        .arg(&key)
+        .arg("anchor_day")
+        .arg(day)
         .exec(conn)
         .unwrap_or_else(|e| panic!("HSET {key}: {e}"));
 }

@@ -50,6 +50,7 @@ pub fn token(user: &str, plan: &str) -> String {
             user,
             plan: Some(plan),
             org: None,
+            anchor_day: None,
             ttl_secs: 3600,
         },
     )

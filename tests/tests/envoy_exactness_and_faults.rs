@@ -423,6 +423,7 @@ fn hostile_requests_cannot_crash_skip_metering_or_reach_another_users_counter() 
             user: "victim",
             plan: Some("enterprise"),
             org: None,
+            anchor_day: None,
             ttl_secs: 60,
         },
     );

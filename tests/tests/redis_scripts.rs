@@ -372,6 +372,7 @@ fn the_read_side_functions_answer_the_filters_user_in_one_flat_reply() {
         ReportKind::Usage,
         "u".into(),
         Some("free".into()),
+        0,
         &plans,
         now,
     );
@@ -391,6 +392,7 @@ fn the_read_side_functions_answer_the_filters_user_in_one_flat_reply() {
         reporting::history_query(&plans, "/h?from=2026-11-26&to=2026-11-27", now).unwrap(),
         "u".into(),
         None,
+        0,
         &plans,
         now,
     );

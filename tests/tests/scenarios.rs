@@ -297,6 +297,7 @@ on_every_gateway!(
                 user: "alice",
                 plan: Some("enterprise"),
                 org: None,
+                anchor_day: None,
                 ttl_secs: 60,
             },
         );
@@ -415,3 +416,42 @@ on_every_gateway!(
         assert_eq!(gw.metric("duplicates"), 2);
     }
 );
+
+on_every_gateway!(billings_anchor_day_moves_counts_to_its_period, |gw| {
+    use plan_limits_core::period::BillingPeriod;
+    for _ in 0..2 {
+        assert_eq!(gw.send(&upload("ana", "free")).status, 200);
+    }
+    assert!(counts(gw, "ana", "upload", 2));
+    // Billing records that ana's periods start on the 15th: the gateway learns it from the
+    // next reservation's answer, gives back the unit it took in the calendar month and counts
+    // the upload in the period from the 15th.
+    usage::set_anchor(&mut gw.redis(), "ana", 15);
+    let anchored = BillingPeriod::anchored(gw.now(), 15);
+    assert_eq!(gw.send(&upload("ana", "free")).status, 200);
+    let in_anchored =
+        |gw: &dyn Gateway| usage::counter(&mut gw.redis(), "ana", "upload", &anchored.id);
+    assert!(eventually(|| in_anchored(gw) == 1));
+    assert_eq!(
+        counter(gw, "ana", "upload"),
+        2,
+        "the calendar month's count is left"
+    );
+    assert!(
+        eventually(|| pending(gw, "ana", "upload") == 0),
+        "its unit given back"
+    );
+    // The read side and the 429 follow it.
+    let usage = gw
+        .send(&Request::new("GET", "/api/usage").user("ana", "free"))
+        .json();
+    assert_eq!(usage["period"]["id"], anchored.id);
+    assert_eq!(usage["actions"]["upload"]["used"], 1);
+    for _ in 0..4 {
+        assert_eq!(gw.send(&upload("ana", "free")).status, 200);
+    }
+    assert!(eventually(|| in_anchored(gw) == 5));
+    let r = gw.send(&upload("ana", "free"));
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["resets_at"], anchored.resets_at());
+});

@@ -7,6 +7,7 @@ use std::io::Write;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use plan_limits_core::admin::{self, AdminOp};
+use plan_limits_core::keys::UserKeys;
 use plan_limits_core::plans::Plans;
 use plan_limits_core::reports::{self, Report, ReportKind};
 use plan_limits_core::responses::LocalResponse;
@@ -41,6 +42,17 @@ pub fn history(
     report(conn, plans, kind, user, now)
 }
 
+/// The anchor day billing recorded for `user` (0: none, the calendar month).
+fn recorded_anchor(conn: &mut redis::Connection, plans: &Plans, user: &str) -> Result<u32, String> {
+    let key = UserKeys::new(&plans.redis.key_prefix, user).entitlement();
+    let day: Option<u32> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("anchor_day")
+        .query(conn)
+        .map_err(|e| format!("HGET {key}: {e}"))?;
+    Ok(day.unwrap_or(0))
+}
+
 fn report(
     conn: &mut redis::Connection,
     plans: &Plans,
@@ -48,7 +60,8 @@ fn report(
     user: &str,
     now: DateTime<Utc>,
 ) -> Result<String, String> {
-    let report = Report::new(kind, user.to_string(), None, plans, now);
+    let anchor = recorded_anchor(conn, plans, user)?;
+    let report = Report::new(kind, user.to_string(), None, anchor, plans, now);
     let now_ms = u64::try_from(now.timestamp_millis()).unwrap_or(0);
     let reply = redis_exec::run(conn, &report.command(plans, now_ms));
     let answer = report.answer(Ok(reply), plans, now);
@@ -76,7 +89,14 @@ pub fn apply(
     operator: &str,
     now: DateTime<Utc>,
 ) -> Result<(), String> {
-    let commands = admin::transaction(plans, user, op, operator, now)?;
+    let anchor = match op {
+        AdminOp::SetPlan {
+            anchor_day: Some(day),
+            ..
+        } => *day,
+        _ => recorded_anchor(conn, plans, user)?,
+    };
+    let commands = admin::transaction(plans, user, op, operator, anchor, now)?;
     redis_exec::run_atomically(conn, &commands)
 }
 

@@ -7,6 +7,7 @@ use plan_limits_core::period::BillingPeriod;
 use plan_limits_core::plans::Plans;
 use plan_limits_services::gateway::Gateway;
 use plan_limits_services::http::{Body, Request};
+use plan_limits_services::jwt::TokenClaims;
 use plan_limits_wasm_host::harness::Harness;
 use plan_limits_wasm_host::HostError;
 use serde::Deserialize;
@@ -23,6 +24,9 @@ pub struct ScenarioLine {
     pub user: Option<String>,
     #[serde(default)]
     pub plan: Option<String>,
+    /// The subscription's anchor day the token names (its periods start on that day).
+    #[serde(default)]
+    pub anchor_day: Option<u32>,
     pub method: String,
     pub path: String,
     #[serde(default)]
@@ -39,7 +43,13 @@ impl ScenarioLine {
     pub fn request(&self) -> Request {
         let mut request = Request::new(&self.method, &self.path);
         if let Some(user) = &self.user {
-            request = request.user_with(user, self.plan.as_deref());
+            request = request.claims(&TokenClaims {
+                user,
+                plan: self.plan.as_deref(),
+                org: None,
+                anchor_day: self.anchor_day,
+                ttl_secs: 3600,
+            });
         }
         if let Some(n) = self.content_length {
             request = request.body(Body::ExpectContinue(n));
@@ -86,13 +96,14 @@ pub fn run(
         let response = harness.send_on(vm, &line.request())?;
         let now = harness.now();
         let action = plans.route(&line.method, &line.path).map(|a| a.key.clone());
+        let period = BillingPeriod::anchored(now, line.anchor_day.unwrap_or(0));
         let counter = match (&action, &line.user) {
             (Some(action), Some(user)) => {
                 let summary = plan_limits_services::usage::summary_with_prefix(
                     &mut harness.connection(),
                     &plans.redis.key_prefix,
                     user,
-                    &BillingPeriod::calendar_month(now).id,
+                    &period.id,
                 );
                 json!(summary
                     .get(action)
@@ -110,6 +121,7 @@ pub fn run(
             "action": action,
             "status": response.status,
             "reached_upstream": response.from_upstream(),
+            "period": period.id,
             "counter": counter,
         });
         if !response.from_upstream() {

@@ -104,11 +104,11 @@ fn functions_load_installs_the_library() {
     assert_eq!(libraries.len(), 1);
 }
 
-fn replay_matches_the_expected_output(build: &str) {
+fn replay_matches_the_expected_output(scenario: &str, build: &str) {
     let out = sim(&[
         "replay",
         "plans.json",
-        "scenarios/month-end.jsonl",
+        &format!("scenarios/{scenario}.jsonl"),
         "--build",
         build,
         "--vms",
@@ -120,7 +120,8 @@ fn replay_matches_the_expected_output(build: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     let expected =
-        std::fs::read_to_string(repo_root().join("scenarios/month-end.expected.jsonl")).unwrap();
+        std::fs::read_to_string(repo_root().join(format!("scenarios/{scenario}.expected.jsonl")))
+            .unwrap();
     let actual = String::from_utf8(out.stdout).unwrap();
     for (i, (a, e)) in actual.lines().zip(expected.lines()).enumerate() {
         let (a, e): (serde_json::Value, serde_json::Value) = (
@@ -134,12 +135,24 @@ fn replay_matches_the_expected_output(build: &str) {
 
 #[test]
 fn the_month_end_scenario_replays_as_expected_with_webdis() {
-    replay_matches_the_expected_output("webdis");
+    replay_matches_the_expected_output("month-end", "webdis");
 }
 
 #[test]
 fn the_month_end_scenario_replays_as_expected_with_redis_hostcalls() {
-    replay_matches_the_expected_output("redis-hostcalls");
+    replay_matches_the_expected_output("month-end", "redis-hostcalls");
+}
+
+/// Anchor day 31 across February (2027, and 2028 a leap year), an anchor changed mid-period,
+/// the UTC midnight edge of an anchored period.
+#[test]
+fn the_anchors_scenario_replays_as_expected_with_webdis() {
+    replay_matches_the_expected_output("anchors", "webdis");
+}
+
+#[test]
+fn the_anchors_scenario_replays_as_expected_with_redis_hostcalls() {
+    replay_matches_the_expected_output("anchors", "redis-hostcalls");
 }
 
 #[test]

@@ -51,6 +51,8 @@ pub struct Reservation {
     pub granted: u64,
     /// For a duplicate: what the first request's marker says (`pending:<id>`, `done:<time>`).
     pub first: String,
+    /// The subscription's anchor day billing recorded, if any.
+    pub recorded_anchor: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,7 +162,7 @@ pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportErro
             Some(plan),
             Some(named_plan),
             Some(recorded),
-        ) if matches!(items.len(), 6..=8) => Ok(Reservation {
+        ) if matches!(items.len(), 6..=9) => Ok(Reservation {
             status,
             committed,
             pending,
@@ -169,6 +171,7 @@ pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportErro
             recorded,
             granted: count(items.get(6)).unwrap_or(0),
             first: text(items.get(7)).unwrap_or_default(),
+            recorded_anchor: text(items.get(8)).and_then(|day| day.parse().ok()),
         }),
         _ => Err(bad(&RedisReply::Array(items))),
     }
@@ -229,7 +232,8 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
     let (trim, threshold) = match args.events_trim {
         EventsTrim::KeepAll => ("", String::new()),
         EventsTrim::MaxLen(n) => ("MAXLEN", n.to_string()),
-        EventsTrim::MaxAgeMs(ms) => ("MINID", args.now_ms.saturating_sub(ms).to_string()),
+        // Redis names events by its own clock: it turns the age into an id itself.
+        EventsTrim::MaxAgeMs(ms) => ("MINID", ms.to_string()),
     };
     cmd = cmd
         .arg(trim)
@@ -286,6 +290,8 @@ pub struct Settled {
     pub done: bool,
     /// The user's plan as billing recorded it, if it did.
     pub entitled_plan: Option<String>,
+    /// The anchor day billing recorded, if it did.
+    pub entitled_anchor: Option<u32>,
 }
 
 /// The answer to a batch of `n` items.
@@ -299,21 +305,23 @@ pub fn parse_settled(reply: RedisReply, n: usize) -> Result<Vec<Settled>, Transp
             )))
         }
     };
-    if items.len() != 2 * n {
+    if items.len() != 3 * n {
         return Err(TransportError::BadReply(format!(
             "settle returned {} values for {n} items",
             items.len()
         )));
     }
+    let text = |reply: &RedisReply| match reply {
+        RedisReply::Bulk(bytes) => String::from_utf8(bytes.clone()).ok(),
+        _ => None,
+    };
     items
-        .chunks(2)
-        .map(|pair| match pair {
-            [RedisReply::Int(done @ (0 | 1)), plan] => Ok(Settled {
+        .chunks(3)
+        .map(|triple| match triple {
+            [RedisReply::Int(done @ (0 | 1)), plan, anchor] => Ok(Settled {
                 done: *done == 1,
-                entitled_plan: match plan {
-                    RedisReply::Bulk(bytes) => String::from_utf8(bytes.clone()).ok(),
-                    _ => None,
-                },
+                entitled_plan: text(plan),
+                entitled_anchor: text(anchor).and_then(|day| day.parse().ok()),
             }),
             other => Err(TransportError::BadReply(format!(
                 "settle returned {other:?} for an item"
@@ -431,6 +439,7 @@ mod tests {
                 recorded: true,
                 granted: 2,
                 first: String::new(),
+                recorded_anchor: None,
             })
         );
         for (status, expected) in [
@@ -493,19 +502,23 @@ mod tests {
         let reply = RedisReply::Array(vec![
             RedisReply::Int(1),
             RedisReply::Nil,
+            RedisReply::Nil,
             RedisReply::Int(0),
             RedisReply::Bulk(b"pro".to_vec()),
+            RedisReply::Bulk(b"15".to_vec()),
         ]);
         assert_eq!(
             parse_settled(reply.clone(), 2).unwrap(),
             [
                 Settled {
                     done: true,
-                    entitled_plan: None
+                    entitled_plan: None,
+                    entitled_anchor: None,
                 },
                 Settled {
                     done: false,
-                    entitled_plan: Some("pro".into())
+                    entitled_plan: Some("pro".into()),
+                    entitled_anchor: Some(15),
                 }
             ]
         );

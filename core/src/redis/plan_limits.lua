@@ -17,12 +17,14 @@
 -- args: action, claimed plan, fallback plan, reservation id, now (ms), expiry (ms), ttl (ms),
 --       the marker's lifetime (ms), then pairs of plan name and that plan's limit for the
 --       action ('' = unlimited).
--- Returns {status, committed, pending, plan, named plan, recorded, granted, marker}: status 1
+-- Returns {status, committed, pending, plan, named plan, recorded, granted, marker, anchor}:
+-- status 1
 -- granted, 0 refused (limit reached), 2 unlimited under that plan (nothing reserved), 3 the
 -- plan is unknown (nothing reserved), 4 a duplicate (nothing reserved; marker is what the
 -- first one's says); plan is the one applied, named plan the one the record or the claim
 -- named; recorded 1 when billing's record named it; granted the extra units an operator gave
--- for the period (the limit checked is the plan's plus these).
+-- for the period (the limit checked is the plan's plus these); anchor the subscription's
+-- anchor day billing recorded ('' if none).
 -- Scores use the filter's clock; the key's own expiry is relative, so a clock that differs
 -- from Redis's cannot expire it early.
 local function reserve(keys, args)
@@ -38,7 +40,8 @@ local function reserve(keys, args)
     end
     return false, nil
   end
-  local record = redis.call('HGET', entitlement, 'plan')
+  local record, anchor = unpack(redis.call('HMGET', entitlement, 'plan', 'anchor_day'))
+  anchor = anchor or ''
   local named = record or claimed
   local recorded = record and 1 or 0
   local plan = named
@@ -53,29 +56,30 @@ local function reserve(keys, args)
   -- Extra units an operator granted for the period (`plan-limits grant`).
   local granted = tonumber(redis.call('HGET', summary, 'grant:' .. action) or '0')
   if not known then
-    return {3, committed, held, plan, named, recorded, granted, ''}
+    return {3, committed, held, plan, named, recorded, granted, '', anchor}
   end
   if marker then
+    -- (A reservation asked again under the same id, in another period, is not its own repeat.)
     local first = redis.call('GET', marker)
-    if first then
-      return {4, committed, held, plan, named, recorded, granted, first}
+    if first and first ~= 'pending:' .. id then
+      return {4, committed, held, plan, named, recorded, granted, first, anchor}
     end
   end
   if limit == nil then
     if marker then
       redis.call('SET', marker, 'pending:' .. id, 'PX', marker_ttl)
     end
-    return {2, committed, held, plan, named, recorded, granted, ''}
+    return {2, committed, held, plan, named, recorded, granted, '', anchor}
   end
   if committed + held >= limit + granted then
-    return {0, committed, held, plan, named, recorded, granted, ''}
+    return {0, committed, held, plan, named, recorded, granted, '', anchor}
   end
   redis.call('ZADD', pending, expires, id)
   redis.call('PEXPIRE', pending, ttl)
   if marker then
     redis.call('SET', marker, 'pending:' .. id, 'PX', marker_ttl)
   end
-  return {1, committed, held + 1, plan, named, recorded, granted, ''}
+  return {1, committed, held + 1, plan, named, recorded, granted, '', anchor}
 end
 
 -- plan_limits_settle: a batch of settlements, each one of
@@ -96,16 +100,22 @@ end
 --       entitlement, the day's counters, the idempotency key's marker (any key of the
 --       user's without one).
 -- args: how the stream is trimmed ('' keep all, 'MAXLEN' to about a length, 'MINID' of
---       events older than a time) and its threshold, now (ms), reservation ttl (ms), how long
+--       events older than an age in ms, by Redis's clock, which names the events) and its
+--       threshold, now (ms), reservation ttl (ms), how long
 --       commit ids are remembered (ms), how long days are kept (ms), the warning thresholds
 --       (percent, comma-separated), fields per item, then the items' fields.
--- Returns per item {counted or extended (1/0), the user's entitled plan or false}, flattened.
+-- Returns per item {counted or extended (1/0), the user's entitled plan or false, the anchor
+-- day billing recorded or false}, flattened.
 local function settle(keys, args)
   local trim, threshold, now, ttl = args[1], args[2], tonumber(args[3]), tonumber(args[4])
   local remember, keep_days = tonumber(args[5]), tonumber(args[6])
   local thresholds, stride = {}, tonumber(args[8])
   for t in string.gmatch(args[7], '%d+') do
     thresholds[#thresholds + 1] = tonumber(t)
+  end
+  if trim == 'MINID' then
+    local t = redis.call('TIME')
+    threshold = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(threshold))
   end
   local function append(event)
     if trim == '' then
@@ -183,8 +193,10 @@ local function settle(keys, args)
         done = 1
       end
     end
-    results[2 * i + 1] = done
-    results[2 * i + 2] = redis.call('HGET', entitlement, 'plan')
+    local record = redis.call('HMGET', entitlement, 'plan', 'anchor_day')
+    results[3 * i + 1] = done
+    results[3 * i + 2] = record[1]
+    results[3 * i + 3] = record[2]
   end
   return results
 end
@@ -194,11 +206,11 @@ end
 -- plan_limits_usage: where a user stands this period, for the usage endpoint (reads only).
 -- keys: summary, entitlement, then each action's pending set.
 -- args: now (ms), then the actions (in the keys' order).
--- Returns {billing's plan or false, then per action its count, its reservations in flight
--- and the extra units granted}.
+-- Returns {billing's plan or false, billing's anchor day or false, then per action its count,
+-- its reservations in flight and the extra units granted}.
 local function usage(keys, args)
   local now = tonumber(args[1])
-  local out = {redis.call('HGET', keys[2], 'plan')}
+  local out = redis.call('HMGET', keys[2], 'plan', 'anchor_day')
   for i = 3, #keys do
     local action = args[i - 1]
     out[#out + 1] = tonumber(redis.call('HGET', keys[1], action) or '0')

@@ -56,6 +56,7 @@ fn main() {
                 user,
                 plan: Some(plan),
                 org: None,
+                anchor_day: None,
                 ttl_secs: 24 * 3600,
             },
         )

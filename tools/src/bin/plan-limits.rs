@@ -7,7 +7,7 @@
 //! plan-limits functions load                (REDIS_URL: an admin's, as below)
 //! plan-limits usage USER
 //! plan-limits history USER [--from YYYY-MM-DD] [--to YYYY-MM-DD] [--action A]
-//! plan-limits set-plan USER PLAN
+//! plan-limits set-plan USER PLAN [--anchor-day N]
 //! plan-limits grant USER ACTION N
 //! plan-limits reset USER [ACTION]
 //! plan-limits export --from YYYY-MM-DD --to YYYY-MM-DD [--format jsonl|csv]
@@ -83,6 +83,10 @@ enum Command {
     SetPlan {
         user: String,
         plan: String,
+        /// The day of the month (1 to 31) USER's billing periods start on (a day a month
+        /// lacks is its last); by default the calendar month.
+        #[arg(long)]
+        anchor_day: Option<u32>,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -189,7 +193,12 @@ fn main() -> ExitCode {
             &key_dir,
             &plans,
         ),
-        Command::SetPlan { user, plan, admin } => change(&user, &AdminOp::SetPlan { plan }, &admin),
+        Command::SetPlan {
+            user,
+            plan,
+            anchor_day,
+            admin,
+        } => change(&user, &AdminOp::SetPlan { plan, anchor_day }, &admin),
         Command::Grant {
             user,
             action,
@@ -273,6 +282,7 @@ fn token(
         user,
         plan,
         org,
+        anchor_day: None,
         ttl_secs,
     };
     println!("{}", key.token(&compiled.identity.jwt, &claims));
@@ -306,7 +316,14 @@ fn change(user: &str, op: &AdminOp, args: &AdminArgs) -> Result<(), String> {
     )
     .map_err(|e| format!("{}: {e}", args.plans.display()))?;
     let done = match op {
-        AdminOp::SetPlan { plan } => format!("{user}: billing's plan is {plan}"),
+        AdminOp::SetPlan {
+            plan,
+            anchor_day: None,
+        } => format!("{user}: billing's plan is {plan}"),
+        AdminOp::SetPlan {
+            plan,
+            anchor_day: Some(day),
+        } => format!("{user}: billing's plan is {plan}, its periods start on day {day}"),
         AdminOp::Grant { action, units } => format!("{user}: {units} more {action} this period"),
         AdminOp::Reset { action: Some(a) } => format!("{user}: {a} reset to 0 this period"),
         AdminOp::Reset { action: None } => format!("{user}: every count reset to 0 this period"),
