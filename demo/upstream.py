@@ -3,7 +3,13 @@
 
 `x-demo-status: 503` makes it answer with that status, `x-demo-delay-ms: 500` makes it wait
 first (timeouts), `x-demo-fail-times: 1` answers 503 to the first attempt of a request (by
-`x-request-id`) so that Envoy's retry succeeds. `GET /usage` is the usage page
+`x-request-id`) so that Envoy's retry succeeds. A successful `POST /api/upload` stores a
+diagram (its size and owner, `x-user-id`) and names it; `DELETE /api/diagrams/<id>` of the
+owner's deletes it and says the bytes freed in `x-freed-bytes` (the gateway gives them back to
+the user's storage; `x-demo-freed-bytes: N` makes any delete say N). Likewise `POST
+/api/team/invites` adds a member to the caller's team and `DELETE /api/team/members/<id>`
+removes one, saying `x-removed-members: 1` (0 for a member already gone;
+`x-demo-removed-members: N` says N). `GET /usage` is the usage page
 (`demo/usage.html`), which reads the gateway's usage endpoints with the caller's token. It reads and discards request bodies (with a
 Content-Length or chunked; an incomplete one is not answered), says how many bytes it read, and
 marks its answers with `x-upstream: demo`. `GET /__demo/stats` tells how many 2xx answers it
@@ -20,6 +26,9 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 successes = Counter()
+# Uploaded diagrams: id -> (owner, bytes); team members invited: id -> owner.
+diagrams = {}
+members = {}
 attempts = Counter()
 lock = threading.Lock()
 # --lenient: read paths as a lenient web framework does (no case, no `;parameters`, no trailing
@@ -99,13 +108,46 @@ class Handler(BaseHTTPRequestHandler):
         status = int(self.headers.get("x-demo-status") or 200)
         if attempt <= int(self.headers.get("x-demo-fail-times") or 0):
             status = 503
+        # What the gateway told it about the caller (set by the filter, never the client's).
+        identity = {name: self.headers.get(name) for name in ("x-user-id", "x-user-plan", "x-org-id")}
+        payload = {"upstream": "demo", "method": self.command, "path": self.path,
+                   "status": status, "identity": identity, "body_bytes": body_bytes}
+        headers = {}
+        path = self.path.split("?")[0]
+        if 200 <= status < 300 and self.command == "POST" and path == "/api/upload":
+            with lock:
+                payload["diagram_id"] = f"d{len(diagrams) + 1}"
+                diagrams[payload["diagram_id"]] = (identity["x-user-id"], body_bytes)
+        elif (200 <= status < 300 and self.command == "DELETE" and path.startswith("/api/diagrams/")
+              and not self.headers.get("x-demo-freed-bytes")):
+            with lock:
+                owner, size = diagrams.get(path.rsplit("/", 1)[-1], (None, 0))
+                if owner is None or owner != identity["x-user-id"]:
+                    status = payload["status"] = 404
+                else:
+                    del diagrams[path.rsplit("/", 1)[-1]]
+                    headers["x-freed-bytes"] = str(size)
+        elif 200 <= status < 300 and self.command == "POST" and path == "/api/team/invites":
+            with lock:
+                payload["member_id"] = f"m{len(members) + 1}"
+                members[payload["member_id"]] = identity["x-user-id"]
+        elif (200 <= status < 300 and self.command == "DELETE" and path.startswith("/api/team/members/")
+              and not self.headers.get("x-demo-removed-members")):
+            with lock:
+                member = path.rsplit("/", 1)[-1]
+                if members.get(member) == identity["x-user-id"]:
+                    del members[member]
+                    headers["x-removed-members"] = "1"
+                else:
+                    headers["x-removed-members"] = "0"  # already gone: idempotent, frees nothing
+        for told, says in (("x-demo-freed-bytes", "x-freed-bytes"),
+                           ("x-demo-removed-members", "x-removed-members")):
+            if 200 <= status < 300 and self.headers.get(told):  # tests: say what was given back
+                headers[says] = self.headers[told]
         if 200 <= status < 300:
             with lock:
                 successes[handler_path(self.path)] += 1
-        # What the gateway told it about the caller (set by the filter, never the client's).
-        identity = {name: self.headers.get(name) for name in ("x-user-id", "x-user-plan", "x-org-id")}
-        self.answer(status, {"upstream": "demo", "method": self.command, "path": self.path,
-                             "status": status, "identity": identity, "body_bytes": body_bytes})
+        self.answer(status, payload, headers)
 
     def page(self, path):
         with open(path, "rb") as f:
@@ -117,9 +159,11 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def answer(self, status, payload):
+    def answer(self, status, payload, headers=None):
         body = json.dumps(payload).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("content-type", "application/json")
         self.send_header("x-upstream", "demo")
         self.send_header("content-length", str(len(body)))

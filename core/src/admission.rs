@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use chrono::{DateTime, Utc};
 
-use crate::config::{Identity, IdentitySource, OtherMethods, UnknownPlan, Variants};
+use crate::config::{Gauge, Identity, IdentitySource, OtherMethods, UnknownPlan, Variants};
 use crate::period::BillingPeriod;
 use crate::plans::{Action, Endpoint, PathClass, Plans};
 use crate::reports::{self, Report, ReportKind};
@@ -44,6 +44,17 @@ pub enum Admission {
     Metered(MeteredRequest),
     /// A report the filter answers itself from Redis (the usage endpoints).
     Report(Report),
+    /// A release route (a delete, a member removed): it goes on, and its success gives back.
+    Release(Release),
+}
+
+/// A request on a release route, for the verified caller.
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub gauge: Gauge,
+    pub user: String,
+    pub org: Option<String>,
+    pub request_id: String,
 }
 
 /// Who is calling, as the configured identity source says.
@@ -128,6 +139,17 @@ pub fn admit(plans: &Plans, head: RequestHead, now: DateTime<Utc>) -> Admission 
             }
         }
         PathClass::Unmetered => return Admission::Unmetered,
+        PathClass::Release(gauge) => {
+            return match caller(&plans.identity, head) {
+                Ok(caller) => Admission::Release(Release {
+                    gauge,
+                    user: caller.user,
+                    org: caller.org.map(|o| String::from_utf8_lossy(o).into_owned()),
+                    request_id: request_id(head),
+                }),
+                Err(response) => Admission::Refused(response),
+            }
+        }
         PathClass::Guarded => return Admission::Refused(responses::not_routed()),
         PathClass::Metered(action) => action,
         PathClass::Variant {

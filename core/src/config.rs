@@ -54,7 +54,73 @@ pub struct Config {
     /// Soft warnings before the hard block.
     #[serde(default)]
     pub warnings: Warnings,
+    /// How storage is given back.
+    #[serde(default)]
+    pub storage: StorageSettings,
+    /// How team seats are given back.
+    #[serde(default)]
+    pub team: TeamSettings,
     pub plans: BTreeMap<String, Plan>,
+}
+
+/// Storage is a running total per user (not per period): uploads of actions that
+/// `adds_to_storage` add their bytes; a successful request on a delete route takes off what
+/// the upstream says it freed, in `freed_bytes_header`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    pub delete_routes: Vec<Unmetered>,
+    pub freed_bytes_header: String,
+}
+
+/// A team is a running count per user (the subscriber's team, not per period): successes of
+/// actions that `adds_to` `team` (invites) add a member; a successful request on a remove
+/// route takes off what the upstream says it removed. The subscriber counts as one of the plan's `team_members`.
+/// The upstream says how many members a removal took off (absent: none), so that a removal
+/// repeated (a 2xx for a member already gone) gives nothing back.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TeamSettings {
+    pub remove_routes: Vec<Unmetered>,
+    pub removed_members_header: String,
+}
+
+impl Default for TeamSettings {
+    fn default() -> Self {
+        Self {
+            remove_routes: Vec::new(),
+            removed_members_header: "x-removed-members".into(),
+        }
+    }
+}
+
+/// A running total per user that actions add to and other routes give back, limited by a
+/// plan's `storage_bytes` or `team_members`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Gauge {
+    /// Bytes kept, added by uploads' bodies.
+    Storage,
+    /// Members invited, one per invite.
+    Team,
+}
+
+impl Gauge {
+    pub fn name(self) -> &'static str {
+        match self {
+            Gauge::Storage => "storage",
+            Gauge::Team => "team",
+        }
+    }
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            delete_routes: Vec::new(),
+            freed_bytes_header: "x-freed-bytes".into(),
+        }
+    }
 }
 
 /// Soft warnings: when a counted request brings a user's count of an action to one of these
@@ -355,6 +421,10 @@ pub struct ActionSettings {
     /// Whether the request's Content-Length is checked against the plan's max file size.
     #[serde(default)]
     pub enforce_max_file_size: bool,
+    /// A running total a success adds to: `storage` (the body's bytes, checked against the
+    /// plan's `storage_bytes`) or `team` (one member, checked against `team_members`).
+    #[serde(default)]
+    pub adds_to: Option<Gauge>,
     #[serde(default)]
     pub on_redis_error: FailureMode,
     /// Where the analysis kind (recorded as metadata) is read from.

@@ -4,6 +4,8 @@
 
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
+use crate::config::Gauge;
+
 /// Everything but letters, digits, `-` and `_` is encoded (this also removes `{`, `}` and `:`).
 const KEY_SAFE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
 
@@ -67,6 +69,17 @@ impl UserKeys {
 
     pub fn entitlement(&self) -> String {
         format!("{}:entitlement", self.base)
+    }
+
+    /// String: the user's running total of `gauge` (bytes stored, members invited).
+    pub fn gauge(&self, gauge: Gauge) -> String {
+        format!("{}:{}", self.base, gauge.name())
+    }
+
+    /// Sorted set: what requests in flight hold of `gauge` (`<reservation id>|<amount>`, by
+    /// expiry).
+    pub fn gauge_held(&self, gauge: Gauge) -> String {
+        format!("{}:{}:held", self.base, gauge.name())
     }
 
     /// String: the marker of a request sent with idempotency key `key` for `action`.

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 use crate::config::{
-    ActionSettings, Config, ConfigError, FailureMode, Identity, KindSource, Limit, OnClientAbort,
-    OtherMethods, RedisSettings, Variants,
+    ActionSettings, Config, ConfigError, FailureMode, Gauge, Identity, KindSource, Limit,
+    OnClientAbort, OtherMethods, RedisSettings, Variants,
 };
 use crate::routes::{self, PathPattern, Route};
 
@@ -39,6 +39,15 @@ pub struct Plans {
     guarded: Vec<PathPattern>,
     /// Paths the filter answers itself.
     endpoints: Vec<(String, Endpoint)>,
+    /// Routes whose success gives back to a running total what the upstream says in the
+    /// gauge's header (storage: bytes freed; team: members removed).
+    releases: Vec<Route<Gauge>>,
+    freed_bytes_header: String,
+    removed_members_header: String,
+    /// Every plan's room in each running total (`None`: unlimited), as reservations send
+    /// them to Redis.
+    storage_rooms: Vec<(String, Option<u64>)>,
+    team_rooms: Vec<(String, Option<u64>)>,
 }
 
 /// What a metered route leads to, and what its other spellings and methods get.
@@ -64,6 +73,8 @@ pub enum PathClass<'a> {
     Guarded,
     /// A path the filter answers itself (`endpoints`), with the method it takes.
     Endpoint(Endpoint, bool),
+    /// A route whose success gives back to a running total (a delete, a member removed).
+    Release(Gauge),
 }
 
 /// The read side's paths.
@@ -84,6 +95,9 @@ pub struct Action {
     pub unit_singular: String,
     pub feature: Option<String>,
     pub enforce_max_file_size: bool,
+    /// The running total a success adds to (the body's bytes to storage, a member to the
+    /// team).
+    pub adds_to: Option<Gauge>,
     pub on_redis_error: FailureMode,
     pub on_client_abort: OnClientAbort,
     pub kind: Option<KindSource>,
@@ -145,6 +159,8 @@ pub struct UpgradeStep {
     pub key: String,
     pub name: String,
     pub max_file_size_bytes: Option<u64>,
+    pub storage_bytes: Option<u64>,
+    pub team_members: Option<u64>,
 }
 
 impl Plans {
@@ -198,6 +214,34 @@ impl Plans {
             .collect();
         let request_timeout_ms = request_timeout_ms(&config);
         let endpoints = compile_endpoints(&config, &routes, &unmetered)?;
+        let releases = [
+            (
+                "storage.delete_routes",
+                &config.storage.delete_routes,
+                Gauge::Storage,
+            ),
+            (
+                "team.remove_routes",
+                &config.team.remove_routes,
+                Gauge::Team,
+            ),
+        ]
+        .into_iter()
+        .flat_map(|(field, entries, gauge)| {
+            entries.iter().enumerate().map(move |(i, entry)| {
+                let path = pattern(&entry.path, &entry.prefix)
+                    .ok_or_else(|| ConfigError::at(format!("{field}[{i}]"), "no pattern"))?;
+                Ok(Route::new(entry.method.clone(), path, gauge))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+        let rooms = |gauge| {
+            plans
+                .iter()
+                .map(|plan: &Rc<Plan>| (plan.key.clone(), plan.room(gauge)))
+                .collect()
+        };
+        let (storage_rooms, team_rooms) = (rooms(Gauge::Storage), rooms(Gauge::Team));
         Ok(Self {
             identity: config.identity,
             redis: config.redis,
@@ -215,6 +259,11 @@ impl Plans {
             unmetered,
             guarded,
             endpoints,
+            releases,
+            freed_bytes_header: config.storage.freed_bytes_header.to_ascii_lowercase(),
+            removed_members_header: config.team.removed_members_header.to_ascii_lowercase(),
+            storage_rooms,
+            team_rooms,
         })
     }
 
@@ -233,6 +282,11 @@ impl Plans {
         }
         if let Some(action) = self.route(method, path) {
             return PathClass::Metered(action);
+        }
+        // (Any spelling: a release a client spells oddly still gives back.)
+        let release = routes::find_loose(&self.releases, method, &routes::canonical(path));
+        if let Some((route, true)) = release {
+            return PathClass::Release(route.target);
         }
         let canonical = routes::canonical(path);
         let metered = routes::find_loose(&self.routes, method, &canonical);
@@ -264,6 +318,30 @@ impl Plans {
     /// The metered routes, in order, with their normalised patterns.
     pub fn routes(&self) -> &[Route<Metered>] {
         &self.routes
+    }
+
+    /// The plan a name plans.json does not know gets (`None`: refused).
+    pub fn fallback_plan(&self) -> Option<&str> {
+        match self.identity.unknown_plan {
+            crate::config::UnknownPlan::DefaultPlan => Some(self.default_plan.key.as_str()),
+            crate::config::UnknownPlan::Forbid => None,
+        }
+    }
+
+    /// The response header in which the upstream says what a release route gave back.
+    pub fn given_back_header(&self, gauge: Gauge) -> &str {
+        match gauge {
+            Gauge::Storage => &self.freed_bytes_header,
+            Gauge::Team => &self.removed_members_header,
+        }
+    }
+
+    /// Every plan's room in `gauge` (`None`: unlimited).
+    pub fn rooms(&self, gauge: Gauge) -> &[(String, Option<u64>)] {
+        match gauge {
+            Gauge::Storage => &self.storage_rooms,
+            Gauge::Team => &self.team_rooms,
+        }
     }
 
     /// The unmetered paths (Envoy skips the filter on them).
@@ -319,6 +397,15 @@ impl Action {
 impl Plan {
     pub fn has_feature(&self, feature: &str) -> bool {
         self.features.iter().any(|f| f == feature)
+    }
+
+    /// What `gauge` may hold under this plan (`None`: unlimited). The subscriber is one of
+    /// the team's members: the team holds that many fewer invited.
+    pub fn room(&self, gauge: Gauge) -> Option<u64> {
+        match gauge {
+            Gauge::Storage => self.storage_bytes,
+            Gauge::Team => self.team_members.map(|n| n.saturating_sub(1)),
+        }
     }
 }
 
@@ -436,6 +523,8 @@ fn upgrade_path(config: &Config, start: &str) -> Vec<UpgradeStep> {
             key: key.clone(),
             name: plan.name.clone(),
             max_file_size_bytes: plan.max_file_size_bytes,
+            storage_bytes: plan.storage_bytes,
+            team_members: plan.team_members,
         });
         next = plan.upgrade_to.as_deref();
     }
@@ -469,6 +558,7 @@ fn compile_action(
             .unwrap_or_else(|| settings.unit.clone()),
         feature: settings.feature.clone(),
         enforce_max_file_size: settings.enforce_max_file_size,
+        adds_to: settings.adds_to,
         on_redis_error: settings.on_redis_error,
         on_client_abort: settings.on_client_abort,
         kind: settings.kind.clone(),
@@ -811,6 +901,7 @@ mod tests {
             PathClass::Unmetered => "unmetered".into(),
             PathClass::Guarded => "guarded".into(),
             PathClass::Endpoint(endpoint, method_ok) => format!("{endpoint:?} {method_ok}"),
+            PathClass::Release(gauge) => format!("release {}", gauge.name()),
         }
     }
 

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Days, NaiveDate, Utc};
 use serde_json::{json, Map, Value};
 
+use crate::config::Gauge;
 use crate::keys::UserKeys;
 use crate::period::{self, BillingPeriod};
 use crate::plans::{FeatureAccess, Plan, Plans};
@@ -112,9 +113,14 @@ impl Report {
                 let actions = plans.actions();
                 let mut cmd = RedisCommand::new("FCALL")
                     .arg(USAGE)
-                    .arg((2 + actions.len()).to_string())
+                    .arg((6 + actions.len()).to_string())
                     .arg(self.keys.summary(&self.period.id))
                     .arg(self.keys.entitlement());
+                for gauge in [Gauge::Storage, Gauge::Team] {
+                    cmd = cmd
+                        .arg(self.keys.gauge(gauge))
+                        .arg(self.keys.gauge_held(gauge));
+                }
                 for action in actions {
                     cmd = cmd.arg(self.keys.pending(&self.period.id, &action.key));
                 }
@@ -176,9 +182,16 @@ impl Report {
         plans: &Plans,
         now: DateTime<Utc>,
     ) -> Result<Value, TransportError> {
-        let (recorded, numbers) = split(reply, 2, 3 * plans.actions().len())
+        let (recorded, numbers) = split(reply, 2, 4 + 3 * plans.actions().len())
             .ok_or_else(|| TransportError::BadReply("plan_limits_usage".into()))?;
         let plan = self.plan(plans, recorded.into_iter().next().flatten());
+        let (gauges, numbers) = numbers.split_at(4);
+        let (stored, held, invited, inviting) = match gauges {
+            [stored, held, invited, inviting] => (*stored, *held, *invited, *inviting),
+            _ => (0, 0, 0, 0),
+        };
+        // The subscriber is one of the team's members.
+        let members = invited.saturating_add(1);
         let mut actions = Map::new();
         for (action, counts) in plans.actions().iter().zip(numbers.chunks(3)) {
             let (used, in_flight, granted) = match counts {
@@ -220,8 +233,22 @@ impl Report {
             },
             "actions": actions,
             "files": {"max_file_size_bytes": plan.max_file_size_bytes},
-            "storage": {"limit_bytes": plan.storage_bytes},
-            "team": {"limit": plan.team_members},
+            "storage": {
+                "used_bytes": stored,
+                "in_flight_bytes": held,
+                "limit_bytes": plan.storage_bytes,
+                "remaining_bytes": plan
+                    .storage_bytes
+                    .map(|room| room.saturating_sub(stored.saturating_add(held))),
+            },
+            "team": {
+                "members": members,
+                "in_flight": inviting,
+                "limit": plan.team_members,
+                "remaining": plan
+                    .team_members
+                    .map(|room| room.saturating_sub(members.saturating_add(inviting))),
+            },
             "features": plan.features,
             "upgrade": upgrade,
         }))
@@ -477,23 +504,24 @@ mod tests {
             [
                 "FCALL",
                 "plan_limits_usage",
-                "8",
+                "13",
                 "plan-limits:{u}:2026-11",
                 "plan-limits:{u}:entitlement"
             ]
         );
         // Actions in plans.json's order: ai_analysis, api_call, dxf_export, pdf_export,
-        // procedure_view, upload.
+        // procedure_view, team_invite, upload.
         assert_eq!(
-            &text[text.len() - 7..text.len() - 5],
+            &text[text.len() - 8..text.len() - 6],
             ["1000", "ai_analysis"]
         );
-        // Billing's plan, then per action its count and what is in flight.
+        // Billing's plan and anchor, stored and held bytes, members invited and invites in
+        // flight, then per action its count, what is in flight and what was granted.
         let reply = |plan: RedisReply| {
             let mut items = vec![plan, RedisReply::Nil];
-            items.extend(
-                [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 1].map(RedisReply::Int),
-            );
+            items.extend([1024, 0, 0, 0].map(RedisReply::Int));
+            items.extend([0; 18].map(RedisReply::Int));
+            items.extend([2, 2, 1].map(RedisReply::Int));
             RedisReply::Array(items)
         };
         let r = report.answer(Ok(reply(RedisReply::Nil)), &p, now());
@@ -512,6 +540,13 @@ mod tests {
         assert_eq!(body["upgrade"]["limits"]["upload"], Value::Null);
         assert_eq!(body["period"]["resets_at"], "2026-12-01T00:00:00Z");
         assert_eq!(body["files"]["max_file_size_bytes"], 10 * 1024 * 1024);
+        assert_eq!(body["storage"]["used_bytes"], 1024);
+        assert_eq!(body["storage"]["remaining_bytes"], (1u64 << 30) - 1024);
+        assert_eq!(
+            body["team"],
+            json!({"members": 1, "in_flight": 0, "limit": 1, "remaining": 0}),
+            "the subscriber is the team's one member"
+        );
         // Billing's record wins over the claim.
         let r = report.answer(Ok(reply(bulk("enterprise"))), &p, now());
         let body: Value = serde_json::from_str(&r.body).unwrap();

@@ -13,11 +13,11 @@ use std::rc::Rc;
 
 use chrono::{DateTime, Utc};
 
-use crate::config::{FailureMode, Limit, OnClientAbort, RedisSettings};
+use crate::config::{FailureMode, Gauge, Limit, OnClientAbort, RedisSettings};
 use crate::keys::UsageKeys;
 use crate::period::{self, BillingPeriod};
-use crate::plans::{Action, FeatureAccess, Plan, Terms};
-use crate::redis::functions::{self, ReserveArgs, ReserveStatus};
+use crate::plans::{Action, FeatureAccess, Plan, Plans, Terms};
+use crate::redis::functions::{self, GaugeHold, ReserveArgs, ReserveStatus};
 use crate::redis::{RedisCommand, RedisReply, TransportError};
 use crate::responses::{self, Exhausted, LocalResponse};
 use crate::settlement::{SettleMode, Settlement};
@@ -73,6 +73,10 @@ pub struct MeteredRequest {
     held_since_ms: u64,
     /// The allowance as Redis reserved from it: the limit, and what remains after this one.
     quota: Option<Quota>,
+    /// For a request that adds to a running total: what its reservation holds there; for an
+    /// upload into a limited storage, the room its body may take (refused past it).
+    gauge_held: Option<u64>,
+    storage_room: Option<u64>,
     /// The whole request went to the upstream (its body too).
     forwarded: bool,
     hold: Hold,
@@ -82,8 +86,9 @@ pub struct MeteredRequest {
 enum Hold {
     /// Nothing reserved (unlimited): count on success.
     Unreserved,
-    /// Nothing reserved (unlimited), but its idempotency key marked as in flight: count on
-    /// success, release (the mark) otherwise.
+    /// Nothing reserved (unlimited), but its idempotency key marked as in flight or what it
+    /// would add to a running total held: count on success, release (the mark, the hold)
+    /// otherwise.
     Marked,
     /// A reservation was asked for; its answer has not arrived.
     Reserving,
@@ -171,6 +176,8 @@ impl MeteredRequest {
             granted: 0,
             held_since_ms: 0,
             quota: None,
+            gauge_held: None,
+            storage_room: None,
             forwarded: false,
             hold: Hold::Unreserved,
         }
@@ -322,6 +329,12 @@ impl MeteredRequest {
     /// answered already.
     pub fn on_body(&mut self, len: u64) -> Result<(), LocalResponse> {
         self.body_bytes = self.body_bytes.saturating_add(len);
+        if let (Some(room), Some(limit)) = (self.storage_room, self.terms.plan.storage_bytes) {
+            if self.body_bytes > room && self.hold != Hold::Settled {
+                let taken = limit.saturating_sub(room);
+                return Err(responses::storage_full(&self.terms.plan, taken, 0, None));
+            }
+        }
         match self.max_file_size() {
             Some(max) if self.body_bytes > max && self.hold != Hold::Settled => {
                 Err(responses::file_too_large(&self.terms.plan, None, max))
@@ -360,17 +373,9 @@ impl MeteredRequest {
     /// Asks for one unit of `limit` under `id` (unique across every Envoy sharing the Redis).
     /// Redis applies billing's plan over the claimed one; `fallback` is the plan for a name
     /// plans.json does not know (`None`: refused).
-    /// With an idempotency key, the key is marked for `idempotency_ttl_ms` (an unlimited
-    /// request then asks too: `limit` 0).
-    pub fn reserve(
-        &mut self,
-        limit: u64,
-        id: String,
-        now_ms: u64,
-        ttl_ms: u64,
-        fallback: Option<&str>,
-        idempotency_ttl_ms: u64,
-    ) -> RedisCommand {
+    /// With an idempotency key, the key is marked (an unlimited request then asks too:
+    /// `limit` 0); a request that adds to a running total holds what it would add there.
+    pub fn reserve(&mut self, limit: u64, id: String, now_ms: u64, plans: &Plans) -> RedisCommand {
         self.reservation_id = id;
         self.reserved_limit = limit;
         self.held_since_ms = now_ms;
@@ -379,16 +384,28 @@ impl MeteredRequest {
             .idempotency_key
             .as_deref()
             .map(|key| self.keys.user.idempotency(&self.action.key, key));
+        let gauge = self.action.adds_to.map(|gauge| GaugeHold {
+            gauge,
+            amount: match gauge {
+                // A streamed upload (no Content-Length) holds the plan's file size, so that
+                // uploads racing each other cannot together pass the storage.
+                Gauge::Storage => self.declared_bytes.or(self.max_file_size()).unwrap_or(0),
+                Gauge::Team => 1,
+            },
+            rooms: plans.rooms(gauge),
+        });
+        self.gauge_held = gauge.map(|hold| hold.amount);
         functions::reserve(ReserveArgs {
             keys: &self.keys,
             action: &self.action.key,
             claimed_plan: &self.terms.plan.key,
-            fallback_plan: fallback,
+            fallback_plan: plans.fallback_plan(),
             reservation_id: &self.reservation_id,
             now_ms,
-            ttl_ms,
+            ttl_ms: plans.redis.reservation_ttl_ms,
             limits: self.action.limits(),
-            idempotency: marker.as_deref().map(|m| (m, idempotency_ttl_ms)),
+            idempotency: marker.as_deref().map(|m| (m, plans.idempotency_ttl_ms)),
+            gauge,
         })
     }
 
@@ -408,11 +425,16 @@ impl MeteredRequest {
         let granted = reservation.status == ReserveStatus::Granted;
         self.hold = match reservation.status {
             ReserveStatus::Granted => Hold::Held,
-            ReserveStatus::Unlimited if self.idempotency_key.is_some() => Hold::Marked,
-            ReserveStatus::Unlimited => Hold::Unreserved,
-            ReserveStatus::Refused | ReserveStatus::UnknownPlan | ReserveStatus::Duplicate => {
-                Hold::Settled
+            ReserveStatus::Unlimited
+                if self.idempotency_key.is_some() || self.gauge_held.is_some() =>
+            {
+                Hold::Marked
             }
+            ReserveStatus::Unlimited => Hold::Unreserved,
+            ReserveStatus::Refused
+            | ReserveStatus::UnknownPlan
+            | ReserveStatus::Duplicate
+            | ReserveStatus::Full => Hold::Settled,
         };
         if reservation.status == ReserveStatus::Duplicate {
             let key = self.idempotency_key.as_deref().unwrap_or_default();
@@ -429,6 +451,31 @@ impl MeteredRequest {
         if let Err(response) = self.apply_plan(&reservation.plan) {
             // A unit reserved under them is given back when the stream ends.
             return Decision::Refused(response);
+        }
+        let taken = reservation.total.saturating_add(reservation.total_held);
+        match self.action.adds_to {
+            Some(gauge) if reservation.status == ReserveStatus::Full => {
+                let plan = &self.terms.plan;
+                return Decision::Refused(match gauge {
+                    Gauge::Storage => responses::storage_full(
+                        plan,
+                        reservation.total,
+                        reservation.total_held,
+                        self.declared_bytes,
+                    ),
+                    Gauge::Team => {
+                        responses::team_full(plan, reservation.total, reservation.total_held)
+                    }
+                });
+            }
+            Some(Gauge::Storage) if self.hold != Hold::Settled => {
+                self.storage_room = self
+                    .terms
+                    .plan
+                    .storage_bytes
+                    .map(|room| room.saturating_sub(taken));
+            }
+            _ => {}
         }
         self.granted = reservation.granted;
         if let (ReserveStatus::Granted | ReserveStatus::Refused, Some(limit)) =
@@ -517,7 +564,8 @@ impl MeteredRequest {
     }
 
     /// A held reservation older than `every_ms` is extended (the request is still in flight,
-    /// e.g. a slow upload): its unit stays held until the request ends.
+    /// e.g. a slow upload): its unit, and what it holds of a running total, stay held until
+    /// the request ends.
     pub fn extension(
         &mut self,
         now: DateTime<Utc>,
@@ -525,7 +573,9 @@ impl MeteredRequest {
         redis: &RedisSettings,
     ) -> Option<Settlement> {
         let now_ms = unix_millis(now);
-        if self.hold != Hold::Held || now_ms.saturating_sub(self.held_since_ms) < every_ms {
+        let holds =
+            self.hold == Hold::Held || (self.hold == Hold::Marked && self.gauge_held.is_some());
+        if !holds || now_ms.saturating_sub(self.held_since_ms) < every_ms {
             return None;
         }
         self.held_since_ms = now_ms;
@@ -601,6 +651,15 @@ impl MeteredRequest {
             day: period::date(now),
             request_id: self.request_id.clone(),
             idempotency_key: self.idempotency_key.clone().unwrap_or_default(),
+            gauge: self.action.adds_to,
+            adds: match (self.action.adds_to, mode) {
+                (Some(Gauge::Storage), SettleMode::Commit | SettleMode::Count) => {
+                    Some(self.bytes())
+                }
+                (Some(Gauge::Team), SettleMode::Commit | SettleMode::Count) => Some(1),
+                _ => None,
+            },
+            held: self.gauge_held,
             period_id: self.period.id.clone(),
             keep_for_ms: unix_millis(kept_until).saturating_sub(unix_millis(now)),
             made_at_ms: unix_millis(now),
@@ -626,7 +685,7 @@ mod tests {
     /// An upload of a free user, its reservation asked for.
     fn reserved(p: &Plans) -> MeteredRequest {
         let mut m = request(p, "POST", "/api/upload", "free");
-        m.reserve(5, "r1".into(), 1_000, 60_000, Some("free"), 86_400_000);
+        m.reserve(5, "r1".into(), 1_000, p);
         m
     }
 
@@ -648,17 +707,17 @@ mod tests {
     }
 
     #[test]
-    fn a_reservation_sends_every_plans_limit_and_the_fallback() {
+    fn a_reservation_sends_every_plans_limit_and_storage_and_the_fallback() {
         let p = plans();
         let mut m = request(&p, "POST", "/api/upload", "free");
-        let cmd = m.reserve(5, "r1".into(), 1_000, 60_000, Some("free"), 86_400_000);
+        let cmd = m.reserve(5, "r1".into(), 1_000, &p);
         let text: Vec<_> = cmd
             .args
             .iter()
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
         assert_eq!(
-            text[6..],
+            text[9..],
             [
                 "upload",
                 "free",
@@ -668,12 +727,17 @@ mod tests {
                 "61000",
                 "60000",
                 "",
+                // The bytes its Content-Length declares, held in storage while in flight.
+                "10",
                 "enterprise",
+                "",
                 "",
                 "free",
                 "5",
+                "1073741824",
                 "professional",
-                ""
+                "",
+                "53687091200"
             ]
         );
     }
@@ -738,7 +802,7 @@ mod tests {
             &head("POST", "/api/export/dxf", "u", "professional"),
             now(),
         );
-        m.reserve(50, "r2".into(), 0, 1, None, 86_400_000);
+        m.reserve(50, "r2".into(), 0, &p);
         let Decision::Refused(r) = m.on_reservation(reply(1, 0, 1, "free"), now()) else {
             panic!("free has no DXF export")
         };
@@ -805,7 +869,7 @@ mod tests {
         );
         // ai_analysis counts a fully forwarded request whose client left.
         let mut ai = request(&p, "POST", "/api/teammate", "free");
-        ai.reserve(3, "r3".into(), 0, 60_000, None, 86_400_000);
+        ai.reserve(3, "r3".into(), 0, &p);
         ai.on_reservation(reply(1, 0, 1, "free"), now());
         assert_eq!(
             ai.on_end(now(), &p.redis).unwrap().mode,
@@ -813,13 +877,13 @@ mod tests {
             "not forwarded yet"
         );
         let mut ai = request(&p, "POST", "/api/teammate", "free");
-        ai.reserve(3, "r4".into(), 0, 60_000, None, 86_400_000);
+        ai.reserve(3, "r4".into(), 0, &p);
         ai.on_reservation(reply(1, 0, 1, "free"), now());
         ai.on_forwarded();
         assert_eq!(ai.on_end(now(), &p.redis).unwrap().mode, SettleMode::Commit);
         // ... but not when the upstream answered non-2xx first.
         let mut ai = request(&p, "POST", "/api/teammate", "free");
-        ai.reserve(3, "r5".into(), 0, 60_000, None, 86_400_000);
+        ai.reserve(3, "r5".into(), 0, &p);
         ai.on_reservation(reply(1, 0, 1, "free"), now());
         ai.on_forwarded();
         assert_eq!(
@@ -930,7 +994,7 @@ mod tests {
         assert_eq!(m.on_end(now(), &p.redis).unwrap().mode, SettleMode::Release);
 
         let mut api = request(&p, "GET", "/api/v1/x", "enterprise");
-        api.reserve(10_000, "r2".into(), 0, 1, None, 86_400_000);
+        api.reserve(10_000, "r2".into(), 0, &p);
         let d = api.on_reservation(Ok(RedisReply::Error("ERR".into())), now());
         assert!(matches!(d, Decision::FailClosed(_, ref r) if r.status == 503));
         assert!(api.on_end(now(), &p.redis).is_none());

@@ -213,6 +213,100 @@ pub fn file_too_large(plan: &Plan, size_bytes: Option<u64>, max_bytes: u64) -> L
     )
 }
 
+/// 403: an upload does not fit in `plan`'s storage: `stored` bytes are kept, `in_flight` held
+/// by uploads still running; `size_bytes` is the upload's (`None`: streamed, and past the room
+/// left).
+pub fn storage_full(
+    plan: &Plan,
+    stored: u64,
+    in_flight: u64,
+    size_bytes: Option<u64>,
+) -> LocalResponse {
+    let limit_bytes = plan.storage_bytes.unwrap_or(0);
+    let needed = stored
+        .saturating_add(in_flight)
+        .saturating_add(size_bytes.unwrap_or(1));
+    let offer = plan
+        .upgrade_path
+        .iter()
+        .find(|bigger| bigger.storage_bytes.is_none_or(|room| room >= needed));
+    let pitch = match offer {
+        Some(bigger) => format!(
+            " Delete files, or upgrade to {} for {}.",
+            bigger.name,
+            bigger
+                .storage_bytes
+                .map(|bytes| format!("{} of storage", megabytes(bytes)))
+                .unwrap_or_else(|| "unlimited storage".into())
+        ),
+        None => " Delete files to make room.".into(),
+    };
+    LocalResponse::json(
+        403,
+        json!({
+            "error": "Storage limit reached",
+            "message": format!(
+                "This file does not fit in your storage: {} of {} used.{pitch}",
+                megabytes(stored.saturating_add(in_flight)),
+                megabytes(limit_bytes)
+            ),
+            "used_bytes": stored,
+            "in_flight_bytes": in_flight,
+            "size_bytes": size_bytes,
+            "limit_bytes": limit_bytes,
+            "plan": plan.key,
+            "upgrade": offer.map(|bigger| json!({
+                "plan": bigger.key,
+                "name": bigger.name,
+                "storage_bytes": bigger.storage_bytes,
+            })),
+        }),
+    )
+}
+
+/// 403: `plan`'s team is full: the subscriber and `invited` members, `in_flight` invites
+/// still running.
+pub fn team_full(plan: &Plan, invited: u64, in_flight: u64) -> LocalResponse {
+    let limit = plan.team_members.unwrap_or(0);
+    let members = invited.saturating_add(1);
+    let needed = members.saturating_add(in_flight).saturating_add(1);
+    let offer = plan
+        .upgrade_path
+        .iter()
+        .find(|bigger| bigger.team_members.is_none_or(|room| room >= needed));
+    let pitch = match offer {
+        Some(bigger) => format!(
+            " Remove a member, or upgrade to {} for {}.",
+            bigger.name,
+            bigger
+                .team_members
+                .map(|n| count(n, "team member", "team members"))
+                .unwrap_or_else(|| "an unlimited team".into())
+        ),
+        None => " Remove a member to make room.".into(),
+    };
+    LocalResponse::json(
+        403,
+        json!({
+            "error": "Team limit reached",
+            "message": format!(
+                "Your {} plan has room for {}, you included.{pitch}",
+                plan.name,
+                count(limit, "team member", "team members"),
+            ),
+            "members": members,
+            "in_flight": in_flight,
+            "limit": limit,
+            "plan": plan.key,
+            "upgrade": offer.map(|bigger| json!({
+                "plan": bigger.key,
+                "name": bigger.name,
+                "team_members": bigger.team_members,
+            })),
+        }),
+    )
+}
+
 /// 401: a metered route without a valid bearer token (none, expired, or not ours).
 pub fn missing_token() -> LocalResponse {
     LocalResponse::json(
@@ -367,6 +461,11 @@ pub fn percentage(used: u64, limit: u64) -> u64 {
 
 /// "10 MB", "10.5 MB" (MB = 1024² bytes), in integers: float formatting would weigh on the
 /// `.wasm`.
+/// `n` and the noun that fits it: "1 team member", "5 team members".
+fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 fn megabytes(bytes: u64) -> String {
     const MB: u64 = 1024 * 1024;
     let tenths = (u128::from(bytes) * 10 + u128::from(MB) / 2) / u128::from(MB);

@@ -3,6 +3,7 @@
 
 use std::rc::Rc;
 
+use crate::config::Gauge;
 use crate::keys::UsageKeys;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +16,8 @@ pub enum SettleMode {
     Release,
     /// The request is still in flight: its reservation keeps holding its unit.
     Extend,
+    /// Files were deleted, a member removed: `adds` leaves the user's running total.
+    GiveBack,
 }
 
 impl SettleMode {
@@ -24,6 +27,45 @@ impl SettleMode {
             SettleMode::Count => "count",
             SettleMode::Release => "release",
             SettleMode::Extend => "extend",
+            SettleMode::GiveBack => "give_back",
+        }
+    }
+}
+
+impl Settlement {
+    /// A success of a release route: `amount` leaves `user`'s running total of `gauge`
+    /// (the bytes a delete freed, one member removed).
+    pub fn give_back(
+        gauge: Gauge,
+        keys: UsageKeys,
+        user: &str,
+        amount: u64,
+        status: u32,
+        now: chrono::DateTime<chrono::Utc>,
+        request_id: &str,
+    ) -> Self {
+        let ms = u64::try_from(now.timestamp_millis()).unwrap_or(0);
+        Settlement {
+            mode: SettleMode::GiveBack,
+            keys,
+            reservation_id: String::new(),
+            action: gauge.name().to_string(),
+            user: user.to_string(),
+            plan: String::new(),
+            limits_json: Rc::from("{}"),
+            kind: String::new(),
+            bytes: 0,
+            status,
+            at: crate::period::rfc3339(now, true),
+            day: crate::period::date(now),
+            request_id: request_id.to_string(),
+            idempotency_key: String::new(),
+            gauge: Some(gauge),
+            adds: Some(amount),
+            held: None,
+            period_id: String::new(),
+            keep_for_ms: 0,
+            made_at_ms: ms,
         }
     }
 }
@@ -50,6 +92,12 @@ pub struct Settlement {
     pub request_id: String,
     /// The client's idempotency key, if it sent one (empty otherwise).
     pub idempotency_key: String,
+    /// The running total its action adds to, if any.
+    pub gauge: Option<Gauge>,
+    /// What a success adds to it (`GiveBack`: takes off).
+    pub adds: Option<u64>,
+    /// What its reservation held of it while in flight.
+    pub held: Option<u64>,
     pub period_id: String,
     /// How long the summary is kept from now (ms): until its period ends plus the retention.
     pub keep_for_ms: u64,

@@ -118,6 +118,7 @@ impl SettlementQueue {
                 for (item, settled) in batch.into_iter().zip(settled) {
                     match (item.mode, settled.done) {
                         (SettleMode::Release, _) => report.released += 1,
+                        (SettleMode::GiveBack, _) => {}
                         (SettleMode::Extend, true) => report.extended += 1,
                         (SettleMode::Extend, false) => {}
                         (_, true) => report.counted += 1,
@@ -138,7 +139,8 @@ impl SettlementQueue {
                 // sent again only if it surely did not run.
                 for item in batch.into_iter().rev() {
                     let resend = match item.mode {
-                        SettleMode::Count => certainly_not_run,
+                        // Not idempotent: sent again only if it surely did not run.
+                        SettleMode::Count | SettleMode::GiveBack => certainly_not_run,
                         SettleMode::Commit => {
                             now_ms.saturating_sub(item.made_at_ms) < remember_commits_ms
                         }
@@ -187,6 +189,9 @@ mod tests {
             day: "2026-11-27".into(),
             request_id: String::new(),
             idempotency_key: String::new(),
+            gauge: None,
+            adds: None,
+            held: None,
             period_id: "2026-11".into(),
             keep_for_ms: 1,
             made_at_ms: 0,

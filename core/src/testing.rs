@@ -78,5 +78,6 @@ pub fn metered(plans: &Plans, req: &Req, when: DateTime<Utc>) -> MeteredRequest 
         Admission::Refused(r) => panic!("refused: {} {}", r.status, r.body),
         Admission::Unmetered => panic!("unmetered"),
         Admission::Report(_) => panic!("a report"),
+        Admission::Release(_) => panic!("a release route"),
     }
 }

@@ -24,10 +24,11 @@ use std::rc::Rc;
 
 use chrono::{DateTime, Utc};
 
-use crate::admission::{self, Admission, RequestHead};
-use crate::config::{RedisSettings, UnknownPlan};
+use crate::admission::{self, Admission, Release, RequestHead};
+use crate::config::RedisSettings;
 use crate::denials::DenialCache;
 use crate::entitlements::{EntitlementCache, Recorded};
+use crate::keys::UsageKeys;
 use crate::metrics::Metric;
 use crate::outage::{self, Budget};
 use crate::plans::Plans;
@@ -119,6 +120,8 @@ pub struct Worker {
     draining: HashMap<StreamId, Drain>,
     /// Reports waiting for their Redis call.
     reports: HashMap<StreamId, PendingReport>,
+    /// Requests on release routes, and what the upstream said they gave back.
+    releases: HashMap<StreamId, (Release, Option<u64>)>,
     calls: HashMap<Token, Waiter>,
     settlements: SettlementQueue,
     denials: DenialCache,
@@ -213,6 +216,7 @@ impl Worker {
             streams: HashMap::new(),
             draining: HashMap::new(),
             reports: HashMap::new(),
+            releases: HashMap::new(),
             calls: HashMap::new(),
             settlements: SettlementQueue::new(defaults.max_queued_settlements, defaults.max_batch),
             denials: DenialCache::new(REMEMBERED_USERS),
@@ -295,6 +299,16 @@ impl Worker {
                 self.meter(stream, request, drainable, &plans, now, io)
             }
             Admission::Report(report) => self.report(stream, report, drainable, &plans, now, io),
+            Admission::Release(release) => {
+                // On at once, with the verified caller: its success gives back.
+                let identity = &plans.identity;
+                io.set_request_header(stream, &identity.user_header, &release.user);
+                if let Some(org) = &release.org {
+                    io.set_request_header(stream, &identity.org_header, org);
+                }
+                self.releases.insert(stream, (release, None));
+                Flow::Continue
+            }
         }
     }
 
@@ -393,11 +407,17 @@ impl Worker {
             }
         }
         self.note_unknown_plan(&request, now_ms, io);
-        // An idempotency key is checked in Redis even for an unlimited action: the client asked
-        // for it, and pays the round trip.
+        // An idempotency key is checked in Redis even for an unlimited action (the client asked
+        // for it, and pays the round trip), and so is a request adding to a limited gauge (an
+        // upload into a limited storage, an invite into a limited team).
+        let gauge_limited = request
+            .action()
+            .adds_to
+            .is_some_and(|gauge| request.plan().room(gauge).is_some());
         let limit = match (request.limit(), request.idempotency_key()) {
             (Some(limit), _) => Some(limit),
             (None, Some(_)) => Some(0),
+            (None, None) if gauge_limited => Some(0),
             (None, None) => None,
         };
         let Some(limit) = limit else {
@@ -424,14 +444,7 @@ impl Worker {
             return self.answer_at_head(stream, response, drainable, io);
         }
         let redis = &plans.redis;
-        let command = request.reserve(
-            limit,
-            self.ids.next(),
-            now_ms,
-            redis.reservation_ttl_ms,
-            fallback_plan(plans),
-            plans.idempotency_ttl_ms,
-        );
+        let command = request.reserve(limit, self.ids.next(), now_ms, plans);
         let flow = match io.send(redis, &command) {
             Ok(token) => {
                 self.calls.insert(token, Waiter::Reservation(stream));
@@ -476,14 +489,8 @@ impl Worker {
         io: &mut dyn Io,
     ) {
         let id = entry.request.reservation_id().to_string();
-        let command = entry.request.reserve(
-            entry.request.limit().unwrap_or(0),
-            id,
-            unix_millis(now),
-            plans.redis.reservation_ttl_ms,
-            fallback_plan(plans),
-            plans.idempotency_ttl_ms,
-        );
+        let limit = entry.request.limit().unwrap_or(0);
+        let command = entry.request.reserve(limit, id, unix_millis(now), plans);
         match io.send(&plans.redis, &command) {
             Ok(token) => {
                 self.calls.insert(token, Waiter::Reservation(stream));
@@ -758,6 +765,23 @@ impl Worker {
         }
     }
 
+    /// The response header the worker wants of `stream`'s answer before its status (what a
+    /// release route gave back: bytes freed, members removed), if any.
+    pub fn response_header_wanted(&self, stream: StreamId) -> Option<&str> {
+        let plans = self.plans.as_ref()?;
+        let (release, _) = self.releases.get(&stream)?;
+        Some(plans.given_back_header(release.gauge))
+    }
+
+    /// The value of the response header it wanted (absent: none).
+    pub fn on_response_header(&mut self, stream: StreamId, value: Option<&[u8]>) {
+        if let Some((_, freed)) = self.releases.get_mut(&stream) {
+            *freed = value
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.trim().parse().ok());
+        }
+    }
+
     /// The upstream answered `stream` with `status` (a local reply of the filter's own passes
     /// here too: its request is already settled).
     pub fn on_response_headers(
@@ -770,6 +794,25 @@ impl Worker {
         let Some(plans) = self.plans.clone() else {
             return;
         };
+        if let Some((release, freed)) = self.releases.remove(&stream) {
+            // A release that succeeded gives back what the upstream says it freed or removed
+            // (nothing if it says nothing: a repeated removal must not free a seat twice).
+            let amount = freed.filter(|&n| n > 0);
+            if let (true, Some(amount)) = ((200..300).contains(&status), amount) {
+                let keys = UsageKeys::new(&plans.redis.key_prefix, &release.user, "-", "-");
+                let given_back = Settlement::give_back(
+                    release.gauge,
+                    keys,
+                    &release.user,
+                    amount,
+                    status,
+                    now,
+                    &release.request_id,
+                );
+                self.queue(Some(given_back), io);
+            }
+            return;
+        }
         let Some(entry) = self.streams.get_mut(&stream) else {
             return;
         };
@@ -814,6 +857,7 @@ impl Worker {
     /// still owed to it is no longer wanted.
     pub fn on_stream_end(&mut self, stream: StreamId, now: DateTime<Utc>, io: &mut dyn Io) {
         self.draining.remove(&stream);
+        self.releases.remove(&stream);
         if let Some(pending) = self.reports.remove(&stream) {
             self.calls.remove(&pending.call);
         }
@@ -942,14 +986,6 @@ impl Worker {
     /// Settlements waiting or on their way to Redis.
     pub fn queued_settlements(&self) -> usize {
         self.settlements.len()
-    }
-}
-
-/// The plan a name plans.json does not know gets in Redis (`None`: refused).
-fn fallback_plan(plans: &Plans) -> Option<&str> {
-    match plans.identity.unknown_plan {
-        UnknownPlan::DefaultPlan => Some(plans.default_plan().key.as_str()),
-        UnknownPlan::Forbid => None,
     }
 }
 
@@ -1428,6 +1464,172 @@ mod tests {
         assert!(batch.args.iter().any(|a| a == b"1000"), "the body's bytes");
     }
 
+    /// plan_limits_reserve's answer to a free user's upload with `stored` and `held` bytes
+    /// already in their storage.
+    fn with_storage(status: i64, stored: i64, held: i64) -> Result<RedisReply, TransportError> {
+        let Ok(RedisReply::Array(mut items)) = reserved(status, 0, 1, "free") else {
+            unreachable!()
+        };
+        items.extend([
+            RedisReply::Int(0),
+            RedisReply::Nil,
+            RedisReply::Nil,
+            RedisReply::Int(stored),
+            RedisReply::Int(held),
+        ]);
+        Ok(RedisReply::Array(items))
+    }
+
+    #[test]
+    fn an_upload_that_does_not_fit_in_the_storage_is_refused_with_the_upgrade() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        send(&mut w, 1, &upload("u"), &mut io);
+        let (token, reserve) = io.last_sent();
+        assert!(
+            reserve.args.iter().any(|a| a == b"plan-limits:{u}:storage"),
+            "the upload asks about the user's storage"
+        );
+        let gib = 1_i64 << 30;
+        w.on_reply(token, with_storage(5, gib - 5, 0), now(), &mut io);
+        let (_, answer) = io.responded.last().unwrap();
+        assert_eq!(answer.status, 403);
+        let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        assert_eq!(body["error"], "Storage limit reached");
+        assert_eq!(body["used_bytes"], gib - 5);
+        assert_eq!(body["size_bytes"], 10);
+        assert_eq!(body["upgrade"]["plan"], "professional");
+        assert!(io.resumed.is_empty(), "never forwarded");
+        w.on_stream_end(1, now(), &mut io);
+        w.on_tick(now(), &mut io);
+        assert_eq!(w.queued_settlements(), 0, "nothing was reserved");
+    }
+
+    #[test]
+    fn a_streamed_upload_holds_the_file_size_and_is_refused_past_the_room_left() {
+        let mut io = holding();
+        let mut w = worker(&mut io);
+        send(&mut w, 1, &streamed_upload("u"), &mut io);
+        let (token, reserve) = io.last_sent();
+        let mb = 1_u64 << 20;
+        assert!(
+            reserve
+                .args
+                .iter()
+                .any(|a| a == (10 * mb).to_string().as_bytes()),
+            "no Content-Length: it holds the plan's file size"
+        );
+        // 1 MB of room is left when it starts (others hold 2 MB).
+        let gib = 1_i64 << 30;
+        let room = 1 << 20;
+        let stored = gib - room - 2 * (1 << 20);
+        w.on_reply(token, with_storage(1, stored, 2 << 20), now(), &mut io);
+        assert_eq!(io.resumed, [1]);
+        assert_eq!(
+            w.on_request_body(1, mb, false, now(), &mut io),
+            BodyFlow::Continue
+        );
+        assert_eq!(
+            w.on_request_body(1, 1, false, now(), &mut io),
+            BodyFlow::Discard
+        );
+        assert_eq!(
+            w.on_request_body(1, 1, true, now(), &mut io),
+            BodyFlow::Stop
+        );
+        let (_, answer) = io.responded.last().unwrap();
+        assert_eq!(answer.status, 403);
+        w.on_response_headers(1, 403, now(), &mut io);
+        w.on_stream_end(1, now(), &mut io);
+        w.on_tick(now(), &mut io);
+        let (_, batch) = io.last_sent();
+        assert!(
+            batch.args.iter().any(|a| a == b"release"),
+            "the unit goes back"
+        );
+        assert!(
+            batch
+                .args
+                .iter()
+                .any(|a| a == (10 * mb).to_string().as_bytes()),
+            "and the bytes it held"
+        );
+    }
+
+    #[test]
+    fn a_successful_delete_gives_back_the_bytes_the_upstream_freed() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        let delete = head("DELETE", "/api/diagrams/d1", "u", "free");
+        assert_eq!(send(&mut w, 1, &delete, &mut io), Flow::Continue);
+        assert_eq!(
+            io.headers_of(1),
+            [("x-user-id", "u")],
+            "the verified caller"
+        );
+        assert_eq!(w.response_header_wanted(1), Some("x-freed-bytes"));
+        w.on_response_header(1, Some(b"4096"));
+        w.on_response_headers(1, 200, now(), &mut io);
+        w.on_stream_end(1, now(), &mut io);
+        // A failed delete, or one that says nothing, frees nothing.
+        send(&mut w, 2, &delete, &mut io);
+        w.on_response_header(2, Some(b"4096"));
+        w.on_response_headers(2, 404, now(), &mut io);
+        send(&mut w, 3, &delete, &mut io);
+        w.on_response_header(3, Some(b"lots"));
+        w.on_response_headers(3, 200, now(), &mut io);
+        assert_eq!(w.response_header_wanted(4), None, "only deletes are read");
+        assert_eq!(w.queued_settlements(), 1);
+        w.on_tick(now(), &mut io);
+        let (_, batch) = io.last_sent();
+        assert!(batch.args.iter().any(|a| a == b"give_back"));
+        assert!(batch.args.iter().any(|a| a == b"4096"));
+        assert!(batch.args.iter().any(|a| a == b"plan-limits:{u}:storage"));
+    }
+
+    #[test]
+    fn an_invite_into_a_full_team_is_refused_and_a_removal_gives_back_what_it_removed() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        let pro = |method, path| head(method, path, "u", "professional");
+        send(&mut w, 1, &pro("POST", "/api/team/invites"), &mut io);
+        let (token, reserve) = io.last_sent();
+        assert!(reserve.args.iter().any(|a| a == b"plan-limits:{u}:team"));
+        // Four members invited besides the subscriber: the professional team is full.
+        let Ok(RedisReply::Array(mut items)) = reserved(5, 0, 0, "professional") else {
+            unreachable!()
+        };
+        items.extend([0, 0, 0].map(|_| RedisReply::Nil));
+        items.extend([RedisReply::Int(3), RedisReply::Int(1)]);
+        w.on_reply(token, Ok(RedisReply::Array(items)), now(), &mut io);
+        let (_, answer) = io.responded.last().unwrap();
+        assert_eq!(answer.status, 403);
+        let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        assert_eq!(body["error"], "Team limit reached");
+        assert_eq!(
+            (&body["members"], &body["in_flight"]),
+            (&4.into(), &1.into())
+        );
+        assert_eq!(
+            body["message"],
+            "Your Professional plan has room for 5 team members, you included. Remove a member, \
+             or upgrade to Enterprise for an unlimited team."
+        );
+        // A removal: what the upstream says it removed (0: nobody, nothing given back).
+        send(&mut w, 2, &pro("DELETE", "/api/team/members/m1"), &mut io);
+        assert_eq!(w.response_header_wanted(2), Some("x-removed-members"));
+        w.on_response_header(2, Some(b"0"));
+        w.on_response_headers(2, 204, now(), &mut io);
+        assert_eq!(w.queued_settlements(), 0);
+        send(&mut w, 3, &pro("DELETE", "/api/team/members/m2"), &mut io);
+        w.on_response_header(3, Some(b"1"));
+        w.on_response_headers(3, 204, now(), &mut io);
+        w.on_tick(now(), &mut io);
+        let (_, batch) = io.last_sent();
+        assert!(batch.args.iter().any(|a| a == b"give_back"));
+        assert!(batch.args.iter().any(|a| a == b"plan-limits:{u}:team"));
+    }
+
     #[test]
     fn answers_to_limited_actions_carry_the_ratelimit_fields() {
         let mut io = Recorder::default();
@@ -1514,7 +1716,7 @@ mod tests {
         let view = head("GET", "/api/procedures/1", "u", "free").header("idempotency-key", b"k-1");
         assert_eq!(send(&mut w, 1, &view, &mut io), Flow::Pause);
         let (token, reserve) = io.last_sent();
-        assert_eq!(reserve.args[2], b"4", "the key's marker is one of its keys");
+        assert_eq!(reserve.args[2], b"6");
         assert_eq!(reserve.args[6], b"plan-limits:{u}:idem:procedure_view:k-1");
         w.on_reply(token, reserved(2, 0, 0, "free"), now(), &mut io);
         assert_eq!(io.resumed, [1]);
@@ -1591,9 +1793,10 @@ mod tests {
         );
         let (token, call) = io.last_sent();
         assert_eq!(name(call), (&b"FCALL"[..], &b"plan_limits_usage"[..]));
-        // Billing's plan (none), then per action its count and what is in flight.
+        // Billing's plan and anchor (none), the storage and the team, then per action its
+        // count, what is in flight and what was granted.
         let mut items = vec![RedisReply::Nil, RedisReply::Nil];
-        items.extend([0; 18].map(RedisReply::Int));
+        items.extend([0; 25].map(RedisReply::Int));
         let reply = Ok(RedisReply::Array(items));
         w.on_reply(token, reply, now(), &mut io);
         assert_eq!(io.status_for(1), Some(200));
@@ -1625,7 +1828,7 @@ mod tests {
                 RedisReply::Nil,
                 RedisReply::Bulk(anchor.as_bytes().to_vec()),
             ];
-            items.extend([0; 18].map(RedisReply::Int));
+            items.extend([0; 25].map(RedisReply::Int));
             Ok(RedisReply::Array(items))
         };
         // Billing records the 15th: asked again for the period from November 15.
@@ -1688,7 +1891,7 @@ mod tests {
         assert_eq!(name(reserve), (&b"FCALL"[..], &b"plan_limits_reserve"[..]));
         assert_eq!(reserve.args[3], b"plan-limits:{u}:2026-11");
         assert_eq!(
-            reserve.args[9], b"000000000000feed-0",
+            reserve.args[12], b"000000000000feed-0",
             "the VM's reservation id"
         );
         assert!(
@@ -1737,7 +1940,7 @@ mod tests {
         let (token, reserve) = io.last_sent();
         assert_eq!(name(reserve).1, b"plan_limits_reserve");
         assert_eq!(
-            reserve.args[7], b"free",
+            reserve.args[10], b"free",
             "the claimed plan sent is billing's"
         );
         w.on_reply(token, recorded(1, 1, 1, "free"), now(), &mut io);
@@ -1766,14 +1969,14 @@ mod tests {
         send(&mut w, 1, &upload("u"), &mut io);
         let (token, first) = io.last_sent();
         assert_eq!(first.args[3], b"plan-limits:{u}:2026-11");
-        let id = first.args[9].clone();
+        let id = first.args[12].clone();
         // Billing records the 15th: that unit is given back, and the same reservation asked
         // for in the period from November 15.
         w.on_reply(token, with_anchor(1, "15"), now(), &mut io);
         assert!(io.resumed.is_empty(), "still waiting");
         let (token, again) = io.last_sent();
         assert_eq!(again.args[3], b"plan-limits:{u}:2026-11-15");
-        assert_eq!(again.args[9], id, "under the same id");
+        assert_eq!(again.args[12], id, "under the same id");
         w.on_reply(token, with_anchor(1, "15"), now(), &mut io);
         assert_eq!(io.resumed, [1]);
         w.on_tick(now(), &mut io);
@@ -2076,6 +2279,34 @@ mod tests {
     }
 
     #[test]
+    fn an_unlimited_upload_into_a_limited_storage_holds_its_bytes_until_it_ends() {
+        // Professional uploads are unlimited in number, not in storage.
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        let pro = head("POST", "/api/upload", "u", "professional");
+        assert_eq!(send(&mut w, 1, &pro, &mut io), Flow::Pause, "asks Redis");
+        let (token, _) = io.last_sent();
+        w.on_reply(token, reserved(2, 0, 0, "professional"), now(), &mut io);
+        assert_eq!(io.resumed, [1]);
+        // Still in flight a third of the expiry later: its bytes stay held.
+        let later = now() + chrono::Duration::seconds(20);
+        w.on_tick(later, &mut io);
+        let (token, batch) = io.last_sent();
+        assert!(batch.args.iter().any(|a| a == b"extend"));
+        w.on_reply(token, settled(&[0]), later, &mut io);
+        // The upstream failed: what it held is let go.
+        w.on_response_headers(1, 502, later, &mut io);
+        w.on_stream_end(1, later, &mut io);
+        w.on_tick(later + chrono::Duration::seconds(1), &mut io);
+        let (_, batch) = io.last_sent();
+        assert!(batch.args.iter().any(|a| a == b"release"));
+        assert!(batch
+            .args
+            .iter()
+            .any(|a| a == b"plan-limits:{u}:storage:held"));
+    }
+
+    #[test]
     fn a_settlement_batch_that_cannot_be_sent_is_retried() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
@@ -2175,7 +2406,7 @@ mod tests {
         for stream in 1..=3 {
             send(&mut w, stream, &upload("u"), &mut io);
         }
-        let mut ids: Vec<_> = io.sent.iter().map(|(_, c)| c.args[9].clone()).collect();
+        let mut ids: Vec<_> = io.sent.iter().map(|(_, c)| c.args[12].clone()).collect();
         ids.dedup();
         assert_eq!(ids.len(), 3);
     }

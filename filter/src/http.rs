@@ -98,6 +98,20 @@ impl HttpContext for PlanLimitsHttp {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         let id = self.id;
+        // (Only a delete's answer is read further: how many bytes it freed.)
+        let wanted = self
+            .shared
+            .worker
+            .borrow()
+            .response_header_wanted(id)
+            .map(String::from);
+        if let Some(name) = wanted {
+            let value = self.get_http_response_header_bytes(&name);
+            self.shared
+                .worker
+                .borrow_mut()
+                .on_response_header(id, value.as_deref());
+        }
         self.shared
             .handle(|worker, host| worker.on_response_headers(id, status, now(), host));
         Action::Continue

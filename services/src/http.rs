@@ -47,6 +47,12 @@ impl Response {
 pub const UPSTREAM_MARK: &str = "x-upstream";
 /// The request header that makes the demo upstream answer with another status.
 pub const DEMO_STATUS: &str = "x-demo-status";
+/// The request header that makes the demo upstream say a delete freed that many bytes (in
+/// `x-freed-bytes`), whatever it stored.
+pub const DEMO_FREED_BYTES: &str = "x-demo-freed-bytes";
+/// The request header that makes the demo upstream say a removal took off that many members
+/// (in `x-removed-members`).
+pub const DEMO_REMOVED_MEMBERS: &str = "x-demo-removed-members";
 
 #[derive(Debug, Clone, Default)]
 pub struct Request {

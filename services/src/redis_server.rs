@@ -28,7 +28,7 @@ pub const ADMIN_USER: &str = "plan-limits-admin";
 
 /// The commands the library's functions run: Redis checks them against the caller's rights.
 const FILTER_COMMANDS: &str = "+fcall +time +get +set +del +exists +hget +hmget +hset +hsetnx \
-                               +hincrby +zadd +zrem +zcard +zcount +zscore +zremrangebyscore \
+                               +hincrby +incrby +decrby +zadd +zrem +zcard +zcount +zscore +zrange +zrangebyscore +zremrangebyscore \
                                +pexpire +xadd";
 
 #[derive(Debug, Clone)]

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use plan_limits_core::config::RedisSettings;
-use plan_limits_core::keys::UsageKeys;
+use plan_limits_core::config::{Gauge, RedisSettings};
+use plan_limits_core::keys::{UsageKeys, UserKeys};
 
 /// The key prefix and event stream of the repository's plans.json.
 pub fn prefix() -> String {
@@ -112,6 +112,26 @@ pub fn set_anchor(conn: &mut redis::Connection, user: &str, day: u32) {
         .arg(day)
         .exec(conn)
         .unwrap_or_else(|e| panic!("HSET {key}: {e}"));
+}
+
+/// `user`'s running total of `gauge` (bytes stored, members invited).
+pub fn gauge_total(conn: &mut redis::Connection, user: &str, gauge: Gauge) -> u64 {
+    let key = UserKeys::new(&prefix(), user).gauge(gauge);
+    redis::cmd("GET")
+        .arg(&key)
+        .query::<Option<u64>>(conn)
+        .unwrap_or_else(|e| panic!("GET {key}: {e}"))
+        .unwrap_or(0)
+}
+
+/// Sets `user`'s running total of `gauge` (as if they had uploaded or invited that much).
+pub fn set_gauge_total(conn: &mut redis::Connection, user: &str, gauge: Gauge, total: u64) {
+    let key = UserKeys::new(&prefix(), user).gauge(gauge);
+    redis::cmd("SET")
+        .arg(&key)
+        .arg(total)
+        .exec(conn)
+        .unwrap_or_else(|e| panic!("SET {key}: {e}"));
 }
 
 /// Every key in Redis, sorted.

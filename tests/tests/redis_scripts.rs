@@ -5,11 +5,11 @@
 
 use std::rc::Rc;
 
-use plan_limits_core::config::Limit;
+use plan_limits_core::config::{Gauge, Limit};
 use plan_limits_core::keys::{encoded_user, entitlement_key, UsageKeys};
 use plan_limits_core::plans::Plans;
 use plan_limits_core::redis::functions::{
-    self, EventsTrim, Reservation, ReserveArgs, ReserveStatus, SettleArgs, Settled,
+    self, EventsTrim, GaugeHold, Reservation, ReserveArgs, ReserveStatus, SettleArgs, Settled,
 };
 use plan_limits_core::redis::RedisReply;
 use plan_limits_core::reports::{self as reporting, Report, ReportKind};
@@ -60,6 +60,7 @@ fn reserve_as(
             ttl_ms: TTL,
             limits: &limits,
             idempotency: None,
+            gauge: None,
         }),
     );
     functions::parse_reservation(reply).unwrap()
@@ -95,6 +96,9 @@ fn settlement(mode: SettleMode, user: &str, id: &str) -> Settlement {
         day: "2026-11-27".into(),
         request_id: "req-1".into(),
         idempotency_key: String::new(),
+        gauge: None,
+        adds: None,
+        held: None,
         period_id: "2026-11".into(),
         keep_for_ms: 400 * 86_400_000,
         made_at_ms: NOW,
@@ -421,6 +425,7 @@ fn reserve_once(conn: &mut redis::Connection, id: &str, key: &str) -> Reservatio
             ttl_ms: TTL,
             limits: &limits,
             idempotency: Some((&marker, 86_400_000)),
+            gauge: None,
         }),
     );
     functions::parse_reservation(reply).unwrap()
@@ -622,10 +627,165 @@ fn the_filters_redis_user_may_call_the_functions_and_nothing_else() {
             ttl_ms: TTL,
             limits: &limits,
             idempotency: None,
+            gauge: None,
         }),
     );
     assert!(
         matches!(reply, RedisReply::Error(ref e) if e.contains("no permissions")),
         "{reply:?}"
     );
+}
+
+/// A reservation of `action` that holds `amount` of `gauge`, whose room is `room` (free).
+fn reserve_in(
+    conn: &mut redis::Connection,
+    gauge: Gauge,
+    id: &str,
+    amount: u64,
+    room: u64,
+    now: u64,
+) -> Reservation {
+    let keys = keys("u");
+    let limits = limits(100);
+    let rooms = [
+        ("free".to_string(), Some(room)),
+        ("professional".into(), None),
+    ];
+    let reply = run(
+        conn,
+        &functions::reserve(ReserveArgs {
+            keys: &keys,
+            action: "upload",
+            claimed_plan: "free",
+            fallback_plan: Some("free"),
+            reservation_id: id,
+            now_ms: now,
+            ttl_ms: TTL,
+            limits: &limits,
+            idempotency: None,
+            gauge: Some(GaugeHold {
+                gauge,
+                amount,
+                rooms: &rooms,
+            }),
+        }),
+    );
+    functions::parse_reservation(reply).unwrap()
+}
+
+/// An upload holding `bytes` in a storage of 100 bytes.
+fn reserve_bytes(conn: &mut redis::Connection, id: &str, bytes: u64, now: u64) -> Reservation {
+    reserve_in(conn, Gauge::Storage, id, bytes, 100, now)
+}
+
+fn total(conn: &mut redis::Connection, gauge: Gauge) -> u64 {
+    redis::cmd("GET")
+        .arg(keys("u").user.gauge(gauge))
+        .query::<Option<u64>>(conn)
+        .unwrap()
+        .unwrap_or(0)
+}
+
+fn stored(conn: &mut redis::Connection) -> u64 {
+    total(conn, Gauge::Storage)
+}
+
+/// Settlement `mode` of a request reserved as `id` holding `held` of `gauge`, adding `adds`.
+fn gauge_settled(gauge: Gauge, mode: SettleMode, id: &str, held: u64, adds: u64) -> Settlement {
+    let mut item = settlement(mode, "u", id);
+    item.gauge = Some(gauge);
+    item.held = Some(held);
+    item.adds = matches!(mode, SettleMode::Commit | SettleMode::Count).then_some(adds);
+    item
+}
+
+fn upload_settled(mode: SettleMode, id: &str, held: u64, bytes: u64) -> Settlement {
+    gauge_settled(Gauge::Storage, mode, id, held, bytes)
+}
+
+fn given_back(gauge: Gauge, amount: u64) -> Settlement {
+    let now = chrono::DateTime::from_timestamp_millis(NOW as i64).unwrap();
+    Settlement::give_back(gauge, keys("u"), "u", amount, 200, now, "req-d")
+}
+
+#[test]
+fn storage_counts_stored_bytes_and_those_in_flight_and_a_delete_gives_them_back() {
+    let (_server, mut conn) = redis();
+    // 60 bytes in flight leave room for 40, not 50.
+    assert!(granted(&reserve_bytes(&mut conn, "r1", 60, NOW)));
+    let full = reserve_bytes(&mut conn, "r2", 50, NOW);
+    assert_eq!(full.status, ReserveStatus::Full);
+    assert_eq!((full.total, full.total_held), (0, 60));
+    assert_eq!(full.pending, 1, "nothing reserved for it");
+    // Committed with the 55 bytes its body had: stored, no longer held.
+    let commit = upload_settled(SettleMode::Commit, "r1", 60, 55);
+    assert_eq!(settle(&mut conn, &[commit]), [true]);
+    assert_eq!(stored(&mut conn), 55);
+    let r = reserve_bytes(&mut conn, "r3", 45, NOW);
+    assert!(granted(&r));
+    assert_eq!((r.total, r.total_held), (55, 0));
+    // Released: its 45 bytes are let go and nothing is stored.
+    let release = upload_settled(SettleMode::Release, "r3", 45, 0);
+    settle(&mut conn, &[release]);
+    assert!(granted(&reserve_bytes(&mut conn, "r4", 45, NOW)));
+    // A held upload whose filter died expires with its reservation.
+    let later = NOW + TTL + 1;
+    let r = reserve_bytes(&mut conn, "r5", 45, later);
+    assert!(granted(&r));
+    assert_eq!(r.total_held, 0, "r4's hold expired");
+    // A delete gives its bytes back, never below zero.
+    assert_eq!(settle(&mut conn, &[given_back(Gauge::Storage, 50)]), [true]);
+    assert_eq!(stored(&mut conn), 5);
+    settle(&mut conn, &[given_back(Gauge::Storage, 50)]);
+    assert_eq!(stored(&mut conn), 0);
+    let events = usage::events(&mut conn);
+    let freed: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "given_back")
+        .collect();
+    assert_eq!(freed.len(), 2);
+    assert_eq!(
+        (&*freed[0]["gauge"], &*freed[0]["amount"]),
+        ("storage", "50")
+    );
+}
+
+#[test]
+fn a_team_holds_its_room_in_members_counting_invites_in_flight() {
+    let (_server, mut conn) = redis();
+    // Room for two invited members: one accepted, one in flight, the third is refused.
+    assert!(granted(&reserve_in(
+        &mut conn,
+        Gauge::Team,
+        "i1",
+        1,
+        2,
+        NOW
+    )));
+    let commit = gauge_settled(Gauge::Team, SettleMode::Commit, "i1", 1, 1);
+    settle(&mut conn, &[commit]);
+    assert!(granted(&reserve_in(
+        &mut conn,
+        Gauge::Team,
+        "i2",
+        1,
+        2,
+        NOW
+    )));
+    let full = reserve_in(&mut conn, Gauge::Team, "i3", 1, 2, NOW);
+    assert_eq!(full.status, ReserveStatus::Full);
+    assert_eq!((full.total, full.total_held), (1, 1));
+    // The storage is another total.
+    assert_eq!(stored(&mut conn), 0);
+    // A member removed makes room again.
+    settle(&mut conn, &[given_back(Gauge::Team, 1)]);
+    assert_eq!(total(&mut conn, Gauge::Team), 0);
+    assert!(granted(&reserve_in(
+        &mut conn,
+        Gauge::Team,
+        "i4",
+        1,
+        2,
+        NOW
+    )));
 }

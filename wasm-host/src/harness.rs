@@ -10,7 +10,9 @@ use chrono::{DateTime, Utc};
 use plan_limits_core::config::{Identity, IdentitySource};
 use plan_limits_core::plans::Plans;
 use plan_limits_services::gateway::Gateway;
-use plan_limits_services::http::{Body, Request, Response, DEMO_STATUS, UPSTREAM_MARK};
+use plan_limits_services::http::{
+    Body, Request, Response, DEMO_FREED_BYTES, DEMO_REMOVED_MEMBERS, DEMO_STATUS, UPSTREAM_MARK,
+};
 use plan_limits_services::jwt::DevKey;
 use plan_limits_services::process::{free_port, scratch_dir};
 use plan_limits_services::redis_server::RedisServer;
@@ -255,16 +257,20 @@ impl Harness {
             Flow::Continue => {
                 let forwarded = v.request_headers_of(id);
                 let body_bytes = v.upstream_body_bytes(id);
-                v.response_headers(id, upstream_status, Vec::new())?;
                 let mut answer = upstream_answer(upstream_status, &forwarded, body_bytes);
-                // What the filter added to the upstream's headers.
-                for (name, value) in v.response_headers_of(id) {
-                    if !name.starts_with(':') {
-                        answer
-                            .headers
-                            .push((name, String::from_utf8_lossy(&value).into()));
-                    }
-                }
+                let upstream_headers = answer
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+                    .collect();
+                v.response_headers(id, upstream_status, upstream_headers)?;
+                // The upstream's headers as the filter left them.
+                answer.headers = v
+                    .response_headers_of(id)
+                    .into_iter()
+                    .filter(|(name, _)| !name.starts_with(':'))
+                    .map(|(name, value)| (name, String::from_utf8_lossy(&value).into()))
+                    .collect();
                 answer
             }
             Flow::Paused => panic!("request {id} is still paused with no call pending"),
@@ -376,7 +382,7 @@ fn upstream_status(request: &Request) -> u16 {
 }
 
 /// What the demo upstream answers, echoing the identity headers it received and counting the
-/// body bytes it read, as it does.
+/// body bytes it read, as it does (and saying what a delete freed or a removal took off, when told to).
 fn upstream_answer(status: u16, forwarded: &Pairs, body_bytes: u64) -> Response {
     let header = |name: &str| {
         forwarded
@@ -389,9 +395,18 @@ fn upstream_answer(status: u16, forwarded: &Pairs, body_bytes: u64) -> Response 
         "x-user-plan": header("x-user-plan"),
         "x-org-id": header("x-org-id"),
     });
+    let mut headers = vec![(UPSTREAM_MARK.into(), "demo".into())];
+    for (told, says) in [
+        (DEMO_FREED_BYTES, "x-freed-bytes"),
+        (DEMO_REMOVED_MEMBERS, "x-removed-members"),
+    ] {
+        if let Some(value) = header(told).filter(|_| (200..300).contains(&status)) {
+            headers.push((says.into(), value));
+        }
+    }
     Response {
         status,
-        headers: vec![(UPSTREAM_MARK.into(), "demo".into())],
+        headers,
         body: serde_json::json!({
             "upstream": "demo",
             "status": status,

@@ -3,7 +3,7 @@
 //! Redis user may run `FCALL` and nothing else, and no script travels with a request.
 
 use super::{RedisCommand, RedisReply, TransportError};
-use crate::config::Limit;
+use crate::config::{Gauge, Limit};
 use crate::keys::UsageKeys;
 use crate::settlement::Settlement;
 
@@ -53,6 +53,10 @@ pub struct Reservation {
     pub first: String,
     /// The subscription's anchor day billing recorded, if any.
     pub recorded_anchor: Option<u32>,
+    /// The user's running total the action adds to, and what requests in flight hold of it
+    /// (this one's not included), when it was checked.
+    pub total: u64,
+    pub total_held: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +70,9 @@ pub enum ReserveStatus {
     UnknownPlan,
     /// A request with the same idempotency key was made: nothing was reserved.
     Duplicate,
+    /// The request does not fit in the running total it adds to (storage, team): nothing
+    /// was reserved.
+    Full,
 }
 
 /// One request's reservation.
@@ -84,19 +91,37 @@ pub struct ReserveArgs<'a> {
     pub limits: &'a [(String, Limit)],
     /// The idempotency key's marker and how long it is kept (ms), if the client sent a key.
     pub idempotency: Option<(&'a str, u64)>,
+    /// For a request that adds to a running total: what it holds there while in flight.
+    pub gauge: Option<GaugeHold<'a>>,
+}
+
+/// What a request holds of a running total while in flight.
+#[derive(Debug, Clone, Copy)]
+pub struct GaugeHold<'a> {
+    pub gauge: Gauge,
+    pub amount: u64,
+    /// Every plan's room in it (`None`: unlimited).
+    pub rooms: &'a [(String, Option<u64>)],
 }
 
 pub fn reserve(args: ReserveArgs) -> RedisCommand {
+    let user = &args.keys.user;
+    // A key a call does not use is named anyway (any of the user's: cluster routing).
+    let filler = args.keys.entitlement.as_str();
+    let marker = args.idempotency.map_or(filler, |(m, _)| m);
+    let gauge_keys = args.gauge.map_or_else(
+        || (filler.to_string(), filler.to_string()),
+        |hold| (user.gauge(hold.gauge), user.gauge_held(hold.gauge)),
+    );
     let mut cmd = RedisCommand::new("FCALL")
         .arg(RESERVE)
-        .arg(if args.idempotency.is_some() { "4" } else { "3" })
+        .arg("6")
         .arg(&args.keys.summary)
         .arg(&args.keys.pending)
-        .arg(&args.keys.entitlement);
-    if let Some((marker, _)) = args.idempotency {
-        cmd = cmd.arg(marker);
-    }
-    cmd = cmd
+        .arg(&args.keys.entitlement)
+        .arg(marker)
+        .arg(gauge_keys.0)
+        .arg(gauge_keys.1)
         .arg(args.action)
         .arg(args.claimed_plan)
         .arg(args.fallback_plan.unwrap_or_default())
@@ -108,11 +133,22 @@ pub fn reserve(args: ReserveArgs) -> RedisCommand {
             args.idempotency
                 .map(|(_, ttl)| ttl.to_string())
                 .unwrap_or_default(),
+        )
+        .arg(
+            args.gauge
+                .map(|hold| hold.amount.to_string())
+                .unwrap_or_default(),
         );
+    let room_of = |plan: &str| {
+        args.gauge
+            .and_then(|hold| hold.rooms.iter().find(|(p, _)| p == plan))
+            .and_then(|(_, room)| *room)
+    };
     for (plan, limit) in args.limits {
         cmd = cmd
             .arg(plan)
-            .arg(limit.map(|n| n.to_string()).unwrap_or_default());
+            .arg(limit.map(|n| n.to_string()).unwrap_or_default())
+            .arg(room_of(plan).map(|n| n.to_string()).unwrap_or_default());
     }
     cmd
 }
@@ -135,6 +171,7 @@ pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportErro
         Some(RedisReply::Int(2)) => Some(ReserveStatus::Unlimited),
         Some(RedisReply::Int(3)) => Some(ReserveStatus::UnknownPlan),
         Some(RedisReply::Int(4)) => Some(ReserveStatus::Duplicate),
+        Some(RedisReply::Int(5)) => Some(ReserveStatus::Full),
         _ => None,
     };
     let text = |item: Option<&RedisReply>| match item {
@@ -162,7 +199,7 @@ pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportErro
             Some(plan),
             Some(named_plan),
             Some(recorded),
-        ) if matches!(items.len(), 6..=9) => Ok(Reservation {
+        ) if matches!(items.len(), 6..=11) => Ok(Reservation {
             status,
             committed,
             pending,
@@ -172,6 +209,8 @@ pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportErro
             granted: count(items.get(6)).unwrap_or(0),
             first: text(items.get(7)).unwrap_or_default(),
             recorded_anchor: text(items.get(8)).and_then(|day| day.parse().ok()),
+            total: count(items.get(9)).unwrap_or(0),
+            total_held: count(items.get(10)).unwrap_or(0),
         }),
         _ => Err(bad(&RedisReply::Array(items))),
     }
@@ -206,13 +245,13 @@ pub enum EventsTrim {
 }
 
 /// Fields per item in `plan_limits_settle`'s args.
-const SETTLE_FIELDS: usize = 14;
+const SETTLE_FIELDS: usize = 16;
 
 /// One `plan_limits_settle` call for a batch.
 pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
     let mut cmd = RedisCommand::new("FCALL")
         .arg(SETTLE)
-        .arg((1 + 6 * batch.len()).to_string())
+        .arg((1 + 8 * batch.len()).to_string())
         .arg(args.events_stream);
     for item in batch {
         let day = item.keys.user.day(&item.day);
@@ -228,6 +267,12 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
             .arg(&item.keys.entitlement)
             .arg(day)
             .arg(marker);
+        cmd = match item.gauge {
+            Some(gauge) => cmd
+                .arg(item.keys.user.gauge(gauge))
+                .arg(item.keys.user.gauge_held(gauge)),
+            None => cmd.arg(&item.keys.entitlement).arg(&item.keys.entitlement),
+        };
     }
     let (trim, threshold) = match args.events_trim {
         EventsTrim::KeepAll => ("", String::new()),
@@ -266,7 +311,9 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
             .arg(&item.request_id)
             .arg(&item.period_id)
             .arg(item.keep_for_ms.to_string())
-            .arg(&item.idempotency_key);
+            .arg(&item.idempotency_key)
+            .arg(item.adds.map(|n| n.to_string()).unwrap_or_default())
+            .arg(item.held.map(|n| n.to_string()).unwrap_or_default());
         debug_assert_eq!(cmd.args.len() - before, SETTLE_FIELDS);
     }
     cmd
@@ -352,6 +399,7 @@ mod tests {
             ttl_ms: 60_000,
             limits: &limits,
             idempotency: None,
+            gauge: None,
         });
         let text: Vec<_> = cmd
             .args
@@ -363,9 +411,12 @@ mod tests {
             [
                 "FCALL",
                 "plan_limits_reserve",
-                "3",
+                "6",
                 "p:{u}:2026-11",
                 "p:{u}:2026-11:pending:upload",
+                "p:{u}:entitlement",
+                "p:{u}:entitlement",
+                "p:{u}:entitlement",
                 "p:{u}:entitlement",
                 "upload",
                 "free",
@@ -375,9 +426,12 @@ mod tests {
                 "61000",
                 "60000",
                 "",
+                "",
                 "free",
                 "5",
+                "",
                 "pro",
+                "",
                 ""
             ]
         );
@@ -440,6 +494,8 @@ mod tests {
                 granted: 2,
                 first: String::new(),
                 recorded_anchor: None,
+                total: 0,
+                total_held: 0,
             })
         );
         for (status, expected) in [

@@ -13,73 +13,100 @@
 -- A request with an idempotency key is one request however often it is sent: its key's
 -- marker says 'pending:<reservation id>' while it is in flight and 'done:<time>' once it was
 -- counted (a failure deletes it), for the key's lifetime.
--- keys: summary, pending, entitlement, and the idempotency key's marker if there is one.
+-- A request that adds to one of the user's running totals (a gauge, not per period: bytes in
+-- storage, members of the team) also holds what it would add ('<id>|<amount>' in the gauge's
+-- held set) while in flight: the total plus what is held plus its own must fit the plan's room.
+-- keys: summary, pending, entitlement, the idempotency key's marker, the gauge, the gauge's
+--       held set (a key without its use is any key of the user's).
 -- args: action, claimed plan, fallback plan, reservation id, now (ms), expiry (ms), ttl (ms),
---       the marker's lifetime (ms), then pairs of plan name and that plan's limit for the
---       action ('' = unlimited).
--- Returns {status, committed, pending, plan, named plan, recorded, granted, marker, anchor}:
--- status 1
--- granted, 0 refused (limit reached), 2 unlimited under that plan (nothing reserved), 3 the
--- plan is unknown (nothing reserved), 4 a duplicate (nothing reserved; marker is what the
--- first one's says); plan is the one applied, named plan the one the record or the claim
--- named; recorded 1 when billing's record named it; granted the extra units an operator gave
--- for the period (the limit checked is the plan's plus these); anchor the subscription's
--- anchor day billing recorded ('' if none).
+--       the marker's lifetime (ms; '' = no key), the amount it would add to the gauge ('' = the
+--       action adds to none), then per plan: its name, its limit for the action and its room
+--       in the gauge ('' = unlimited).
+-- Returns {status, committed, pending, plan, named plan, recorded, granted, marker, anchor,
+-- stored, held}: status 1 granted, 0 refused (limit reached), 2 unlimited under that plan
+-- (nothing reserved), 3 the plan is unknown (nothing reserved), 4 a duplicate (nothing
+-- reserved; marker is what the first one's says), 5 the gauge is full (nothing reserved);
+-- plan is the one applied, named plan the one the record or the claim named; recorded 1 when
+-- billing's record named it; granted the extra units an operator gave for the period (the
+-- limit checked is the plan's plus these); anchor the subscription's anchor day billing
+-- recorded ('' if none); total and held the gauge's before this request.
 -- Scores use the filter's clock; the key's own expiry is relative, so a clock that differs
 -- from Redis's cannot expire it early.
 local function reserve(keys, args)
   local summary, pending, entitlement = keys[1], keys[2], keys[3]
+  local marker, gauge, gauge_held = keys[4], keys[5], keys[6]
   local action, claimed, fallback, id = args[1], args[2], args[3], args[4]
   local now, expires, ttl = tonumber(args[5]), tonumber(args[6]), tonumber(args[7])
-  local marker, marker_ttl = keys[4], tonumber(args[8])
-  local function limit_of(plan)
-    for i = 9, #args - 1, 2 do
+  local marker_ttl, amount = tonumber(args[8]), tonumber(args[9])
+  local function terms_of(plan)
+    for i = 10, #args - 2, 3 do
       if args[i] == plan then
-        return true, tonumber(args[i + 1])
+        return true, tonumber(args[i + 1]), tonumber(args[i + 2])
       end
     end
-    return false, nil
+    return false, nil, nil
   end
   local record, anchor = unpack(redis.call('HMGET', entitlement, 'plan', 'anchor_day'))
   anchor = anchor or ''
   local named = record or claimed
   local recorded = record and 1 or 0
   local plan = named
-  local known, limit = limit_of(plan)
+  local known, limit, room = terms_of(plan)
   if not known and fallback ~= '' then
     plan = fallback
-    known, limit = limit_of(plan)
+    known, limit, room = terms_of(plan)
   end
   redis.call('ZREMRANGEBYSCORE', pending, '-inf', now)
   local committed = tonumber(redis.call('HGET', summary, action) or '0')
   local held = redis.call('ZCARD', pending)
   -- Extra units an operator granted for the period (`plan-limits grant`).
   local granted = tonumber(redis.call('HGET', summary, 'grant:' .. action) or '0')
-  if not known then
-    return {3, committed, held, plan, named, recorded, granted, '', anchor}
+  local total, total_held = 0, 0
+  local function answer(status, first, in_flight)
+    return {status, committed, in_flight, plan, named, recorded, granted, first, anchor,
+      total, total_held}
   end
-  if marker then
+  if not known then
+    return answer(3, '', held)
+  end
+  if marker_ttl then
     -- (A reservation asked again under the same id, in another period, is not its own repeat.)
     local first = redis.call('GET', marker)
     if first and first ~= 'pending:' .. id then
-      return {4, committed, held, plan, named, recorded, granted, first, anchor}
+      return answer(4, first, held)
+    end
+  end
+  local limits_gauge = amount and room
+  if limits_gauge then
+    redis.call('ZREMRANGEBYSCORE', gauge_held, '-inf', now)
+    total = tonumber(redis.call('GET', gauge) or '0')
+    for _, member in ipairs(redis.call('ZRANGE', gauge_held, 0, -1)) do
+      total_held = total_held + tonumber(string.match(member, '|(%d+)$') or '0')
+    end
+    if total + total_held + amount > room then
+      return answer(5, '', held)
+    end
+  end
+  local function hold()
+    if marker_ttl then
+      redis.call('SET', marker, 'pending:' .. id, 'PX', marker_ttl)
+    end
+    if limits_gauge then
+      redis.call('ZADD', gauge_held, expires, id .. '|' .. amount)
+      redis.call('PEXPIRE', gauge_held, ttl)
     end
   end
   if limit == nil then
-    if marker then
-      redis.call('SET', marker, 'pending:' .. id, 'PX', marker_ttl)
-    end
-    return {2, committed, held, plan, named, recorded, granted, '', anchor}
+    hold()
+    return answer(2, '', held)
   end
   if committed + held >= limit + granted then
-    return {0, committed, held, plan, named, recorded, granted, '', anchor}
+    return answer(0, '', held)
   end
   redis.call('ZADD', pending, expires, id)
   redis.call('PEXPIRE', pending, ttl)
-  if marker then
-    redis.call('SET', marker, 'pending:' .. id, 'PX', marker_ttl)
-  end
-  return {1, committed, held + 1, plan, named, recorded, granted, '', anchor}
+  hold()
+  return answer(1, '', held + 1)
 end
 
 -- plan_limits_settle: a batch of settlements, each one of
@@ -89,16 +116,20 @@ end
 --             the reservation's expiry) still counts: the success happened;
 --   count   - a success that had no reservation (unlimited plan, or Redis was down): count it;
 --   release - the upstream failed or the client left: drop the reservation;
---   extend  - the request is still in flight: push its reservation's expiry back.
+--   extend  - the request is still in flight: push its reservation's expiry back;
+--   give_back - a release route succeeded (files deleted, a member removed): the amount leaves
+--             the user's gauge named as the action (never below 0).
 -- Every count also updates the monthly summary and the day's counters (the history) and
 -- appends a usage event; a count that brings the period's to a warning threshold (a share of
 -- the plan's limit plus grants) appends one `threshold_crossed` event, once per user, action,
 -- period and threshold (marked in the summary).
 -- A request sent with an idempotency key marks it 'done:<time>' when counted, and deletes
--- the marker its reservation set when released (a retry is then a new request).
+-- the marker its reservation set when released (a retry is then a new request). A request
+-- that adds to a gauge adds its amount (an upload's body's bytes, one member) when counted,
+-- and what it held is let go whatever the outcome.
 -- keys: events stream, then per item: summary, pending, commits (recent commit ids),
---       entitlement, the day's counters, the idempotency key's marker (any key of the
---       user's without one).
+--       entitlement, the day's counters, the idempotency key's marker, the gauge, its held
+--       set (any key of the user's for one it does not use).
 -- args: how the stream is trimmed ('' keep all, 'MAXLEN' to about a length, 'MINID' of
 --       events older than an age in ms, by Redis's clock, which names the events) and its
 --       threshold, now (ms), reservation ttl (ms), how long
@@ -128,23 +159,39 @@ local function settle(keys, args)
   -- A batch often holds many settlements of one user: the summary's plan, limits and expiry
   -- are written once per summary.
   local written = {}
-  for i = 0, (#keys - 1) / 6 - 1 do
-    local summary, pending = keys[2 + 6 * i], keys[3 + 6 * i]
-    local commits, entitlement, day = keys[4 + 6 * i], keys[5 + 6 * i], keys[6 + 6 * i]
-    local marker = keys[7 + 6 * i]
+  for i = 0, (#keys - 1) / 8 - 1 do
+    local summary, pending = keys[2 + 8 * i], keys[3 + 8 * i]
+    local commits, entitlement, day = keys[4 + 8 * i], keys[5 + 8 * i], keys[6 + 8 * i]
+    local marker, gauge, gauge_held = keys[7 + 8 * i], keys[8 + 8 * i], keys[9 + 8 * i]
     local f = 8 + stride * i
     local mode, id, action, user = args[f + 1], args[f + 2], args[f + 3], args[f + 4]
     local plan, limits, kind, bytes = args[f + 5], args[f + 6], args[f + 7], args[f + 8]
     local status, at, request_id, period = args[f + 9], args[f + 10], args[f + 11], args[f + 12]
     local keep_for, idempotency_key = args[f + 13], args[f + 14]
+    local adds, holds = args[f + 15], args[f + 16]
+    local held_member = id .. '|' .. holds
     local done = 0
-    if mode == 'extend' then
+    if mode == 'give_back' then
+      if redis.call('DECRBY', gauge, tonumber(adds)) < 0 then
+        redis.call('SET', gauge, 0)
+      end
+      append({'event', 'given_back', 'user', user, 'gauge', action, 'amount', adds,
+        'status', status, 'at', at, 'request_id', request_id})
+      done = 1
+    elseif mode == 'extend' then
       if redis.call('ZSCORE', pending, id) then
         redis.call('ZADD', pending, 'XX', now + ttl, id)
         redis.call('PEXPIRE', pending, ttl)
         done = 1
       end
+      if holds ~= '' and redis.call('ZSCORE', gauge_held, held_member) then
+        redis.call('ZADD', gauge_held, 'XX', now + ttl, held_member)
+        redis.call('PEXPIRE', gauge_held, ttl)
+      end
     else
+      if holds ~= '' then
+        redis.call('ZREM', gauge_held, held_member)
+      end
       local held = 0
       if id ~= '' then
         held = redis.call('ZREM', pending, id)
@@ -175,6 +222,9 @@ local function settle(keys, args)
         if idempotency_key ~= '' and redis.call('EXISTS', marker) == 1 then
           redis.call('SET', marker, 'done:' .. at, 'KEEPTTL')
         end
+        if adds ~= '' then
+          redis.call('INCRBY', gauge, tonumber(adds))
+        end
         append({'event', 'usage', 'user', user, 'action', action, 'kind', kind, 'bytes', bytes,
           'status', status, 'at', at, 'request_id', request_id, 'plan', plan, 'period', period,
           'idempotency_key', idempotency_key})
@@ -204,15 +254,25 @@ end
 -- The read side's replies are flat arrays: webdis renders nested ones as null.
 
 -- plan_limits_usage: where a user stands this period, for the usage endpoint (reads only).
--- keys: summary, entitlement, then each action's pending set.
+-- keys: summary, entitlement, storage and its held set, team and its held set, then each
+--       action's pending set.
 -- args: now (ms), then the actions (in the keys' order).
--- Returns {billing's plan or false, billing's anchor day or false, then per action its count,
--- its reservations in flight and the extra units granted}.
+-- Returns {billing's plan or false, billing's anchor day or false, stored bytes, bytes held by
+-- uploads in flight, members invited, invites in flight, then per action its count, its
+-- reservations in flight and the extra units granted}.
 local function usage(keys, args)
   local now = tonumber(args[1])
   local out = redis.call('HMGET', keys[2], 'plan', 'anchor_day')
-  for i = 3, #keys do
-    local action = args[i - 1]
+  for g = 3, 5, 2 do
+    out[#out + 1] = tonumber(redis.call('GET', keys[g]) or '0')
+    local held = 0
+    for _, member in ipairs(redis.call('ZRANGEBYSCORE', keys[g + 1], '(' .. now, '+inf')) do
+      held = held + tonumber(string.match(member, '|(%d+)$') or '0')
+    end
+    out[#out + 1] = held
+  end
+  for i = 7, #keys do
+    local action = args[i - 5]
     out[#out + 1] = tonumber(redis.call('HGET', keys[1], action) or '0')
     out[#out + 1] = redis.call('ZCOUNT', keys[i], '(' .. now, '+inf')
     out[#out + 1] = tonumber(redis.call('HGET', keys[1], 'grant:' .. action) or '0')
