@@ -228,9 +228,33 @@ impl Plans {
         ]
         .into_iter()
         .flat_map(|(field, entries, gauge)| {
+            let (routes, unmetered) = (&routes, &unmetered);
             entries.iter().enumerate().map(move |(i, entry)| {
+                let at = format!("{field}[{i}]");
                 let path = pattern(&entry.path, &entry.prefix)
-                    .ok_or_else(|| ConfigError::at(format!("{field}[{i}]"), "no pattern"))?;
+                    .ok_or_else(|| ConfigError::at(at.clone(), "no pattern"))?;
+                // The filter must see a release, and it must not be an action's (a release
+                // of any method meets every method of the path).
+                let sample = routes::canonical(
+                    entry
+                        .path
+                        .as_ref()
+                        .or(entry.prefix.as_ref())
+                        .map_or("/", |p| p),
+                );
+                let method = entry.method.as_deref().unwrap_or("DELETE");
+                let meets = |method_matches: Option<bool>| {
+                    method_matches.is_some_and(|m| m || entry.method.is_none())
+                };
+                if meets(routes::find_loose(routes, method, &sample).map(|(_, m)| m)) {
+                    let reason = format!("\"{sample}\" is a metered route's path");
+                    return Err(ConfigError::at(at, reason));
+                }
+                if meets(routes::find_loose(unmetered, method, &sample).map(|(_, m)| m)) {
+                    let reason =
+                        format!("\"{sample}\" is listed as unmetered: the filter would not see it");
+                    return Err(ConfigError::at(at, reason));
+                }
                 Ok(Route::new(entry.method.clone(), path, gauge))
             })
         })
@@ -957,6 +981,26 @@ mod tests {
             assert!(err.to_string().contains(reason), "{edit}: {err}");
             assert!(err.path.starts_with("endpoints."), "{err}");
         }
+    }
+
+    #[test]
+    fn release_routes_are_seen_by_the_filter_and_are_no_actions() {
+        let p = plans();
+        assert_eq!(class(&p, "DELETE", "/api/diagrams/d1"), "release storage");
+        assert_eq!(class(&p, "DELETE", "/API/Diagrams/d1"), "release storage");
+        assert_eq!(class(&p, "DELETE", "/api/team/members/m1"), "release team");
+        let err = with(|v| {
+            v["unmetered"] = serde_json::json!([{"prefix": "/api/diagrams"}]);
+        })
+        .unwrap_err();
+        assert_eq!(err.path, "storage.delete_routes[0]");
+        assert!(err.reason.contains("unmetered"), "{err}");
+        let err = with(|v| {
+            v["team"]["remove_routes"] = serde_json::json!([{"path": "/api/upload"}]);
+        })
+        .unwrap_err();
+        assert_eq!(err.path, "team.remove_routes[0]");
+        assert!(err.reason.contains("metered route"), "{err}");
     }
 
     #[test]

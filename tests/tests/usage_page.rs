@@ -57,6 +57,15 @@ fn the_usage_page_shows_what_the_gateway_counted() {
         text(element(&dom, r#"data-testid="dxf_export-count""#)),
         "Not in your plan"
     );
+    // The running totals: the four 10-byte diagrams, the subscriber's team of one.
+    assert_eq!(
+        text(element(&dom, r#"data-testid="storage-count""#)),
+        "0.0 of 1024 MB"
+    );
+    assert_eq!(
+        text(element(&dom, r#"data-testid="team-count""#)),
+        "1 of 1 member"
+    );
     // Today's bar holds the five.
     let today = gw.now().date_naive();
     assert!(
