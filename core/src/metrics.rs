@@ -85,9 +85,154 @@ impl Metric {
     }
 }
 
+/// What became of a metered request, as its labeled counter says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allowed,
+    Denied,
+    Rejected,
+    Duplicate,
+    FailOpen,
+    FailOpenRefused,
+    FailClosed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Denied => "denied",
+            Outcome::Rejected => "rejected",
+            Outcome::Duplicate => "duplicate",
+            Outcome::FailOpen => "fail_open",
+            Outcome::FailOpenRefused => "fail_open_refused",
+            Outcome::FailClosed => "fail_closed",
+        }
+    }
+
+    /// The unlabeled counter it also adds to.
+    pub fn metric(self) -> Metric {
+        match self {
+            Outcome::Allowed => Metric::Allowed,
+            Outcome::Denied => Metric::Denied,
+            Outcome::Rejected => Metric::Rejected,
+            Outcome::Duplicate => Metric::Duplicates,
+            Outcome::FailOpen => Metric::FailOpen,
+            Outcome::FailOpenRefused => Metric::FailOpenRefused,
+            Outcome::FailClosed => Metric::FailClosed,
+        }
+    }
+}
+
+/// The Redis calls whose round trip is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    Reserve,
+    Settle,
+    Report,
+}
+
+impl Call {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Call::Reserve => "reserve",
+            Call::Settle => "settle",
+            Call::Report => "report",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MetricKind {
+    /// Only grows.
+    Counter,
+    /// Moves both ways: recorded as a change (each worker adds its own share).
+    Gauge,
+    /// Each value recorded is one observation.
+    Histogram,
+}
+
+/// A metric with labels. Its name carries them in the tag syntax Envoy's `stats_tags`
+/// extract (`<label>=.=<value>;.;`, the metric's own name last, as Istio's stats do), so that
+/// `/stats/prometheus` shows `plan_limits_requests{action="upload",plan="free",...}`. Labels
+/// name actions, plans and outcomes, never a user.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LabeledMetric {
+    pub kind: MetricKind,
+    pub name: String,
+}
+
+/// The labels Envoy must extract (rendered into envoy.yaml's `stats_config`).
+pub const LABELS: [&str; 4] = ["action", "plan", "outcome", "call"];
+
+fn labeled(kind: MetricKind, labels: &[(&str, &str)], name: &str) -> LabeledMetric {
+    let mut out = String::new();
+    for (label, value) in labels {
+        out.push_str(label);
+        out.push_str("=.=");
+        // Only what a tag value may hold: a plan or action name is the operator's string.
+        out.extend(value.chars().map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '_' | '-' => c,
+            _ => '_',
+        }));
+        out.push_str(";.;");
+    }
+    out.push_str(name);
+    LabeledMetric { kind, name: out }
+}
+
+/// Metered requests by action, plan in force and outcome.
+pub fn requests(action: &str, plan: &str, outcome: Outcome) -> LabeledMetric {
+    labeled(
+        MetricKind::Counter,
+        &[
+            ("action", action),
+            ("plan", plan),
+            ("outcome", outcome.as_str()),
+        ],
+        "plan_limits_requests",
+    )
+}
+
+/// Successes counted in Redis, by action and plan.
+pub fn counted(action: &str, plan: &str) -> LabeledMetric {
+    labeled(
+        MetricKind::Counter,
+        &[("action", action), ("plan", plan)],
+        "plan_limits_successes_counted",
+    )
+}
+
+/// A Redis call's round trip, in microseconds.
+pub fn redis_round_trip(call: Call) -> LabeledMetric {
+    labeled(
+        MetricKind::Histogram,
+        &[("call", call.as_str())],
+        "plan_limits_redis_round_trip_us",
+    )
+}
+
+/// Settlements queued, not yet sent (each worker adds its own).
+pub fn settlements_queued() -> LabeledMetric {
+    labeled(MetricKind::Gauge, &[], "plan_limits_settlements_queued")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_in_envoys_tag_syntax_and_values_cannot_break_it() {
+        assert_eq!(
+            requests("upload", "free", Outcome::Denied).name,
+            "action=.=upload;.;plan=.=free;.;outcome=.=denied;.;plan_limits_requests"
+        );
+        assert_eq!(
+            counted("upload", "pro;.;x=.=y").name,
+            "action=.=upload;.;plan=.=pro___x___y;.;plan_limits_successes_counted"
+        );
+        assert_eq!(settlements_queued().name, "plan_limits_settlements_queued");
+    }
 
     #[test]
     fn every_metric_has_its_own_name() {

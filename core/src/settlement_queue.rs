@@ -23,8 +23,9 @@ pub struct SettlementQueue {
 /// What one batch's answer meant, for metrics and logs.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchReport {
-    /// Successes counted (commits and counts).
+    /// Successes counted (commits and counts), and each one's action and plan.
     pub counted: u64,
+    pub counted_by: Vec<(String, String)>,
     /// Commits Redis had counted already (a commit sent again after its answer was lost).
     pub commits_unmatched: u64,
     pub released: u64,
@@ -121,7 +122,12 @@ impl SettlementQueue {
                         (SettleMode::GiveBack, _) => {}
                         (SettleMode::Extend, true) => report.extended += 1,
                         (SettleMode::Extend, false) => {}
-                        (_, true) => report.counted += 1,
+                        (_, true) => {
+                            report.counted += 1;
+                            report
+                                .counted_by
+                                .push((item.action.clone(), item.plan.clone()));
+                        }
                         (SettleMode::Commit, false) => report.commits_unmatched += 1,
                         (SettleMode::Count, false) => report.dropped_unknown += 1,
                     }

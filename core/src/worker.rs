@@ -29,7 +29,7 @@ use crate::config::RedisSettings;
 use crate::denials::DenialCache;
 use crate::entitlements::{EntitlementCache, Recorded};
 use crate::keys::UsageKeys;
-use crate::metrics::Metric;
+use crate::metrics::{self, LabeledMetric, Metric, Outcome};
 use crate::outage::{self, Budget};
 use crate::plans::Plans;
 use crate::redis::functions::{self, EventsTrim, ReserveStatus, SettleArgs};
@@ -68,6 +68,8 @@ pub trait Io {
     /// `false` when nothing can hold it.
     fn hold(&mut self, stream: StreamId) -> bool;
     fn count(&mut self, metric: Metric, by: u64);
+    /// Adds `value` to a labeled counter or gauge, or observes it in a histogram.
+    fn record(&mut self, metric: &LabeledMetric, value: i64);
     fn log(&mut self, level: LogLevel, message: String);
     /// This Envoy's shared data (across its workers): the value and its version.
     fn shared_get(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
@@ -122,7 +124,10 @@ pub struct Worker {
     reports: HashMap<StreamId, PendingReport>,
     /// Requests on release routes, and what the upstream said they gave back.
     releases: HashMap<StreamId, (Release, Option<u64>)>,
-    calls: HashMap<Token, Waiter>,
+    /// This worker's share of the queued-settlements gauge, as last reported.
+    queue_reported: i64,
+    /// Calls in flight: who waits for each, and when it was sent.
+    calls: HashMap<Token, (Waiter, DateTime<Utc>)>,
     settlements: SettlementQueue,
     denials: DenialCache,
     entitlements: EntitlementCache,
@@ -218,6 +223,7 @@ impl Worker {
             reports: HashMap::new(),
             releases: HashMap::new(),
             calls: HashMap::new(),
+            queue_reported: 0,
             settlements: SettlementQueue::new(defaults.max_queued_settlements, defaults.max_batch),
             denials: DenialCache::new(REMEMBERED_USERS),
             entitlements: EntitlementCache::new(REMEMBERED_USERS),
@@ -289,7 +295,9 @@ impl Worker {
             // Not counted: Envoy's own request stats already do, and this path must stay cheap.
             Admission::Unmetered => Flow::Continue,
             Admission::Refused(response) => {
+                // (Refused before its action was known: a token, a path, a method.)
                 io.count(Metric::Rejected, 1);
+                io.record(&metrics::requests("none", "none", Outcome::Rejected), 1);
                 self.answer_at_head(stream, response, drainable, io)
             }
             Admission::Metered(mut request) => {
@@ -331,7 +339,7 @@ impl Worker {
         let command = report.command(plans, unix_millis(now));
         match io.send(&plans.redis, &command) {
             Ok(call) => {
-                self.calls.insert(call, Waiter::Report(stream));
+                self.calls.insert(call, (Waiter::Report(stream), now));
                 let pending = PendingReport {
                     report,
                     call,
@@ -402,7 +410,7 @@ impl Worker {
         }
         if let Some(plan) = recorded.plan.filter(|plan| *plan != request.plan().key) {
             if let Err(response) = request.apply_plan(&plan) {
-                io.count(Metric::Rejected, 1);
+                count_outcome(io, &request, Outcome::Rejected);
                 return self.answer_at_head(stream, response, drainable, io);
             }
         }
@@ -422,7 +430,7 @@ impl Worker {
         };
         let Some(limit) = limit else {
             // Unlimited: on at once, counted on success.
-            io.count(Metric::Allowed, 1);
+            count_outcome(io, &request, Outcome::Allowed);
             set_identity(stream, &request, plans, io);
             self.streams.insert(
                 stream,
@@ -440,14 +448,14 @@ impl Worker {
             Some(_) => None,
         };
         if let Some(response) = remembered {
-            io.count(Metric::Denied, 1);
+            count_outcome(io, &request, Outcome::Denied);
             return self.answer_at_head(stream, response, drainable, io);
         }
         let redis = &plans.redis;
         let command = request.reserve(limit, self.ids.next(), now_ms, plans);
         let flow = match io.send(redis, &command) {
             Ok(token) => {
-                self.calls.insert(token, Waiter::Reservation(stream));
+                self.calls.insert(token, (Waiter::Reservation(stream), now));
                 self.streams.insert(
                     stream,
                     Stream {
@@ -493,7 +501,7 @@ impl Worker {
         let command = entry.request.reserve(limit, id, unix_millis(now), plans);
         match io.send(&plans.redis, &command) {
             Ok(token) => {
-                self.calls.insert(token, Waiter::Reservation(stream));
+                self.calls.insert(token, (Waiter::Reservation(stream), now));
                 entry.call = Some(token);
             }
             Err(e) => {
@@ -541,7 +549,7 @@ impl Worker {
         let redis = &plans.redis;
         match decision {
             Decision::Allowed => {
-                io.count(Metric::Allowed, 1);
+                count_outcome(io, request, Outcome::Allowed);
                 set_identity(stream, request, plans, io);
                 Ok(())
             }
@@ -549,7 +557,7 @@ impl Worker {
                 response,
                 final_refusal,
             } => {
-                io.count(Metric::Denied, 1);
+                count_outcome(io, request, Outcome::Denied);
                 let response = with_ratelimit(response, request, plans, now);
                 if final_refusal {
                     self.denials
@@ -558,21 +566,21 @@ impl Worker {
                 Err(response)
             }
             Decision::Refused(response) => {
-                io.count(Metric::Rejected, 1);
+                count_outcome(io, request, Outcome::Rejected);
                 Err(response)
             }
             Decision::Duplicate(response) => {
-                io.count(Metric::Duplicates, 1);
+                count_outcome(io, request, Outcome::Duplicate);
                 Err(response)
             }
             Decision::FailOpen(e) => {
                 io.count(Metric::RedisErrors, 1);
                 if !spend_outage_budget(request, redis, io) {
-                    io.count(Metric::FailOpenRefused, 1);
+                    count_outcome(io, request, Outcome::FailOpenRefused);
                     let response = request.outage_refusal(now);
                     return Err(with_ratelimit(response, request, plans, now));
                 }
-                io.count(Metric::FailOpen, 1);
+                count_outcome(io, request, Outcome::FailOpen);
                 // No user id: the log is not a place for who did what.
                 if let Some(times) = self.fail_open_log.due(unix_millis(now)) {
                     io.log(
@@ -587,7 +595,7 @@ impl Worker {
             }
             Decision::FailClosed(e, response) => {
                 io.count(Metric::RedisErrors, 1);
-                io.count(Metric::FailClosed, 1);
+                count_outcome(io, request, Outcome::FailClosed);
                 io.log(
                     LogLevel::Warn,
                     format!(
@@ -609,11 +617,20 @@ impl Worker {
         io: &mut dyn Io,
     ) {
         // Unknown: its stream ended meanwhile (and released what it held).
-        match self.calls.remove(&token) {
-            Some(Waiter::Reservation(stream)) => self.on_reservation(stream, reply, now, io),
-            Some(Waiter::Report(stream)) => self.on_report(stream, reply, now, io),
-            Some(Waiter::Batch) => self.on_batch_reply(reply, now, io),
-            None => {}
+        let Some((waiter, sent)) = self.calls.remove(&token) else {
+            return;
+        };
+        let call = match waiter {
+            Waiter::Reservation(_) => metrics::Call::Reserve,
+            Waiter::Report(_) => metrics::Call::Report,
+            Waiter::Batch => metrics::Call::Settle,
+        };
+        let micros = (now - sent).num_microseconds().unwrap_or(i64::MAX);
+        io.record(&metrics::redis_round_trip(call), micros.max(0));
+        match waiter {
+            Waiter::Reservation(stream) => self.on_reservation(stream, reply, now, io),
+            Waiter::Report(stream) => self.on_report(stream, reply, now, io),
+            Waiter::Batch => self.on_batch_reply(reply, now, io),
         }
     }
 
@@ -638,7 +655,7 @@ impl Worker {
             pending.report.reanchor(anchor, now);
             let command = pending.report.command(&plans, unix_millis(now));
             if let Ok(call) = io.send(&plans.redis, &command) {
-                self.calls.insert(call, Waiter::Report(stream));
+                self.calls.insert(call, (Waiter::Report(stream), now));
                 pending.call = call;
                 self.reports.insert(stream, pending);
                 return;
@@ -746,7 +763,7 @@ impl Worker {
                 BodyFlow::Continue
             }
             Err(response) => {
-                io.count(Metric::Rejected, 1);
+                count_outcome(io, &entry.request, Outcome::Rejected);
                 let settlement = entry
                     .request
                     .on_response(response.status, now, &plans.redis);
@@ -890,6 +907,16 @@ impl Worker {
     pub fn on_tick(&mut self, now: DateTime<Utc>, io: &mut dyn Io) {
         self.extend_held(now, io);
         self.flush(now, io);
+        self.report_queue(io);
+    }
+
+    /// Brings this worker's share of the queued-settlements gauge up to date.
+    fn report_queue(&mut self, io: &mut dyn Io) {
+        let queued = i64::try_from(self.settlements.len()).unwrap_or(i64::MAX);
+        if queued != self.queue_reported {
+            io.record(&metrics::settlements_queued(), queued - self.queue_reported);
+            self.queue_reported = queued;
+        }
     }
 
     /// A reservation is extended every third of its expiry while its request is in flight,
@@ -942,7 +969,7 @@ impl Worker {
         );
         match io.send(redis, &command) {
             Ok(token) => {
-                self.calls.insert(token, Waiter::Batch);
+                self.calls.insert(token, (Waiter::Batch, now));
             }
             Err(e) => self.on_batch_reply(Err(e), now, io),
         }
@@ -971,6 +998,7 @@ impl Worker {
         // failed batch backs off first, so this ends).
         self.flush(now, io);
         if self.stopping && !self.settlements.batch_in_flight() {
+            self.report_queue(io);
             io.done();
         }
     }
@@ -980,7 +1008,11 @@ impl Worker {
     pub fn on_shutdown(&mut self, now: DateTime<Utc>, io: &mut dyn Io) -> bool {
         self.stopping = true;
         self.flush(now, io);
-        !self.settlements.batch_in_flight()
+        let done = !self.settlements.batch_in_flight();
+        if done {
+            self.report_queue(io);
+        }
+        done
     }
 
     /// Settlements waiting or on their way to Redis.
@@ -1059,8 +1091,19 @@ fn spend_outage_budget(request: &MeteredRequest, redis: &RedisSettings, io: &mut
     false
 }
 
+/// Counts what became of `request`: the outcome's counter, and the one labeled with its
+/// action and plan.
+fn count_outcome(io: &mut dyn Io, request: &MeteredRequest, outcome: Outcome) {
+    io.count(outcome.metric(), 1);
+    let labeled = metrics::requests(&request.action().key, &request.plan().key, outcome);
+    io.record(&labeled, 1);
+}
+
 fn record(report: &BatchReport, io: &mut dyn Io) {
     io.count(Metric::Counted, report.counted);
+    for (action, plan) in &report.counted_by {
+        io.record(&metrics::counted(action, plan), 1);
+    }
     io.count(Metric::Released, report.released);
     io.count(Metric::Extended, report.extended);
     io.count(Metric::CommitsUnmatched, report.commits_unmatched);
@@ -1107,6 +1150,7 @@ mod tests {
         headers: Vec<(StreamId, String, String)>,
         response_headers: Vec<(StreamId, String, String)>,
         counts: HashMap<Metric, u64>,
+        recorded: Vec<(LabeledMetric, i64)>,
         logs: Vec<(LogLevel, String)>,
         shared: HashMap<String, (Vec<u8>, u32)>,
         done: u32,
@@ -1146,6 +1190,9 @@ mod tests {
         }
         fn count(&mut self, metric: Metric, by: u64) {
             *self.counts.entry(metric).or_default() += by;
+        }
+        fn record(&mut self, metric: &LabeledMetric, value: i64) {
+            self.recorded.push((metric.clone(), value));
         }
         fn log(&mut self, level: LogLevel, message: String) {
             self.logs.push((level, message));
@@ -2304,6 +2351,43 @@ mod tests {
             .args
             .iter()
             .any(|a| a == b"plan-limits:{u}:storage:held"));
+    }
+
+    #[test]
+    fn outcomes_round_trips_and_the_queue_are_recorded_with_labels_never_a_user() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        send(&mut w, 1, &upload("u"), &mut io);
+        let (token, _) = io.last_sent();
+        let later = now() + chrono::Duration::milliseconds(3);
+        w.on_reply(token, reserved(0, 5, 0, "free"), later, &mut io);
+        view_succeeds(&mut w, 2, &mut io);
+        w.on_tick(later, &mut io);
+        let (batch, _) = io.last_sent();
+        w.on_reply(batch, settled(&[1]), later, &mut io);
+        w.on_tick(later, &mut io);
+        let names: Vec<(&str, i64)> = io
+            .recorded
+            .iter()
+            .map(|(m, v)| (m.name.as_str(), *v))
+            .collect();
+        assert!(names.contains(&(
+            "action=.=upload;.;plan=.=free;.;outcome=.=denied;.;plan_limits_requests",
+            1
+        )));
+        assert!(names.contains(&("call=.=reserve;.;plan_limits_redis_round_trip_us", 3000)));
+        assert!(names.contains(&(
+            "action=.=procedure_view;.;plan=.=free;.;plan_limits_successes_counted",
+            1
+        )));
+        // The view's settlement queued (+1), then sent and answered (-1).
+        let queued: i64 = names
+            .iter()
+            .filter(|(n, _)| *n == "plan_limits_settlements_queued")
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(queued, 0);
+        assert!(names.iter().all(|(n, _)| !n.contains("=.=u;")), "no user");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use chrono::{DateTime, Utc};
 use log::{error, info, warn};
 use plan_limits_core::config::RedisSettings;
-use plan_limits_core::metrics::Metric;
+use plan_limits_core::metrics::{LabeledMetric, Metric};
 use plan_limits_core::period;
 use plan_limits_core::redis::{RedisCommand, TransportError};
 use plan_limits_core::responses::LocalResponse;
@@ -145,6 +145,10 @@ impl Io for Host<'_> {
         self.streams
             .push(StreamAction::SetHeader(stream, header.into(), secret));
         true
+    }
+
+    fn record(&mut self, metric: &LabeledMetric, value: i64) {
+        self.metrics.record(metric, value);
     }
 
     fn count(&mut self, metric: Metric, by: u64) {

@@ -18,10 +18,11 @@ pub struct EnvoyParams<'a> {
     pub upstream_port: u16,
     pub webdis_port: u16,
     pub upstream_timeout: &'a str,
-    pub filter_wasm: &'a Path,
     pub plans_json: &'a str,
     /// The JSON Web Key Set Envoy verifies bearer tokens with (`jwt` identity).
     pub jwks: &'a Path,
+    /// Where Envoy watches the filters' discovered configurations (`write_filter_configs`).
+    pub ecds_dir: &'a Path,
 }
 
 /// The repository's envoy.yaml template.
@@ -30,15 +31,14 @@ pub fn template() -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Renders the envoy.yaml `template`; plans.json becomes the filter's configuration verbatim,
-/// so limits live in one place only, and Envoy's metered routes are rendered from its routes.
+/// Renders the envoy.yaml `template`: Envoy's unmetered routes, identity filters and request
+/// timeout from plans.json; the filters' own configuration is discovered from `ecds_dir`
+/// (`write_filter_configs`).
 pub fn render(template: &str, p: &EnvoyParams) -> Result<String, String> {
-    let plans: serde_json::Value =
-        serde_json::from_str(p.plans_json).map_err(|e| format!("plans.json: {e}"))?;
-    // A JSON string is a valid YAML double-quoted scalar.
-    let plans = serde_json::Value::String(plans.to_string()).to_string();
-    // A plans.json the filter refuses yields no metered routes: Envoy (or its `--mode
-    // validate`) then fails on the filter's own message, naming the field.
+    serde_json::from_str::<serde_json::Value>(p.plans_json)
+        .map_err(|e| format!("plans.json: {e}"))?;
+    // A plans.json the filter refuses yields no unmetered routes; the filter refuses it
+    // itself, naming the field.
     let compiled = Plans::from_json(p.plans_json.as_bytes()).ok();
     let routes = compiled
         .as_ref()
@@ -58,15 +58,163 @@ pub fn render(template: &str, p: &EnvoyParams) -> Result<String, String> {
         .replace("@UPSTREAM_PORT@", &p.upstream_port.to_string())
         .replace("@WEBDIS_PORT@", &p.webdis_port.to_string())
         .replace("@UPSTREAM_TIMEOUT@", p.upstream_timeout)
-        .replace("@FILTER_WASM@", &p.filter_wasm.display().to_string())
         .replace("@UNMETERED_ROUTES@", &routes)
         .replace("@IDENTITY_FILTERS@", &identity)
         .replace("@REQUEST_TIMEOUT@", &request_timeout)
-        .replace("@PLANS_JSON@", &plans);
+        .replace("@ECDS_DIR@", &p.ecds_dir.display().to_string());
     match unfilled_placeholder(&rendered) {
         Some(name) => Err(format!("envoy.yaml: placeholder @{name}@ was not filled")),
         None => Ok(rendered),
     }
+}
+
+/// The filters whose configuration Envoy discovers from files: the plan filter (with
+/// plans.json) and its hold filter, one file each, named for the filter.
+pub const DISCOVERED_FILTERS: [&str; 2] = ["plan_limits", "plan_limits_hold"];
+
+/// The Wasm filter config of `name` (one of `DISCOVERED_FILTERS`): both name the same code
+/// and VM (`vm_id`, `code`), so they share one VM per worker; only the plan filter carries
+/// plans.json.
+fn wasm_filter(name: &str, plans: &serde_json::Value, wasm: &Path) -> serde_json::Value {
+    let mut config = serde_json::json!({
+        "name": name,
+        "root_id": name,
+        "vm_config": {
+            "vm_id": "plan_limits",
+            "runtime": "envoy.wasm.runtime.v8",
+            "code": {"local": {"filename": wasm.display().to_string()}},
+        },
+    });
+    if name == "plan_limits" {
+        config["configuration"] = serde_json::json!({
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": plans.to_string(),
+        });
+    }
+    serde_json::json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": config,
+    })
+}
+
+fn parse_plans(plans_json: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(plans_json).map_err(|e| format!("plans.json: {e}"))
+}
+
+/// The discovery responses Envoy reads for the two filters: each a `TypedExtensionConfig`
+/// named like its filter, versioned by a hash of what it holds. `wasm` is the module's path,
+/// which Envoy reads once per name (`write_filter_configs` names a copy by its hash).
+pub fn filter_configs(plans_json: &str, wasm: &Path) -> Result<Vec<(String, String)>, String> {
+    let plans = parse_plans(plans_json)?;
+    let mut out = Vec::new();
+    for name in DISCOVERED_FILTERS {
+        let typed = wasm_filter(name, &plans, wasm);
+        let response = serde_json::json!({
+            "version_info": short_hash(typed.to_string().as_bytes()),
+            "resources": [{
+                "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+                "name": name,
+                "typed_config": typed,
+            }],
+        });
+        let text = serde_json::to_string_pretty(&response).map_err(|e| e.to_string())?;
+        out.push((format!("{name}.json"), text));
+    }
+    Ok(out)
+}
+
+/// A minimal Envoy config (JSON) holding the two filters as they would be discovered, for
+/// `envoy --mode validate`, which runs the module's `on_configure` on plans.json: the very
+/// .wasm that will load it accepts it or says why (ECDS files are not read in validate mode).
+pub fn validation_config(plans_json: &str, wasm: &Path) -> Result<String, String> {
+    let plans = parse_plans(plans_json)?;
+    let mut filters: Vec<serde_json::Value> = DISCOVERED_FILTERS
+        .iter()
+        .map(|name| serde_json::json!({"name": name, "typed_config": wasm_filter(name, &plans, wasm)}))
+        .collect();
+    filters.push(serde_json::json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+    }));
+    let config = serde_json::json!({
+        "static_resources": {"listeners": [{
+            "name": "validate",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "validate",
+                    "route_config": {"name": "validate"},
+                    "http_filters": filters,
+                },
+            }]}],
+        }]},
+    });
+    serde_json::to_string_pretty(&config).map_err(|e| e.to_string())
+}
+
+/// Runs `envoy --mode validate` on `validation_config`: `Err` with Envoy's message (the
+/// filter's names the JSON path) if the module refuses plans.json.
+pub fn validate_with_envoy(plans_json: &str, wasm: &Path, dir: &Path) -> Result<(), String> {
+    let path = dir.join("validate-filters.json");
+    std::fs::write(&path, validation_config(plans_json, wasm)?)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let output = Command::new(envoy_bin())
+        .args(["--mode", "validate", "--use-dynamic-base-id", "-c"])
+        .arg(&path)
+        .output()
+        .map_err(|e| format!("{}: {e}", envoy_bin().display()))?;
+    let _ = std::fs::remove_file(&path);
+    if output.status.success() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    // The filter's own line says what is wrong; else Envoy's last words.
+    let reason = text
+        .lines()
+        .find(|l| l.contains("configuration refused"))
+        .or_else(|| text.lines().rev().find(|l| !l.trim().is_empty()))
+        .unwrap_or("envoy --mode validate failed");
+    Err(reason.trim().to_string())
+}
+
+/// Writes the filters' configurations into `ecds_dir` for Envoy to pick up, each by
+/// write-and-rename (Envoy never reads half a file). The module is copied in first under a
+/// name carrying its hash, so a new .wasm is a new name (Envoy reads a local module once per
+/// name) and the old one stays for the VMs still running it.
+pub fn write_filter_configs(ecds_dir: &Path, plans_json: &str, wasm: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(ecds_dir).map_err(|e| format!("{}: {e}", ecds_dir.display()))?;
+    // Envoy resolves the module's path from its own working directory: name it absolutely.
+    let ecds_dir = &ecds_dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", ecds_dir.display()))?;
+    let code = std::fs::read(wasm).map_err(|e| format!("{}: {e}", wasm.display()))?;
+    let copy = ecds_dir.join(format!("plan_limits_filter-{}.wasm", short_hash(&code)));
+    if !copy.exists() {
+        write_and_rename(&copy, &code)?;
+    }
+    for (file, text) in filter_configs(plans_json, &copy)? {
+        write_and_rename(&ecds_dir.join(file), text.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn write_and_rename(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The first 12 hex digits of the SHA-256 of `bytes`.
+fn short_hash(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Envoy routes for the paths plans.json lists as unmetered, with the filter disabled on
@@ -288,6 +436,35 @@ mod tests {
     }
 
     #[test]
+    fn envoy_extracts_every_label_the_filter_names() {
+        let template = template();
+        for label in plan_limits_core::metrics::LABELS {
+            assert!(
+                template.contains(&format!("tag_name: {label}, regex: \"({label}=")),
+                "{label}"
+            );
+        }
+    }
+
+    #[test]
+    fn both_filters_name_the_same_vm_and_only_the_plan_filter_carries_plans() {
+        let configs = filter_configs(r#"{"a":1}"#, Path::new("/m.wasm")).unwrap();
+        let parsed: Vec<serde_json::Value> = configs
+            .iter()
+            .map(|(_, text)| serde_json::from_str(text).unwrap())
+            .collect();
+        let config = |i: usize| &parsed[i]["resources"][0]["typed_config"]["config"];
+        assert_eq!(config(0)["vm_config"], config(1)["vm_config"]);
+        assert_eq!(config(0)["configuration"]["value"], r#"{"a":1}"#);
+        assert!(config(1).get("configuration").is_none());
+        assert_eq!(parsed[0]["resources"][0]["name"], "plan_limits");
+        // Another plans.json, another version.
+        let other = filter_configs(r#"{"a":2}"#, Path::new("/m.wasm")).unwrap();
+        assert_ne!(configs[0], other[0]);
+        assert_eq!(configs[1], other[1], "the hold filter's is unchanged");
+    }
+
+    #[test]
     fn every_placeholder_must_be_filled() {
         let params = EnvoyParams {
             admin_port: 1,
@@ -295,9 +472,9 @@ mod tests {
             upstream_port: 3,
             webdis_port: 4,
             upstream_timeout: "1s",
-            filter_wasm: Path::new("/f.wasm"),
             plans_json: "{}",
             jwks: Path::new("/jwks.json"),
+            ecds_dir: Path::new("/ecds"),
         };
         assert!(render(&template(), &params).is_ok());
         let err = render("a: @NOT_THERE@", &params).unwrap_err();

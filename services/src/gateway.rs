@@ -165,9 +165,11 @@ impl EnvoyGateway {
         gateway
     }
 
-    /// Renders envoy.yaml for this gateway (its upstream and webdis) with `plans_json`.
+    /// Renders envoy.yaml for this gateway (its upstream and webdis) with `plans_json`; the
+    /// Envoy named `name` discovers its filters' configuration in `ecds_dir(name)`.
     pub fn envoy_config(
         &self,
+        name: &str,
         gateway_port: u16,
         admin_port: u16,
         plans_json: &str,
@@ -180,11 +182,23 @@ impl EnvoyGateway {
                 upstream_port: self.upstream.port,
                 webdis_port: self.webdis.port,
                 upstream_timeout: &self.options.upstream_timeout,
-                filter_wasm: &crate::filter_wasm(),
                 plans_json,
                 jwks: &self.jwt.jwks_path(),
+                ecds_dir: &self.ecds_dir(name),
             },
         )
+    }
+
+    /// Where the Envoy named `name` watches its filters' configuration.
+    pub fn ecds_dir(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}-ecds"))
+    }
+
+    /// Swaps `plans_json` (and the current filter .wasm) into the running Envoy named `name`,
+    /// without restarting it (what `plan-limits reload` does). Envoy itself refuses a config
+    /// the filter refuses, keeping the last good one.
+    pub fn reload(&self, name: &str, plans_json: &str) -> Result<(), String> {
+        envoy::write_filter_configs(&self.ecds_dir(name), plans_json, &crate::filter_wasm())
     }
 
     /// Starts an Envoy of this gateway (another process sharing the same Redis, or the
@@ -213,7 +227,9 @@ impl EnvoyGateway {
         plans_json: &str,
         hot_restart: Option<(u32, u32)>,
     ) -> Result<Service, String> {
-        let config = self.envoy_config(gateway_port, admin_port, plans_json)?;
+        let config = self.envoy_config(name, gateway_port, admin_port, plans_json)?;
+        // (A hot restart's later epoch takes over the files of the Envoy it replaces.)
+        self.reload(name, plans_json)?;
         Ok(envoy::start(EnvoyOptions {
             name,
             dir: &self.dir,

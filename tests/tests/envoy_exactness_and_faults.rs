@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use plan_limits_services::envoy::metric_at;
+use plan_limits_services::envoy::{self, metric_at};
 use plan_limits_services::process::{free_port, scratch_dir};
 use plan_limits_tests::*;
 
@@ -353,64 +353,53 @@ fn bad_plans() -> String {
 
 #[test]
 fn envoy_validate_refuses_a_bad_plans_json() {
-    let gw = gateway();
-    let check = |plans: &str| {
-        let path = gw.dir.join("validate.yaml");
-        std::fs::write(
-            &path,
-            gw.envoy_config(free_port(), free_port(), plans).unwrap(),
-        )
-        .unwrap();
-        std::process::Command::new(plan_limits_services::envoy::envoy_bin())
-            .args(["--mode", "validate", "--use-dynamic-base-id", "-c"])
-            .arg(&path)
-            .output()
-            .unwrap()
-    };
-    let good = check(&plan_limits_services::plans_json());
+    // The very .wasm runs on_configure in `envoy --mode validate` (what `plan-limits reload`
+    // does before swapping a config in).
+    let dir = scratch_dir("validate");
+    let wasm = plan_limits_services::filter_wasm();
+    let good = envoy::validate_with_envoy(&plan_limits_services::plans_json(), &wasm, &dir);
+    assert_eq!(good, Ok(()));
+    let bad = envoy::validate_with_envoy(&bad_plans(), &wasm, &dir).unwrap_err();
     assert!(
-        good.status.success(),
-        "{}",
-        String::from_utf8_lossy(&good.stderr)
-    );
-    let bad = check(&bad_plans());
-    assert!(!bad.status.success());
-    let output =
-        String::from_utf8_lossy(&bad.stderr).into_owned() + &String::from_utf8_lossy(&bad.stdout);
-    assert!(
-        output.contains("plans.free.limits.upload: invalid value: integer `-1`"),
-        "{output}"
+        bad.contains("plans.free.limits.upload: invalid value: integer `-1`"),
+        "{bad}"
     );
 }
 
 #[test]
 fn a_running_envoy_given_a_bad_config_keeps_serving_with_the_last_good_one() {
-    let base_id = 40_000 + (std::process::id() % 20_000);
-    let mut gw = EnvoyGateway::start(GatewayOptions {
-        base_id: Some(base_id),
-        ..GatewayOptions::default()
-    });
+    let mut gw = gateway();
     assert_eq!(free_upload("max").send(gw.gateway_port).status, 200);
-    // A hot restart with a broken plans.json: the new Envoy refuses it and exits ...
-    let (port, admin) = (gw.gateway_port, gw.admin_port);
-    let mut next = gw
-        .spawn_envoy_with("envoy-bad", port, admin, &bad_plans(), Some((base_id, 1)))
-        .unwrap();
-    let status = next
-        .wait_exit(Duration::from_secs(30))
-        .expect("the new Envoy gives up");
-    assert!(!status.success());
+    // A broken plans.json written straight into the watched file (no `reload` to check it
+    // first): Envoy runs the filter's on_configure, which refuses it ...
+    let rejected = "extension_config_discovery.http_filter.plan_limits.config_fail";
+    let before = gw.envoy_stat(rejected);
+    let ecds = gw.ecds_dir("envoy");
+    let (file, text) = envoy::filter_configs(&bad_plans(), &wasm_in(&ecds))
+        .unwrap()
+        .remove(0);
+    std::fs::write(ecds.join("next.json"), text).unwrap();
+    std::fs::rename(ecds.join("next.json"), ecds.join(file)).unwrap();
+    assert!(eventually(|| gw.envoy_stat(rejected) > before), "refused");
     assert!(
-        next.log_text().contains("plans.free.limits.upload"),
-        "{}",
-        next.log_text()
+        eventually(|| gw.envoy().log_text().contains("plans.free.limits.upload")),
+        "the reason, with the JSON path, is in Envoy's log"
     );
-    // ... and the running one goes on with the last good plans.
+    // ... and it goes on with the last good plans, in the same process.
     for _ in 0..4 {
         assert_eq!(free_upload("max").send(gw.gateway_port).status, 200);
     }
     assert_eq!(free_upload("max").send(gw.gateway_port).status, 429);
     assert_no_trap(&mut gw);
+}
+
+/// The .wasm copy the Envoy watching `ecds` was given.
+fn wasm_in(ecds: &std::path::Path) -> std::path::PathBuf {
+    std::fs::read_dir(ecds)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "wasm"))
+        .unwrap()
 }
 
 #[test]

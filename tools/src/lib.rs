@@ -4,5 +4,6 @@
 pub mod bench;
 pub mod operator;
 pub mod plans_table;
+pub mod reload;
 #[cfg(feature = "replay")]
 pub mod replay;

@@ -293,3 +293,82 @@ fn the_operators_changes_reach_a_running_gateway_and_are_on_record() {
     cli(&["set-plan", "gia", "professional"]);
     assert_eq!(upload().status, 200);
 }
+
+#[test]
+fn reload_swaps_plans_into_a_running_envoy_and_refuses_what_it_cannot_apply() {
+    use plan_limits_services::gateway::{EnvoyGateway, GatewayOptions};
+    use plan_limits_services::http::{Body, Request};
+
+    let mut gw = EnvoyGateway::start(GatewayOptions::default());
+    let pid = gw.envoy().pid();
+    let upload = |user: &str| {
+        Request::new("POST", "/api/upload")
+            .user(user, "free")
+            .body(Body::Bytes(b"<diagram/>".to_vec()))
+            .send(gw.gateway_port)
+            .status
+    };
+    let dir = scratch_dir("reload");
+    let edited = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut plans: serde_json::Value =
+            serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
+        edit(&mut plans);
+        let path = dir.join(name);
+        std::fs::write(&path, plans.to_string()).unwrap();
+        path.display().to_string()
+    };
+    let ecds = gw.ecds_dir("envoy").display().to_string();
+    let wasm = plan_limits_services::filter_wasm().display().to_string();
+    let admin = gw.admin_port.to_string();
+    let reload = |plans: &str| {
+        sim(&[
+            "reload",
+            plans,
+            "--ecds-dir",
+            &ecds,
+            "--wasm",
+            &wasm,
+            "--admin-port",
+            &admin,
+        ])
+    };
+
+    let three = edited("three.json", &|p| {
+        p["plans"]["free"]["limits"]["upload"] = 3.into()
+    });
+    let out = ok(reload(&three));
+    assert!(out.contains("loaded by Envoy, no restart"), "{out}");
+    let statuses: Vec<u16> = (0..4).map(|_| upload("rio")).collect();
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    assert!(ok(reload(&three)).contains("already running"));
+
+    // Refused before anything is swapped: a bad value (named by its JSON path, by the .wasm
+    // itself too), and a change Envoy's own config holds (a path no longer unmetered would
+    // still skip the filter).
+    let bad = edited("bad.json", &|p| {
+        p["plans"]["free"]["limits"]["upload"] = (-1).into()
+    });
+    let out = reload(&bad);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("plans.free.limits.upload"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fewer_unmetered = edited("unmetered.json", &|p| {
+        p["unmetered"] = serde_json::json!([{"prefix": "/health"}]);
+        p["plans"]["free"]["limits"]["upload"] = 3.into();
+    });
+    let out = reload(&fewer_unmetered);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("changes unmetered") && err.contains("restart"),
+        "{err}"
+    );
+    // The last good plans still serve, in the same process.
+    assert_eq!(upload("rio"), 429);
+    let statuses: Vec<u16> = (0..4).map(|_| upload("sam")).collect();
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    assert_eq!(gw.envoy().pid(), pid);
+}

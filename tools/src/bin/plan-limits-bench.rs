@@ -66,10 +66,12 @@ fn main() {
             upstream_port: nginx.port,
             webdis_port: webdis.port,
             upstream_timeout: "15s",
-            filter_wasm: &wasm,
             plans_json: &plans,
             jwks: &jwt.jwks_path(),
+            ecds_dir: &dir.join(format!("{}-ecds", case.name)),
         };
+        envoy::write_filter_configs(params.ecds_dir, &plans, &wasm)
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut envoy = envoy::start(EnvoyOptions {
             name: case.name,
             dir: &dir,

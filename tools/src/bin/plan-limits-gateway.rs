@@ -81,7 +81,10 @@ Try, as alice on the free plan (a token valid for a day; more: plan-limits token
   redis-cli -u '{redis}' HGETALL 'plan-limits:{{alice}}:{period}'
   redis-cli -u '{redis}' XRANGE plan-limits:events - +
   curl -s http://127.0.0.1:{admin}/stats?filter=plan_limits
+  a diagram deleted gives its bytes back to storage (the upload's answer names its diagram_id):
+  curl -i -X DELETE -H "authorization: Bearer $TOKEN" http://127.0.0.1:{g}/api/diagrams/d1
 
+Edit plans.json, then `make reload` in another terminal: Envoy loads it without a restart.
 Ctrl-C stops everything."#,
         secs = started.elapsed().as_secs_f64(),
         admin = gw.admin_port,

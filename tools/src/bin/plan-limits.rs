@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! plan-limits validate PLANS_JSON
+//! plan-limits reload [PLANS_JSON] [--ecds-dir DIR] [--wasm FILE] [--admin-port PORT]
 //! plan-limits replay PLANS_JSON SCENARIO_JSONL [--build webdis|redis-hostcalls] [--vms N]
 //! plan-limits token USER [--plan P] [--org O] [--ttl SECONDS]
 //! plan-limits functions load                (REDIS_URL: an admin's, as below)
@@ -48,6 +49,22 @@ enum Command {
     /// Check a plans.json and print its plans as a table; a bad file exits non-zero with the
     /// JSON path and the reason.
     Validate { plans: PathBuf },
+    /// Swap a plans.json (and the current filter .wasm) into a running gateway without
+    /// restarting Envoy: checked first (here, then by the .wasm itself in `envoy --mode
+    /// validate`), then written where Envoy watches its filters' configuration.
+    Reload {
+        #[arg(default_value = "plans.json")]
+        plans: PathBuf,
+        /// Where the Envoy watches (`make run`'s: .gateway/envoy-ecds).
+        #[arg(long, default_value = ".gateway/envoy-ecds")]
+        ecds_dir: PathBuf,
+        /// The filter module to run (copied in under a name carrying its hash).
+        #[arg(long, default_value = "target/plan_limits_filter.wasm")]
+        wasm: PathBuf,
+        /// Envoy's admin port: wait until Envoy reports the new config loaded (or refused).
+        #[arg(long)]
+        admin_port: Option<u16>,
+    },
     /// Replay a scenario (JSON lines, one request each) through the real filter .wasm in our
     /// wasmtime host against a real Redis; prints one JSON line per request.
     Replay {
@@ -172,6 +189,12 @@ enum BuildArg {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Validate { plans } => validate(&plans),
+        Command::Reload {
+            plans,
+            ecds_dir,
+            wasm,
+            admin_port,
+        } => reload(&plans, &ecds_dir, &wasm, admin_port),
         Command::Replay {
             plans,
             scenario,
@@ -359,6 +382,30 @@ fn validate(path: &Path) -> Result<(), String> {
     let (_, plans) = load(path)?;
     println!("{}", plan_limits_tools::plans_table::render(&plans));
     println!("\n{}: OK", path.display());
+    Ok(())
+}
+
+fn reload(
+    plans: &Path,
+    ecds_dir: &Path,
+    wasm: &Path,
+    admin_port: Option<u16>,
+) -> Result<(), String> {
+    use plan_limits_tools::reload::{self, Outcome};
+    let text = read(plans)?;
+    let outcome = reload::reload(&text, wasm, ecds_dir, admin_port)
+        .map_err(|e| format!("{}: {e}", plans.display()))?;
+    match outcome {
+        Outcome::Unchanged => println!("{}: already running, nothing to do", plans.display()),
+        Outcome::Swapped { confirmed: true } => {
+            println!("{}: loaded by Envoy, no restart", plans.display())
+        }
+        Outcome::Swapped { confirmed: false } => println!(
+            "{}: written to {} (Envoy picks it up; --admin-port waits for it)",
+            plans.display(),
+            ecds_dir.display()
+        ),
+    }
     Ok(())
 }
 
