@@ -50,16 +50,18 @@ test: build lint deps-test
 		cargo test --locked --workspace
 	$(MAKE) --no-print-directory bench-smoke
 
-## bench: every case for 10 s with the same wrk load; prints the table, writes bench/results.{json,png}
+## bench: every case 3 times for 5 s, each right after its baseline, then the growth table;
+## prints the tables, writes bench/results.{json,png}
 bench: build
 	@.venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check matplotlib
-	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --bin plan-limits-bench -- --seconds 10
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --bin plan-limits-bench -- --seconds 5 --repetitions 3
 	.venv/bin/python bench/chart.py bench/results.json bench/results.png
 	cargo bench --locked -p plan-limits-core --bench decision
 
 # A one-second run of every case: checks the benchmark works, times nothing.
 bench-smoke:
-	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --bin plan-limits-bench -- --seconds 1 --out target/bench-smoke
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --bin plan-limits-bench -- \
+		--seconds 1 --repetitions 1 --growth-users 1,10 --growth-routes 10 --out target/bench-smoke
 
 ## soak: 60 s of load (wrk) with Redis restarted in the middle; prints the figures
 soak: build

@@ -55,7 +55,9 @@ impl DemoUpstream {
     }
 }
 
-/// nginx answering `return 200` on a free port: an upstream that is never the bottleneck.
+/// nginx answering `return 200` on a free port: an upstream that is never the bottleneck. On
+/// `/api/upload` it reads the whole body first (as an upload handler does; answering before
+/// the body's end makes Envoy close the client's connection), then answers the same.
 pub struct Nginx {
     pub port: u16,
     pub service: Service,
@@ -71,8 +73,11 @@ impl Nginx {
                 "worker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log stderr warn;\n\
                  events {{ worker_connections 4096; }}\n\
                  http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
-                   client_body_temp_path {dir};\n\
-                   server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 200 'ok'; }}\n  }}\n}}\n",
+                   client_body_temp_path {dir};\n  client_max_body_size 64m;\n\
+                   server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 200 'ok'; }}\n\
+                     location /api/upload {{\n      client_body_buffer_size 16m;\n\
+                       proxy_pass http://127.0.0.1:{port}/;\n      proxy_pass_request_body off;\n\
+                       proxy_set_header Content-Length \"\";\n    }}\n  }}\n}}\n",
                 dir = dir.display()
             ),
         )

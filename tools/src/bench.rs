@@ -19,9 +19,12 @@ pub struct Case {
     /// Who sends it: a user and the plan their bearer token claims (signed by the tests' key,
     /// which the bench's Envoy trusts).
     pub caller: Option<(&'static str, &'static str)>,
-    pub body: &'static str,
+    /// The body's size (bytes of `x`), 0 for none.
+    pub body_bytes: usize,
     pub expect_status: u16,
     pub target_ratio: Option<f64>,
+    /// The case each repetition is measured against, run just before it (A B A B ...).
+    pub baseline: &'static str,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -33,75 +36,99 @@ pub enum Filters {
 
 pub const LIMITED_USER: &str = "bench-limited";
 pub const EXHAUSTED_USER: &str = "bench-exhausted";
+const MB: usize = 1 << 20;
+
+/// A case without a body, a caller or a target (the references).
+const fn plain(name: &'static str, label: &'static str, filters: Filters) -> Case {
+    Case {
+        name,
+        label,
+        filters,
+        method: "GET",
+        path: "/health",
+        caller: None,
+        body_bytes: 0,
+        expect_status: 200,
+        target_ratio: None,
+        baseline: "baseline",
+    }
+}
+
+/// A bare-Envoy upload of `bytes` (the uploads' baseline).
+const fn bare_upload(name: &'static str, label: &'static str, bytes: usize) -> Case {
+    Case {
+        method: "POST",
+        path: "/api/upload",
+        body_bytes: bytes,
+        baseline: name,
+        ..plain(name, label, Filters::None)
+    }
+}
+
+/// An enterprise upload of `bytes` through the filter (unlimited count and storage: no
+/// request waits on Redis; each success is settled with its bytes).
+const fn upload(name: &'static str, label: &'static str, bytes: usize, base: &'static str) -> Case {
+    Case {
+        method: "POST",
+        path: "/api/upload",
+        caller: Some(("bench-uploader", "enterprise")),
+        body_bytes: bytes,
+        target_ratio: Some(0.95),
+        baseline: base,
+        ..plain(name, label, Filters::PlanLimits)
+    }
+}
 
 pub fn cases() -> Vec<Case> {
     vec![
+        plain("baseline", "Envoy, no filter", Filters::None),
+        plain(
+            "local_ratelimit",
+            "Envoy local_ratelimit",
+            Filters::LocalRateLimit,
+        ),
         Case {
-            name: "baseline",
-            label: "1 Envoy, no filter",
-            filters: Filters::None,
-            method: "GET",
-            path: "/health",
-            caller: None,
-            body: "",
-            expect_status: 200,
-            target_ratio: None,
+            target_ratio: Some(0.95),
+            ..plain(
+                "unmetered",
+                "plan-limits, unmetered route",
+                Filters::PlanLimits,
+            )
         },
         Case {
-            name: "local_ratelimit",
-            label: "2 Envoy local_ratelimit",
-            filters: Filters::LocalRateLimit,
-            method: "GET",
-            path: "/health",
-            caller: None,
-            body: "",
-            expect_status: 200,
-            target_ratio: None,
-        },
-        Case {
-            name: "unmetered",
-            label: "3 plan-limits, unmetered route",
-            filters: Filters::PlanLimits,
-            method: "GET",
-            path: "/health",
-            caller: None,
-            body: "",
-            expect_status: 200,
-            target_ratio: Some(0.90),
-        },
-        Case {
-            name: "limited",
-            label: "4 plan-limits, limited plan",
-            filters: Filters::PlanLimits,
-            method: "GET",
             path: "/api/v1/items",
-            caller: Some(("bench-limited", "enterprise")),
-            body: "",
-            expect_status: 200,
+            caller: Some((LIMITED_USER, "enterprise")),
             target_ratio: Some(0.60),
+            ..plain("limited", "plan-limits, limited plan", Filters::PlanLimits)
         },
         Case {
-            name: "unlimited",
-            label: "5 plan-limits, unlimited plan",
-            filters: Filters::PlanLimits,
-            method: "GET",
             path: "/api/procedures/1",
             caller: Some(("bench-unlimited", "free")),
-            body: "",
-            expect_status: 200,
             target_ratio: Some(0.85),
+            ..plain(
+                "unlimited",
+                "plan-limits, unlimited plan",
+                Filters::PlanLimits,
+            )
         },
         Case {
-            name: "denied",
-            label: "6 plan-limits, answering 429",
-            filters: Filters::PlanLimits,
             method: "POST",
             path: "/api/upload",
-            caller: Some(("bench-exhausted", "free")),
-            body: "x",
+            caller: Some((EXHAUSTED_USER, "free")),
+            body_bytes: 1,
             expect_status: 429,
             target_ratio: Some(1.0),
+            ..plain("denied", "plan-limits, answering 429", Filters::PlanLimits)
         },
+        bare_upload("baseline_1mb", "Envoy, no filter, 1 MB upload", MB),
+        upload("upload_1mb", "plan-limits, 1 MB upload", MB, "baseline_1mb"),
+        bare_upload("baseline_10mb", "Envoy, no filter, 10 MB upload", 10 * MB),
+        upload(
+            "upload_10mb",
+            "plan-limits, 10 MB upload",
+            10 * MB,
+            "baseline_10mb",
+        ),
     ]
 }
 
@@ -128,10 +155,15 @@ impl Case {
         if let Some((user, plan)) = self.caller {
             request = request.user(user, plan);
         }
-        if !self.body.is_empty() {
-            request = request.body(Body::Bytes(self.body.as_bytes().to_vec()));
+        if self.body_bytes > 0 {
+            request = request.body(Body::Bytes(vec![b'x'; self.body_bytes]));
         }
         request
+    }
+
+    /// Whether it is a reference (its own baseline).
+    pub fn is_baseline(&self) -> bool {
+        self.baseline == self.name
     }
 }
 
@@ -226,13 +258,22 @@ fn parse_duration_us(text: &str) -> Option<f64> {
     })
 }
 
+/// Files wrk's script reads: the body, and the callers' tokens (round-robin).
+#[derive(Default)]
+pub struct WrkFiles<'a> {
+    pub body: Option<&'a Path>,
+    pub tokens: Option<&'a Path>,
+}
+
 pub fn run_wrk(
     script: &Path,
     port: u16,
     case: &Case,
     connections: u32,
     seconds: u64,
+    files: &WrkFiles,
 ) -> (WrkFigures, String) {
+    let path_env = |p: Option<&Path>| p.map(|p| p.display().to_string()).unwrap_or_default();
     let out = Command::new("wrk")
         .args([
             "-t1",
@@ -246,7 +287,8 @@ pub fn run_wrk(
         .env("BENCH_METHOD", case.method)
         .env("BENCH_PATH", case.path)
         .env("BENCH_HEADERS", case.headers())
-        .env("BENCH_BODY", case.body)
+        .env("BENCH_BODY_FILE", path_env(files.body))
+        .env("BENCH_TOKENS_FILE", path_env(files.tokens))
         .output()
         .expect("run wrk (apt-get install wrk)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -257,6 +299,22 @@ pub fn run_wrk(
         )
     });
     (figures, text)
+}
+
+/// The median and the spread (lowest, highest) of `values`.
+pub fn median_and_spread(values: &[f64]) -> (f64, f64, f64) {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n == 0 {
+        return (0.0, 0.0, 0.0);
+    }
+    let median = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
+    (median, sorted[0], sorted[n - 1])
 }
 
 /// What machine the figures come from.
@@ -276,6 +334,12 @@ pub fn machine() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_middle_pair_s_mean() {
+        assert_eq!(median_and_spread(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(median_and_spread(&[4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+    }
 
     #[test]
     fn wrk_output_is_read() {

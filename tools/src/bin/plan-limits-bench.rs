@@ -1,52 +1,264 @@
-//! `make bench`: runs every case of `plan_limits_tools::bench` for a fixed time with the same wrk
-//! load, prints a table, and writes bench/results.json (and the chart, from bench/chart.py).
+//! `make bench`: every case of `plan_limits_tools::bench` repeated, each repetition run right
+//! after its baseline (A B A B ...) with the same wrk load, so that a noisy minute moves both;
+//! the median and the spread of the ratios; then how the cost grows with distinct users and
+//! with routes, with Envoy's and Redis's memory after each. Writes bench/results.json (every
+//! repetition) for bench/chart.py.
 //!
-//! `plan-limits-bench [--seconds N] [--connections N] [--out DIR]`
+//! `plan-limits-bench [--seconds N] [--repetitions N] [--connections N] [--growth-users
+//! 1,1000,100000] [--growth-routes 10,1000] [--out DIR]`
 
-use std::path::PathBuf;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use plan_limits_services::envoy::{self, EnvoyOptions, EnvoyParams};
-use plan_limits_services::jwt::DevKey;
-use plan_limits_services::process::{free_port, scratch_dir};
+use plan_limits_services::jwt::{DevKey, TokenClaims};
+use plan_limits_services::process::{free_port, scratch_dir, Service};
 use plan_limits_services::redis_server::RedisServer;
 use plan_limits_services::upstream::Nginx;
 use plan_limits_services::webdis::Webdis;
-use plan_limits_tools::bench::{self, Filters};
-use serde_json::json;
+use plan_limits_tools::bench::{self, Case, Filters, WrkFigures, WrkFiles};
+use serde_json::{json, Value};
 
-fn main() {
-    let mut seconds = 10u64;
-    let mut connections = 32u32;
-    let mut out = plan_limits_services::repo_root().join("bench");
+struct Options {
+    seconds: u64,
+    repetitions: u32,
+    connections: u32,
+    growth_users: Vec<u32>,
+    growth_routes: Vec<u32>,
+    out: PathBuf,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        seconds: 5,
+        repetitions: 3,
+        connections: 32,
+        growth_users: vec![1, 1000, 100_000],
+        growth_routes: vec![10, 1000],
+        out: plan_limits_services::repo_root().join("bench"),
+    };
+    let list = |v: &str| -> Vec<u32> {
+        v.split(',')
+            .filter(|s| !s.is_empty())
+            .map(|n| n.parse().expect("a list of numbers"))
+            .collect()
+    };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
-            "--seconds" => seconds = value.parse().expect("--seconds N"),
-            "--connections" => connections = value.parse().expect("--connections N"),
-            "--out" => out = PathBuf::from(value),
+            "--seconds" => o.seconds = value.parse().expect("--seconds N"),
+            "--repetitions" => o.repetitions = value.parse().expect("--repetitions N"),
+            "--connections" => o.connections = value.parse().expect("--connections N"),
+            "--growth-users" => o.growth_users = list(value),
+            "--growth-routes" => o.growth_routes = list(value),
+            "--out" => o.out = PathBuf::from(value),
             _ => panic!("unknown option {flag}"),
         }
     }
-    std::fs::create_dir_all(&out).unwrap();
+    o
+}
+
+/// What the bench's Envoys share: Redis, webdis, nginx, the token key, the files.
+struct Rig {
+    dir: PathBuf,
+    redis: RedisServer,
+    webdis: Webdis,
+    nginx: Nginx,
+    jwt: std::sync::Arc<DevKey>,
+    wasm: PathBuf,
+    script: PathBuf,
+    bodies: BTreeMap<usize, PathBuf>,
+}
+
+impl Rig {
+    /// An Envoy of `filters` with `plans`, on one worker.
+    fn envoy(&self, name: &str, filters: Filters, plans: &str) -> (Service, u16, u16) {
+        let (port, admin) = (free_port(), free_port());
+        let params = EnvoyParams {
+            admin_port: admin,
+            gateway_port: port,
+            upstream_port: self.nginx.port,
+            webdis_port: self.webdis.port,
+            upstream_timeout: "15s",
+            plans_json: plans,
+            jwks: &self.jwt.jwks_path(),
+            ecds_dir: &self.dir.join(format!("{name}-ecds")),
+        };
+        envoy::write_filter_configs(params.ecds_dir, plans, &self.wasm)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let envoy = envoy::start(EnvoyOptions {
+            name,
+            dir: &self.dir,
+            config: &bench::envoy_config(&params, filters),
+            concurrency: 1,
+            hot_restart: None,
+            port,
+        });
+        (envoy, port, admin)
+    }
+
+    fn files<'a>(&'a self, case: &Case, tokens: Option<&'a Path>) -> WrkFiles<'a> {
+        WrkFiles {
+            body: self.bodies.get(&case.body_bytes).map(PathBuf::as_path),
+            tokens,
+        }
+    }
+}
+
+/// One timed run: under load, then at one connection.
+struct Measured {
+    load: WrkFigures,
+    single: WrkFigures,
+}
+
+fn measure(rig: &Rig, port: u16, case: &Case, o: &Options, tokens: Option<&Path>) -> Measured {
+    let files = rig.files(case, tokens);
+    let _ = bench::run_wrk(&rig.script, port, case, o.connections, 1, &files); // warm-up
+    let (load, _) = bench::run_wrk(&rig.script, port, case, o.connections, o.seconds, &files);
+    let single_secs = (o.seconds / 2).max(1);
+    let (single, _) = bench::run_wrk(&rig.script, port, case, 1, single_secs, &files);
+    for figures in [&load, &single] {
+        let expected_non_2xx = if case.expect_status < 300 {
+            0
+        } else {
+            figures.requests
+        };
+        assert_eq!(
+            figures.non_2xx, expected_non_2xx,
+            "{}: every answer must be {}",
+            case.name, case.expect_status
+        );
+    }
+    Measured { load, single }
+}
+
+fn main() {
+    let o = options();
+    std::fs::create_dir_all(&o.out).unwrap();
     let dir = scratch_dir("bench");
     let redis = RedisServer::start_on(&dir, free_port());
     let webdis = Webdis::start(&dir, "127.0.0.1", redis.port, redis.filter_password(), None);
-    let jwt = DevKey::for_tests();
-    let nginx = Nginx::start(&dir);
-    let wasm = plan_limits_services::filter_wasm();
+    let mut bodies = BTreeMap::new();
+    for case in bench::cases().iter().filter(|c| c.body_bytes > 0) {
+        let path = dir.join(format!("body-{}", case.body_bytes));
+        std::fs::write(&path, vec![b'x'; case.body_bytes]).unwrap();
+        bodies.insert(case.body_bytes, path);
+    }
+    let rig = Rig {
+        nginx: Nginx::start(&dir),
+        jwt: DevKey::for_tests(),
+        wasm: plan_limits_services::filter_wasm(),
+        script: plan_limits_services::repo_root().join("bench/wrk.lua"),
+        bodies,
+        dir,
+        redis,
+        webdis,
+    };
     let plans = bench::bench_plans();
-    let script = plan_limits_services::repo_root().join("bench/wrk.lua");
+    exhaust_uploads(&rig.redis);
 
-    // The exhausted user has used the month's uploads already.
+    // Every case's Envoy, started once; each repetition runs a case right after its baseline.
+    let cases = bench::cases();
+    let envoys: Vec<(Service, u16, u16)> = cases
+        .iter()
+        .map(|case| {
+            let envoy = rig.envoy(case.name, case.filters, &plans);
+            let status = case
+                .request()
+                .try_send(envoy.1)
+                .unwrap_or_else(|e| panic!("{}: probe: {e}", case.name))
+                .status;
+            assert_eq!(
+                status, case.expect_status,
+                "{}: probe answered {status}",
+                case.name
+            );
+            envoy
+        })
+        .collect();
+    let index = |name: &str| cases.iter().position(|c| c.name == name).expect("a case");
+    let mut runs = Vec::new();
+    for repetition in 1..=o.repetitions {
+        for (i, case) in cases.iter().enumerate().filter(|(_, c)| !c.is_baseline()) {
+            let b = index(case.baseline);
+            let base = measure(&rig, envoys[b].1, &cases[b], &o, None);
+            let run = measure(&rig, envoys[i].1, case, &o, None);
+            let ratio = run.load.rps / base.load.rps;
+            println!(
+                "#{repetition} {:<34} {:>8.0} req/s vs {:>8.0}  ratio {:>5.2}  | 1 conn p50 {:>5.0} µs ({:+.0})",
+                case.label,
+                run.load.rps,
+                base.load.rps,
+                ratio,
+                run.single.p50_us,
+                run.single.p50_us - base.single.p50_us
+            );
+            runs.push(json!({
+                "case": case.name,
+                "repetition": repetition,
+                "baseline": case.baseline,
+                "rps": run.load.rps,
+                "baseline_rps": base.load.rps,
+                "ratio": ratio,
+                "p50_us": run.load.p50_us,
+                "p99_us": run.load.p99_us,
+                "p50_us_1conn": run.single.p50_us,
+                "p99_us_1conn": run.single.p99_us,
+                "added_p50_us_1conn": run.single.p50_us - base.single.p50_us,
+                "added_p99_us_1conn": run.single.p99_us - base.single.p99_us,
+            }));
+        }
+    }
+    let summaries: Vec<Value> = cases
+        .iter()
+        .filter(|c| !c.is_baseline())
+        .map(|case| summarize(case, &runs))
+        .collect();
+    print_table(&summaries);
+    let filter_stats =
+        plan_limits_services::http::get(envoys[index("limited")].2, "/stats?filter=plan_limits")
+            .body_text()
+            .lines()
+            .filter(|l| l.starts_with("wasmcustom"))
+            .map(String::from)
+            .collect::<Vec<_>>();
+    drop(envoys);
+
+    let growth = growth(&rig, &o, &plans);
+
+    let wasm_bytes = std::fs::metadata(&rig.wasm).map(|m| m.len()).unwrap_or(0);
+    let report = json!({
+        "seconds": o.seconds,
+        "repetitions": o.repetitions,
+        "connections": o.connections,
+        "load_generator": "wrk -t1",
+        "envoy_concurrency": 1,
+        "upstream": "nginx return 200",
+        "machine": bench::machine(),
+        "wasm": rig.wasm.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "wasm_bytes": wasm_bytes,
+        "cases": summaries,
+        "runs": runs,
+        "growth": growth,
+        "limited_case_filter_stats": filter_stats,
+    });
+    let json_path = o.out.join("results.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    println!(
+        "optimized filter: {wasm_bytes} bytes\nwrote {}",
+        json_path.display()
+    );
+}
+
+/// The exhausted user has used the month's uploads already.
+fn exhaust_uploads(redis: &RedisServer) {
     let mut conn = redis.connection();
-    let period = plan_limits_services::usage::this_period();
     let keys = plan_limits_core::keys::UsageKeys::new(
         &plan_limits_services::usage::prefix(),
         bench::EXHAUSTED_USER,
-        &period,
+        &plan_limits_services::usage::this_period(),
         "upload",
     );
     redis::cmd("HSET")
@@ -55,96 +267,182 @@ fn main() {
         .arg(5)
         .exec(&mut conn)
         .unwrap();
+}
 
-    let mut results = Vec::new();
-    let mut baseline: Option<(f64, f64, f64)> = None;
-    for case in bench::cases() {
-        let (port, admin) = (free_port(), free_port());
-        let params = EnvoyParams {
-            admin_port: admin,
-            gateway_port: port,
-            upstream_port: nginx.port,
-            webdis_port: webdis.port,
-            upstream_timeout: "15s",
-            plans_json: &plans,
-            jwks: &jwt.jwks_path(),
-            ecds_dir: &dir.join(format!("{}-ecds", case.name)),
-        };
-        envoy::write_filter_configs(params.ecds_dir, &plans, &wasm)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let mut envoy = envoy::start(EnvoyOptions {
-            name: case.name,
-            dir: &dir,
-            config: &bench::envoy_config(&params, case.filters),
-            concurrency: 1,
-            hot_restart: None,
-            port,
-        });
-        // One request first: the case must answer as intended before it is timed.
-        let status = case.request().send(port).status;
-        assert_eq!(
-            status, case.expect_status,
-            "{}: probe answered {status}",
-            case.name
+/// A case's repetitions: median and spread of its ratio, throughput and added latency.
+fn summarize(case: &Case, runs: &[Value]) -> Value {
+    let mine: Vec<&Value> = runs.iter().filter(|r| r["case"] == case.name).collect();
+    let field = |name: &str| -> Vec<f64> { mine.iter().filter_map(|r| r[name].as_f64()).collect() };
+    let stat = |name: &str| {
+        let (median, low, high) = bench::median_and_spread(&field(name));
+        json!({"median": median, "min": low, "max": high})
+    };
+    let ratio = bench::median_and_spread(&field("ratio")).0;
+    json!({
+        "name": case.name,
+        "label": case.label,
+        "baseline": case.baseline,
+        "target_ratio": case.target_ratio,
+        "met": case.target_ratio.map(|t| ratio >= t),
+        "ratio": stat("ratio"),
+        "rps": stat("rps"),
+        "baseline_rps": stat("baseline_rps"),
+        "added_p50_us_1conn": stat("added_p50_us_1conn"),
+        "added_p99_us_1conn": stat("added_p99_us_1conn"),
+        "p99_us": stat("p99_us"),
+    })
+}
+
+fn print_table(summaries: &[Value]) {
+    println!("\ncase                               ratio (median, min-max)   req/s    added p50 at 1 conn   target");
+    for s in summaries {
+        println!(
+            "{:<34} {:>5.2} ({:.2}-{:.2})  {:>9.0}  {:>+7.0} µs ({:+.0} to {:+.0})  {}",
+            s["label"].as_str().unwrap_or(""),
+            s["ratio"]["median"].as_f64().unwrap_or(0.0),
+            s["ratio"]["min"].as_f64().unwrap_or(0.0),
+            s["ratio"]["max"].as_f64().unwrap_or(0.0),
+            s["rps"]["median"].as_f64().unwrap_or(0.0),
+            s["added_p50_us_1conn"]["median"].as_f64().unwrap_or(0.0),
+            s["added_p50_us_1conn"]["min"].as_f64().unwrap_or(0.0),
+            s["added_p50_us_1conn"]["max"].as_f64().unwrap_or(0.0),
+            match (s["target_ratio"].as_f64(), s["met"].as_bool()) {
+                (Some(t), Some(true)) => format!(">= {t}: met"),
+                (Some(t), _) => format!(">= {t}: missed"),
+                _ => "-".into(),
+            }
         );
-        let _ = bench::run_wrk(&script, port, &case, connections, 1); // warm-up
-        let (load, _) = bench::run_wrk(&script, port, &case, connections, seconds);
-        let (single, _) = bench::run_wrk(&script, port, &case, 1, (seconds / 2).max(1));
-        for figures in [&load, &single] {
-            let expected_non_2xx = if case.expect_status < 300 {
-                0
-            } else {
-                figures.requests
-            };
-            assert_eq!(
-                figures.non_2xx, expected_non_2xx,
-                "{}: every answer must be {}",
-                case.name, case.expect_status
+    }
+}
+
+/// How the cost grows: the limited and unlimited cases with more distinct users (round-robin
+/// over that many callers' tokens), and the limited case with more routes in plans.json; each
+/// run right after a baseline run; Envoy's and Redis's memory after each.
+fn growth(rig: &Rig, o: &Options, plans: &str) -> Vec<Value> {
+    let cases = bench::cases();
+    let case = |name: &str| cases.iter().find(|c| c.name == name).expect("a case");
+    let (_base_envoy, base_port, _) = rig.envoy("growth-baseline", Filters::None, plans);
+    let mut out = Vec::new();
+    let mut row = |label: String, envoy: (u16, u16), case: &Case, tokens: Option<&Path>| {
+        let base = measure(rig, base_port, self::case_baseline(&cases), o, None);
+        let run = measure(rig, envoy.0, case, o, tokens);
+        let envoy_memory = envoy_allocated(envoy.1);
+        let redis_memory = redis_used_memory(&rig.redis);
+        let ratio = run.load.rps / base.load.rps;
+        println!(
+            "growth: {label:<40} {:>8.0} req/s  ratio {ratio:.2}  +{:.0} µs p50 at 1 conn  Envoy {:.1} MB  Redis {:.1} MB",
+            run.load.rps,
+            run.single.p50_us - base.single.p50_us,
+            envoy_memory as f64 / 1e6,
+            redis_memory as f64 / 1e6
+        );
+        out.push(json!({
+            "label": label,
+            "case": case.name,
+            "rps": run.load.rps,
+            "baseline_rps": base.load.rps,
+            "ratio": ratio,
+            "added_p50_us_1conn": run.single.p50_us - base.single.p50_us,
+            "envoy_allocated_bytes": envoy_memory,
+            "redis_used_memory_bytes": redis_memory,
+        }));
+    };
+    // Distinct users.
+    let (_envoy, port, admin) = rig.envoy("growth-users", Filters::PlanLimits, plans);
+    for &users in &o.growth_users {
+        for name in ["limited", "unlimited"] {
+            let c = case(name);
+            let tokens = tokens_file(rig, c, users);
+            row(
+                format!("{name}, {users} distinct users"),
+                (port, admin),
+                c,
+                Some(&tokens),
             );
         }
-        let base = *baseline.get_or_insert((load.rps, single.p50_us, single.p99_us));
-        let ratio = load.rps / base.0;
-        println!(
-            "{:<34} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  ratio {:>5.2}  | 1 conn: p50 {:>5.0} µs (+{:>4.0})  p99 {:>5.0} µs (+{:>4.0})",
-            case.label, load.rps, load.p50_us, load.p99_us, ratio, single.p50_us, single.p50_us - base.1, single.p99_us, single.p99_us - base.2
-        );
-        let filter_stats =
-            plan_limits_services::http::get(admin, "/stats?filter=plan_limits").body_text();
-        results.push(json!({
-            "name": case.name,
-            "label": case.label,
-            "rps": load.rps,
-            "requests": load.requests,
-            "p50_us": load.p50_us,
-            "p99_us": load.p99_us,
-            "ratio": ratio,
-            "target_ratio": case.target_ratio,
-            "p50_us_1conn": single.p50_us,
-            "p99_us_1conn": single.p99_us,
-            "added_p50_us_1conn": single.p50_us - base.1,
-            "added_p99_us_1conn": single.p99_us - base.2,
-            "filter_stats": filter_stats.lines().filter(|l| l.starts_with("wasmcustom")).collect::<Vec<_>>(),
-            "filters": match case.filters { Filters::None => "none", Filters::LocalRateLimit => "local_ratelimit", Filters::PlanLimits => "plan_limits" },
-        }));
-        envoy.stop();
-        std::thread::sleep(Duration::from_millis(200));
     }
-    let wasm_bytes = std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0);
-    let report = json!({
-        "seconds": seconds,
-        "connections": connections,
-        "load_generator": "wrk -t1",
-        "envoy_concurrency": 1,
-        "upstream": "nginx return 200",
-        "machine": bench::machine(),
-        "wasm": wasm.file_name().map(|n| n.to_string_lossy().into_owned()),
-        "wasm_bytes": wasm_bytes,
-        "cases": results,
-    });
-    let json_path = out.join("results.json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
-    println!(
-        "optimized filter: {wasm_bytes} bytes\nwrote {}",
-        json_path.display()
-    );
+    // Routes in plans.json (the bench's request matches the last one).
+    for &routes in &o.growth_routes {
+        let plans = with_routes(plans, routes);
+        let (_envoy, port, admin) = rig.envoy(
+            &format!("growth-routes-{routes}"),
+            Filters::PlanLimits,
+            &plans,
+        );
+        let c = case("limited");
+        row(format!("limited, {routes} routes"), (port, admin), c, None);
+    }
+    out
+}
+
+fn case_baseline(cases: &[Case]) -> &Case {
+    cases
+        .iter()
+        .find(|c| c.name == "baseline")
+        .expect("the baseline")
+}
+
+/// A file of `users` bearer tokens for the case's plan (`<case user>-<i>`).
+fn tokens_file(rig: &Rig, case: &Case, users: u32) -> PathBuf {
+    let (user, plan) = case.caller.expect("a caller");
+    let path = rig.dir.join(format!("tokens-{}-{users}", case.name));
+    let claims = plan_limits_core::config::JwtClaims::default();
+    let mut text = String::new();
+    for i in 0..users {
+        let user = format!("{user}-{i}");
+        text.push_str(&rig.jwt.token(
+            &claims,
+            &TokenClaims {
+                user: &user,
+                plan: Some(plan),
+                org: None,
+                anchor_day: None,
+                ttl_secs: 3600,
+            },
+        ));
+        text.push('\n');
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The bench's plans with `routes` routes: exact paths ahead of the repository's, so that the
+/// limited case's request is matched after all of them.
+fn with_routes(plans: &str, routes: u32) -> String {
+    let mut value: Value = serde_json::from_str(plans).unwrap();
+    let own = value["routes"].as_array().cloned().unwrap_or_default();
+    let extra = (routes as usize).saturating_sub(own.len());
+    let mut all: Vec<Value> = (0..extra)
+        .map(|i| json!({"method": "POST", "path": format!("/api/extra/{i}"), "action": "pdf_export"}))
+        .collect();
+    all.extend(own);
+    value["routes"] = Value::Array(all);
+    value.to_string()
+}
+
+/// Envoy's heap in use (admin `/memory`).
+fn envoy_allocated(admin: u16) -> u64 {
+    // (Sent chunked: the JSON object is what lies between the braces.)
+    let text = plan_limits_services::http::get(admin, "/memory").body_text();
+    let object = text
+        .find('{')
+        .zip(text.rfind('}'))
+        .map_or("{}", |(start, end)| &text[start..=end]);
+    let memory: Value = serde_json::from_str(object).unwrap_or_default();
+    memory["allocated"]
+        .as_str()
+        .and_then(|n| n.parse().ok())
+        .or_else(|| memory["allocated"].as_u64())
+        .unwrap_or(0)
+}
+
+fn redis_used_memory(redis: &RedisServer) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query(&mut redis.connection())
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
