@@ -68,6 +68,9 @@ pub trait Io {
     /// `false` when nothing can hold it.
     fn hold(&mut self, stream: StreamId) -> bool;
     fn count(&mut self, metric: Metric, by: u64);
+    /// Whether a call sent now is answered even if the stream whose callback this is ends
+    /// first (proxy-wasm: only calls made on a root context's callbacks are).
+    fn answers_outlive_streams(&self) -> bool;
     /// Adds `value` to a labeled counter or gauge, or observes it in a histogram.
     fn record(&mut self, metric: &LabeledMetric, value: i64);
     fn log(&mut self, level: LogLevel, message: String);
@@ -124,6 +127,13 @@ pub struct Worker {
     reports: HashMap<StreamId, PendingReport>,
     /// Requests on release routes, and what the upstream said they gave back.
     releases: HashMap<StreamId, (Release, Option<u64>)>,
+    /// This worker's reservation call in flight, and the stream whose callback sent it if its
+    /// answer dies with that stream (proxy-wasm: a call belongs to the context that made it);
+    /// reservations meanwhile wait in the queue.
+    reserving: Option<(Token, Option<StreamId>)>,
+    reservation_queue: Vec<(StreamId, RedisCommand)>,
+    /// When settlements were last flushed (ms): ticks come faster while reservations wait.
+    flushed_at_ms: u64,
     /// This worker's share of the queued-settlements gauge, as last reported.
     queue_reported: i64,
     /// Calls in flight: who waits for each, and when it was sent.
@@ -142,8 +152,6 @@ pub struct Worker {
 /// A metered stream, from its headers to its end.
 struct Stream {
     request: MeteredRequest,
-    /// The reservation call it waits for, if any.
-    call: Option<Token>,
     /// Its client may be writing a body it will not read past: a refusal waits for its end.
     drainable: bool,
 }
@@ -163,10 +171,10 @@ struct Drain {
 }
 
 /// Who waits for a call's answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Waiter {
-    /// A paused stream's reservation.
-    Reservation(StreamId),
+    /// Paused streams' reservations (one call for all of them, in this order).
+    Reservations(Vec<StreamId>),
     /// A paused stream's report.
     Report(StreamId),
     /// The settlement batch in flight.
@@ -224,6 +232,9 @@ impl Worker {
             releases: HashMap::new(),
             calls: HashMap::new(),
             queue_reported: 0,
+            reserving: None,
+            reservation_queue: Vec::new(),
+            flushed_at_ms: 0,
             settlements: SettlementQueue::new(defaults.max_queued_settlements, defaults.max_batch),
             denials: DenialCache::new(REMEMBERED_USERS),
             entitlements: EntitlementCache::new(REMEMBERED_USERS),
@@ -432,14 +443,7 @@ impl Worker {
             // Unlimited: on at once, counted on success.
             count_outcome(io, &request, Outcome::Allowed);
             set_identity(stream, &request, plans, io);
-            self.streams.insert(
-                stream,
-                Stream {
-                    request,
-                    call: None,
-                    drainable,
-                },
-            );
+            self.streams.insert(stream, Stream { request, drainable });
             return Flow::Continue;
         };
         // (A repeat of a request with an idempotency key is told so by Redis, not refused.)
@@ -451,19 +455,10 @@ impl Worker {
             count_outcome(io, &request, Outcome::Denied);
             return self.answer_at_head(stream, response, drainable, io);
         }
-        let redis = &plans.redis;
         let command = request.reserve(limit, self.ids.next(), now_ms, plans);
-        let flow = match io.send(redis, &command) {
-            Ok(token) => {
-                self.calls.insert(token, (Waiter::Reservation(stream), now));
-                self.streams.insert(
-                    stream,
-                    Stream {
-                        request,
-                        call: Some(token),
-                        drainable,
-                    },
-                );
+        let flow = match self.ask(stream, command, plans, now, io) {
+            Ok(()) => {
+                self.streams.insert(stream, Stream { request, drainable });
                 return Flow::Pause;
             }
             // Not sent at all: the action's failure mode decides, right now.
@@ -475,15 +470,77 @@ impl Worker {
                 }
             }
         };
-        self.streams.insert(
-            stream,
-            Stream {
-                request,
-                call: None,
-                drainable,
-            },
-        );
+        self.streams.insert(stream, Stream { request, drainable });
         flow
+    }
+
+    /// Sends `stream`'s reservation at once if none of this worker's is in flight; else it
+    /// waits, with those arriving meanwhile, for that call's answer and goes in the next call
+    /// with them (a group commit: one request alone never waits, and under load one call
+    /// carries many reservations). `Err`: it could not be sent.
+    fn ask(
+        &mut self,
+        stream: StreamId,
+        command: RedisCommand,
+        plans: &Plans,
+        now: DateTime<Utc>,
+        io: &mut dyn Io,
+    ) -> Result<(), TransportError> {
+        if self.reserving.is_some() || !self.reservation_queue.is_empty() {
+            self.reservation_queue.push((stream, command));
+            return Ok(());
+        }
+        let token = io.send(&plans.redis, &command)?;
+        self.calls
+            .insert(token, (Waiter::Reservations(vec![stream]), now));
+        let owner = (!io.answers_outlive_streams()).then_some(stream);
+        self.reserving = Some((token, owner));
+        Ok(())
+    }
+
+    /// Reservations wait that only a tick can send (their call must be made where its answer
+    /// outlives any one stream): the host should tick soon.
+    pub fn wants_tick_soon(&self) -> bool {
+        !self.reservation_queue.is_empty()
+    }
+
+    /// Sends the reservations that waited for the last call, as one call (up to `max_batch`),
+    /// where its answer cannot die with a stream (else a tick does).
+    fn send_waiting_reservations(&mut self, now: DateTime<Utc>, io: &mut dyn Io) {
+        let Some(plans) = self.plans.clone() else {
+            return;
+        };
+        if !io.answers_outlive_streams() {
+            return;
+        }
+        while self.reserving.is_none() && !self.reservation_queue.is_empty() {
+            let n = self
+                .reservation_queue
+                .len()
+                .min(plans.redis.max_batch.max(1));
+            let batch: Vec<(StreamId, RedisCommand)> = self.reservation_queue.drain(..n).collect();
+            let streams: Vec<StreamId> = batch.iter().map(|(stream, _)| *stream).collect();
+            let sent = match batch.as_slice() {
+                [(_, one)] => io.send(&plans.redis, one),
+                many => {
+                    let commands: Vec<&RedisCommand> = many.iter().map(|(_, c)| c).collect();
+                    io.send(&plans.redis, &functions::reserve_many(&commands))
+                }
+            };
+            match sent {
+                Ok(token) => {
+                    self.calls
+                        .insert(token, (Waiter::Reservations(streams), now));
+                    self.reserving = Some((token, None));
+                }
+                // Not sent at all: each follows its failure mode now.
+                Err(e) => {
+                    for stream in streams {
+                        self.on_reservation(stream, Err(e.clone()), now, io);
+                    }
+                }
+            }
+        }
     }
 
     /// Asks for `entry`'s reservation again under the same id (its anchor was corrected); the
@@ -499,11 +556,8 @@ impl Worker {
         let id = entry.request.reservation_id().to_string();
         let limit = entry.request.limit().unwrap_or(0);
         let command = entry.request.reserve(limit, id, unix_millis(now), plans);
-        match io.send(&plans.redis, &command) {
-            Ok(token) => {
-                self.calls.insert(token, (Waiter::Reservation(stream), now));
-                entry.call = Some(token);
-            }
+        match self.ask(stream, command, plans, now, io) {
+            Ok(()) => {}
             Err(e) => {
                 let decision = entry.request.on_reservation(Err(e), now);
                 match self.carry_out(stream, &mut entry.request, decision, plans, now, io) {
@@ -621,14 +675,26 @@ impl Worker {
             return;
         };
         let call = match waiter {
-            Waiter::Reservation(_) => metrics::Call::Reserve,
+            Waiter::Reservations(_) => metrics::Call::Reserve,
             Waiter::Report(_) => metrics::Call::Report,
             Waiter::Batch => metrics::Call::Settle,
         };
         let micros = (now - sent).num_microseconds().unwrap_or(i64::MAX);
         io.record(&metrics::redis_round_trip(call), micros.max(0));
         match waiter {
-            Waiter::Reservation(stream) => self.on_reservation(stream, reply, now, io),
+            Waiter::Reservations(streams) => {
+                self.reserving = None;
+                let replies = match streams.len() {
+                    1 => vec![reply],
+                    n => functions::split_reservations(reply, n),
+                };
+                // (A stream that ended meanwhile is gone: its answer is ignored, and what
+                // was reserved for it is released by its end's settlement.)
+                for (stream, reply) in streams.into_iter().zip(replies) {
+                    self.on_reservation(stream, reply, now, io);
+                }
+                self.send_waiting_reservations(now, io);
+            }
             Waiter::Report(stream) => self.on_report(stream, reply, now, io),
             Waiter::Batch => self.on_batch_reply(reply, now, io),
         }
@@ -680,7 +746,6 @@ impl Worker {
         else {
             return;
         };
-        entry.call = None;
         let numbers = reply
             .as_ref()
             .ok()
@@ -881,9 +946,17 @@ impl Worker {
         let Some(mut entry) = self.streams.remove(&stream) else {
             return;
         };
-        if let Some(token) = entry.call {
-            self.calls.remove(&token);
+        // Its own call dies with it: no answer will come (what Redis may have reserved is
+        // released by its end's settlement), and the next waits no longer.
+        if let Some((token, Some(owner))) = self.reserving {
+            if owner == stream {
+                self.calls.remove(&token);
+                self.reserving = None;
+            }
         }
+        // Not sent yet: it never will be (its end's release asks Redis to let go of nothing).
+        self.reservation_queue
+            .retain(|(waiting, _)| *waiting != stream);
         let Some(plans) = self.plans.clone() else {
             return;
         };
@@ -905,6 +978,15 @@ impl Worker {
     /// The periodic tick (`flush_interval_ms`): extend the reservations of requests still in
     /// flight that need it, send queued settlements.
     pub fn on_tick(&mut self, now: DateTime<Utc>, io: &mut dyn Io) {
+        // Ticks come faster while reservations wait: settlements keep their own pace then.
+        let fast = self.wants_tick_soon();
+        self.send_waiting_reservations(now, io);
+        let now_ms = unix_millis(now);
+        let every = self.plans.as_ref().map_or(0, |p| p.redis.flush_interval_ms);
+        if fast && now_ms.saturating_sub(self.flushed_at_ms) < every {
+            return;
+        }
+        self.flushed_at_ms = now_ms;
         self.extend_held(now, io);
         self.flush(now, io);
         self.report_queue(io);
@@ -1151,6 +1233,8 @@ mod tests {
         response_headers: Vec<(StreamId, String, String)>,
         counts: HashMap<Metric, u64>,
         recorded: Vec<(LabeledMetric, i64)>,
+        /// Callbacks run on a stream's context (calls die with it), not the root's.
+        on_a_stream: bool,
         logs: Vec<(LogLevel, String)>,
         shared: HashMap<String, (Vec<u8>, u32)>,
         done: u32,
@@ -1193,6 +1277,9 @@ mod tests {
         }
         fn record(&mut self, metric: &LabeledMetric, value: i64) {
             self.recorded.push((metric.clone(), value));
+        }
+        fn answers_outlive_streams(&self) -> bool {
+            !self.on_a_stream
         }
         fn log(&mut self, level: LogLevel, message: String) {
             self.logs.push((level, message));
@@ -2096,6 +2183,8 @@ mod tests {
         // Another user, and the same user once deny_cache_ms (1 s) passed, ask Redis again.
         let v = upload("v");
         w.on_request_headers(3, v.head(), false, later, &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, granted(), later, &mut io);
         let second_later = now() + chrono::Duration::seconds(1);
         w.on_request_headers(4, u.head(), false, second_later, &mut io);
         assert_eq!(io.sent.len(), sends + 2);
@@ -2484,15 +2573,107 @@ mod tests {
     }
 
     #[test]
+    fn waiting_reservations_are_sent_by_a_tick_when_answers_die_with_streams() {
+        // proxy-wasm: an answer belongs to the context whose callback sent the call.
+        let mut io = Recorder {
+            on_a_stream: true,
+            ..Recorder::default()
+        };
+        let mut w = worker(&mut io);
+        send(&mut w, 1, &upload("a"), &mut io);
+        let (first, _) = io.last_sent();
+        send(&mut w, 2, &upload("b"), &mut io);
+        assert!(w.wants_tick_soon());
+        // The first answer arrives on stream 1's context: the next call waits for the root.
+        w.on_reply(first, granted(), now(), &mut io);
+        assert_eq!(io.sent.len(), 1);
+        io.on_a_stream = false;
+        w.on_tick(now(), &mut io);
+        let (_, call) = io.last_sent();
+        assert_eq!(call.args[3], b"plan-limits:{b}:2026-11", "sent by the tick");
+        assert!(!w.wants_tick_soon());
+
+        // A stream whose own call is in flight leaves: its answer will never come, and the
+        // reservations behind it do not wait for it.
+        let (second, _) = io.last_sent();
+        w.on_reply(second, granted(), now(), &mut io);
+        io.on_a_stream = true;
+        send(&mut w, 3, &upload("c"), &mut io);
+        send(&mut w, 4, &upload("d"), &mut io);
+        let before = io.sent.len();
+        w.on_stream_end(3, now(), &mut io);
+        io.on_a_stream = false;
+        w.on_tick(now() + chrono::Duration::milliseconds(1), &mut io);
+        assert_eq!(io.sent.len(), before + 1);
+        assert_eq!(io.last_sent().1.args[3], b"plan-limits:{d}:2026-11");
+    }
+
+    #[test]
     fn reservation_ids_are_unique_per_worker() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
         for stream in 1..=3 {
             send(&mut w, stream, &upload("u"), &mut io);
+            let (token, _) = io.last_sent();
+            w.on_reply(token, granted(), now(), &mut io);
         }
         let mut ids: Vec<_> = io.sent.iter().map(|(_, c)| c.args[12].clone()).collect();
         ids.dedup();
         assert_eq!(ids.len(), 3);
+    }
+
+    #[test]
+    fn reservations_arriving_while_one_is_in_flight_go_together_in_the_next_call() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        // Alone: sent at once.
+        assert_eq!(send(&mut w, 1, &upload("a"), &mut io), Flow::Pause);
+        let (first, _) = io.last_sent();
+        // Three more meanwhile: they wait; one of them leaves before it is sent.
+        for (stream, user) in [(2, "b"), (3, "c"), (4, "d")] {
+            assert_eq!(send(&mut w, stream, &upload(user), &mut io), Flow::Pause);
+        }
+        assert_eq!(
+            io.sent.len(),
+            1,
+            "nothing more sent while one call is in flight"
+        );
+        w.on_stream_end(3, now(), &mut io);
+        // The first answer sends the waiting ones as one call, in their order.
+        w.on_reply(first, granted(), now(), &mut io);
+        assert_eq!(io.resumed, [1]);
+        let (batch, call) = io.last_sent();
+        assert_eq!(
+            name(call),
+            (&b"FCALL"[..], &b"plan_limits_reserve_many"[..])
+        );
+        assert_eq!(call.args[2], b"12", "two reservations' keys");
+        assert_eq!(call.args[3], b"plan-limits:{b}:2026-11");
+        assert_eq!(call.args[9], b"plan-limits:{d}:2026-11");
+        // Each gets its own answer: b granted, d refused (its limit reached).
+        let mut items = Vec::new();
+        for reply in [reserved(1, 0, 1, "free"), reserved(0, 5, 0, "free")] {
+            let Ok(RedisReply::Array(mut one)) = reply else {
+                unreachable!()
+            };
+            one.extend([0, 0, 0, 0, 0].map(RedisReply::Int));
+            items.extend(one);
+        }
+        w.on_reply(batch, Ok(RedisReply::Array(items)), now(), &mut io);
+        assert_eq!(io.resumed, [1, 2]);
+        assert_eq!(io.status_for(4), Some(429));
+        assert_eq!(io.status_for(3), None, "gone before it was sent");
+        // A failed call fails each of its reservations alike (fail_open uploads go on).
+        send(&mut w, 5, &upload("e"), &mut io);
+        let (alone, _) = io.last_sent();
+        send(&mut w, 6, &upload("f"), &mut io);
+        send(&mut w, 7, &upload("g"), &mut io);
+        w.on_reply(alone, granted(), now(), &mut io);
+        let (together, _) = io.last_sent();
+        let timeout = Err(TransportError::Unknown("timeout".into()));
+        w.on_reply(together, timeout, now(), &mut io);
+        assert_eq!(io.resumed, [1, 2, 5, 6, 7]);
+        assert_eq!(io.count_of(Metric::FailOpen), 2);
     }
 
     #[test]

@@ -55,7 +55,7 @@ impl Context for PlanLimitsHttp {
         _: usize,
     ) {
         self.shared
-            .on_http_call_response(token, num_headers, body_size);
+            .on_http_call_response(self.id, token, num_headers, body_size);
     }
 }
 
@@ -65,7 +65,7 @@ impl HttpContext for PlanLimitsHttp {
         let headers = self.get_http_request_headers_bytes();
         let claims = self.claims();
         let id = self.id;
-        let flow = self.shared.handle(|worker, host| {
+        let flow = self.shared.handle(id, |worker, host| {
             let head = RequestHead::new(&headers, &claims);
             worker.on_request_headers(id, head, end_of_stream, now(), host)
         });
@@ -78,9 +78,9 @@ impl HttpContext for PlanLimitsHttp {
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let id = self.id;
         let len = u64::try_from(body_size).unwrap_or(u64::MAX);
-        let flow = self
-            .shared
-            .handle(|worker, host| worker.on_request_body(id, len, end_of_stream, now(), host));
+        let flow = self.shared.handle(id, |worker, host| {
+            worker.on_request_body(id, len, end_of_stream, now(), host)
+        });
         if flow != BodyFlow::Continue {
             // Emptied in place: nothing of it goes on. (Never paused before: a paused body
             // is Envoy's buffer, where the piece would pile up instead.)
@@ -112,14 +112,15 @@ impl HttpContext for PlanLimitsHttp {
                 .borrow_mut()
                 .on_response_header(id, value.as_deref());
         }
-        self.shared
-            .handle(|worker, host| worker.on_response_headers(id, status, now(), host));
+        self.shared.handle(id, |worker, host| {
+            worker.on_response_headers(id, status, now(), host)
+        });
         Action::Continue
     }
 
     fn on_log(&mut self) {
         let id = self.id;
         self.shared
-            .handle(|worker, host| worker.on_stream_end(id, now(), host));
+            .handle(id, |worker, host| worker.on_stream_end(id, now(), host));
     }
 }

@@ -1,7 +1,7 @@
 //! One root context per worker thread: owns the worker, applies plans.json to it, ticks it,
 //! and stops it when Envoy stops the VM.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -23,6 +23,8 @@ impl PlanLimitsRoot {
         let shared = Rc::new(Shared {
             worker: RefCell::new(Worker::new(getrandom::u64().unwrap_or(u64::from(id)))),
             metrics: MetricIds::define(),
+            root_id: id,
+            fast_ticks: Cell::new(false),
         });
         #[cfg(feature = "redis-hostcalls")]
         redis_replies::register(id, &shared);
@@ -39,23 +41,24 @@ impl Context for PlanLimitsRoot {
         _: usize,
     ) {
         self.shared
-            .on_http_call_response(token, num_headers, body_size);
+            .on_http_call_response(self.shared.root_id, token, num_headers, body_size);
     }
 
     fn on_done(&mut self) -> bool {
         // Envoy is stopping this VM: send what is queued; done now if nothing is in flight,
         // else `proxy_done` once the batch is answered.
-        self.shared
-            .handle(|worker, host| worker.on_shutdown(now(), host))
+        self.shared.handle(self.shared.root_id, |worker, host| {
+            worker.on_shutdown(now(), host)
+        })
     }
 }
 
 impl RootContext for PlanLimitsRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
         let json = self.get_plugin_configuration().unwrap_or_default();
-        let accepted = self
-            .shared
-            .handle(|worker, host| worker.configure(&json, host));
+        let accepted = self.shared.handle(self.shared.root_id, |worker, host| {
+            worker.configure(&json, host)
+        });
         let plans = self.shared.worker.borrow().plans().cloned();
         if let (true, Some(plans)) = (accepted, plans) {
             if let Err(e) = transport::init(&plans.redis) {
@@ -69,8 +72,9 @@ impl RootContext for PlanLimitsRoot {
     }
 
     fn on_tick(&mut self) {
-        self.shared
-            .handle(|worker, host| worker.on_tick(now(), host));
+        self.shared.handle(self.shared.root_id, |worker, host| {
+            worker.on_tick(now(), host)
+        });
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -119,7 +123,9 @@ mod redis_replies {
             ROOTS.with(|roots| roots.borrow().get(&root_context_id).and_then(Weak::upgrade));
         if let Some(shared) = shared {
             let reply = transport::redis_call_reply(status, size);
-            shared.handle(|worker, host| worker.on_reply(token, reply, now(), host));
+            shared.handle(root_context_id, |worker, host| {
+                worker.on_reply(token, reply, now(), host)
+            });
         }
     }
 }

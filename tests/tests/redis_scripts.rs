@@ -789,3 +789,43 @@ fn a_team_holds_its_room_in_members_counting_invites_in_flight() {
         NOW
     )));
 }
+
+#[test]
+fn reservations_sent_together_are_made_one_after_the_other_as_if_sent_alone() {
+    let (_server, mut conn) = redis();
+    let limits = limits(3);
+    let singles: Vec<_> = (0..5)
+        .map(|i| {
+            let user = if i == 4 { "other" } else { "u" };
+            let keys = keys(user);
+            functions::reserve(ReserveArgs {
+                keys: &keys,
+                action: "upload",
+                claimed_plan: "free",
+                fallback_plan: Some("free"),
+                reservation_id: &format!("r{i}"),
+                now_ms: NOW,
+                ttl_ms: TTL,
+                limits: &limits,
+                idempotency: None,
+                gauge: None,
+            })
+        })
+        .collect();
+    let refs: Vec<_> = singles.iter().collect();
+    let reply = run(&mut conn, &functions::reserve_many(&refs));
+    let answers: Vec<Reservation> = functions::split_reservations(Ok(reply), 5)
+        .into_iter()
+        .map(|r| functions::parse_reservation(r.unwrap()).unwrap())
+        .collect();
+    let statuses: Vec<_> = answers.iter().map(|a| a.status).collect();
+    use ReserveStatus::{Granted, Refused};
+    // u's limit of 3 holds across the call; another user's is its own.
+    assert_eq!(statuses, [Granted, Granted, Granted, Refused, Granted]);
+    assert_eq!(answers[2].pending, 3);
+    let held: u64 = redis::cmd("ZCARD")
+        .arg(keys("u").pending)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(held, 3);
+}

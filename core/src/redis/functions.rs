@@ -11,6 +11,10 @@ use crate::settlement::Settlement;
 pub const LIBRARY: &str = include_str!("plan_limits.lua");
 
 const RESERVE: &str = "plan_limits_reserve";
+const RESERVE_MANY: &str = "plan_limits_reserve_many";
+/// Keys per reservation, and items per answer.
+const RESERVE_KEYS: usize = 6;
+const RESERVATION_ITEMS: usize = 11;
 const SETTLE: &str = "plan_limits_settle";
 
 /// Loads (or replaces) the library: an admin's command, never the filter's.
@@ -242,6 +246,47 @@ pub enum EventsTrim {
     MaxLen(u64),
     /// Those recorded in the last this many milliseconds.
     MaxAgeMs(u64),
+}
+
+/// One `plan_limits_reserve_many` call for several `reserve` commands (in their order).
+pub fn reserve_many(reservations: &[&RedisCommand]) -> RedisCommand {
+    // A `reserve` command is FCALL, its name, the key count, its keys, its args.
+    let head = 3;
+    let mut cmd = RedisCommand::new("FCALL")
+        .arg(RESERVE_MANY)
+        .arg((RESERVE_KEYS * reservations.len()).to_string());
+    for one in reservations {
+        for key in one.args.iter().skip(head).take(RESERVE_KEYS) {
+            cmd = cmd.arg(key.as_slice());
+        }
+    }
+    for one in reservations {
+        let args = one.args.get(head + RESERVE_KEYS..).unwrap_or_default();
+        cmd = cmd.arg(args.len().to_string());
+        for arg in args {
+            cmd = cmd.arg(arg.as_slice());
+        }
+    }
+    cmd
+}
+
+/// `plan_limits_reserve_many`'s answer, one reply per reservation (each as
+/// `plan_limits_reserve` would have answered it); an error answers each alike.
+pub fn split_reservations(
+    reply: Result<RedisReply, TransportError>,
+    n: usize,
+) -> Vec<Result<RedisReply, TransportError>> {
+    match reply {
+        Ok(RedisReply::Array(items)) if items.len() == n * RESERVATION_ITEMS => items
+            .chunks(RESERVATION_ITEMS)
+            .map(|chunk| Ok(RedisReply::Array(chunk.to_vec())))
+            .collect(),
+        Ok(RedisReply::Array(items)) => {
+            let what = format!("reserve_many returned {} items for {n}", items.len());
+            vec![Err(TransportError::BadReply(what)); n]
+        }
+        other => vec![other; n],
+    }
 }
 
 /// Fields per item in `plan_limits_settle`'s args.

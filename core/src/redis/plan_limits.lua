@@ -109,6 +109,28 @@ local function reserve(keys, args)
   return answer(1, '', held + 1)
 end
 
+-- plan_limits_reserve_many: several reservations in one call, one after the other exactly as
+-- plan_limits_reserve would make them (a worker sends the requests that arrived while its
+-- previous reservation call was in flight as one, like a group commit).
+-- keys: each reservation's six keys, in order.
+-- args: per reservation, the count of its args, then its args.
+-- Returns the reservations' answers one after the other, flat (webdis renders nested
+-- arrays as null): eleven items each.
+local function reserve_many(keys, args)
+  local out = {}
+  local a = 1
+  for i = 0, #keys / 6 - 1 do
+    local n = tonumber(args[a])
+    local answer = reserve({keys[6 * i + 1], keys[6 * i + 2], keys[6 * i + 3],
+      keys[6 * i + 4], keys[6 * i + 5], keys[6 * i + 6]}, {unpack(args, a + 1, a + n)})
+    a = a + n + 1
+    for _, item in ipairs(answer) do
+      out[#out + 1] = item
+    end
+  end
+  return out
+end
+
 -- plan_limits_settle: a batch of settlements, each one of
 --   commit  - the upstream succeeded: the reservation becomes a count. Counted once: a commit
 --             sent again (its first answer was lost) finds its id among the recent commits.
@@ -296,6 +318,7 @@ local function history(keys, args)
 end
 
 redis.register_function{function_name = 'plan_limits_reserve', callback = reserve}
+redis.register_function{function_name = 'plan_limits_reserve_many', callback = reserve_many}
 redis.register_function{function_name = 'plan_limits_settle', callback = settle}
 redis.register_function{function_name = 'plan_limits_usage', callback = usage,
   flags = {'no-writes'}}
