@@ -1,8 +1,9 @@
-//! The operator's tools: the `plan-limits` CLI (validate and replay plans.json, read and
-//! change what users may do), the `make run` launcher and the benchmark runner.
+//! The operator's tools: the `plan-limits` CLI (validate and replay plans.json, print its
+//! schema, read and change what users may do), the `make run` launcher and the benchmark runner.
 
 pub mod bench;
 pub mod operator;
 pub mod plans_table;
 #[cfg(feature = "replay")]
 pub mod replay;
+pub mod schema;

@@ -293,3 +293,67 @@ fn the_operators_changes_reach_a_running_gateway_and_are_on_record() {
     cli(&["set-plan", "gia", "professional"]);
     assert_eq!(upload().status, 200);
 }
+
+const SCHEMA_STALE: &str = "plans.schema.json is not what `plan-limits schema` prints: run \
+     `cargo run -p plan-limits-tools --bin plan-limits -- schema > plans.schema.json` \
+     (or `make schema`) and commit it";
+
+#[test]
+fn the_committed_schema_is_what_plan_limits_schema_prints() {
+    let printed = ok(sim(&["schema"]));
+    let committed =
+        std::fs::read_to_string(repo_root().join("plans.schema.json")).unwrap_or_default();
+    if let Some((n, (p, c))) = printed
+        .lines()
+        .zip(committed.lines())
+        .enumerate()
+        .find(|(_, (p, c))| p != c)
+    {
+        panic!(
+            "{SCHEMA_STALE}\nfirst difference, line {}:\n  committed: {c}\n  printed:   {p}",
+            n + 1
+        );
+    }
+    assert!(printed == committed, "{SCHEMA_STALE}");
+}
+
+/// What an editor does with plans.json's `"$schema"`: the repository's file passes, and
+/// mistakes the filter refuses are flagged where they are.
+#[test]
+fn plans_json_validates_against_the_committed_schema() {
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("plans.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let plans: serde_json::Value =
+        serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
+    assert_eq!(plans["$schema"], "./plans.schema.json");
+    let errors: Vec<String> = validator
+        .iter_errors(&plans)
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    for (pointer, value) in [
+        ("/plans/free/uploads_per_day", serde_json::json!(3)),
+        ("/plans/free/limits/upload", serde_json::json!(-1)),
+        ("/plans/free/limits/upload", serde_json::json!(2.5)),
+        ("/actions/upload/on_redis_error", serde_json::json!("retry")),
+        ("/redis/timeout_ms", serde_json::json!("250")),
+        ("/routes/0/verb", serde_json::json!("POST")),
+    ] {
+        let mut bad = plans.clone();
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        bad.pointer_mut(parent).unwrap()[key] = value.clone();
+        let flagged: Vec<String> = validator
+            .iter_errors(&bad)
+            .map(|e| e.instance_path().to_string())
+            .collect();
+        assert!(
+            flagged
+                .iter()
+                .any(|at| !at.is_empty() && pointer.starts_with(at.as_str())),
+            "{pointer} = {value}: flagged at {flagged:?}"
+        );
+    }
+}

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! plan-limits validate PLANS_JSON
+//! plan-limits schema                        (make schema: written to plans.schema.json)
 //! plan-limits replay PLANS_JSON SCENARIO_JSONL [--build webdis|redis-hostcalls] [--vms N]
 //! plan-limits token USER [--plan P] [--org O] [--ttl SECONDS]
 //! plan-limits functions load                (REDIS_URL: an admin's, as below)
@@ -48,6 +49,8 @@ enum Command {
     /// Check a plans.json and print its plans as a table; a bad file exits non-zero with the
     /// JSON path and the reason.
     Validate { plans: PathBuf },
+    /// Print plans.json's JSON Schema (committed as plans.schema.json: `make schema`).
+    Schema,
     /// Replay a scenario (JSON lines, one request each) through the real filter .wasm in our
     /// wasmtime host against a real Redis; prints one JSON line per request.
     Replay {
@@ -172,6 +175,10 @@ enum BuildArg {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Validate { plans } => validate(&plans),
+        Command::Schema => {
+            println!("{}", plan_limits_tools::schema::render());
+            Ok(())
+        }
         Command::Replay {
             plans,
             scenario,
