@@ -1,7 +1,8 @@
-//! The operator's tools: the `plan-limits` CLI (validate and replay plans.json, print its
+//! The operator's tools: the `plan-limits` CLI (validate, diff and replay plans.json, print its
 //! schema, read and change what users may do), the `make run` launcher and the benchmark runner.
 
 pub mod bench;
+pub mod diff;
 pub mod operator;
 pub mod plans_table;
 #[cfg(feature = "replay")]

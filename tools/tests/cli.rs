@@ -357,3 +357,73 @@ fn plans_json_validates_against_the_committed_schema() {
         );
     }
 }
+
+/// The repository's plans.json with `edit` applied, written to a scratch file.
+fn plans_file_with(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let mut plans: serde_json::Value =
+        serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
+    edit(&mut plans);
+    let path = scratch_dir(name).join("plans.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&plans).unwrap()).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn diff_prints_what_changes_for_which_plan_and_action() {
+    let fewer_uploads = plans_file_with("cli-diff", |v| {
+        v["plans"]["free"]["limits"]["upload"] = 3.into();
+        v["plans"]["free"]["features"] = serde_json::json!(["priority_support"]);
+    });
+    let out = ok(sim(&["diff", "plans.json", &fewer_uploads]));
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "free upload: 5 -> 3",
+            "free feature added: priority_support"
+        ]
+    );
+    assert_eq!(
+        ok(sim(&["diff", "plans.json", "plans.json"])),
+        "no changes\n"
+    );
+    let bad = plans_file_with("cli-diff-bad", |v| {
+        v["plans"]["free"]["limits"]["upload"] = (-3).into()
+    });
+    let out = sim(&["diff", "plans.json", &bad]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(&bad) && err.contains("plans.free.limits.upload"),
+        "{err}"
+    );
+}
+
+/// The month-end scenario's free user uploads five times before the month ends (one failing
+/// upstream, not counted): with three uploads a month, the fourth and fifth counted ones are
+/// refused.
+#[test]
+fn diff_with_a_scenario_names_the_requests_answered_differently() {
+    let fewer_uploads = plans_file_with("cli-diff-scenario", |v| {
+        v["plans"]["free"]["limits"]["upload"] = 3.into()
+    });
+    let out = ok(sim(&[
+        "diff",
+        "plans.json",
+        &fewer_uploads,
+        "--scenario",
+        "scenarios/month-end.jsonl",
+    ]));
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "free upload: 5 -> 3",
+            "",
+            "answered differently in scenarios/month-end.jsonl:",
+            "request 5 (line 8): POST /api/upload as u1 at 2026-11-30T11:00:00.000Z: \
+             200 -> 429 (Upload limit reached)",
+            "request 6 (line 9): POST /api/upload as u1 at 2026-11-30T23:59:59.999Z: \
+             200 -> 429 (Upload limit reached)",
+        ],
+        "{out}"
+    );
+}
