@@ -5,7 +5,7 @@ WASM := target/plan_limits_filter.wasm
 WASM_HOSTCALLS := target/plan_limits_filter_redis_hostcalls.wasm
 OPT := wasm-opt -Oz --enable-bulk-memory --enable-sign-ext
 
-.PHONY: deps deps-test build build-stock build-hostcalls run reload test soak bench bench-smoke lint clean
+.PHONY: deps deps-test build build-stock build-hostcalls run reload test soak bench bench-smoke lint schema clean
 
 deps:
 	@scripts/install-deps.sh
@@ -66,6 +66,11 @@ bench-smoke:
 ## soak: 60 s of load (wrk) with Redis restarted in the middle; prints the figures
 soak: build
 	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo test --locked -p plan-limits-tests --test soak -- --ignored --nocapture
+
+## schema: plans.schema.json written again from the config's Rust types (a test fails when stale)
+schema:
+	cargo run --locked -q -p plan-limits-tools --bin plan-limits -- schema > plans.schema.json.new
+	mv plans.schema.json.new plans.schema.json
 
 lint:
 	cargo fmt --all -- --check

@@ -26,9 +26,18 @@ impl ConfigError {
 /// Monthly allowance for one action: `None` is unlimited (`null` in JSON).
 pub type Limit = Option<u64>;
 
+/// plans.json: the plans, their limits and features, the metered routes and how the gateway
+/// meters them. Beyond this schema, `plan-limits validate` checks that the names it uses
+/// (actions, features, plans) exist and that its paths agree with each other.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(title = "plans.json"))]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The JSON Schema this file follows, for editors (`"./plans.schema.json"`); the filter
+    /// ignores it.
+    #[serde(rename = "$schema", default, skip_serializing_if = "String::is_empty")]
+    pub schema: String,
     pub default_plan: String,
     #[serde(default)]
     pub identity: Identity,
@@ -67,6 +76,7 @@ pub struct Config {
 /// `adds_to_storage` add their bytes; a successful request on a delete route takes off what
 /// the upstream says it freed, in `freed_bytes_header`.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSettings {
     pub delete_routes: Vec<Unmetered>,
@@ -79,6 +89,7 @@ pub struct StorageSettings {
 /// The upstream says how many members a removal took off (absent: none), so that a removal
 /// repeated (a 2xx for a member already gone) gives nothing back.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct TeamSettings {
     pub remove_routes: Vec<Unmetered>,
@@ -97,6 +108,7 @@ impl Default for TeamSettings {
 /// A running total per user that actions add to and other routes give back, limited by a
 /// plan's `storage_bytes` or `team_members`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Gauge {
     /// Bytes kept, added by uploads' bodies.
@@ -127,6 +139,7 @@ impl Default for StorageSettings {
 /// shares of its limit, the response says so (a hint, from the reservation's numbers) and the
 /// event stream records it once per user, action, period and threshold (exact, from Redis).
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct Warnings {
     /// Percent of the limit, each 1 to 100, ascending.
@@ -147,6 +160,7 @@ impl Default for Warnings {
 /// The read side: paths answered by the filter from Redis, for the verified caller, never
 /// forwarded and never counted (absent: not served).
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Endpoints {
     /// `GET`: the caller's usage this period, with limits and what an upgrade gives.
@@ -158,6 +172,7 @@ pub struct Endpoints {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Unmetered {
     /// Any method when absent.
@@ -172,6 +187,7 @@ pub struct Unmetered {
 /// What a spelling of a metered path other than its own (`/API/Upload`, `/api/upload;x`,
 /// `/api/upload.`, `/api/%75pload`) gets: a web framework may route it to the same handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Variants {
     /// Metered as the route's action.
@@ -183,6 +199,7 @@ pub enum Variants {
 
 /// What another method on a route's path gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum OtherMethods {
     /// 405.
@@ -193,6 +210,7 @@ pub enum OtherMethods {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct Identity {
     /// Where the caller's identity comes from.
@@ -226,6 +244,7 @@ impl Default for Identity {
 
 /// What Envoy is told about requests (rendered into its config).
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySettings {
     /// How slow an upload may be and still be taken: the whole-request timeout is the largest
@@ -259,6 +278,7 @@ impl Default for GatewaySettings {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum IdentitySource {
     /// A bearer token verified by Envoy's `jwt_authn`, its payload read from dynamic metadata.
@@ -271,6 +291,7 @@ pub enum IdentitySource {
 
 /// Where the verified token's claims are, and which claims name the user, plan and org.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct JwtClaims {
     /// `jwt_authn`'s `payload_in_metadata` key.
@@ -315,6 +336,7 @@ impl Default for JwtClaims {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum UnknownPlan {
     /// Apply `default_plan` (metric `unknown_plan`, and a log line at most once a second).
@@ -325,6 +347,7 @@ pub enum UnknownPlan {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
     /// Envoy cluster of the webdis front (stock Envoy reaches Redis over HTTP).
@@ -396,6 +419,7 @@ impl Default for RedisSettings {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FailureMode {
     /// Redis unreachable: let the request through (and count it on success if Redis is back).
@@ -406,6 +430,7 @@ pub enum FailureMode {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ActionSettings {
     /// Singular name used in messages: "upload", "AI analysis".
@@ -437,6 +462,7 @@ pub struct ActionSettings {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum OnClientAbort {
     #[default]
@@ -445,6 +471,7 @@ pub enum OnClientAbort {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct KindSource {
     #[serde(default)]
@@ -456,6 +483,7 @@ pub struct KindSource {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// Any method when absent.
@@ -476,6 +504,7 @@ pub struct Route {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
     /// Display name: "Professional".

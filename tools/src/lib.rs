@@ -1,9 +1,11 @@
-//! The operator's tools: the `plan-limits` CLI (validate and replay plans.json, read and
-//! change what users may do), the `make run` launcher and the benchmark runner.
+//! The operator's tools: the `plan-limits` CLI (validate, diff and replay plans.json, print its
+//! schema, read and change what users may do), the `make run` launcher and the benchmark runner.
 
 pub mod bench;
+pub mod diff;
 pub mod operator;
 pub mod plans_table;
 pub mod reload;
 #[cfg(feature = "replay")]
 pub mod replay;
+pub mod schema;

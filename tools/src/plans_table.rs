@@ -1,7 +1,7 @@
 //! `plan-limits validate`: the plans as a table, one column per plan.
 
 use plan_limits_core::config::Limit;
-use plan_limits_core::plans::{FeatureAccess, Plan, Plans};
+use plan_limits_core::plans::{FeatureAccess, Plan, Plans, Terms};
 
 pub fn render(plans: &Plans) -> String {
     let columns = plans.plans();
@@ -16,11 +16,7 @@ pub fn render(plans: &Plans) -> String {
     for action in plans.actions() {
         let mut row = vec![format!("{} / month", action.key)];
         for plan in columns {
-            let terms = action.terms(Some(&plan.key));
-            row.push(match &terms.feature {
-                FeatureAccess::Missing { feature, .. } => format!("off (needs {feature})"),
-                FeatureAccess::Included => count(terms.limit),
-            });
+            row.push(terms_cell(action.terms(Some(&plan.key))));
         }
         rows.push(row);
     }
@@ -56,14 +52,23 @@ pub fn render(plans: &Plans) -> String {
         .join("\n")
 }
 
-fn count(limit: Limit) -> String {
+/// A plan's terms for an action: its monthly limit, or "off" without the action's feature.
+pub fn terms_cell(terms: &Terms) -> String {
+    match &terms.feature {
+        FeatureAccess::Missing { feature, .. } => format!("off (needs {feature})"),
+        FeatureAccess::Included => count(terms.limit),
+    }
+}
+
+/// "5", "unlimited".
+pub fn count(limit: Limit) -> String {
     limit
         .map(|n| n.to_string())
         .unwrap_or_else(|| "unlimited".into())
 }
 
 /// "10 MB", "1 GB" (1024-based), "unlimited".
-fn bytes(limit: Limit) -> String {
+pub fn bytes(limit: Limit) -> String {
     const MB: u64 = 1 << 20;
     const GB: u64 = 1 << 30;
     match limit {

@@ -36,6 +36,9 @@ pub struct ScenarioLine {
     /// What the upstream answers if the request reaches it (200 when absent).
     #[serde(default)]
     pub upstream_status: Option<u16>,
+    /// Its line in the scenario file (set by `parse_scenario`).
+    #[serde(skip)]
+    pub file_line: usize,
 }
 
 impl ScenarioLine {
@@ -70,8 +73,9 @@ pub fn parse_scenario(text: &str) -> Result<Vec<ScenarioLine>, String> {
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty() && !line.trim_start().starts_with("//"))
         .map(|(i, line)| {
-            let parsed: ScenarioLine =
+            let mut parsed: ScenarioLine =
                 serde_json::from_str(line).map_err(|e| format!("scenario line {}: {e}", i + 1))?;
+            parsed.file_line = i + 1;
             if let Some(at) = &parsed.at {
                 chrono::DateTime::parse_from_rfc3339(at)
                     .map_err(|e| format!("scenario line {}: at: {e}", i + 1))?;

@@ -372,3 +372,137 @@ fn reload_swaps_plans_into_a_running_envoy_and_refuses_what_it_cannot_apply() {
     assert_eq!(statuses, [200, 200, 200, 429]);
     assert_eq!(gw.envoy().pid(), pid);
 }
+
+const SCHEMA_STALE: &str = "plans.schema.json is not what `plan-limits schema` prints: run \
+     `cargo run -p plan-limits-tools --bin plan-limits -- schema > plans.schema.json` \
+     (or `make schema`) and commit it";
+
+#[test]
+fn the_committed_schema_is_what_plan_limits_schema_prints() {
+    let printed = ok(sim(&["schema"]));
+    let committed =
+        std::fs::read_to_string(repo_root().join("plans.schema.json")).unwrap_or_default();
+    if let Some((n, (p, c))) = printed
+        .lines()
+        .zip(committed.lines())
+        .enumerate()
+        .find(|(_, (p, c))| p != c)
+    {
+        panic!(
+            "{SCHEMA_STALE}\nfirst difference, line {}:\n  committed: {c}\n  printed:   {p}",
+            n + 1
+        );
+    }
+    assert!(printed == committed, "{SCHEMA_STALE}");
+}
+
+/// What an editor does with plans.json's `"$schema"`: the repository's file passes, and
+/// mistakes the filter refuses are flagged where they are.
+#[test]
+fn plans_json_validates_against_the_committed_schema() {
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("plans.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let plans: serde_json::Value =
+        serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
+    assert_eq!(plans["$schema"], "./plans.schema.json");
+    let errors: Vec<String> = validator
+        .iter_errors(&plans)
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    for (pointer, value) in [
+        ("/plans/free/uploads_per_day", serde_json::json!(3)),
+        ("/plans/free/limits/upload", serde_json::json!(-1)),
+        ("/plans/free/limits/upload", serde_json::json!(2.5)),
+        ("/actions/upload/on_redis_error", serde_json::json!("retry")),
+        ("/redis/timeout_ms", serde_json::json!("250")),
+        ("/routes/0/verb", serde_json::json!("POST")),
+    ] {
+        let mut bad = plans.clone();
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        bad.pointer_mut(parent).unwrap()[key] = value.clone();
+        let flagged: Vec<String> = validator
+            .iter_errors(&bad)
+            .map(|e| e.instance_path().to_string())
+            .collect();
+        assert!(
+            flagged
+                .iter()
+                .any(|at| !at.is_empty() && pointer.starts_with(at.as_str())),
+            "{pointer} = {value}: flagged at {flagged:?}"
+        );
+    }
+}
+
+/// The repository's plans.json with `edit` applied, written to a scratch file.
+fn plans_file_with(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let mut plans: serde_json::Value =
+        serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
+    edit(&mut plans);
+    let path = scratch_dir(name).join("plans.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&plans).unwrap()).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn diff_prints_what_changes_for_which_plan_and_action() {
+    let fewer_uploads = plans_file_with("cli-diff", |v| {
+        v["plans"]["free"]["limits"]["upload"] = 3.into();
+        v["plans"]["free"]["features"] = serde_json::json!(["priority_support"]);
+    });
+    let out = ok(sim(&["diff", "plans.json", &fewer_uploads]));
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "free upload: 5 -> 3",
+            "free feature added: priority_support"
+        ]
+    );
+    assert_eq!(
+        ok(sim(&["diff", "plans.json", "plans.json"])),
+        "no changes\n"
+    );
+    let bad = plans_file_with("cli-diff-bad", |v| {
+        v["plans"]["free"]["limits"]["upload"] = (-3).into()
+    });
+    let out = sim(&["diff", "plans.json", &bad]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(&bad) && err.contains("plans.free.limits.upload"),
+        "{err}"
+    );
+}
+
+/// The month-end scenario's free user uploads five times before the month ends (one failing
+/// upstream, not counted): with three uploads a month, the fourth and fifth counted ones are
+/// refused.
+#[test]
+fn diff_with_a_scenario_names_the_requests_answered_differently() {
+    let fewer_uploads = plans_file_with("cli-diff-scenario", |v| {
+        v["plans"]["free"]["limits"]["upload"] = 3.into()
+    });
+    let out = ok(sim(&[
+        "diff",
+        "plans.json",
+        &fewer_uploads,
+        "--scenario",
+        "scenarios/month-end.jsonl",
+    ]));
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "free upload: 5 -> 3",
+            "",
+            "answered differently in scenarios/month-end.jsonl:",
+            "request 5 (line 8): POST /api/upload as u1 at 2026-11-30T11:00:00.000Z: \
+             200 -> 429 (Upload limit reached)",
+            "request 6 (line 9): POST /api/upload as u1 at 2026-11-30T23:59:59.999Z: \
+             200 -> 429 (Upload limit reached)",
+        ],
+        "{out}"
+    );
+}

@@ -3,6 +3,8 @@
 //! ```text
 //! plan-limits validate PLANS_JSON
 //! plan-limits reload [PLANS_JSON] [--ecds-dir DIR] [--wasm FILE] [--admin-port PORT]
+//! plan-limits schema                        (make schema: written to plans.schema.json)
+//! plan-limits diff OLD_JSON NEW_JSON [--scenario SCENARIO_JSONL]
 //! plan-limits replay PLANS_JSON SCENARIO_JSONL [--build webdis|redis-hostcalls] [--vms N]
 //! plan-limits token USER [--plan P] [--org O] [--ttl SECONDS]
 //! plan-limits functions load                (REDIS_URL: an admin's, as below)
@@ -18,6 +20,11 @@
 //! and `reset` each write one transaction with an `admin` event (`--operator`, default
 //! `$USER`); `export` prints the event stream's events of those days.
 //!
+//! `diff` prints what changes from OLD to NEW, one line per change (`free upload: 5 -> 3`), or
+//! `no changes`; with `--scenario`, it replays the scenario under each (as `replay` does, each
+//! against a Redis of its own) and prints the requests answered differently. It exits 0 whether
+//! or not anything changed, non-zero when a file cannot be read or compiled.
+//!
 //! `replay` runs the scenario through the real filter `.wasm` in our wasmtime host, against a
 //! real Redis (one it starts on a free loopback port, or `REDIS_URL`), and prints one JSON line
 //! per request. It needs the `replay` feature (on by default); without it, this binary builds
@@ -32,6 +39,7 @@ use plan_limits_core::plans::Plans;
 use plan_limits_core::redis::functions;
 use plan_limits_core::redis::RedisReply;
 use plan_limits_services::jwt::{DevKey, TokenClaims};
+use plan_limits_tools::diff::Side;
 use plan_limits_tools::operator;
 
 #[derive(Parser)]
@@ -64,6 +72,19 @@ enum Command {
         /// Envoy's admin port: wait until Envoy reports the new config loaded (or refused).
         #[arg(long)]
         admin_port: Option<u16>,
+    },
+    /// Print plans.json's JSON Schema (committed as plans.schema.json: `make schema`).
+    Schema,
+    /// What changes from one plans.json to another, one line per change ("no changes" when
+    /// none): each plan's terms per action, plans, features, sizes, actions, routes, path lists
+    /// and every other setting by its JSON path. Exits 0 either way.
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        /// Also replay this scenario (as `replay` takes it) under each, and print the requests
+        /// answered differently.
+        #[arg(long)]
+        scenario: Option<PathBuf>,
     },
     /// Replay a scenario (JSON lines, one request each) through the real filter .wasm in our
     /// wasmtime host against a real Redis; prints one JSON line per request.
@@ -195,6 +216,11 @@ fn main() -> ExitCode {
             wasm,
             admin_port,
         } => reload(&plans, &ecds_dir, &wasm, admin_port),
+        Command::Diff { old, new, scenario } => diff(&old, &new, scenario.as_deref()),
+        Command::Schema => {
+            println!("{}", plan_limits_tools::schema::render());
+            Ok(())
+        }
         Command::Replay {
             plans,
             scenario,
@@ -409,28 +435,105 @@ fn reload(
     Ok(())
 }
 
+fn diff(old: &Path, new: &Path, scenario: Option<&Path>) -> Result<(), String> {
+    let side = |path: &Path| -> Result<(String, Side), String> {
+        let text = read(path)?;
+        let side = Side::from_json(text.as_bytes())
+            .map_err(|e| format!("{}: {}: {}", path.display(), e.path, e.reason))?;
+        Ok((text, side))
+    };
+    let ((old_text, old), (new_text, new)) = (side(old)?, side(new)?);
+    let changes = plan_limits_tools::diff::changes(&old, &new);
+    if changes.is_empty() {
+        println!("no changes");
+    }
+    for change in changes {
+        println!("{change}");
+    }
+    let Some(scenario) = scenario else {
+        return Ok(());
+    };
+    let differ = replay_under_both(scenario, (&old_text, &old.plans), (&new_text, &new.plans))?;
+    println!("\nanswered differently in {}:", scenario.display());
+    if differ.is_empty() {
+        println!("no request answered differently");
+    }
+    for request in differ {
+        println!("{request}");
+    }
+    Ok(())
+}
+
+/// The requests of `scenario` answered differently under the old and the new plans.json.
+#[cfg(feature = "replay")]
+fn replay_under_both(
+    scenario: &Path,
+    (old_text, old): (&str, &Plans),
+    (new_text, new): (&str, &Plans),
+) -> Result<Vec<String>, String> {
+    let lines = scenario_lines(scenario)?;
+    // Each run on a Redis of its own, so that the second does not start from the first's counts.
+    let before = replay_results(old_text, old, &lines, BuildArg::Webdis, 1, None)?;
+    let after = replay_results(new_text, new, &lines, BuildArg::Webdis, 1, None)?;
+    let file_lines: Vec<usize> = lines.iter().map(|line| line.file_line).collect();
+    Ok(plan_limits_tools::diff::answered_differently(
+        &file_lines,
+        &before,
+        &after,
+    ))
+}
+
+#[cfg(feature = "replay")]
+fn scenario_lines(scenario: &Path) -> Result<Vec<plan_limits_tools::replay::ScenarioLine>, String> {
+    plan_limits_tools::replay::parse_scenario(&read(scenario)?)
+        .map_err(|e| format!("{}: {e}", scenario.display()))
+}
+
 #[cfg(feature = "replay")]
 fn replay(plans: &Path, scenario: &Path, build: BuildArg, vms: usize) -> Result<(), String> {
-    use plan_limits_tools::replay;
-    use plan_limits_wasm_host::harness::{Build, Harness};
-
     let (text, compiled) = load(plans)?;
-    let lines = replay::parse_scenario(&read(scenario)?)
-        .map_err(|e| format!("{}: {e}", scenario.display()))?;
-    let build = match build {
-        BuildArg::Webdis => Build::Webdis,
-        BuildArg::RedisHostcalls => Build::RedisHostCalls,
-    };
+    let lines = scenario_lines(scenario)?;
     let redis_url = std::env::var("REDIS_URL").ok();
-    let mut harness =
-        Harness::try_start(build, &text, vms, redis_url).map_err(|e| e.to_string())?;
-    for result in replay::run(&mut harness, &compiled, &lines).map_err(|e| e.to_string())? {
+    for result in replay_results(&text, &compiled, &lines, build, vms, redis_url)? {
         println!("{result}");
     }
     Ok(())
 }
 
+/// The scenario through the real filter .wasm in our wasmtime host: one JSON value per request.
+#[cfg(feature = "replay")]
+fn replay_results(
+    text: &str,
+    compiled: &Plans,
+    lines: &[plan_limits_tools::replay::ScenarioLine],
+    build: BuildArg,
+    vms: usize,
+    redis_url: Option<String>,
+) -> Result<Vec<serde_json::Value>, String> {
+    use plan_limits_wasm_host::harness::{Build, Harness};
+
+    let build = match build {
+        BuildArg::Webdis => Build::Webdis,
+        BuildArg::RedisHostcalls => Build::RedisHostCalls,
+    };
+    let mut harness = Harness::try_start(build, text, vms, redis_url).map_err(|e| e.to_string())?;
+    plan_limits_tools::replay::run(&mut harness, compiled, lines).map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "replay"))]
+const WITHOUT_REPLAY: &str =
+    "this plan-limits was built without replay (cargo build --features replay)";
+
 #[cfg(not(feature = "replay"))]
 fn replay(_: &Path, _: &Path, _: BuildArg, _: usize) -> Result<(), String> {
-    Err("this plan-limits was built without replay (cargo build --features replay)".into())
+    Err(WITHOUT_REPLAY.into())
+}
+
+#[cfg(not(feature = "replay"))]
+fn replay_under_both(
+    _: &Path,
+    _: (&str, &Plans),
+    _: (&str, &Plans),
+) -> Result<Vec<String>, String> {
+    Err(WITHOUT_REPLAY.into())
 }
