@@ -580,10 +580,13 @@ fn oci(wasm: &Path, out: &Path, tag: &str) -> Result<(), String> {
     let packed = plan_limits_tools::oci::write_layout(&code, out, tag)
         .map_err(|e| format!("{}: {e}", wasm.display()))?;
     println!("{}", packed.manifest_digest);
+    // The layout's directory name is the repository's name in the hint.
+    let repo = out
+        .file_name()
+        .map_or("plan-limits-filter".into(), |n| n.to_string_lossy());
     eprintln!(
         "{}: OCI image layout, tag {tag}; push it with\n  skopeo copy oci:{}:{tag} \
-         docker://REGISTRY/plan-limits-filter:{tag}\nand pin it as \
-         oci://REGISTRY/plan-limits-filter@{}",
+         docker://REGISTRY/{repo}:{tag}\nand pin it as oci://REGISTRY/{repo}@{}",
         out.display(),
         out.display(),
         packed.manifest_digest
