@@ -232,8 +232,21 @@ fn identity_headers(plans: &Plans) -> [&str; 3] {
     ]
 }
 
-fn seconds(ms: u64) -> String {
-    format!("{}s", ms.div_ceil(1000))
+/// A Gateway API duration (at most five digits a unit: `2h14m20s`, not `8060s`).
+fn gateway_api_duration(ms: u64) -> String {
+    let total = ms.div_ceil(1000);
+    let (h, m, s) = (total / 3600, total / 60 % 60, total % 60);
+    let parts = [(h, "h"), (m, "m"), (s, "s")];
+    let text: String = parts
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, unit)| format!("{n}{unit}"))
+        .collect();
+    if text.is_empty() {
+        "0s".into()
+    } else {
+        text
+    }
 }
 
 /// The Lua filter, first in the gateway's chain, that removes client copies of the
@@ -515,7 +528,7 @@ fn envoy_gateway(
         "targetRefs": target_refs,
         // The whole request, body included: the largest upload a plan allows on the slowest
         // link taken (plans.json's gateway), as envoy.yaml's request_timeout.
-        "timeout": {"http": {"requestReceivedTimeout": seconds(plans.request_timeout_ms)}},
+        "timeout": {"http": {"requestReceivedTimeout": gateway_api_duration(plans.request_timeout_ms)}},
     });
     if jwt {
         client["headers"] = json!({"earlyRequestHeaders": {"remove": identity_headers(plans)}});
@@ -826,7 +839,12 @@ mod tests {
             client["headers"]["earlyRequestHeaders"]["remove"],
             json!(["x-user-id", "x-user-plan", "x-org-id"])
         );
-        assert_eq!(client["timeout"]["http"]["requestReceivedTimeout"], "8060s");
+        assert_eq!(
+            client["timeout"]["http"]["requestReceivedTimeout"],
+            "2h14m20s"
+        );
+        assert_eq!(gateway_api_duration(60_000), "1m");
+        assert_eq!(gateway_api_duration(400_000_000), "111h6m40s");
         let patch =
             &kind(&docs, "EnvoyPatchPolicy", "plan-limits-webdis")["spec"]["jsonPatches"][0];
         let cluster = &patch["operation"]["value"];
