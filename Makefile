@@ -5,7 +5,7 @@ WASM := target/plan_limits_filter.wasm
 WASM_HOSTCALLS := target/plan_limits_filter_redis_hostcalls.wasm
 OPT := wasm-opt -Oz --enable-bulk-memory --enable-sign-ext
 
-.PHONY: deps deps-test build build-stock build-hostcalls run reload test soak bench bench-smoke lint schema clean
+.PHONY: deps deps-test build build-stock build-hostcalls oci run reload test soak bench bench-smoke lint schema clean
 
 deps:
 	@scripts/install-deps.sh
@@ -26,6 +26,13 @@ build-hostcalls: deps
 	cargo build --release --locked -p plan-limits-filter --target wasm32-wasip1 --features redis-hostcalls
 	$(OPT) $(WASM_RAW) -o $(WASM_HOSTCALLS)
 	@echo "filter for Redis host calls: $(WASM_HOSTCALLS) ($$(stat -c %s $(WASM_HOSTCALLS)) bytes)"
+
+## oci: both builds packed as OCI image layouts (the compat variant Istio and Envoy Gateway pull)
+## in target/oci/; push with `skopeo copy oci:target/oci/plan-limits-filter:TAG docker://...`
+oci: build
+	cargo build --locked --profile launcher -p plan-limits-tools --no-default-features --bin plan-limits
+	target/launcher/plan-limits oci $(WASM) --out target/oci/plan-limits-filter
+	target/launcher/plan-limits oci $(WASM_HOSTCALLS) --out target/oci/plan-limits-filter-redis-hostcalls
 
 ## run: Redis, webdis, the demo upstream and Envoy in the foreground; Ctrl-C stops them all.
 ## Compiles only what it runs: the stock .wasm and the launcher (which has no wasmtime).

@@ -5,7 +5,8 @@
 # third-party Higress plugin (checked by sha256) in .deps for the host's conformance test, and
 # the crates (cargo fetch).
 # With --test, also what only `make test` needs: Debian's chromium (the usage page's test
-# drives it headless) and prometheus (its promtool checks the alert rules in deploy/).
+# drives it headless), prometheus (its promtool checks the alert rules in deploy/), skopeo and
+# docker-registry (the OCI image is read, pushed to a loopback registry and pulled back).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,8 @@ if [ "${1:-}" = "--test" ]; then
   missing=()
   command -v chromium >/dev/null || missing+=(chromium)
   command -v promtool >/dev/null || missing+=(prometheus)
+  command -v skopeo >/dev/null || missing+=(skopeo)
+  command -v docker-registry >/dev/null || missing+=(docker-registry)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]} (apt-get)"
     export DEBIAN_FRONTEND=noninteractive

@@ -52,6 +52,8 @@ pub struct GatewayOptions {
     pub jwt_dir: Option<PathBuf>,
     /// The demo upstream reads paths as a lenient web framework does.
     pub lenient_upstream: bool,
+    /// The filter module Envoy runs; `crate::filter_wasm()` when `None`.
+    pub wasm: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -88,6 +90,7 @@ impl Default for GatewayOptions {
             verbose: false,
             jwt_dir: None,
             lenient_upstream: false,
+            wasm: None,
         }
     }
 }
@@ -155,7 +158,7 @@ impl EnvoyGateway {
             "starting Envoy on 127.0.0.1:{} (admin {}) with {}",
             ports.gateway,
             ports.admin,
-            crate::filter_wasm().display()
+            gateway.wasm().display()
         ));
         let hot_restart = gateway.options.base_id.map(|id| (id, 0));
         let envoy = gateway
@@ -198,7 +201,12 @@ impl EnvoyGateway {
     /// without restarting it (what `plan-limits reload` does). Envoy itself refuses a config
     /// the filter refuses, keeping the last good one.
     pub fn reload(&self, name: &str, plans_json: &str) -> Result<(), String> {
-        envoy::write_filter_configs(&self.ecds_dir(name), plans_json, &crate::filter_wasm())
+        envoy::write_filter_configs(&self.ecds_dir(name), plans_json, &self.wasm())
+    }
+
+    /// The filter module this gateway's Envoys run.
+    pub fn wasm(&self) -> PathBuf {
+        self.options.wasm.clone().unwrap_or_else(crate::filter_wasm)
     }
 
     /// Starts an Envoy of this gateway (another process sharing the same Redis, or the

@@ -506,3 +506,144 @@ fn diff_with_a_scenario_names_the_requests_answered_differently() {
         "{out}"
     );
 }
+
+/// Every document of a YAML stream.
+fn yaml_documents(yaml: &str) -> Vec<serde_json::Value> {
+    use serde::Deserialize;
+    serde_norway::Deserializer::from_str(yaml)
+        .map(|doc| serde_json::Value::deserialize(doc).unwrap())
+        .collect()
+}
+
+#[test]
+fn render_envoy_prints_the_config_make_run_uses_and_envoy_accepts_it() {
+    let dir = scratch_dir("render-envoy");
+    let key = DevKey::load_or_create(&dir.join("jwt"));
+    let ecds = dir.join("ecds");
+    let wasm = plan_limits_services::filter_wasm();
+    let out = ok(sim(&[
+        "render",
+        "envoy",
+        "plans.json",
+        "--jwks",
+        key.jwks_path().to_str().unwrap(),
+        "--ecds-dir",
+        ecds.to_str().unwrap(),
+        "--write-ecds",
+        "--wasm",
+        wasm.to_str().unwrap(),
+    ]));
+    let config = &yaml_documents(&out)[0];
+    let listener = &config["static_resources"]["listeners"][0];
+    assert_eq!(listener["address"]["socket_address"]["port_value"], 10000);
+    assert!(out.contains("plan_limits_hold") && out.contains("envoy.filters.http.jwt_authn"));
+    for file in ["plan_limits.json", "plan_limits_hold.json"] {
+        assert!(ecds.join(file).exists(), "{file}");
+    }
+    let path = dir.join("envoy.yaml");
+    std::fs::write(&path, &out).unwrap();
+    let validated = Command::new(plan_limits_services::envoy::envoy_bin())
+        .args(["--mode", "validate", "--use-dynamic-base-id", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        validated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&validated.stderr)
+    );
+}
+
+#[test]
+fn render_prints_every_platforms_manifests_with_their_required_fields() {
+    let dir = scratch_dir("render-kubernetes");
+    let jwks = dir.join("jwks.json");
+    std::fs::write(&jwks, r#"{"keys":[]}"#).unwrap();
+    let plans: serde_json::Value =
+        serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
+    for (platform, image, expected_kinds) in [
+        (
+            "istio",
+            "oci://registry.example/plan-limits-filter:0.1.0",
+            &[
+                "WasmPlugin",
+                "WasmPlugin",
+                "RequestAuthentication",
+                "EnvoyFilter",
+                "DestinationRule",
+            ][..],
+        ),
+        (
+            "envoy-gateway",
+            "oci://registry.example/plan-limits-filter:0.1.0",
+            &[
+                "EnvoyExtensionPolicy",
+                "SecurityPolicy",
+                "ClientTrafficPolicy",
+                "EnvoyPatchPolicy",
+            ][..],
+        ),
+        (
+            "higress",
+            "oci://registry.example/plan-limits-filter-redis-hostcalls:0.1.0",
+            &["WasmPlugin", "WasmPlugin", "WasmPlugin", "EnvoyFilter"][..],
+        ),
+    ] {
+        let out = ok(sim(&[
+            "render",
+            platform,
+            "plans.json",
+            "--image",
+            image,
+            "--jwks-uri",
+            "https://auth.example/.well-known/jwks.json",
+            "--jwks-file",
+            jwks.to_str().unwrap(),
+        ]));
+        let docs = yaml_documents(&out);
+        let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, expected_kinds, "{platform}");
+        for doc in &docs {
+            let api = doc["apiVersion"].as_str().unwrap();
+            assert!(
+                api.contains('/') && api.contains(".io/"),
+                "{platform}: {api}"
+            );
+            assert!(doc["metadata"]["name"].is_string(), "{platform}: {doc}");
+            assert!(
+                doc["metadata"]["namespace"].is_string(),
+                "{platform}: {doc}"
+            );
+            assert!(doc["spec"].is_object(), "{platform}: {doc}");
+        }
+        // The filter's configuration is plans.json: its plans, routes and actions as written.
+        let filter = &docs[0]["spec"];
+        let config = match platform {
+            "istio" => &filter["pluginConfig"],
+            "envoy-gateway" => &filter["wasm"][0]["config"],
+            _ => &filter["defaultConfig"],
+        };
+        for part in ["plans", "routes", "actions", "unmetered"] {
+            assert_eq!(config[part], plans[part], "{platform}: {part}");
+        }
+        let url = filter["url"]
+            .as_str()
+            .or(filter["wasm"][0]["code"]["image"]["url"].as_str())
+            .unwrap();
+        assert!(image.ends_with(url), "{platform}: {url}");
+        // Stock Envoy's build runs on Istio and Envoy Gateway: the very .wasm accepts its
+        // configuration there.
+        if platform != "higress" {
+            plan_limits_services::envoy::validate_with_envoy(
+                &config.to_string(),
+                &plan_limits_services::filter_wasm(),
+                &dir,
+            )
+            .unwrap_or_else(|e| panic!("{platform}: {e}"));
+        }
+    }
+    // What a platform needs and was not given is named.
+    let out = sim(&["render", "istio", "plans.json", "--image", "oci://r/p:1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--jwks-uri"));
+}

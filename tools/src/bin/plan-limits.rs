@@ -14,6 +14,8 @@
 //! plan-limits grant USER ACTION N
 //! plan-limits reset USER [ACTION]
 //! plan-limits export --from YYYY-MM-DD --to YYYY-MM-DD [--format jsonl|csv]
+//! plan-limits render envoy|istio|envoy-gateway|higress [PLANS_JSON] [--image oci://...] ...
+//! plan-limits oci [WASM] [--out DIR] [--tag TAG]
 //! ```
 //!
 //! `usage` and `history` print the JSON the gateway's endpoints answer; `set-plan`, `grant`
@@ -177,6 +179,98 @@ enum Command {
     /// The filter's Redis functions, in the Redis at REDIS_URL.
     #[command(subcommand)]
     Functions(Functions),
+    /// Print the filter's deployment, derived from plans.json: Envoy's config as `make run`
+    /// renders it (envoy), or the manifests for Istio, Envoy Gateway or Higress.
+    Render {
+        #[arg(value_enum)]
+        platform: PlatformArg,
+        #[arg(default_value = "plans.json")]
+        plans: PathBuf,
+        #[command(flatten)]
+        kubernetes: Box<KubernetesArgs>,
+        #[command(flatten)]
+        envoy: Box<EnvoyArgs>,
+    },
+    /// Pack the filter .wasm as an OCI image (the compat variant Istio and Envoy Gateway
+    /// pull) in an OCI image layout directory; prints its digest.
+    Oci {
+        #[arg(default_value = "target/plan_limits_filter.wasm")]
+        wasm: PathBuf,
+        /// The layout directory (replaced).
+        #[arg(long, default_value = "target/oci/plan-limits-filter")]
+        out: PathBuf,
+        #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+        tag: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PlatformArg {
+    Envoy,
+    Istio,
+    EnvoyGateway,
+    Higress,
+}
+
+/// Where the module, the gateway and the services are (istio, envoy-gateway, higress).
+#[derive(clap::Args)]
+struct KubernetesArgs {
+    /// The module: oci://REGISTRY/REPO:TAG (or REPO@sha256:DIGEST, as `plan-limits oci`
+    /// prints), or an https:// URL of the .wasm. Higress needs the Redis host-call build.
+    #[arg(long, default_value = "")]
+    image: String,
+    /// Default: istio-system, default (Envoy Gateway), higress-system.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Istio: the gateway's labels, key=value[,key=value] (istio=ingressgateway); Envoy
+    /// Gateway: the Gateway's name (eg).
+    #[arg(long)]
+    target: Option<String>,
+    /// Where Istio or Envoy Gateway fetches the keys of plans.json's issuer.
+    #[arg(long)]
+    jwks_uri: Option<String>,
+    /// Higress: the JSON Web Key Set of plans.json's issuer (its jwt-auth takes it inline).
+    #[arg(long)]
+    jwks_file: Option<PathBuf>,
+    /// Where the platform's jwt_authn puts the token's payload (default: Istio's
+    /// `payload`, Envoy Gateway's issuer).
+    #[arg(long)]
+    payload_key: Option<String>,
+    /// webdis as the mesh knows it (Istio, Envoy Gateway).
+    #[arg(long, default_value = plan_limits_tools::render::DEFAULT_WEBDIS_SERVICE)]
+    webdis_service: String,
+    /// Redis as Higress knows it (Higress).
+    #[arg(long, default_value = plan_limits_tools::render::DEFAULT_REDIS_SERVICE)]
+    redis_service: String,
+    #[arg(long, default_value = plan_limits_tools::render::DEFAULT_HIGRESS_JWT_AUTH_IMAGE)]
+    higress_jwt_auth_image: String,
+}
+
+/// What envoy.yaml is rendered with (envoy); the defaults are `make run`'s.
+#[derive(clap::Args)]
+struct EnvoyArgs {
+    #[arg(long, default_value_t = 10000)]
+    gateway_port: u16,
+    #[arg(long, default_value_t = 9901)]
+    admin_port: u16,
+    #[arg(long, default_value_t = 18080)]
+    upstream_port: u16,
+    #[arg(long, default_value_t = 17379)]
+    webdis_port: u16,
+    #[arg(long, default_value = "15s")]
+    upstream_timeout: String,
+    /// The JSON Web Key Set Envoy verifies tokens with.
+    #[arg(long, default_value = ".gateway/jwt/jwks.json")]
+    jwks: PathBuf,
+    /// Where Envoy watches the filters' configuration files.
+    #[arg(long, default_value = ".gateway/envoy-ecds")]
+    ecds_dir: PathBuf,
+    /// Also write the filters' configuration files (and the module) into --ecds-dir.
+    #[arg(long)]
+    write_ecds: bool,
+    /// The module the filters' configuration names (--write-ecds).
+    #[arg(long, default_value = "target/plan_limits_filter.wasm")]
+    wasm: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -297,6 +391,13 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Functions(Functions::Load) => load_functions(),
+        Command::Render {
+            platform,
+            plans,
+            kubernetes,
+            envoy,
+        } => render(platform, &plans, &kubernetes, &envoy),
+        Command::Oci { wasm, out, tag } => oci(&wasm, &out, &tag),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -487,6 +588,90 @@ fn replay_under_both(
 fn scenario_lines(scenario: &Path) -> Result<Vec<plan_limits_tools::replay::ScenarioLine>, String> {
     plan_limits_tools::replay::parse_scenario(&read(scenario)?)
         .map_err(|e| format!("{}: {e}", scenario.display()))
+}
+
+fn render(
+    platform: PlatformArg,
+    plans_path: &Path,
+    kube: &KubernetesArgs,
+    envoy_args: &EnvoyArgs,
+) -> Result<(), String> {
+    use plan_limits_services::envoy;
+    use plan_limits_tools::render::{self, Platform};
+
+    let (text, plans) = load(plans_path)?;
+    let absolute = |p: &Path| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
+    let (jwks, ecds_dir) = (absolute(&envoy_args.jwks)?, absolute(&envoy_args.ecds_dir)?);
+    let envoy_yaml = envoy::render(
+        &envoy::template(),
+        &envoy::EnvoyParams {
+            admin_port: envoy_args.admin_port,
+            gateway_port: envoy_args.gateway_port,
+            upstream_port: envoy_args.upstream_port,
+            webdis_port: envoy_args.webdis_port,
+            upstream_timeout: &envoy_args.upstream_timeout,
+            plans_json: &text,
+            jwks: &jwks,
+            ecds_dir: &ecds_dir,
+        },
+    )?;
+    let platform = match platform {
+        PlatformArg::Envoy => {
+            print!("{envoy_yaml}");
+            if envoy_args.write_ecds {
+                envoy::write_filter_configs(&ecds_dir, &text, &envoy_args.wasm)?;
+                eprintln!("the filters' configuration: {}", ecds_dir.display());
+            } else {
+                eprintln!(
+                    "Envoy reads the filters' configuration (plans.json, the .wasm) from {}: \
+                     --write-ecds writes it there, `plan-limits reload` replaces it",
+                    ecds_dir.display()
+                );
+            }
+            return Ok(());
+        }
+        PlatformArg::Istio => Platform::Istio,
+        PlatformArg::EnvoyGateway => Platform::EnvoyGateway,
+        PlatformArg::Higress => Platform::Higress,
+    };
+    let jwks = kube.jwks_file.as_deref().map(read).transpose()?;
+    let options = render::Options {
+        image: kube.image.clone(),
+        namespace: kube.namespace.clone(),
+        target: kube.target.clone(),
+        jwks_uri: kube.jwks_uri.clone(),
+        jwks: jwks.map(|j| j.trim().to_string()),
+        payload_key: kube.payload_key.clone(),
+        webdis_service: kube.webdis_service.clone(),
+        redis_service: kube.redis_service.clone(),
+        higress_jwt_auth_image: kube.higress_jwt_auth_image.clone(),
+    };
+    let plans_value: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let cluster = render::webdis_cluster(&envoy_yaml)?;
+    print!(
+        "{}",
+        render::kubernetes(platform, &plans, &plans_value, &cluster, &options)?
+    );
+    Ok(())
+}
+
+fn oci(wasm: &Path, out: &Path, tag: &str) -> Result<(), String> {
+    let code = std::fs::read(wasm).map_err(|e| format!("{}: {e}", wasm.display()))?;
+    let packed = plan_limits_tools::oci::write_layout(&code, out, tag)
+        .map_err(|e| format!("{}: {e}", wasm.display()))?;
+    println!("{}", packed.manifest_digest);
+    // The layout's directory name is the repository's name in the hint.
+    let repo = out
+        .file_name()
+        .map_or("plan-limits-filter".into(), |n| n.to_string_lossy());
+    eprintln!(
+        "{}: OCI image layout, tag {tag}; push it with\n  skopeo copy oci:{}:{tag} \
+         docker://REGISTRY/{repo}:{tag}\nand pin it as oci://REGISTRY/{repo}@{}",
+        out.display(),
+        out.display(),
+        packed.manifest_digest
+    );
+    Ok(())
 }
 
 #[cfg(feature = "replay")]
