@@ -2,8 +2,10 @@
 //! commands that call them. An admin loads the library once (`load_library`); the filter's
 //! Redis user may run `FCALL` and nothing else, and no script travels with a request.
 
+use std::sync::OnceLock;
+
 use super::{RedisCommand, RedisReply, TransportError};
-use crate::config::{Gauge, Limit};
+use crate::config::{Gauge, Invoke, Limit};
 use crate::keys::UsageKeys;
 use crate::settlement::Settlement;
 
@@ -12,6 +14,10 @@ pub const LIBRARY: &str = include_str!("plan_limits.lua");
 
 const RESERVE: &str = "plan_limits_reserve";
 const SETTLE: &str = "plan_limits_settle";
+const USAGE: &str = "plan_limits_usage";
+const HISTORY: &str = "plan_limits_history";
+/// Every function the library registers.
+pub const FUNCTIONS: [&str; 4] = [RESERVE, SETTLE, USAGE, HISTORY];
 
 /// Loads (or replaces) the library: an admin's command, never the filter's.
 pub fn load_library() -> RedisCommand {
@@ -21,12 +27,79 @@ pub fn load_library() -> RedisCommand {
         .arg(LIBRARY)
 }
 
+/// `function` as a script for `EVAL`/`EVALSHA` (Envoy's `redis_proxy` forwards those, not
+/// `FCALL`): the library's own source, its functions registered into a local table instead
+/// of Redis's, then the one asked for called with the script's `KEYS` and `ARGV`. `None` for
+/// a function the library does not register.
+pub fn script(function: &str) -> Option<String> {
+    if !FUNCTIONS.contains(&function) {
+        return None;
+    }
+    let body = LIBRARY.split_once('\n').map_or("", |(_, rest)| rest);
+    Some(format!(
+        "local registered = {{}}\n\
+         local function register(spec) registered[spec.function_name] = spec.callback end\n\
+         {}\n\
+         return registered['{function}'](KEYS, ARGV)\n",
+        body.replace("redis.register_function", "register")
+    ))
+}
+
+/// The SHA1 `EVALSHA` names `function`'s script by (worked out once).
+pub fn script_sha(function: &str) -> Option<&'static str> {
+    static SHAS: OnceLock<Vec<(&'static str, String)>> = OnceLock::new();
+    SHAS.get_or_init(|| {
+        FUNCTIONS
+            .iter()
+            .filter_map(|&name| {
+                let sha = sha1_smol::Sha1::from(script(name)?).digest().to_string();
+                Some((name, sha))
+            })
+            .collect()
+    })
+    .iter()
+    .find(|(name, _)| *name == function)
+    .map(|(_, sha)| sha.as_str())
+}
+
+/// Loads every function's script (`SCRIPT LOAD`): an admin's commands, on every master,
+/// again after a master restarts (Redis does not keep scripts).
+pub fn load_scripts() -> Vec<RedisCommand> {
+    FUNCTIONS
+        .iter()
+        .filter_map(|name| script(name))
+        .map(|source| RedisCommand::new("SCRIPT").arg("LOAD").arg(source))
+        .collect()
+}
+
+/// `command` (an `FCALL` of the library) as `invoke` calls it: `EVALSHA <sha>` takes the
+/// place of `FCALL <function>`; keys and arguments stay as they are.
+pub fn invoked(mut command: RedisCommand, invoke: Invoke) -> RedisCommand {
+    if invoke == Invoke::Evalsha && command.args.first().map(Vec::as_slice) == Some(b"FCALL") {
+        let sha = command
+            .args
+            .get(1)
+            .and_then(|name| std::str::from_utf8(name).ok())
+            .and_then(script_sha);
+        if let (Some(sha), [name, function, ..]) = (sha, command.args.as_mut_slice()) {
+            *name = b"EVALSHA".to_vec();
+            *function = sha.as_bytes().to_vec();
+        }
+    }
+    command
+}
+
 /// The error a call gets when the library is not loaded, in words an operator can act on.
 pub fn explain(error: TransportError) -> TransportError {
     match error {
         TransportError::NotSent(message) if message.contains("Function not found") => {
             TransportError::NotSent(format!(
                 "{message}: the plan_limits library is not loaded in Redis (plan-limits functions load)"
+            ))
+        }
+        TransportError::NotSent(message) if message.starts_with("NOSCRIPT") => {
+            TransportError::NotSent(format!(
+                "{message}: the plan_limits scripts are not loaded on this Redis master (plan-limits functions load)"
             ))
         }
         other => other,
@@ -452,6 +525,51 @@ mod tests {
             [b"FUNCTION".to_vec(), b"LOAD".to_vec(), b"REPLACE".to_vec()]
         );
         assert_eq!(load.args[3], LIBRARY.as_bytes());
+    }
+
+    #[test]
+    fn evalsha_names_the_functions_script_in_place_of_fcall() {
+        let fcall = RedisCommand::new("FCALL")
+            .arg(SETTLE)
+            .arg("1")
+            .arg("p:{u}:x")
+            .arg("arg");
+        assert_eq!(invoked(fcall.clone(), Invoke::Fcall), fcall);
+        let evalsha = invoked(fcall.clone(), Invoke::Evalsha);
+        let sha = script_sha(SETTLE).unwrap();
+        assert_eq!(sha.len(), 40);
+        assert_eq!(evalsha.args[0], b"EVALSHA");
+        assert_eq!(evalsha.args[1], sha.as_bytes());
+        assert_eq!(evalsha.args[2..], fcall.args[2..]);
+        // Anything else is left alone.
+        let other = RedisCommand::new("FCALL").arg("elsewhere").arg("0");
+        assert_eq!(invoked(other.clone(), Invoke::Evalsha), other);
+        let shas: std::collections::BTreeSet<_> =
+            FUNCTIONS.iter().map(|f| script_sha(f).unwrap()).collect();
+        assert_eq!(shas.len(), FUNCTIONS.len(), "one script per function");
+    }
+
+    #[test]
+    fn each_script_is_the_library_calling_one_function() {
+        let source = script(RESERVE).unwrap();
+        assert!(!source.contains("#!lua"), "no library header in a script");
+        assert!(!source.contains("redis.register_function"));
+        assert!(source.ends_with("return registered['plan_limits_reserve'](KEYS, ARGV)\n"));
+        assert!(script("plan_limits_other").is_none());
+        let loads = load_scripts();
+        assert_eq!(loads.len(), FUNCTIONS.len());
+        assert_eq!(loads[0].args[..2], [b"SCRIPT".to_vec(), b"LOAD".to_vec()]);
+        let noscript = explain(TransportError::NotSent(
+            "NOSCRIPT No matching script.".into(),
+        ));
+        assert!(
+            matches!(&noscript, TransportError::NotSent(m) if m.contains("functions load")),
+            "{noscript:?}"
+        );
+        assert!(matches!(
+            refusal_or_failure("NOSCRIPT No matching script. Please use EVAL.".into()),
+            TransportError::NotSent(_)
+        ));
     }
 
     #[test]
