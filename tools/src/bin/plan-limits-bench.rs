@@ -69,6 +69,7 @@ fn main() {
             plans_json: &plans,
             jwks: &jwt.jwks_path(),
             ecds_dir: &dir.join(format!("{}-ecds", case.name)),
+            redis_cluster_proxy: None,
         };
         envoy::write_filter_configs(params.ecds_dir, &plans, &wasm)
             .unwrap_or_else(|e| panic!("{e}"));
