@@ -74,7 +74,8 @@ pub fn slot_tag(slot: u16) -> u32 {
         .unwrap_or(0)
 }
 
-/// Every slot's tag, found once (about 150,000 numbers hashed, a few milliseconds).
+/// Every slot's tag, found once: the largest is 109757, so about 110,000 short numbers are
+/// hashed (about a millisecond natively), on the first flush of a worker on a cluster.
 fn slot_tags() -> &'static [u32] {
     static TAGS: OnceLock<Vec<u32>> = OnceLock::new();
     TAGS.get_or_init(|| {

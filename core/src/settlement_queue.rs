@@ -7,7 +7,7 @@
 //! batch per slot, several slots' batches in flight at once (one per slot), each answered,
 //! retried and backed off on its own, so a master that is down holds back only its slots.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use crate::cluster;
 use crate::entitlements::Recorded;
@@ -27,15 +27,15 @@ pub enum Group {
 #[derive(Debug)]
 pub struct SettlementQueue {
     waiting: VecDeque<Settlement>,
-    /// Batches on their way to Redis, at most one per group.
-    in_flight: BTreeMap<Group, Vec<Settlement>>,
+    /// Batches on their way to Redis, at most one per group (and a few groups: a list).
+    in_flight: Vec<(Group, Vec<Settlement>)>,
     capacity: usize,
     max_batch: usize,
     /// Batches are grouped by hash slot (Redis Cluster).
     by_slot: bool,
     /// Groups whose last batch failed: their next batch waits, backing off while their Redis
     /// is down. Forgotten when a batch of the group succeeds.
-    backoff: BTreeMap<Group, Backoff>,
+    backoff: HashMap<Group, Backoff>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -76,11 +76,11 @@ impl SettlementQueue {
     pub fn new(capacity: usize, max_batch: usize) -> Self {
         Self {
             waiting: VecDeque::new(),
-            in_flight: BTreeMap::new(),
+            in_flight: Vec::new(),
             capacity,
             max_batch: max_batch.max(1),
             by_slot: false,
-            backoff: BTreeMap::new(),
+            backoff: HashMap::new(),
         }
     }
 
@@ -108,7 +108,12 @@ impl SettlementQueue {
     }
 
     pub fn len(&self) -> usize {
-        self.waiting.len() + self.in_flight.values().map(Vec::len).sum::<usize>()
+        self.waiting.len()
+            + self
+                .in_flight
+                .iter()
+                .map(|(_, batch)| batch.len())
+                .sum::<usize>()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -131,7 +136,7 @@ impl SettlementQueue {
 
     /// Whether a batch of `group` may start now: none of it in flight, not backing off.
     fn ready(&self, group: Group, now_ms: u64) -> bool {
-        !self.in_flight.contains_key(&group)
+        !self.in_flight.iter().any(|(g, _)| *g == group)
             && self
                 .backoff
                 .get(&group)
@@ -148,25 +153,25 @@ impl SettlementQueue {
             1
         };
         let room = most.saturating_sub(self.in_flight.len());
-        let mut started: BTreeMap<Group, Vec<Settlement>> = BTreeMap::new();
-        let mut order = Vec::new();
+        let mut started: Vec<(Group, Vec<Settlement>)> = Vec::new();
         let mut left = VecDeque::with_capacity(self.waiting.len());
         while let Some(item) = self.waiting.pop_front() {
             let group = self.group_of(&item);
-            let batch = match started.get_mut(&group) {
-                Some(batch) => Some(batch),
-                None if order.len() < room && self.ready(group, now_ms) => {
-                    order.push(group);
-                    Some(started.entry(group).or_default())
+            let at = match started.iter().position(|(g, _)| *g == group) {
+                Some(at) => Some(at),
+                None if started.len() < room && self.ready(group, now_ms) => {
+                    started.push((group, Vec::new()));
+                    Some(started.len() - 1)
                 }
                 None => None,
             };
-            match batch {
-                Some(batch) if batch.len() < self.max_batch => batch.push(item),
+            match at.and_then(|at| started.get_mut(at)) {
+                Some((_, batch)) if batch.len() < self.max_batch => batch.push(item),
                 _ => left.push_back(item),
             }
         }
         self.waiting = left;
+        let order = started.iter().map(|(group, _)| *group).collect();
         self.in_flight.extend(started);
         order
     }
@@ -180,7 +185,10 @@ impl SettlementQueue {
 
     /// `group`'s batch on its way (empty when none is).
     pub fn in_flight(&self, group: Group) -> &[Settlement] {
-        self.in_flight.get(&group).map_or(&[], Vec::as_slice)
+        self.in_flight
+            .iter()
+            .find(|(g, _)| *g == group)
+            .map_or(&[], |(_, batch)| batch.as_slice())
     }
 
     /// `group`'s batch was answered (or failed). A commit is sent again only while Redis
@@ -192,7 +200,10 @@ impl SettlementQueue {
         now_ms: u64,
         remember_commits_ms: u64,
     ) -> BatchReport {
-        let batch = self.in_flight.remove(&group).unwrap_or_default();
+        let batch = match self.in_flight.iter().position(|(g, _)| *g == group) {
+            Some(at) => self.in_flight.swap_remove(at).1,
+            None => Vec::new(),
+        };
         let mut report = BatchReport::default();
         match reply.and_then(|r| functions::parse_settled(r, batch.len())) {
             Ok(settled) => {

@@ -2,8 +2,6 @@
 //! commands that call them. An admin loads the library once (`load_library`); the filter's
 //! Redis user may run `FCALL` and nothing else, and no script travels with a request.
 
-use std::sync::OnceLock;
-
 use super::{RedisCommand, RedisReply, TransportError};
 use crate::config::{Gauge, Invoke, Limit};
 use crate::keys::UsageKeys;
@@ -27,39 +25,26 @@ pub fn load_library() -> RedisCommand {
         .arg(LIBRARY)
 }
 
-/// `function` as a script for `EVAL`/`EVALSHA` (Envoy's `redis_proxy` forwards those, not
-/// `FCALL`): the library's own source, its functions registered into a local table instead
-/// of Redis's, then the one asked for called with the script's `KEYS` and `ARGV`. `None` for
-/// a function the library does not register.
-pub fn script(function: &str) -> Option<String> {
-    if !FUNCTIONS.contains(&function) {
-        return None;
-    }
-    let body = LIBRARY.split_once('\n').map_or("", |(_, rest)| rest);
-    Some(format!(
-        "local registered = {{}}\n\
-         local function register(spec) registered[spec.function_name] = spec.callback end\n\
-         {}\n\
-         return registered['{function}'](KEYS, ARGV)\n",
-        body.replace("redis.register_function", "register")
-    ))
+// SCRIPT_SHAS and SCRIPT_SOURCES: each function as a script for `EVAL`/`EVALSHA` (Envoy's
+// `redis_proxy` forwards those, not `FCALL`), made by build.rs from the library's own source:
+// its functions registered into a local table instead of Redis's, then the one asked for
+// called with the script's `KEYS` and `ARGV`.
+include!(concat!(env!("OUT_DIR"), "/scripts.rs"));
+
+/// `function`'s script; `None` for a function the library does not register.
+pub fn script(function: &str) -> Option<&'static str> {
+    SCRIPT_SOURCES
+        .iter()
+        .find(|(name, _)| *name == function)
+        .map(|(_, source)| *source)
 }
 
-/// The SHA1 `EVALSHA` names `function`'s script by (worked out once).
+/// The SHA1 `EVALSHA` names `function`'s script by.
 pub fn script_sha(function: &str) -> Option<&'static str> {
-    static SHAS: OnceLock<Vec<(&'static str, String)>> = OnceLock::new();
-    SHAS.get_or_init(|| {
-        FUNCTIONS
-            .iter()
-            .filter_map(|&name| {
-                let sha = sha1_smol::Sha1::from(script(name)?).digest().to_string();
-                Some((name, sha))
-            })
-            .collect()
-    })
-    .iter()
-    .find(|(name, _)| *name == function)
-    .map(|(_, sha)| sha.as_str())
+    SCRIPT_SHAS
+        .iter()
+        .find(|(name, _)| *name == function)
+        .map(|(_, sha)| *sha)
 }
 
 /// Loads every function's script (`SCRIPT LOAD`): an admin's commands, on every master,
@@ -556,6 +541,12 @@ mod tests {
         assert!(!source.contains("redis.register_function"));
         assert!(source.ends_with("return registered['plan_limits_reserve'](KEYS, ARGV)\n"));
         assert!(script("plan_limits_other").is_none());
+        // Every function the library registers, named by the hash of its script.
+        assert_eq!(SCRIPT_SHAS.map(|(name, _)| name), FUNCTIONS);
+        for (name, sha) in SCRIPT_SHAS {
+            let source = script(name).unwrap();
+            assert_eq!(sha1_smol::Sha1::from(source).digest().to_string(), sha);
+        }
         let loads = load_scripts();
         assert_eq!(loads.len(), FUNCTIONS.len());
         assert_eq!(loads[0].args[..2], [b"SCRIPT".to_vec(), b"LOAD".to_vec()]);
