@@ -380,8 +380,13 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
 /// A Redis error answering a function call: refused before it ran (not found, no right to
 /// call it, Redis loading or read-only: nothing happened), or raised while it ran (Redis
 /// names the function's script in the message), when what it wrote before stays written.
+/// Envoy's `redis_proxy` answers for Redis when the master failed or timed out after the
+/// call was sent ("upstream failure", "upstream protocol error"): it may have run.
 fn refusal_or_failure(message: String) -> TransportError {
-    if message.contains("script:") || message.contains("@user_function") {
+    let raised = message.contains("script:") || message.contains("@user_function");
+    let cut_off =
+        message.starts_with("upstream failure") || message.starts_with("upstream protocol error");
+    if raised || cut_off {
         TransportError::Unknown(message)
     } else {
         TransportError::NotSent(message)
@@ -576,6 +581,20 @@ mod tests {
             parse_settled(RedisReply::Error(refused.into()), 1),
             Err(TransportError::NotSent(_))
         ));
+        // Envoy's redis_proxy: the master failed or timed out once the call was on its way
+        // (it may have run), or no master was there to send it to (it did not).
+        for (message, ran) in [
+            ("upstream failure", true),
+            ("upstream protocol error", true),
+            ("no upstream host", false),
+        ] {
+            let answer = parse_settled(RedisReply::Error(message.into()), 1);
+            assert_eq!(
+                matches!(answer, Err(TransportError::Unknown(_))),
+                ran,
+                "{message}: {answer:?}"
+            );
+        }
     }
 
     #[test]
