@@ -5,7 +5,7 @@ WASM := target/plan_limits_filter.wasm
 WASM_HOSTCALLS := target/plan_limits_filter_redis_hostcalls.wasm
 OPT := wasm-opt -Oz --enable-bulk-memory --enable-sign-ext
 
-.PHONY: deps deps-test build build-stock build-hostcalls run reload test soak bench bench-smoke lint clean
+.PHONY: deps deps-test build build-stock build-hostcalls run reload test soak bench bench-smoke scale lint clean
 
 deps:
 	@scripts/install-deps.sh
@@ -64,6 +64,12 @@ bench-smoke:
 ## soak: 60 s of load (wrk) with Redis restarted in the middle; prints the figures
 soak: build
 	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo test --locked -p plan-limits-tests --test soak -- --ignored --nocapture
+
+## scale: Redis's figures on a local three-master cluster: keys and bytes per active user,
+## bytes per usage event, calls per second one master takes (README, Redis Cluster)
+scale: build
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) PLAN_LIMITS_WASM_HOSTCALLS=$(CURDIR)/$(WASM_HOSTCALLS) \
+		cargo test --locked -p plan-limits-tests --test redis_cluster scale_figures -- --ignored --nocapture
 
 lint:
 	cargo fmt --all -- --check

@@ -13,7 +13,7 @@ use plan_limits_core::cluster;
 use plan_limits_core::keys::UsageKeys;
 use plan_limits_core::plans::Plans;
 use plan_limits_core::redis::functions::{self, EventsTrim, SettleArgs};
-use plan_limits_core::redis::RedisReply;
+use plan_limits_core::redis::{RedisCommand, RedisReply};
 use plan_limits_core::settlement::{SettleMode, Settlement};
 use plan_limits_core::settlement_queue::{Group, SettlementQueue};
 use plan_limits_services::gateway::EnvoyClusterGateway;
@@ -432,6 +432,20 @@ fn envoy_redis_proxy_forwards_evalsha_but_not_fcall() {
         .query(&mut conn)
         .unwrap();
     assert_eq!(evalsha, [redis::Value::Nil], "no plan recorded for x");
+
+    // Stopped with every process it started: three masters, Envoy, webdis, the upstream.
+    let started = gw.processes();
+    assert!(started.len() >= 6, "{started:?}");
+    drop(conn);
+    drop(gw);
+    let alive = |pid: &u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        !stat.is_empty() && state != Some("Z")
+    };
+    assert!(eventually(|| !started.iter().any(alive)), "{started:?}");
 }
 
 #[test]
@@ -480,4 +494,404 @@ fn envoy_many_users_over_many_slots_count_each_success_once() {
     assert_counted(&gw.cluster, &cluster_plans_for_envoy(), &period, &expected);
     assert_eq!(gw.metric("settle_errors"), 0);
     assert_eq!(gw.metric("fail_open"), 0);
+}
+
+/// Every plan's limit for an action, as the filter passes them (the claimed plan's is large,
+/// so that a load never runs out).
+fn limits() -> Vec<(String, Option<u64>)> {
+    vec![
+        ("free".into(), Some(5)),
+        ("professional".into(), Some(1_000_000_000)),
+        ("enterprise".into(), None),
+    ]
+}
+
+fn reserve_command(user: &str, action: &str, id: &str, now_ms: u64) -> RedisCommand {
+    let keys = UsageKeys::new("plan-limits", user, "2026-11", action);
+    functions::reserve(functions::ReserveArgs {
+        keys: &keys,
+        action,
+        claimed_plan: "professional",
+        fallback_plan: Some("free"),
+        reservation_id: id,
+        now_ms,
+        ttl_ms: 60_000,
+        limits: &limits(),
+        idempotency: None,
+        gauge: None,
+    })
+}
+
+fn commit(user: &str, action: &str, id: &str, day: &str, now_ms: u64) -> Settlement {
+    Settlement {
+        mode: SettleMode::Commit,
+        keys: UsageKeys::new("plan-limits", user, "2026-11", action),
+        action: action.into(),
+        plan: "professional".into(),
+        limits_json: Rc::from(r#"{"upload":null,"ai_analysis":100,"procedure_view":null}"#),
+        at: format!("{day}T12:00:00.000Z"),
+        day: day.into(),
+        made_at_ms: now_ms,
+        ..count(user, id)
+    }
+}
+
+#[test]
+fn a_commit_sent_twice_counts_once_on_the_cluster() {
+    let cluster = start_cluster("cluster-twice");
+    let mut conn = cluster.connection();
+    let now = 1_795_000_000_000;
+    for (user, invoke) in [
+        ("ana", plan_limits_core::config::Invoke::Fcall),
+        ("ben", plan_limits_core::config::Invoke::Evalsha),
+    ] {
+        let reserve = functions::invoked(reserve_command(user, "upload", "r1", now), invoke);
+        let reservation = functions::parse_reservation(redis_exec::run(&mut conn, &reserve));
+        assert_eq!(
+            reservation.unwrap().status,
+            functions::ReserveStatus::Granted
+        );
+        let batch = [commit(user, "upload", "r1", "2026-11-27", now)];
+        let slot = cluster::key_slot(batch[0].keys.summary.as_bytes());
+        let stream = cluster::slot_events_stream("plan-limits:events", slot);
+        let settle = functions::invoked(functions::settle(&batch, settle_args(&stream)), invoke);
+        for (attempt, counted) in [(1, true), (2, false)] {
+            let settled = functions::parse_settled(redis_exec::run(&mut conn, &settle), 1);
+            assert_eq!(
+                settled.unwrap()[0].done,
+                counted,
+                "{user} attempt {attempt}"
+            );
+        }
+        assert_eq!(cluster_counter(&cluster, user, "upload", "2026-11"), 1);
+    }
+}
+
+fn to_cmd(command: &RedisCommand) -> redis::Cmd {
+    let mut cmd = redis::cmd(std::str::from_utf8(&command.args[0]).unwrap());
+    for arg in &command.args[1..] {
+        cmd.arg(&arg[..]);
+    }
+    cmd
+}
+
+/// Sends `commands` to one master over `connections` connections at once, each pipelining
+/// `depth` at a time; returns the calls per second and checks none failed.
+fn load(cluster: &RedisCluster, master: usize, commands: &[redis::Cmd], connections: usize) -> f64 {
+    let depth = 64;
+    let started = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for part in commands.chunks(commands.len().div_ceil(connections)) {
+            let mut conn = cluster.node_connection(master);
+            s.spawn(move || {
+                for chunk in part.chunks(depth) {
+                    let mut pipe = redis::pipe();
+                    for cmd in chunk {
+                        pipe.add_command(cmd.clone());
+                    }
+                    let replies: Vec<redis::Value> = pipe.query(&mut conn).unwrap();
+                    for reply in replies {
+                        assert!(!matches!(reply, redis::Value::ServerError(_)), "{reply:?}");
+                    }
+                }
+            });
+        }
+    });
+    commands.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// MEMORY USAGE (all samples) of `key` on master `master`.
+fn memory_usage(conn: &mut redis::Connection, key: &str) -> u64 {
+    redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(key)
+        .arg("SAMPLES")
+        .arg(0)
+        .query::<Option<u64>>(conn)
+        .unwrap()
+        .unwrap_or(0)
+}
+
+/// The README's scale figures, measured on a local three-master cluster (AOF with
+/// `appendfsync always`, as `RedisCluster` runs it): keys and bytes per active user, bytes per
+/// event in the slots' streams, and calls per second one master takes for the reserve and
+/// settle paths (the functions pipelined by the redis crate from 4 connections on the same
+/// machine). `make scale`, or:
+/// `cargo test -p plan-limits-tests --test redis_cluster scale_figures -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn scale_figures() {
+    let cluster = start_cluster("cluster-scale");
+    let ranges = slot_ranges(&cluster);
+    let master_of = |user: &str| {
+        let slot = cluster::key_slot(
+            UsageKeys::new("plan-limits", user, "x", "y")
+                .summary
+                .as_bytes(),
+        );
+        let port = ranges
+            .iter()
+            .find(|(first, last, _)| (*first..=*last).contains(&slot))
+            .map(|(_, _, port)| *port)
+            .unwrap();
+        cluster.masters.iter().position(|m| m.port == port).unwrap()
+    };
+    let mut conn = cluster.connection();
+
+    // 1. Active users: 1000 users, each with 5 counted requests (an upload, two AI analyses,
+    // two procedure views) on each of 20 days of a month: 100 counted requests, each reserved
+    // then committed, in batches of the user's day (one slot); billing's plan recorded.
+    let users: Vec<String> = (0..1000).map(|n| format!("active-{n}")).collect();
+    let actions = [
+        "upload",
+        "ai_analysis",
+        "ai_analysis",
+        "procedure_view",
+        "procedure_view",
+    ];
+    let base_ms = 1_795_000_000_000u64;
+    let mut reserves = Vec::new();
+    let mut settles = Vec::new();
+    for user in &users {
+        usage::set_plan(&mut conn, user, "professional");
+        for day in 1..=20u64 {
+            let now = base_ms + day * 86_400_000;
+            let date = format!("2026-11-{day:02}");
+            let mut batch = Vec::new();
+            for (i, action) in actions.iter().enumerate() {
+                let id = format!("{user}-{day}-{i}");
+                reserves.push(to_cmd(&reserve_command(user, action, &id, now)));
+                batch.push(commit(user, action, &id, &date, now));
+            }
+            let slot = cluster::key_slot(batch[0].keys.summary.as_bytes());
+            let stream = cluster::slot_events_stream("plan-limits:events", slot);
+            let mut args = settle_args(&stream);
+            args.now_ms = now;
+            settles.push(to_cmd(&functions::settle(&batch, args)));
+        }
+    }
+    let mut pipe = redis::cluster::cluster_pipe();
+    for (i, cmd) in reserves.iter().enumerate() {
+        pipe.add_command(cmd.clone());
+        if i % 5 == 4 {
+            pipe.add_command(settles[i / 5].clone());
+        }
+    }
+    let _: Vec<redis::Value> = pipe.query(&mut conn).unwrap();
+    let mut keys_per_user = 0u64;
+    let mut bytes_per_user = 0u64;
+    let mut by_kind: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for user in users.iter().take(100) {
+        let mut node = cluster.node_connection(master_of(user));
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("plan-limits:{{{user}}}:*"))
+            .query(&mut node)
+            .unwrap();
+        keys_per_user += keys.len() as u64;
+        for key in keys {
+            let bytes = memory_usage(&mut node, &key);
+            bytes_per_user += bytes;
+            let kind = key
+                .split(':')
+                .skip(2)
+                .map(|part| {
+                    if part.starts_with("2026-11-") {
+                        "<date>"
+                    } else {
+                        part
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(":");
+            let entry = by_kind.entry(kind).or_default();
+            entry.0 += 1;
+            entry.1 += bytes;
+        }
+    }
+    println!("\n== an active user (100 counted requests on 20 days of a month), mean of 100 users");
+    println!("keys per user: {:.1}", keys_per_user as f64 / 100.0);
+    println!(
+        "bytes per user (MEMORY USAGE of its keys): {:.0}",
+        bytes_per_user as f64 / 100.0
+    );
+    for (kind, (n, bytes)) in &by_kind {
+        println!(
+            "  {kind}: {:.1} keys, {:.0} bytes",
+            *n as f64 / 100.0,
+            *bytes as f64 / 100.0
+        );
+    }
+
+    // 2. Events: 100,000 usage events written above, in the streams of the users' slots.
+    let mut streams = 0u64;
+    let mut stream_bytes = 0u64;
+    let mut events = 0u64;
+    for i in 0..cluster.masters.len() {
+        let mut node = cluster.node_connection(i);
+        let names: Vec<String> = redis::cmd("KEYS")
+            .arg("plan-limits:events:*")
+            .query(&mut node)
+            .unwrap();
+        for name in names {
+            streams += 1;
+            stream_bytes += memory_usage(&mut node, &name);
+            events += redis::cmd("XLEN")
+                .arg(&name)
+                .query::<u64>(&mut node)
+                .unwrap();
+        }
+    }
+    println!("\n== usage events in the slots' streams");
+    println!(
+        "{events} events in {streams} streams ({:.0} a stream): {stream_bytes} bytes, {:.0} bytes an event",
+        events as f64 / streams as f64,
+        stream_bytes as f64 / events as f64
+    );
+    let mut one = cluster.node_connection(0);
+    let lone = "plan-limits:events:lone";
+    redis::cmd("XADD")
+        .arg(lone)
+        .arg("*")
+        .arg(&["event", "usage", "user", "u", "action", "upload"])
+        .exec(&mut one)
+        .unwrap();
+    println!(
+        "a stream holding one event: {} bytes",
+        memory_usage(&mut one, lone)
+    );
+
+    // 3. Calls per second one master takes (master 0, 200,000 calls of users in its slots).
+    let shard_users: Vec<String> = (0..)
+        .map(|n| format!("load-{n}"))
+        .filter(|u| master_of(u) == 0)
+        .take(20_000)
+        .collect();
+    let n = 200_000;
+    let now = base_ms + 25 * 86_400_000;
+    let reserves: Vec<redis::Cmd> = (0..n)
+        .map(|i| {
+            to_cmd(&reserve_command(
+                &shard_users[i % shard_users.len()],
+                "ai_analysis",
+                &format!("L{i}"),
+                now,
+            ))
+        })
+        .collect();
+    let settle_one = |i: usize| {
+        let user = &shard_users[i % shard_users.len()];
+        let batch = [commit(
+            user,
+            "ai_analysis",
+            &format!("L{i}"),
+            "2026-11-26",
+            now,
+        )];
+        let slot = cluster::key_slot(batch[0].keys.summary.as_bytes());
+        let stream = cluster::slot_events_stream("plan-limits:events", slot);
+        let mut args = settle_args(&stream);
+        args.now_ms = now;
+        to_cmd(&functions::settle(&batch, args))
+    };
+    println!("\n== one master (of three; Redis 7.0.15, appendonly yes, appendfsync always; the load from 4 connections on the same 2 cores, 64 calls pipelined)");
+    let reserve_rate = load(&cluster, 0, &reserves, 4);
+    println!("reserve (FCALL plan_limits_reserve, granted): {reserve_rate:.0} calls/s");
+    let settles: Vec<redis::Cmd> = (0..n).map(settle_one).collect();
+    let settle_rate = load(&cluster, 0, &settles, 4);
+    println!("settle, a batch of 1 commit (+ its usage event): {settle_rate:.0} calls/s");
+    // The same commits 64 to a call (a busy slot: one user's, as a worker batches them).
+    let heavy = &shard_users[0];
+    let mut big = Vec::new();
+    for chunk in 0..(n / 64) {
+        let batch: Vec<Settlement> = (0..64)
+            .map(|j| {
+                commit(
+                    heavy,
+                    "procedure_view",
+                    &format!("B{chunk}-{j}"),
+                    "2026-11-26",
+                    now,
+                )
+            })
+            .collect();
+        let slot = cluster::key_slot(batch[0].keys.summary.as_bytes());
+        let stream = cluster::slot_events_stream("plan-limits:events", slot);
+        let mut args = settle_args(&stream);
+        args.now_ms = now;
+        big.push(to_cmd(&functions::settle(&batch, args)));
+    }
+    let batch_rate = load(&cluster, 0, &big, 4);
+    println!(
+        "settle, batches of 64 commits of one slot: {batch_rate:.0} calls/s = {:.0} settlements/s",
+        batch_rate * 64.0
+    );
+    println!(
+        "a limited request (a reserve, then its commit alone in its call): {:.0} requests/s",
+        1.0 / (1.0 / reserve_rate + 1.0 / settle_rate)
+    );
+    let mut admin = cluster.node_connection(0);
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("appendfsync")
+        .arg("everysec")
+        .exec(&mut admin)
+        .unwrap();
+    let reserves: Vec<redis::Cmd> = (0..n)
+        .map(|i| {
+            to_cmd(&reserve_command(
+                &shard_users[i % shard_users.len()],
+                "ai_analysis",
+                &format!("E{i}"),
+                now,
+            ))
+        })
+        .collect();
+    let everysec = load(&cluster, 0, &reserves, 4);
+    println!("reserve with appendfsync everysec: {everysec:.0} calls/s");
+}
+
+#[test]
+fn a_call_cut_off_by_a_stalled_master_behind_redis_proxy_is_of_unknown_outcome() {
+    let gw = EnvoyClusterGateway::start(GatewayOptions {
+        plans_json: cluster_plans_for_envoy(),
+        ..GatewayOptions::default()
+    });
+    let key = "plan-limits:{stalled}:entitlement";
+    let ranges = slot_ranges(&gw.cluster);
+    let slot = cluster::key_slot(key.as_bytes());
+    let port = ranges
+        .iter()
+        .find(|(first, last, _)| (*first..=*last).contains(&slot))
+        .map(|(_, _, port)| *port)
+        .unwrap();
+    let master = gw
+        .cluster
+        .masters
+        .iter()
+        .position(|m| m.port == port)
+        .unwrap();
+    let stall = stall_redis(gw.cluster.node_url(master), "1");
+    let url = format!(
+        "redis://:{}@127.0.0.1:{}/",
+        gw.cluster.filter_password(),
+        gw.redis_proxy_port
+    );
+    let mut conn = redis::Client::open(url)
+        .and_then(|c| c.get_connection())
+        .unwrap();
+    let command = functions::invoked(
+        RedisCommand::new("FCALL")
+            .arg("plan_limits_history")
+            .arg("1")
+            .arg(key),
+        plan_limits_core::config::Invoke::Evalsha,
+    );
+    let reply = redis_exec::run(&mut conn, &command);
+    stall.join().unwrap();
+    // Envoy's op timeout (the filter's timeout_ms) passed with the call sent: it may have run.
+    assert_eq!(reply, RedisReply::Error("upstream failure".into()));
+    assert!(matches!(
+        functions::parse_settled(reply, 1),
+        Err(plan_limits_core::redis::TransportError::Unknown(_))
+    ));
 }
