@@ -17,11 +17,13 @@
 //! the first command and drops their replies), so a wrong password shows up in the reply to
 //! the filter's own command, not as an unreachable Redis.
 //!
-//! A Redis Cluster behind a host-call cluster (Envoy's `envoy.clusters.redis`, which Higress's
-//! Redis client routes by key) is reached with the `redis` crate's cluster connection: each
-//! call goes to the master of its first key's slot, following `MOVED` as Envoy does. Its
-//! handshake is the crate's (AUTH as `init` says, on every master), so a wrong password fails
-//! the call rather than answering it with an error.
+//! A Redis Cluster behind a host-call cluster is reached with the `redis` crate's cluster
+//! connection: each call goes to the master of its first key's slot, following `MOVED`, as a
+//! cluster-aware endpoint in front of the masters would. (Higress's own client,
+//! `AsyncClientImpl::send` in higress-group/envoy, picks a host without a key and hands the
+//! raw reply back, `MOVED` included: on Higress a cluster needs such an endpoint in front.)
+//! Its handshake is the crate's (AUTH as `init` says, on every master), so a wrong password
+//! fails the call rather than answering it with an error.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
