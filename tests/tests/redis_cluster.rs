@@ -895,3 +895,45 @@ fn a_call_cut_off_by_a_stalled_master_behind_redis_proxy_is_of_unknown_outcome()
         Err(plan_limits_core::redis::TransportError::Unknown(_))
     ));
 }
+
+#[test]
+fn envoy_after_the_masters_lose_their_scripts_requests_follow_their_failure_mode_and_settlements_wait(
+) {
+    let mut gw = EnvoyClusterGateway::start(GatewayOptions {
+        plans_json: cluster_plans_for_envoy(),
+        ..GatewayOptions::default()
+    });
+    // As after a restart: Redis keeps functions, not scripts.
+    for i in 0..gw.cluster.masters.len() {
+        redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .exec(&mut gw.cluster.node_connection(i))
+            .unwrap();
+    }
+    let view = Request::new("GET", "/api/procedures/7").user("nia", "free");
+    assert_eq!(gw.send(&view).status, 200);
+    // A limited action fails open (the allowance: nothing known of nia yet).
+    assert_eq!(gw.send(&upload("nia", "free")).status, 200);
+    assert!(eventually(|| gw.metric("settle_errors") > 0));
+    assert!(gw.metric("fail_open") >= 1);
+    let period = gw.period();
+    assert_eq!(
+        cluster_counter(&gw.cluster, "nia", "procedure_view", &period),
+        0
+    );
+    // The operator loads them again: what waited is counted, once.
+    Redis::connect(&gw.cluster.node_url(0))
+        .unwrap()
+        .load_library()
+        .unwrap();
+    assert!(eventually(|| {
+        cluster_counter(&gw.cluster, "nia", "procedure_view", &period) == 1
+            && cluster_counter(&gw.cluster, "nia", "upload", &period) == 1
+    }));
+    assert_eq!(gw.metric("settlements_dropped"), 0);
+    let envoy_log = std::fs::read_to_string(gw.dir.join("envoy.log")).unwrap_or_default();
+    assert!(
+        envoy_log.contains("plan-limits functions load"),
+        "the log says what to do"
+    );
+}
