@@ -5,7 +5,7 @@ WASM := target/plan_limits_filter.wasm
 WASM_HOSTCALLS := target/plan_limits_filter_redis_hostcalls.wasm
 OPT := wasm-opt -Oz --enable-bulk-memory --enable-sign-ext
 
-.PHONY: deps deps-test build build-stock build-hostcalls oci run reload test soak bench bench-smoke lint schema clean
+.PHONY: deps deps-test build build-stock build-hostcalls oci run reload test soak bench bench-smoke scale lint schema clean
 
 deps:
 	@scripts/install-deps.sh
@@ -78,6 +78,12 @@ soak: build
 schema:
 	cargo run --locked -q -p plan-limits-tools --bin plan-limits -- schema > plans.schema.json.new
 	mv plans.schema.json.new plans.schema.json
+
+## scale: Redis's figures on a local three-master cluster: keys and bytes per active user,
+## bytes per usage event, calls per second one master takes (README, Redis Cluster)
+scale: build
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) PLAN_LIMITS_WASM_HOSTCALLS=$(CURDIR)/$(WASM_HOSTCALLS) \
+		cargo test --locked -p plan-limits-tests --test redis_cluster scale_figures -- --ignored --nocapture
 
 lint:
 	cargo fmt --all -- --check

@@ -132,8 +132,12 @@ pub fn transaction(
     event.push(("period", period.id.clone()));
     event.push(("at", at));
     event.push(("operator", operator.to_string()));
+    // On a cluster, the stream of the user's slot: one transaction is one slot.
     let mut xadd = RedisCommand::new("XADD")
-        .arg(&plans.redis.events_stream)
+        .arg(crate::cluster::events_stream_of(
+            &plans.redis,
+            &keys.entitlement(),
+        ))
         .arg("*");
     for (field, value) in &event {
         xadd = xadd.arg(field).arg(value);
@@ -211,6 +215,23 @@ mod tests {
                 "ops"
             ]
         );
+    }
+
+    #[test]
+    fn on_a_cluster_the_admin_event_goes_to_the_users_slot() {
+        let p = Plans::from_json(
+            crate::testing::plans_json_with(|v| v["redis"]["cluster_mode"] = true.into())
+                .as_bytes(),
+        )
+        .unwrap();
+        let op = AdminOp::Reset { action: None };
+        let commands = transaction(&p, "alice", &op, "ops", 0, now()).unwrap();
+        let slots: Vec<u16> = commands
+            .iter()
+            .map(|c| crate::cluster::key_slot(&c.args[1]))
+            .collect();
+        assert_eq!(slots, [749, 749], "{:?}", texts(&commands));
+        assert!(texts(&commands)[1][1].starts_with("plan-limits:events:749:{"));
     }
 
     #[test]

@@ -390,6 +390,24 @@ pub struct RedisSettings {
     /// its own).
     pub username: Option<String>,
     pub password: Option<String>,
+    /// Redis is a Redis Cluster: settlement batches are split by hash slot, and usage events
+    /// go to one stream per slot (`<events_stream>:<slot>:{<tag>}`).
+    pub cluster_mode: bool,
+    /// How the library's functions are called: `FCALL`, or `EVALSHA` of each function as a
+    /// script (for Envoy's `redis_proxy`, which does not forward `FCALL`).
+    pub invoke: Invoke,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Invoke {
+    /// `FCALL <function>`: the Redis Functions library, loaded once, kept by Redis.
+    #[default]
+    Fcall,
+    /// `EVALSHA <sha1 of the function as a script>`: the scripts are loaded by an admin on
+    /// every master (`plan-limits functions load`) and again after a master restarts.
+    Evalsha,
 }
 
 impl Default for RedisSettings {
@@ -414,6 +432,8 @@ impl Default for RedisSettings {
             fail_open_allowance: 1,
             username: None,
             password: None,
+            cluster_mode: false,
+            invoke: Invoke::Fcall,
         }
     }
 }

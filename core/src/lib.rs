@@ -7,6 +7,7 @@
 //! - `config`: plans.json as written (serde, errors name the JSON path);
 //! - `plans`: plans.json checked and compiled once (routes, actions, plans, terms);
 //! - `routes`, `period`, `keys`: matching, billing periods, Redis key names;
+//! - `cluster`: Redis Cluster hash slots, and the event stream of each slot;
 //! - `admission`: a request's head read once (identity, plan, feature, size, kind);
 //! - `request`: a metered request's life (reservation, response, end);
 //! - `settlement`: commits, counts and releases; `settlement_queue`: a worker's, in batches;
@@ -19,6 +20,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod cluster;
 pub mod config;
 pub mod denials;
 pub mod entitlements;

@@ -652,6 +652,21 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
             ),
         ));
     }
+    if redis.cluster_mode {
+        // On a cluster a key's slot is its first `{...}`: the user's tag must be it, and a
+        // slot's stream tag must be its stream's.
+        for (field, value) in [
+            ("redis.key_prefix", &redis.key_prefix),
+            ("redis.events_stream", &redis.events_stream),
+        ] {
+            if value.contains(['{', '}']) {
+                return Err(ConfigError::at(
+                    field,
+                    format!("\"{value}\": with cluster_mode, no {{ or }}: Redis Cluster hashes a key by its first {{...}}"),
+                ));
+            }
+        }
+    }
     let thresholds = &config.warnings.thresholds;
     for (i, t) in thresholds.iter().enumerate() {
         let ascending = i == 0 || thresholds.get(i - 1).is_some_and(|before| before < t);
@@ -1105,6 +1120,35 @@ mod tests {
         assert_eq!(err.path, "redis.reservation_ttl_ms");
         assert!(err.reason.contains("at least 1510 ms"), "{err}");
         assert!(with(|v| v["redis"]["reservation_ttl_ms"] = 1510.into()).is_ok());
+    }
+
+    #[test]
+    fn cluster_mode_is_off_by_default_and_refuses_braces_in_key_names() {
+        assert!(!plans().redis.cluster_mode);
+        let on = with(|v| v["redis"]["cluster_mode"] = true.into()).unwrap();
+        assert!(on.redis.cluster_mode);
+        let err = with(|v| v["redis"]["cluster_mode"] = "yes".into()).unwrap_err();
+        assert_eq!(err.path, "redis.cluster_mode");
+        for field in ["key_prefix", "events_stream"] {
+            let err = with(|v| {
+                v["redis"]["cluster_mode"] = true.into();
+                v["redis"][field] = "pl:{x}".into();
+            })
+            .unwrap_err();
+            assert_eq!(err.path, format!("redis.{field}"));
+            assert!(err.reason.contains("no { or }"), "{err}");
+            assert!(with(|v| v["redis"][field] = "pl:{x}".into()).is_ok());
+        }
+    }
+
+    #[test]
+    fn functions_are_called_with_fcall_unless_told_evalsha() {
+        use crate::config::Invoke;
+        assert_eq!(plans().redis.invoke, Invoke::Fcall);
+        let evalsha = with(|v| v["redis"]["invoke"] = "evalsha".into()).unwrap();
+        assert_eq!(evalsha.redis.invoke, Invoke::Evalsha);
+        let err = with(|v| v["redis"]["invoke"] = "eval".into()).unwrap_err();
+        assert_eq!(err.path, "redis.invoke");
     }
 
     #[test]

@@ -25,6 +25,7 @@ use std::rc::Rc;
 use chrono::{DateTime, Utc};
 
 use crate::admission::{self, Admission, Release, RequestHead};
+use crate::cluster;
 use crate::config::RedisSettings;
 use crate::denials::DenialCache;
 use crate::entitlements::{EntitlementCache, Recorded};
@@ -38,7 +39,7 @@ use crate::reports::Report;
 use crate::request::{unix_millis, Decision, MeteredRequest};
 use crate::responses::{self, LocalResponse};
 use crate::settlement::Settlement;
-use crate::settlement_queue::{BatchReport, SettlementQueue};
+use crate::settlement_queue::{BatchReport, Group, SettlementQueue};
 
 /// The host's id of an HTTP stream (its context id).
 pub type StreamId = u32;
@@ -177,8 +178,8 @@ enum Waiter {
     Reservations(Vec<StreamId>),
     /// A paused stream's report.
     Report(StreamId),
-    /// The settlement batch in flight.
-    Batch,
+    /// A settlement batch in flight (one per group).
+    Batch(Group),
 }
 
 /// Reservation ids: a random per-VM prefix and a counter, unique across workers and Envoys.
@@ -259,6 +260,7 @@ impl Worker {
                 let redis = &plans.redis;
                 self.settlements
                     .resize(redis.max_queued_settlements, redis.max_batch);
+                self.settlements.group_by_slot(redis.cluster_mode);
                 io.log(
                     LogLevel::Info,
                     format!(
@@ -348,7 +350,7 @@ impl Worker {
             report.reanchor(anchor, now);
         }
         let command = report.command(plans, unix_millis(now));
-        match io.send(&plans.redis, &command) {
+        match send(io, &plans.redis, command) {
             Ok(call) => {
                 self.calls.insert(call, (Waiter::Report(stream), now));
                 let pending = PendingReport {
@@ -486,11 +488,13 @@ impl Worker {
         now: DateTime<Utc>,
         io: &mut dyn Io,
     ) -> Result<(), TransportError> {
-        if self.reserving.is_some() || !self.reservation_queue.is_empty() {
+        // (On a Redis Cluster each reservation goes alone: one call touches one slot.)
+        let busy = self.reserving.is_some() || !self.reservation_queue.is_empty();
+        if busy && !plans.redis.cluster_mode {
             self.reservation_queue.push((stream, command));
             return Ok(());
         }
-        let token = io.send(&plans.redis, &command)?;
+        let token = send(io, &plans.redis, command)?;
         self.calls
             .insert(token, (Waiter::Reservations(vec![stream]), now));
         let owner = (!io.answers_outlive_streams()).then_some(stream);
@@ -521,10 +525,10 @@ impl Worker {
             let batch: Vec<(StreamId, RedisCommand)> = self.reservation_queue.drain(..n).collect();
             let streams: Vec<StreamId> = batch.iter().map(|(stream, _)| *stream).collect();
             let sent = match batch.as_slice() {
-                [(_, one)] => io.send(&plans.redis, one),
+                [(_, one)] => send(io, &plans.redis, one.clone()),
                 many => {
                     let commands: Vec<&RedisCommand> = many.iter().map(|(_, c)| c).collect();
-                    io.send(&plans.redis, &functions::reserve_many(&commands))
+                    send(io, &plans.redis, functions::reserve_many(&commands))
                 }
             };
             match sent {
@@ -677,7 +681,7 @@ impl Worker {
         let call = match waiter {
             Waiter::Reservations(_) => metrics::Call::Reserve,
             Waiter::Report(_) => metrics::Call::Report,
-            Waiter::Batch => metrics::Call::Settle,
+            Waiter::Batch(_) => metrics::Call::Settle,
         };
         let micros = (now - sent).num_microseconds().unwrap_or(i64::MAX);
         io.record(&metrics::redis_round_trip(call), micros.max(0));
@@ -696,7 +700,7 @@ impl Worker {
                 self.send_waiting_reservations(now, io);
             }
             Waiter::Report(stream) => self.on_report(stream, reply, now, io),
-            Waiter::Batch => self.on_batch_reply(reply, now, io),
+            Waiter::Batch(group) => self.on_batch_reply(group, reply, now, io),
         }
     }
 
@@ -720,7 +724,7 @@ impl Worker {
         if let Some(anchor) = stale {
             pending.report.reanchor(anchor, now);
             let command = pending.report.command(&plans, unix_millis(now));
-            if let Ok(call) = io.send(&plans.redis, &command) {
+            if let Ok(call) = send(io, &plans.redis, command) {
                 self.calls.insert(call, (Waiter::Report(stream), now));
                 pending.call = call;
                 self.reports.insert(stream, pending);
@@ -1023,42 +1027,66 @@ impl Worker {
         }
     }
 
-    /// Sends the next batch if one is due and none is in flight.
+    /// Sends the batches that are due: the next one (one Redis), or one per slot with
+    /// settlements waiting and none in flight (a cluster).
     fn flush(&mut self, now: DateTime<Utc>, io: &mut dyn Io) {
         let Some(plans) = self.plans.clone() else {
             return;
         };
         let redis = &plans.redis;
         let now_ms = unix_millis(now);
-        let Some(batch) = self.settlements.start_batch(now_ms) else {
-            return;
-        };
-        let command = functions::settle(
-            batch,
-            SettleArgs {
-                events_stream: &redis.events_stream,
-                events_trim: match (redis.events_max_len, redis.events_retention_days) {
-                    (Some(n), _) => EventsTrim::MaxLen(n),
-                    (None, Some(days)) => EventsTrim::MaxAgeMs(u64::from(days) * 86_400_000),
-                    (None, None) => EventsTrim::KeepAll,
+        for group in self.settlements.start_batches(now_ms) {
+            let events_stream = match group {
+                Group::All => redis.events_stream.clone(),
+                Group::Slot(slot) => cluster::slot_events_stream(&redis.events_stream, slot),
+            };
+            let command = functions::settle(
+                self.settlements.in_flight(group),
+                SettleArgs {
+                    events_stream: &events_stream,
+                    events_trim: match (redis.events_max_len, redis.events_retention_days) {
+                        (Some(n), _) => EventsTrim::MaxLen(n),
+                        (None, Some(days)) => EventsTrim::MaxAgeMs(u64::from(days) * 86_400_000),
+                        (None, None) => EventsTrim::KeepAll,
+                    },
+                    now_ms,
+                    ttl_ms: redis.reservation_ttl_ms,
+                    remember_commits_ms: redis.commit_memory_ms,
+                    keep_days_ms: u64::from(redis.history_retention_days) * 86_400_000,
+                    warning_thresholds: &plans.warnings.thresholds,
                 },
-                now_ms,
-                ttl_ms: redis.reservation_ttl_ms,
-                remember_commits_ms: redis.commit_memory_ms,
-                keep_days_ms: u64::from(redis.history_retention_days) * 86_400_000,
-                warning_thresholds: &plans.warnings.thresholds,
-            },
-        );
-        match io.send(redis, &command) {
-            Ok(token) => {
-                self.calls.insert(token, (Waiter::Batch, now));
+            );
+            match send(io, redis, command) {
+                Ok(token) => {
+                    self.calls.insert(token, (Waiter::Batch(group), now));
+                }
+                // Requeued with a backoff: this flush does not start it again.
+                Err(e) => self.apply_batch_reply(group, Err(e), now, io),
             }
-            Err(e) => self.on_batch_reply(Err(e), now, io),
         }
     }
 
     fn on_batch_reply(
         &mut self,
+        group: Group,
+        reply: Result<RedisReply, TransportError>,
+        now: DateTime<Utc>,
+        io: &mut dyn Io,
+    ) {
+        self.apply_batch_reply(group, reply, now, io);
+        // More may be waiting: keep the queue moving without waiting for the next tick (a
+        // failed batch backs off first, so this ends).
+        self.flush(now, io);
+        if self.stopping && !self.settlements.batch_in_flight() {
+            self.report_queue(io);
+            io.done();
+        }
+    }
+
+    /// What `group`'s batch's answer means: counts learnt, metrics, what goes again.
+    fn apply_batch_reply(
+        &mut self,
+        group: Group,
         reply: Result<RedisReply, TransportError>,
         now: DateTime<Utc>,
         io: &mut dyn Io,
@@ -1067,22 +1095,15 @@ impl Worker {
             return;
         };
         let now_ms = unix_millis(now);
-        let report = self
-            .settlements
-            .on_batch_reply(reply, now_ms, plans.redis.commit_memory_ms);
+        let report =
+            self.settlements
+                .on_batch_reply(group, reply, now_ms, plans.redis.commit_memory_ms);
         for (user, record) in &report.entitlements {
             let for_ms = plans.redis.entitlement_cache_ms;
             self.entitlements
                 .learn(user, record.clone(), now_ms, for_ms);
         }
         record(&report, io);
-        // More may be waiting: keep the queue moving without waiting for the next tick (a
-        // failed batch backs off first, so this ends).
-        self.flush(now, io);
-        if self.stopping && !self.settlements.batch_in_flight() {
-            self.report_queue(io);
-            io.done();
-        }
     }
 
     /// The host is stopping this worker: send what is queued. `true`: done now; otherwise
@@ -1101,6 +1122,16 @@ impl Worker {
     pub fn queued_settlements(&self) -> usize {
         self.settlements.len()
     }
+}
+
+/// Sends `command` as plans.json says the library's functions are called (`FCALL`, or
+/// `EVALSHA` of their scripts).
+fn send(
+    io: &mut dyn Io,
+    redis: &RedisSettings,
+    command: RedisCommand,
+) -> Result<Token, TransportError> {
+    io.send(redis, &functions::invoked(command, redis.invoke))
 }
 
 /// A refusal of `request` with the RateLimit fields of its allowance, if plans.json wants
@@ -2522,6 +2553,115 @@ mod tests {
         w.on_reply(token, settled(&[1]), now(), &mut io);
         assert_eq!(io.done, 1);
         assert_eq!(io.count_of(Metric::Counted), 1);
+    }
+
+    /// A procedure view by `user` that succeeds and ends: one count queued.
+    fn view_of(w: &mut Worker, stream: StreamId, user: &str, io: &mut Recorder) {
+        let h = head("GET", "/api/procedures/1", user, "free");
+        assert_eq!(send(w, stream, &h, io), Flow::Continue);
+        w.on_response_headers(stream, 200, now(), io);
+        w.on_stream_end(stream, now(), io);
+    }
+
+    fn on_a_cluster(p: &mut serde_json::Value) {
+        p["redis"]["cluster_mode"] = true.into();
+    }
+
+    /// The hash slot of every key a settle call names (its numkeys keys).
+    fn slots_of(command: &RedisCommand) -> Vec<u16> {
+        let n: usize = std::str::from_utf8(&command.args[2])
+            .unwrap()
+            .parse()
+            .unwrap();
+        command.args[3..3 + n]
+            .iter()
+            .map(|key| cluster::key_slot(key))
+            .collect()
+    }
+
+    #[test]
+    fn on_a_cluster_each_slots_settlements_go_in_a_call_of_their_own() {
+        let mut io = Recorder::default();
+        let mut w = worker_with(&mut io, &plans_json_with(on_a_cluster));
+        for (stream, user) in [(1, "alice"), (2, "bob"), (3, "alice")] {
+            view_of(&mut w, stream, user, &mut io);
+        }
+        w.on_tick(now(), &mut io);
+        assert_eq!(io.sent.len(), 2, "one call per slot: {:?}", io.sent);
+        let mut slots = Vec::new();
+        for (_, command) in &io.sent {
+            assert_eq!(name(command), (&b"FCALL"[..], &b"plan_limits_settle"[..]));
+            let keys = slots_of(command);
+            assert!(keys.iter().all(|&k| k == keys[0]), "one slot: {keys:?}");
+            // The events stream first, in the same slot.
+            let stream = String::from_utf8(command.args[3].clone()).unwrap();
+            assert!(stream.starts_with(&format!("plan-limits:events:{}:{{", keys[0])));
+            slots.push(keys[0]);
+        }
+        assert_ne!(slots[0], slots[1]);
+        let alices = io.sent[0].1.args.iter().filter(|a| *a == b"count").count();
+        assert_eq!(alices, 2, "alice's two views share her slot's call");
+        // Answered in either order; a stopping worker is done once both are.
+        let (first, second) = (io.sent[0].0, io.sent[1].0);
+        assert!(!w.on_shutdown(now(), &mut io));
+        w.on_reply(second, settled(&[1]), now(), &mut io);
+        assert_eq!(io.done, 0, "alice's call is still on its way");
+        w.on_reply(first, settled(&[1, 1]), now(), &mut io);
+        assert_eq!(io.done, 1);
+        assert_eq!(io.count_of(Metric::Counted), 3);
+        assert_eq!(w.queued_settlements(), 0);
+    }
+
+    #[test]
+    fn on_a_cluster_a_slot_whose_call_fails_does_not_hold_back_the_others() {
+        let mut io = Recorder::default();
+        let mut w = worker_with(&mut io, &plans_json_with(on_a_cluster));
+        view_of(&mut w, 1, "alice", &mut io);
+        view_of(&mut w, 2, "bob", &mut io);
+        w.on_tick(now(), &mut io);
+        let (alice, bob) = (io.sent[0].0, io.sent[1].0);
+        w.on_reply(
+            alice,
+            Err(TransportError::NotSent("down".into())),
+            now(),
+            &mut io,
+        );
+        assert_eq!(
+            w.queued_settlements(),
+            2,
+            "alice's kept: it certainly did not run"
+        );
+        w.on_reply(bob, settled(&[1]), now(), &mut io);
+        view_of(&mut w, 3, "bob", &mut io);
+        w.on_tick(now(), &mut io);
+        let (token, command) = io.last_sent();
+        assert_eq!(io.sent.len(), 3, "bob's goes; alice's backs off");
+        assert!(command.args.iter().any(|a| a == b"bob"));
+        w.on_reply(token, settled(&[1]), now(), &mut io);
+        w.on_tick(now() + chrono::Duration::seconds(1), &mut io);
+        let (token, command) = io.last_sent();
+        assert!(command.args.iter().any(|a| a == b"alice"));
+        w.on_reply(token, settled(&[1]), now(), &mut io);
+        assert_eq!(io.count_of(Metric::Counted), 3);
+        assert_eq!(w.queued_settlements(), 0);
+    }
+
+    #[test]
+    fn with_evalsha_every_call_names_its_functions_script() {
+        let mut io = Recorder::default();
+        let json = plans_json_with(|p| p["redis"]["invoke"] = "evalsha".into());
+        let mut w = worker_with(&mut io, &json);
+        assert_eq!(send(&mut w, 1, &upload("u"), &mut io), Flow::Pause);
+        let (token, reserve) = io.last_sent();
+        let sha = functions::script_sha("plan_limits_reserve").unwrap();
+        assert_eq!(name(reserve), (&b"EVALSHA"[..], sha.as_bytes()));
+        w.on_reply(token, granted(), now(), &mut io);
+        w.on_response_headers(1, 200, now(), &mut io);
+        w.on_stream_end(1, now(), &mut io);
+        w.on_tick(now(), &mut io);
+        let (_, settle) = io.last_sent();
+        let sha = functions::script_sha("plan_limits_settle").unwrap();
+        assert_eq!(name(settle), (&b"EVALSHA"[..], sha.as_bytes()));
     }
 
     #[test]

@@ -23,6 +23,24 @@ pub struct EnvoyParams<'a> {
     pub jwks: &'a Path,
     /// Where Envoy watches the filters' discovered configurations (`write_filter_configs`).
     pub ecds_dir: &'a Path,
+    /// A Redis Cluster webdis reaches through Envoy's `redis_proxy` (stock Envoy's way to a
+    /// cluster: webdis cannot talk to one), if Redis is one.
+    pub redis_cluster_proxy: Option<RedisClusterProxy<'a>>,
+}
+
+/// Envoy's `redis_proxy` in front of a Redis Cluster: a listener webdis logs in to as the
+/// filter's Redis user, and the cluster's masters (their slot map read with `CLUSTER SLOTS`,
+/// `MOVED` followed).
+pub struct RedisClusterProxy<'a> {
+    /// The listener's port (loopback).
+    pub port: u16,
+    /// Masters to learn the slot map from.
+    pub masters: &'a [u16],
+    /// A file holding the filter's Redis password: what webdis logs in with, and what Envoy
+    /// logs in to the masters with.
+    pub password_file: &'a Path,
+    /// Envoy's timeout per Redis command.
+    pub op_timeout_ms: u64,
 }
 
 /// The repository's envoy.yaml template.
@@ -52,6 +70,11 @@ pub fn render(template: &str, p: &EnvoyParams) -> Result<String, String> {
         .as_ref()
         .map(|plans| format!("{}s", plans.request_timeout_ms.div_ceil(1000)))
         .unwrap_or_else(|| "300s".into());
+    let (cluster_listener, cluster) = p
+        .redis_cluster_proxy
+        .as_ref()
+        .map(redis_cluster_proxy)
+        .unwrap_or_default();
     let rendered = template
         .replace("@ADMIN_PORT@", &p.admin_port.to_string())
         .replace("@GATEWAY_PORT@", &p.gateway_port.to_string())
@@ -61,6 +84,8 @@ pub fn render(template: &str, p: &EnvoyParams) -> Result<String, String> {
         .replace("@UNMETERED_ROUTES@", &routes)
         .replace("@IDENTITY_FILTERS@", &identity)
         .replace("@REQUEST_TIMEOUT@", &request_timeout)
+        .replace("@REDIS_CLUSTER_LISTENER@", &cluster_listener)
+        .replace("@REDIS_CLUSTER@", &cluster)
         .replace("@ECDS_DIR@", &p.ecds_dir.display().to_string());
     match unfilled_placeholder(&rendered) {
         Some(name) => Err(format!("envoy.yaml: placeholder @{name}@ was not filled")),
@@ -316,6 +341,65 @@ pub fn identity_filters(plans: &Plans, jwks: &Path) -> String {
     )
 }
 
+/// The `redis_proxy` listener and the `envoy.clusters.redis` cluster behind it. Envoy 1.40's
+/// `redis_proxy` forwards `EVAL`/`EVALSHA` (routed by their first key) but not `FCALL`: the
+/// filter calls its functions as scripts there (`redis.invoke: evalsha`).
+fn redis_cluster_proxy(proxy: &RedisClusterProxy) -> (String, String) {
+    let password = serde_json::Value::String(proxy.password_file.display().to_string());
+    let timeout = format!("{}s", proxy.op_timeout_ms as f64 / 1000.0);
+    let listener = format!(
+        r#"  - name: plan_limits_redis_cluster_proxy
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.redis_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.redis_proxy.v3.RedisProxy
+          stat_prefix: plan_limits_redis_cluster
+          settings:
+            op_timeout: {timeout}
+            enable_redirection: true
+          prefix_routes:
+            catch_all_route: {{ cluster: plan_limits_redis_cluster }}
+          downstream_auth_passwords: [{{ filename: {password} }}]"#,
+        port = proxy.port,
+    );
+    let endpoints: Vec<String> = proxy
+        .masters
+        .iter()
+        .map(|port| {
+            format!(
+                "        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}"
+            )
+        })
+        .collect();
+    let cluster = format!(
+        r#"  - name: plan_limits_redis_cluster
+    connect_timeout: 0.25s
+    lb_policy: CLUSTER_PROVIDED
+    cluster_type:
+      name: envoy.clusters.redis
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.clusters.redis.v3.RedisClusterConfig
+        cluster_refresh_rate: 5s
+        cluster_refresh_timeout: 1s
+        redirect_refresh_interval: 1s
+        redirect_refresh_threshold: 1
+    typed_extension_protocol_options:
+      envoy.filters.network.redis_proxy:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.redis_proxy.v3.RedisProtocolOptions
+        auth_password: {{ filename: {password} }}
+    load_assignment:
+      cluster_name: plan_limits_redis_cluster
+      endpoints:
+      - lb_endpoints:
+{endpoints}"#,
+        endpoints = endpoints.join("\n"),
+    );
+    (listener, cluster)
+}
+
 fn unfilled_placeholder(text: &str) -> Option<&str> {
     text.split('@')
         .skip(1)
@@ -479,6 +563,7 @@ mod tests {
             plans_json: "{}",
             jwks: Path::new("/jwks.json"),
             ecds_dir: Path::new("/ecds"),
+            redis_cluster_proxy: None,
         };
         assert!(render(&template(), &params).is_ok());
         let err = render("a: @NOT_THERE@", &params).unwrap_err();

@@ -12,6 +12,7 @@ use crate::envoy::{self, EnvoyOptions, EnvoyParams};
 use crate::http::{Request, Response};
 use crate::jwt::DevKey;
 use crate::process::{free_port, scratch_dir, Service};
+use crate::redis_cluster::RedisCluster;
 use crate::redis_server::RedisServer;
 use crate::upstream::DemoUpstream;
 use crate::webdis::Webdis;
@@ -188,6 +189,7 @@ impl EnvoyGateway {
                 plans_json,
                 jwks: &self.jwt.jwks_path(),
                 ecds_dir: &self.ecds_dir(name),
+                redis_cluster_proxy: None,
             },
         )
     }
@@ -284,6 +286,132 @@ impl Gateway for EnvoyGateway {
 
     fn redis(&self) -> redis::Connection {
         self.redis.connection()
+    }
+
+    fn metric(&self, name: &str) -> u64 {
+        envoy::metric_at(self.admin_port, name)
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// The gateway through real Envoy on a Redis Cluster of three masters. webdis cannot talk to a
+/// cluster, so it logs in to Envoy's `redis_proxy` (a listener of the same Envoy), which routes
+/// each command by its first key to the master of its slot; `redis_proxy` does not forward
+/// `FCALL`, so `options.plans_json` must call the functions as scripts (`redis.invoke:
+/// evalsha`) and split batches by slot (`redis.cluster_mode`). Stopped in reverse order of
+/// start: Envoy first.
+pub struct EnvoyClusterGateway {
+    pub envoy: Service,
+    pub webdis: Webdis,
+    pub upstream: DemoUpstream,
+    pub cluster: RedisCluster,
+    pub dir: PathBuf,
+    pub gateway_port: u16,
+    pub admin_port: u16,
+    /// Envoy's `redis_proxy` listener, which webdis logs in to.
+    pub redis_proxy_port: u16,
+}
+
+impl EnvoyClusterGateway {
+    pub fn start(options: GatewayOptions) -> Self {
+        let dir = options
+            .dir
+            .clone()
+            .unwrap_or_else(|| scratch_dir("cluster-gateway"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let cluster = RedisCluster::start(&dir, 3, options.persistent_redis);
+        let upstream = DemoUpstream::start(&dir, None, options.lenient_upstream);
+        let (gateway_port, admin_port) = (free_port(), free_port());
+        let (webdis_port, redis_proxy_port) = (free_port(), free_port());
+        let password_file = dir.join("redis-cluster-filter.password");
+        std::fs::write(&password_file, cluster.filter_password())
+            .unwrap_or_else(|e| panic!("{}: {e}", password_file.display()));
+        let masters: Vec<u16> = cluster.masters.iter().map(|m| m.port).collect();
+        let jwt = match &options.jwt_dir {
+            Some(jwt_dir) => Arc::new(DevKey::load_or_create(jwt_dir)),
+            None => DevKey::for_tests(),
+        };
+        let ecds_dir = dir.join("envoy-ecds");
+        let timeout_ms = plan_limits_core::plans::Plans::from_json(options.plans_json.as_bytes())
+            .map(|plans| plans.redis.timeout_ms)
+            .unwrap_or(250);
+        let config = envoy::render(
+            &envoy::template(),
+            &EnvoyParams {
+                admin_port,
+                gateway_port,
+                upstream_port: upstream.port,
+                webdis_port,
+                upstream_timeout: &options.upstream_timeout,
+                plans_json: &options.plans_json,
+                jwks: &jwt.jwks_path(),
+                ecds_dir: &ecds_dir,
+                redis_cluster_proxy: Some(envoy::RedisClusterProxy {
+                    port: redis_proxy_port,
+                    masters: &masters,
+                    password_file: &password_file,
+                    op_timeout_ms: timeout_ms,
+                }),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        envoy::write_filter_configs(&ecds_dir, &options.plans_json, &crate::filter_wasm())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let envoy = envoy::start(EnvoyOptions {
+            name: "envoy",
+            dir: &dir,
+            config: &config,
+            concurrency: options.concurrency,
+            hot_restart: None,
+            port: gateway_port,
+        });
+        // After Envoy: webdis logs in to its redis_proxy listener as it starts.
+        let webdis = Webdis::start_with_commands(
+            &dir,
+            "127.0.0.1",
+            redis_proxy_port,
+            Some(cluster.filter_password()),
+            Some(webdis_port),
+            &["EVALSHA"],
+        );
+        Self {
+            envoy,
+            webdis,
+            upstream,
+            cluster,
+            dir,
+            gateway_port,
+            admin_port,
+            redis_proxy_port,
+        }
+    }
+
+    /// A counter of Envoy's own admin `/stats` (`plan_limits_redis_cluster.command.evalsha.total`).
+    pub fn envoy_stat(&self, name: &str) -> u64 {
+        envoy::admin_stat(self.admin_port, name)
+    }
+
+    /// Every process the gateway runs.
+    pub fn processes(&self) -> Vec<u32> {
+        let mut all = self.cluster.processes();
+        for service in [&self.envoy, &self.upstream.service, &self.webdis.service] {
+            all.extend(service.processes());
+        }
+        all
+    }
+}
+
+impl Gateway for EnvoyClusterGateway {
+    fn send(&mut self, request: &Request) -> Response {
+        request.send(self.gateway_port)
+    }
+
+    /// Master 0 alone: read the whole cluster with `cluster.connection()`.
+    fn redis(&self) -> redis::Connection {
+        self.cluster.node_connection(0)
     }
 
     fn metric(&self, name: &str) -> u64 {

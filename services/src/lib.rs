@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod http;
 pub mod jwt;
 pub mod process;
+pub mod redis_cluster;
 pub mod redis_exec;
 pub mod redis_server;
 pub mod upstream;

@@ -3,8 +3,8 @@
 
 use plan_limits_core::redis::{RedisCommand, RedisReply};
 
-/// Runs one command as it is.
-pub fn run(conn: &mut redis::Connection, command: &RedisCommand) -> RedisReply {
+/// Runs one command as it is (on one Redis, or routed by its first key on a cluster).
+pub fn run(conn: &mut dyn redis::ConnectionLike, command: &RedisCommand) -> RedisReply {
     let Some((name, args)) = command.args.split_first() else {
         return RedisReply::Error("ERR empty command".into());
     };

@@ -32,14 +32,14 @@ const FILTER_COMMANDS: &str = "+fcall +time +get +set +del +exists +hget +hmget 
                                +pexpire +xadd";
 
 #[derive(Debug, Clone)]
-struct Users {
-    filter_password: String,
-    admin_password: String,
+pub(crate) struct Users {
+    pub(crate) filter_password: String,
+    pub(crate) admin_password: String,
 }
 
 impl Users {
     /// The passwords of the Redis in `dir` on `port`: made once, kept for its restarts.
-    fn of(dir: &Path, port: u16) -> Self {
+    pub(crate) fn of(dir: &Path, port: u16) -> Self {
         let path = dir.join(format!("redis-{port}.passwords"));
         if let Ok(text) = std::fs::read_to_string(&path) {
             if let Some((filter, admin)) = text.trim().split_once(' ') {
@@ -61,6 +61,11 @@ impl Users {
     /// Redis's ACL file: the filter's rules on the default user (with `+pexpireat`, which
     /// Redis 7.0 needs to replay its append-only file), and the admin.
     fn acl(&self) -> String {
+        self.acl_with("")
+    }
+
+    /// The ACL file with `extra` rules for the filter's user.
+    pub(crate) fn acl_with(&self, extra: &str) -> String {
         let redis = RedisSettings::default();
         let commands = FILTER_COMMANDS
             .split_whitespace()
@@ -74,7 +79,7 @@ impl Users {
             keys.push_str(&format!(" ~{}", redis.events_stream));
         }
         format!(
-            "user default on >{} resetkeys {keys} resetchannels -@all {commands} +pexpireat\n\
+            "user default on >{} resetkeys {keys} resetchannels -@all {commands} +pexpireat{extra}\n\
              user {ADMIN_USER} on >{} ~* &* +@all\n",
             self.filter_password, self.admin_password
         )
@@ -160,26 +165,7 @@ impl RedisServer {
     }
 
     fn spawn(dir: &Path, port: u16, persistent: bool, extra: &[&str]) -> Self {
-        let mut command = Command::new("redis-server");
-        command.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--dir",
-            &dir.display().to_string(),
-            "--appendfilename",
-            &format!("appendonly-{port}.aof"),
-            "--appendfsync",
-            "always",
-            "--appendonly",
-            if persistent { "yes" } else { "no" },
-            // Fault tests stall Redis with DEBUG SLEEP (from loopback only).
-            "--enable-debug-command",
-            "local",
-        ]);
+        let mut command = server_command(dir, port, persistent);
         command.args(extra);
         let mut service = Service::spawn(
             "redis-server",
@@ -251,4 +237,30 @@ impl RedisServer {
         let _ = self.service.wait_exit(Duration::from_secs(10));
         self.service.stop();
     }
+}
+
+/// `redis-server` on `port` (loopback only) with its files in `dir`; with `persistent`, every
+/// write in an append-only file first.
+pub(crate) fn server_command(dir: &Path, port: u16, persistent: bool) -> Command {
+    let mut command = Command::new("redis-server");
+    command.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--dir",
+        &dir.display().to_string(),
+        "--appendfilename",
+        &format!("appendonly-{port}.aof"),
+        "--appendfsync",
+        "always",
+        "--appendonly",
+        if persistent { "yes" } else { "no" },
+        // Fault tests stall Redis with DEBUG SLEEP (from loopback only).
+        "--enable-debug-command",
+        "local",
+    ]);
+    command
 }

@@ -21,12 +21,16 @@ pub fn this_period() -> String {
 }
 
 /// The summary of `user` in `period`: counters per action plus `plan`, `limits`, `updated_at`.
-pub fn summary(conn: &mut redis::Connection, user: &str, period: &str) -> BTreeMap<String, String> {
+pub fn summary(
+    conn: &mut dyn redis::ConnectionLike,
+    user: &str,
+    period: &str,
+) -> BTreeMap<String, String> {
     summary_with_prefix(conn, &prefix(), user, period)
 }
 
 pub fn summary_with_prefix(
-    conn: &mut redis::Connection,
+    conn: &mut dyn redis::ConnectionLike,
     prefix: &str,
     user: &str,
     period: &str,
@@ -39,7 +43,12 @@ pub fn summary_with_prefix(
 }
 
 /// The counter of `action` for `user` in `period` (0 when nothing was counted).
-pub fn counter(conn: &mut redis::Connection, user: &str, action: &str, period: &str) -> u64 {
+pub fn counter(
+    conn: &mut dyn redis::ConnectionLike,
+    user: &str,
+    action: &str,
+    period: &str,
+) -> u64 {
     summary(conn, user, period)
         .get(action)
         .and_then(|v| v.parse().ok())
@@ -47,7 +56,12 @@ pub fn counter(conn: &mut redis::Connection, user: &str, action: &str, period: &
 }
 
 /// Reservations still held for `user`'s `action` in `period`.
-pub fn pending(conn: &mut redis::Connection, user: &str, action: &str, period: &str) -> u64 {
+pub fn pending(
+    conn: &mut dyn redis::ConnectionLike,
+    user: &str,
+    action: &str,
+    period: &str,
+) -> u64 {
     let keys = UsageKeys::new(&prefix(), user, period, action);
     redis::cmd("ZCARD")
         .arg(&keys.pending)
@@ -56,7 +70,7 @@ pub fn pending(conn: &mut redis::Connection, user: &str, action: &str, period: &
 }
 
 /// Every usage event, oldest first, as field maps.
-pub fn events(conn: &mut redis::Connection) -> Vec<BTreeMap<String, String>> {
+pub fn events(conn: &mut dyn redis::ConnectionLike) -> Vec<BTreeMap<String, String>> {
     let raw: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
         .arg(events_stream())
         .arg("-")
@@ -77,7 +91,10 @@ pub fn events(conn: &mut redis::Connection) -> Vec<BTreeMap<String, String>> {
 }
 
 /// Usage events of one user (not the operator's `admin` events about them).
-pub fn events_of(conn: &mut redis::Connection, user: &str) -> Vec<BTreeMap<String, String>> {
+pub fn events_of(
+    conn: &mut dyn redis::ConnectionLike,
+    user: &str,
+) -> Vec<BTreeMap<String, String>> {
     events(conn)
         .into_iter()
         .filter(|e| e.get("user").map(String::as_str) == Some(user))
@@ -86,7 +103,7 @@ pub fn events_of(conn: &mut redis::Connection, user: &str) -> Vec<BTreeMap<Strin
 }
 
 /// Records `plan` as billing's for `user` (what `plan-limits set-plan` does).
-pub fn set_plan(conn: &mut redis::Connection, user: &str, plan: &str) {
+pub fn set_plan(conn: &mut dyn redis::ConnectionLike, user: &str, plan: &str) {
     let key = plan_limits_core::keys::entitlement_key(
         &prefix(),
         plan_limits_core::keys::encoded_user(user),
@@ -101,7 +118,7 @@ pub fn set_plan(conn: &mut redis::Connection, user: &str, plan: &str) {
 
 /// Records `day` as the anchor day of `user`'s billing periods (what `plan-limits set-plan
 /// --anchor-day` does).
-pub fn set_anchor(conn: &mut redis::Connection, user: &str, day: u32) {
+pub fn set_anchor(conn: &mut dyn redis::ConnectionLike, user: &str, day: u32) {
     let key = plan_limits_core::keys::entitlement_key(
         &prefix(),
         plan_limits_core::keys::encoded_user(user),
@@ -115,7 +132,7 @@ pub fn set_anchor(conn: &mut redis::Connection, user: &str, day: u32) {
 }
 
 /// `user`'s running total of `gauge` (bytes stored, members invited).
-pub fn gauge_total(conn: &mut redis::Connection, user: &str, gauge: Gauge) -> u64 {
+pub fn gauge_total(conn: &mut dyn redis::ConnectionLike, user: &str, gauge: Gauge) -> u64 {
     let key = UserKeys::new(&prefix(), user).gauge(gauge);
     redis::cmd("GET")
         .arg(&key)
@@ -125,7 +142,7 @@ pub fn gauge_total(conn: &mut redis::Connection, user: &str, gauge: Gauge) -> u6
 }
 
 /// Sets `user`'s running total of `gauge` (as if they had uploaded or invited that much).
-pub fn set_gauge_total(conn: &mut redis::Connection, user: &str, gauge: Gauge, total: u64) {
+pub fn set_gauge_total(conn: &mut dyn redis::ConnectionLike, user: &str, gauge: Gauge, total: u64) {
     let key = UserKeys::new(&prefix(), user).gauge(gauge);
     redis::cmd("SET")
         .arg(&key)
@@ -135,7 +152,7 @@ pub fn set_gauge_total(conn: &mut redis::Connection, user: &str, gauge: Gauge, t
 }
 
 /// Every key in Redis, sorted.
-pub fn keys(conn: &mut redis::Connection) -> Vec<String> {
+pub fn keys(conn: &mut dyn redis::ConnectionLike) -> Vec<String> {
     let mut keys: Vec<String> = redis::cmd("KEYS")
         .arg("*")
         .query(conn)

@@ -22,10 +22,39 @@ impl Webdis {
         redis_password: Option<&str>,
         port: Option<u16>,
     ) -> Self {
+        Self::start_with_commands(
+            dir,
+            redis_host,
+            redis_port,
+            redis_password,
+            port,
+            &["FCALL"],
+        )
+    }
+
+    /// As `start`, letting through only `commands` (`EVALSHA` in front of Envoy's
+    /// `redis_proxy`, which does not forward `FCALL`).
+    pub fn start_with_commands(
+        dir: &Path,
+        redis_host: &str,
+        redis_port: u16,
+        redis_password: Option<&str>,
+        port: Option<u16>,
+        commands: &[&str],
+    ) -> Self {
         let port = port.unwrap_or_else(free_port);
         let config = dir.join(format!("webdis-{port}.json"));
         let log = dir.join(format!("webdis-{port}-internal.log"));
-        let json = config_json(redis_host, redis_port, redis_password, port, &log);
+        let mut json: serde_json::Value = serde_json::from_str(&config_json(
+            redis_host,
+            redis_port,
+            redis_password,
+            port,
+            &log,
+        ))
+        .unwrap_or_else(|e| panic!("webdis config: {e}"));
+        json["acl"][1]["enabled"] = commands.to_vec().into();
+        let json = json.to_string();
         std::fs::write(&config, json).unwrap_or_else(|e| panic!("{}: {e}", config.display()));
         let mut command = Command::new("webdis");
         command.arg(&config);

@@ -725,6 +725,7 @@ mod tests {
                 plans_json: &plan_limits_services::plans_json(),
                 jwks: std::path::Path::new("/jwks.json"),
                 ecds_dir: std::path::Path::new("/ecds"),
+                redis_cluster_proxy: None,
             },
         )
         .unwrap();

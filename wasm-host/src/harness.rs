@@ -15,6 +15,7 @@ use plan_limits_services::http::{
 };
 use plan_limits_services::jwt::DevKey;
 use plan_limits_services::process::{free_port, scratch_dir};
+use plan_limits_services::redis_cluster::RedisCluster;
 use plan_limits_services::redis_server::RedisServer;
 use plan_limits_services::webdis::Webdis;
 
@@ -89,10 +90,7 @@ impl Harness {
                 (Some(server), url, filter_url)
             }
         };
-        let cluster = serde_json::from_str::<serde_json::Value>(plans_json)
-            .ok()
-            .and_then(|v| v["redis"]["cluster"].as_str().map(String::from))
-            .unwrap_or_else(|| "plan_limits_redis".into());
+        let cluster = envoy_cluster(plans_json);
         let mut upstreams = Upstreams::default();
         let mut webdis = None;
         match build {
@@ -108,6 +106,54 @@ impl Harness {
                 upstreams.redis.insert(cluster, filter_url);
             }
         }
+        Self::with_upstreams(
+            build, plans_json, vms, upstreams, dir, redis, redis_url, webdis,
+        )
+    }
+
+    /// The Redis host-call build on a Redis Cluster (`redis.cluster_mode` in `plans_json`),
+    /// reached as the filter's user; the harness reads through master 0 (`connection`), a
+    /// test reads the whole cluster through `RedisCluster::connection`. webdis cannot reach
+    /// a cluster: the webdis build goes through Envoy's `redis_proxy` (`EnvoyGateway`).
+    pub fn try_start_on_cluster(
+        build: Build,
+        plans_json: &str,
+        vms: usize,
+        redis: &RedisCluster,
+    ) -> Result<Self, HostError> {
+        assert_eq!(
+            build,
+            Build::RedisHostCalls,
+            "webdis cannot talk to a Redis Cluster: use the host-call build"
+        );
+        let mut upstreams = Upstreams::default();
+        upstreams
+            .redis_cluster
+            .insert(envoy_cluster(plans_json), redis.filter_urls());
+        let dir = scratch_dir("harness-cluster");
+        Self::with_upstreams(
+            build,
+            plans_json,
+            vms,
+            upstreams,
+            dir,
+            None,
+            redis.node_url(0),
+            None,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with_upstreams(
+        build: Build,
+        plans_json: &str,
+        vms: usize,
+        upstreams: Upstreams,
+        dir: PathBuf,
+        redis: Option<RedisServer>,
+        redis_url: String,
+        webdis: Option<Webdis>,
+    ) -> Result<Self, HostError> {
         let mut plugin = Plugin::load(&build.wasm(), plans_json.as_bytes(), upstreams)?;
         // As envoy.yaml renders it: the hold filter (the same module) right after the filter.
         plugin.with_second_filter("plan_limits_hold");
@@ -416,6 +462,14 @@ fn upstream_answer(status: u16, forwarded: &Pairs, body_bytes: u64) -> Response 
         .to_string()
         .into_bytes(),
     }
+}
+
+/// The Envoy cluster plans.json names for Redis calls.
+fn envoy_cluster(plans_json: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(plans_json)
+        .ok()
+        .and_then(|v| v["redis"]["cluster"].as_str().map(String::from))
+        .unwrap_or_else(|| "plan_limits_redis".into())
 }
 
 /// Host, port and password of a `redis://[user:password@]host:port/` URL.

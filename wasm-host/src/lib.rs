@@ -30,7 +30,7 @@ use std::sync::Arc;
 use wasmtime::{Engine, Instance, Linker, Module, Store, WasmParams, WasmResults};
 
 pub use abi::Pairs;
-use state::{Callout, PluginShared, Stream, VmState};
+use state::{Callout, PluginShared, RedisUpstream, Stream, VmState};
 pub use state::{Clock, LocalReply, LogLine};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,9 @@ pub struct Upstreams {
     pub http: HashMap<String, String>,
     /// Redis host-call clusters: name -> `redis://host:port/`.
     pub redis: HashMap<String, String>,
+    /// Redis host-call clusters that are a Redis Cluster: name -> its masters' URLs (each call
+    /// goes to the master of its first key's slot, as Higress's Redis cluster client routes).
+    pub redis_cluster: HashMap<String, Vec<String>>,
 }
 
 /// Each group module's `add_to_linker`.
@@ -197,7 +200,18 @@ impl Plugin {
             http_call_response: None,
             redis_call_response: None,
             http_clusters: self.upstreams.http.clone(),
-            redis_clusters: self.upstreams.redis.clone(),
+            redis_clusters: self
+                .upstreams
+                .redis
+                .iter()
+                .map(|(name, url)| (name.clone(), RedisUpstream::One(url.clone())))
+                .chain(
+                    self.upstreams
+                        .redis_cluster
+                        .iter()
+                        .map(|(name, urls)| (name.clone(), RedisUpstream::Cluster(urls.clone()))),
+                )
+                .collect(),
             redis_initialized: HashMap::new(),
             plugin_properties: HashMap::from([
                 ("plugin_name".to_string(), b"plan_limits".to_vec()),
@@ -253,7 +267,7 @@ pub struct Vm {
     store: Store<VmState>,
     instance: Instance,
     /// Open connections per Redis cluster, with the init settings they were opened with.
-    redis: HashMap<String, (state::RedisInit, redis::Connection)>,
+    redis: HashMap<String, (state::RedisInit, redis_calls::RedisConnection)>,
     next_context: u32,
     /// The second filter's root context, and its HTTP context on each stream.
     hold: Option<(u32, HashMap<u32, u32>)>,
@@ -620,8 +634,8 @@ impl Vm {
             self.redis.remove(cluster);
         }
         if !self.redis.contains_key(cluster) {
-            let url = self.store.data().redis_clusters.get(cluster)?.clone();
-            let (conn, notes) = match redis_calls::connect(&url, &init) {
+            let upstream = self.store.data().redis_clusters.get(cluster)?.clone();
+            let (conn, notes) = match redis_calls::connect_to(&upstream, &init) {
                 Ok(opened) => opened,
                 Err(e) => {
                     self.store.data().log(1, format!("redis {cluster}: {e}"));
@@ -635,7 +649,7 @@ impl Vm {
         }
         // A call that fails or outlives the timeout answers as a failed call; the connection,
         // whose late reply would answer the next call, goes.
-        let reply = redis_calls::perform(&mut self.redis.get_mut(cluster)?.1, query);
+        let reply = redis_calls::perform(self.redis.get_mut(cluster)?.1.as_dyn(), query);
         if reply.is_none() {
             self.redis.remove(cluster);
         }

@@ -16,6 +16,14 @@
 //! username, password, options and op timeout; the client sends AUTH, then SELECT, ahead of
 //! the first command and drops their replies), so a wrong password shows up in the reply to
 //! the filter's own command, not as an unreachable Redis.
+//!
+//! A Redis Cluster behind a host-call cluster is reached with the `redis` crate's cluster
+//! connection: each call goes to the master of its first key's slot, following `MOVED`, as a
+//! cluster-aware endpoint in front of the masters would. (Higress's own client,
+//! `AsyncClientImpl::send` in higress-group/envoy, picks a host without a key and hands the
+//! raw reply back, `MOVED` included: on Higress a cluster needs such an endpoint in front.)
+//! Its handshake is the crate's (AUTH as `init` says, on every master), so a wrong password
+//! fails the call rather than answering it with an error.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,7 +32,7 @@ use wasmtime::{Caller, Linker};
 
 use super::abi::{BAD_ARGUMENT, OK};
 use super::memory::{read, read_string, write_u32};
-use super::state::{Callout, PendingCall, RedisInit, VmState};
+use super::state::{Callout, PendingCall, RedisInit, RedisUpstream, VmState};
 
 /// For a timeout of 0: Envoy's default Redis op timeout (`ConfigImpl()` in higress-group/envoy
 /// `source/common/redis/async_client_impl.h`), also what wasm-go plugins default to.
@@ -118,6 +126,73 @@ pub fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
     Ok(())
 }
 
+/// An open connection to a host-call cluster's Redis.
+pub enum RedisConnection {
+    One(redis::Connection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+impl RedisConnection {
+    pub fn as_dyn(&mut self) -> &mut dyn redis::ConnectionLike {
+        match self {
+            RedisConnection::One(conn) => conn,
+            RedisConnection::Cluster(conn) => conn.as_mut(),
+        }
+    }
+}
+
+/// Opens a connection to `upstream` as Higress does with `init`; notes for the log.
+pub fn connect_to(
+    upstream: &RedisUpstream,
+    init: &RedisInit,
+) -> Result<(RedisConnection, Vec<String>), String> {
+    match upstream {
+        RedisUpstream::One(url) => {
+            connect(url, init).map(|(conn, notes)| (RedisConnection::One(conn), notes))
+        }
+        RedisUpstream::Cluster(urls) => connect_cluster(urls, init)
+            .map(|conn| (RedisConnection::Cluster(Box::new(conn)), Vec::new())),
+    }
+}
+
+/// A cluster connection to the masters at `urls` with `init`'s credentials (else the URLs'),
+/// its timeout per call. Calls that meet a master that is down fail after a few retries.
+pub fn connect_cluster(
+    urls: &[String],
+    init: &RedisInit,
+) -> Result<redis::cluster::ClusterConnection, String> {
+    use redis::IntoConnectionInfo;
+    let first = urls
+        .first()
+        .ok_or("a Redis Cluster needs at least one master")?
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| e.to_string())?;
+    let from_url = first.redis_settings();
+    let (username, password) = if init.password.is_empty() {
+        (
+            from_url.username().unwrap_or_default().to_string(),
+            from_url.password().unwrap_or_default().to_string(),
+        )
+    } else {
+        (init.username.clone(), init.password.clone())
+    };
+    let mut builder = redis::cluster::ClusterClientBuilder::new(urls.iter().map(String::as_str))
+        .connection_timeout(init.timeout)
+        .response_timeout(init.timeout)
+        .retries(2);
+    if !username.is_empty() {
+        builder = builder.username(username);
+    }
+    if !password.is_empty() {
+        builder = builder.password(password);
+    }
+    builder
+        .build()
+        .and_then(|client| client.get_connection())
+        .map_err(|e| e.to_string())
+}
+
 /// Opens a connection to the cluster at `url` as Higress does with `init`: the read/write
 /// timeout is the per-call timeout, AUTH (username and password, or password only) and SELECT
 /// go first and their replies are dropped, each noted for the log. `Err` when Redis could not
@@ -191,7 +266,7 @@ fn handshake(
 
 /// Runs a RESP-encoded command on the real Redis and returns the RESP-encoded reply; `None`
 /// when Redis could not be reached (a network error, status non-zero for the filter).
-pub fn perform(conn: &mut redis::Connection, query: &[u8]) -> Option<Vec<u8>> {
+pub fn perform(conn: &mut dyn redis::ConnectionLike, query: &[u8]) -> Option<Vec<u8>> {
     let args = match redis::parse_redis_value(query) {
         Ok(redis::Value::Array(args)) => args,
         _ => return Some(b"-ERR the host could not parse the query\r\n".to_vec()),

@@ -105,6 +105,15 @@ impl LocalReply {
     }
 }
 
+/// Where a Redis host-call cluster's calls go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisUpstream {
+    /// One Redis: `redis://host:port/`.
+    One(String),
+    /// A Redis Cluster: its masters' URLs (any of them would do as seeds).
+    Cluster(Vec<String>),
+}
+
 /// What `proxy_redis_init` set for a cluster; Higress keeps it per cluster and applies it to
 /// every connection it opens there (AUTH, then SELECT, then the filter's commands).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,8 +180,8 @@ pub struct VmState {
     pub redis_call_response: Option<Vec<u8>>,
     /// Clusters the filter may call (`proxy_http_call`): name -> `host:port`.
     pub http_clusters: HashMap<String, String>,
-    /// Clusters for Redis host calls: name -> `redis://` URL.
-    pub redis_clusters: HashMap<String, String>,
+    /// Clusters for Redis host calls: name -> one Redis or a Redis Cluster.
+    pub redis_clusters: HashMap<String, RedisUpstream>,
     /// Clusters the filter called `proxy_redis_init` for, with what it passed.
     pub redis_initialized: HashMap<String, RedisInit>,
     pub plugin_properties: HashMap<String, Vec<u8>>,

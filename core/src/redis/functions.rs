@@ -3,7 +3,7 @@
 //! Redis user may run `FCALL` and nothing else, and no script travels with a request.
 
 use super::{RedisCommand, RedisReply, TransportError};
-use crate::config::{Gauge, Limit};
+use crate::config::{Gauge, Invoke, Limit};
 use crate::keys::UsageKeys;
 use crate::settlement::Settlement;
 
@@ -16,6 +16,10 @@ const RESERVE_MANY: &str = "plan_limits_reserve_many";
 const RESERVE_KEYS: usize = 6;
 const RESERVATION_ITEMS: usize = 11;
 const SETTLE: &str = "plan_limits_settle";
+const USAGE: &str = "plan_limits_usage";
+const HISTORY: &str = "plan_limits_history";
+/// Every function the library registers.
+pub const FUNCTIONS: [&str; 5] = [RESERVE, RESERVE_MANY, SETTLE, USAGE, HISTORY];
 
 /// Loads (or replaces) the library: an admin's command, never the filter's.
 pub fn load_library() -> RedisCommand {
@@ -25,12 +29,66 @@ pub fn load_library() -> RedisCommand {
         .arg(LIBRARY)
 }
 
+// SCRIPT_SHAS and SCRIPT_SOURCES: each function as a script for `EVAL`/`EVALSHA` (Envoy's
+// `redis_proxy` forwards those, not `FCALL`), made by build.rs from the library's own source:
+// its functions registered into a local table instead of Redis's, then the one asked for
+// called with the script's `KEYS` and `ARGV`.
+include!(concat!(env!("OUT_DIR"), "/scripts.rs"));
+
+/// `function`'s script; `None` for a function the library does not register.
+pub fn script(function: &str) -> Option<&'static str> {
+    SCRIPT_SOURCES
+        .iter()
+        .find(|(name, _)| *name == function)
+        .map(|(_, source)| *source)
+}
+
+/// The SHA1 `EVALSHA` names `function`'s script by.
+pub fn script_sha(function: &str) -> Option<&'static str> {
+    SCRIPT_SHAS
+        .iter()
+        .find(|(name, _)| *name == function)
+        .map(|(_, sha)| *sha)
+}
+
+/// Loads every function's script (`SCRIPT LOAD`): an admin's commands, on every master,
+/// again after a master restarts (Redis does not keep scripts).
+pub fn load_scripts() -> Vec<RedisCommand> {
+    FUNCTIONS
+        .iter()
+        .filter_map(|name| script(name))
+        .map(|source| RedisCommand::new("SCRIPT").arg("LOAD").arg(source))
+        .collect()
+}
+
+/// `command` (an `FCALL` of the library) as `invoke` calls it: `EVALSHA <sha>` takes the
+/// place of `FCALL <function>`; keys and arguments stay as they are.
+pub fn invoked(mut command: RedisCommand, invoke: Invoke) -> RedisCommand {
+    if invoke == Invoke::Evalsha && command.args.first().map(Vec::as_slice) == Some(b"FCALL") {
+        let sha = command
+            .args
+            .get(1)
+            .and_then(|name| std::str::from_utf8(name).ok())
+            .and_then(script_sha);
+        if let (Some(sha), [name, function, ..]) = (sha, command.args.as_mut_slice()) {
+            *name = b"EVALSHA".to_vec();
+            *function = sha.as_bytes().to_vec();
+        }
+    }
+    command
+}
+
 /// The error a call gets when the library is not loaded, in words an operator can act on.
 pub fn explain(error: TransportError) -> TransportError {
     match error {
         TransportError::NotSent(message) if message.contains("Function not found") => {
             TransportError::NotSent(format!(
                 "{message}: the plan_limits library is not loaded in Redis (plan-limits functions load)"
+            ))
+        }
+        TransportError::NotSent(message) if message.starts_with("NOSCRIPT") => {
+            TransportError::NotSent(format!(
+                "{message}: the plan_limits scripts are not loaded on this Redis master (plan-limits functions load)"
             ))
         }
         other => other,
@@ -367,8 +425,13 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
 /// A Redis error answering a function call: refused before it ran (not found, no right to
 /// call it, Redis loading or read-only: nothing happened), or raised while it ran (Redis
 /// names the function's script in the message), when what it wrote before stays written.
+/// Envoy's `redis_proxy` answers for Redis when the master failed or timed out after the
+/// call was sent ("upstream failure", "upstream protocol error"): it may have run.
 fn refusal_or_failure(message: String) -> TransportError {
-    if message.contains("script:") || message.contains("@user_function") {
+    let raised = message.contains("script:") || message.contains("@user_function");
+    let cut_off =
+        message.starts_with("upstream failure") || message.starts_with("upstream protocol error");
+    if raised || cut_off {
         TransportError::Unknown(message)
     } else {
         TransportError::NotSent(message)
@@ -500,6 +563,57 @@ mod tests {
     }
 
     #[test]
+    fn evalsha_names_the_functions_script_in_place_of_fcall() {
+        let fcall = RedisCommand::new("FCALL")
+            .arg(SETTLE)
+            .arg("1")
+            .arg("p:{u}:x")
+            .arg("arg");
+        assert_eq!(invoked(fcall.clone(), Invoke::Fcall), fcall);
+        let evalsha = invoked(fcall.clone(), Invoke::Evalsha);
+        let sha = script_sha(SETTLE).unwrap();
+        assert_eq!(sha.len(), 40);
+        assert_eq!(evalsha.args[0], b"EVALSHA");
+        assert_eq!(evalsha.args[1], sha.as_bytes());
+        assert_eq!(evalsha.args[2..], fcall.args[2..]);
+        // Anything else is left alone.
+        let other = RedisCommand::new("FCALL").arg("elsewhere").arg("0");
+        assert_eq!(invoked(other.clone(), Invoke::Evalsha), other);
+        let shas: std::collections::BTreeSet<_> =
+            FUNCTIONS.iter().map(|f| script_sha(f).unwrap()).collect();
+        assert_eq!(shas.len(), FUNCTIONS.len(), "one script per function");
+    }
+
+    #[test]
+    fn each_script_is_the_library_calling_one_function() {
+        let source = script(RESERVE).unwrap();
+        assert!(!source.contains("#!lua"), "no library header in a script");
+        assert!(!source.contains("redis.register_function"));
+        assert!(source.ends_with("return registered['plan_limits_reserve'](KEYS, ARGV)\n"));
+        assert!(script("plan_limits_other").is_none());
+        // Every function the library registers, named by the hash of its script.
+        assert_eq!(SCRIPT_SHAS.map(|(name, _)| name), FUNCTIONS);
+        for (name, sha) in SCRIPT_SHAS {
+            let source = script(name).unwrap();
+            assert_eq!(sha1_smol::Sha1::from(source).digest().to_string(), sha);
+        }
+        let loads = load_scripts();
+        assert_eq!(loads.len(), FUNCTIONS.len());
+        assert_eq!(loads[0].args[..2], [b"SCRIPT".to_vec(), b"LOAD".to_vec()]);
+        let noscript = explain(TransportError::NotSent(
+            "NOSCRIPT No matching script.".into(),
+        ));
+        assert!(
+            matches!(&noscript, TransportError::NotSent(m) if m.contains("functions load")),
+            "{noscript:?}"
+        );
+        assert!(matches!(
+            refusal_or_failure("NOSCRIPT No matching script. Please use EVAL.".into()),
+            TransportError::NotSent(_)
+        ));
+    }
+
+    #[test]
     fn an_error_raised_inside_a_function_is_not_taken_for_one_that_never_ran() {
         let raised = "NOPERM User default has no permissions to run the 'hsetnx' command \
                       script: plan_limits_settle, on @user_function:125.";
@@ -512,6 +626,20 @@ mod tests {
             parse_settled(RedisReply::Error(refused.into()), 1),
             Err(TransportError::NotSent(_))
         ));
+        // Envoy's redis_proxy: the master failed or timed out once the call was on its way
+        // (it may have run), or no master was there to send it to (it did not).
+        for (message, ran) in [
+            ("upstream failure", true),
+            ("upstream protocol error", true),
+            ("no upstream host", false),
+        ] {
+            let answer = parse_settled(RedisReply::Error(message.into()), 1);
+            assert_eq!(
+                matches!(answer, Err(TransportError::Unknown(_))),
+                ran,
+                "{message}: {answer:?}"
+            );
+        }
     }
 
     #[test]

@@ -85,6 +85,7 @@ impl Rig {
             plans_json: plans,
             jwks: &self.jwt.jwks_path(),
             ecds_dir: &self.dir.join(format!("{name}-ecds")),
+            redis_cluster_proxy: None,
         };
         envoy::write_filter_configs(params.ecds_dir, plans, &self.wasm)
             .unwrap_or_else(|e| panic!("{e}"));

@@ -20,7 +20,9 @@
 //!
 //! `usage` and `history` print the JSON the gateway's endpoints answer; `set-plan`, `grant`
 //! and `reset` each write one transaction with an `admin` event (`--operator`, default
-//! `$USER`); `export` prints the event stream's events of those days.
+//! `$USER`); `export` prints the event stream's events of those days. REDIS_URL may name a
+//! master of a Redis Cluster: the commands then work on the whole cluster (`export` reads
+//! every slot's stream, `functions load` loads every master).
 //!
 //! `diff` prints what changes from OLD to NEW, one line per change (`free upload: 5 -> 3`), or
 //! `no changes`; with `--scenario`, it replays the scenario under each (as `replay` does, each
@@ -38,8 +40,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use plan_limits_core::admin::AdminOp;
 use plan_limits_core::plans::Plans;
-use plan_limits_core::redis::functions;
-use plan_limits_core::redis::RedisReply;
 use plan_limits_services::jwt::{DevKey, TokenClaims};
 use plan_limits_tools::diff::Side;
 use plan_limits_tools::operator;
@@ -275,7 +275,8 @@ struct EnvoyArgs {
 
 #[derive(Subcommand)]
 enum Functions {
-    /// Load (or replace) the filter's Redis functions library.
+    /// Load (or replace) the filter's Redis functions library, and its functions as scripts
+    /// (`redis.invoke: evalsha`), on the Redis or on every master of the Redis Cluster.
     Load,
 }
 
@@ -354,7 +355,7 @@ fn main() -> ExitCode {
             admin,
         } => change(&user, &AdminOp::Reset { action }, &admin),
         Command::Usage { user, plans } => load(&plans).and_then(|(_, plans)| {
-            let json = operator::usage(&mut redis()?, &plans, &user, chrono::Utc::now())?;
+            let json = operator::usage(redis()?.as_dyn(), &plans, &user, chrono::Utc::now())?;
             print_json(&json)
         }),
         Command::History {
@@ -365,7 +366,7 @@ fn main() -> ExitCode {
             plans,
         } => load(&plans).and_then(|(_, plans)| {
             let json = operator::history(
-                &mut redis()?,
+                redis()?.as_dyn(),
                 &plans,
                 &user,
                 from.as_deref(),
@@ -439,13 +440,12 @@ fn token(
     Ok(())
 }
 
-/// A connection to the Redis at REDIS_URL (an admin's: the filter's user may not write).
-fn redis() -> Result<redis::Connection, String> {
+/// A connection to the Redis at REDIS_URL (an admin's: the filter's user may not write), or
+/// to the Redis Cluster it is a master of.
+fn redis() -> Result<operator::Redis, String> {
     let url = std::env::var("REDIS_URL")
         .map_err(|_| "set REDIS_URL to an admin's redis:// URL (make run prints it)".to_string())?;
-    redis::Client::open(url.as_str())
-        .and_then(|c| c.get_connection())
-        .map_err(|e| format!("{url}: {e}"))
+    operator::Redis::connect(&url)
 }
 
 /// An operator's change to what `user` may do, with its admin event.
@@ -495,14 +495,13 @@ fn print_json(json: &str) -> Result<(), String> {
 }
 
 fn load_functions() -> Result<(), String> {
-    let reply = plan_limits_services::redis_exec::run(&mut redis()?, &functions::load_library());
-    match reply {
-        RedisReply::Error(e) => Err(format!("FUNCTION LOAD: {e}")),
-        _ => {
-            println!("the plan_limits library is loaded");
-            Ok(())
-        }
-    }
+    let masters = redis()?.load_library()?;
+    let on = match masters {
+        1 => String::new(),
+        n => format!(" on each of the cluster's {n} masters"),
+    };
+    println!("the plan_limits library (and its functions as scripts, for EVALSHA) is loaded{on}");
+    Ok(())
 }
 
 fn validate(path: &Path) -> Result<(), String> {
@@ -613,6 +612,7 @@ fn render(
             plans_json: &text,
             jwks: &jwks,
             ecds_dir: &ecds_dir,
+            redis_cluster_proxy: None,
         },
     )?;
     let platform = match platform {
