@@ -5,7 +5,7 @@
 //! repetition) for bench/chart.py.
 //!
 //! `plan-limits-bench [--seconds N] [--repetitions N] [--connections N] [--growth-users
-//! 1,1000,100000] [--growth-routes 10,1000] [--out DIR]`
+//! 1,1000,100000] [--growth-routes 10,1000] [--cases limited,unlimited] [--out DIR]`
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +25,8 @@ struct Options {
     connections: u32,
     growth_users: Vec<u32>,
     growth_routes: Vec<u32>,
+    /// Only these cases (and their baselines); all when empty.
+    only: Vec<String>,
     out: PathBuf,
 }
 
@@ -35,6 +37,7 @@ fn options() -> Options {
         connections: 32,
         growth_users: vec![1, 1000, 100_000],
         growth_routes: vec![10, 1000],
+        only: Vec::new(),
         out: plan_limits_services::repo_root().join("bench"),
     };
     let list = |v: &str| -> Vec<u32> {
@@ -53,6 +56,7 @@ fn options() -> Options {
             "--connections" => o.connections = value.parse().expect("--connections N"),
             "--growth-users" => o.growth_users = list(value),
             "--growth-routes" => o.growth_routes = list(value),
+            "--cases" => o.only = value.split(',').map(String::from).collect(),
             "--out" => o.out = PathBuf::from(value),
             _ => panic!("unknown option {flag}"),
         }
@@ -182,7 +186,12 @@ fn main() {
     let index = |name: &str| cases.iter().position(|c| c.name == name).expect("a case");
     let mut runs = Vec::new();
     for repetition in 1..=o.repetitions {
-        for (i, case) in cases.iter().enumerate().filter(|(_, c)| !c.is_baseline()) {
+        let chosen = |c: &Case| o.only.is_empty() || o.only.iter().any(|n| n == c.name);
+        for (i, case) in cases
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !c.is_baseline() && chosen(c))
+        {
             let b = index(case.baseline);
             let base = measure(&rig, envoys[b].1, &cases[b], &o, None);
             let run = measure(&rig, envoys[i].1, case, &o, None);
@@ -214,7 +223,7 @@ fn main() {
     }
     let summaries: Vec<Value> = cases
         .iter()
-        .filter(|c| !c.is_baseline())
+        .filter(|c| !c.is_baseline() && runs.iter().any(|r| r["case"] == c.name))
         .map(|case| summarize(case, &runs))
         .collect();
     print_table(&summaries);
