@@ -98,6 +98,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Allowed,
+        Outcome::Denied,
+        Outcome::Rejected,
+        Outcome::Duplicate,
+        Outcome::FailOpen,
+        Outcome::FailOpenRefused,
+        Outcome::FailClosed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Allowed => "allowed",
@@ -192,6 +202,27 @@ pub fn requests(action: &str, plan: &str, outcome: Outcome) -> LabeledMetric {
         ],
         "plan_limits_requests",
     )
+}
+
+/// One action's and plan's `requests` counters, one per outcome: named once when plans.json
+/// is compiled, not on every request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutcomeMetrics(Vec<LabeledMetric>);
+
+impl OutcomeMetrics {
+    pub fn new(action: &str, plan: &str) -> Self {
+        Self(
+            Outcome::ALL
+                .iter()
+                .map(|&outcome| requests(action, plan, outcome))
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, outcome: Outcome) -> Option<&LabeledMetric> {
+        let i = Outcome::ALL.iter().position(|&o| o == outcome)?;
+        self.0.get(i)
+    }
 }
 
 /// Successes counted in Redis, by action and plan.

@@ -11,6 +11,7 @@ use crate::config::{
     ActionSettings, Config, ConfigError, FailureMode, Gauge, Identity, KindSource, Limit,
     OnClientAbort, OtherMethods, RedisSettings, Variants,
 };
+use crate::metrics::OutcomeMetrics;
 use crate::routes::{self, PathPattern, Route};
 
 /// The compiled plans.json.
@@ -116,6 +117,8 @@ pub struct Terms {
     pub feature: FeatureAccess,
     /// The plan suggested in this action's 429, with its limit for the action.
     pub upgrade: Option<Upgrade>,
+    /// Its labeled `requests` counters, one per outcome.
+    pub metrics: OutcomeMetrics,
 }
 
 /// Whether a plan has the feature an action needs.
@@ -634,6 +637,7 @@ fn compile_terms(
             name: step.name.clone(),
             limit: limit_in(&step.key),
         }),
+        metrics: OutcomeMetrics::new(action, &plan.key),
     }
 }
 

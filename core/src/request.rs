@@ -191,6 +191,11 @@ impl MeteredRequest {
         &self.terms.plan
     }
 
+    /// The terms it is under (the plan in force's, for its action).
+    pub fn terms(&self) -> &Terms {
+        &self.terms
+    }
+
     pub fn limit(&self) -> Limit {
         self.terms.limit
     }

@@ -135,6 +135,8 @@ pub struct Worker {
     reservation_queue: Vec<(StreamId, RedisCommand)>,
     /// When settlements were last flushed (ms): ticks come faster while reservations wait.
     flushed_at_ms: u64,
+    /// The labeled counter of requests refused before their action was known (named once).
+    refused_unknown: LabeledMetric,
     /// This worker's share of the queued-settlements gauge, as last reported.
     queue_reported: i64,
     /// Calls in flight: who waits for each, and when it was sent.
@@ -233,6 +235,7 @@ impl Worker {
             releases: HashMap::new(),
             calls: HashMap::new(),
             queue_reported: 0,
+            refused_unknown: metrics::requests("none", "none", Outcome::Rejected),
             reserving: None,
             reservation_queue: Vec::new(),
             flushed_at_ms: 0,
@@ -310,7 +313,7 @@ impl Worker {
             Admission::Refused(response) => {
                 // (Refused before its action was known: a token, a path, a method.)
                 io.count(Metric::Rejected, 1);
-                io.record(&metrics::requests("none", "none", Outcome::Rejected), 1);
+                io.record(&self.refused_unknown, 1);
                 self.answer_at_head(stream, response, drainable, io)
             }
             Admission::Metered(mut request) => {
@@ -1208,8 +1211,9 @@ fn spend_outage_budget(request: &MeteredRequest, redis: &RedisSettings, io: &mut
 /// action and plan.
 fn count_outcome(io: &mut dyn Io, request: &MeteredRequest, outcome: Outcome) {
     io.count(outcome.metric(), 1);
-    let labeled = metrics::requests(&request.action().key, &request.plan().key, outcome);
-    io.record(&labeled, 1);
+    if let Some(labeled) = request.terms().metrics.get(outcome) {
+        io.record(labeled, 1);
+    }
 }
 
 fn record(report: &BatchReport, io: &mut dyn Io) {
