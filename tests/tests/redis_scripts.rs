@@ -38,6 +38,29 @@ fn limits(free: u64) -> Vec<(String, Limit)> {
     vec![("free".into(), Some(free)), ("professional".into(), None)]
 }
 
+/// An upload reservation of `keys` under `id` at `now`, claiming `claimed`, with the tests'
+/// fixed fallback and expiry; the caller sets what else it varies.
+fn upload_args<'a>(
+    keys: &'a UsageKeys,
+    limits: &'a [(String, Limit)],
+    id: &'a str,
+    now: u64,
+    claimed: &'a str,
+) -> ReserveArgs<'a> {
+    ReserveArgs {
+        keys,
+        action: "upload",
+        claimed_plan: claimed,
+        fallback_plan: Some("free"),
+        reservation_id: id,
+        now_ms: now,
+        ttl_ms: TTL,
+        limits,
+        idempotency: None,
+        gauge: None,
+    }
+}
+
 fn reserve_as(
     conn: &mut redis::Connection,
     user: &str,
@@ -50,18 +73,7 @@ fn reserve_as(
     let limits = limits(limit);
     let reply = run(
         conn,
-        &functions::reserve(ReserveArgs {
-            keys: &keys,
-            action: "upload",
-            claimed_plan: claimed,
-            fallback_plan: Some("free"),
-            reservation_id: id,
-            now_ms: now,
-            ttl_ms: TTL,
-            limits: &limits,
-            idempotency: None,
-            gauge: None,
-        }),
+        &functions::reserve(upload_args(&keys, &limits, id, now, claimed)),
     );
     functions::parse_reservation(reply).unwrap()
 }
@@ -416,16 +428,9 @@ fn reserve_once(conn: &mut redis::Connection, id: &str, key: &str) -> Reservatio
     let reply = run(
         conn,
         &functions::reserve(ReserveArgs {
-            keys: &keys,
-            action: "upload",
-            claimed_plan: "free",
-            fallback_plan: Some("free"),
-            reservation_id: id,
-            now_ms: NOW,
-            ttl_ms: TTL,
-            limits: &limits,
             idempotency: Some((&marker, 86_400_000)),
             gauge: None,
+            ..upload_args(&keys, &limits, id, NOW, "free")
         }),
     );
     functions::parse_reservation(reply).unwrap()
@@ -654,20 +659,13 @@ fn reserve_in(
     let reply = run(
         conn,
         &functions::reserve(ReserveArgs {
-            keys: &keys,
-            action: "upload",
-            claimed_plan: "free",
-            fallback_plan: Some("free"),
-            reservation_id: id,
-            now_ms: now,
-            ttl_ms: TTL,
-            limits: &limits,
             idempotency: None,
             gauge: Some(GaugeHold {
                 gauge,
                 amount,
                 rooms: &rooms,
             }),
+            ..upload_args(&keys, &limits, id, now, "free")
         }),
     );
     functions::parse_reservation(reply).unwrap()
@@ -798,18 +796,7 @@ fn reservations_sent_together_are_made_one_after_the_other_as_if_sent_alone() {
         .map(|i| {
             let user = if i == 4 { "other" } else { "u" };
             let keys = keys(user);
-            functions::reserve(ReserveArgs {
-                keys: &keys,
-                action: "upload",
-                claimed_plan: "free",
-                fallback_plan: Some("free"),
-                reservation_id: &format!("r{i}"),
-                now_ms: NOW,
-                ttl_ms: TTL,
-                limits: &limits,
-                idempotency: None,
-                gauge: None,
-            })
+            functions::reserve(upload_args(&keys, &limits, &format!("r{i}"), NOW, "free"))
         })
         .collect();
     let refs: Vec<_> = singles.iter().collect();
