@@ -1,11 +1,11 @@
 # Plan limits at the edge. `make run` starts the gateway, `make test` runs every test.
 SHELL := /bin/bash
-WASM_RAW := target/wasm32-wasip1/release/plan_limits_filter.wasm
+WASM_RAW := target/wasm32-wasip1/wasm/plan_limits_filter.wasm
 WASM := target/plan_limits_filter.wasm
 WASM_HOSTCALLS := target/plan_limits_filter_redis_hostcalls.wasm
 OPT := wasm-opt -Oz --enable-bulk-memory --enable-sign-ext
 
-.PHONY: deps deps-test build build-stock build-hostcalls oci run reload test soak bench bench-smoke scale lint schema clean
+.PHONY: deps deps-test build build-stock build-hostcalls oci run reload test soak bench bench-smoke profile scale lint schema clean
 
 deps:
 	@scripts/install-deps.sh
@@ -18,12 +18,12 @@ deps-test: deps
 build: build-hostcalls build-stock
 
 build-stock: deps
-	cargo build --release --locked -p plan-limits-filter --target wasm32-wasip1
+	cargo build --profile wasm --locked -p plan-limits-filter --target wasm32-wasip1
 	$(OPT) $(WASM_RAW) -o $(WASM)
 	@echo "filter for stock Envoy (webdis): $(WASM) ($$(stat -c %s $(WASM)) bytes)"
 
 build-hostcalls: deps
-	cargo build --release --locked -p plan-limits-filter --target wasm32-wasip1 --features redis-hostcalls
+	cargo build --profile wasm --locked -p plan-limits-filter --target wasm32-wasip1 --features redis-hostcalls
 	$(OPT) $(WASM_RAW) -o $(WASM_HOSTCALLS)
 	@echo "filter for Redis host calls: $(WASM_HOSTCALLS) ($$(stat -c %s $(WASM_HOSTCALLS)) bytes)"
 
@@ -64,6 +64,15 @@ bench: build
 	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --bin plan-limits-bench -- --seconds 5 --repetitions 3
 	.venv/bin/python bench/chart.py bench/results.json bench/results.png
 	cargo bench --locked -p plan-limits-core --bench decision
+
+## profile: where Envoy's CPU goes, one layer at a time (jwt_authn, empty wasm filters, each
+## path of ours): CPU per request of every process, and perf's share of Envoy's samples by
+## shared object (needs `perf`: apt-get install linux-perf); perf files in target/profile/
+profile: build
+	@command -v perf >/dev/null || { echo "make profile needs perf (apt-get install linux-perf)"; exit 2; }
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --bin plan-limits-bench -- \
+		--seconds 5 --repetitions 1 --cases identity,empty_wasm_1,empty_wasm_2,unlimited,denied,limited \
+		--growth-users '' --growth-routes '' --perf 999 --out target/profile
 
 # A one-second run of every case: checks the benchmark works, times nothing.
 bench-smoke:

@@ -29,9 +29,15 @@ pub struct Case {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Filters {
+    /// Envoy's identity filters (`header_mutation`, `jwt_authn`) and the router: what every
+    /// case has in front of the filter.
     None,
     LocalRateLimit,
     PlanLimits,
+    /// `n` instances of a wasm filter that does nothing (`bench/empty-filter.wat`) in one VM,
+    /// as ours runs two (the plan filter and the hold filter): Envoy's own cost of running
+    /// wasm filters, apart from what ours does in them.
+    EmptyWasm(u8),
 }
 
 pub const LIMITED_USER: &str = "bench-limited";
@@ -79,6 +85,15 @@ const fn upload(name: &'static str, label: &'static str, bytes: usize, base: &'s
     }
 }
 
+/// A free user's procedure view (no limit on it: nothing waits on Redis) through `filters`.
+const fn unlimited_request(name: &'static str, filters: Filters) -> Case {
+    Case {
+        path: "/api/procedures/1",
+        caller: Some(("bench-unlimited", "free")),
+        ..plain(name, name, filters)
+    }
+}
+
 pub fn cases() -> Vec<Case> {
     vec![
         plain("baseline", "Envoy, no filter", Filters::None),
@@ -102,14 +117,24 @@ pub fn cases() -> Vec<Case> {
             ..plain("limited", "plan-limits, limited plan", Filters::PlanLimits)
         },
         Case {
-            path: "/api/procedures/1",
-            caller: Some(("bench-unlimited", "free")),
+            label: "plan-limits, unlimited plan",
             target_ratio: Some(0.85),
-            ..plain(
-                "unlimited",
-                "plan-limits, unlimited plan",
-                Filters::PlanLimits,
-            )
+            ..unlimited_request("unlimited", Filters::PlanLimits)
+        },
+        // Where an unlimited request's cost goes, one layer at a time (references: no target).
+        // The same request as the unlimited case, through jwt_authn alone (its token verified,
+        // the wasm filters left out), then with one and two empty wasm filters.
+        Case {
+            label: "jwt_authn only (no wasm)",
+            ..unlimited_request("identity", Filters::None)
+        },
+        Case {
+            label: "jwt_authn + 1 empty wasm filter",
+            ..unlimited_request("empty_wasm_1", Filters::EmptyWasm(1))
+        },
+        Case {
+            label: "jwt_authn + 2 empty wasm filters",
+            ..unlimited_request("empty_wasm_2", Filters::EmptyWasm(2))
         },
         Case {
             method: "POST",
@@ -179,8 +204,9 @@ pub fn bench_plans() -> String {
     plans.to_string()
 }
 
-/// The rendered envoy.yaml with the plan_limits filter replaced for the reference cases.
-pub fn envoy_config(params: &EnvoyParams, filters: Filters) -> String {
+/// The rendered envoy.yaml with the plan_limits filter replaced for the reference cases;
+/// `empty_wasm` is the empty filter's module (`Filters::EmptyWasm`).
+pub fn envoy_config(params: &EnvoyParams, filters: Filters, empty_wasm: &Path) -> String {
     let rendered = envoy::render(&envoy::template(), params).expect("render envoy.yaml");
     let start = rendered
         .find("          - name: plan_limits")
@@ -200,8 +226,139 @@ pub fn envoy_config(params: &EnvoyParams, filters: Filters) -> String {
               filter_enforced: { default_value: { numerator: 100, denominator: HUNDRED } }
 "#
         .to_string(),
+        Filters::EmptyWasm(n) => (1..=n)
+            .map(|i| {
+                format!(
+                    r#"          - name: empty_wasm_{i}
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                root_id: empty_{i}
+                vm_config:
+                  vm_id: empty
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: "{}" }} }}
+"#,
+                    empty_wasm.display()
+                )
+            })
+            .collect(),
     };
     format!("{}{}{}", &rendered[..start], replacement, &rendered[end..])
+}
+
+/// Assembles `bench/empty-filter.wat` (binaryen's `wasm-as`) into `dir`.
+pub fn empty_wasm(dir: &Path) -> std::path::PathBuf {
+    let source = plan_limits_services::repo_root().join("bench/empty-filter.wat");
+    let out = dir.join("empty-filter.wasm");
+    let status = Command::new("wasm-as")
+        .arg(&source)
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .expect("wasm-as (binaryen; make deps installs it)");
+    assert!(status.success(), "wasm-as {}", source.display());
+    out
+}
+
+/// CPU time (user and system, µs) that process `pid`, its threads and the processes it
+/// started (nginx's workers) have used so far, from Linux's /proc.
+pub fn cpu_us(pid: u32) -> u64 {
+    let ticks = |stat: &str| -> Option<(u32, u64)> {
+        // Fields after the command's closing parenthesis: state, ppid, ..., utime (14th), stime.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ppid = fields.get(1)?.parse().ok()?;
+        let used = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some((ppid, used))
+    };
+    let own = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| ticks(&s))
+        .map_or(0, |(_, t)| t);
+    let children: u64 = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|s| ticks(&s))
+        .filter(|(ppid, _)| *ppid == pid)
+        .map(|(_, t)| t)
+        .sum();
+    (own + children) * 1_000_000 / clock_ticks_per_second()
+}
+
+/// CPU time (µs) used by this process's children that have been waited for (each wrk run).
+pub fn waited_children_cpu_us() -> u64 {
+    // SAFETY: getrusage writes the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    us(usage.ru_utime) + us(usage.ru_stime)
+}
+
+fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf only reads a constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(ticks).unwrap_or(100).max(1)
+}
+
+/// Starts `perf record` of process `pid` at `rate` samples a second. (PyPI's Envoy is
+/// stripped and V8 takes no flags from Envoy, so a report names shared objects, not
+/// functions: Envoy's code, the wasm code V8 compiled (anonymous memory), libc, the kernel.)
+pub fn perf_record(pid: u32, rate: u32, out: &Path) -> std::process::Child {
+    Command::new("perf")
+        .args([
+            "record",
+            "-q",
+            "-F",
+            &rate.to_string(),
+            "-p",
+            &pid.to_string(),
+            "-o",
+        ])
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("perf (apt-get install linux-perf)")
+}
+
+/// Stops a `perf record` the way Ctrl-C does, so that it writes its file.
+pub fn perf_stop(mut perf: std::process::Child) {
+    // SAFETY: a signal to our own child.
+    unsafe {
+        libc::kill(perf.id() as libc::pid_t, libc::SIGINT);
+    }
+    let _ = perf.wait();
+}
+
+/// Shares of the samples in a `perf record` file by shared object, largest first (the wasm
+/// code V8 compiled is named `wasm (V8 JIT)`).
+pub fn perf_shares(file: &Path) -> Vec<(String, f64)> {
+    let out = Command::new("perf")
+        .args(["report", "--sort", "dso", "--stdio", "-q", "-i"])
+        .arg(file)
+        .output()
+        .expect("perf report");
+    parse_perf_shares(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_perf_shares(report: &str) -> Vec<(String, f64)> {
+    report
+        .lines()
+        .filter_map(|line| {
+            let (share, object) = line.trim().split_once('%')?;
+            let object = object.trim();
+            let object = if object.starts_with("[JIT]") {
+                "wasm (V8 JIT)"
+            } else {
+                object
+            };
+            Some((object.to_string(), share.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 /// wrk's figures: requests/s, p50 and p99 in microseconds.
@@ -338,6 +495,18 @@ pub fn machine() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn perf_shares_name_the_jit_code() {
+        let report = "    67.25%  envoy            \n    13.33%  [JIT] tid 15744  \n\n";
+        assert_eq!(
+            parse_perf_shares(report),
+            [
+                ("envoy".to_string(), 67.25),
+                ("wasm (V8 JIT)".to_string(), 13.33)
+            ]
+        );
+    }
 
     #[test]
     fn the_median_of_an_even_count_is_the_middle_pair_s_mean() {

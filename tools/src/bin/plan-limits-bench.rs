@@ -5,7 +5,8 @@
 //! repetition) for bench/chart.py.
 //!
 //! `plan-limits-bench [--seconds N] [--repetitions N] [--connections N] [--growth-users
-//! 1,1000,100000] [--growth-routes 10,1000] [--cases limited,unlimited] [--out DIR]`
+//! 1,1000,100000] [--growth-routes 10,1000] [--cases limited,unlimited] [--out DIR]
+//! [--perf HZ]`; `--perf` records Envoy's stacks during each case's load (`make profile`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,9 @@ struct Options {
     growth_routes: Vec<u32>,
     /// Only these cases (and their baselines); all when empty.
     only: Vec<String>,
+    /// `perf record` Envoy during each case's load (not the baselines'), into
+    /// `<out>/<case>.perf.data`, with this many samples a second.
+    perf: Option<u32>,
     out: PathBuf,
 }
 
@@ -38,6 +42,7 @@ fn options() -> Options {
         growth_users: vec![1, 1000, 100_000],
         growth_routes: vec![10, 1000],
         only: Vec::new(),
+        perf: None,
         out: plan_limits_services::repo_root().join("bench"),
     };
     let list = |v: &str| -> Vec<u32> {
@@ -58,6 +63,7 @@ fn options() -> Options {
             "--growth-routes" => o.growth_routes = list(value),
             "--cases" => o.only = value.split(',').map(String::from).collect(),
             "--out" => o.out = PathBuf::from(value),
+            "--perf" => o.perf = Some(value.parse().expect("--perf SAMPLES_PER_SECOND")),
             _ => panic!("unknown option {flag}"),
         }
     }
@@ -72,6 +78,8 @@ struct Rig {
     nginx: Nginx,
     jwt: std::sync::Arc<DevKey>,
     wasm: PathBuf,
+    /// `bench/empty-filter.wat`, assembled.
+    empty_wasm: PathBuf,
     script: PathBuf,
     bodies: BTreeMap<usize, PathBuf>,
 }
@@ -96,7 +104,7 @@ impl Rig {
         let envoy = envoy::start(EnvoyOptions {
             name,
             dir: &self.dir,
-            config: &bench::envoy_config(&params, filters),
+            config: &bench::envoy_config(&params, filters, &self.empty_wasm),
             concurrency: 1,
             hot_restart: None,
             port,
@@ -116,12 +124,55 @@ impl Rig {
 struct Measured {
     load: WrkFigures,
     single: WrkFigures,
+    /// CPU time each process used per request under load (µs): where the time goes.
+    cpu_us_per_request: BTreeMap<&'static str, f64>,
+    /// With `--perf`: Envoy's samples by shared object (percent).
+    envoy_samples: Vec<(String, f64)>,
 }
 
-fn measure(rig: &Rig, port: u16, case: &Case, o: &Options, tokens: Option<&Path>) -> Measured {
+fn measure(
+    rig: &Rig,
+    envoy: u32,
+    port: u16,
+    case: &Case,
+    o: &Options,
+    tokens: Option<&Path>,
+) -> Measured {
     let files = rig.files(case, tokens);
     let _ = bench::run_wrk(&rig.script, port, case, o.connections, 1, &files); // warm-up
+    let processes = [
+        ("envoy", Some(envoy)),
+        ("nginx", Some(rig.nginx.service.pid())),
+        ("webdis", Some(rig.webdis.service.pid())),
+        ("redis", Some(rig.redis.service().pid())),
+        ("wrk", None),
+    ];
+    let cpu = || {
+        processes.map(|(name, pid)| {
+            (
+                name,
+                pid.map_or_else(bench::waited_children_cpu_us, bench::cpu_us),
+            )
+        })
+    };
+    let perf = o.perf.filter(|_| !case.is_baseline()).map(|rate| {
+        bench::perf_record(envoy, rate, &o.out.join(format!("{}.perf.data", case.name)))
+    });
+    let before = cpu();
     let (load, _) = bench::run_wrk(&rig.script, port, case, o.connections, o.seconds, &files);
+    let after = cpu();
+    let envoy_samples = perf
+        .map(|perf| {
+            bench::perf_stop(perf);
+            bench::perf_shares(&o.out.join(format!("{}.perf.data", case.name)))
+        })
+        .unwrap_or_default();
+    let requests = load.requests.max(1) as f64;
+    let cpu_us_per_request = before
+        .iter()
+        .zip(&after)
+        .map(|((name, b), (_, a))| (*name, a.saturating_sub(*b) as f64 / requests))
+        .collect();
     let single_secs = (o.seconds / 2).max(1);
     let (single, _) = bench::run_wrk(&rig.script, port, case, 1, single_secs, &files);
     for figures in [&load, &single] {
@@ -136,7 +187,12 @@ fn measure(rig: &Rig, port: u16, case: &Case, o: &Options, tokens: Option<&Path>
             case.name, case.expect_status
         );
     }
-    Measured { load, single }
+    Measured {
+        load,
+        single,
+        cpu_us_per_request,
+        envoy_samples,
+    }
 }
 
 fn main() {
@@ -155,6 +211,7 @@ fn main() {
         nginx: Nginx::start(&dir),
         jwt: DevKey::for_tests(),
         wasm: plan_limits_services::filter_wasm(),
+        empty_wasm: bench::empty_wasm(&dir),
         script: plan_limits_services::repo_root().join("bench/wrk.lua"),
         bodies,
         dir,
@@ -193,8 +250,8 @@ fn main() {
             .filter(|(_, c)| !c.is_baseline() && chosen(c))
         {
             let b = index(case.baseline);
-            let base = measure(&rig, envoys[b].1, &cases[b], &o, None);
-            let run = measure(&rig, envoys[i].1, case, &o, None);
+            let base = measure(&rig, envoys[b].0.pid(), envoys[b].1, &cases[b], &o, None);
+            let run = measure(&rig, envoys[i].0.pid(), envoys[i].1, case, &o, None);
             let ratio = run.load.rps / base.load.rps;
             println!(
                 "#{repetition} {:<34} {:>8.0} req/s vs {:>8.0}  ratio {:>5.2}  | 1 conn p50 {:>5.0} µs ({:+.0})",
@@ -205,6 +262,19 @@ fn main() {
                 run.single.p50_us,
                 run.single.p50_us - base.single.p50_us
             );
+            println!(
+                "   CPU µs per request: {}",
+                cpu_line(&run.cpu_us_per_request)
+            );
+            if !run.envoy_samples.is_empty() {
+                let shares: Vec<String> = run
+                    .envoy_samples
+                    .iter()
+                    .filter(|(_, share)| *share >= 0.5)
+                    .map(|(object, share)| format!("{object} {share:.1} %"))
+                    .collect();
+                println!("   Envoy's samples (perf): {}", shares.join(", "));
+            }
             runs.push(json!({
                 "case": case.name,
                 "repetition": repetition,
@@ -218,6 +288,9 @@ fn main() {
                 "p99_us_1conn": run.single.p99_us,
                 "added_p50_us_1conn": run.single.p50_us - base.single.p50_us,
                 "added_p99_us_1conn": run.single.p99_us - base.single.p99_us,
+                "cpu_us_per_request": run.cpu_us_per_request,
+                "baseline_cpu_us_per_request": base.cpu_us_per_request,
+                "envoy_samples_percent": run.envoy_samples.iter().cloned().collect::<BTreeMap<_, _>>(),
             }));
         }
     }
@@ -288,6 +361,20 @@ fn summarize(case: &Case, runs: &[Value]) -> Value {
         json!({"median": median, "min": low, "max": high})
     };
     let ratio = bench::median_and_spread(&field("ratio")).0;
+    // The median CPU per request of each process, the case's and its baselines'.
+    let cpu = |key: &str| -> BTreeMap<String, f64> {
+        let names = mine
+            .first()
+            .and_then(|r| r[key].as_object())
+            .into_iter()
+            .flatten();
+        names
+            .map(|(name, _)| {
+                let each: Vec<f64> = mine.iter().filter_map(|r| r[key][name].as_f64()).collect();
+                (name.clone(), bench::median_and_spread(&each).0)
+            })
+            .collect()
+    };
     json!({
         "name": case.name,
         "label": case.label,
@@ -300,7 +387,16 @@ fn summarize(case: &Case, runs: &[Value]) -> Value {
         "added_p50_us_1conn": stat("added_p50_us_1conn"),
         "added_p99_us_1conn": stat("added_p99_us_1conn"),
         "p99_us": stat("p99_us"),
+        "cpu_us_per_request": cpu("cpu_us_per_request"),
+        "baseline_cpu_us_per_request": cpu("baseline_cpu_us_per_request"),
     })
+}
+
+fn cpu_line(cpu: &BTreeMap<&str, f64>) -> String {
+    cpu.iter()
+        .map(|(name, us)| format!("{name} {us:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn print_table(summaries: &[Value]) {
@@ -323,6 +419,24 @@ fn print_table(summaries: &[Value]) {
             }
         );
     }
+    println!("\nCPU per request under load, µs (median): the case, then its baseline");
+    for s in summaries {
+        let line = |key: &str| {
+            s[key]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(name, us)| format!("{name} {:.1}", us.as_f64().unwrap_or(0.0)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "{:<34} {}  |  {}",
+            s["label"].as_str().unwrap_or(""),
+            line("cpu_us_per_request"),
+            line("baseline_cpu_us_per_request")
+        );
+    }
 }
 
 /// How the cost grows: the limited and unlimited cases with more distinct users (round-robin
@@ -331,12 +445,13 @@ fn print_table(summaries: &[Value]) {
 fn growth(rig: &Rig, o: &Options, plans: &str) -> Vec<Value> {
     let cases = bench::cases();
     let case = |name: &str| cases.iter().find(|c| c.name == name).expect("a case");
-    let (_base_envoy, base_port, _) = rig.envoy("growth-baseline", Filters::None, plans);
+    let (base_envoy, base_port, _) = rig.envoy("growth-baseline", Filters::None, plans);
     let mut out = Vec::new();
-    let mut row = |label: String, envoy: (u16, u16), case: &Case, tokens: Option<&Path>| {
-        let base = measure(rig, base_port, self::case_baseline(&cases), o, None);
-        let run = measure(rig, envoy.0, case, o, tokens);
-        let envoy_memory = envoy_allocated(envoy.1);
+    let mut row = |label: String, envoy: (u32, u16, u16), case: &Case, tokens: Option<&Path>| {
+        let baseline = self::case_baseline(&cases);
+        let base = measure(rig, base_envoy.pid(), base_port, baseline, o, None);
+        let run = measure(rig, envoy.0, envoy.1, case, o, tokens);
+        let envoy_memory = envoy_allocated(envoy.2);
         let redis_memory = redis_used_memory(&rig.redis);
         let ratio = run.load.rps / base.load.rps;
         println!(
@@ -358,14 +473,14 @@ fn growth(rig: &Rig, o: &Options, plans: &str) -> Vec<Value> {
         }));
     };
     // Distinct users.
-    let (_envoy, port, admin) = rig.envoy("growth-users", Filters::PlanLimits, plans);
+    let (envoy, port, admin) = rig.envoy("growth-users", Filters::PlanLimits, plans);
     for &users in &o.growth_users {
         for name in ["limited", "unlimited"] {
             let c = case(name);
             let tokens = tokens_file(rig, c, users);
             row(
                 format!("{name}, {users} distinct users"),
-                (port, admin),
+                (envoy.pid(), port, admin),
                 c,
                 Some(&tokens),
             );
@@ -374,13 +489,14 @@ fn growth(rig: &Rig, o: &Options, plans: &str) -> Vec<Value> {
     // Routes in plans.json (the bench's request matches the last one).
     for &routes in &o.growth_routes {
         let plans = with_routes(plans, routes);
-        let (_envoy, port, admin) = rig.envoy(
+        let (envoy, port, admin) = rig.envoy(
             &format!("growth-routes-{routes}"),
             Filters::PlanLimits,
             &plans,
         );
         let c = case("limited");
-        row(format!("limited, {routes} routes"), (port, admin), c, None);
+        let envoy = (envoy.pid(), port, admin);
+        row(format!("limited, {routes} routes"), envoy, c, None);
     }
     out
 }
