@@ -18,12 +18,12 @@ deps-test: deps
 build: build-hostcalls build-stock
 
 build-stock: deps
-	cargo build --profile wasm --locked -p plan-limits-filter --target wasm32-wasip1
+	env -u PLAN_LIMITS_BENCH_STOP cargo build --profile wasm --locked -p plan-limits-filter --target wasm32-wasip1
 	$(OPT) $(WASM_RAW) -o $(WASM)
 	@echo "filter for stock Envoy (webdis): $(WASM) ($$(stat -c %s $(WASM)) bytes)"
 
 build-hostcalls: deps
-	cargo build --profile wasm --locked -p plan-limits-filter --target wasm32-wasip1 --features redis-hostcalls
+	env -u PLAN_LIMITS_BENCH_STOP cargo build --profile wasm --locked -p plan-limits-filter --target wasm32-wasip1 --features redis-hostcalls
 	$(OPT) $(WASM_RAW) -o $(WASM_HOSTCALLS)
 	@echo "filter for Redis host calls: $(WASM_HOSTCALLS) ($$(stat -c %s $(WASM_HOSTCALLS)) bytes)"
 
@@ -65,14 +65,27 @@ bench: build
 	.venv/bin/python bench/chart.py bench/results.json bench/results.png
 	cargo bench --locked -p plan-limits-core --bench decision
 
-## profile: where Envoy's CPU goes, one layer at a time (jwt_authn, empty wasm filters, each
-## path of ours): CPU per request of every process, and perf's share of Envoy's samples by
-## shared object (needs `perf`: apt-get install linux-perf); perf files in target/profile/
+## profile: where Envoy's CPU goes per request, one layer at a time, in one rotation: Envoy
+## alone, jwt_authn, one and two empty wasm filters, our filter stopped after its callbacks
+## (`callbacks-only`) and after reading headers and claims (`reads-only`), the whole unlimited
+## path; then the 429 and limited paths. CPU per request of every process, and perf's share of
+## Envoy's samples by shared object (needs `perf`: apt-get install linux-perf).
+PROFILE := target/profile
 profile: build
 	@command -v perf >/dev/null || { echo "make profile needs perf (apt-get install linux-perf)"; exit 2; }
+	@mkdir -p $(PROFILE)
+	for stop in sdk:callbacks-only read:reads-only; do \
+		PLAN_LIMITS_BENCH_STOP=$${stop%%:*} cargo build -q --profile wasm --locked -p plan-limits-filter \
+			--target wasm32-wasip1 --target-dir $(PROFILE)/build && \
+		$(OPT) $(PROFILE)/build/wasm32-wasip1/wasm/plan_limits_filter.wasm -o $(PROFILE)/$${stop##*:}.wasm || exit 1; \
+	done
 	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --bin plan-limits-bench -- \
-		--seconds 5 --repetitions 1 --cases identity,empty_wasm_1,empty_wasm_2,unlimited,denied,limited \
-		--growth-users '' --growth-routes '' --perf 999 --out target/profile
+		--seconds 5 --repetitions 3 --cases identity,empty_wasm_1,empty_wasm_2,unlimited \
+		--compare $(PROFILE)/callbacks-only.wasm,$(PROFILE)/reads-only.wasm \
+		--growth-users '' --growth-routes '' --perf 999 --out $(PROFILE)/layers
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --bin plan-limits-bench -- \
+		--seconds 5 --repetitions 1 --cases denied,limited \
+		--growth-users '' --growth-routes '' --perf 999 --out $(PROFILE)/paths
 
 # A one-second run of every case: checks the benchmark works, times nothing.
 bench-smoke:

@@ -55,6 +55,9 @@ impl Context for PlanLimitsRoot {
 
 impl RootContext for PlanLimitsRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
+        if let Some(stop) = crate::http::BENCH_STOP {
+            log::error!("a bench build (PLAN_LIMITS_BENCH_STOP={stop}): it meters nothing");
+        }
         let json = self.get_plugin_configuration().unwrap_or_default();
         let accepted = self.shared.handle(self.shared.root_id, |worker, host| {
             worker.configure(&json, host)

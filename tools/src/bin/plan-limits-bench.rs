@@ -6,7 +6,8 @@
 //!
 //! `plan-limits-bench [--seconds N] [--repetitions N] [--connections N] [--growth-users
 //! 1,1000,100000] [--growth-routes 10,1000] [--cases limited,unlimited] [--out DIR]
-//! [--perf HZ]`; `--perf` records Envoy's stacks during each case's load (`make profile`).
+//! [--perf HZ] [--compare A.wasm,B.wasm]`; `--compare` measures other builds in the same
+//! rotation (their cases named `<case>@<file stem>`); `--perf` records Envoy's stacks during each case's load (`make profile`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,8 +29,11 @@ struct Options {
     growth_routes: Vec<u32>,
     /// Only these cases (and their baselines); all when empty.
     only: Vec<String>,
+    /// Other builds of the filter, measured in the same rotation (baseline, this build, those
+    /// builds) on every case of ours: an A/B that the same noisy minute moves alike.
+    compare: Vec<PathBuf>,
     /// `perf record` Envoy during each case's load (not the baselines'), into
-    /// `<out>/<case>.perf.data`, with this many samples a second.
+    /// `<out>/<case>-<port>.perf.data`, with this many samples a second.
     perf: Option<u32>,
     out: PathBuf,
 }
@@ -43,6 +47,7 @@ fn options() -> Options {
         growth_routes: vec![10, 1000],
         only: Vec::new(),
         perf: None,
+        compare: Vec::new(),
         out: plan_limits_services::repo_root().join("bench"),
     };
     let list = |v: &str| -> Vec<u32> {
@@ -63,6 +68,7 @@ fn options() -> Options {
             "--growth-routes" => o.growth_routes = list(value),
             "--cases" => o.only = value.split(',').map(String::from).collect(),
             "--out" => o.out = PathBuf::from(value),
+            "--compare" => o.compare = value.split(',').map(PathBuf::from).collect(),
             "--perf" => o.perf = Some(value.parse().expect("--perf SAMPLES_PER_SECOND")),
             _ => panic!("unknown option {flag}"),
         }
@@ -84,9 +90,23 @@ struct Rig {
     bodies: BTreeMap<usize, PathBuf>,
 }
 
+/// An Envoy started for the bench: the process, its gateway port and its admin port.
+type RunningEnvoy = (Service, u16, u16);
+
 impl Rig {
     /// An Envoy of `filters` with `plans`, on one worker.
     fn envoy(&self, name: &str, filters: Filters, plans: &str) -> (Service, u16, u16) {
+        self.envoy_of(name, filters, plans, &self.wasm)
+    }
+
+    /// The same with the filter built as `wasm`.
+    fn envoy_of(
+        &self,
+        name: &str,
+        filters: Filters,
+        plans: &str,
+        wasm: &Path,
+    ) -> (Service, u16, u16) {
         let (port, admin) = (free_port(), free_port());
         let params = EnvoyParams {
             admin_port: admin,
@@ -99,8 +119,7 @@ impl Rig {
             ecds_dir: &self.dir.join(format!("{name}-ecds")),
             redis_cluster_proxy: None,
         };
-        envoy::write_filter_configs(params.ecds_dir, plans, &self.wasm)
-            .unwrap_or_else(|e| panic!("{e}"));
+        envoy::write_filter_configs(params.ecds_dir, plans, wasm).unwrap_or_else(|e| panic!("{e}"));
         let envoy = envoy::start(EnvoyOptions {
             name,
             dir: &self.dir,
@@ -155,16 +174,19 @@ fn measure(
             )
         })
     };
-    let perf = o.perf.filter(|_| !case.is_baseline()).map(|rate| {
-        bench::perf_record(envoy, rate, &o.out.join(format!("{}.perf.data", case.name)))
-    });
+    // (Named by port too: a case's --compare builds run on Envoys of their own.)
+    let perf_data = o.out.join(format!("{}-{port}.perf.data", case.name));
+    let perf = o
+        .perf
+        .filter(|_| !case.is_baseline())
+        .map(|rate| bench::perf_record(envoy, rate, &perf_data));
     let before = cpu();
     let (load, _) = bench::run_wrk(&rig.script, port, case, o.connections, o.seconds, &files);
     let after = cpu();
     let envoy_samples = perf
         .map(|perf| {
             bench::perf_stop(perf);
-            bench::perf_shares(&o.out.join(format!("{}.perf.data", case.name)))
+            bench::perf_shares(&perf_data)
         })
         .unwrap_or_default();
     let requests = load.requests.max(1) as f64;
@@ -223,10 +245,14 @@ fn main() {
 
     // Every case's Envoy, started once; each repetition runs a case right after its baseline.
     let cases = bench::cases();
+    let chosen = |c: &Case| o.only.is_empty() || o.only.iter().any(|n| n == c.name);
     let envoys: Vec<(Service, u16, u16)> = cases
         .iter()
         .map(|case| {
             let envoy = rig.envoy(case.name, case.filters, &plans);
+            if !chosen(case) {
+                return envoy; // (not probed: a filter under experiment may answer otherwise)
+            }
             let status = case
                 .request()
                 .try_send(envoy.1)
@@ -241,9 +267,26 @@ fn main() {
         })
         .collect();
     let index = |name: &str| cases.iter().position(|c| c.name == name).expect("a case");
+    // With --compare: the other builds' Envoys for each case of ours.
+    let compared: Vec<Vec<(String, RunningEnvoy)>> = cases
+        .iter()
+        .map(|case| {
+            if case.filters != Filters::PlanLimits || !chosen(case) {
+                return Vec::new();
+            }
+            o.compare
+                .iter()
+                .map(|other| {
+                    let build = build_name(other);
+                    let name = format!("{}-{build}", case.name);
+                    let envoy = rig.envoy_of(&name, case.filters, &plans, other);
+                    (build, envoy)
+                })
+                .collect()
+        })
+        .collect();
     let mut runs = Vec::new();
     for repetition in 1..=o.repetitions {
-        let chosen = |c: &Case| o.only.is_empty() || o.only.iter().any(|n| n == c.name);
         for (i, case) in cases
             .iter()
             .enumerate()
@@ -251,32 +294,42 @@ fn main() {
         {
             let b = index(case.baseline);
             let base = measure(&rig, envoys[b].0.pid(), envoys[b].1, &cases[b], &o, None);
-            let run = measure(&rig, envoys[i].0.pid(), envoys[i].1, case, &o, None);
-            let ratio = run.load.rps / base.load.rps;
-            println!(
+            let mut measured = vec![(
+                case.name.to_string(),
+                case.label.to_string(),
+                measure(&rig, envoys[i].0.pid(), envoys[i].1, case, &o, None),
+            )];
+            for (build, (envoy, port, _)) in &compared[i] {
+                let run = measure(&rig, envoy.pid(), *port, case, &o, None);
+                let (name, label) = (built(case.name, build), built(case.label, build));
+                measured.push((name, label, run));
+            }
+            for (name, label, run) in measured {
+                let ratio = run.load.rps / base.load.rps;
+                println!(
                 "#{repetition} {:<34} {:>8.0} req/s vs {:>8.0}  ratio {:>5.2}  | 1 conn p50 {:>5.0} µs ({:+.0})",
-                case.label,
+                label,
                 run.load.rps,
                 base.load.rps,
                 ratio,
                 run.single.p50_us,
                 run.single.p50_us - base.single.p50_us
             );
-            println!(
-                "   CPU µs per request: {}",
-                cpu_line(&run.cpu_us_per_request)
-            );
-            if !run.envoy_samples.is_empty() {
-                let shares: Vec<String> = run
-                    .envoy_samples
-                    .iter()
-                    .filter(|(_, share)| *share >= 0.5)
-                    .map(|(object, share)| format!("{object} {share:.1} %"))
-                    .collect();
-                println!("   Envoy's samples (perf): {}", shares.join(", "));
-            }
-            runs.push(json!({
-                "case": case.name,
+                println!(
+                    "   CPU µs per request: {}",
+                    cpu_line(&run.cpu_us_per_request)
+                );
+                if !run.envoy_samples.is_empty() {
+                    let shares: Vec<String> = run
+                        .envoy_samples
+                        .iter()
+                        .filter(|(_, share)| *share >= 0.5)
+                        .map(|(object, share)| format!("{object} {share:.1} %"))
+                        .collect();
+                    println!("   Envoy's samples (perf): {}", shares.join(", "));
+                }
+                runs.push(json!({
+                "case": name,
                 "repetition": repetition,
                 "baseline": case.baseline,
                 "rps": run.load.rps,
@@ -292,12 +345,23 @@ fn main() {
                 "baseline_cpu_us_per_request": base.cpu_us_per_request,
                 "envoy_samples_percent": run.envoy_samples.iter().cloned().collect::<BTreeMap<_, _>>(),
             }));
+            }
         }
     }
     let summaries: Vec<Value> = cases
         .iter()
-        .filter(|c| !c.is_baseline() && runs.iter().any(|r| r["case"] == c.name))
-        .map(|case| summarize(case, &runs))
+        .filter(|c| !c.is_baseline())
+        .flat_map(|case| {
+            let mut names = vec![(case.name.to_string(), case.label.to_string())];
+            for other in &o.compare {
+                let build = build_name(other);
+                names.push((built(case.name, &build), built(case.label, &build)));
+            }
+            names
+                .into_iter()
+                .filter_map(|(name, label)| summarize(case, &name, &label, &runs))
+                .collect::<Vec<_>>()
+        })
         .collect();
     print_table(&summaries);
     let filter_stats =
@@ -308,6 +372,7 @@ fn main() {
             .map(String::from)
             .collect::<Vec<_>>();
     drop(envoys);
+    drop(compared);
 
     let growth = growth(&rig, &o, &plans);
 
@@ -353,8 +418,24 @@ fn exhaust_uploads(redis: &RedisServer) {
 }
 
 /// A case's repetitions: median and spread of its ratio, throughput and added latency.
-fn summarize(case: &Case, runs: &[Value]) -> Value {
-    let mine: Vec<&Value> = runs.iter().filter(|r| r["case"] == case.name).collect();
+/// A `--compare` build's name: its file's stem.
+fn build_name(wasm: &Path) -> String {
+    wasm.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// How a case of a `--compare` build is named.
+fn built(name: &str, build: &str) -> String {
+    format!("{name}@{build}")
+}
+
+/// The median and spread of the runs named `name` (of `case` or of its `--compare` twin).
+fn summarize(case: &Case, name: &str, label: &str, runs: &[Value]) -> Option<Value> {
+    let mine: Vec<&Value> = runs.iter().filter(|r| r["case"] == name).collect();
+    if mine.is_empty() {
+        return None;
+    }
     let field = |name: &str| -> Vec<f64> { mine.iter().filter_map(|r| r[name].as_f64()).collect() };
     let stat = |name: &str| {
         let (median, low, high) = bench::median_and_spread(&field(name));
@@ -375,9 +456,9 @@ fn summarize(case: &Case, runs: &[Value]) -> Value {
             })
             .collect()
     };
-    json!({
-        "name": case.name,
-        "label": case.label,
+    Some(json!({
+        "name": name,
+        "label": label,
         "baseline": case.baseline,
         "target_ratio": case.target_ratio,
         "met": case.target_ratio.map(|t| ratio >= t),
@@ -389,7 +470,7 @@ fn summarize(case: &Case, runs: &[Value]) -> Value {
         "p99_us": stat("p99_us"),
         "cpu_us_per_request": cpu("cpu_us_per_request"),
         "baseline_cpu_us_per_request": cpu("baseline_cpu_us_per_request"),
-    })
+    }))
 }
 
 fn cpu_line(cpu: &BTreeMap<&str, f64>) -> String {
