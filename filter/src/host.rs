@@ -105,6 +105,9 @@ pub struct Host<'a> {
 
 impl Host<'_> {
     fn finish(self) {
+        // The host acts on the context whose callback runs: another stream's actions (those a
+        // Redis answer on another context, or the root, releases) need a switch first.
+        let mut effective = self.current;
         for action in self.streams {
             let stream = match &action {
                 StreamAction::Respond(stream, _)
@@ -112,9 +115,11 @@ impl Host<'_> {
                 | StreamAction::SetResponseHeader(stream, _, _)
                 | StreamAction::Resume(stream) => *stream,
             };
-            // Redis answers may arrive on another context (the root, with Higress).
-            if hostcalls::set_effective_context(stream).is_err() {
-                continue;
+            if stream != effective {
+                if hostcalls::set_effective_context(stream).is_err() {
+                    continue;
+                }
+                effective = stream;
             }
             match action {
                 StreamAction::Respond(_, response) => {
