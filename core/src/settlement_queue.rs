@@ -47,9 +47,10 @@ struct Backoff {
 /// What one batch's answer meant, for metrics and logs.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchReport {
-    /// Successes counted (commits and counts), and each one's action and plan.
+    /// Successes counted (commits and counts), and how many of each action and plan (one
+    /// metric update each, not one per success).
     pub counted: u64,
-    pub counted_by: Vec<(String, String)>,
+    pub counted_by: Vec<(String, String, u64)>,
     /// Commits Redis had counted already (a commit sent again after its answer was lost).
     pub commits_unmatched: u64,
     pub released: u64,
@@ -216,9 +217,19 @@ impl SettlementQueue {
                         (SettleMode::Extend, false) => {}
                         (_, true) => {
                             report.counted += 1;
-                            report
+                            // (A batch holds a few actions and plans: a scan.)
+                            let known = report
                                 .counted_by
-                                .push((item.action.clone(), item.plan.clone()));
+                                .iter_mut()
+                                .find(|(a, p, _)| *a == item.action && *p == item.plan);
+                            match known {
+                                Some((_, _, n)) => *n += 1,
+                                None => report.counted_by.push((
+                                    item.action.clone(),
+                                    item.plan.clone(),
+                                    1,
+                                )),
+                            }
                         }
                         (SettleMode::Commit, false) => report.commits_unmatched += 1,
                         (SettleMode::Count, false) => report.dropped_unknown += 1,

@@ -1218,8 +1218,11 @@ fn count_outcome(io: &mut dyn Io, request: &MeteredRequest, outcome: Outcome) {
 
 fn record(report: &BatchReport, io: &mut dyn Io) {
     io.count(Metric::Counted, report.counted);
-    for (action, plan) in &report.counted_by {
-        io.record(&metrics::counted(action, plan), 1);
+    for (action, plan, n) in &report.counted_by {
+        io.record(
+            &metrics::counted(action, plan),
+            i64::try_from(*n).unwrap_or(i64::MAX),
+        );
     }
     io.count(Metric::Released, report.released);
     io.count(Metric::Extended, report.extended);
@@ -2512,6 +2515,25 @@ mod tests {
             .sum();
         assert_eq!(queued, 0);
         assert!(names.iter().all(|(n, _)| !n.contains("=.=u;")), "no user");
+    }
+
+    #[test]
+    fn a_batch_of_successes_updates_their_counter_once_per_action_and_plan() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        for stream in 1..=3 {
+            view_succeeds(&mut w, stream, &mut io);
+        }
+        w.on_tick(now(), &mut io);
+        let (batch, _) = io.last_sent();
+        w.on_reply(batch, settled(&[1, 1, 1]), now(), &mut io);
+        let counted: Vec<i64> = io
+            .recorded
+            .iter()
+            .filter(|(m, _)| m.name.ends_with("plan_limits_successes_counted"))
+            .map(|(_, v)| *v)
+            .collect();
+        assert_eq!(counted, [3]);
     }
 
     #[test]
