@@ -91,6 +91,7 @@ profile: build
 bench-smoke:
 	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --bin plan-limits-bench -- \
 		--seconds 1 --repetitions 1 --growth-users 1,10 --growth-routes 10 --out target/bench-smoke
+	cargo bench --locked -q -p plan-limits-core --bench decision -- --test
 
 ## soak: 60 s of load (wrk) with Redis restarted in the middle; prints the figures
 soak: build
