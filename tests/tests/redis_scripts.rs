@@ -816,3 +816,50 @@ fn reservations_sent_together_are_made_one_after_the_other_as_if_sent_alone() {
         .unwrap();
     assert_eq!(held, 3);
 }
+
+/// What the filter writes for webdis reaches Redis byte for byte: every argument the filter
+/// sends (keys, users, request and idempotency ids from headers, plan limits as JSON) is
+/// escaped only where webdis would read it otherwise (`/`, `%`, `+`, `?`, `.`, controls).
+#[test]
+fn every_argument_reaches_redis_through_webdis_as_written() {
+    use plan_limits_core::redis::{webdis, RedisCommand};
+    use plan_limits_services::http::{Body, Request};
+    use plan_limits_services::redis_server::RedisOptions;
+    use plan_limits_services::webdis::Webdis;
+
+    let dir = scratch_dir("webdis-args");
+    let options = RedisOptions {
+        password: None,
+        persistent: false,
+    };
+    let redis = RedisServer::start_with_options(&dir, free_port(), options);
+    let webdis = Webdis::start_with_commands(&dir, "127.0.0.1", redis.port, None, None, &["ECHO"]);
+    let printable: String = (0x20u8..0x7f).map(char::from).collect();
+    let arguments = [
+        printable.as_str(),
+        "plan-limits:{u%2F1}:summary:2026-11",
+        "{\"upload\":5,\"ai_message\":null}",
+        "a/b?c=d+e#f%20g",
+        "ends.json",
+        "tab\tnew\nline\r",
+        "ünïcødé ✓",
+        "..",
+        "+",
+    ];
+    for argument in arguments {
+        let body = webdis::request_body(&RedisCommand::new("ECHO").arg(argument));
+        let response = Request::new("POST", "/")
+            .body(Body::Bytes(body))
+            .try_send(webdis.port)
+            .unwrap();
+        let reply = webdis::parse_response(
+            Some(u32::from(response.status)),
+            response.body_text().as_bytes(),
+        );
+        assert_eq!(
+            reply.unwrap(),
+            RedisReply::Bulk(argument.as_bytes().to_vec()),
+            "{argument:?}"
+        );
+    }
+}

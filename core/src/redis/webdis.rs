@@ -1,17 +1,29 @@
 //! The webdis HTTP front of Redis: `POST /` whose body is `COMMAND/arg/arg...`, each argument
-//! percent-encoded (so `/`, `.` and binary bytes survive), and a JSON reply
-//! `{"COMMAND": value}` where a Redis error is `[false, "message"]`.
+//! percent-encoded where webdis would read it otherwise (so `/`, `.`, `+`, `?` and binary
+//! bytes survive), and a JSON reply `{"COMMAND": value}` where a Redis error is
+//! `[false, "message"]`.
 
-use percent_encoding::{percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::{percent_encode, AsciiSet, CONTROLS};
 
 use super::{RedisCommand, RedisReply, TransportError};
 
-/// `.` must be encoded too: webdis reads a trailing `.ext` as the reply format.
-const ARG: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
+/// What webdis reads specially in a command's text (`cmd_run`, `decode_uri`): `/` between
+/// arguments, `%XX` escapes, `+` (a space), `?` (a query string) and `.` (a trailing `.ext`
+/// names the reply format); and controls, space and `#`, fine in a body but not in a log.
+/// Every other byte goes as it is: a settlement batch's keys and plan limits are mostly `{`,
+/// `:` and `"`, which encoded would triple (bytes to write here and to read in webdis).
+const ARG: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'#')
+    .add(b'%')
+    .add(b'+')
+    .add(b'.')
+    .add(b'/')
+    .add(b'?');
 
 /// The request body for `command`.
 pub fn request_body(command: &RedisCommand) -> Vec<u8> {
-    let mut body = String::new();
+    let mut body = String::with_capacity(command.args.iter().map(|a| a.len() + 1).sum());
     for (i, arg) in command.args.iter().enumerate() {
         if i > 0 {
             body.push('/');
@@ -78,7 +90,7 @@ mod tests {
             .arg([0xff, b'\n']);
         assert_eq!(
             String::from_utf8(request_body(&cmd)).unwrap(),
-            "EVAL/return%20%7B1%7D/0/a%2Fb%2Ec%25/%FF%0A"
+            "EVAL/return%20{1}/0/a%2Fb%2Ec%25/%FF%0A"
         );
     }
 
