@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Prints the README's tables from the bench's results: the cases (`make bench`'s
+bench/results.json), the CPU each process used per request, how the cost grows, and, given a
+second file, `make profile`'s layers (target/profile/layers/results.json)."""
+import json
+import sys
+
+results = json.load(open(sys.argv[1] if len(sys.argv) > 1 else "bench/results.json"))
+layers = json.load(open(sys.argv[2])) if len(sys.argv) > 2 else None
+
+
+def spread(stat, fmt="{:.2f}"):
+    return f'{fmt.format(stat["min"])}–{fmt.format(stat["max"])}'
+
+
+def target(case):
+    if case.get("target_ratio") is None:
+        return "–"
+    return f'≥ {case["target_ratio"]}: **{"met" if case.get("met") else "missed"}**'
+
+
+print("| case | ratio: median (lowest–highest) | req/s (median) | added p50 at 1 conn. (median, lowest–highest) | target |")
+print("|---|---|---|---|---|")
+for c in results["cases"]:
+    a = c["added_p50_us_1conn"]
+    print(
+        f'| {c["label"]} | **{c["ratio"]["median"]:.2f}** ({spread(c["ratio"])}) | {c["rps"]["median"]:,.0f} '
+        f'| {a["median"]:+.0f} µs ({a["min"]:+.0f} to {a["max"]:+.0f}) | {target(c)} |'
+    )
+
+print()
+processes = ["envoy", "redis", "webdis", "nginx", "wrk"]
+print("| case | " + " | ".join(processes) + " | Envoy's baseline |")
+print("|---|" + "---|" * (len(processes) + 1))
+for c in results["cases"]:
+    cpu = c.get("cpu_us_per_request") or {}
+    base = (c.get("baseline_cpu_us_per_request") or {}).get("envoy", 0)
+    cells = " | ".join(f'{cpu.get(p, 0):.0f}' for p in processes)
+    print(f'| {c["label"]} | {cells} | {base:.0f} |')
+
+print()
+print("| growth | req/s | ratio to a baseline just before | added p50 at 1 conn. | Envoy heap | Redis memory |")
+print("|---|---|---|---|---|---|")
+for g in results.get("growth", []):
+    print(
+        f'| {g["label"]} | {g["rps"]:,.0f} | {g["ratio"]:.2f} | {g["added_p50_us_1conn"]:+.0f} µs '
+        f'| {g["envoy_allocated_bytes"] / 1e6:.1f} MB | {g["redis_used_memory_bytes"] / 1e6:.1f} MB |'
+    )
+
+if layers:
+    print()
+    print("| layer | Envoy CPU per request, µs (median) | of which the wasm code V8 compiled (perf) | ratio (median, lowest–highest) |")
+    print("|---|---|---|---|")
+    base = [c for c in layers["cases"]][0].get("baseline_cpu_us_per_request", {}).get("envoy", 0)
+    print(f"| Envoy alone (the baseline) | {base:.0f} | – | 1 |")
+    order = ["identity", "empty_wasm_1", "empty_wasm_2", "unlimited@callbacks-only", "unlimited@reads-only", "unlimited"]
+    by_name = {c["name"]: c for c in layers["cases"]}
+    for name in order:
+        c = by_name.get(name)
+        if not c:
+            continue
+        envoy = c["cpu_us_per_request"]["envoy"]
+        runs = [r for r in layers["runs"] if r["case"] == name]
+        jit = sorted(r.get("envoy_samples_percent", {}).get("wasm (V8 JIT)", 0) for r in runs)
+        jit_share = jit[len(jit) // 2] if jit else 0
+        print(f'| {c["label"]} | {envoy:.0f} | {jit_share:.0f} % ({envoy * jit_share / 100:.0f} µs) '
+              f'| {c["ratio"]["median"]:.2f} ({spread(c["ratio"])}) |')
