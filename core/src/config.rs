@@ -396,6 +396,12 @@ pub struct RedisSettings {
     /// How the library's functions are called: `FCALL`, or `EVALSHA` of each function as a
     /// script (for Envoy's `redis_proxy`, which does not forward `FCALL`).
     pub invoke: Invoke,
+    /// Reservations that arrive while one of the worker's is in flight wait for its answer and
+    /// go together in one call (a group commit), instead of each going at once. Off by
+    /// default: measured through Envoy it halves a worker's limited throughput at 4
+    /// connections (the waiting calls can only be sent from the root context, by its tick) and
+    /// gains nothing at 32. Ignored on a Redis Cluster (each reservation goes alone).
+    pub coalesce_reservations: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -434,6 +440,7 @@ impl Default for RedisSettings {
             password: None,
             cluster_mode: false,
             invoke: Invoke::Fcall,
+            coalesce_reservations: false,
         }
     }
 }

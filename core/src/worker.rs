@@ -493,7 +493,7 @@ impl Worker {
     ) -> Result<(), TransportError> {
         // (On a Redis Cluster each reservation goes alone: one call touches one slot.)
         let busy = self.reserving.is_some() || !self.reservation_queue.is_empty();
-        if busy && !plans.redis.cluster_mode {
+        if busy && plans.redis.coalesce_reservations && !plans.redis.cluster_mode {
             self.reservation_queue.push((stream, command));
             return Ok(());
         }
@@ -1370,6 +1370,25 @@ mod tests {
 
     fn worker(io: &mut Recorder) -> Worker {
         worker_with(io, PLANS_JSON)
+    }
+
+    /// A worker with `redis.coalesce_reservations` on.
+    fn coalescing_worker(io: &mut Recorder) -> Worker {
+        let json = crate::testing::plans_json_with(|v| {
+            v["redis"]["coalesce_reservations"] = true.into();
+        });
+        worker_with(io, &json)
+    }
+
+    #[test]
+    fn by_default_each_reservation_goes_at_once() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        for (stream, user) in [(1, "a"), (2, "b"), (3, "c")] {
+            assert_eq!(send(&mut w, stream, &upload(user), &mut io), Flow::Pause);
+        }
+        assert_eq!(io.sent.len(), 3, "three calls in flight, none waiting");
+        assert!(!w.wants_tick_soon());
     }
 
     fn worker_with(io: &mut Recorder, json: &str) -> Worker {
@@ -2745,7 +2764,7 @@ mod tests {
             on_a_stream: true,
             ..Recorder::default()
         };
-        let mut w = worker(&mut io);
+        let mut w = coalescing_worker(&mut io);
         send(&mut w, 1, &upload("a"), &mut io);
         let (first, _) = io.last_sent();
         send(&mut w, 2, &upload("b"), &mut io);
@@ -2791,7 +2810,7 @@ mod tests {
     #[test]
     fn reservations_arriving_while_one_is_in_flight_go_together_in_the_next_call() {
         let mut io = Recorder::default();
-        let mut w = worker(&mut io);
+        let mut w = coalescing_worker(&mut io);
         // Alone: sent at once.
         assert_eq!(send(&mut w, 1, &upload("a"), &mut io), Flow::Pause);
         let (first, _) = io.last_sent();
