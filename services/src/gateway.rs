@@ -394,6 +394,19 @@ impl EnvoyClusterGateway {
         envoy::admin_stat(self.admin_port, name)
     }
 
+    /// A connection to Envoy's `redis_proxy` listener, logged in as the filter's Redis user
+    /// (as webdis is).
+    pub fn redis_proxy_connection(&self) -> redis::Connection {
+        let url = format!(
+            "redis://:{}@127.0.0.1:{}/",
+            self.cluster.filter_password(),
+            self.redis_proxy_port
+        );
+        redis::Client::open(url)
+            .and_then(|c| c.get_connection())
+            .unwrap_or_else(|e| panic!("redis_proxy on {}: {e}", self.redis_proxy_port))
+    }
+
     /// Every process the gateway runs.
     pub fn processes(&self) -> Vec<u32> {
         let mut all = self.cluster.processes();

@@ -63,6 +63,20 @@ pub fn upload(user: &str, plan: &str) -> Request {
         .body(Body::Bytes(b"<diagram/>".to_vec()))
 }
 
+/// Sends `n` uploads for `user` on `plan` at once, spread over `ports`; returns the statuses
+/// in the order sent.
+pub fn concurrent_uploads(ports: &[u16], user: &str, plan: &str, n: usize) -> Vec<u16> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let port = ports[i % ports.len()];
+                s.spawn(move || upload(user, plan).send(port).status)
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// An AI analysis by `user` on `plan`.
 pub fn analysis(user: &str, plan: &str) -> Request {
     Request::new("POST", "/api/teammate").user(user, plan)

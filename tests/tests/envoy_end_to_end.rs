@@ -28,12 +28,7 @@ fn redis_down_follows_each_actions_failure_mode() {
 fn concurrent_uploads_never_pass_the_limit() {
     let gw = envoy();
     let port = gw.gateway_port;
-    let statuses: Vec<u16> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..40)
-            .map(|_| s.spawn(move || upload("judy", "free").send(port).status))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let statuses = concurrent_uploads(&[port], "judy", "free", 40);
     let ok = statuses.iter().filter(|&&s| s == 200).count();
     let limited = statuses.iter().filter(|&&s| s == 429).count();
     assert_eq!((ok, limited), (5, 35), "{statuses:?}");

@@ -18,19 +18,6 @@ fn free_upload(user: &str) -> Request {
     upload(user, "free")
 }
 
-/// Sends `n` uploads for `user` at once, spread over `ports`; returns the statuses.
-fn concurrent_uploads(ports: &[u16], user: &str, n: usize) -> Vec<u16> {
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n)
-            .map(|i| {
-                let port = ports[i % ports.len()];
-                s.spawn(move || free_upload(user).send(port).status)
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
-
 fn assert_exactly_five_counted(gw: &EnvoyGateway, user: &str, statuses: &[u16]) {
     let ok = statuses.iter().filter(|&&s| s == 200).count();
     let limited = statuses.iter().filter(|&&s| s == 429).count();
@@ -49,7 +36,7 @@ fn assert_exactly_five_counted(gw: &EnvoyGateway, user: &str, statuses: &[u16]) 
 #[test]
 fn two_hundred_concurrent_uploads_through_two_workers_count_exactly_five() {
     let gw = gateway();
-    let statuses = concurrent_uploads(&[gw.gateway_port], "ann", 200);
+    let statuses = concurrent_uploads(&[gw.gateway_port], "ann", "free", 200);
     assert_exactly_five_counted(&gw, "ann", &statuses);
 }
 
@@ -58,7 +45,7 @@ fn two_hundred_concurrent_uploads_through_two_envoys_count_exactly_five() {
     let gw = gateway();
     let (port, admin) = (free_port(), free_port());
     let _second = gw.spawn_envoy("envoy-2", port, admin, None).unwrap();
-    let statuses = concurrent_uploads(&[gw.gateway_port, port], "ben", 200);
+    let statuses = concurrent_uploads(&[gw.gateway_port, port], "ben", "free", 200);
     assert_exactly_five_counted(&gw, "ben", &statuses);
     assert!(
         metric_at(admin, "denied") > 0 && gw.metric("denied") > 0,

@@ -120,12 +120,7 @@ fn fail_open_lets_a_user_through_at_most_what_remained_plus_the_allowance() {
     // SAFETY: signals to our own child process.
     unsafe { libc::kill(redis_pid, libc::SIGSTOP) };
     let port = gw.gateway_port;
-    let statuses: Vec<u16> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..10)
-            .map(|_| s.spawn(move || upload("rita", "free").send(port).status))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let statuses = concurrent_uploads(&[port], "rita", "free", 10);
     unsafe { libc::kill(redis_pid, libc::SIGCONT) };
     let passed = statuses.iter().filter(|&&s| s == 200).count() as u64;
     assert!(passed <= 2 + 1, "{statuses:?}");

@@ -403,14 +403,7 @@ fn envoy_redis_proxy_forwards_evalsha_but_not_fcall() {
         plans_json: cluster_plans_for_envoy(),
         ..GatewayOptions::default()
     });
-    let url = format!(
-        "redis://:{}@127.0.0.1:{}/",
-        gw.cluster.filter_password(),
-        gw.redis_proxy_port
-    );
-    let mut conn = redis::Client::open(url)
-        .and_then(|c| c.get_connection())
-        .unwrap();
+    let mut conn = gw.redis_proxy_connection();
     let unsupported = "redis.plan_limits_redis_cluster.splitter.unsupported_command";
     let before = gw.envoy_stat(unsupported);
     let fcall: redis::RedisResult<redis::Value> = redis::cmd("FCALL")
@@ -458,12 +451,7 @@ fn envoy_concurrent_uploads_of_one_free_user_count_exactly_five() {
         ..GatewayOptions::default()
     });
     let port = gw.gateway_port;
-    let statuses: Vec<u16> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..60)
-            .map(|_| s.spawn(move || upload("yan", "free").send(port).status))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let statuses = concurrent_uploads(&[port], "yan", "free", 60);
     assert_eq!(statuses_of(&statuses), (5, 55), "{statuses:?}");
     let period = gw.period();
     assert!(eventually(|| cluster_counter(
@@ -874,14 +862,7 @@ fn a_call_cut_off_by_a_stalled_master_behind_redis_proxy_is_of_unknown_outcome()
         .position(|m| m.port == port)
         .unwrap();
     let stall = stall_redis(gw.cluster.node_url(master), "1");
-    let url = format!(
-        "redis://:{}@127.0.0.1:{}/",
-        gw.cluster.filter_password(),
-        gw.redis_proxy_port
-    );
-    let mut conn = redis::Client::open(url)
-        .and_then(|c| c.get_connection())
-        .unwrap();
+    let mut conn = gw.redis_proxy_connection();
     let command = functions::invoked(
         RedisCommand::new("FCALL")
             .arg("plan_limits_history")
