@@ -85,12 +85,12 @@ fn head(method: &str, path: &str, plan: &str) -> (Vec<(String, Vec<u8>)>, Claims
     (headers, claims)
 }
 
-/// plan_limits_settle's answer to `n` items: all done, no plan or anchor recorded.
+/// plan_limits_settle's answer to `n` items: the batch applied, all done, no plan or anchor
+/// recorded.
 fn settled(n: usize) -> Result<RedisReply, TransportError> {
+    let items = (0..n).flat_map(|_| [RedisReply::Int(1), RedisReply::Nil, RedisReply::Nil]);
     Ok(RedisReply::Array(
-        (0..n)
-            .flat_map(|_| [RedisReply::Int(1), RedisReply::Nil, RedisReply::Nil])
-            .collect(),
+        std::iter::once(RedisReply::Int(1)).chain(items).collect(),
     ))
 }
 

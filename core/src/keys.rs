@@ -89,6 +89,16 @@ impl UserKeys {
     }
 }
 
+/// String: the sequence number of the last settlement batch Redis applied for the worker
+/// `worker` (one per worker; on a Redis Cluster one per worker and slot, named with `tag`, a
+/// hash tag of the slot).
+pub fn applied_batches(prefix: &str, worker: &str, tag: Option<u32>) -> String {
+    match tag {
+        None => format!("{prefix}:applied:{worker}"),
+        Some(tag) => format!("{prefix}:applied:{worker}:{{{tag}}}"),
+    }
+}
+
 /// The user's entitlement record (not per period).
 pub fn entitlement_key(prefix: &str, user: impl std::fmt::Display) -> String {
     format!("{prefix}:{{{user}}}:entitlement")

@@ -25,8 +25,15 @@ pub enum Metric {
     CommitsUnmatched,
     /// Settlement batches that failed.
     SettleErrors,
-    /// Settlements given up: the queue overflowed, or a count's outcome was unknown.
+    /// Settlements given up: the queue overflowed, or Redis could not be reached for longer
+    /// than it remembers batches (a day). Each lost count is recorded as a `lost` event.
     SettlementsDropped,
+    /// Settlements Redis refused to apply (a value out of range), each recorded there as a
+    /// `settle_refused` event.
+    SettlementsRefused,
+    /// An upstream's answer said what it gave back in a value that is not a count (negative,
+    /// not a number, past 2^53): nothing is given back for it.
+    UpstreamValuesRefused,
     /// Reservations of requests still in flight pushed back (slow uploads).
     Extended,
     /// A plan name plans.json does not know, in a token or billing's record.
@@ -41,7 +48,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 17] = [
+    pub const ALL: [Metric; 19] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::Rejected,
@@ -54,6 +61,8 @@ impl Metric {
         Metric::CommitsUnmatched,
         Metric::SettleErrors,
         Metric::SettlementsDropped,
+        Metric::SettlementsRefused,
+        Metric::UpstreamValuesRefused,
         Metric::Extended,
         Metric::UnknownPlan,
         Metric::AnsweredAfterBody,
@@ -76,6 +85,8 @@ impl Metric {
             Metric::CommitsUnmatched => "plan_limits.commits_unmatched",
             Metric::SettleErrors => "plan_limits.settle_errors",
             Metric::SettlementsDropped => "plan_limits.settlements_dropped",
+            Metric::SettlementsRefused => "plan_limits.settlements_refused",
+            Metric::UpstreamValuesRefused => "plan_limits.upstream_values_refused",
             Metric::Extended => "plan_limits.extended",
             Metric::UnknownPlan => "plan_limits.unknown_plan",
             Metric::AnsweredAfterBody => "plan_limits.answered_after_body",

@@ -18,6 +18,9 @@ pub enum SettleMode {
     Extend,
     /// Files were deleted, a member removed: `adds` leaves the user's running total.
     GiveBack,
+    /// Settlements of this user and action were given up (`adds` of them; `kind` says why):
+    /// recorded as a `lost` event, so what was not counted is on record.
+    Lost,
 }
 
 impl SettleMode {
@@ -28,11 +31,48 @@ impl SettleMode {
             SettleMode::Release => "release",
             SettleMode::Extend => "extend",
             SettleMode::GiveBack => "give_back",
+            SettleMode::Lost => "lost",
         }
     }
 }
 
 impl Settlement {
+    /// The record that `of` (a count or commit, or a give-back) was given up for `reason`.
+    pub fn lost(of: &Settlement, reason: &str) -> Self {
+        Settlement {
+            mode: SettleMode::Lost,
+            reservation_id: String::new(),
+            kind: reason.to_string(),
+            bytes: 0,
+            idempotency_key: String::new(),
+            adds: if of.mode == SettleMode::Lost {
+                of.adds
+            } else {
+                Some(1)
+            },
+            held: None,
+            ..of.clone()
+        }
+    }
+
+    /// Whether losing this settlement loses a count or a give-back (not a release or an
+    /// extension, whose reservation expires by itself).
+    pub fn loses_a_count(&self) -> bool {
+        matches!(
+            self.mode,
+            SettleMode::Commit | SettleMode::Count | SettleMode::GiveBack | SettleMode::Lost
+        )
+    }
+
+    /// Whether `other` records a loss of the same user, action, period and reason (so one
+    /// record counts both).
+    pub fn same_loss(&self, other: &Settlement) -> bool {
+        self.user == other.user
+            && self.action == other.action
+            && self.period_id == other.period_id
+            && self.kind == other.kind
+    }
+
     /// A success of a release route: `amount` leaves `user`'s running total of `gauge`
     /// (the bytes a delete freed, one member removed).
     pub fn give_back(

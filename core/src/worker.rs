@@ -29,7 +29,7 @@ use crate::cluster;
 use crate::config::RedisSettings;
 use crate::denials::DenialCache;
 use crate::entitlements::{EntitlementCache, Recorded};
-use crate::keys::UsageKeys;
+use crate::keys::{self, UsageKeys};
 use crate::metrics::{self, LabeledMetric, Metric, Outcome};
 use crate::outage::{self, Budget};
 use crate::plans::Plans;
@@ -39,7 +39,7 @@ use crate::reports::Report;
 use crate::request::{unix_millis, Decision, MeteredRequest};
 use crate::responses::{self, LocalResponse};
 use crate::settlement::Settlement;
-use crate::settlement_queue::{BatchReport, Group, SettlementQueue};
+use crate::settlement_queue::{BatchReport, Group, SettlementQueue, APPLIED_MEMORY_MS};
 
 /// The host's id of an HTTP stream (its context id).
 pub type StreamId = u32;
@@ -116,6 +116,11 @@ pub enum BodyFlow {
 /// Users remembered per worker, in the refusal and entitlement caches; beyond this many, old
 /// ones go.
 const REMEMBERED_USERS: usize = 10_000;
+/// The largest amount an upstream may say a release gave back: what Redis's Lua counts exactly.
+const MAX_GIVEN_BACK: u64 = 1 << 53;
+/// Records of lost settlements kept per worker until Redis takes them (one per user, action,
+/// period and reason); beyond this many, a loss is counted and logged only.
+const MAX_TRACKED_LOSSES: usize = 1024;
 /// Requests let through unchecked, or names of unknown plans, are logged at most this often.
 const LOG_EVERY_MS: u64 = 1000;
 
@@ -142,6 +147,8 @@ pub struct Worker {
     /// Calls in flight: who waits for each, and when it was sent.
     calls: HashMap<Token, (Waiter, DateTime<Utc>)>,
     settlements: SettlementQueue,
+    /// Records of settlements given up, waiting for room in the queue (`lost` events).
+    losses: Vec<Settlement>,
     denials: DenialCache,
     entitlements: EntitlementCache,
     ids: ReservationIds,
@@ -191,6 +198,11 @@ struct ReservationIds {
 }
 
 impl ReservationIds {
+    /// This worker's name in Redis (its settlement batches are applied once per name).
+    fn worker(&self) -> String {
+        format!("{:016x}", self.vm_nonce)
+    }
+
     fn next(&mut self) -> String {
         let n = self.next;
         self.next = self.next.wrapping_add(1);
@@ -240,6 +252,7 @@ impl Worker {
             reservation_queue: Vec::new(),
             flushed_at_ms: 0,
             settlements: SettlementQueue::new(defaults.max_queued_settlements, defaults.max_batch),
+            losses: Vec::new(),
             denials: DenialCache::new(REMEMBERED_USERS),
             entitlements: EntitlementCache::new(REMEMBERED_USERS),
             ids: ReservationIds { vm_nonce, next: 0 },
@@ -862,12 +875,34 @@ impl Worker {
         Some(plans.given_back_header(release.gauge))
     }
 
-    /// The value of the response header it wanted (absent: none).
-    pub fn on_response_header(&mut self, stream: StreamId, value: Option<&[u8]>) {
-        if let Some((_, freed)) = self.releases.get_mut(&stream) {
-            *freed = value
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|v| v.trim().parse().ok());
+    /// The value of the response header it wanted (absent: none). A value that is not a count
+    /// Redis can hold exactly (negative, not a number, past 2^53) gives back nothing, and is
+    /// counted and logged: one upstream's bad value must never cost another request's count.
+    pub fn on_response_header(&mut self, stream: StreamId, value: Option<&[u8]>, io: &mut dyn Io) {
+        let Some((release, freed)) = self.releases.get_mut(&stream) else {
+            return;
+        };
+        let Some(value) = value else {
+            *freed = None;
+            return;
+        };
+        *freed = std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|n| *n <= MAX_GIVEN_BACK);
+        if freed.is_none() {
+            io.count(Metric::UpstreamValuesRefused, 1);
+            let header = self
+                .plans
+                .as_ref()
+                .map_or("", |p| p.given_back_header(release.gauge));
+            io.log(
+                LogLevel::Warn,
+                format!(
+                    "plan-limits: the upstream's {header} is not a count ({:?}): nothing given back",
+                    String::from_utf8_lossy(value.get(..64).unwrap_or(value))
+                ),
+            );
         }
     }
 
@@ -973,12 +1008,42 @@ impl Worker {
 
     fn queue(&mut self, settlement: Option<Settlement>, io: &mut dyn Io) {
         let Some(settlement) = settlement else { return };
-        if self.settlements.push(settlement).is_some() {
-            io.count(Metric::SettlementsDropped, 1);
+        if let Some(dropped) = self.settlements.push(settlement) {
             io.log(
                 LogLevel::Warn,
                 "plan-limits: settlement queue full, oldest settlement dropped".into(),
             );
+            self.lose(&dropped, "queue_full", io);
+        }
+    }
+
+    /// `settlement` is given up: a lost count (or give-back) is counted, logged by the caller,
+    /// and kept to be recorded in Redis as a `lost` event (one per user, action, period and
+    /// reason, however many) once there is room.
+    fn lose(&mut self, settlement: &Settlement, reason: &str, io: &mut dyn Io) {
+        if !settlement.loses_a_count() {
+            return;
+        }
+        let lost = Settlement::lost(settlement, reason);
+        let units = lost.adds.unwrap_or(1);
+        io.count(Metric::SettlementsDropped, units);
+        let tracked = self.losses.len();
+        match self.losses.iter_mut().find(|l| l.same_loss(&lost)) {
+            Some(known) => known.adds = Some(known.adds.unwrap_or(0).saturating_add(units)),
+            None if tracked < MAX_TRACKED_LOSSES => self.losses.push(lost),
+            None => io.log(
+                LogLevel::Error,
+                format!("plan-limits: {units} lost settlements could not be recorded as events (too many users with losses)"),
+            ),
+        }
+    }
+
+    /// Moves the records of losses into the queue while it has room to spare.
+    fn queue_losses(&mut self) {
+        let room = self.settlements.capacity() / 2;
+        while self.settlements.len() < room {
+            let Some(lost) = self.losses.pop() else { break };
+            self.settlements.push(lost);
         }
     }
 
@@ -1038,11 +1103,16 @@ impl Worker {
         };
         let redis = &plans.redis;
         let now_ms = unix_millis(now);
+        self.queue_losses();
         for group in self.settlements.start_batches(now_ms) {
-            let events_stream = match group {
-                Group::All => redis.events_stream.clone(),
-                Group::Slot(slot) => cluster::slot_events_stream(&redis.events_stream, slot),
+            let (events_stream, tag) = match group {
+                Group::All => (redis.events_stream.clone(), None),
+                Group::Slot(slot) => (
+                    cluster::slot_events_stream(&redis.events_stream, slot),
+                    Some(cluster::slot_tag(slot)),
+                ),
             };
+            let applied_key = keys::applied_batches(&redis.key_prefix, &self.ids.worker(), tag);
             let command = functions::settle(
                 self.settlements.in_flight(group),
                 SettleArgs {
@@ -1057,6 +1127,9 @@ impl Worker {
                     remember_commits_ms: redis.commit_memory_ms,
                     keep_days_ms: u64::from(redis.history_retention_days) * 86_400_000,
                     warning_thresholds: &plans.warnings.thresholds,
+                    applied_key: &applied_key,
+                    seq: self.settlements.in_flight_seq(group),
+                    applied_memory_ms: APPLIED_MEMORY_MS,
                 },
             );
             match send(io, redis, command) {
@@ -1098,15 +1171,16 @@ impl Worker {
             return;
         };
         let now_ms = unix_millis(now);
-        let report =
-            self.settlements
-                .on_batch_reply(group, reply, now_ms, plans.redis.commit_memory_ms);
+        let report = self.settlements.on_batch_reply(group, reply, now_ms);
         for (user, record) in &report.entitlements {
             let for_ms = plans.redis.entitlement_cache_ms;
             self.entitlements
                 .learn(user, record.clone(), now_ms, for_ms);
         }
         record(&report, io);
+        for lost in &report.lost {
+            self.lose(lost, "redis_unreachable", io);
+        }
     }
 
     /// The host is stopping this worker: send what is queued. `true`: done now; otherwise
@@ -1227,22 +1301,33 @@ fn record(report: &BatchReport, io: &mut dyn Io) {
     io.count(Metric::Released, report.released);
     io.count(Metric::Extended, report.extended);
     io.count(Metric::CommitsUnmatched, report.commits_unmatched);
-    io.count(Metric::SettlementsDropped, report.dropped_unknown);
+    io.count(Metric::SettlementsRefused, report.refused);
+    if report.refused > 0 {
+        io.log(
+            LogLevel::Error,
+            format!(
+                "plan-limits: Redis refused {} settlements (a value out of range); each is a settle_refused event",
+                report.refused
+            ),
+        );
+    }
+    if report.applied_before > 0 {
+        io.log(
+            LogLevel::Info,
+            format!(
+                "plan-limits: a settlement batch of {} sent again had been applied by its first attempt",
+                report.applied_before
+            ),
+        );
+    }
     if let Some(e) = &report.error {
         io.count(Metric::SettleErrors, 1);
         io.log(
             LogLevel::Warn,
             format!(
-                "plan-limits: settlement batch failed ({e}); {} to resend, {} dropped",
-                report.requeued, report.dropped_unknown
-            ),
-        );
-    } else if report.dropped_unknown > 0 {
-        io.log(
-            LogLevel::Warn,
-            format!(
-                "plan-limits: {} counts were not applied",
-                report.dropped_unknown
+                "plan-limits: settlement batch failed ({e}); {} to send again as they were, {} given up",
+                report.retried,
+                report.lost.len()
             ),
         );
     }
@@ -1454,12 +1539,14 @@ mod tests {
         reserved(1, 0, 1, "free")
     }
 
-    /// What plan_limits_settle answers: each item done, no entitlement recorded.
+    /// What plan_limits_settle answers: the batch applied, each item done, no entitlement
+    /// recorded.
     fn settled(done: &[i64]) -> Result<RedisReply, TransportError> {
+        let items = done
+            .iter()
+            .flat_map(|&d| [RedisReply::Int(d), RedisReply::Nil, RedisReply::Nil]);
         Ok(RedisReply::Array(
-            done.iter()
-                .flat_map(|&d| [RedisReply::Int(d), RedisReply::Nil, RedisReply::Nil])
-                .collect(),
+            std::iter::once(RedisReply::Int(1)).chain(items).collect(),
         ))
     }
 
@@ -1759,17 +1846,30 @@ mod tests {
             "the verified caller"
         );
         assert_eq!(w.response_header_wanted(1), Some("x-freed-bytes"));
-        w.on_response_header(1, Some(b"4096"));
+        w.on_response_header(1, Some(b"4096"), &mut io);
         w.on_response_headers(1, 200, now(), &mut io);
         w.on_stream_end(1, now(), &mut io);
         // A failed delete, or one that says nothing, frees nothing.
         send(&mut w, 2, &delete, &mut io);
-        w.on_response_header(2, Some(b"4096"));
+        w.on_response_header(2, Some(b"4096"), &mut io);
         w.on_response_headers(2, 404, now(), &mut io);
-        send(&mut w, 3, &delete, &mut io);
-        w.on_response_header(3, Some(b"lots"));
-        w.on_response_headers(3, 200, now(), &mut io);
-        assert_eq!(w.response_header_wanted(4), None, "only deletes are read");
+        // Values that are not a count give back nothing, and say so.
+        for (stream, value) in [
+            (3, &b"lots"[..]),
+            (4, b"-5"),
+            (5, b"18446744073709551615"),
+            (6, b"9007199254740993"),
+        ] {
+            send(&mut w, stream, &delete, &mut io);
+            w.on_response_header(stream, Some(value), &mut io);
+            w.on_response_headers(stream, 200, now(), &mut io);
+        }
+        assert_eq!(io.count_of(Metric::UpstreamValuesRefused), 4);
+        assert!(io
+            .logs
+            .iter()
+            .any(|(_, l)| l.contains("x-freed-bytes is not a count")));
+        assert_eq!(w.response_header_wanted(7), None, "only deletes are read");
         assert_eq!(w.queued_settlements(), 1);
         w.on_tick(now(), &mut io);
         let (_, batch) = io.last_sent();
@@ -1809,11 +1909,11 @@ mod tests {
         // A removal: what the upstream says it removed (0: nobody, nothing given back).
         send(&mut w, 2, &pro("DELETE", "/api/team/members/m1"), &mut io);
         assert_eq!(w.response_header_wanted(2), Some("x-removed-members"));
-        w.on_response_header(2, Some(b"0"));
+        w.on_response_header(2, Some(b"0"), &mut io);
         w.on_response_headers(2, 204, now(), &mut io);
         assert_eq!(w.queued_settlements(), 0);
         send(&mut w, 3, &pro("DELETE", "/api/team/members/m2"), &mut io);
-        w.on_response_header(3, Some(b"1"));
+        w.on_response_header(3, Some(b"1"), &mut io);
         w.on_response_headers(3, 204, now(), &mut io);
         w.on_tick(now(), &mut io);
         let (_, batch) = io.last_sent();
@@ -2121,6 +2221,7 @@ mod tests {
         w.on_tick(now(), &mut io);
         let (token, _) = io.last_sent();
         let reply = Ok(RedisReply::Array(vec![
+            RedisReply::Int(1),
             RedisReply::Int(1),
             RedisReply::Bulk(b"free".to_vec()),
             RedisReply::Nil,
@@ -2582,6 +2683,30 @@ mod tests {
         }
         assert_eq!(w.queued_settlements(), 2);
         assert_eq!(io.count_of(Metric::SettlementsDropped), 1);
+        // Two more are lost the same way: one record of the user's three lost views goes to
+        // Redis once the queue has room.
+        for stream in 4..=5 {
+            view_succeeds(&mut w, stream, &mut io);
+        }
+        assert_eq!(io.count_of(Metric::SettlementsDropped), 3);
+        for _ in 0..3 {
+            w.on_tick(now(), &mut io);
+            let (token, batch) = io.last_sent();
+            let numkeys: usize = String::from_utf8_lossy(&batch.args[2]).parse().unwrap();
+            let items = vec![1; (numkeys - 2) / 8];
+            w.on_reply(token, settled(&items), now(), &mut io);
+        }
+        let lost: Vec<_> = io
+            .sent
+            .iter()
+            .filter(|(_, c)| c.args.iter().any(|a| a == b"lost"))
+            .collect();
+        assert_eq!(lost.len(), 1, "one record");
+        let args = &lost[0].1.args;
+        let at = args.iter().position(|a| a == b"lost").unwrap();
+        assert_eq!(args[at + 2], b"procedure_view");
+        assert_eq!(args[at + 6], b"queue_full", "why, in its kind");
+        assert_eq!(args[at + 14], b"3", "three units");
     }
 
     #[test]

@@ -122,10 +122,9 @@ impl HttpContext for PlanLimitsHttp {
             .map(String::from);
         if let Some(name) = wanted {
             let value = self.get_http_response_header_bytes(&name);
-            self.shared
-                .worker
-                .borrow_mut()
-                .on_response_header(id, value.as_deref());
+            self.shared.handle(id, |worker, host| {
+                worker.on_response_header(id, value.as_deref(), host)
+            });
         }
         self.shared.handle(id, |worker, host| {
             worker.on_response_headers(id, status, now(), host)

@@ -12,7 +12,7 @@ use std::rc::Rc;
 use plan_limits_core::cluster;
 use plan_limits_core::keys::UsageKeys;
 use plan_limits_core::plans::Plans;
-use plan_limits_core::redis::functions::{self, EventsTrim, SettleArgs};
+use plan_limits_core::redis::functions::{self, EventsTrim, SettleArgs, SettleReply};
 use plan_limits_core::redis::{RedisCommand, RedisReply};
 use plan_limits_core::settlement::{SettleMode, Settlement};
 use plan_limits_core::settlement_queue::{Group, SettlementQueue};
@@ -141,7 +141,9 @@ fn count(user: &str, id: &str) -> Settlement {
     }
 }
 
-fn settle_args(events_stream: &str) -> SettleArgs<'_> {
+/// A batch's arguments: its events stream and the test worker's key of batches applied (on a
+/// cluster, both of the batch's slot), numbered `seq`.
+fn settle_args<'a>(events_stream: &'a str, applied_key: &'a str, seq: u64) -> SettleArgs<'a> {
     SettleArgs {
         events_stream,
         events_trim: EventsTrim::MaxAgeMs(35 * 86_400_000),
@@ -150,7 +152,20 @@ fn settle_args(events_stream: &str) -> SettleArgs<'_> {
         remember_commits_ms: 3_600_000,
         keep_days_ms: 90 * 86_400_000,
         warning_thresholds: &[80, 90],
+        applied_key,
+        seq,
+        applied_memory_ms: 86_400_000,
     }
+}
+
+/// The test worker's key of batches applied in `slot`.
+fn applied_in(slot: u16) -> String {
+    applied_by("test", slot)
+}
+
+/// The key of batches applied in `slot` by the worker named `worker`.
+fn applied_by(worker: &str, slot: u16) -> String {
+    plan_limits_core::keys::applied_batches("plan-limits", worker, Some(cluster::slot_tag(slot)))
 }
 
 #[test]
@@ -164,7 +179,10 @@ fn a_single_redis_batch_is_refused_crossslot_and_the_slot_batches_are_counted() 
         .map(|(i, u)| count(u, &i.to_string()))
         .collect();
     // As on one Redis: everyone's keys and the one stream in one call.
-    let single = functions::settle(&batch, settle_args("plan-limits:events"));
+    let single = functions::settle(
+        &batch,
+        settle_args("plan-limits:events", "plan-limits:applied:test", 1),
+    );
     for invoke in [
         plan_limits_core::config::Invoke::Fcall,
         plan_limits_core::config::Invoke::Evalsha,
@@ -194,9 +212,12 @@ fn a_single_redis_batch_is_refused_crossslot_and_the_slot_batches_are_counted() 
             panic!("{group:?}")
         };
         let stream = cluster::slot_events_stream("plan-limits:events", slot);
-        let command = functions::settle(queue.in_flight(group), settle_args(&stream));
+        let applied = applied_in(slot);
+        let seq = queue.in_flight_seq(group);
+        let command =
+            functions::settle(queue.in_flight(group), settle_args(&stream, &applied, seq));
         let reply = redis_exec::run(&mut conn, &command);
-        let report = queue.on_batch_reply(group, Ok(reply), 0, 3_600_000);
+        let report = queue.on_batch_reply(group, Ok(reply), 0);
         assert_eq!(report.error, None);
         assert_eq!(report.counted as usize, report.entitlements.len());
     }
@@ -545,15 +566,21 @@ fn a_commit_sent_twice_counts_once_on_the_cluster() {
         let batch = [commit(user, "upload", "r1", "2026-11-27", now)];
         let slot = cluster::key_slot(batch[0].keys.summary.as_bytes());
         let stream = cluster::slot_events_stream("plan-limits:events", slot);
-        let settle = functions::invoked(functions::settle(&batch, settle_args(&stream)), invoke);
-        for (attempt, counted) in [(1, true), (2, false)] {
-            let settled = functions::parse_settled(redis_exec::run(&mut conn, &settle), 1);
-            assert_eq!(
-                settled.unwrap()[0].done,
-                counted,
-                "{user} attempt {attempt}"
-            );
-        }
+        let applied = applied_in(slot);
+        let mut settle = |seq| {
+            let command = functions::settle(&batch, settle_args(&stream, &applied, seq));
+            let reply = redis_exec::run(&mut conn, &functions::invoked(command, invoke));
+            functions::parse_settled(reply, 1).unwrap()
+        };
+        let done = |reply: SettleReply| match reply {
+            SettleReply::Applied(settled) => settled[0].done,
+            SettleReply::AppliedBefore => None,
+        };
+        // Counted; the same batch sent again is known; the commit in a later batch counts
+        // nothing either.
+        assert_eq!(done(settle(1)), Some(true), "{user}");
+        assert_eq!(settle(1), SettleReply::AppliedBefore, "{user}");
+        assert_eq!(done(settle(2)), Some(false), "{user}");
         assert_eq!(cluster_counter(&cluster, user, "upload", "2026-11"), 1);
     }
 }
@@ -656,7 +683,9 @@ fn scale_figures() {
             }
             let slot = cluster::key_slot(batch[0].keys.summary.as_bytes());
             let stream = cluster::slot_events_stream("plan-limits:events", slot);
-            let mut args = settle_args(&stream);
+            // (Each call as the first batch of a worker of its own: none is taken for another.)
+            let applied = applied_by(&format!("{user}-{day}"), slot);
+            let mut args = settle_args(&stream, &applied, 1);
             args.now_ms = now;
             settles.push(to_cmd(&functions::settle(&batch, args)));
         }
@@ -780,7 +809,8 @@ fn scale_figures() {
         )];
         let slot = cluster::key_slot(batch[0].keys.summary.as_bytes());
         let stream = cluster::slot_events_stream("plan-limits:events", slot);
-        let mut args = settle_args(&stream);
+        let applied = applied_by(&format!("one-{i}"), slot);
+        let mut args = settle_args(&stream, &applied, 1);
         args.now_ms = now;
         to_cmd(&functions::settle(&batch, args))
     };
@@ -807,7 +837,8 @@ fn scale_figures() {
             .collect();
         let slot = cluster::key_slot(batch[0].keys.summary.as_bytes());
         let stream = cluster::slot_events_stream("plan-limits:events", slot);
-        let mut args = settle_args(&stream);
+        let applied = applied_by(&format!("big-{chunk}"), slot);
+        let mut args = settle_args(&stream, &applied, 1);
         args.now_ms = now;
         big.push(to_cmd(&functions::settle(&batch, args)));
     }

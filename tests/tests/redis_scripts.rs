@@ -9,7 +9,8 @@ use plan_limits_core::config::{Gauge, Limit};
 use plan_limits_core::keys::{encoded_user, entitlement_key, UsageKeys};
 use plan_limits_core::plans::Plans;
 use plan_limits_core::redis::functions::{
-    self, EventsTrim, GaugeHold, Reservation, ReserveArgs, ReserveStatus, SettleArgs, Settled,
+    self, EventsTrim, GaugeHold, Reservation, ReserveArgs, ReserveStatus, SettleArgs, SettleReply,
+    Settled,
 };
 use plan_limits_core::redis::RedisReply;
 use plan_limits_core::reports::{self as reporting, Report, ReportKind};
@@ -117,7 +118,28 @@ fn settlement(mode: SettleMode, user: &str, id: &str) -> Settlement {
     }
 }
 
+/// Each batch a test sends has the next number (tests in this process share the counter,
+/// which only needs to grow).
+fn next_seq() -> u64 {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 fn settle_at(conn: &mut redis::Connection, batch: &[Settlement], now: u64) -> Vec<Settled> {
+    match settle_numbered(conn, batch, now, next_seq()) {
+        SettleReply::Applied(settled) => settled,
+        SettleReply::AppliedBefore => panic!("a new batch was taken for one applied before"),
+    }
+}
+
+/// Sends `batch` as the test worker's batch number `seq`.
+fn settle_numbered(
+    conn: &mut redis::Connection,
+    batch: &[Settlement],
+    now: u64,
+    seq: u64,
+) -> SettleReply {
+    let applied_key = format!("{}:applied:test-worker", usage::prefix());
     let reply = run(
         conn,
         &functions::settle(
@@ -130,6 +152,9 @@ fn settle_at(conn: &mut redis::Connection, batch: &[Settlement], now: u64) -> Ve
                 remember_commits_ms: REMEMBER,
                 keep_days_ms: 86_400_000,
                 warning_thresholds: &[80, 90],
+                applied_key: &applied_key,
+                seq,
+                applied_memory_ms: 86_400_000,
             },
         ),
     );
@@ -140,7 +165,7 @@ fn settle_at(conn: &mut redis::Connection, batch: &[Settlement], now: u64) -> Ve
 fn settle(conn: &mut redis::Connection, batch: &[Settlement]) -> Vec<bool> {
     settle_at(conn, batch, NOW)
         .into_iter()
-        .map(|s| s.done)
+        .map(|s| s.done.expect("not refused"))
         .collect()
 }
 
@@ -246,7 +271,7 @@ fn an_unsettled_reservation_expires_and_an_extended_one_does_not() {
         &[settlement(SettleMode::Extend, "w", "slow")],
         NOW + TTL / 2,
     );
-    assert!(extended[0].done);
+    assert_eq!(extended[0].done, Some(true));
     assert!(!granted(&reserve(
         &mut conn,
         "w",
@@ -270,9 +295,15 @@ fn a_commit_counts_once_even_after_its_reservation_expired() {
     assert!(granted(&reserve(&mut conn, "u", "late", 1, NOW)));
     assert!(granted(&reserve(&mut conn, "u", "next", 1, NOW + TTL + 1)));
     let commit = [settlement(SettleMode::Commit, "u", "late")];
-    assert!(settle_at(&mut conn, &commit, NOW + TTL + 2)[0].done);
+    assert_eq!(
+        settle_at(&mut conn, &commit, NOW + TTL + 2)[0].done,
+        Some(true)
+    );
     // ... once: sent again (its first answer lost), it counts nothing.
-    assert!(!settle_at(&mut conn, &commit, NOW + TTL + 3)[0].done);
+    assert_eq!(
+        settle_at(&mut conn, &commit, NOW + TTL + 3)[0].done,
+        Some(false)
+    );
     assert_eq!(counter(&mut conn, "u"), Some(1));
 }
 
@@ -291,6 +322,110 @@ fn a_commit_sent_twice_counts_once() {
         pttl > 0 && pttl as u64 <= REMEMBER,
         "commit ids are forgotten in time"
     );
+}
+
+#[test]
+fn a_batch_sent_again_is_applied_once_whatever_it_holds() {
+    let (_server, mut conn) = redis();
+    assert!(granted(&reserve(&mut conn, "u", "r1", 5, NOW)));
+    // A commit and two counts (counts have no id Redis could remember them by): the batch's
+    // number is what makes sending it again safe.
+    let batch = [
+        settlement(SettleMode::Commit, "u", "r1"),
+        settlement(SettleMode::Count, "u", ""),
+        settlement(SettleMode::Count, "u", ""),
+    ];
+    let seq = next_seq();
+    assert!(matches!(
+        settle_numbered(&mut conn, &batch, NOW, seq),
+        SettleReply::Applied(_)
+    ));
+    // Its answer was lost: the worker sends it again, twice, and an older one turns up late.
+    for again in [seq, seq, seq - 1] {
+        assert_eq!(
+            settle_numbered(&mut conn, &batch, NOW, again),
+            SettleReply::AppliedBefore
+        );
+    }
+    assert_eq!(counter(&mut conn, "u"), Some(3));
+    assert_eq!(usage::events_of(&mut conn, "u").len(), 3);
+    // The next batch is applied.
+    let next = [settlement(SettleMode::Count, "u", "")];
+    assert!(matches!(
+        settle_numbered(&mut conn, &next, NOW, seq + 1),
+        SettleReply::Applied(_)
+    ));
+    assert_eq!(counter(&mut conn, "u"), Some(4));
+}
+
+#[test]
+fn an_item_with_a_value_out_of_range_is_refused_on_record_and_the_others_are_applied() {
+    let (_server, mut conn) = redis();
+    // A delete whose upstream said it freed 2^64 - 1 bytes, between two other users' counts.
+    let mut bad = given_back(Gauge::Storage, 1);
+    bad.adds = Some(u64::MAX);
+    let batch = [
+        settlement(SettleMode::Count, "a", ""),
+        bad,
+        settlement(SettleMode::Count, "b", ""),
+    ];
+    let settled = settle_at(&mut conn, &batch, NOW);
+    let done: Vec<_> = settled.iter().map(|s| s.done).collect();
+    assert_eq!(done, [Some(true), None, Some(true)]);
+    assert_eq!(
+        (counter(&mut conn, "a"), counter(&mut conn, "b")),
+        (Some(1), Some(1))
+    );
+    let refused: Vec<_> = usage::events(&mut conn)
+        .into_iter()
+        .filter(|e| e["event"] == "settle_refused")
+        .collect();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(
+        (&*refused[0]["user"], &*refused[0]["mode"]),
+        ("u", "give_back")
+    );
+    assert!(
+        refused[0]["reason"].contains("out of range"),
+        "{:?}",
+        refused[0]
+    );
+}
+
+#[test]
+fn a_give_back_larger_than_what_is_stored_leaves_zero() {
+    let (_server, mut conn) = redis();
+    let commit = upload_settled(SettleMode::Count, "", 0, 100);
+    settle(&mut conn, &[commit]);
+    // The largest amount the filter lets through (2^53): exact in Lua, and never below 0.
+    let mut freed = given_back(Gauge::Storage, 1);
+    freed.adds = Some(1 << 53);
+    assert_eq!(settle(&mut conn, &[freed]), [true]);
+    assert_eq!(stored(&mut conn), 0);
+}
+
+#[test]
+fn lost_settlements_are_on_record_per_user_and_action() {
+    let (_server, mut conn) = redis();
+    let mut lost = Settlement::lost(&settlement(SettleMode::Count, "u", ""), "queue_full");
+    lost.adds = Some(7);
+    assert_eq!(settle(&mut conn, &[lost]), [true]);
+    let events = usage::events(&mut conn);
+    assert_eq!(events.len(), 1);
+    let e = &events[0];
+    assert_eq!(
+        (
+            &*e["event"],
+            &*e["user"],
+            &*e["action"],
+            &*e["units"],
+            &*e["reason"]
+        ),
+        ("lost", "u", "upload", "7", "queue_full")
+    );
+    let summary = usage::summary(&mut conn, "u", "2026-11");
+    assert_eq!(summary.get("lost:upload").map(String::as_str), Some("7"));
+    assert_eq!(counter(&mut conn, "u"), None, "not a count");
 }
 
 #[test]
@@ -527,6 +662,9 @@ fn events_older_than_the_retention_are_trimmed() {
             remember_commits_ms: REMEMBER,
             keep_days_ms: 86_400_000,
             warning_thresholds: &[80, 90],
+            applied_key: &format!("{}:applied:test-worker", usage::prefix()),
+            seq: next_seq(),
+            applied_memory_ms: 86_400_000,
         },
     );
     assert!(matches!(run(&mut conn, &command), RedisReply::Array(_)));
@@ -556,6 +694,9 @@ fn the_event_stream_can_be_capped() {
                 remember_commits_ms: REMEMBER,
                 keep_days_ms: 86_400_000,
                 warning_thresholds: &[80, 90],
+                applied_key: &format!("{}:applied:test-worker", usage::prefix()),
+                seq: next_seq(),
+                applied_memory_ms: 86_400_000,
             },
         );
         assert!(matches!(run(&mut conn, &command), RedisReply::Array(_)));

@@ -292,6 +292,11 @@ pub struct SettleArgs<'a> {
     pub keep_days_ms: u64,
     /// Shares of the limit (percent) whose crossing is recorded once as an event.
     pub warning_thresholds: &'a [u8],
+    /// The sending worker's key of the last batch applied (in the batch's slot), the batch's
+    /// sequence number, and how long Redis remembers it: a batch is applied once.
+    pub applied_key: &'a str,
+    pub seq: u64,
+    pub applied_memory_ms: u64,
 }
 
 /// How the event stream is kept from growing without bound (approximately: Redis trims whole
@@ -354,8 +359,9 @@ const SETTLE_FIELDS: usize = 16;
 pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
     let mut cmd = RedisCommand::new("FCALL")
         .arg(SETTLE)
-        .arg((1 + 8 * batch.len()).to_string())
-        .arg(args.events_stream);
+        .arg((2 + 8 * batch.len()).to_string())
+        .arg(args.events_stream)
+        .arg(args.applied_key);
     for item in batch {
         let day = item.keys.user.day(&item.day);
         // Without a key, any key of the user's stands in (cluster routing needs a name).
@@ -397,7 +403,9 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
                 .collect::<Vec<_>>()
                 .join(","),
         )
-        .arg(SETTLE_FIELDS.to_string());
+        .arg(SETTLE_FIELDS.to_string())
+        .arg(args.seq.to_string())
+        .arg(args.applied_memory_ms.to_string());
     for item in batch {
         let before = cmd.args.len();
         cmd = cmd
@@ -441,16 +449,26 @@ fn refusal_or_failure(message: String) -> TransportError {
 /// What `plan_limits_settle` answered for one item.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settled {
-    /// Counted (commit, count) or extended (extend); for a release, whether it was held.
-    pub done: bool,
+    /// Counted (commit, count) or extended (extend); for a release, whether it was held;
+    /// `None`: Redis refused the item (a value out of range) and recorded that as an event.
+    pub done: Option<bool>,
     /// The user's plan as billing recorded it, if it did.
     pub entitled_plan: Option<String>,
     /// The anchor day billing recorded, if it did.
     pub entitled_anchor: Option<u32>,
 }
 
+/// What `plan_limits_settle` answered for a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettleReply {
+    /// Applied now: each item's answer.
+    Applied(Vec<Settled>),
+    /// Applied by an earlier attempt (its answer was lost): nothing ran now.
+    AppliedBefore,
+}
+
 /// The answer to a batch of `n` items.
-pub fn parse_settled(reply: RedisReply, n: usize) -> Result<Vec<Settled>, TransportError> {
+pub fn parse_settled(reply: RedisReply, n: usize) -> Result<SettleReply, TransportError> {
     let items = match reply {
         RedisReply::Array(items) => items,
         RedisReply::Error(message) => return Err(explain(refusal_or_failure(message))),
@@ -460,12 +478,16 @@ pub fn parse_settled(reply: RedisReply, n: usize) -> Result<Vec<Settled>, Transp
             )))
         }
     };
-    if items.len() != 3 * n {
-        return Err(TransportError::BadReply(format!(
-            "settle returned {} values for {n} items",
-            items.len()
-        )));
-    }
+    let items = match items.split_first() {
+        Some((RedisReply::Int(0), [])) => return Ok(SettleReply::AppliedBefore),
+        Some((RedisReply::Int(1), items)) if items.len() == 3 * n => items,
+        _ => {
+            return Err(TransportError::BadReply(format!(
+                "settle returned {} values for {n} items",
+                items.len()
+            )))
+        }
+    };
     let text = |reply: &RedisReply| match reply {
         RedisReply::Bulk(bytes) => String::from_utf8(bytes.clone()).ok(),
         _ => None,
@@ -473,8 +495,8 @@ pub fn parse_settled(reply: RedisReply, n: usize) -> Result<Vec<Settled>, Transp
     items
         .chunks(3)
         .map(|triple| match triple {
-            [RedisReply::Int(done @ (0 | 1)), plan, anchor] => Ok(Settled {
-                done: *done == 1,
+            [RedisReply::Int(done @ (-1..=1)), plan, anchor] => Ok(Settled {
+                done: (*done >= 0).then_some(*done == 1),
                 entitled_plan: text(plan),
                 entitled_anchor: text(anchor).and_then(|day| day.parse().ok()),
             }),
@@ -482,7 +504,8 @@ pub fn parse_settled(reply: RedisReply, n: usize) -> Result<Vec<Settled>, Transp
                 "settle returned {other:?} for an item"
             ))),
         })
-        .collect()
+        .collect::<Result<_, _>>()
+        .map(SettleReply::Applied)
 }
 
 #[cfg(test)]
@@ -730,28 +753,36 @@ mod tests {
     fn settle_replies_pair_each_item_with_its_entitlement() {
         let reply = RedisReply::Array(vec![
             RedisReply::Int(1),
+            RedisReply::Int(1),
             RedisReply::Nil,
             RedisReply::Nil,
             RedisReply::Int(0),
             RedisReply::Bulk(b"pro".to_vec()),
             RedisReply::Bulk(b"15".to_vec()),
+            RedisReply::Int(-1),
+            RedisReply::Nil,
+            RedisReply::Nil,
         ]);
+        let settled = |done, plan: Option<&str>, anchor| Settled {
+            done,
+            entitled_plan: plan.map(String::from),
+            entitled_anchor: anchor,
+        };
         assert_eq!(
-            parse_settled(reply.clone(), 2).unwrap(),
-            [
-                Settled {
-                    done: true,
-                    entitled_plan: None,
-                    entitled_anchor: None,
-                },
-                Settled {
-                    done: false,
-                    entitled_plan: Some("pro".into()),
-                    entitled_anchor: Some(15),
-                }
-            ]
+            parse_settled(reply.clone(), 3).unwrap(),
+            SettleReply::Applied(vec![
+                settled(Some(true), None, None),
+                settled(Some(false), Some("pro"), Some(15)),
+                settled(None, None, None),
+            ])
         );
-        assert!(parse_settled(reply, 3).is_err());
+        assert!(parse_settled(reply, 2).is_err());
         assert!(parse_settled(RedisReply::Error("ERR x".into()), 1).is_err());
+    }
+
+    #[test]
+    fn a_batch_applied_before_says_so_whatever_its_size() {
+        let reply = RedisReply::Array(vec![RedisReply::Int(0)]);
+        assert_eq!(parse_settled(reply, 5).unwrap(), SettleReply::AppliedBefore);
     }
 }

@@ -132,37 +132,51 @@ local function reserve_many(keys, args)
 end
 
 -- plan_limits_settle: a batch of settlements, each one of
---   commit  - the upstream succeeded: the reservation becomes a count. Counted once: a commit
---             sent again (its first answer was lost) finds its id among the recent commits.
---             A commit whose reservation already expired (Redis unreachable for longer than
---             the reservation's expiry) still counts: the success happened;
+--   commit  - the upstream succeeded: the reservation becomes a count. A commit whose
+--             reservation already expired (Redis unreachable for longer than the
+--             reservation's expiry) still counts, once: the success happened;
 --   count   - a success that had no reservation (unlimited plan, or Redis was down): count it;
 --   release - the upstream failed or the client left: drop the reservation;
 --   extend  - the request is still in flight: push its reservation's expiry back;
 --   give_back - a release route succeeded (files deleted, a member removed): the amount leaves
---             the user's gauge named as the action (never below 0).
+--             the user's gauge named as the action (never below 0);
+--   lost    - a worker gave up settlements of the user and action (the amount; kind says
+--             why): recorded as a `lost` event, and in the summary as `lost:<action>`.
+-- A batch is applied once: it names its worker's key and its sequence number, and runs only
+-- if that number is past the last one applied for the worker (a batch sent again because its
+-- first answer was lost finds its number there, and nothing runs).
 -- Every count also updates the monthly summary and the day's counters (the history) and
 -- appends a usage event; a count that brings the period's to a warning threshold (a share of
 -- the plan's limit plus grants) appends one `threshold_crossed` event, once per user, action,
 -- period and threshold (marked in the summary).
+-- An item whose values are out of range is not applied and never stops the others: it is
+-- recorded as a `settle_refused` event instead.
 -- A request sent with an idempotency key marks it 'done:<time>' when counted, and deletes
 -- the marker its reservation set when released (a retry is then a new request). A request
 -- that adds to a gauge adds its amount (an upload's body's bytes, one member) when counted,
 -- and what it held is let go whatever the outcome.
--- keys: events stream, then per item: summary, pending, commits (recent commit ids),
---       entitlement, the day's counters, the idempotency key's marker, the gauge, its held
---       set (any key of the user's for one it does not use).
+-- keys: events stream, the worker's last applied batch, then per item: summary, pending,
+--       commits (recent commit ids), entitlement, the day's counters, the idempotency key's
+--       marker, the gauge, its held set (any key of the user's for one it does not use).
 -- args: how the stream is trimmed ('' keep all, 'MAXLEN' to about a length, 'MINID' of
 --       events older than an age in ms, by Redis's clock, which names the events) and its
 --       threshold, now (ms), reservation ttl (ms), how long
 --       commit ids are remembered (ms), how long days are kept (ms), the warning thresholds
---       (percent, comma-separated), fields per item, then the items' fields.
--- Returns per item {counted or extended (1/0), the user's entitled plan or false, the anchor
--- day billing recorded or false}, flattened.
+--       (percent, comma-separated), fields per item, the batch's sequence number, how long it
+--       is remembered (ms), then the items' fields.
+-- Returns {0} if the batch was applied before; else {1, then per item {counted or extended
+-- (1/0, -1 refused), the user's entitled plan or false, the anchor day billing recorded or
+-- false}}, flattened.
 local function settle(keys, args)
   local trim, threshold, now, ttl = args[1], args[2], tonumber(args[3]), tonumber(args[4])
   local remember, keep_days = tonumber(args[5]), tonumber(args[6])
   local thresholds, stride = {}, tonumber(args[8])
+  local seq, applied_memory = tonumber(args[9]), tonumber(args[10])
+  local applied = keys[2]
+  if seq <= tonumber(redis.call('GET', applied) or '0') then
+    return {0}
+  end
+  redis.call('SET', applied, seq, 'PX', applied_memory)
   for t in string.gmatch(args[7], '%d+') do
     thresholds[#thresholds + 1] = tonumber(t)
   end
@@ -177,30 +191,44 @@ local function settle(keys, args)
       redis.call('XADD', keys[1], trim, '~', threshold, '*', unpack(event))
     end
   end
-  local results = {}
+  -- An amount Lua counts exactly: digits, at most 2^53.
+  local function amount_ok(text)
+    return text == ''
+      or (#text <= 16 and string.match(text, '^%d+$') ~= nil and tonumber(text) <= 2 ^ 53)
+  end
+  local results = {1}
   -- A batch often holds many settlements of one user: the summary's plan, limits and expiry
   -- are written once per summary.
   local written = {}
-  for i = 0, (#keys - 1) / 8 - 1 do
-    local summary, pending = keys[2 + 8 * i], keys[3 + 8 * i]
-    local commits, entitlement, day = keys[4 + 8 * i], keys[5 + 8 * i], keys[6 + 8 * i]
-    local marker, gauge, gauge_held = keys[7 + 8 * i], keys[8 + 8 * i], keys[9 + 8 * i]
-    local f = 8 + stride * i
+  local function apply(i, f)
+    local summary, pending = keys[3 + 8 * i], keys[4 + 8 * i]
+    local commits, day = keys[5 + 8 * i], keys[7 + 8 * i]
+    local marker, gauge, gauge_held = keys[8 + 8 * i], keys[9 + 8 * i], keys[10 + 8 * i]
     local mode, id, action, user = args[f + 1], args[f + 2], args[f + 3], args[f + 4]
     local plan, limits, kind, bytes = args[f + 5], args[f + 6], args[f + 7], args[f + 8]
     local status, at, request_id, period = args[f + 9], args[f + 10], args[f + 11], args[f + 12]
     local keep_for, idempotency_key = args[f + 13], args[f + 14]
     local adds, holds = args[f + 15], args[f + 16]
+    if not (amount_ok(adds) and amount_ok(holds) and amount_ok(bytes)) then
+      error('an amount out of range')
+    end
     local held_member = id .. '|' .. holds
-    local done = 0
     if mode == 'give_back' then
-      if redis.call('DECRBY', gauge, tonumber(adds)) < 0 then
-        redis.call('SET', gauge, 0)
-      end
+      local stored = tonumber(redis.call('GET', gauge) or '0')
+      local left = stored - math.min(stored, tonumber(adds))
+      redis.call('SET', gauge, string.format('%d', left))
       append({'event', 'given_back', 'user', user, 'gauge', action, 'amount', adds,
         'status', status, 'at', at, 'request_id', request_id})
-      done = 1
+      return 1
+    elseif mode == 'lost' then
+      if period ~= '' then
+        redis.call('HINCRBY', summary, 'lost:' .. action, adds)
+      end
+      append({'event', 'lost', 'user', user, 'action', action, 'units', adds, 'reason', kind,
+        'plan', plan, 'period', period, 'at', at})
+      return 1
     elseif mode == 'extend' then
+      local done = 0
       if redis.call('ZSCORE', pending, id) then
         redis.call('ZADD', pending, 'XX', now + ttl, id)
         redis.call('PEXPIRE', pending, ttl)
@@ -210,65 +238,79 @@ local function settle(keys, args)
         redis.call('ZADD', gauge_held, 'XX', now + ttl, held_member)
         redis.call('PEXPIRE', gauge_held, ttl)
       end
-    else
-      if holds ~= '' then
-        redis.call('ZREM', gauge_held, held_member)
-      end
-      local held = 0
-      if id ~= '' then
-        held = redis.call('ZREM', pending, id)
-      end
-      if mode == 'release' and idempotency_key ~= ''
-          and redis.call('GET', marker) == 'pending:' .. id then
-        redis.call('DEL', marker)
-      end
-      local counts = mode == 'count'
-      if mode == 'commit' then
-        counts = held == 1 or not redis.call('ZSCORE', commits, id)
-        redis.call('ZADD', commits, now, id)
-        redis.call('ZREMRANGEBYSCORE', commits, '-inf', now - remember)
-        redis.call('PEXPIRE', commits, remember)
-      end
-      if counts then
-        local count = redis.call('HINCRBY', summary, action, 1)
-        redis.call('HINCRBY', day, action, 1)
-        if not written[summary] then
-          redis.call('HSET', summary, 'plan', plan, 'limits', limits, 'updated_at', at)
-          redis.call('PEXPIRE', summary, keep_for)
-          written[summary] = true
+      return done
+    end
+    if holds ~= '' then
+      redis.call('ZREM', gauge_held, held_member)
+    end
+    local held = 0
+    if id ~= '' then
+      held = redis.call('ZREM', pending, id)
+    end
+    if mode == 'release' and idempotency_key ~= ''
+        and redis.call('GET', marker) == 'pending:' .. id then
+      redis.call('DEL', marker)
+    end
+    local counts = mode == 'count'
+    if mode == 'commit' then
+      counts = held == 1 or not redis.call('ZSCORE', commits, id)
+      redis.call('ZADD', commits, now, id)
+      redis.call('ZREMRANGEBYSCORE', commits, '-inf', now - remember)
+      redis.call('PEXPIRE', commits, remember)
+    end
+    if not counts then
+      return 0
+    end
+    local count = redis.call('HINCRBY', summary, action, 1)
+    redis.call('HINCRBY', day, action, 1)
+    if not written[summary] then
+      redis.call('HSET', summary, 'plan', plan, 'limits', limits, 'updated_at', at)
+      redis.call('PEXPIRE', summary, keep_for)
+      written[summary] = true
+    end
+    if not written[day] then
+      redis.call('PEXPIRE', day, keep_days)
+      written[day] = true
+    end
+    if idempotency_key ~= '' and redis.call('EXISTS', marker) == 1 then
+      redis.call('SET', marker, 'done:' .. at, 'KEEPTTL')
+    end
+    if adds ~= '' then
+      redis.call('INCRBY', gauge, adds)
+    end
+    append({'event', 'usage', 'user', user, 'action', action, 'kind', kind, 'bytes', bytes,
+      'status', status, 'at', at, 'request_id', request_id, 'plan', plan, 'period', period,
+      'idempotency_key', idempotency_key})
+    local ok, decoded = pcall(cjson.decode, limits)
+    local limit = ok and type(decoded) == 'table' and decoded[action]
+    if type(limit) == 'number' and limit > 0 then
+      limit = limit + tonumber(redis.call('HGET', summary, 'grant:' .. action) or '0')
+      for _, t in ipairs(thresholds) do
+        if count * 100 >= t * limit
+            and redis.call('HSETNX', summary, 'warned:' .. action .. ':' .. t, at) == 1 then
+          append({'event', 'threshold_crossed', 'user', user, 'action', action,
+            'threshold', t, 'used', count, 'limit', limit, 'plan', plan, 'period', period,
+            'at', at})
         end
-        if not written[day] then
-          redis.call('PEXPIRE', day, keep_days)
-          written[day] = true
-        end
-        if idempotency_key ~= '' and redis.call('EXISTS', marker) == 1 then
-          redis.call('SET', marker, 'done:' .. at, 'KEEPTTL')
-        end
-        if adds ~= '' then
-          redis.call('INCRBY', gauge, tonumber(adds))
-        end
-        append({'event', 'usage', 'user', user, 'action', action, 'kind', kind, 'bytes', bytes,
-          'status', status, 'at', at, 'request_id', request_id, 'plan', plan, 'period', period,
-          'idempotency_key', idempotency_key})
-        local limit = cjson.decode(limits)[action]
-        if type(limit) == 'number' and limit > 0 then
-          limit = limit + tonumber(redis.call('HGET', summary, 'grant:' .. action) or '0')
-          for _, t in ipairs(thresholds) do
-            if count * 100 >= t * limit
-                and redis.call('HSETNX', summary, 'warned:' .. action .. ':' .. t, at) == 1 then
-              append({'event', 'threshold_crossed', 'user', user, 'action', action,
-                'threshold', t, 'used', count, 'limit', limit, 'plan', plan, 'period', period,
-                'at', at})
-            end
-          end
-        end
-        done = 1
       end
     end
-    local record = redis.call('HMGET', entitlement, 'plan', 'anchor_day')
-    results[3 * i + 1] = done
-    results[3 * i + 2] = record[1]
-    results[3 * i + 3] = record[2]
+    return 1
+  end
+  for i = 0, (#keys - 2) / 8 - 1 do
+    local f = 10 + stride * i
+    -- (Values are checked before anything is written, so a refused item wrote nothing.)
+    local ok, done = pcall(apply, i, f)
+    if not ok then
+      append({'event', 'settle_refused', 'user', args[f + 4], 'action', args[f + 3],
+        'mode', args[f + 1], 'reservation', args[f + 2],
+        'reason', type(done) == 'table' and tostring(done.err) or tostring(done),
+        'at', args[f + 10], 'request_id', args[f + 11]})
+      done = -1
+    end
+    local record = redis.call('HMGET', keys[6 + 8 * i], 'plan', 'anchor_day')
+    results[#results + 1] = done
+    results[#results + 1] = record[1]
+    results[#results + 1] = record[2]
   end
   return results
 end
