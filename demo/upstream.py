@@ -15,6 +15,18 @@ Content-Length or chunked; an incomplete one is not answered), says how many byt
 marks its answers with `x-upstream: demo`. `GET /__demo/stats` tells how many 2xx answers it
 gave per path and how many attempts it saw, so tests can compare counters with what really
 succeeded.
+
+The ledger, `GET /__demo/ledger`: the work it completed, per user (`x-user-id`, as the
+gateway verified it) and handler (`POST /api/upload`): a handler that ran to its end with a
+success counts, whether or not anyone was still there to read the answer (the client left,
+Envoy gave up waiting). Tests compare it with what the gateway counted. Each request is also
+listed by its `x-request-id` with its user, handler and outcome (`done`, `failed`).
+
+Hostile answers, for the tests: `x-demo-reset: after` does the work and closes the
+connection without answering; `x-demo-reset: before` closes it without doing anything;
+`x-demo-hang-body: 1` does the work and answers 200 with a body that never ends (it stops
+writing and keeps the connection open for `x-demo-hang-ms`, 30 s by default). Like many web
+frameworks, it runs the handler of the method an `x-http-method-override` header names.
 """
 import json
 import os
@@ -26,6 +38,10 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 successes = Counter()
+# The ledger: work completed per user and handler ("POST /api/upload"), and every request's
+# outcome by its request id.
+done = {}
+outcomes = {}
 # Uploaded diagrams: id -> (owner, bytes); team members invited: id -> owner.
 diagrams = {}
 members = {}
@@ -87,6 +103,12 @@ class Handler(BaseHTTPRequestHandler):
         return length if self.read_exactly(length) else None
 
     def handle_any(self):
+        # As many web frameworks do (Express's method-override, Rails's _method): a header
+        # names the method the handler runs. The gateway must never let a client's through.
+        for name in ("x-http-method-override", "x-http-method", "x-method-override"):
+            if self.headers.get(name):
+                self.command = self.headers[name].upper()
+                break
         body_bytes = self.read_body()
         if body_bytes is None:
             self.close_connection = True
@@ -98,6 +120,10 @@ class Handler(BaseHTTPRequestHandler):
             with lock:
                 self.answer(200, {"successes": dict(successes), "attempts": sum(attempts.values())})
             return
+        if self.path == "/__demo/ledger":
+            with lock:
+                self.answer(200, {"done": done, "requests": outcomes})
+            return
         request_id = self.headers.get("x-request-id") or ""
         with lock:
             attempts[request_id] += 1
@@ -105,6 +131,12 @@ class Handler(BaseHTTPRequestHandler):
         delay_ms = int(self.headers.get("x-demo-delay-ms") or 0)
         if delay_ms:
             time.sleep(delay_ms / 1000)
+        reset = self.headers.get("x-demo-reset")
+        if reset == "before":
+            self.record(request_id, 0)
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
         status = int(self.headers.get("x-demo-status") or 200)
         if attempt <= int(self.headers.get("x-demo-fail-times") or 0):
             status = 503
@@ -147,7 +179,36 @@ class Handler(BaseHTTPRequestHandler):
         if 200 <= status < 300:
             with lock:
                 successes[handler_path(self.path)] += 1
+        self.record(request_id, status)
+        if reset == "after":
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if self.headers.get("x-demo-hang-body"):
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body) + 1000))
+            self.end_headers()
+            self.wfile.write(body)
+            self.wfile.flush()
+            time.sleep(int(self.headers.get("x-demo-hang-ms") or 30000) / 1000)
+            self.close_connection = True
+            return
         self.answer(status, payload, headers)
+
+    def record(self, request_id, status):
+        """Writes the handler's outcome in the ledger, before anyone reads the answer."""
+        user = self.headers.get("x-user-id") or ""
+        handler = f"{self.command} {handler_path(self.path)}"
+        ok = 200 <= status < 300
+        with lock:
+            if ok:
+                by_user = done.setdefault(user, {})
+                by_user[handler] = by_user.get(handler, 0) + 1
+            if request_id:
+                outcomes[request_id] = {"user": user, "handler": handler,
+                                        "outcome": "done" if ok else "failed"}
 
     def page(self, path):
         with open(path, "rb") as f:

@@ -161,8 +161,8 @@ fn decision(c: &mut Criterion) {
                 let resumed = host.resumed;
                 worker.on_reply(host.last_token, granted(), now, &mut host);
                 assert_eq!(host.resumed, resumed + 1, "the reservation was not granted");
-                worker.on_response_headers(1, 200, now, &mut host);
-                worker.on_stream_end(1, now, &mut host);
+                worker.on_response_headers(1, 200, None, now, &mut host);
+                worker.on_stream_end(1, true, now, &mut host);
                 settle_every_64(&mut worker, &mut host, now);
             })
         },
@@ -178,8 +178,8 @@ fn decision(c: &mut Criterion) {
                 now,
                 &mut host,
             );
-            worker.on_response_headers(1, 200, now, &mut host);
-            worker.on_stream_end(1, now, &mut host);
+            worker.on_response_headers(1, 200, None, now, &mut host);
+            worker.on_stream_end(1, true, now, &mut host);
             settle_every_64(&mut worker, &mut host, now);
         })
     });
@@ -189,8 +189,8 @@ fn decision(c: &mut Criterion) {
         b.iter(|| {
             for _ in 0..64 {
                 worker.on_request_headers(1, RequestHead::new(&h.0, &h.1), false, now, &mut host);
-                worker.on_response_headers(1, 200, now, &mut host);
-                worker.on_stream_end(1, now, &mut host);
+                worker.on_response_headers(1, 200, None, now, &mut host);
+                worker.on_stream_end(1, true, now, &mut host);
             }
             settle(&mut worker, &mut host, now);
         })

@@ -482,8 +482,10 @@ pub struct ActionSettings {
     /// Where the analysis kind (recorded as metadata) is read from.
     #[serde(default)]
     pub kind: Option<KindSource>,
-    /// A client that leaves before the upstream answered: give the unit back, or count it
-    /// once the request was fully forwarded (the upstream does the work anyway).
+    /// A request forwarded whole to the upstream whose answer never comes (its client left,
+    /// or Envoy gave up waiting): `commit` (the default) counts it, as of unknown outcome,
+    /// since an upstream usually finishes the work anyway; `release` gives the unit back, for
+    /// an upstream that stops work when its client goes.
     #[serde(default)]
     pub on_client_abort: OnClientAbort,
 }
@@ -492,8 +494,8 @@ pub struct ActionSettings {
 #[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum OnClientAbort {
-    #[default]
     Release,
+    #[default]
     Commit,
 }
 

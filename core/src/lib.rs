@@ -36,6 +36,7 @@ pub mod responses;
 pub mod routes;
 pub mod settlement;
 pub mod settlement_queue;
+pub mod upstream;
 pub mod worker;
 
 #[cfg(test)]

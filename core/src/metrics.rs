@@ -259,6 +259,12 @@ pub fn settlements_queued() -> LabeledMetric {
     labeled(MetricKind::Gauge, &[], "plan_limits_settlements_queued")
 }
 
+/// Workers of this Envoy whose last call to Redis got nothing usable (each adds its own 1):
+/// above 0 for long is an outage (limits enforced only within fail-open's bounds).
+pub fn redis_unreachable() -> LabeledMetric {
+    labeled(MetricKind::Gauge, &[], "plan_limits_redis_unreachable")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,10 @@
 //! While Redis is unreachable, a fail-open action lets a user through at most what this Envoy
-//! last knew remained of the allowance, plus `fail_open_allowance`. What remains is known
-//! across the Envoy's workers through proxy-wasm shared data: each reservation's answer
-//! writes it, each request let through unchecked spends from it.
+//! last knew remained of the allowance, plus `fail_open_allowance` once per period: what
+//! outages let through beyond the limit is counted when Redis is back, and what a later
+//! reservation's answer says was used beyond the limit is taken from the allowance, so a
+//! user who causes (or waits for) outage after outage gets it once. What remains is known
+//! across the Envoy's workers through proxy-wasm shared data: each reservation's answer writes
+//! it, each request let through unchecked spends from it.
 
 use crate::keys::encoded_user;
 
@@ -17,13 +20,20 @@ pub struct Budget {
     pub period_id: String,
     /// Units left when Redis last answered.
     pub remaining: u64,
+    /// Units used beyond the limit this period when Redis last answered (what earlier outages
+    /// let through): taken from the allowance.
+    pub overshoot: u64,
     /// Requests let through unchecked since.
     pub spent: u64,
 }
 
 impl Budget {
     pub fn encode(&self) -> Vec<u8> {
-        format!("{} {} {}", self.period_id, self.remaining, self.spent).into_bytes()
+        format!(
+            "{} {} {} {}",
+            self.period_id, self.remaining, self.overshoot, self.spent
+        )
+        .into_bytes()
     }
 
     /// The budget stored for `period_id`; nothing known (zero left) for another period or
@@ -36,25 +46,28 @@ impl Budget {
         let Some(text) = bytes.and_then(|b| std::str::from_utf8(b).ok()) else {
             return fresh();
         };
-        let mut parts = text.split(' ');
-        match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(period), Some(remaining), Some(spent), None) if period == period_id => {
-                match (remaining.parse(), spent.parse()) {
-                    (Ok(remaining), Ok(spent)) => Budget {
-                        period_id: period_id.to_string(),
-                        remaining,
-                        spent,
-                    },
-                    _ => fresh(),
+        let parts: Vec<&str> = text.split(' ').collect();
+        let number = |i: usize| parts.get(i).and_then(|n| n.parse::<u64>().ok());
+        match (parts.as_slice(), number(1), number(2), number(3)) {
+            ([period, _, _, _], Some(remaining), Some(overshoot), Some(spent))
+                if *period == period_id =>
+            {
+                Budget {
+                    period_id: period_id.to_string(),
+                    remaining,
+                    overshoot,
+                    spent,
                 }
             }
             _ => fresh(),
         }
     }
 
-    /// One more request may pass unchecked.
+    /// One more request may pass unchecked: what remained, plus what is left of the period's
+    /// allowance.
     pub fn may_spend(&self, allowance: u64) -> bool {
-        self.spent < self.remaining.saturating_add(allowance)
+        let allowance_left = allowance.saturating_sub(self.overshoot);
+        self.spent < self.remaining.saturating_add(allowance_left)
     }
 }
 
@@ -67,6 +80,7 @@ mod tests {
         let b = Budget {
             period_id: "2026-11".into(),
             remaining: 2,
+            overshoot: 1,
             spent: 1,
         };
         assert_eq!(Budget::decode(Some(&b.encode()), "2026-11"), b);
@@ -80,6 +94,7 @@ mod tests {
         let mut b = Budget {
             period_id: "p".into(),
             remaining: 2,
+            overshoot: 0,
             spent: 0,
         };
         let mut passed = 0;
@@ -88,6 +103,16 @@ mod tests {
             passed += 1;
         }
         assert_eq!(passed, 3);
+        // After that outage, Redis counted the one beyond the limit: the next outage lets
+        // nothing more through, however often it comes.
+        let after = Budget {
+            period_id: "p".into(),
+            remaining: 0,
+            overshoot: 1,
+            spent: 0,
+        };
+        assert!(!after.may_spend(1));
+        assert!(after.may_spend(2), "a larger allowance has one left");
         assert!(
             !Budget::default().may_spend(0),
             "nothing known, no allowance"

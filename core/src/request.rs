@@ -610,12 +610,19 @@ impl MeteredRequest {
         Some(self.settlement(mode, status, now, redis))
     }
 
-    /// The stream ended before the upstream answered (client left, stream reset): the unit
-    /// still held is released, unless the action counts what was fully forwarded
-    /// (`on_client_abort: commit`: the upstream does the work anyway).
-    pub fn on_end(&mut self, now: DateTime<Utc>, redis: &RedisSettings) -> Option<Settlement> {
+    /// The stream ended without the upstream's answer: its client left, or Envoy answered in
+    /// its place (a timeout, a reset). `reached`: the request got to an upstream. The unit still
+    /// held is released, unless the whole request was forwarded to an upstream and the action
+    /// counts that (`on_client_abort: commit`, the default: the upstream may well do the work
+    /// anyway); such a count is recorded as of unknown outcome.
+    pub fn on_end(
+        &mut self,
+        reached: bool,
+        now: DateTime<Utc>,
+        redis: &RedisSettings,
+    ) -> Option<Settlement> {
         let counts_when_forwarded =
-            self.forwarded && self.action.on_client_abort == OnClientAbort::Commit;
+            self.forwarded && reached && self.action.on_client_abort == OnClientAbort::Commit;
         let mode = match (self.hold, counts_when_forwarded) {
             (Hold::Held, true) => SettleMode::Commit,
             (Hold::Unreserved | Hold::Marked | Hold::Uncertain, true) => SettleMode::Count,
@@ -625,7 +632,15 @@ impl MeteredRequest {
             (Hold::Unreserved | Hold::Settled, _) => return None,
         };
         self.hold = Hold::Settled;
-        Some(self.settlement(mode, 0, now, redis))
+        let mut settlement = self.settlement(mode, 0, now, redis);
+        settlement.certain = mode == SettleMode::Release;
+        Some(settlement)
+    }
+
+    /// Whether the request still waits for an outcome the upstream's answer would settle (and
+    /// so whether its stream's end, or Envoy's reply, must say if the upstream was reached).
+    pub fn unsettled(&self) -> bool {
+        self.hold != Hold::Settled
     }
 
     fn settlement(
@@ -668,6 +683,7 @@ impl MeteredRequest {
             period_id: self.period.id.clone(),
             keep_for_ms: unix_millis(kept_until).saturating_sub(unix_millis(now)),
             made_at_ms: unix_millis(now),
+            certain: true,
         }
     }
 }
@@ -779,7 +795,10 @@ mod tests {
             s.keep_for_ms,
             unix_millis(end) - unix_millis(now()) + 400 * 86_400_000
         );
-        assert!(m.on_end(now(), &p.redis).is_none(), "settled once only");
+        assert!(
+            m.on_end(true, now(), &p.redis).is_none(),
+            "settled once only"
+        );
     }
 
     #[test]
@@ -813,7 +832,7 @@ mod tests {
         };
         assert_eq!(r.status, 403);
         assert_eq!(
-            m.on_end(now(), &p.redis).unwrap().mode,
+            m.on_end(true, now(), &p.redis).unwrap().mode,
             SettleMode::Release,
             "the unit reserved is given back"
         );
@@ -860,42 +879,59 @@ mod tests {
     }
 
     #[test]
-    fn a_client_that_leaves_releases_the_unit_unless_the_action_counts_what_was_forwarded() {
+    fn a_request_whose_client_left_after_forwarding_it_is_counted_as_of_unknown_outcome() {
         let p = plans();
+        let held = |p: &Plans, id: &str| {
+            let mut m = request(p, "POST", "/api/upload", "free");
+            m.reserve(5, id.into(), 0, p);
+            m.on_reservation(reply(1, 0, 1, "free"), now());
+            m
+        };
         let mut m = reserved(&p);
-        assert_eq!(m.on_end(now(), &p.redis).unwrap().mode, SettleMode::Release);
-        let mut m = reserved(&p);
-        m.on_reservation(reply(1, 0, 1, "free"), now());
+        assert_eq!(
+            m.on_end(true, now(), &p.redis).unwrap().mode,
+            SettleMode::Release,
+            "its reservation's answer never came"
+        );
+        let mut m = held(&p, "r1");
+        assert_eq!(
+            m.on_end(true, now(), &p.redis).unwrap().mode,
+            SettleMode::Release,
+            "its body was not all forwarded: the upstream cannot have done it"
+        );
+        // Forwarded whole to an upstream: the upstream may do the work whether or not anyone
+        // waits for its answer. Counted, as of unknown outcome.
+        let mut m = held(&p, "r2");
+        m.on_forwarded();
+        let s = m.on_end(true, now(), &p.redis).unwrap();
+        assert_eq!((s.mode, s.certain), (SettleMode::Commit, false));
+        assert!(m.on_end(true, now(), &p.redis).is_none(), "settled once");
+        // Forwarded, but no upstream was reached (Envoy still waited for a connection).
+        let mut m = held(&p, "r3");
         m.on_forwarded();
         assert_eq!(
-            m.on_end(now(), &p.redis).unwrap().mode,
-            SettleMode::Release,
-            "upload releases"
-        );
-        // ai_analysis counts a fully forwarded request whose client left.
-        let mut ai = request(&p, "POST", "/api/teammate", "free");
-        ai.reserve(3, "r3".into(), 0, &p);
-        ai.on_reservation(reply(1, 0, 1, "free"), now());
-        assert_eq!(
-            ai.on_end(now(), &p.redis).unwrap().mode,
-            SettleMode::Release,
-            "not forwarded yet"
-        );
-        let mut ai = request(&p, "POST", "/api/teammate", "free");
-        ai.reserve(3, "r4".into(), 0, &p);
-        ai.on_reservation(reply(1, 0, 1, "free"), now());
-        ai.on_forwarded();
-        assert_eq!(ai.on_end(now(), &p.redis).unwrap().mode, SettleMode::Commit);
-        // ... but not when the upstream answered non-2xx first.
-        let mut ai = request(&p, "POST", "/api/teammate", "free");
-        ai.reserve(3, "r5".into(), 0, &p);
-        ai.on_reservation(reply(1, 0, 1, "free"), now());
-        ai.on_forwarded();
-        assert_eq!(
-            ai.on_response(502, now(), &p.redis).unwrap().mode,
+            m.on_end(false, now(), &p.redis).unwrap().mode,
             SettleMode::Release
         );
-        assert!(ai.on_end(now(), &p.redis).is_none());
+        // An action whose upstream stops work when its client leaves says so.
+        let json = crate::testing::plans_json_with(|v| {
+            v["actions"]["upload"]["on_client_abort"] = "release".into();
+        });
+        let releasing = Plans::from_json(json.as_bytes()).unwrap();
+        let mut m = held(&releasing, "r4");
+        m.on_forwarded();
+        assert_eq!(
+            m.on_end(true, now(), &p.redis).unwrap().mode,
+            SettleMode::Release
+        );
+        // An upstream's own failure answer settles it first.
+        let mut m = held(&p, "r5");
+        m.on_forwarded();
+        assert_eq!(
+            m.on_response(502, now(), &p.redis).unwrap().mode,
+            SettleMode::Release
+        );
+        assert!(m.on_end(true, now(), &p.redis).is_none());
     }
 
     #[test]
@@ -970,7 +1006,7 @@ mod tests {
         );
         assert_eq!(body["current"], 5, "what counts against the limit");
         assert!(!final_refusal, "the unit in flight may be released");
-        assert!(m.on_end(now(), &p.redis).is_none());
+        assert!(m.on_end(true, now(), &p.redis).is_none());
         let mut m = reserved(&p);
         let d = m.on_reservation(reply(0, 5, 0, "free"), now());
         assert!(matches!(
@@ -996,13 +1032,16 @@ mod tests {
 
         let mut m = reserved(&p);
         m.on_reservation(Err(TransportError::Unknown("timeout".into())), now());
-        assert_eq!(m.on_end(now(), &p.redis).unwrap().mode, SettleMode::Release);
+        assert_eq!(
+            m.on_end(true, now(), &p.redis).unwrap().mode,
+            SettleMode::Release
+        );
 
         let mut api = request(&p, "GET", "/api/v1/x", "enterprise");
         api.reserve(10_000, "r2".into(), 0, &p);
         let d = api.on_reservation(Ok(RedisReply::Error("ERR".into())), now());
         assert!(matches!(d, Decision::FailClosed(_, ref r) if r.status == 503));
-        assert!(api.on_end(now(), &p.redis).is_none());
+        assert!(api.on_end(true, now(), &p.redis).is_none());
     }
 
     #[test]
@@ -1022,6 +1061,6 @@ mod tests {
             SettleMode::Count
         );
         assert!(view().on_response(404, now(), &p.redis).is_none());
-        assert!(view().on_end(now(), &p.redis).is_none());
+        assert!(view().on_end(true, now(), &p.redis).is_none());
     }
 }

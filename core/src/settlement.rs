@@ -106,6 +106,7 @@ impl Settlement {
             period_id: String::new(),
             keep_for_ms: 0,
             made_at_ms: ms,
+            certain: true,
         }
     }
 }
@@ -141,6 +142,9 @@ pub struct Settlement {
     pub period_id: String,
     /// How long the summary is kept from now (ms): until its period ends plus the retention.
     pub keep_for_ms: u64,
-    /// When it was made (unix ms): a commit is sent again only while Redis remembers commits.
+    /// When it was made (unix ms).
     pub made_at_ms: u64,
+    /// The upstream's answer said what happened; `false`: a count of unknown outcome (the
+    /// client left, or Envoy gave up waiting, after the whole request was forwarded).
+    pub certain: bool,
 }

@@ -360,6 +360,7 @@ mod tests {
             period_id: "2026-11".into(),
             keep_for_ms: 1,
             made_at_ms: 0,
+            certain: true,
         }
     }
 

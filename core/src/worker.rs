@@ -40,6 +40,7 @@ use crate::request::{unix_millis, Decision, MeteredRequest};
 use crate::responses::{self, LocalResponse};
 use crate::settlement::Settlement;
 use crate::settlement_queue::{BatchReport, Group, SettlementQueue, APPLIED_MEMORY_MS};
+use crate::upstream::{self, Answer};
 
 /// The host's id of an HTTP stream (its context id).
 pub type StreamId = u32;
@@ -157,6 +158,8 @@ pub struct Worker {
     extended_at_ms: u64,
     fail_open_log: RateLimitedLog,
     unknown_plan_log: RateLimitedLog,
+    /// Since when this worker's calls to Redis have got nothing usable (unix ms), if they have.
+    redis_down_since_ms: Option<u64>,
 }
 
 /// A metered stream, from its headers to its end.
@@ -260,6 +263,7 @@ impl Worker {
             extended_at_ms: 0,
             fail_open_log: RateLimitedLog::default(),
             unknown_plan_log: RateLimitedLog::default(),
+            redis_down_since_ms: None,
         }
     }
 
@@ -277,6 +281,8 @@ impl Worker {
                 self.settlements
                     .resize(redis.max_queued_settlements, redis.max_batch);
                 self.settlements.group_by_slot(redis.cluster_mode);
+                // (Defined at once, so what alerts on it exists before the first outage.)
+                io.record(&metrics::redis_unreachable(), 0);
                 io.log(
                     LogLevel::Info,
                     format!(
@@ -701,6 +707,8 @@ impl Worker {
         };
         let micros = (now - sent).num_microseconds().unwrap_or(i64::MAX);
         io.record(&metrics::redis_round_trip(call), micros.max(0));
+        let usable = matches!(&reply, Ok(r) if !matches!(r, RedisReply::Error(_)));
+        self.note_redis(usable, now, io);
         match waiter {
             Waiter::Reservations(streams) => {
                 self.reserving = None;
@@ -906,17 +914,51 @@ impl Worker {
         }
     }
 
-    /// The upstream answered `stream` with `status` (a local reply of the filter's own passes
-    /// here too: its request is already settled).
+    /// Whether the answer with `status` to `stream` needs Envoy's word on where it came from
+    /// (`response.code_details`): a failure of a request not settled yet may be Envoy's own
+    /// reply for an upstream that timed out or was never reached.
+    pub fn wants_answer_details(&self, stream: StreamId, status: u32) -> bool {
+        !(200..300).contains(&status)
+            && self
+                .streams
+                .get(&stream)
+                .is_some_and(|s| s.request.unsettled())
+    }
+
+    /// Whether the end of `stream` needs the host's word on whether it reached an upstream
+    /// (a request still unsettled: its client left, or it was reset).
+    pub fn wants_upstream_reached(&self, stream: StreamId) -> bool {
+        self.streams
+            .get(&stream)
+            .is_some_and(|s| s.request.unsettled())
+    }
+
+    /// `stream` was answered with `status`; `details` is Envoy's word on where the answer came
+    /// from (`None`: the upstream, as far as the host says). A local reply of the filter's own
+    /// passes here too: its request is already settled.
     pub fn on_response_headers(
         &mut self,
         stream: StreamId,
         status: u32,
+        details: Option<&str>,
         now: DateTime<Utc>,
         io: &mut dyn Io,
     ) {
         let Some(plans) = self.plans.clone() else {
             return;
+        };
+        let status = match upstream::classify(status, details) {
+            Answer::Upstream(status) => status,
+            // Envoy answered in the upstream's place: as for a client that left.
+            unanswered => {
+                if let Some(entry) = self.streams.get_mut(&stream) {
+                    let reached = unanswered == Answer::Unknown;
+                    let settlement = entry.request.on_end(reached, now, &plans.redis);
+                    self.queue(settlement, io);
+                }
+                self.releases.remove(&stream);
+                return;
+            }
         };
         if let Some((release, freed)) = self.releases.remove(&stream) {
             // A release that succeeded gives back what the upstream says it freed or removed
@@ -977,9 +1019,15 @@ impl Worker {
     }
 
     /// `stream` is gone (completed, reset, or the client left): a unit it still holds is
-    /// released (or committed, for an action that counts what was forwarded), and an answer
-    /// still owed to it is no longer wanted.
-    pub fn on_stream_end(&mut self, stream: StreamId, now: DateTime<Utc>, io: &mut dyn Io) {
+    /// released, or counted if the whole request reached an upstream (`reached`) and its
+    /// action counts that; an answer still owed to it is no longer wanted.
+    pub fn on_stream_end(
+        &mut self,
+        stream: StreamId,
+        reached: bool,
+        now: DateTime<Utc>,
+        io: &mut dyn Io,
+    ) {
         self.draining.remove(&stream);
         self.releases.remove(&stream);
         if let Some(pending) = self.reports.remove(&stream) {
@@ -1002,7 +1050,7 @@ impl Worker {
         let Some(plans) = self.plans.clone() else {
             return;
         };
-        let settlement = entry.request.on_end(now, &plans.redis);
+        let settlement = entry.request.on_end(reached, now, &plans.redis);
         self.queue(settlement, io);
     }
 
@@ -1136,6 +1184,10 @@ impl Worker {
                 Ok(token) => {
                     self.calls.insert(token, (Waiter::Batch(group), now));
                 }
+                Err(e) if self.redis_down_since_ms.is_none() => {
+                    self.note_redis(false, now, io);
+                    self.apply_batch_reply(group, Err(e), now, io);
+                }
                 // Requeued with a backoff: this flush does not start it again.
                 Err(e) => self.apply_batch_reply(group, Err(e), now, io),
             }
@@ -1180,6 +1232,34 @@ impl Worker {
         record(&report, io);
         for lost in &report.lost {
             self.lose(lost, "redis_unreachable", io);
+        }
+    }
+
+    /// Whether Redis just answered this worker usably: the outage gauge and a log line when that
+    /// changes.
+    fn note_redis(&mut self, usable: bool, now: DateTime<Utc>, io: &mut dyn Io) {
+        let now_ms = unix_millis(now);
+        match (self.redis_down_since_ms, usable) {
+            (None, false) => {
+                self.redis_down_since_ms = Some(now_ms);
+                io.record(&metrics::redis_unreachable(), 1);
+                io.log(
+                    LogLevel::Warn,
+                    "plan-limits: Redis does not answer this worker usably; limits hold only within fail-open's bounds until it does".into(),
+                );
+            }
+            (Some(since), true) => {
+                self.redis_down_since_ms = None;
+                io.record(&metrics::redis_unreachable(), -1);
+                io.log(
+                    LogLevel::Info,
+                    format!(
+                        "plan-limits: Redis answers again after {} ms",
+                        now_ms.saturating_sub(since)
+                    ),
+                );
+            }
+            _ => {}
         }
     }
 
@@ -1256,6 +1336,7 @@ fn record_budget(
     let budget = Budget {
         period_id: request.period().id.clone(),
         remaining: limit.saturating_sub(used),
+        overshoot: used.saturating_sub(limit),
         spent: 0,
     };
     let key = outage::key(&redis.key_prefix, request.user(), &request.action().key);
@@ -1494,8 +1575,8 @@ mod tests {
     fn view_succeeds(w: &mut Worker, stream: StreamId, io: &mut Recorder) {
         let h = head("GET", "/api/procedures/1", "u", "free");
         assert_eq!(send(w, stream, &h, io), Flow::Continue);
-        w.on_response_headers(stream, 200, now(), io);
-        w.on_stream_end(stream, now(), io);
+        w.on_response_headers(stream, 200, None, now(), io);
+        w.on_stream_end(stream, true, now(), io);
     }
 
     /// What plan_limits_reserve answers under `plan`, claimed (billing recorded nothing).
@@ -1560,8 +1641,8 @@ mod tests {
         let mut w = worker(&mut io);
         let flow = send(&mut w, 1, &head("GET", "/health", "", ""), &mut io);
         assert_eq!(flow, Flow::Continue);
-        w.on_response_headers(1, 200, now(), &mut io);
-        w.on_stream_end(1, now(), &mut io);
+        w.on_response_headers(1, 200, None, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
         w.on_tick(now(), &mut io);
         assert!(io.sent.is_empty() && io.counts.is_empty() && io.responded.is_empty());
         assert!(io.headers.is_empty());
@@ -1675,7 +1756,7 @@ mod tests {
         no_token.claims = Default::default();
         send(&mut w, 1, &no_token, &mut io);
         w.on_request_body(1, 4, false, now(), &mut io);
-        w.on_stream_end(1, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
         assert!(io.responded.is_empty());
         assert_eq!(
             w.on_request_body(1, 4, true, now(), &mut io),
@@ -1717,8 +1798,8 @@ mod tests {
         assert_eq!(body["max_bytes"], 10 * mb);
         assert_eq!(io.count_of(Metric::Rejected), 1);
         // Its unit is given back; its own 413 passing the response path changes nothing.
-        w.on_response_headers(1, 413, now(), &mut io);
-        w.on_stream_end(1, now(), &mut io);
+        w.on_response_headers(1, 413, None, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
         w.on_tick(now(), &mut io);
         let (_, batch) = io.last_sent();
         assert!(batch.args.iter().any(|a| a == b"release"));
@@ -1734,8 +1815,8 @@ mod tests {
         w.on_reply(token, granted(), now(), &mut io);
         w.on_request_body(1, 700, false, now(), &mut io);
         w.on_request_body(1, 300, true, now(), &mut io);
-        w.on_response_headers(1, 201, now(), &mut io);
-        w.on_stream_end(1, now(), &mut io);
+        w.on_response_headers(1, 201, None, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
         w.on_tick(now(), &mut io);
         let (_, batch) = io.last_sent();
         assert!(batch.args.iter().any(|a| a == b"commit"));
@@ -1778,7 +1859,7 @@ mod tests {
         assert_eq!(body["size_bytes"], 10);
         assert_eq!(body["upgrade"]["plan"], "professional");
         assert!(io.resumed.is_empty(), "never forwarded");
-        w.on_stream_end(1, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
         w.on_tick(now(), &mut io);
         assert_eq!(w.queued_settlements(), 0, "nothing was reserved");
     }
@@ -1817,8 +1898,8 @@ mod tests {
         );
         let (_, answer) = io.responded.last().unwrap();
         assert_eq!(answer.status, 403);
-        w.on_response_headers(1, 403, now(), &mut io);
-        w.on_stream_end(1, now(), &mut io);
+        w.on_response_headers(1, 403, None, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
         w.on_tick(now(), &mut io);
         let (_, batch) = io.last_sent();
         assert!(
@@ -1847,12 +1928,12 @@ mod tests {
         );
         assert_eq!(w.response_header_wanted(1), Some("x-freed-bytes"));
         w.on_response_header(1, Some(b"4096"), &mut io);
-        w.on_response_headers(1, 200, now(), &mut io);
-        w.on_stream_end(1, now(), &mut io);
+        w.on_response_headers(1, 200, None, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
         // A failed delete, or one that says nothing, frees nothing.
         send(&mut w, 2, &delete, &mut io);
         w.on_response_header(2, Some(b"4096"), &mut io);
-        w.on_response_headers(2, 404, now(), &mut io);
+        w.on_response_headers(2, 404, None, now(), &mut io);
         // Values that are not a count give back nothing, and say so.
         for (stream, value) in [
             (3, &b"lots"[..]),
@@ -1862,7 +1943,7 @@ mod tests {
         ] {
             send(&mut w, stream, &delete, &mut io);
             w.on_response_header(stream, Some(value), &mut io);
-            w.on_response_headers(stream, 200, now(), &mut io);
+            w.on_response_headers(stream, 200, None, now(), &mut io);
         }
         assert_eq!(io.count_of(Metric::UpstreamValuesRefused), 4);
         assert!(io
@@ -1910,11 +1991,11 @@ mod tests {
         send(&mut w, 2, &pro("DELETE", "/api/team/members/m1"), &mut io);
         assert_eq!(w.response_header_wanted(2), Some("x-removed-members"));
         w.on_response_header(2, Some(b"0"), &mut io);
-        w.on_response_headers(2, 204, now(), &mut io);
+        w.on_response_headers(2, 204, None, now(), &mut io);
         assert_eq!(w.queued_settlements(), 0);
         send(&mut w, 3, &pro("DELETE", "/api/team/members/m2"), &mut io);
         w.on_response_header(3, Some(b"1"), &mut io);
-        w.on_response_headers(3, 204, now(), &mut io);
+        w.on_response_headers(3, 204, None, now(), &mut io);
         w.on_tick(now(), &mut io);
         let (_, batch) = io.last_sent();
         assert!(batch.args.iter().any(|a| a == b"give_back"));
@@ -1932,7 +2013,7 @@ mod tests {
         let (token, _) = io.last_sent();
         // 2 counted, this one and another in flight: 1 remains after it.
         w.on_reply(token, reserved(1, 2, 2, "free"), now(), &mut io);
-        w.on_response_headers(1, 201, now(), &mut io);
+        w.on_response_headers(1, 201, None, now(), &mut io);
         let fields: Vec<(&str, String)> = io
             .response_headers
             .iter()
@@ -1980,7 +2061,7 @@ mod tests {
         let (token, _) = io.last_sent();
         // 3 counted and this one: 4 of 5, 80 %.
         w.on_reply(token, reserved(1, 3, 1, "free"), now(), &mut io);
-        w.on_response_headers(1, 200, now(), &mut io);
+        w.on_response_headers(1, 200, None, now(), &mut io);
         let warning: Vec<&str> = io
             .response_headers
             .iter()
@@ -1993,7 +2074,7 @@ mod tests {
         let (token, _) = io.last_sent();
         w.on_reply(token, reserved(1, 3, 1, "free"), now(), &mut io);
         let before = io.response_headers.len();
-        w.on_response_headers(2, 500, now(), &mut io);
+        w.on_response_headers(2, 500, None, now(), &mut io);
         assert!(io.response_headers[before..]
             .iter()
             .all(|(_, n, _)| n != "x-usage-warning"));
@@ -2011,8 +2092,8 @@ mod tests {
         assert_eq!(reserve.args[6], b"plan-limits:{u}:idem:procedure_view:k-1");
         w.on_reply(token, reserved(2, 0, 0, "free"), now(), &mut io);
         assert_eq!(io.resumed, [1]);
-        w.on_response_headers(1, 200, now(), &mut io);
-        w.on_stream_end(1, now(), &mut io);
+        w.on_response_headers(1, 200, None, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
         w.on_tick(now(), &mut io);
         let (token, batch) = io.last_sent();
         assert!(batch.args.iter().any(|a| a == b"count"));
@@ -2042,7 +2123,7 @@ mod tests {
         );
         assert_eq!(io.resumed, [1]);
         assert_eq!(io.count_of(Metric::Duplicates), 1);
-        w.on_stream_end(2, now(), &mut io);
+        w.on_stream_end(2, true, now(), &mut io);
         assert_eq!(w.queued_settlements(), 0);
         // A key that is not plain is refused by name.
         let bad = upload("u").header("idempotency-key", b"a b");
@@ -2061,7 +2142,7 @@ mod tests {
         send(&mut w, 1, &upload("u"), &mut io);
         let (token, _) = io.last_sent();
         w.on_reply(token, granted(), now(), &mut io);
-        w.on_response_headers(1, 200, now(), &mut io);
+        w.on_response_headers(1, 200, None, now(), &mut io);
         send(&mut w, 2, &upload("v"), &mut io);
         let (token, _) = io.last_sent();
         w.on_reply(token, reserved(0, 5, 0, "free"), now(), &mut io);
@@ -2093,8 +2174,8 @@ mod tests {
         assert_eq!(io.status_for(1), Some(200));
         assert!(io.resumed.is_empty(), "never forwarded");
         assert_eq!(io.count_of(Metric::Reports), 1);
-        w.on_response_headers(1, 200, now(), &mut io);
-        w.on_stream_end(1, now(), &mut io);
+        w.on_response_headers(1, 200, None, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
         assert_eq!(w.queued_settlements(), 0, "never counted");
         // Without a token: 401; another method: 405.
         let mut anonymous = get.clone();
@@ -2144,8 +2225,8 @@ mod tests {
         assert_eq!(io.status_for(1), Some(401));
         assert_eq!(io.count_of(Metric::Rejected), 1);
         // Envoy passes the local reply through the response path: nothing to settle.
-        w.on_response_headers(1, 401, now(), &mut io);
-        w.on_stream_end(1, now(), &mut io);
+        w.on_response_headers(1, 401, None, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
         assert_eq!(w.queued_settlements(), 0);
     }
 
@@ -2161,8 +2242,8 @@ mod tests {
             io.headers_of(1),
             [("x-user-id", "u"), ("x-user-plan", "free")]
         );
-        w.on_response_headers(1, 200, now(), &mut io);
-        w.on_stream_end(1, now(), &mut io);
+        w.on_response_headers(1, 200, None, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
         assert_eq!(w.queued_settlements(), 1);
         w.on_tick(now(), &mut io);
         let (token, batch) = io.last_sent();
@@ -2196,14 +2277,86 @@ mod tests {
             io.headers_of(7),
             [("x-user-id", "u"), ("x-user-plan", "free")]
         );
-        w.on_response_headers(7, 201, now(), &mut io);
-        w.on_stream_end(7, now(), &mut io);
+        w.on_response_headers(7, 201, None, now(), &mut io);
+        w.on_stream_end(7, true, now(), &mut io);
         w.on_tick(now(), &mut io);
         let (token, batch) = io.last_sent();
         assert!(batch.args.iter().any(|a| a == b"commit"));
         assert!(batch.args.iter().any(|a| a == b"000000000000feed-0"));
         w.on_reply(token, settled(&[1]), now(), &mut io);
         assert_eq!(io.count_of(Metric::Counted), 1);
+    }
+
+    /// The settlement modes and outcomes in the next batch (answered: all done).
+    fn next_batch(w: &mut Worker, io: &mut Recorder) -> Vec<(String, String)> {
+        w.on_tick(now(), io);
+        let (token, batch) = io.last_sent();
+        let batch = batch.clone();
+        let numkeys: usize = String::from_utf8_lossy(&batch.args[2]).parse().unwrap();
+        w.on_reply(token, settled(&vec![1; (numkeys - 2) / 8]), now(), io);
+        let text = |a: &[u8]| String::from_utf8_lossy(a).into_owned();
+        let modes = ["commit", "count", "release", "extend", "give_back", "lost"];
+        let at: Vec<usize> = (0..batch.args.len())
+            .filter(|&i| modes.contains(&text(&batch.args[i]).as_str()))
+            .filter(|&i| i + 16 < batch.args.len())
+            .collect();
+        at.into_iter()
+            .map(|i| (text(&batch.args[i]), text(&batch.args[i + 16])))
+            .collect()
+    }
+
+    #[test]
+    fn an_answer_envoy_gave_in_the_upstreams_place_follows_the_abort_policy() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        let forwarded = |w: &mut Worker, stream, io: &mut Recorder| {
+            assert_eq!(send(w, stream, &upload("u"), io), Flow::Pause);
+            let (token, _) = io.last_sent();
+            w.on_reply(token, granted(), now(), io);
+            assert_eq!(
+                w.on_request_body(stream, 10, true, now(), io),
+                BodyFlow::Continue
+            );
+        };
+        // Envoy gave up waiting for an upstream that had the whole request: it may have done
+        // the work, so it is counted (the default `on_client_abort: commit`), as unknown.
+        forwarded(&mut w, 1, &mut io);
+        assert!(w.wants_answer_details(1, 504));
+        assert!(
+            !w.wants_answer_details(1, 200),
+            "a success needs no details"
+        );
+        w.on_response_headers(1, 504, Some("response_timeout"), now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
+        assert_eq!(
+            next_batch(&mut w, &mut io),
+            [("commit".into(), "unknown".into())]
+        );
+        // The upstream could not be reached at all: nothing was done.
+        forwarded(&mut w, 2, &mut io);
+        let refused = "upstream_reset_before_response_started{remote_connection_failure}";
+        w.on_response_headers(2, 503, Some(refused), now(), &mut io);
+        w.on_stream_end(2, true, now(), &mut io);
+        // The upstream's own failure: nothing counted.
+        forwarded(&mut w, 3, &mut io);
+        w.on_response_headers(3, 503, Some("via_upstream"), now(), &mut io);
+        assert!(!w.wants_answer_details(3, 503), "settled");
+        w.on_stream_end(3, true, now(), &mut io);
+        // The client left after sending it all: counted too, unless no upstream was reached.
+        forwarded(&mut w, 4, &mut io);
+        assert!(w.wants_upstream_reached(4));
+        w.on_stream_end(4, true, now(), &mut io);
+        forwarded(&mut w, 5, &mut io);
+        w.on_stream_end(5, false, now(), &mut io);
+        assert_eq!(
+            next_batch(&mut w, &mut io),
+            [
+                ("release".into(), "success".into()),
+                ("release".into(), "success".into()),
+                ("commit".into(), "unknown".into()),
+                ("release".into(), "success".into()),
+            ]
+        );
     }
 
     #[test]
@@ -2215,8 +2368,8 @@ mod tests {
         // The token says professional (unlimited views); nothing known yet: on at once.
         let view = head("GET", "/api/procedures/1", "u", "professional");
         assert_eq!(send(&mut w, 1, &view, &mut io), Flow::Continue);
-        w.on_response_headers(1, 200, now(), &mut io);
-        w.on_stream_end(1, now(), &mut io);
+        w.on_response_headers(1, 200, None, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
         // Redis's answer to the batch says billing records free for this user ...
         w.on_tick(now(), &mut io);
         let (token, _) = io.last_sent();
@@ -2327,7 +2480,7 @@ mod tests {
         w.on_reply(token, reserved(0, 5, 0, "free"), now(), &mut io);
         assert_eq!(io.status_for(1), Some(429));
         assert!(io.resumed.is_empty());
-        w.on_stream_end(1, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
         let sends = io.sent.len();
         let later = now() + chrono::Duration::milliseconds(999);
         let u = upload("u");
@@ -2384,9 +2537,9 @@ mod tests {
         assert_eq!(send(&mut w, 2, &api, &mut io), Flow::Pause);
         assert_eq!(io.status_for(2), Some(503));
         assert_eq!(io.count_of(Metric::FailClosed), 1);
-        w.on_response_headers(1, 200, now(), &mut io);
-        w.on_stream_end(1, now(), &mut io);
-        w.on_stream_end(2, now(), &mut io);
+        w.on_response_headers(1, 200, None, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
+        w.on_stream_end(2, true, now(), &mut io);
         io.refuse_sends = false;
         w.on_tick(now() + chrono::Duration::seconds(1), &mut io);
         let (_, batch) = io.last_sent();
@@ -2442,6 +2595,23 @@ mod tests {
         );
         assert!(io.resumed.contains(&30));
         assert_eq!(io.status_for(31), Some(429));
+        // Redis is back, and has counted what the outage let through: 6 of 5 used. Outage
+        // after outage, the user gets nothing more this period (the allowance was had).
+        send(&mut w, 40, &upload("u"), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, reserved(0, 6, 0, "free"), now(), &mut io);
+        assert_eq!(io.status_for(40), Some(429));
+        // (Later than the refusal is remembered: each asks Redis, which does not answer.)
+        let later = now() + chrono::Duration::seconds(2);
+        for stream in 41..44 {
+            let sent = io.sent.len();
+            w.on_request_headers(stream, upload("u").head(), false, later, &mut io);
+            assert_eq!(io.sent.len(), sent + 1, "asked Redis");
+            let (token, _) = io.last_sent();
+            let timeout = Err(TransportError::Unknown("timeout".into()));
+            w.on_reply(token, timeout, later, &mut io);
+            assert_eq!(io.status_for(stream), Some(429), "outage {stream}");
+        }
     }
 
     #[test]
@@ -2468,7 +2638,7 @@ mod tests {
         let mut w = worker(&mut io);
         send(&mut w, 1, &upload("u"), &mut io);
         let (token, _) = io.last_sent();
-        w.on_stream_end(1, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
         w.on_reply(token, granted(), now(), &mut io);
         assert!(io.resumed.is_empty() && io.responded.is_empty());
         w.on_tick(now(), &mut io);
@@ -2493,9 +2663,9 @@ mod tests {
             let (token, _) = io.last_sent();
             w.on_reply(token, granted(), now(), &mut io);
             if let Some(status) = status {
-                w.on_response_headers(stream, status, now(), &mut io);
+                w.on_response_headers(stream, status, None, now(), &mut io);
             }
-            w.on_stream_end(stream, now(), &mut io);
+            w.on_stream_end(stream, true, now(), &mut io);
         }
         w.on_tick(now(), &mut io);
         let (token, batch) = io.last_sent();
@@ -2520,8 +2690,8 @@ mod tests {
             w.on_request_body(1, 10, true, now(), &mut io),
             BodyFlow::Continue
         );
-        w.on_stream_end(1, now(), &mut io);
-        w.on_stream_end(2, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
+        w.on_stream_end(2, true, now(), &mut io);
         w.on_tick(now(), &mut io);
         let (_, batch) = io.last_sent();
         let modes: Vec<&[u8]> = batch
@@ -2538,7 +2708,7 @@ mod tests {
         w.on_request_headers(4, ai_no_body.head(), true, now(), &mut io);
         let (token, _) = io.last_sent();
         w.on_reply(token, granted(), now(), &mut io);
-        w.on_stream_end(4, now(), &mut io);
+        w.on_stream_end(4, true, now(), &mut io);
         w.on_tick(now(), &mut io);
         let (_, batch) = io.last_sent();
         assert!(batch.args.iter().any(|a| a == b"commit"));
@@ -2560,8 +2730,8 @@ mod tests {
         assert!(batch.args.iter().any(|a| a == b"extend"));
         w.on_reply(token, settled(&[1]), later, &mut io);
         assert_eq!(io.count_of(Metric::Extended), 1);
-        w.on_response_headers(1, 200, later, &mut io);
-        w.on_stream_end(1, later, &mut io);
+        w.on_response_headers(1, 200, None, later, &mut io);
+        w.on_stream_end(1, true, later, &mut io);
         let much_later = later + chrono::Duration::seconds(60);
         w.on_tick(much_later, &mut io);
         let (_, batch) = io.last_sent();
@@ -2589,8 +2759,8 @@ mod tests {
         assert!(batch.args.iter().any(|a| a == b"extend"));
         w.on_reply(token, settled(&[0]), later, &mut io);
         // The upstream failed: what it held is let go.
-        w.on_response_headers(1, 502, later, &mut io);
-        w.on_stream_end(1, later, &mut io);
+        w.on_response_headers(1, 502, None, later, &mut io);
+        w.on_stream_end(1, true, later, &mut io);
         w.on_tick(later + chrono::Duration::seconds(1), &mut io);
         let (_, batch) = io.last_sent();
         assert!(batch.args.iter().any(|a| a == b"release"));
@@ -2729,8 +2899,8 @@ mod tests {
     fn view_of(w: &mut Worker, stream: StreamId, user: &str, io: &mut Recorder) {
         let h = head("GET", "/api/procedures/1", user, "free");
         assert_eq!(send(w, stream, &h, io), Flow::Continue);
-        w.on_response_headers(stream, 200, now(), io);
-        w.on_stream_end(stream, now(), io);
+        w.on_response_headers(stream, 200, None, now(), io);
+        w.on_stream_end(stream, true, now(), io);
     }
 
     fn on_a_cluster(p: &mut serde_json::Value) {
@@ -2826,8 +2996,8 @@ mod tests {
         let sha = functions::script_sha("plan_limits_reserve").unwrap();
         assert_eq!(name(reserve), (&b"EVALSHA"[..], sha.as_bytes()));
         w.on_reply(token, granted(), now(), &mut io);
-        w.on_response_headers(1, 200, now(), &mut io);
-        w.on_stream_end(1, now(), &mut io);
+        w.on_response_headers(1, 200, None, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
         w.on_tick(now(), &mut io);
         let (_, settle) = io.last_sent();
         let sha = functions::script_sha("plan_limits_settle").unwrap();
@@ -2911,7 +3081,7 @@ mod tests {
         send(&mut w, 3, &upload("c"), &mut io);
         send(&mut w, 4, &upload("d"), &mut io);
         let before = io.sent.len();
-        w.on_stream_end(3, now(), &mut io);
+        w.on_stream_end(3, true, now(), &mut io);
         io.on_a_stream = false;
         w.on_tick(now() + chrono::Duration::milliseconds(1), &mut io);
         assert_eq!(io.sent.len(), before + 1);
@@ -2948,7 +3118,7 @@ mod tests {
             1,
             "nothing more sent while one call is in flight"
         );
-        w.on_stream_end(3, now(), &mut io);
+        w.on_stream_end(3, true, now(), &mut io);
         // The first answer sends the waiting ones as one call, in their order.
         w.on_reply(first, granted(), now(), &mut io);
         assert_eq!(io.resumed, [1]);
@@ -2995,7 +3165,7 @@ mod tests {
         send(&mut w, 1, &h, &mut io);
         let (token, _) = io.last_sent();
         w.on_reply(token, granted(), now(), &mut io);
-        w.on_response_headers(1, 200, now(), &mut io);
+        w.on_response_headers(1, 200, None, now(), &mut io);
         assert_eq!(w.settlements.len(), 1);
         let s = &w.settlements.start_batch(0).unwrap()[0];
         assert_eq!(

@@ -126,8 +126,14 @@ impl HttpContext for PlanLimitsHttp {
                 worker.on_response_header(id, value.as_deref(), host)
             });
         }
+        // (Only a failure of a request not settled yet asks where the answer came from.)
+        let wants_details = self.shared.worker.borrow().wants_answer_details(id, status);
+        let details = wants_details
+            .then(|| self.get_property(vec!["response", "code_details"]))
+            .flatten()
+            .and_then(|d| String::from_utf8(d).ok());
         self.shared.handle(id, |worker, host| {
-            worker.on_response_headers(id, status, now(), host)
+            worker.on_response_headers(id, status, details.as_deref(), now(), host)
         });
         Action::Continue
     }
@@ -137,7 +143,15 @@ impl HttpContext for PlanLimitsHttp {
             return;
         }
         let id = self.id;
-        self.shared
-            .handle(id, |worker, host| worker.on_stream_end(id, now(), host));
+        // (Only a request left unsettled, its client gone, asks whether it reached an upstream:
+        // a connection to one was made. `upstream.address` is set once a host is chosen.)
+        let wants = self.shared.worker.borrow().wants_upstream_reached(id);
+        let reached = !wants
+            || self
+                .get_property(vec!["upstream", "local_address"])
+                .is_some();
+        self.shared.handle(id, |worker, host| {
+            worker.on_stream_end(id, reached, now(), host)
+        });
     }
 }

@@ -175,8 +175,48 @@ impl Request {
     }
 
     pub fn try_send(&self, port: u16) -> std::io::Result<Response> {
+        let (mut stream, mut reader) = self.connect(port, Duration::from_secs(30))?;
+        match &self.body {
+            Body::ExpectContinue(n) => {
+                let (status, headers) = read_head(&mut reader)?;
+                if status != 100 {
+                    return read_body(reader, status, headers);
+                }
+                write_zeros(&mut stream, *n, false)?;
+            }
+            body => self.write_body(&mut stream, body)?,
+        }
+        read_response(reader)
+    }
+
+    /// Sends the whole request, then leaves (closes the connection) unless an answer's status
+    /// arrives within `after`: the status if one did, `None` if the client left first.
+    pub fn send_then_leave(&self, port: u16, after: Duration) -> std::io::Result<Option<u16>> {
+        let (mut stream, mut reader) = self.connect(port, after)?;
+        self.write_body(&mut stream, &self.body)?;
+        match read_head(&mut reader) {
+            Ok((status, _)) => Ok(Some(status)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Connects and writes the head (and a small body with it); answers are read with
+    /// `read_timeout`.
+    fn connect(
+        &self,
+        port: u16,
+        read_timeout: Duration,
+    ) -> std::io::Result<(TcpStream, BufReader<TcpStream>)> {
         let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.set_read_timeout(Some(read_timeout))?;
         stream.set_nodelay(true)?;
         let mut head = format!(
             "{} {} HTTP/1.1\r\nhost: gateway\r\nconnection: close\r\n",
@@ -207,21 +247,18 @@ impl Request {
         if let Body::Bytes(b) = &self.body {
             head.extend_from_slice(b);
         }
-        let mut reader = BufReader::new(stream.try_clone()?);
+        let reader = BufReader::new(stream.try_clone()?);
         stream.write_all(&head)?;
-        match &self.body {
-            Body::Empty | Body::Bytes(_) => {}
-            Body::Zeros(n) => write_zeros(&mut stream, *n, false)?,
-            Body::Chunked(n) => write_zeros(&mut stream, *n, true)?,
-            Body::ExpectContinue(n) => {
-                let (status, headers) = read_head(&mut reader)?;
-                if status != 100 {
-                    return read_body(reader, status, headers);
-                }
-                write_zeros(&mut stream, *n, false)?;
-            }
+        Ok((stream, reader))
+    }
+
+    /// Writes what of `body` the head did not carry (a 100-continue body is written whole).
+    fn write_body(&self, stream: &mut TcpStream, body: &Body) -> std::io::Result<()> {
+        match body {
+            Body::Empty | Body::Bytes(_) => Ok(()),
+            Body::Zeros(n) | Body::ExpectContinue(n) => write_zeros(stream, *n, false),
+            Body::Chunked(n) => write_zeros(stream, *n, true),
         }
-        read_response(reader)
     }
 }
 

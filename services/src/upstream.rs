@@ -53,6 +53,44 @@ impl DemoUpstream {
     pub fn attempts(&self) -> u64 {
         self.stats()["attempts"].as_u64().unwrap_or(0)
     }
+
+    /// The work it completed, per user and handler, and each request's outcome.
+    pub fn ledger(&self) -> Ledger {
+        Ledger(crate::http::get(self.port, "/__demo/ledger").json())
+    }
+}
+
+/// What the demo upstream did (`GET /__demo/ledger`): a handler that ran to its end with a
+/// success counts, whether or not its answer was read.
+#[derive(Debug, Clone)]
+pub struct Ledger(pub serde_json::Value);
+
+impl Ledger {
+    /// Work `user`'s requests had done by `handler` (`"POST /api/upload"`).
+    pub fn done(&self, user: &str, handler: &str) -> u64 {
+        self.0["done"][user][handler].as_u64().unwrap_or(0)
+    }
+
+    /// Every user and handler with work done, and how much.
+    pub fn all_done(&self) -> Vec<(String, String, u64)> {
+        let mut out = Vec::new();
+        if let Some(users) = self.0["done"].as_object() {
+            for (user, handlers) in users {
+                for (handler, n) in handlers.as_object().into_iter().flatten() {
+                    out.push((user.clone(), handler.clone(), n.as_u64().unwrap_or(0)));
+                }
+            }
+        }
+        out
+    }
+
+    /// What became of the request Envoy named `request_id`: `done`, `failed`, or `None` if it
+    /// never reached a handler.
+    pub fn outcome(&self, request_id: &str) -> Option<String> {
+        self.0["requests"][request_id]["outcome"]
+            .as_str()
+            .map(String::from)
+    }
 }
 
 /// nginx answering `return 200` on a free port: an upstream that is never the bottleneck. On

@@ -138,6 +138,7 @@ fn count(user: &str, id: &str) -> Settlement {
         period_id: "2026-11".into(),
         keep_for_ms: 400 * 86_400_000,
         made_at_ms: 0,
+        certain: true,
     }
 }
 

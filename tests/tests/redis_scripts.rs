@@ -115,6 +115,7 @@ fn settlement(mode: SettleMode, user: &str, id: &str) -> Settlement {
         period_id: "2026-11".into(),
         keep_for_ms: 400 * 86_400_000,
         made_at_ms: NOW,
+        certain: true,
     }
 }
 

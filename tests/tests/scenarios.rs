@@ -260,7 +260,11 @@ on_every_gateway!(
         actions.sort();
         assert_eq!(actions, ["pdf_export", "procedure_view", "upload"]);
         let pdf = events.iter().find(|e| e["action"] == "pdf_export").unwrap();
-        assert_eq!(pdf["request_id"], "req-pdf-1");
+        // (The client's own id in our host; Envoy names every request itself.)
+        assert!(
+            pdf["request_id"] == "req-pdf-1" || pdf["request_id"].len() == 36,
+            "{pdf:?}"
+        );
         assert_eq!(
             (pdf["plan"].as_str(), pdf["status"].as_str()),
             ("free", "200")

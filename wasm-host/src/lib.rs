@@ -73,6 +73,9 @@ pub struct Plugin {
     vms: usize,
 }
 
+/// Envoy's property saying where a response came from.
+pub const CODE_DETAILS: &str = "response.code_details";
+
 /// What the filter did with a request (or where it stands).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Flow {
@@ -501,7 +504,14 @@ impl Vm {
         let mut all = vec![(":status".to_string(), status.to_string().into_bytes())];
         all.extend(headers);
         let count = all.len() as i32;
-        self.stream_mut(id).response_headers = all;
+        let stream = self.stream_mut(id);
+        stream.response_headers = all;
+        // As Envoy says of an answer: the upstream's own, unless a test set Envoy's reason
+        // for answering in its place (`response_timeout`, ...).
+        stream
+            .properties
+            .entry(CODE_DETAILS.into())
+            .or_insert_with(|| b"via_upstream".to_vec());
         self.call_on::<(i32, i32, i32), i32>(
             id,
             "proxy_on_response_headers",
@@ -511,8 +521,16 @@ impl Vm {
     }
 
     /// The stream ends (completed, reset or abandoned): `proxy_on_log`, `_done`, `_delete`
-    /// (the second filter's too).
+    /// (the second filter's too). A stream that went on towards the upstream has reached one
+    /// (`upstream.local_address`: Envoy had its connection).
     pub fn end_stream(&mut self, id: u32) -> Result<(), HostError> {
+        if self.flow(id) == Flow::Continue {
+            self.set_property(
+                id,
+                &["upstream", "local_address"],
+                b"127.0.0.1:40000".to_vec(),
+            );
+        }
         let second = self.hold.as_mut().and_then(|(_, c)| c.remove(&id));
         for context in std::iter::once(id).chain(second) {
             self.call_on::<(i32,), ()>(context, "proxy_on_log", (context as i32,))?;

@@ -353,7 +353,7 @@ pub fn split_reservations(
 }
 
 /// Fields per item in `plan_limits_settle`'s args.
-const SETTLE_FIELDS: usize = 16;
+const SETTLE_FIELDS: usize = 17;
 
 /// One `plan_limits_settle` call for a batch.
 pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
@@ -424,7 +424,8 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
             .arg(item.keep_for_ms.to_string())
             .arg(&item.idempotency_key)
             .arg(item.adds.map(|n| n.to_string()).unwrap_or_default())
-            .arg(item.held.map(|n| n.to_string()).unwrap_or_default());
+            .arg(item.held.map(|n| n.to_string()).unwrap_or_default())
+            .arg(if item.certain { "success" } else { "unknown" });
         debug_assert_eq!(cmd.args.len() - before, SETTLE_FIELDS);
     }
     cmd

@@ -146,7 +146,8 @@ end
 -- if that number is past the last one applied for the worker (a batch sent again because its
 -- first answer was lost finds its number there, and nothing runs).
 -- Every count also updates the monthly summary and the day's counters (the history) and
--- appends a usage event; a count that brings the period's to a warning threshold (a share of
+-- appends a usage event (its outcome `success`, or `unknown` for a request forwarded whole
+-- whose answer never came: its client left, or Envoy gave up waiting); a count that brings the period's to a warning threshold (a share of
 -- the plan's limit plus grants) appends one `threshold_crossed` event, once per user, action,
 -- period and threshold (marked in the summary).
 -- An item whose values are out of range is not applied and never stops the others: it is
@@ -208,7 +209,7 @@ local function settle(keys, args)
     local plan, limits, kind, bytes = args[f + 5], args[f + 6], args[f + 7], args[f + 8]
     local status, at, request_id, period = args[f + 9], args[f + 10], args[f + 11], args[f + 12]
     local keep_for, idempotency_key = args[f + 13], args[f + 14]
-    local adds, holds = args[f + 15], args[f + 16]
+    local adds, holds, outcome = args[f + 15], args[f + 16], args[f + 17]
     if not (amount_ok(adds) and amount_ok(holds) and amount_ok(bytes)) then
       error('an amount out of range')
     end
@@ -280,7 +281,7 @@ local function settle(keys, args)
     end
     append({'event', 'usage', 'user', user, 'action', action, 'kind', kind, 'bytes', bytes,
       'status', status, 'at', at, 'request_id', request_id, 'plan', plan, 'period', period,
-      'idempotency_key', idempotency_key})
+      'idempotency_key', idempotency_key, 'reservation', id, 'outcome', outcome})
     local ok, decoded = pcall(cjson.decode, limits)
     local limit = ok and type(decoded) == 'table' and decoded[action]
     if type(limit) == 'number' and limit > 0 then
