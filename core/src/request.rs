@@ -13,6 +13,7 @@ use std::rc::Rc;
 
 use chrono::{DateTime, Utc};
 
+use crate::cluster;
 use crate::config::{FailureMode, Gauge, Limit, OnClientAbort, RedisSettings};
 use crate::keys::UsageKeys;
 use crate::period::{self, BillingPeriod};
@@ -411,6 +412,9 @@ impl MeteredRequest {
             limits: self.action.limits(),
             idempotency: marker.as_deref().map(|m| (m, plans.idempotency_ttl_ms)),
             gauge,
+            events_stream: &cluster::events_stream_of(&plans.redis, &self.keys.summary),
+            user: &self.user,
+            period_id: &self.period.id,
         })
     }
 
@@ -737,8 +741,9 @@ mod tests {
             .iter()
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
+        assert_eq!(text[9], "plan-limits:events", "where an expired one is recorded");
         assert_eq!(
-            text[9..],
+            text[10..],
             [
                 "upload",
                 "free",
@@ -750,6 +755,8 @@ mod tests {
                 "",
                 // The bytes its Content-Length declares, held in storage while in flight.
                 "10",
+                "u",
+                "2026-11",
                 "enterprise",
                 "",
                 "",

@@ -532,6 +532,12 @@ fn reserve_command(user: &str, action: &str, id: &str, now_ms: u64) -> RedisComm
         limits: &limits(),
         idempotency: None,
         gauge: None,
+        events_stream: &cluster::slot_events_stream(
+            "plan-limits:events",
+            cluster::key_slot(keys.summary.as_bytes()),
+        ),
+        user,
+        period_id: "2026-11",
     })
 }
 

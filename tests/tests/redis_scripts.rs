@@ -23,6 +23,8 @@ use plan_limits_services::usage;
 const TTL: u64 = 60_000;
 const NOW: u64 = 1_795_000_000_000;
 const REMEMBER: u64 = 3_600_000;
+/// The events stream (the default one: `usage::events_stream()`).
+const EVENTS: &str = "plan-limits:events";
 
 fn redis() -> (RedisServer, redis::Connection) {
     let server = RedisServer::start_on(&scratch_dir("scripts"), free_port());
@@ -59,6 +61,9 @@ fn upload_args<'a>(
         limits,
         idempotency: None,
         gauge: None,
+        events_stream: EVENTS,
+        user: "u",
+        period_id: "2026-11",
     }
 }
 
@@ -258,13 +263,32 @@ fn an_unsettled_reservation_expires_and_an_extended_one_does_not() {
     let (_server, mut conn) = redis();
     assert!(granted(&reserve(&mut conn, "u", "lost", 1, NOW)));
     assert!(!granted(&reserve(&mut conn, "u", "r2", 1, NOW + TTL - 1)));
-    // Past its expiry the unit is free again.
+    // Past its expiry the unit is free again, and the expired one is on record: what an Envoy
+    // that died with it in flight may have lost.
     assert!(granted(&reserve(&mut conn, "u", "r3", 1, NOW + TTL + 1)));
+    let expired: Vec<_> = usage::events(&mut conn)
+        .into_iter()
+        .filter(|e| e["event"] == "reservation_expired")
+        .collect();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(
+        (
+            &*expired[0]["user"],
+            &*expired[0]["action"],
+            &*expired[0]["reservation"]
+        ),
+        ("u", "upload", "lost")
+    );
+    assert_eq!(expired[0]["period"], "2026-11");
     let pttl: i64 = redis::cmd("PTTL")
         .arg(keys("u").pending)
         .query(&mut conn)
         .unwrap();
-    assert!(pttl > 0, "the pending set expires with its reservations");
+    let week = 7 * 86_400_000;
+    assert!(
+        pttl > week && pttl <= week + TTL as i64,
+        "the pending set is kept a week past its last use, for the audit: {pttl}"
+    );
     // A reservation extended before it expires keeps holding its unit.
     assert!(granted(&reserve(&mut conn, "w", "slow", 1, NOW)));
     let extended = settle_at(
@@ -485,9 +509,11 @@ fn a_count_updates_the_summary_and_records_an_event() {
             ("event", "usage"),
             ("idempotency_key", ""),
             ("kind", "vision"),
+            ("outcome", "success"),
             ("period", "2026-11"),
             ("plan", "free"),
             ("request_id", "req-1"),
+            ("reservation", "c1"),
             ("status", "201"),
             ("user", "u"),
         ]
@@ -775,6 +801,9 @@ fn the_filters_redis_user_may_call_the_functions_and_nothing_else() {
             limits: &limits,
             idempotency: None,
             gauge: None,
+            events_stream: "othertenant:events",
+            user: "u",
+            period_id: "2026-11",
         }),
     );
     assert!(

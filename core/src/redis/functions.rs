@@ -13,7 +13,7 @@ pub const LIBRARY: &str = include_str!("plan_limits.lua");
 const RESERVE: &str = "plan_limits_reserve";
 const RESERVE_MANY: &str = "plan_limits_reserve_many";
 /// Keys per reservation, and items per answer.
-const RESERVE_KEYS: usize = 6;
+const RESERVE_KEYS: usize = 7;
 const RESERVATION_ITEMS: usize = 11;
 const SETTLE: &str = "plan_limits_settle";
 const USAGE: &str = "plan_limits_usage";
@@ -155,6 +155,11 @@ pub struct ReserveArgs<'a> {
     pub idempotency: Option<(&'a str, u64)>,
     /// For a request that adds to a running total: what it holds there while in flight.
     pub gauge: Option<GaugeHold<'a>>,
+    /// Where a reservation found expired unsettled is recorded (the user's events stream),
+    /// with the user and the period it is named by.
+    pub events_stream: &'a str,
+    pub user: &'a str,
+    pub period_id: &'a str,
 }
 
 /// What a request holds of a running total while in flight.
@@ -177,13 +182,14 @@ pub fn reserve(args: ReserveArgs) -> RedisCommand {
     );
     let mut cmd = RedisCommand::new("FCALL")
         .arg(RESERVE)
-        .arg("6")
+        .arg(RESERVE_KEYS.to_string())
         .arg(&args.keys.summary)
         .arg(&args.keys.pending)
         .arg(&args.keys.entitlement)
         .arg(marker)
         .arg(gauge_keys.0)
         .arg(gauge_keys.1)
+        .arg(args.events_stream)
         .arg(args.action)
         .arg(args.claimed_plan)
         .arg(args.fallback_plan.unwrap_or_default())
@@ -200,7 +206,9 @@ pub fn reserve(args: ReserveArgs) -> RedisCommand {
             args.gauge
                 .map(|hold| hold.amount.to_string())
                 .unwrap_or_default(),
-        );
+        )
+        .arg(args.user)
+        .arg(args.period_id);
     let room_of = |plan: &str| {
         args.gauge
             .and_then(|hold| hold.rooms.iter().find(|(p, _)| p == plan))
@@ -532,6 +540,9 @@ mod tests {
             limits: &limits,
             idempotency: None,
             gauge: None,
+            events_stream: "p:events",
+            user: "u",
+            period_id: "2026-11",
         });
         let text: Vec<_> = cmd
             .args
@@ -543,13 +554,14 @@ mod tests {
             [
                 "FCALL",
                 "plan_limits_reserve",
-                "6",
+                "7",
                 "p:{u}:2026-11",
                 "p:{u}:2026-11:pending:upload",
                 "p:{u}:entitlement",
                 "p:{u}:entitlement",
                 "p:{u}:entitlement",
                 "p:{u}:entitlement",
+                "p:events",
                 "upload",
                 "free",
                 "free",
@@ -559,6 +571,8 @@ mod tests {
                 "60000",
                 "",
                 "",
+                "u",
+                "2026-11",
                 "free",
                 "5",
                 "",

@@ -16,12 +16,17 @@
 -- A request that adds to one of the user's running totals (a gauge, not per period: bytes in
 -- storage, members of the team) also holds what it would add ('<id>|<amount>' in the gauge's
 -- held set) while in flight: the total plus what is held plus its own must fit the plan's room.
+-- A reservation that expired unsettled (its Envoy died with the request in flight, or could
+-- not reach Redis for longer than the expiry) is recorded as a `reservation_expired` event
+-- when the next call finds it (a hold of a gauge as `hold_expired`): what such an Envoy may
+-- have lost is on record. Pending sets are kept a week past their last use, so that
+-- `plan-limits audit` finds those no later call comes for.
 -- keys: summary, pending, entitlement, the idempotency key's marker, the gauge, the gauge's
---       held set (a key without its use is any key of the user's).
+--       held set (a key without its use is any key of the user's), the user's events stream.
 -- args: action, claimed plan, fallback plan, reservation id, now (ms), expiry (ms), ttl (ms),
 --       the marker's lifetime (ms; '' = no key), the amount it would add to the gauge ('' = the
---       action adds to none), then per plan: its name, its limit for the action and its room
---       in the gauge ('' = unlimited).
+--       action adds to none), the user, the period, then per plan: its name, its limit for the
+--       action and its room in the gauge ('' = unlimited).
 -- Returns {status, committed, pending, plan, named plan, recorded, granted, marker, anchor,
 -- stored, held}: status 1 granted, 0 refused (limit reached), 2 unlimited under that plan
 -- (nothing reserved), 3 the plan is unknown (nothing reserved), 4 a duplicate (nothing
@@ -32,14 +37,29 @@
 -- recorded ('' if none); total and held the gauge's before this request.
 -- Scores use the filter's clock; the key's own expiry is relative, so a clock that differs
 -- from Redis's cannot expire it early.
+local KEEP_EXPIRED_MS = 7 * 86400000
+
+local function reap_expired(set, now, events, event)
+  local expired = redis.call('ZRANGEBYSCORE', set, '-inf', now)
+  if #expired == 0 then
+    return
+  end
+  redis.call('ZREMRANGEBYSCORE', set, '-inf', now)
+  for _, member in ipairs(expired) do
+    redis.call('XADD', events, '*', unpack(event(member)))
+  end
+end
+
 local function reserve(keys, args)
   local summary, pending, entitlement = keys[1], keys[2], keys[3]
-  local marker, gauge, gauge_held = keys[4], keys[5], keys[6]
+  local marker, gauge, gauge_held, events = keys[4], keys[5], keys[6], keys[7]
   local action, claimed, fallback, id = args[1], args[2], args[3], args[4]
   local now, expires, ttl = tonumber(args[5]), tonumber(args[6]), tonumber(args[7])
   local marker_ttl, amount = tonumber(args[8]), tonumber(args[9])
+  local user, period = args[10], args[11]
+  local at = tostring(now)
   local function terms_of(plan)
-    for i = 10, #args - 2, 3 do
+    for i = 12, #args - 2, 3 do
       if args[i] == plan then
         return true, tonumber(args[i + 1]), tonumber(args[i + 2])
       end
@@ -56,7 +76,10 @@ local function reserve(keys, args)
     plan = fallback
     known, limit, room = terms_of(plan)
   end
-  redis.call('ZREMRANGEBYSCORE', pending, '-inf', now)
+  reap_expired(pending, now, events, function(member)
+    return {'event', 'reservation_expired', 'user', user, 'action', action,
+      'reservation', member, 'period', period, 'at_ms', at}
+  end)
   local committed = tonumber(redis.call('HGET', summary, action) or '0')
   local held = redis.call('ZCARD', pending)
   -- Extra units an operator granted for the period (`plan-limits grant`).
@@ -78,7 +101,11 @@ local function reserve(keys, args)
   end
   local limits_gauge = amount and room
   if limits_gauge then
-    redis.call('ZREMRANGEBYSCORE', gauge_held, '-inf', now)
+    reap_expired(gauge_held, now, events, function(member)
+      local held_id, held_amount = string.match(member, '^(.*)|(%d+)$')
+      return {'event', 'hold_expired', 'user', user, 'action', action,
+        'reservation', held_id or member, 'amount', held_amount or '', 'at_ms', at}
+    end)
     total = tonumber(redis.call('GET', gauge) or '0')
     for _, member in ipairs(redis.call('ZRANGE', gauge_held, 0, -1)) do
       total_held = total_held + tonumber(string.match(member, '|(%d+)$') or '0')
@@ -93,7 +120,7 @@ local function reserve(keys, args)
     end
     if limits_gauge then
       redis.call('ZADD', gauge_held, expires, id .. '|' .. amount)
-      redis.call('PEXPIRE', gauge_held, ttl)
+      redis.call('PEXPIRE', gauge_held, ttl + KEEP_EXPIRED_MS)
     end
   end
   if limit == nil then
@@ -104,7 +131,7 @@ local function reserve(keys, args)
     return answer(0, '', held)
   end
   redis.call('ZADD', pending, expires, id)
-  redis.call('PEXPIRE', pending, ttl)
+  redis.call('PEXPIRE', pending, ttl + KEEP_EXPIRED_MS)
   hold()
   return answer(1, '', held + 1)
 end
@@ -112,17 +139,18 @@ end
 -- plan_limits_reserve_many: several reservations in one call, one after the other exactly as
 -- plan_limits_reserve would make them (a worker sends the requests that arrived while its
 -- previous reservation call was in flight as one, like a group commit).
--- keys: each reservation's six keys, in order.
+-- keys: each reservation's seven keys, in order.
 -- args: per reservation, the count of its args, then its args.
 -- Returns the reservations' answers one after the other, flat (webdis renders nested
 -- arrays as null): eleven items each.
 local function reserve_many(keys, args)
   local out = {}
   local a = 1
-  for i = 0, #keys / 6 - 1 do
+  for i = 0, #keys / 7 - 1 do
     local n = tonumber(args[a])
-    local answer = reserve({keys[6 * i + 1], keys[6 * i + 2], keys[6 * i + 3],
-      keys[6 * i + 4], keys[6 * i + 5], keys[6 * i + 6]}, {unpack(args, a + 1, a + n)})
+    local answer = reserve({keys[7 * i + 1], keys[7 * i + 2], keys[7 * i + 3],
+      keys[7 * i + 4], keys[7 * i + 5], keys[7 * i + 6], keys[7 * i + 7]},
+      {unpack(args, a + 1, a + n)})
     a = a + n + 1
     for _, item in ipairs(answer) do
       out[#out + 1] = item
@@ -232,12 +260,12 @@ local function settle(keys, args)
       local done = 0
       if redis.call('ZSCORE', pending, id) then
         redis.call('ZADD', pending, 'XX', now + ttl, id)
-        redis.call('PEXPIRE', pending, ttl)
+        redis.call('PEXPIRE', pending, ttl + KEEP_EXPIRED_MS)
         done = 1
       end
       if holds ~= '' and redis.call('ZSCORE', gauge_held, held_member) then
         redis.call('ZADD', gauge_held, 'XX', now + ttl, held_member)
-        redis.call('PEXPIRE', gauge_held, ttl)
+        redis.call('PEXPIRE', gauge_held, ttl + KEEP_EXPIRED_MS)
       end
       return done
     end
