@@ -741,7 +741,10 @@ mod tests {
             .iter()
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        assert_eq!(text[9], "plan-limits:events", "where an expired one is recorded");
+        assert_eq!(
+            text[9], "plan-limits:events",
+            "where an expired one is recorded"
+        );
         assert_eq!(
             text[10..],
             [

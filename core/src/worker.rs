@@ -1275,9 +1275,9 @@ impl Worker {
         done
     }
 
-    /// Settlements waiting or on their way to Redis.
+    /// Settlements waiting or on their way to Redis, and records of lost ones not sent yet.
     pub fn queued_settlements(&self) -> usize {
-        self.settlements.len()
+        self.settlements.len() + self.losses.len()
     }
 }
 

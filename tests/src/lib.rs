@@ -1,6 +1,8 @@
 //! What the suites share: the gateways they run against (the wasmtime harness with either
 //! filter build, and real Envoy), the requests they send, and how they read the counts.
 
+pub mod simulation;
+
 pub use plan_limits_services::gateway::{EnvoyGateway, Gateway, GatewayOptions};
 pub use plan_limits_services::http::{Body, Request, Response};
 pub use plan_limits_services::usage::{self, eventually};

@@ -1,0 +1,134 @@
+//! One simulated Envoy worker's host: what `Io` asks of Envoy, kept as data for the world to
+//! carry out at simulated times. Calls go on the simulated network; answers to streams,
+//! resumptions and holds are read by the world; shared data is one Envoy's, shared by its
+//! workers; metrics are counted.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+use plan_limits_core::config::RedisSettings;
+use plan_limits_core::metrics::{LabeledMetric, Metric};
+use plan_limits_core::redis::{RedisCommand, TransportError};
+use plan_limits_core::responses::LocalResponse;
+use plan_limits_core::worker::{Io, LogLevel, StreamId, Token};
+
+/// One Envoy's shared data (proxy-wasm's): its workers see the same values and versions.
+pub type SharedData = Rc<RefCell<HashMap<String, (Vec<u8>, u32)>>>;
+
+/// A call the worker sent, for the network to carry.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub token: Token,
+    pub command: RedisCommand,
+    /// The stream whose callback sent it: its answer dies with that stream (the SDK hands an
+    /// answer to the context that made the call). `None`: the root's.
+    pub owner: Option<StreamId>,
+}
+
+/// What the worker asked of its streams, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamAction {
+    Respond(StreamId, u32),
+    Resume(StreamId),
+    Hold(StreamId),
+}
+
+pub struct SimHost {
+    /// The context whose callback runs (`None`: the root's).
+    pub current: Option<StreamId>,
+    next_token: Token,
+    pub sent: Vec<Sent>,
+    pub actions: Vec<StreamAction>,
+    /// Sends fail at once (webdis unreachable).
+    pub refuse_sends: bool,
+    pub shared: SharedData,
+    pub counts: BTreeMap<&'static str, u64>,
+    pub done: bool,
+}
+
+impl SimHost {
+    pub fn new(shared: SharedData, first_token: Token) -> Self {
+        Self {
+            current: None,
+            next_token: first_token,
+            sent: Vec::new(),
+            actions: Vec::new(),
+            refuse_sends: false,
+            shared,
+            counts: BTreeMap::new(),
+            done: false,
+        }
+    }
+
+    pub fn count_of(&self, metric: Metric) -> u64 {
+        self.counts.get(metric.name()).copied().unwrap_or(0)
+    }
+}
+
+impl Io for SimHost {
+    fn send(&mut self, _: &RedisSettings, command: &RedisCommand) -> Result<Token, TransportError> {
+        if self.refuse_sends {
+            return Err(TransportError::NotSent("webdis unreachable".into()));
+        }
+        self.next_token += 1;
+        self.sent.push(Sent {
+            token: self.next_token,
+            command: command.clone(),
+            owner: self.current,
+        });
+        Ok(self.next_token)
+    }
+
+    fn respond(&mut self, stream: StreamId, response: &LocalResponse) {
+        self.actions
+            .push(StreamAction::Respond(stream, response.status));
+    }
+
+    fn set_request_header(&mut self, _: StreamId, _: &str, _: &str) {}
+
+    fn set_response_header(&mut self, _: StreamId, _: &str, _: &str) {}
+
+    fn resume(&mut self, stream: StreamId) {
+        self.actions.push(StreamAction::Resume(stream));
+    }
+
+    fn hold(&mut self, stream: StreamId) -> bool {
+        self.actions.push(StreamAction::Hold(stream));
+        true
+    }
+
+    fn count(&mut self, metric: Metric, by: u64) {
+        *self.counts.entry(metric.name()).or_default() += by;
+    }
+
+    fn answers_outlive_streams(&self) -> bool {
+        self.current.is_none()
+    }
+
+    fn record(&mut self, _: &LabeledMetric, _: i64) {}
+
+    fn log(&mut self, _: LogLevel, _: String) {}
+
+    fn shared_get(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        match self.shared.borrow().get(key) {
+            Some((value, version)) => (Some(value.clone()), Some(*version)),
+            None => (None, None),
+        }
+    }
+
+    fn shared_set(&mut self, key: &str, value: &[u8], version: Option<u32>) -> bool {
+        let mut shared = self.shared.borrow_mut();
+        let current = shared.get(key).map(|(_, v)| *v);
+        if version.is_some() && version != current {
+            return false;
+        }
+        let next = current.unwrap_or(0) + 1;
+        shared.insert(key.into(), (value.to_vec(), next));
+        true
+    }
+
+    fn done(&mut self) {
+        self.done = true;
+    }
+}
