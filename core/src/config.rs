@@ -107,7 +107,7 @@ impl Default for TeamSettings {
 
 /// A running total per user that actions add to and other routes give back, limited by a
 /// plan's `storage_bytes` or `team_members`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Gauge {
@@ -256,6 +256,9 @@ pub struct GatewaySettings {
     /// that writes its whole body before reading gets the answer rather than a reset; beyond
     /// it (or a Content-Length over it) the answer goes at once.
     pub max_drain_bytes: u64,
+    /// The longest the filter reads a refused request's body (a client at one byte a second
+    /// holds a connection no longer): past it, the answer goes at once.
+    pub max_drain_ms: u64,
     /// IETF RateLimit fields (`RateLimit-Policy`, `RateLimit`) on answers to limited actions.
     pub ratelimit_headers: bool,
     /// The request header whose value makes repeats of a request one request (counted once).
@@ -270,6 +273,7 @@ impl Default for GatewaySettings {
             min_upload_bytes_per_second: 64 * 1024,
             request_timeout_ms: None,
             max_drain_bytes: 64 << 20,
+            max_drain_ms: 10_000,
             ratelimit_headers: true,
             idempotency_header: "idempotency-key".into(),
             idempotency_ttl_ms: 86_400_000,
@@ -352,6 +356,13 @@ pub enum UnknownPlan {
 pub struct RedisSettings {
     /// Envoy cluster of the webdis front (stock Envoy reaches Redis over HTTP).
     pub cluster: String,
+    /// The Envoy cluster the read side's calls (the usage endpoints) go to, with their own
+    /// connections and circuit breakers, so a flood of reads never queues ahead of a
+    /// reservation; `null`: `cluster`.
+    pub read_cluster: Option<String>,
+    /// Usage reads one worker has waiting for Redis at most; past it a read is answered 503
+    /// with `Retry-After` at once.
+    pub max_reads_in_flight: usize,
     pub authority: String,
     /// How long a request waits for its reservation before its action's failure mode applies.
     pub timeout_ms: u64,
@@ -420,6 +431,8 @@ impl Default for RedisSettings {
     fn default() -> Self {
         Self {
             cluster: "plan_limits_redis".into(),
+            read_cluster: None,
+            max_reads_in_flight: 8,
             authority: "webdis".into(),
             timeout_ms: 250,
             key_prefix: "plan-limits".into(),
@@ -545,6 +558,10 @@ pub struct Plan {
     pub storage_bytes: Option<u64>,
     pub team_members: Option<u64>,
     pub features: Vec<String>,
+    /// How fast one user's requests may come (spike arrest: 429 past it, before any Redis
+    /// call), per Envoy worker; none when absent.
+    #[serde(default)]
+    pub request_rate: Option<crate::spike::RequestRate>,
 }
 
 impl Config {

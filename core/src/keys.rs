@@ -109,6 +109,18 @@ pub fn encoded_user(user: &str) -> String {
     utf8_percent_encode(user, KEY_SAFE).to_string()
 }
 
+/// A user's key taken apart: the user (decoded) and what follows the user's `{...}:` (`2026-11`,
+/// `day:2026-11-27`, `2026-11:pending:upload`, `storage`, ...); `None` for another key.
+pub fn user_key_parts<'k>(prefix: &str, key: &'k str) -> Option<(String, &'k str)> {
+    let rest = key.strip_prefix(prefix)?.strip_prefix(":{")?;
+    let (user, rest) = rest.split_once("}:")?;
+    let user = percent_encoding::percent_decode_str(user)
+        .decode_utf8()
+        .ok()?
+        .into_owned();
+    Some((user, rest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,7 +148,25 @@ mod tests {
         assert_eq!(keys.summary, "p:{a%7D%3A2026-11%3Ax%7B%2A}:2026-11");
     }
 
+    #[test]
+    fn a_users_key_is_taken_apart_into_the_user_and_the_rest() {
+        let keys = UsageKeys::new("p", "a}:b c", "2026-11", "upload");
+        assert_eq!(
+            user_key_parts("p", &keys.pending),
+            Some(("a}:b c".to_string(), "2026-11:pending:upload"))
+        );
+        assert_eq!(user_key_parts("p", "p:events"), None);
+        assert_eq!(user_key_parts("q", &keys.summary), None);
+    }
+
     proptest::proptest! {
+        #[test]
+        fn a_users_keys_name_the_user_back(user in ".{0,16}") {
+            let keys = UsageKeys::new("p", &user, "2026-11", "upload");
+            let parts = user_key_parts("p", &keys.summary);
+            proptest::prop_assert_eq!(parts, Some((user, "2026-11")));
+        }
+
         #[test]
         fn distinct_users_never_share_a_key(a in ".{0,16}", b in ".{0,16}") {
             proptest::prop_assume!(a != b);

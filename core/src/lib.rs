@@ -11,7 +11,7 @@
 //! - `admission`: a request's head read once (identity, plan, feature, size, kind);
 //! - `request`: a metered request's life (reservation, response, end);
 //! - `settlement`: commits, counts and releases; `settlement_queue`: a worker's, in batches;
-//! - `denials`: refusals remembered briefly per worker;
+//! - `denials`: refusals remembered briefly per worker; `spike`: each user's request rate;
 //! - `reports`: the read side (the caller's usage and history, answered from Redis);
 //! - `worker`: the events in / actions out state machine the shell drives;
 //! - `responses`: every answer the filter gives itself; `metrics`: its counters;
@@ -36,6 +36,7 @@ pub mod responses;
 pub mod routes;
 pub mod settlement;
 pub mod settlement_queue;
+pub mod spike;
 pub mod upstream;
 pub mod worker;
 

@@ -7,6 +7,9 @@ pub enum Metric {
     Allowed,
     /// 429: the monthly limit was reached.
     Denied,
+    /// 429: the user's requests came faster than the plan's request rate (and usage reads
+    /// past a worker's reads in flight: 503).
+    RateLimited,
     /// 401, 400, 403, 405, 413: refused before any Redis call (or a streamed body too large).
     Rejected,
     /// Redis did not answer usably and the action is `fail_open`: let through unchecked.
@@ -48,9 +51,10 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 19] = [
+    pub const ALL: [Metric; 20] = [
         Metric::Allowed,
         Metric::Denied,
+        Metric::RateLimited,
         Metric::Rejected,
         Metric::FailOpen,
         Metric::FailOpenRefused,
@@ -75,6 +79,7 @@ impl Metric {
         match self {
             Metric::Allowed => "plan_limits.allowed",
             Metric::Denied => "plan_limits.denied",
+            Metric::RateLimited => "plan_limits.rate_limited",
             Metric::Rejected => "plan_limits.rejected",
             Metric::FailOpen => "plan_limits.fail_open",
             Metric::FailOpenRefused => "plan_limits.fail_open_refused",
@@ -101,6 +106,8 @@ impl Metric {
 pub enum Outcome {
     Allowed,
     Denied,
+    /// 429 from the plan's request rate (spike arrest), before any Redis call.
+    RateLimited,
     Rejected,
     Duplicate,
     FailOpen,
@@ -109,9 +116,10 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Allowed,
         Outcome::Denied,
+        Outcome::RateLimited,
         Outcome::Rejected,
         Outcome::Duplicate,
         Outcome::FailOpen,
@@ -123,6 +131,7 @@ impl Outcome {
         match self {
             Outcome::Allowed => "allowed",
             Outcome::Denied => "denied",
+            Outcome::RateLimited => "rate_limited",
             Outcome::Rejected => "rejected",
             Outcome::Duplicate => "duplicate",
             Outcome::FailOpen => "fail_open",
@@ -136,6 +145,7 @@ impl Outcome {
         match self {
             Outcome::Allowed => Metric::Allowed,
             Outcome::Denied => Metric::Denied,
+            Outcome::RateLimited => Metric::RateLimited,
             Outcome::Rejected => Metric::Rejected,
             Outcome::Duplicate => Metric::Duplicates,
             Outcome::FailOpen => Metric::FailOpen,

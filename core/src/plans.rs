@@ -19,11 +19,15 @@ use crate::routes::{self, PathPattern, Route};
 pub struct Plans {
     pub identity: Identity,
     pub redis: RedisSettings,
+    /// The settings the read side's calls go with: `redis` on `read_cluster`.
+    pub read_redis: RedisSettings,
     /// Envoy's whole-request timeout (ms): long enough for the largest allowed upload on the
     /// slowest link taken.
     pub request_timeout_ms: u64,
-    /// The most body read and discarded from a refused request before answering it.
+    /// The most body read and discarded from a refused request before answering it, and the
+    /// longest (ms) it is read.
     pub max_drain_bytes: u64,
+    pub max_drain_ms: u64,
     /// Whether answers to limited actions carry the IETF RateLimit fields.
     pub ratelimit_headers: bool,
     pub warnings: crate::config::Warnings,
@@ -154,6 +158,8 @@ pub struct Plan {
     pub limits_json: Rc<str>,
     /// Plans suggested one after another: its upgrade, that one's upgrade, ... (no cycles).
     pub upgrade_path: Vec<UpgradeStep>,
+    /// How fast one user's requests may come (spike arrest).
+    pub request_rate: Option<crate::spike::RequestRate>,
 }
 
 /// A plan on another plan's upgrade path, with what offers are made from.
@@ -269,11 +275,21 @@ impl Plans {
                 .collect()
         };
         let (storage_rooms, team_rooms) = (rooms(Gauge::Storage), rooms(Gauge::Team));
+        let read_redis = RedisSettings {
+            cluster: config
+                .redis
+                .read_cluster
+                .clone()
+                .unwrap_or_else(|| config.redis.cluster.clone()),
+            ..config.redis.clone()
+        };
         Ok(Self {
             identity: config.identity,
             redis: config.redis,
+            read_redis,
             request_timeout_ms,
             max_drain_bytes: config.gateway.max_drain_bytes,
+            max_drain_ms: config.gateway.max_drain_ms,
             ratelimit_headers: config.gateway.ratelimit_headers,
             warnings: config.warnings.clone(),
             idempotency_header: config.gateway.idempotency_header.to_ascii_lowercase(),
@@ -530,6 +546,7 @@ fn compile_plans(config: &Config) -> Result<Vec<Rc<Plan>>, ConfigError> {
                 limits: plan.limits.clone(),
                 limits_json: Rc::from(limits_json),
                 upgrade_path: upgrade_path(config, key),
+                request_rate: plan.request_rate,
             }))
         })
         .collect()

@@ -76,6 +76,11 @@ impl Report {
         &self.user
     }
 
+    /// The plan its token claims, if any.
+    pub fn claimed_plan(&self) -> Option<&str> {
+        self.claimed_plan.as_deref()
+    }
+
     pub fn anchor(&self) -> u32 {
         self.anchor
     }

@@ -428,6 +428,35 @@ pub fn usage_unavailable(action_key: &str) -> LocalResponse {
     .with_header("retry-after", "1".into())
 }
 
+/// 429 for a user whose requests come faster than the plan's `request_rate` (spike arrest).
+pub fn too_many_requests(plan: &Plan, per_second: u32, retry_after_secs: u64) -> LocalResponse {
+    LocalResponse::json(
+        429,
+        json!({
+            "error": "Too many requests",
+            "message": format!(
+                "Slow down: the {} plan takes at most {per_second} requests a second.",
+                plan.name
+            ),
+            "plan": plan.key,
+            "retry_after": retry_after_secs,
+        }),
+    )
+    .with_header("retry-after", retry_after_secs.to_string())
+}
+
+/// 503 for a usage read while this worker already waits on Redis for as many as it may.
+pub fn reads_busy() -> LocalResponse {
+    LocalResponse::json(
+        503,
+        json!({
+            "error": "Usage service busy",
+            "message": "Too many usage reads at once; please retry in a moment.",
+        }),
+    )
+    .with_header("retry-after", "1".into())
+}
+
 /// 503 from a worker that has no plans yet (Envoy sends it no traffic; should any come, it is
 /// not let past a limit unchecked).
 pub fn not_configured() -> LocalResponse {

@@ -32,7 +32,7 @@ use crate::entitlements::{EntitlementCache, Recorded};
 use crate::keys::{self, UsageKeys};
 use crate::metrics::{self, LabeledMetric, Metric, Outcome};
 use crate::outage::{self, Budget};
-use crate::plans::Plans;
+use crate::plans::{Plan, Plans};
 use crate::redis::functions::{self, EventsTrim, ReserveStatus, SettleArgs};
 use crate::redis::{RedisCommand, RedisReply, TransportError};
 use crate::reports::Report;
@@ -40,6 +40,7 @@ use crate::request::{unix_millis, Decision, MeteredRequest};
 use crate::responses::{self, LocalResponse};
 use crate::settlement::Settlement;
 use crate::settlement_queue::{BatchReport, Group, SettlementQueue, APPLIED_MEMORY_MS};
+use crate::spike::RequestRates;
 use crate::upstream::{self, Answer};
 
 /// The host's id of an HTTP stream (its context id).
@@ -151,6 +152,8 @@ pub struct Worker {
     /// Records of settlements given up, waiting for room in the queue (`lost` events).
     losses: Vec<Settlement>,
     denials: DenialCache,
+    /// Each user's request rate (spike arrest).
+    rates: RequestRates,
     entitlements: EntitlementCache,
     ids: ReservationIds,
     stopping: bool,
@@ -181,6 +184,25 @@ struct PendingReport {
 struct Drain {
     response: Option<LocalResponse>,
     read: u64,
+    /// When its draining was first seen (the first body piece or tick after the refusal,
+    /// unix ms): it ends `max_drain_ms` later at the latest.
+    since_ms: Option<u64>,
+}
+
+impl Drain {
+    fn new(response: LocalResponse) -> Self {
+        Self {
+            response: Some(response),
+            read: 0,
+            since_ms: None,
+        }
+    }
+
+    /// Whether it has been read for `max_ms` by `now_ms` (starting the clock if not yet).
+    fn overdue(&mut self, now_ms: u64, max_ms: u64) -> bool {
+        let since = *self.since_ms.get_or_insert(now_ms);
+        now_ms.saturating_sub(since) >= max_ms
+    }
 }
 
 /// Who waits for a call's answer.
@@ -257,6 +279,7 @@ impl Worker {
             settlements: SettlementQueue::new(defaults.max_queued_settlements, defaults.max_batch),
             losses: Vec::new(),
             denials: DenialCache::new(REMEMBERED_USERS),
+            rates: RequestRates::new(REMEMBERED_USERS),
             entitlements: EntitlementCache::new(REMEMBERED_USERS),
             ids: ReservationIds { vm_nonce, next: 0 },
             stopping: false,
@@ -366,13 +389,31 @@ impl Worker {
         io: &mut dyn Io,
     ) -> Flow {
         let mut report = report;
-        // Billing's anchor day, as this worker last heard it, over the token's.
-        let recorded = self.entitlements.get(report.user(), unix_millis(now));
-        if let Some(anchor) = recorded.and_then(|r| r.anchor) {
+        // Billing's anchor day and plan, as this worker last heard them, over the token's.
+        let recorded = self
+            .entitlements
+            .get(report.user(), unix_millis(now))
+            .cloned();
+        if let Some(anchor) = recorded.as_ref().and_then(|r| r.anchor) {
             report.reanchor(anchor, now);
         }
+        let plan = recorded
+            .and_then(|r| r.plan)
+            .or_else(|| report.claimed_plan().map(String::from))
+            .and_then(|key| plans.plan(&key).cloned())
+            .unwrap_or_else(|| plans.default_plan().clone());
+        if let Err(response) = self.within_rate(report.user(), &plan, now) {
+            io.count(Metric::RateLimited, 1);
+            return self.answer_at_head(stream, response, drainable, io);
+        }
+        // Reads have their own cluster, and a bound per worker: a flood of them never delays
+        // a reservation.
+        if self.reports.len() >= plans.redis.max_reads_in_flight {
+            io.count(Metric::RateLimited, 1);
+            return self.answer_at_head(stream, responses::reads_busy(), drainable, io);
+        }
         let command = report.command(plans, unix_millis(now));
-        match send(io, &plans.redis, command) {
+        match send(io, &plans.read_redis, command) {
             Ok(call) => {
                 self.calls.insert(call, (Waiter::Report(stream), now));
                 let pending = PendingReport {
@@ -390,6 +431,21 @@ impl Worker {
         }
     }
 
+    /// Takes one of `user`'s requests from its plan's request rate; `Err`: the 429 to answer.
+    fn within_rate(
+        &mut self,
+        user: &str,
+        plan: &Plan,
+        now: DateTime<Utc>,
+    ) -> Result<(), LocalResponse> {
+        let Some(rate) = plan.request_rate else {
+            return Ok(());
+        };
+        self.rates
+            .take(user, rate, unix_millis(now))
+            .map_err(|secs| responses::too_many_requests(plan, rate.per_second, secs))
+    }
+
     /// Answers `stream` with `response`: at once, or, when its client may be writing a body,
     /// once the body is read (the stream held from the upstream meanwhile). `true`: held.
     fn answer(
@@ -400,8 +456,7 @@ impl Worker {
         io: &mut dyn Io,
     ) -> bool {
         if drainable && io.hold(stream) {
-            let response = Some(response);
-            self.draining.insert(stream, Drain { response, read: 0 });
+            self.draining.insert(stream, Drain::new(response));
             true
         } else {
             io.respond(stream, &response);
@@ -450,6 +505,11 @@ impl Worker {
             }
         }
         self.note_unknown_plan(&request, now_ms, io);
+        let plan = request.terms().plan.clone();
+        if let Err(response) = self.within_rate(request.user(), &plan, now) {
+            count_outcome(io, &request, Outcome::RateLimited);
+            return self.answer_at_head(stream, response, drainable, io);
+        }
         // An idempotency key is checked in Redis even for an unlimited action (the client asked
         // for it, and pays the round trip), and so is a request adding to a limited gauge (an
         // upload into a limited storage, an invite into a limited team).
@@ -833,8 +893,12 @@ impl Worker {
     ) -> BodyFlow {
         if let Some(drain) = self.draining.get_mut(&stream) {
             drain.read = drain.read.saturating_add(len);
-            let max = self.plans.as_ref().map_or(0, |p| p.max_drain_bytes);
-            if !(end_of_stream || drain.read > max) {
+            let (max, max_ms) = self
+                .plans
+                .as_ref()
+                .map_or((0, 0), |p| (p.max_drain_bytes, p.max_drain_ms));
+            let overdue = drain.overdue(unix_millis(now), max_ms);
+            if !(end_of_stream || drain.read > max || overdue) {
                 return BodyFlow::Discard;
             }
             if let Some(response) = drain.response.take() {
@@ -867,8 +931,7 @@ impl Worker {
                     io.respond(stream, &response);
                     BodyFlow::Stop
                 } else {
-                    let response = Some(response);
-                    self.draining.insert(stream, Drain { response, read: 0 });
+                    self.draining.insert(stream, Drain::new(response));
                     BodyFlow::Discard
                 }
             }
@@ -1107,9 +1170,23 @@ impl Worker {
             return;
         }
         self.flushed_at_ms = now_ms;
+        self.end_overdue_drains(now_ms, io);
         self.extend_held(now, io);
         self.flush(now, io);
         self.report_queue(io);
+    }
+
+    /// Refused streams whose body has been read for `max_drain_ms` are answered now, whatever
+    /// their client still sends (at one byte a second it holds a connection no longer).
+    fn end_overdue_drains(&mut self, now_ms: u64, io: &mut dyn Io) {
+        let max_ms = self.plans.as_ref().map_or(0, |p| p.max_drain_ms);
+        for (stream, drain) in &mut self.draining {
+            if drain.response.is_some() && drain.overdue(now_ms, max_ms) {
+                if let Some(response) = drain.response.take() {
+                    io.respond(*stream, &response);
+                }
+            }
+        }
     }
 
     /// Brings this worker's share of the queued-settlements gauge up to date.
@@ -1425,6 +1502,8 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         sent: Vec<(Token, RedisCommand)>,
+        /// The Envoy cluster each call went to.
+        clusters: Vec<String>,
         next_token: Token,
         /// Sends fail while set (no connection, unknown cluster).
         refuse_sends: bool,
@@ -1447,12 +1526,13 @@ mod tests {
     impl Io for Recorder {
         fn send(
             &mut self,
-            _: &RedisSettings,
+            redis: &RedisSettings,
             command: &RedisCommand,
         ) -> Result<Token, TransportError> {
             if self.refuse_sends {
                 return Err(TransportError::NotSent("no connection".into()));
             }
+            self.clusters.push(redis.cluster.clone());
             self.next_token += 1;
             self.sent.push((self.next_token, command.clone()));
             Ok(self.next_token)
@@ -1674,6 +1754,98 @@ mod tests {
         assert_eq!(io.status_for(1), Some(401));
         assert_eq!(io.count_of(Metric::AnsweredAfterBody), 1);
         assert_eq!(io.count_of(Metric::Rejected), 1);
+    }
+
+    #[test]
+    fn a_refused_body_is_read_for_max_drain_ms_at_most() {
+        let mut io = holding();
+        let mut w = worker(&mut io);
+        let mut no_token = upload("u");
+        no_token.claims = Default::default();
+        // A client at a byte a second: answered once max_drain_ms (10 s) have passed, by its
+        // next byte or by a tick, whichever comes first.
+        for stream in [1, 2] {
+            assert_eq!(send(&mut w, stream, &no_token, &mut io), Flow::Continue);
+            let piece = w.on_request_body(stream, 1, false, now(), &mut io);
+            assert_eq!(piece, BodyFlow::Discard);
+        }
+        let later = now() + chrono::Duration::milliseconds(9_999);
+        assert_eq!(
+            w.on_request_body(1, 1, false, later, &mut io),
+            BodyFlow::Discard
+        );
+        w.on_tick(later, &mut io);
+        assert!(io.responded.is_empty());
+        let late = now() + chrono::Duration::seconds(10);
+        assert_eq!(
+            w.on_request_body(1, 1, false, late, &mut io),
+            BodyFlow::Stop
+        );
+        assert_eq!(io.status_for(1), Some(401));
+        w.on_tick(late, &mut io);
+        assert_eq!(io.status_for(2), Some(401));
+        assert_eq!(io.responded.len(), 2, "each answered once");
+        w.on_tick(late + chrono::Duration::seconds(1), &mut io);
+        assert_eq!(io.responded.len(), 2);
+    }
+
+    #[test]
+    fn a_user_past_the_plans_request_rate_is_refused_before_any_redis_call() {
+        let mut io = Recorder::default();
+        let json = plans_json_with(|p| {
+            p["plans"]["free"]["request_rate"] = serde_json::json!({"per_second": 2, "burst": 3});
+        });
+        let mut w = worker_with(&mut io, &json);
+        let view = head("GET", "/api/procedures/1", "u", "free");
+        for stream in 1..=3 {
+            assert_eq!(send(&mut w, stream, &view, &mut io), Flow::Continue);
+        }
+        let sent = io.sent.len();
+        assert_eq!(send(&mut w, 4, &upload("u"), &mut io), Flow::Pause);
+        assert_eq!(io.sent.len(), sent, "no reservation asked for");
+        let (_, refused) = io.responded.last().unwrap();
+        assert_eq!(refused.status, 429);
+        assert!(
+            refused.body.contains("at most 2 requests a second"),
+            "{}",
+            refused.body
+        );
+        assert!(refused
+            .headers
+            .iter()
+            .any(|(n, v)| n == "retry-after" && v == "1"));
+        assert_eq!(io.count_of(Metric::RateLimited), 1);
+        // Usage reads count too; another user is not held back; half a second later one more.
+        assert_eq!(
+            send(&mut w, 5, &head("GET", "/api/usage", "u", "free"), &mut io),
+            Flow::Pause
+        );
+        assert_eq!(io.status_for(5), Some(429));
+        assert_eq!(send(&mut w, 6, &upload("v"), &mut io), Flow::Pause);
+        assert!(io.status_for(6).is_none(), "v reserves");
+        let later = now() + chrono::Duration::milliseconds(500);
+        let flow = w.on_request_headers(7, view.head(), true, later, &mut io);
+        assert_eq!(flow, Flow::Continue);
+    }
+
+    #[test]
+    fn usage_reads_in_flight_are_bounded_per_worker_and_go_to_their_own_cluster() {
+        let mut io = Recorder::default();
+        let json = plans_json_with(|p| {
+            p["redis"]["max_reads_in_flight"] = 2.into();
+            p["redis"]["read_cluster"] = "plan_limits_redis_reads".into();
+        });
+        let mut w = worker_with(&mut io, &json);
+        for (stream, user) in [(1, "a"), (2, "b"), (3, "c")] {
+            let read = head("GET", "/api/usage", user, "free");
+            assert_eq!(send(&mut w, stream, &read, &mut io), Flow::Pause);
+        }
+        assert_eq!(io.sent.len(), 2);
+        assert_eq!(io.status_for(3), Some(503));
+        assert_eq!(io.clusters, ["plan_limits_redis_reads"; 2]);
+        // A reservation still goes to the reservations' cluster.
+        send(&mut w, 4, &upload("d"), &mut io);
+        assert_eq!(io.clusters.last().unwrap(), "plan_limits_redis");
     }
 
     #[test]
@@ -2851,7 +3023,11 @@ mod tests {
         for stream in 1..=3 {
             view_succeeds(&mut w, stream, &mut io);
         }
-        assert_eq!(w.queued_settlements(), 2);
+        assert_eq!(
+            w.queued_settlements(),
+            3,
+            "two, and the record of the lost one"
+        );
         assert_eq!(io.count_of(Metric::SettlementsDropped), 1);
         // Two more are lost the same way: one record of the user's three lost views goes to
         // Redis once the queue has room.

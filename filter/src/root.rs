@@ -64,9 +64,18 @@ impl RootContext for PlanLimitsRoot {
         });
         let plans = self.shared.worker.borrow().plans().cloned();
         if let (true, Some(plans)) = (accepted, plans) {
-            if let Err(e) = transport::init(&plans.redis) {
-                // Requests follow their failure mode until Redis can be reached.
-                log::warn!("plan-limits: redis transport not ready: {e}");
+            let mut clusters = vec![&plans.redis];
+            if plans.read_redis.cluster != plans.redis.cluster {
+                clusters.push(&plans.read_redis);
+            }
+            for redis in clusters {
+                if let Err(e) = transport::init(redis) {
+                    // Requests follow their failure mode until Redis can be reached.
+                    log::warn!(
+                        "plan-limits: redis transport not ready ({}): {e}",
+                        redis.cluster
+                    );
+                }
             }
             let tick = plans.redis.flush_interval_ms.max(1);
             self.set_tick_period(Duration::from_millis(tick));

@@ -2,6 +2,7 @@
 //! schema, read and change what users may do, render the deployment, pack the module as an
 //! OCI image), the `make run` launcher and the benchmark runner.
 
+pub mod audit;
 pub mod bench;
 pub mod diff;
 pub mod oci;

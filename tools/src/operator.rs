@@ -41,8 +41,8 @@ fn slot_range(range: redis::Value) -> Result<(u16, u16, (String, u16)), String> 
 }
 
 /// A master: its address (`None`: the one Redis) and the slot ranges it serves.
-struct Master {
-    node: Option<(String, u16)>,
+pub(crate) struct Master {
+    pub(crate) node: Option<(String, u16)>,
     slots: Vec<(u16, u16)>,
 }
 
@@ -89,7 +89,7 @@ impl Redis {
 
     /// Every master's address and the hash slots it serves (`CLUSTER SLOTS`); one Redis is
     /// one master of every slot, at `None`.
-    fn masters(&mut self) -> Result<Vec<Master>, String> {
+    pub(crate) fn masters(&mut self) -> Result<Vec<Master>, String> {
         let Redis::Cluster { conn, .. } = self else {
             return Ok(vec![Master {
                 node: None,
@@ -117,7 +117,7 @@ impl Redis {
 
     /// A connection of its own to a master (`None`: the one Redis), with REDIS_URL's
     /// credentials.
-    fn connect_master(
+    pub(crate) fn connect_master(
         &mut self,
         node: Option<&(String, u16)>,
     ) -> Result<redis::Connection, String> {
@@ -349,17 +349,8 @@ pub fn export(
 ) -> Result<u64, String> {
     let start = day_start_ms(from)?;
     let end = day_start_ms(to.succ_opt().ok_or("--to is too late")?)? - 1;
-    let base = &plans.redis.events_stream;
     let on_cluster = matches!(redis, Redis::Cluster { .. });
-    let streams = if on_cluster {
-        // The base stream too: events written before the move to a cluster.
-        let names: Vec<String> = std::iter::once(base.clone())
-            .chain(cluster::all_events_streams(base))
-            .collect();
-        existing(redis, names)?
-    } else {
-        vec![base.clone()]
-    };
+    let streams = events_streams(redis, plans)?;
     let mut csv = (format == Format::Csv).then(|| csv::Writer::from_writer(Vec::new()));
     if let Some(w) = &mut csv {
         let mut header = COLUMNS.to_vec();
@@ -423,6 +414,20 @@ pub fn export(
     Ok(written)
 }
 
+/// Every events stream of `plans` that exists: the one stream, or on a cluster every slot's
+/// (and the one stream, for events written before the move to a cluster).
+pub(crate) fn events_streams(redis: &mut Redis, plans: &Plans) -> Result<Vec<String>, String> {
+    let base = &plans.redis.events_stream;
+    if matches!(redis, Redis::Cluster { .. }) {
+        let names: Vec<String> = std::iter::once(base.clone())
+            .chain(cluster::all_events_streams(base))
+            .collect();
+        existing(redis, names)
+    } else {
+        Ok(vec![base.clone()])
+    }
+}
+
 /// The names among `names` that exist (one pipelined `EXISTS` each).
 fn existing(redis: &mut Redis, names: Vec<String>) -> Result<Vec<String>, String> {
     let commands = names
@@ -440,11 +445,11 @@ fn existing(redis: &mut Redis, names: Vec<String>) -> Result<Vec<String>, String
 }
 
 /// One event as read: its stream, its id, its fields and values in turn.
-type Event = (String, String, Vec<String>);
+pub(crate) type Event = (String, String, Vec<String>);
 
 /// The events of `streams` recorded from `from_ms` to `to_ms` (both included), stream by
 /// stream, each stream's in order; pages of 1000, all streams' in one pipeline per round.
-fn read_range(
+pub(crate) fn read_range(
     redis: &mut Redis,
     streams: &[String],
     from_ms: u64,
@@ -490,7 +495,7 @@ fn read_range(
 }
 
 /// A stream id's order: milliseconds, then sequence.
-fn id_order(id: &str) -> (u64, u64) {
+pub(crate) fn id_order(id: &str) -> (u64, u64) {
     let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
     (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }

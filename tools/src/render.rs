@@ -215,6 +215,9 @@ fn set(value: &mut Value, path: &[&str], to: Value) {
 /// applied; refused here if the filter would refuse it.
 fn plugin_config(plans_json: &Value, edits: &[(&[&str], Value)]) -> Result<Value, String> {
     let mut config = plans_json.clone();
+    // The platform's one route to Redis carries the usage reads too (Envoy's own config gives
+    // them a cluster of their own).
+    set(&mut config, &["redis", "read_cluster"], Value::Null);
     for (path, to) in edits {
         set(&mut config, path, to.clone());
     }

@@ -292,6 +292,36 @@ fn the_operators_changes_reach_a_running_gateway_and_are_on_record() {
     // Billing's plan: unlimited uploads from the next request on.
     cli(&["set-plan", "gia", "professional"]);
     assert_eq!(upload().status, 200);
+    // The audit recomputes every counter and total from the events, the grant and the reset
+    // included: no drift.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let audit = cli(&["audit"]);
+    assert!(audit.contains("no drift"), "{audit}");
+    let period = plan_limits_services::usage::this_period();
+    assert!(cli(&["audit", "--period", &period]).contains("no drift"));
+    // A counter changed behind the gateway's back is drift, and the audit fails on it.
+    let mut redis = gw.redis.connection();
+    let summary = keys::UsageKeys::new("plan-limits", "gia", &period, "upload").summary;
+    let counted: u64 = redis::cmd("HGET")
+        .arg(&summary)
+        .arg("upload")
+        .query(&mut redis)
+        .unwrap();
+    redis::cmd("HINCRBY")
+        .arg(&summary)
+        .arg("upload")
+        .arg(3)
+        .exec(&mut redis)
+        .unwrap();
+    let out = plan_limits(&["audit"], Some(&url));
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = format!(
+        "\"gia\" upload in period {period}: Redis holds {}, the events say {counted} (+3)",
+        counted + 3
+    );
+    assert!(text.contains(&line), "{text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 counters differ"));
 }
 
 #[test]

@@ -97,12 +97,17 @@ impl Harness {
             Build::Webdis => {
                 let (host, redis_port, password) = host_port(&filter_url);
                 let started = Webdis::start(&dir, &host, redis_port, password.as_deref(), None);
-                upstreams
-                    .http
-                    .insert(cluster, format!("127.0.0.1:{}", started.port));
+                let address = format!("127.0.0.1:{}", started.port);
+                if let Some(reads) = read_cluster(plans_json) {
+                    upstreams.http.insert(reads, address.clone());
+                }
+                upstreams.http.insert(cluster, address);
                 webdis = Some(started);
             }
             Build::RedisHostCalls => {
+                if let Some(reads) = read_cluster(plans_json) {
+                    upstreams.redis.insert(reads, filter_url.clone());
+                }
                 upstreams.redis.insert(cluster, filter_url);
             }
         }
@@ -127,6 +132,9 @@ impl Harness {
             "webdis cannot talk to a Redis Cluster: use the host-call build"
         );
         let mut upstreams = Upstreams::default();
+        if let Some(reads) = read_cluster(plans_json) {
+            upstreams.redis_cluster.insert(reads, redis.filter_urls());
+        }
         upstreams
             .redis_cluster
             .insert(envoy_cluster(plans_json), redis.filter_urls());
@@ -466,10 +474,18 @@ fn upstream_answer(status: u16, forwarded: &Pairs, body_bytes: u64) -> Response 
 
 /// The Envoy cluster plans.json names for Redis calls.
 fn envoy_cluster(plans_json: &str) -> String {
+    redis_cluster_named(plans_json, "cluster").unwrap_or_else(|| "plan_limits_redis".into())
+}
+
+/// The cluster the usage reads go to, if plans.json gives them their own.
+fn read_cluster(plans_json: &str) -> Option<String> {
+    redis_cluster_named(plans_json, "read_cluster")
+}
+
+fn redis_cluster_named(plans_json: &str, field: &str) -> Option<String> {
     serde_json::from_str::<serde_json::Value>(plans_json)
         .ok()
-        .and_then(|v| v["redis"]["cluster"].as_str().map(String::from))
-        .unwrap_or_else(|| "plan_limits_redis".into())
+        .and_then(|v| v["redis"][field].as_str().map(String::from))
 }
 
 /// Host, port and password of a `redis://[user:password@]host:port/` URL.

@@ -14,6 +14,7 @@
 //! plan-limits grant USER ACTION N
 //! plan-limits reset USER [ACTION]
 //! plan-limits export --from YYYY-MM-DD --to YYYY-MM-DD [--format jsonl|csv]
+//! plan-limits audit [--period P]
 //! plan-limits render envoy|istio|envoy-gateway|higress [PLANS_JSON] [--image oci://...] ...
 //! plan-limits oci [WASM] [--out DIR] [--tag TAG]
 //! ```
@@ -22,7 +23,9 @@
 //! and `reset` each write one transaction with an `admin` event (`--operator`, default
 //! `$USER`); `export` prints the event stream's events of those days. REDIS_URL may name a
 //! master of a Redis Cluster: the commands then work on the whole cluster (`export` reads
-//! every slot's stream, `functions load` loads every master).
+//! every slot's stream, `functions load` loads every master). `audit` recomputes every
+//! counter and running total from the events and prints the drift and the losses on record;
+//! it exits non-zero on any drift.
 //!
 //! `diff` prints what changes from OLD to NEW, one line per change (`free upload: 5 -> 3`), or
 //! `no changes`; with `--scenario`, it replays the scenario under each (as `replay` does, each
@@ -173,6 +176,15 @@ enum Command {
         to: chrono::NaiveDate,
         #[arg(long, value_enum, default_value_t = FormatArg::Jsonl)]
         format: FormatArg,
+        #[arg(long, default_value = "plans.json")]
+        plans: PathBuf,
+    },
+    /// Recompute every counter (monthly and daily) and running total (storage, team) from the
+    /// events and compare them with Redis; list the losses on record. Exits non-zero on drift.
+    Audit {
+        /// Only this period (`2026-11`, or `2026-11-15` for one from an anchor day) and its days.
+        #[arg(long)]
+        period: Option<String>,
         #[arg(long, default_value = "plans.json")]
         plans: PathBuf,
     },
@@ -390,6 +402,16 @@ fn main() -> ExitCode {
             let n = operator::export(&mut redis()?, &plans, from, to, format, &mut out)?;
             eprintln!("{n} events");
             Ok(())
+        }),
+        Command::Audit { period, plans } => load(&plans).and_then(|(_, plans)| {
+            let scope = plan_limits_tools::audit::Scope { period };
+            let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+            let audit = plan_limits_tools::audit::run(&mut redis()?, &plans, &scope, now)?;
+            print!("{audit}");
+            match audit.drift.len() {
+                0 => Ok(()),
+                n => Err(format!("{n} counters differ from their events")),
+            }
         }),
         Command::Functions(Functions::Load) => load_functions(),
         Command::Render {
