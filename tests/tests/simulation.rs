@@ -1,6 +1,7 @@
 //! The deterministic simulation of the core (`plan_limits_tests::simulation`): many seeds, each
 //! a world of Envoys, workers, clients, upstreams, faults and a network, run in simulated time
-//! against a real Redis and the real Lua library, the ledger invariant checked after each.
+//! against a real Redis and the real Lua library, the ledger invariant checked after each, and
+//! `plan-limits audit` run on what it left (no drift).
 //!
 //! `SIM_SEEDS=N` runs N seeds (default 300), `SIM_SEEDS=a,b,c` those seeds; `SIM_REQUESTS`
 //! requests per seed (default 60). A failing seed prints the line that replays it.
@@ -44,7 +45,7 @@ fn the_ledger_invariant_holds_in_every_simulated_world() {
     let seeds: Vec<u64> = KEPT_SEEDS.iter().copied().chain(seeds()).collect();
     let mut failures = Vec::new();
     for &seed in &seeds {
-        match run_seed(&mut filter, &mut admin, seed, budget) {
+        match run_seed(&mut filter, &mut admin, &server.url(), seed, budget) {
             Ok(report) => {
                 total.requests += report.requests;
                 total.done += report.done;
@@ -53,6 +54,7 @@ fn the_ledger_invariant_holds_in_every_simulated_world() {
                 total.lost_on_record += report.lost_on_record;
                 total.lost_with_killed_envoy += report.lost_with_killed_envoy;
                 total.fail_open += report.fail_open;
+                total.audited_losses += report.audited_losses;
             }
             Err((violations, faults)) => {
                 eprintln!("seed {seed} (faults {faults:?}):");

@@ -29,6 +29,8 @@ pub struct Report {
     /// Done by an unlimited action whose Envoy was killed before sending its settlement.
     pub lost_with_killed_envoy: u64,
     pub fail_open: u64,
+    /// Units `plan-limits audit` lists as lost on record.
+    pub audited_losses: u64,
 }
 
 #[derive(Debug, Clone)]

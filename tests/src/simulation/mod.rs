@@ -992,6 +992,16 @@ impl<'r> World<'r> {
         out
     }
 
+    /// `plan-limits audit` of the seed's keys and events (its prefix), as an operator runs it.
+    pub fn audit(&self, admin_url: &str) -> plan_limits_tools::audit::Audit {
+        let plans = plan_limits_core::plans::Plans::from_json(self.plans.as_bytes())
+            .expect("the simulation's plans");
+        let mut redis = plan_limits_tools::operator::Redis::connect(admin_url).expect("Redis");
+        let scope = plan_limits_tools::audit::Scope::default();
+        plan_limits_tools::audit::run(&mut redis, &plans, &scope, self.now_ms)
+            .unwrap_or_else(|e| panic!("audit: {e}"))
+    }
+
     /// Checks the ledger invariant (see `check`).
     pub fn check(&mut self) -> Result<Report, Vec<Violation>> {
         check::check(
@@ -1015,16 +1025,29 @@ fn reservation_id(command: &plan_limits_core::redis::RedisCommand) -> Option<Str
         .map(|id| String::from_utf8_lossy(id).into_owned())
 }
 
-/// Runs `seed` against a Redis: `redis` as the filter's user, `admin` for the checks. The
-/// report, or the violations with the faults the seed ran.
+/// Runs `seed` against a Redis: `redis` as the filter's user, `admin` for the checks, and
+/// `admin_url` for `plan-limits audit`, which must find no drift. The report, or the
+/// violations with the faults the seed ran.
 pub fn run_seed(
     redis: &mut redis::Connection,
     admin: &mut redis::Connection,
+    admin_url: &str,
     seed: u64,
     budget: Budget,
 ) -> Result<Report, (Vec<Violation>, Vec<String>)> {
     let mut world = World::new(seed, redis, admin);
     world.run(budget);
     let faults = world.faults.clone();
-    world.check().map_err(|v| (v, faults))
+    let mut report = world.check().map_err(|v| (v, faults.clone()))?;
+    let audit = world.audit(admin_url);
+    if !audit.drift.is_empty() {
+        let drift = audit
+            .drift
+            .iter()
+            .map(|d| Violation(format!("audit: {d:?}")))
+            .collect();
+        return Err((drift, faults));
+    }
+    report.audited_losses = audit.lost.iter().map(|l| l.units).sum();
+    Ok(report)
 }
