@@ -265,6 +265,9 @@ pub struct GatewaySettings {
     pub idempotency_header: String,
     /// How long a key is remembered.
     pub idempotency_ttl_ms: u64,
+    /// How many keys one user may have remembered at once (each costs Redis memory for
+    /// `idempotency_ttl_ms`); past it, a request with a new key is refused (429).
+    pub max_idempotency_keys: u64,
 }
 
 impl Default for GatewaySettings {
@@ -277,6 +280,7 @@ impl Default for GatewaySettings {
             ratelimit_headers: true,
             idempotency_header: "idempotency-key".into(),
             idempotency_ttl_ms: 86_400_000,
+            max_idempotency_keys: 1000,
         }
     }
 }

@@ -82,6 +82,11 @@ impl UserKeys {
         format!("{}:{}:held", self.base, gauge.name())
     }
 
+    /// Sorted set: the markers of the idempotency keys the user has remembered, by expiry.
+    pub fn idempotency_index(&self) -> String {
+        format!("{}:idem", self.base)
+    }
+
     /// String: the marker of a request sent with idempotency key `key` for `action`.
     pub fn idempotency(&self, action: &str, key: &str) -> String {
         let key = utf8_percent_encode(key, KEY_SAFE);

@@ -34,6 +34,7 @@ pub struct Plans {
     /// The idempotency key's header (lower case) and how long a key is remembered.
     pub idempotency_header: String,
     pub idempotency_ttl_ms: u64,
+    pub max_idempotency_keys: u64,
     pub features: Vec<String>,
     actions: Vec<Rc<Action>>,
     plans: Vec<Rc<Plan>>,
@@ -294,6 +295,7 @@ impl Plans {
             warnings: config.warnings.clone(),
             idempotency_header: config.gateway.idempotency_header.to_ascii_lowercase(),
             idempotency_ttl_ms: config.gateway.idempotency_ttl_ms,
+            max_idempotency_keys: config.gateway.max_idempotency_keys,
             features: config.features,
             actions,
             plans,

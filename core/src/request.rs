@@ -18,7 +18,7 @@ use crate::config::{FailureMode, Gauge, Limit, OnClientAbort, RedisSettings};
 use crate::keys::UsageKeys;
 use crate::period::{self, BillingPeriod};
 use crate::plans::{Action, FeatureAccess, Plan, Plans, Terms};
-use crate::redis::functions::{self, GaugeHold, ReserveArgs, ReserveStatus};
+use crate::redis::functions::{self, GaugeHold, IdempotencyMark, ReserveArgs, ReserveStatus};
 use crate::redis::{RedisCommand, RedisReply, TransportError};
 use crate::responses::{self, Exhausted, LocalResponse};
 use crate::settlement::{SettleMode, Settlement};
@@ -390,6 +390,7 @@ impl MeteredRequest {
             .idempotency_key
             .as_deref()
             .map(|key| self.keys.user.idempotency(&self.action.key, key));
+        let index = self.keys.user.idempotency_index();
         let gauge = self.action.adds_to.map(|gauge| GaugeHold {
             gauge,
             amount: match gauge {
@@ -410,7 +411,12 @@ impl MeteredRequest {
             now_ms,
             ttl_ms: plans.redis.reservation_ttl_ms,
             limits: self.action.limits(),
-            idempotency: marker.as_deref().map(|m| (m, plans.idempotency_ttl_ms)),
+            idempotency: marker.as_deref().map(|marker| IdempotencyMark {
+                marker,
+                ttl_ms: plans.idempotency_ttl_ms,
+                index: &index,
+                max_keys: plans.max_idempotency_keys,
+            }),
             gauge,
             events_stream: &cluster::events_stream_of(&plans.redis, &self.keys.summary),
             user: &self.user,
@@ -443,8 +449,12 @@ impl MeteredRequest {
             ReserveStatus::Refused
             | ReserveStatus::UnknownPlan
             | ReserveStatus::Duplicate
-            | ReserveStatus::Full => Hold::Settled,
+            | ReserveStatus::Full
+            | ReserveStatus::TooManyKeys => Hold::Settled,
         };
+        if reservation.status == ReserveStatus::TooManyKeys {
+            return Decision::Refused(responses::too_many_idempotency_keys(&self.action.key));
+        }
         if reservation.status == ReserveStatus::Duplicate {
             let key = self.idempotency_key.as_deref().unwrap_or_default();
             return Decision::Duplicate(responses::duplicate(
@@ -746,7 +756,7 @@ mod tests {
             "where an expired one is recorded"
         );
         assert_eq!(
-            text[10..],
+            text[11..],
             [
                 "upload",
                 "free",
@@ -760,6 +770,7 @@ mod tests {
                 "10",
                 "u",
                 "2026-11",
+                "",
                 "enterprise",
                 "",
                 "",
@@ -846,6 +857,31 @@ mod tests {
             SettleMode::Release,
             "the unit reserved is given back"
         );
+    }
+
+    #[test]
+    fn a_user_with_too_many_idempotency_keys_is_refused() {
+        let p = plans();
+        let mut m = metered(
+            &p,
+            &head("POST", "/api/upload", "u", "free").header("idempotency-key", b"k"),
+            now(),
+        );
+        m.reserve(5, "r1".into(), 1_000, &p);
+        let too_many = Ok(RedisReply::Array(vec![
+            RedisReply::Int(6),
+            RedisReply::Int(0),
+            RedisReply::Int(0),
+            RedisReply::Bulk(b"free".to_vec()),
+            RedisReply::Bulk(b"free".to_vec()),
+            RedisReply::Int(0),
+        ]));
+        let Decision::Refused(r) = m.on_reservation(too_many, now()) else {
+            panic!("refused")
+        };
+        assert_eq!(r.status, 429);
+        assert!(r.body.contains("Too many idempotency keys"), "{}", r.body);
+        assert!(m.on_end(true, now(), &p.redis).is_none(), "nothing held");
     }
 
     #[test]

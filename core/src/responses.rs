@@ -445,6 +445,20 @@ pub fn too_many_requests(plan: &Plan, per_second: u32, retry_after_secs: u64) ->
     .with_header("retry-after", retry_after_secs.to_string())
 }
 
+/// 429 for a request with an idempotency key from a user who has as many keys remembered as
+/// it may (`gateway.max_idempotency_keys` within `idempotency_ttl_ms`).
+pub fn too_many_idempotency_keys(action_key: &str) -> LocalResponse {
+    LocalResponse::json(
+        429,
+        json!({
+            "error": "Too many idempotency keys",
+            "message": "You have sent as many requests with an Idempotency-Key as are remembered at once; send this one without the header, or later.",
+            "action": action_key,
+        }),
+    )
+    .with_header("retry-after", "60".into())
+}
+
 /// 503 for a usage read while this worker already waits on Redis for as many as it may.
 pub fn reads_busy() -> LocalResponse {
     LocalResponse::json(

@@ -2260,7 +2260,7 @@ mod tests {
         let view = head("GET", "/api/procedures/1", "u", "free").header("idempotency-key", b"k-1");
         assert_eq!(send(&mut w, 1, &view, &mut io), Flow::Pause);
         let (token, reserve) = io.last_sent();
-        assert_eq!(reserve.args[2], b"7");
+        assert_eq!(reserve.args[2], b"8");
         assert_eq!(reserve.args[6], b"plan-limits:{u}:idem:procedure_view:k-1");
         w.on_reply(token, reserved(2, 0, 0, "free"), now(), &mut io);
         assert_eq!(io.resumed, [1]);
@@ -2435,7 +2435,8 @@ mod tests {
         assert_eq!(name(reserve), (&b"FCALL"[..], &b"plan_limits_reserve"[..]));
         assert_eq!(reserve.args[3], b"plan-limits:{u}:2026-11");
         assert_eq!(
-            reserve.args[13], b"000000000000feed-0",
+            functions::reserve_args(reserve)[3],
+            b"000000000000feed-0",
             "the VM's reservation id"
         );
         assert!(
@@ -2557,7 +2558,8 @@ mod tests {
         let (token, reserve) = io.last_sent();
         assert_eq!(name(reserve).1, b"plan_limits_reserve");
         assert_eq!(
-            reserve.args[11], b"free",
+            functions::reserve_args(reserve)[1],
+            b"free",
             "the claimed plan sent is billing's"
         );
         w.on_reply(token, recorded(1, 1, 1, "free"), now(), &mut io);
@@ -3273,7 +3275,11 @@ mod tests {
             let (token, _) = io.last_sent();
             w.on_reply(token, granted(), now(), &mut io);
         }
-        let mut ids: Vec<_> = io.sent.iter().map(|(_, c)| c.args[13].clone()).collect();
+        let mut ids: Vec<_> = io
+            .sent
+            .iter()
+            .map(|(_, c)| functions::reserve_args(c)[3].clone())
+            .collect();
         ids.dedup();
         assert_eq!(ids.len(), 3);
     }
@@ -3303,9 +3309,9 @@ mod tests {
             name(call),
             (&b"FCALL"[..], &b"plan_limits_reserve_many"[..])
         );
-        assert_eq!(call.args[2], b"14", "two reservations' keys");
+        assert_eq!(call.args[2], b"16", "two reservations' keys");
         assert_eq!(call.args[3], b"plan-limits:{b}:2026-11");
-        assert_eq!(call.args[10], b"plan-limits:{d}:2026-11");
+        assert_eq!(call.args[11], b"plan-limits:{d}:2026-11");
         // Each gets its own answer: b granted, d refused (its limit reached).
         let mut items = Vec::new();
         for reply in [reserved(1, 0, 1, "free"), reserved(0, 5, 0, "free")] {

@@ -9,8 +9,8 @@ use plan_limits_core::config::{Gauge, Limit};
 use plan_limits_core::keys::{encoded_user, entitlement_key, UsageKeys};
 use plan_limits_core::plans::Plans;
 use plan_limits_core::redis::functions::{
-    self, EventsTrim, GaugeHold, Reservation, ReserveArgs, ReserveStatus, SettleArgs, SettleReply,
-    Settled,
+    self, EventsTrim, GaugeHold, IdempotencyMark, Reservation, ReserveArgs, ReserveStatus,
+    SettleArgs, SettleReply, Settled,
 };
 use plan_limits_core::redis::RedisReply;
 use plan_limits_core::reports::{self as reporting, Report, ReportKind};
@@ -584,18 +584,53 @@ fn the_read_side_functions_answer_the_filters_user_in_one_flat_reply() {
 
 /// A reservation of an upload sent with idempotency key `key`.
 fn reserve_once(conn: &mut redis::Connection, id: &str, key: &str) -> Reservation {
+    reserve_with_key(conn, id, key, 1000, NOW)
+}
+
+/// A reservation of an upload sent with idempotency key `key`, at `now`, by a user who may
+/// have `max_keys` keys remembered at once (for a day).
+fn reserve_with_key(
+    conn: &mut redis::Connection,
+    id: &str,
+    key: &str,
+    max_keys: u64,
+    now: u64,
+) -> Reservation {
     let keys = keys("u");
-    let limits = limits(5);
+    let limits = limits(1000);
     let marker = keys.user.idempotency("upload", key);
+    let index = keys.user.idempotency_index();
     let reply = run(
         conn,
         &functions::reserve(ReserveArgs {
-            idempotency: Some((&marker, 86_400_000)),
+            idempotency: Some(IdempotencyMark {
+                marker: &marker,
+                ttl_ms: 86_400_000,
+                index: &index,
+                max_keys,
+            }),
             gauge: None,
-            ..upload_args(&keys, &limits, id, NOW, "free")
+            ..upload_args(&keys, &limits, id, now, "free")
         }),
     );
     functions::parse_reservation(reply).unwrap()
+}
+
+#[test]
+fn a_user_has_at_most_so_many_idempotency_keys_remembered() {
+    let (_server, mut conn) = redis();
+    for i in 0..3 {
+        let r = reserve_with_key(&mut conn, &format!("r{i}"), &format!("k{i}"), 3, NOW);
+        assert!(granted(&r));
+    }
+    // A fourth key is refused, nothing reserved; a repeat of a known one is still told so.
+    let r = reserve_with_key(&mut conn, "r3", "k3", 3, NOW);
+    assert_eq!((r.status, r.pending), (ReserveStatus::TooManyKeys, 3));
+    let again = reserve_with_key(&mut conn, "r4", "k0", 3, NOW);
+    assert_eq!(again.status, ReserveStatus::Duplicate);
+    // A day later the first ones are forgotten, and a new key is taken again.
+    let r = reserve_with_key(&mut conn, "r5", "k5", 3, NOW + 86_400_001);
+    assert!(granted(&r));
 }
 
 #[test]

@@ -13,7 +13,7 @@ pub const LIBRARY: &str = include_str!("plan_limits.lua");
 const RESERVE: &str = "plan_limits_reserve";
 const RESERVE_MANY: &str = "plan_limits_reserve_many";
 /// Keys per reservation, and items per answer.
-const RESERVE_KEYS: usize = 7;
+const RESERVE_KEYS: usize = 8;
 const RESERVATION_ITEMS: usize = 11;
 const SETTLE: &str = "plan_limits_settle";
 const USAGE: &str = "plan_limits_usage";
@@ -135,6 +135,8 @@ pub enum ReserveStatus {
     /// The request does not fit in the running total it adds to (storage, team): nothing
     /// was reserved.
     Full,
+    /// The user has as many idempotency keys remembered as it may: nothing was reserved.
+    TooManyKeys,
 }
 
 /// One request's reservation.
@@ -151,8 +153,8 @@ pub struct ReserveArgs<'a> {
     pub ttl_ms: u64,
     /// Every plan's limit for the action, so the entitlement's plan is known in the same call.
     pub limits: &'a [(String, Limit)],
-    /// The idempotency key's marker and how long it is kept (ms), if the client sent a key.
-    pub idempotency: Option<(&'a str, u64)>,
+    /// The idempotency key's marker, if the client sent a key.
+    pub idempotency: Option<IdempotencyMark<'a>>,
     /// For a request that adds to a running total: what it holds there while in flight.
     pub gauge: Option<GaugeHold<'a>>,
     /// Where a reservation found expired unsettled is recorded (the user's events stream),
@@ -160,6 +162,17 @@ pub struct ReserveArgs<'a> {
     pub events_stream: &'a str,
     pub user: &'a str,
     pub period_id: &'a str,
+}
+
+/// A request's idempotency key, as Redis remembers it.
+#[derive(Debug, Clone, Copy)]
+pub struct IdempotencyMark<'a> {
+    /// The key's marker, and how long it is kept (ms).
+    pub marker: &'a str,
+    pub ttl_ms: u64,
+    /// The user's index of the keys it has remembered, and how many it may have at once.
+    pub index: &'a str,
+    pub max_keys: u64,
 }
 
 /// What a request holds of a running total while in flight.
@@ -175,7 +188,8 @@ pub fn reserve(args: ReserveArgs) -> RedisCommand {
     let user = &args.keys.user;
     // A key a call does not use is named anyway (any of the user's: cluster routing).
     let filler = args.keys.entitlement.as_str();
-    let marker = args.idempotency.map_or(filler, |(m, _)| m);
+    let marker = args.idempotency.map_or(filler, |m| m.marker);
+    let index = args.idempotency.map_or(filler, |m| m.index);
     let gauge_keys = args.gauge.map_or_else(
         || (filler.to_string(), filler.to_string()),
         |hold| (user.gauge(hold.gauge), user.gauge_held(hold.gauge)),
@@ -190,6 +204,7 @@ pub fn reserve(args: ReserveArgs) -> RedisCommand {
         .arg(gauge_keys.0)
         .arg(gauge_keys.1)
         .arg(args.events_stream)
+        .arg(index)
         .arg(args.action)
         .arg(args.claimed_plan)
         .arg(args.fallback_plan.unwrap_or_default())
@@ -199,7 +214,7 @@ pub fn reserve(args: ReserveArgs) -> RedisCommand {
         .arg(args.ttl_ms.to_string())
         .arg(
             args.idempotency
-                .map(|(_, ttl)| ttl.to_string())
+                .map(|m| m.ttl_ms.to_string())
                 .unwrap_or_default(),
         )
         .arg(
@@ -208,7 +223,12 @@ pub fn reserve(args: ReserveArgs) -> RedisCommand {
                 .unwrap_or_default(),
         )
         .arg(args.user)
-        .arg(args.period_id);
+        .arg(args.period_id)
+        .arg(
+            args.idempotency
+                .map(|m| m.max_keys.to_string())
+                .unwrap_or_default(),
+        );
     let room_of = |plan: &str| {
         args.gauge
             .and_then(|hold| hold.rooms.iter().find(|(p, _)| p == plan))
@@ -221,6 +241,17 @@ pub fn reserve(args: ReserveArgs) -> RedisCommand {
             .arg(room_of(plan).map(|n| n.to_string()).unwrap_or_default());
     }
     cmd
+}
+
+/// A `plan_limits_reserve` call's arguments after its keys: action, claimed plan, fallback
+/// plan, reservation id, ... (empty for another command).
+pub fn reserve_args(command: &RedisCommand) -> &[Vec<u8>] {
+    match command.args.get(1).map(Vec::as_slice) {
+        Some(name) if name == RESERVE.as_bytes() => {
+            command.args.get(3 + RESERVE_KEYS..).unwrap_or_default()
+        }
+        _ => &[],
+    }
 }
 
 pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportError> {
@@ -242,6 +273,7 @@ pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportErro
         Some(RedisReply::Int(3)) => Some(ReserveStatus::UnknownPlan),
         Some(RedisReply::Int(4)) => Some(ReserveStatus::Duplicate),
         Some(RedisReply::Int(5)) => Some(ReserveStatus::Full),
+        Some(RedisReply::Int(6)) => Some(ReserveStatus::TooManyKeys),
         _ => None,
     };
     let text = |item: Option<&RedisReply>| match item {
@@ -549,12 +581,13 @@ mod tests {
             .iter()
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
+        assert_eq!(reserve_args(&cmd)[3], b"r1");
         assert_eq!(
             text,
             [
                 "FCALL",
                 "plan_limits_reserve",
-                "7",
+                "8",
                 "p:{u}:2026-11",
                 "p:{u}:2026-11:pending:upload",
                 "p:{u}:entitlement",
@@ -562,6 +595,7 @@ mod tests {
                 "p:{u}:entitlement",
                 "p:{u}:entitlement",
                 "p:events",
+                "p:{u}:entitlement",
                 "upload",
                 "free",
                 "free",
@@ -573,6 +607,7 @@ mod tests {
                 "",
                 "u",
                 "2026-11",
+                "",
                 "free",
                 "5",
                 "",

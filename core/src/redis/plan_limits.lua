@@ -21,16 +21,20 @@
 -- when the next call finds it (a hold of a gauge as `hold_expired`): what such an Envoy may
 -- have lost is on record. Pending sets are kept a week past their last use, so that
 -- `plan-limits audit` finds those no later call comes for.
+-- A user has at most so many idempotency keys remembered at once (an index of their markers,
+-- by expiry): past it, a new key is refused.
 -- keys: summary, pending, entitlement, the idempotency key's marker, the gauge, the gauge's
---       held set (a key without its use is any key of the user's), the user's events stream.
+--       held set, the user's events stream, the user's index of idempotency keys (a key
+--       without its use is any key of the user's).
 -- args: action, claimed plan, fallback plan, reservation id, now (ms), expiry (ms), ttl (ms),
 --       the marker's lifetime (ms; '' = no key), the amount it would add to the gauge ('' = the
---       action adds to none), the user, the period, then per plan: its name, its limit for the
---       action and its room in the gauge ('' = unlimited).
+--       action adds to none), the user, the period, the most keys remembered at once, then per
+--       plan: its name, its limit for the action and its room in the gauge ('' = unlimited).
 -- Returns {status, committed, pending, plan, named plan, recorded, granted, marker, anchor,
 -- stored, held}: status 1 granted, 0 refused (limit reached), 2 unlimited under that plan
 -- (nothing reserved), 3 the plan is unknown (nothing reserved), 4 a duplicate (nothing
--- reserved; marker is what the first one's says), 5 the gauge is full (nothing reserved);
+-- reserved; marker is what the first one's says), 5 the gauge is full (nothing reserved), 6
+-- too many idempotency keys (nothing reserved);
 -- plan is the one applied, named plan the one the record or the claim named; recorded 1 when
 -- billing's record named it; granted the extra units an operator gave for the period (the
 -- limit checked is the plan's plus these); anchor the subscription's anchor day billing
@@ -53,13 +57,14 @@ end
 local function reserve(keys, args)
   local summary, pending, entitlement = keys[1], keys[2], keys[3]
   local marker, gauge, gauge_held, events = keys[4], keys[5], keys[6], keys[7]
+  local index = keys[8]
   local action, claimed, fallback, id = args[1], args[2], args[3], args[4]
   local now, expires, ttl = tonumber(args[5]), tonumber(args[6]), tonumber(args[7])
   local marker_ttl, amount = tonumber(args[8]), tonumber(args[9])
-  local user, period = args[10], args[11]
+  local user, period, max_keys = args[10], args[11], tonumber(args[12])
   local at = tostring(now)
   local function terms_of(plan)
-    for i = 12, #args - 2, 3 do
+    for i = 13, #args - 2, 3 do
       if args[i] == plan then
         return true, tonumber(args[i + 1]), tonumber(args[i + 2])
       end
@@ -98,6 +103,12 @@ local function reserve(keys, args)
     if first and first ~= 'pending:' .. id then
       return answer(4, first, held)
     end
+    if not first and max_keys then
+      redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+      if redis.call('ZCARD', index) >= max_keys then
+        return answer(6, '', held)
+      end
+    end
   end
   local limits_gauge = amount and room
   if limits_gauge then
@@ -117,6 +128,8 @@ local function reserve(keys, args)
   local function hold()
     if marker_ttl then
       redis.call('SET', marker, 'pending:' .. id, 'PX', marker_ttl)
+      redis.call('ZADD', index, now + marker_ttl, marker)
+      redis.call('PEXPIRE', index, marker_ttl)
     end
     if limits_gauge then
       redis.call('ZADD', gauge_held, expires, id .. '|' .. amount)
@@ -139,18 +152,16 @@ end
 -- plan_limits_reserve_many: several reservations in one call, one after the other exactly as
 -- plan_limits_reserve would make them (a worker sends the requests that arrived while its
 -- previous reservation call was in flight as one, like a group commit).
--- keys: each reservation's seven keys, in order.
+-- keys: each reservation's eight keys, in order.
 -- args: per reservation, the count of its args, then its args.
 -- Returns the reservations' answers one after the other, flat (webdis renders nested
 -- arrays as null): eleven items each.
 local function reserve_many(keys, args)
   local out = {}
   local a = 1
-  for i = 0, #keys / 7 - 1 do
+  for i = 0, #keys / 8 - 1 do
     local n = tonumber(args[a])
-    local answer = reserve({keys[7 * i + 1], keys[7 * i + 2], keys[7 * i + 3],
-      keys[7 * i + 4], keys[7 * i + 5], keys[7 * i + 6], keys[7 * i + 7]},
-      {unpack(args, a + 1, a + n)})
+    local answer = reserve({unpack(keys, 8 * i + 1, 8 * i + 8)}, {unpack(args, a + 1, a + n)})
     a = a + n + 1
     for _, item in ipairs(answer) do
       out[#out + 1] = item

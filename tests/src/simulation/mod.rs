@@ -1015,13 +1015,8 @@ impl<'r> World<'r> {
 
 /// The reservation id a single `plan_limits_reserve` call asks under.
 fn reservation_id(command: &plan_limits_core::redis::RedisCommand) -> Option<String> {
-    if command.args.get(1).map(Vec::as_slice) != Some(b"plan_limits_reserve") {
-        return None;
-    }
-    // FCALL, name, numkeys, 7 keys, then action, claimed, fallback, id.
-    command
-        .args
-        .get(3 + 7 + 3)
+    plan_limits_core::redis::functions::reserve_args(command)
+        .get(3)
         .map(|id| String::from_utf8_lossy(id).into_owned())
 }
 
