@@ -6,7 +6,8 @@
 # the crates (cargo fetch).
 # With --test, also what only `make test` needs: Debian's chromium (the usage page's test
 # drives it headless), prometheus (its promtool checks the alert rules in deploy/), skopeo and
-# docker-registry (the OCI image is read, pushed to a loopback registry and pulled back).
+# docker-registry (the OCI image is read, pushed to a loopback registry and pulled back),
+# prometheus-redis-exporter (Redis's memory, which an alert watches).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,7 @@ if [ "${1:-}" = "--test" ]; then
   command -v promtool >/dev/null || missing+=(prometheus)
   command -v skopeo >/dev/null || missing+=(skopeo)
   command -v docker-registry >/dev/null || missing+=(docker-registry)
+  command -v prometheus-redis-exporter >/dev/null || missing+=(prometheus-redis-exporter)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]} (apt-get)"
     export DEBIAN_FRONTEND=noninteractive

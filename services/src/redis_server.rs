@@ -25,6 +25,8 @@ pub struct RedisServer {
 /// The admin user's name (it may do anything; the filter's is Redis's `default` user, the
 /// only one webdis can log in as).
 pub const ADMIN_USER: &str = "plan-limits-admin";
+/// The memory plan-limits' Redis may use (`make run`, the tests).
+pub const MAXMEMORY: &str = "512mb";
 
 /// The commands the library's functions run: Redis checks them against the caller's rights.
 const FILTER_COMMANDS: &str = "+fcall +time +get +set +del +exists +hget +hmget +hset +hsetnx \
@@ -129,6 +131,11 @@ impl RedisServer {
             &[
                 "--aclfile",
                 &acl.display().to_string(),
+                // Never evict a count: past its memory Redis refuses writes (requests then
+                // follow their failure mode), and the PlanLimitsRedisMemoryHigh alert fires at
+                // 80 % first. Size it for the users (README, What is stored in Redis).
+                "--maxmemory",
+                MAXMEMORY,
                 "--maxmemory-policy",
                 "noeviction",
             ],

@@ -236,6 +236,61 @@ fn prometheus_sees_the_filters_counters_with_action_plan_and_outcome_labels() {
 }
 
 #[test]
+fn redis_has_a_memory_bound_and_what_the_memory_alert_queries_exists() {
+    let gw = envoy();
+    let max: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory")
+        .query(&mut gw.redis.connection())
+        .unwrap();
+    assert_eq!(max[1], (512u64 << 20).to_string());
+    let policy: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query(&mut gw.redis.connection())
+        .unwrap();
+    assert_eq!(policy[1], "noeviction", "never evict a count");
+    // Debian's redis_exporter, logged in as the admin, as deploy/prometheus/scrape.yml has it.
+    let port = plan_limits_services::process::free_port();
+    let mut exporter = std::process::Command::new("prometheus-redis-exporter");
+    exporter.args([
+        "--redis.addr",
+        &gw.redis.url(),
+        "--web.listen-address",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let mut exporter = plan_limits_services::process::Service::spawn(
+        "redis exporter",
+        exporter,
+        &gw.dir.join("redis-exporter.log"),
+    );
+    exporter.wait_for_port(port, Duration::from_secs(10));
+    let text = plan_limits_services::http::get(port, "/metrics").body_text();
+    let names: std::collections::BTreeSet<String> =
+        samples(&text).into_iter().map(|(n, _, _)| n).collect();
+    let alerts = std::fs::read_to_string(
+        plan_limits_services::repo_root().join("deploy/prometheus/alerts.yml"),
+    )
+    .unwrap();
+    let used: std::collections::BTreeSet<&str> = alerts
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("redis_"))
+        .collect();
+    assert!(used.contains("redis_memory_max_bytes"), "{used:?}");
+    for name in used {
+        assert!(
+            names.contains(name),
+            "the alerts query {name}: not exported"
+        );
+    }
+    assert_eq!(
+        value_of(&text, "redis_memory_max_bytes", &[]),
+        (512u64 << 20) as f64
+    );
+    assert!(value_of(&text, "redis_memory_used_bytes", &[]) > 0.0);
+}
+
+#[test]
 fn the_alert_rules_and_the_scrape_config_pass_promtool() {
     let root = plan_limits_services::repo_root();
     for args in [
