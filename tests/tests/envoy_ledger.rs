@@ -155,3 +155,158 @@ fn one_upstreams_bad_value_costs_nobody_elses_count() {
         "refused in the filter first"
     );
 }
+
+#[test]
+fn a_client_cannot_cause_fail_open_by_flooding_the_read_endpoints() {
+    let gw = envoy();
+    let port = gw.gateway_port;
+    let flooding = std::sync::atomic::AtomicBool::new(true);
+    // 200 connections at once of 90 days of history, from one free token.
+    let today = chrono::Utc::now().date_naive();
+    let from = today - chrono::Duration::days(89);
+    let path = format!("/api/usage/history?from={from}&to={today}");
+    let victim = std::thread::scope(|s| {
+        let flood: Vec<_> = (0..200)
+            .map(|_| {
+                let (path, flooding) = (&path, &flooding);
+                s.spawn(move || {
+                    let mut answers = Vec::new();
+                    while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                        let r = Request::new("GET", path)
+                            .user("flood", "free")
+                            .try_send(port);
+                        answers.push(r.map_or(0, |r| r.status));
+                    }
+                    answers
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        // Meanwhile another free user asks for eleven analyses (three allowed).
+        let victim: Vec<u16> = (0..11)
+            .map(|_| analysis("vic", "free").send(port).status)
+            .collect();
+        flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+        let answers: Vec<u16> = flood.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        // The flood was turned away at the edge (spike arrest, reads in flight), never by
+        // a Redis that stopped answering.
+        assert!(answers.iter().any(|&s| s == 429), "spike arrest");
+        assert!(!answers.contains(&0), "every flood request was answered");
+        victim
+    });
+    assert_eq!(
+        victim.iter().filter(|&&s| s == 200).count(),
+        3,
+        "{victim:?}"
+    );
+    assert_eq!(gw.metric("fail_open"), 0);
+    assert_eq!(gw.metric("redis_errors"), 0);
+    assert_eq!(counted_as_done(&gw, "vic", "ai_analysis", ANALYSIS), 3);
+}
+
+#[test]
+fn what_a_killed_envoy_lost_is_found() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    let mut gw = envoy_with(|p| {
+        p["redis"]["reservation_ttl_ms"] = 3000.into();
+        p["plans"]["professional"]["request_rate"] = serde_json::Value::Null;
+    });
+    let port = gw.gateway_port;
+    let users: Vec<String> = (0..6).map(|i| format!("pro-{i}")).collect();
+    let running = AtomicBool::new(true);
+    let started = Instant::now();
+    // Each client alternates an analysis (limited: reserved in Redis first) and a procedure
+    // view (unlimited: counted from the worker's queue), 100 ms at the upstream each.
+    let answered: Vec<(u32, Vec<Option<u128>>)> = std::thread::scope(|s| {
+        let clients: Vec<_> = users
+            .iter()
+            .map(|user| {
+                let running = &running;
+                s.spawn(move || {
+                    let mut views = Vec::new();
+                    let mut outstanding_views = 0;
+                    while running.load(Ordering::Relaxed) {
+                        let _ = analysis(user, "professional")
+                            .header("x-demo-delay-ms", "100")
+                            .try_send(port);
+                        let view = Request::new("GET", "/api/procedures/1")
+                            .user(user, "professional")
+                            .header("x-demo-delay-ms", "100");
+                        match view.try_send(port) {
+                            Ok(r) if r.status == 200 => {
+                                views.push(Some(started.elapsed().as_millis()))
+                            }
+                            _ => {
+                                outstanding_views += 1;
+                                views.push(None);
+                            }
+                        }
+                    }
+                    (outstanding_views, views)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(1500));
+        let pid = gw.envoy().pid();
+        // SAFETY: a signal to our own child process.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let killed_at = started.elapsed().as_millis();
+        std::thread::sleep(Duration::from_millis(200));
+        running.store(false, Ordering::Relaxed);
+        let out: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+        out.into_iter()
+            .map(|(outstanding, views)| {
+                // A view answered just before the kill may have been in a queue it took down.
+                let late = views
+                    .iter()
+                    .filter(|t| t.is_some_and(|t| t + 50 >= killed_at && t <= killed_at))
+                    .count() as u32;
+                (outstanding + late, views)
+            })
+            .collect()
+    });
+    // A new Envoy; the dead one's reservations expire unsettled.
+    let admin = plan_limits_services::process::free_port();
+    let _replacement = gw.spawn_envoy("envoy-2", port, admin, None).unwrap();
+    std::thread::sleep(Duration::from_millis(3500));
+    let plans =
+        plan_limits_core::plans::Plans::from_json(gw.options.plans_json.as_bytes()).unwrap();
+    let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap();
+    let mut redis = plan_limits_tools::operator::Redis::connect(&gw.redis.url()).unwrap();
+    let scope = plan_limits_tools::audit::Scope::default();
+    let audit = plan_limits_tools::audit::run(&mut redis, &plans, &scope, now).unwrap();
+    assert!(audit.drift.is_empty(), "{audit}");
+    let ledger = gw.upstream.ledger();
+    let mut found = 0;
+    for (user, (view_bound, _)) in users.iter().zip(&answered) {
+        // Every analysis the upstream did is counted, or its loss is on record.
+        let lost: u64 = audit
+            .lost
+            .iter()
+            .filter(|l| l.user == *user && l.action == "ai_analysis")
+            .map(|l| l.units)
+            .sum();
+        let (done, counted) = (
+            ledger.done(user, ANALYSIS),
+            counter(&gw, user, "ai_analysis"),
+        );
+        assert!(
+            done <= counted + lost,
+            "{user}: done {done}, counted {counted}, lost on record {lost}\n{audit}"
+        );
+        found += lost;
+        // A view's count lived only in the worker's queue: at most those in flight or just
+        // answered when Envoy died are missing.
+        let (done, counted) = (
+            ledger.done(user, "GET /api/procedures/1"),
+            counter(&gw, user, "procedure_view"),
+        );
+        assert!(
+            done <= counted + u64::from(*view_bound),
+            "{user} views: done {done}, counted {counted}, bound {view_bound}"
+        );
+    }
+    assert!(found > 0, "the kill caught analyses in flight: {audit}");
+}
