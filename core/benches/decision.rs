@@ -50,6 +50,7 @@ impl Io for Host {
         black_box(stream);
         self.resumed += 1;
     }
+    fn resume_response(&mut self, _: StreamId) {}
     fn hold(&mut self, stream: StreamId) -> bool {
         black_box(stream);
         true

@@ -261,6 +261,9 @@ pub struct GatewaySettings {
     pub max_drain_ms: u64,
     /// IETF RateLimit fields (`RateLimit-Policy`, `RateLimit`) on answers to limited actions.
     pub ratelimit_headers: bool,
+    /// A limited action's success reaches its client once Redis has counted it (its response
+    /// held for the commit's round trip), so the client's next request sees it used.
+    pub read_your_writes: bool,
     /// The request header whose value makes repeats of a request one request (counted once).
     pub idempotency_header: String,
     /// How long a key is remembered.
@@ -278,6 +281,7 @@ impl Default for GatewaySettings {
             max_drain_bytes: 64 << 20,
             max_drain_ms: 10_000,
             ratelimit_headers: true,
+            read_your_writes: true,
             idempotency_header: "idempotency-key".into(),
             idempotency_ttl_ms: 86_400_000,
             max_idempotency_keys: 1000,

@@ -39,6 +39,9 @@ pub enum Metric {
     UpstreamValuesRefused,
     /// Reservations of requests still in flight pushed back (slow uploads).
     Extended,
+    /// Successes answered before Redis acknowledged their count (it did not answer within
+    /// four `timeout_ms`): their client's next request may see them in flight.
+    CommitsNotAwaited,
     /// A plan name plans.json does not know, in a token or billing's record.
     UnknownPlan,
     /// Refusals answered once their body was read (held from the upstream meanwhile), for
@@ -51,7 +54,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 20] = [
+    pub const ALL: [Metric; 21] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::RateLimited,
@@ -68,6 +71,7 @@ impl Metric {
         Metric::SettlementsRefused,
         Metric::UpstreamValuesRefused,
         Metric::Extended,
+        Metric::CommitsNotAwaited,
         Metric::UnknownPlan,
         Metric::AnsweredAfterBody,
         Metric::Reports,
@@ -93,6 +97,7 @@ impl Metric {
             Metric::SettlementsRefused => "plan_limits.settlements_refused",
             Metric::UpstreamValuesRefused => "plan_limits.upstream_values_refused",
             Metric::Extended => "plan_limits.extended",
+            Metric::CommitsNotAwaited => "plan_limits.commits_not_awaited",
             Metric::UnknownPlan => "plan_limits.unknown_plan",
             Metric::AnsweredAfterBody => "plan_limits.answered_after_body",
             Metric::Reports => "plan_limits.reports",

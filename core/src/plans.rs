@@ -30,6 +30,8 @@ pub struct Plans {
     pub max_drain_ms: u64,
     /// Whether answers to limited actions carry the IETF RateLimit fields.
     pub ratelimit_headers: bool,
+    /// Whether a limited success waits for its commit (read-your-writes).
+    pub read_your_writes: bool,
     pub warnings: crate::config::Warnings,
     /// The idempotency key's header (lower case) and how long a key is remembered.
     pub idempotency_header: String,
@@ -292,6 +294,7 @@ impl Plans {
             max_drain_bytes: config.gateway.max_drain_bytes,
             max_drain_ms: config.gateway.max_drain_ms,
             ratelimit_headers: config.gateway.ratelimit_headers,
+            read_your_writes: config.gateway.read_your_writes,
             warnings: config.warnings.clone(),
             idempotency_header: config.gateway.idempotency_header.to_ascii_lowercase(),
             idempotency_ttl_ms: config.gateway.idempotency_ttl_ms,

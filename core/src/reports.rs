@@ -3,8 +3,8 @@
 //! filter from one Redis call (a read-only function), never forwarded and never counted.
 //!
 //! Numbers follow the 429's: `used` counts successes, `in_flight` the units held by requests
-//! not settled yet, `remaining` what is left of the limit after both, `percentage` is `used`
-//! of the limit in whole percent, rounded down, at most 100.
+//! not settled yet, `remaining` what is left of the limit after both, `percentage` is both (the
+//! write-up's `current`) of the limit in whole percent, rounded down, at most 100.
 
 use std::collections::BTreeMap;
 
@@ -217,7 +217,7 @@ impl Report {
                     "limit": limit,
                     "granted": granted,
                     "remaining": limit.map(|l| l.saturating_sub(used.saturating_add(in_flight))),
-                    "percentage": limit.map(|l| responses::percentage(used, l)),
+                    "percentage": limit.map(|l| responses::percentage(used.saturating_add(in_flight), l)),
                 }),
             );
         }
@@ -536,7 +536,7 @@ mod tests {
         assert_eq!(
             body["actions"]["upload"],
             json!({"label": "upload", "unit": "diagrams", "available": true, "used": 2,
-                   "in_flight": 2, "limit": 6, "granted": 1, "remaining": 2, "percentage": 33})
+                   "in_flight": 2, "limit": 6, "granted": 1, "remaining": 2, "percentage": 66})
         );
         assert_eq!(body["actions"]["dxf_export"]["available"], false);
         assert_eq!(body["actions"]["procedure_view"]["limit"], Value::Null);

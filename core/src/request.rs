@@ -698,6 +698,7 @@ impl MeteredRequest {
             keep_for_ms: unix_millis(kept_until).saturating_sub(unix_millis(now)),
             made_at_ms: unix_millis(now),
             certain: true,
+            waiter: None,
         }
     }
 }
@@ -1043,7 +1044,10 @@ mod tests {
         assert_eq!(response.status, 429);
         let body: serde_json::Value = serde_json::from_str(&response.body).unwrap();
         assert_eq!((&body["used"], &body["in_flight"]), (&4.into(), &1.into()));
-        assert_eq!(body["percentage"], 80, "of what is used");
+        assert_eq!(
+            body["percentage"], 100,
+            "current (used and in flight) of the limit"
+        );
         assert_eq!(
             body["message"],
             "Your upload limit of 5 diagrams this month is taken: 4 used, 1 more in \

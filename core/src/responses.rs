@@ -128,7 +128,8 @@ pub fn limit_reached(
             "used": used,
             "in_flight": in_flight,
             "limit": limit,
-            "percentage": percentage(used, limit),
+            // As the write-up has it: `current` of `limit`.
+            "percentage": percentage(used.saturating_add(in_flight), limit),
             "action": action.key,
             "plan": terms.plan.key,
             "resets_at": period.resets_at(),

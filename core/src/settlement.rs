@@ -51,6 +51,7 @@ impl Settlement {
                 Some(1)
             },
             held: None,
+            waiter: None,
             ..of.clone()
         }
     }
@@ -107,6 +108,7 @@ impl Settlement {
             keep_for_ms: 0,
             made_at_ms: ms,
             certain: true,
+            waiter: None,
         }
     }
 }
@@ -147,4 +149,7 @@ pub struct Settlement {
     /// The upstream's answer said what happened; `false`: a count of unknown outcome (the
     /// client left, or Envoy gave up waiting, after the whole request was forwarded).
     pub certain: bool,
+    /// The stream whose response waits until Redis has applied this (read-your-writes), if
+    /// any. Not sent to Redis.
+    pub waiter: Option<u32>,
 }

@@ -86,6 +86,8 @@ pub struct BatchReport {
     /// Settlements given up: in a batch Redis could not be reached for longer than it
     /// remembers applied batches (`APPLIED_MEMORY_MS`).
     pub lost: Vec<Settlement>,
+    /// Streams whose response waited for one of the batch's items, now applied.
+    pub applied_waiters: Vec<u32>,
     pub error: Option<TransportError>,
 }
 
@@ -262,6 +264,7 @@ impl SettlementQueue {
         match reply.and_then(|r| functions::parse_settled(r, n)) {
             Ok(answer) => {
                 let batch = self.outstanding.swap_remove(at);
+                report.applied_waiters = batch.items.iter().filter_map(|i| i.waiter).collect();
                 match answer {
                     SettleReply::Applied(settled) => {
                         for (item, settled) in batch.items.into_iter().zip(settled) {
@@ -361,6 +364,7 @@ mod tests {
             keep_for_ms: 1,
             made_at_ms: 0,
             certain: true,
+            waiter: None,
         }
     }
 

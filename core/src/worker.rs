@@ -38,7 +38,7 @@ use crate::redis::{RedisCommand, RedisReply, TransportError};
 use crate::reports::Report;
 use crate::request::{unix_millis, Decision, MeteredRequest};
 use crate::responses::{self, LocalResponse};
-use crate::settlement::Settlement;
+use crate::settlement::{SettleMode, Settlement};
 use crate::settlement_queue::{BatchReport, Group, SettlementQueue, APPLIED_MEMORY_MS};
 use crate::spike::RequestRates;
 use crate::upstream::{self, Answer};
@@ -66,6 +66,8 @@ pub trait Io {
     fn set_response_header(&mut self, stream: StreamId, name: &str, value: &str);
     /// Lets the paused `stream` go on to the upstream.
     fn resume(&mut self, stream: StreamId);
+    /// Lets `stream`'s response, held by `ResponseFlow::AwaitCommit`, go on to its client.
+    fn resume_response(&mut self, stream: StreamId);
     /// Has `stream` held before the upstream once its headers go on (Envoy: by the hold
     /// filter that follows this one), so that its body can be read and discarded here;
     /// `false` when nothing can hold it.
@@ -100,6 +102,15 @@ pub enum Flow {
     Continue,
     /// Hold the request: it waits for Redis, or was answered.
     Pause,
+}
+
+/// What the response-headers callback returns to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFlow {
+    Continue,
+    /// Hold the response until its success is counted in Redis (read-your-writes); the worker
+    /// lets it go with `Io::resume_response`.
+    AwaitCommit,
 }
 
 /// What the body callback returns to the host.
@@ -163,6 +174,8 @@ pub struct Worker {
     unknown_plan_log: RateLimitedLog,
     /// Since when this worker's calls to Redis have got nothing usable (unix ms), if they have.
     redis_down_since_ms: Option<u64>,
+    /// Responses held until their success is counted, and until when at most (unix ms).
+    awaiting_commit: HashMap<StreamId, u64>,
 }
 
 /// A metered stream, from its headers to its end.
@@ -287,6 +300,7 @@ impl Worker {
             fail_open_log: RateLimitedLog::default(),
             unknown_plan_log: RateLimitedLog::default(),
             redis_down_since_ms: None,
+            awaiting_commit: HashMap::new(),
         }
     }
 
@@ -587,7 +601,7 @@ impl Worker {
     /// Reservations wait that only a tick can send (their call must be made where its answer
     /// outlives any one stream): the host should tick soon.
     pub fn wants_tick_soon(&self) -> bool {
-        !self.reservation_queue.is_empty()
+        !self.reservation_queue.is_empty() || !self.awaiting_commit.is_empty()
     }
 
     /// Sends the reservations that waited for the last call, as one call (up to `max_batch`),
@@ -1006,9 +1020,9 @@ impl Worker {
         details: Option<&str>,
         now: DateTime<Utc>,
         io: &mut dyn Io,
-    ) {
+    ) -> ResponseFlow {
         let Some(plans) = self.plans.clone() else {
-            return;
+            return ResponseFlow::Continue;
         };
         let status = match upstream::classify(status, details) {
             Answer::Upstream(status) => status,
@@ -1020,7 +1034,7 @@ impl Worker {
                     self.queue(settlement, io);
                 }
                 self.releases.remove(&stream);
-                return;
+                return ResponseFlow::Continue;
             }
         };
         if let Some((release, freed)) = self.releases.remove(&stream) {
@@ -1040,10 +1054,10 @@ impl Worker {
                 );
                 self.queue(Some(given_back), io);
             }
-            return;
+            return ResponseFlow::Continue;
         }
         let Some(entry) = self.streams.get_mut(&stream) else {
-            return;
+            return ResponseFlow::Continue;
         };
         // The upstream's answer (not one of the filter's own) tells where the allowance stands.
         if let (true, Some(quota), false) = (
@@ -1077,8 +1091,25 @@ impl Worker {
                 io.set_response_header(stream, header, &value);
             }
         }
-        let settlement = entry.request.on_response(status, now, &plans.redis);
+        let mut settlement = entry.request.on_response(status, now, &plans.redis);
+        // Read-your-writes: a limited success reaches its client once Redis counts it, so the
+        // client's next request (on any worker, any Envoy) finds it used, not in flight.
+        let awaits = plans.read_your_writes
+            && self.redis_down_since_ms.is_none()
+            && settlement
+                .as_ref()
+                .is_some_and(|s| s.mode == SettleMode::Commit);
+        if let (true, Some(s)) = (awaits, settlement.as_mut()) {
+            s.waiter = Some(stream);
+            let until = unix_millis(now).saturating_add(4 * plans.redis.timeout_ms);
+            self.awaiting_commit.insert(stream, until);
+        }
         self.queue(settlement, io);
+        if awaits {
+            ResponseFlow::AwaitCommit
+        } else {
+            ResponseFlow::Continue
+        }
     }
 
     /// `stream` is gone (completed, reset, or the client left): a unit it still holds is
@@ -1093,6 +1124,7 @@ impl Worker {
     ) {
         self.draining.remove(&stream);
         self.releases.remove(&stream);
+        self.awaiting_commit.remove(&stream);
         if let Some(pending) = self.reports.remove(&stream) {
             self.calls.remove(&pending.call);
         }
@@ -1166,6 +1198,11 @@ impl Worker {
         self.send_waiting_reservations(now, io);
         let now_ms = unix_millis(now);
         let every = self.plans.as_ref().map_or(0, |p| p.redis.flush_interval_ms);
+        if !self.awaiting_commit.is_empty() {
+            // Responses wait for their commits: those go at once.
+            self.release_overdue_responses(now_ms, io);
+            self.flush(now, io);
+        }
         if fast && now_ms.saturating_sub(self.flushed_at_ms) < every {
             return;
         }
@@ -1186,6 +1223,23 @@ impl Worker {
                     io.respond(*stream, &response);
                 }
             }
+        }
+    }
+
+    /// Responses whose commit Redis has not answered in time go on anyway: their count lands
+    /// once Redis answers (exactly once); only their client's next request may see it in
+    /// flight meanwhile.
+    fn release_overdue_responses(&mut self, now_ms: u64, io: &mut dyn Io) {
+        let overdue: Vec<StreamId> = self
+            .awaiting_commit
+            .iter()
+            .filter(|(_, until)| now_ms >= **until)
+            .map(|(stream, _)| *stream)
+            .collect();
+        for stream in overdue {
+            self.awaiting_commit.remove(&stream);
+            io.count(Metric::CommitsNotAwaited, 1);
+            io.resume_response(stream);
         }
     }
 
@@ -1309,6 +1363,11 @@ impl Worker {
         record(&report, io);
         for lost in &report.lost {
             self.lose(lost, "redis_unreachable", io);
+        }
+        for stream in &report.applied_waiters {
+            if self.awaiting_commit.remove(stream).is_some() {
+                io.resume_response(*stream);
+            }
         }
     }
 
@@ -1509,6 +1568,7 @@ mod tests {
         refuse_sends: bool,
         responded: Vec<(StreamId, LocalResponse)>,
         resumed: Vec<StreamId>,
+        responses_resumed: Vec<StreamId>,
         /// Whether a hold filter follows (Envoy as rendered: yes), and the streams it held.
         holds: bool,
         held: Vec<StreamId>,
@@ -1549,6 +1609,9 @@ mod tests {
         }
         fn resume(&mut self, stream: StreamId) {
             self.resumed.push(stream);
+        }
+        fn resume_response(&mut self, stream: StreamId) {
+            self.responses_resumed.push(stream);
         }
         fn hold(&mut self, stream: StreamId) -> bool {
             if self.holds {
@@ -2530,6 +2593,47 @@ mod tests {
                 ("release".into(), "success".into()),
             ]
         );
+    }
+
+    #[test]
+    fn a_limited_success_reaches_its_client_once_redis_has_counted_it() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        send(&mut w, 1, &upload("u"), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, granted(), now(), &mut io);
+        let flow = w.on_response_headers(1, 200, None, now(), &mut io);
+        assert_eq!(flow, ResponseFlow::AwaitCommit);
+        assert!(
+            w.wants_tick_soon(),
+            "its commit goes at the next tick, not the next flush"
+        );
+        let sent = io.sent.len();
+        w.on_tick(now(), &mut io);
+        assert_eq!(io.sent.len(), sent + 1);
+        assert!(io.responses_resumed.is_empty(), "not before Redis answers");
+        let (token, _) = io.last_sent();
+        w.on_reply(token, settled(&[1]), now(), &mut io);
+        assert_eq!(io.responses_resumed, [1]);
+        assert!(!w.wants_tick_soon());
+        // Unlimited successes (nothing reserved) go on at once.
+        let view = head("GET", "/api/procedures/1", "u", "free");
+        send(&mut w, 2, &view, &mut io);
+        assert_eq!(
+            w.on_response_headers(2, 200, None, now(), &mut io),
+            ResponseFlow::Continue
+        );
+        // A commit Redis does not answer in time lets its response go anyway.
+        send(&mut w, 3, &upload("u"), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, granted(), now(), &mut io);
+        w.on_response_headers(3, 200, None, now(), &mut io);
+        w.on_tick(now(), &mut io);
+        w.on_tick(now() + chrono::Duration::milliseconds(999), &mut io);
+        assert_eq!(io.responses_resumed, [1]);
+        w.on_tick(now() + chrono::Duration::milliseconds(1000), &mut io);
+        assert_eq!(io.responses_resumed, [1, 3]);
+        assert_eq!(io.count_of(Metric::CommitsNotAwaited), 1);
     }
 
     #[test]

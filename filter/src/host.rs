@@ -93,6 +93,7 @@ enum StreamAction {
     SetHeader(StreamId, String, String),
     SetResponseHeader(StreamId, String, String),
     Resume(StreamId),
+    ResumeResponse(StreamId),
 }
 
 pub struct Host<'a> {
@@ -113,7 +114,8 @@ impl Host<'_> {
                 StreamAction::Respond(stream, _)
                 | StreamAction::SetHeader(stream, _, _)
                 | StreamAction::SetResponseHeader(stream, _, _)
-                | StreamAction::Resume(stream) => *stream,
+                | StreamAction::Resume(stream)
+                | StreamAction::ResumeResponse(stream) => *stream,
             };
             if stream != effective {
                 if hostcalls::set_effective_context(stream).is_err() {
@@ -144,6 +146,9 @@ impl Host<'_> {
                 }
                 StreamAction::Resume(_) => {
                     let _ = hostcalls::resume_http_request();
+                }
+                StreamAction::ResumeResponse(_) => {
+                    let _ = hostcalls::resume_http_response();
                 }
             }
         }
@@ -186,6 +191,10 @@ impl Io for Host<'_> {
 
     fn resume(&mut self, stream: StreamId) {
         self.streams.push(StreamAction::Resume(stream));
+    }
+
+    fn resume_response(&mut self, stream: StreamId) {
+        self.streams.push(StreamAction::ResumeResponse(stream));
     }
 
     fn hold(&mut self, stream: StreamId) -> bool {

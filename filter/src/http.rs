@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use plan_limits_core::admission::{Claims, RequestHead};
 use plan_limits_core::config::IdentitySource;
-use plan_limits_core::worker::{BodyFlow, Flow};
+use plan_limits_core::worker::{BodyFlow, Flow, ResponseFlow};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
@@ -132,10 +132,14 @@ impl HttpContext for PlanLimitsHttp {
             .then(|| self.get_property(vec!["response", "code_details"]))
             .flatten()
             .and_then(|d| String::from_utf8(d).ok());
-        self.shared.handle(id, |worker, host| {
+        let flow = self.shared.handle(id, |worker, host| {
             worker.on_response_headers(id, status, details.as_deref(), now(), host)
         });
-        Action::Continue
+        match flow {
+            ResponseFlow::Continue => Action::Continue,
+            // Until Redis has counted it (the worker resumes it).
+            ResponseFlow::AwaitCommit => Action::Pause,
+        }
     }
 
     fn on_log(&mut self) {

@@ -139,6 +139,7 @@ fn count(user: &str, id: &str) -> Settlement {
         keep_for_ms: 400 * 86_400_000,
         made_at_ms: 0,
         certain: true,
+        waiter: None,
     }
 }
 

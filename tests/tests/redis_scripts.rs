@@ -121,6 +121,7 @@ fn settlement(mode: SettleMode, user: &str, id: &str) -> Settlement {
         keep_for_ms: 400 * 86_400_000,
         made_at_ms: NOW,
         certain: true,
+        waiter: None,
     }
 }
 

@@ -55,6 +55,7 @@ fn the_ledger_invariant_holds_in_every_simulated_world() {
                 total.lost_with_killed_envoy += report.lost_with_killed_envoy;
                 total.fail_open += report.fail_open;
                 total.audited_losses += report.audited_losses;
+                total.awaited_commits += report.awaited_commits;
             }
             Err((violations, faults)) => {
                 eprintln!("seed {seed} (faults {faults:?}):");

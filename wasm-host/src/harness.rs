@@ -318,6 +318,14 @@ impl Harness {
                     .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
                     .collect();
                 v.response_headers(id, upstream_status, upstream_headers)?;
+                // A success held until Redis counts it (read-your-writes) goes on when it has.
+                for _ in 0..64 {
+                    if !v.response_paused(id) {
+                        break;
+                    }
+                    v.tick()?;
+                    v.deliver_calls()?;
+                }
                 // The upstream's headers as the filter left them.
                 answer.headers = v
                     .response_headers_of(id)

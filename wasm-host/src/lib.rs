@@ -512,12 +512,24 @@ impl Vm {
             .properties
             .entry(CODE_DETAILS.into())
             .or_insert_with(|| b"via_upstream".to_vec());
-        self.call_on::<(i32, i32, i32), i32>(
+        let action = self.call_on::<(i32, i32, i32), i32>(
             id,
             "proxy_on_response_headers",
             (id as i32, count, 1),
         )?;
+        if action != abi::ACTION_CONTINUE {
+            self.stream_mut(id).response_paused = true;
+        }
         Ok(())
+    }
+
+    /// Whether the filter holds stream `id`'s response (until it continues it).
+    pub fn response_paused(&self, id: u32) -> bool {
+        self.store
+            .data()
+            .streams
+            .get(&id)
+            .is_some_and(|s| s.response_paused)
     }
 
     /// The stream ends (completed, reset or abandoned): `proxy_on_log`, `_done`, `_delete`

@@ -66,6 +66,8 @@ pub struct Stream {
     pub local_response: Option<LocalReply>,
     /// `proxy_continue_stream` was called while the request was paused.
     pub resumed: bool,
+    /// The filter holds the response (its headers answered "pause") until it continues it.
+    pub response_paused: bool,
     /// The request has no body (its headers ended the stream).
     pub end_of_stream: bool,
     /// The headers went on past the filter, to the hold filter (if any) and beyond.

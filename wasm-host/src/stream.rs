@@ -12,9 +12,14 @@ pub fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         "env",
         "proxy_continue_stream",
-        |mut caller: Caller<'_, VmState>, _stream_type: i32| -> i32 {
+        |mut caller: Caller<'_, VmState>, stream_type: i32| -> i32 {
             match caller.data_mut().stream() {
                 None => NOT_FOUND,
+                // (Stream type 1: the response.)
+                Some(stream) if stream_type == 1 => {
+                    stream.response_paused = false;
+                    OK
+                }
                 Some(stream) => {
                     stream.resumed = true;
                     OK

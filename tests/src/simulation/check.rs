@@ -31,6 +31,8 @@ pub struct Report {
     pub fail_open: u64,
     /// Units `plan-limits audit` lists as lost on record.
     pub audited_losses: u64,
+    /// Successes held until Redis counted them (read-your-writes), each checked counted then.
+    pub awaited_commits: u64,
 }
 
 #[derive(Debug, Clone)]

@@ -32,6 +32,8 @@ pub enum StreamAction {
     Respond(StreamId, u32),
     Resume(StreamId),
     Hold(StreamId),
+    /// A response held for its commit goes on.
+    ResumeResponse(StreamId),
 }
 
 pub struct SimHost {
@@ -91,6 +93,10 @@ impl Io for SimHost {
 
     fn resume(&mut self, stream: StreamId) {
         self.actions.push(StreamAction::Resume(stream));
+    }
+
+    fn resume_response(&mut self, stream: StreamId) {
+        self.actions.push(StreamAction::ResumeResponse(stream));
     }
 
     fn hold(&mut self, stream: StreamId) -> bool {

@@ -22,7 +22,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use plan_limits_core::admission::Claims;
 use plan_limits_core::metrics::Metric;
 use plan_limits_core::redis::{RedisReply, TransportError};
-use plan_limits_core::worker::{BodyFlow, Flow, StreamId, Worker};
+use plan_limits_core::worker::{BodyFlow, Flow, ResponseFlow, StreamId, Worker};
 
 pub use check::{Report, Violation};
 use host::{SharedData, SimHost, StreamAction};
@@ -131,6 +131,8 @@ enum Phase {
     Held,
     /// Answered by the filter or the upstream; its end follows.
     Answered,
+    /// A success held until Redis has counted it (read-your-writes).
+    AwaitingCommit,
     Ended,
 }
 
@@ -215,6 +217,8 @@ struct SimWorker {
     host: SimHost,
     /// Its clock's offset from the world's (ms).
     skew_ms: i64,
+    /// Responses it let go without their commit's answer, as last seen.
+    not_awaited_seen: u64,
 }
 
 struct SimEnvoy {
@@ -247,6 +251,10 @@ pub struct World<'r> {
     next_nonce: u64,
     pub prefix: String,
     pub faults: Vec<String>,
+    /// Successes whose response went on before Redis counted them, though the worker waited.
+    read_your_writes_broken: Vec<String>,
+    /// Successes held for their commit.
+    awaited: u64,
 }
 
 const ROUTE_TIMEOUT_MS: u64 = 2000;
@@ -293,6 +301,8 @@ impl<'r> World<'r> {
             next_nonce: seed.wrapping_mul(1_000_003),
             prefix,
             faults: Vec::new(),
+            read_your_writes_broken: Vec::new(),
+            awaited: 0,
         };
         let envoys = 2 + world.rng.below(2) as usize;
         for _ in 0..envoys {
@@ -318,6 +328,7 @@ impl<'r> World<'r> {
                     worker,
                     host,
                     skew_ms: self.rng.below(101) as i64 - 50,
+                    not_awaited_seen: 0,
                 }
             })
             .collect();
@@ -751,9 +762,17 @@ impl<'r> World<'r> {
                 .on_response_header(stream, Some(freed.as_bytes()), &mut w.host);
         }
         let details = details.filter(|_| w.worker.wants_answer_details(stream, status));
-        w.worker
+        let flow = w
+            .worker
             .on_response_headers(stream, status, details, now, &mut w.host);
         self.requests[r].phase = Phase::Answered;
+        if flow == ResponseFlow::AwaitCommit {
+            // Held until Redis counts it: its end comes when the worker lets it go.
+            self.requests[r].phase = Phase::AwaitingCommit;
+            self.awaited += 1;
+            self.after_callback(envoy, worker);
+            return;
+        }
         self.after_callback(envoy, worker);
         self.end(r);
     }
@@ -763,6 +782,25 @@ impl<'r> World<'r> {
             return;
         }
         self.end(r);
+    }
+
+    /// A success held for its commit is let go: Redis must have counted it (unless the
+    /// worker gave up waiting, which it counts).
+    fn response_goes_on(&mut self, r: usize, waited_out: bool) {
+        if self.requests[r].phase != Phase::AwaitingCommit {
+            return;
+        }
+        if !waited_out {
+            let counted = check::counted_request_ids(self.admin, &self.prefix);
+            if !counted.contains(&self.requests[r].id) {
+                self.read_your_writes_broken.push(format!(
+                    "{} went on before its count: {:?}",
+                    self.requests[r].id, self.requests[r]
+                ));
+            }
+        }
+        self.requests[r].phase = Phase::Answered;
+        self.at(0, Event::Leave(r));
     }
 
     /// The stream ends: completed, or its client gone.
@@ -789,6 +827,9 @@ impl<'r> World<'r> {
         let w = &mut self.envoys[envoy].workers[worker];
         let sent = std::mem::take(&mut w.host.sent);
         let actions = std::mem::take(&mut w.host.actions);
+        let not_awaited = w.host.count_of(Metric::CommitsNotAwaited);
+        let waited_out = not_awaited > w.not_awaited_seen;
+        w.not_awaited_seen = not_awaited;
         for s in sent {
             self.calls.push(Call {
                 envoy,
@@ -822,6 +863,12 @@ impl<'r> World<'r> {
             let (stream, what) = match action {
                 StreamAction::Respond(s, status) => (s, Some(status)),
                 StreamAction::Resume(s) => (s, None),
+                StreamAction::ResumeResponse(s) => {
+                    if let Some(r) = self.request_of(s) {
+                        self.response_goes_on(r, waited_out);
+                    }
+                    continue;
+                }
                 StreamAction::Hold(s) => {
                     if let Some(r) = self.request_of(s) {
                         if self.requests[r].phase != Phase::Ended {
@@ -834,7 +881,10 @@ impl<'r> World<'r> {
             let Some(r) = self.request_of(stream) else {
                 continue;
             };
-            if matches!(self.requests[r].phase, Phase::Ended | Phase::Answered) {
+            if matches!(
+                self.requests[r].phase,
+                Phase::Ended | Phase::Answered | Phase::AwaitingCommit
+            ) {
                 continue;
             }
             match what {
@@ -1004,12 +1054,27 @@ impl<'r> World<'r> {
 
     /// Checks the ledger invariant (see `check`).
     pub fn check(&mut self) -> Result<Report, Vec<Violation>> {
-        check::check(
+        let mut broken: Vec<Violation> = self
+            .read_your_writes_broken
+            .iter()
+            .map(|b| Violation(format!("read-your-writes: {b}")))
+            .collect();
+        match check::check(
             self.admin,
             &self.prefix,
             &self.requests,
             self.crosses_a_period,
-        )
+        ) {
+            Ok(mut report) if broken.is_empty() => {
+                report.awaited_commits = self.awaited;
+                Ok(report)
+            }
+            Ok(_) => Err(broken),
+            Err(mut v) => {
+                v.append(&mut broken);
+                Err(v)
+            }
+        }
     }
 }
 
