@@ -10,7 +10,8 @@ the user's storage; `x-demo-freed-bytes: N` makes any delete say N). Likewise `P
 /api/team/invites` adds a member to the caller's team and `DELETE /api/team/members/<id>`
 removes one, saying `x-removed-members: 1` (0 for a member already gone;
 `x-demo-removed-members: N` says N). `GET /usage` is the usage page
-(`demo/usage.html`), which reads the gateway's usage endpoints with the caller's token. It reads and discards request bodies (with a
+(`demo/usage.html`), which reads the gateway's usage endpoints with the caller's token;
+`GET /pricing?plan=P` stands for the product's upgrade page (plans.json's `upgrade_url`). It reads and discards request bodies (with a
 Content-Length or chunked; an incomplete one is not answered), says how many bytes it read, and
 marks its answers with `x-upstream: demo`. `GET /__demo/stats` tells how many 2xx answers it
 gave per path and how many attempts it saw, so tests can compare counters with what really
@@ -116,6 +117,17 @@ class Handler(BaseHTTPRequestHandler):
         if self.command == "GET" and self.path.split("?")[0] in ("/usage", "/usage/"):
             self.page(os.path.join(os.path.dirname(os.path.abspath(__file__)), "usage.html"))
             return
+        if self.command == "GET" and self.path.split("?")[0] == "/pricing":
+            # The product's upgrade page (plans.json's upgrade_url): says which plan was chosen.
+            chosen = re.sub(r"[^a-z0-9_-]", "", (self.path.split("plan=") + [""])[1].split("&")[0])
+            body = (f'<!doctype html><title>Pricing</title><h1 data-testid="pricing">Choose a plan</h1>'
+                    f'<p>Upgrading to <strong data-testid="chosen">{chosen}</strong></p>').encode()
+            self.send_response(200)
+            self.send_header("content-type", "text/html; charset=utf-8")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if self.path == "/__demo/stats":
             with lock:
                 self.answer(200, {"successes": dict(successes), "attempts": sum(attempts.values())})
@@ -141,7 +153,8 @@ class Handler(BaseHTTPRequestHandler):
         if attempt <= int(self.headers.get("x-demo-fail-times") or 0):
             status = 503
         # What the gateway told it about the caller (set by the filter, never the client's).
-        identity = {name: self.headers.get(name) for name in ("x-user-id", "x-user-plan", "x-org-id")}
+        identity = {name: self.headers.get(name)
+                    for name in ("x-user-id", "x-user-plan", "x-org-id", "x-user-features")}
         payload = {"upstream": "demo", "method": self.command, "path": self.path,
                    "status": status, "identity": identity, "body_bytes": body_bytes}
         headers = {}

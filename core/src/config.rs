@@ -69,6 +69,11 @@ pub struct Config {
     /// How team seats are given back.
     #[serde(default)]
     pub team: TeamSettings,
+    /// Where a user upgrades (the product's pricing or billing page): in every 429 and 403
+    /// about a plan's limits or features, and behind the usage page's Upgrade button. A
+    /// plan's own `upgrade_url` wins over it.
+    #[serde(default)]
+    pub upgrade_url: Option<String>,
     pub plans: BTreeMap<String, Plan>,
 }
 
@@ -222,10 +227,27 @@ pub struct Identity {
     pub user_header: String,
     pub plan_header: String,
     pub org_header: String,
+    /// In `jwt` mode the filter sets this request header for the upstream to the plan in
+    /// force's features, comma-separated (Envoy removes client copies first), so a service
+    /// gates any feature without a lookup of its own.
+    pub features_header: String,
     /// Longer user ids are refused with 400: they would only bloat keys and events.
     pub max_user_id_bytes: usize,
     /// A plan name plans.json does not know (in a claim or in billing's record).
     pub unknown_plan: UnknownPlan,
+}
+
+impl Identity {
+    /// The request headers the filter sets for the upstream (`jwt`), whose client copies Envoy
+    /// removes before any filter reads them.
+    pub fn verified_headers(&self) -> [&str; 4] {
+        [
+            &self.user_header,
+            &self.plan_header,
+            &self.org_header,
+            &self.features_header,
+        ]
+    }
 }
 
 impl Default for Identity {
@@ -236,6 +258,7 @@ impl Default for Identity {
             user_header: "x-user-id".into(),
             plan_header: "x-user-plan".into(),
             org_header: "x-org-id".into(),
+            features_header: "x-user-features".into(),
             max_user_id_bytes: 256,
             unknown_plan: UnknownPlan::DefaultPlan,
         }
@@ -570,6 +593,9 @@ pub struct Plan {
     /// call), per Envoy worker; none when absent.
     #[serde(default)]
     pub request_rate: Option<crate::spike::RequestRate>,
+    /// Where this plan's users upgrade, instead of the top-level `upgrade_url`.
+    #[serde(default)]
+    pub upgrade_url: Option<String>,
 }
 
 impl Config {

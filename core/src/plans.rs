@@ -163,6 +163,10 @@ pub struct Plan {
     pub upgrade_path: Vec<UpgradeStep>,
     /// How fast one user's requests may come (spike arrest).
     pub request_rate: Option<crate::spike::RequestRate>,
+    /// Where its users upgrade (its own, or plans.json's).
+    pub upgrade_url: Option<String>,
+    /// `features`, comma-separated: the features header's value.
+    pub features_header_value: String,
 }
 
 /// A plan on another plan's upgrade path, with what offers are made from.
@@ -552,6 +556,8 @@ fn compile_plans(config: &Config) -> Result<Vec<Rc<Plan>>, ConfigError> {
                 limits_json: Rc::from(limits_json),
                 upgrade_path: upgrade_path(config, key),
                 request_rate: plan.request_rate,
+                upgrade_url: plan.upgrade_url.clone().or(config.upgrade_url.clone()),
+                features_header_value: plan.features.join(","),
             }))
         })
         .collect()

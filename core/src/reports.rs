@@ -256,6 +256,7 @@ impl Report {
             },
             "features": plan.features,
             "upgrade": upgrade,
+            "upgrade_url": plan.upgrade_url,
         }))
     }
 

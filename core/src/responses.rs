@@ -23,6 +23,15 @@ impl LocalResponse {
         }
     }
 
+    /// A JSON answer about `plan`'s limits or features: it says where to upgrade, if
+    /// plans.json does.
+    fn about_plan(status: u32, mut body: Value, plan: &Plan) -> Self {
+        if let (Some(url), Some(object)) = (&plan.upgrade_url, body.as_object_mut()) {
+            object.insert("upgrade_url".into(), url.clone().into());
+        }
+        Self::json(status, body)
+    }
+
     fn with_header(mut self, name: &str, value: String) -> Self {
         self.set_header(name, value);
         self
@@ -118,7 +127,7 @@ pub fn limit_reached(
              progress. One that fails gives its unit back.{pitch}"
         )
     };
-    LocalResponse::json(
+    LocalResponse::about_plan(
         429,
         json!({
             "error": format!("{} limit reached", capitalized(&action.label)),
@@ -139,6 +148,7 @@ pub fn limit_reached(
                 "limit": upgrade.limit,
             })),
         }),
+        &terms.plan,
     )
     .with_header("retry-after", retry_after_secs.to_string())
 }
@@ -155,7 +165,7 @@ pub fn feature_unavailable(
         Some(with_it) => format!(" Upgrade to {} to use it.", with_it.name),
         None => String::new(),
     };
-    LocalResponse::json(
+    LocalResponse::about_plan(
         403,
         json!({
             "error": "Feature not available",
@@ -167,6 +177,7 @@ pub fn feature_unavailable(
             "plan": plan.key,
             "upgrade": offer.map(|with_it| json!({"plan": with_it.key, "name": with_it.name})),
         }),
+        plan,
     )
 }
 
@@ -194,7 +205,7 @@ pub fn file_too_large(plan: &Plan, size_bytes: Option<u64>, max_bytes: u64) -> L
         Some(size) => megabytes(size),
         None => format!("over {}", megabytes(max_bytes)),
     };
-    LocalResponse::json(
+    LocalResponse::about_plan(
         413,
         json!({
             "error": "File too large",
@@ -211,6 +222,7 @@ pub fn file_too_large(plan: &Plan, size_bytes: Option<u64>, max_bytes: u64) -> L
                 "max_bytes": bigger.max_file_size_bytes,
             })),
         }),
+        plan,
     )
 }
 
@@ -242,7 +254,7 @@ pub fn storage_full(
         ),
         None => " Delete files to make room.".into(),
     };
-    LocalResponse::json(
+    LocalResponse::about_plan(
         403,
         json!({
             "error": "Storage limit reached",
@@ -262,6 +274,7 @@ pub fn storage_full(
                 "storage_bytes": bigger.storage_bytes,
             })),
         }),
+        plan,
     )
 }
 
@@ -286,7 +299,7 @@ pub fn team_full(plan: &Plan, invited: u64, in_flight: u64) -> LocalResponse {
         ),
         None => " Remove a member to make room.".into(),
     };
-    LocalResponse::json(
+    LocalResponse::about_plan(
         403,
         json!({
             "error": "Team limit reached",
@@ -305,6 +318,7 @@ pub fn team_full(plan: &Plan, invited: u64, in_flight: u64) -> LocalResponse {
                 "team_members": bigger.team_members,
             })),
         }),
+        plan,
     )
 }
 
@@ -431,7 +445,7 @@ pub fn usage_unavailable(action_key: &str) -> LocalResponse {
 
 /// 429 for a user whose requests come faster than the plan's `request_rate` (spike arrest).
 pub fn too_many_requests(plan: &Plan, per_second: u32, retry_after_secs: u64) -> LocalResponse {
-    LocalResponse::json(
+    LocalResponse::about_plan(
         429,
         json!({
             "error": "Too many requests",
@@ -442,6 +456,7 @@ pub fn too_many_requests(plan: &Plan, per_second: u32, retry_after_secs: u64) ->
             "plan": plan.key,
             "retry_after": retry_after_secs,
         }),
+        plan,
     )
     .with_header("retry-after", retry_after_secs.to_string())
 }
@@ -570,6 +585,34 @@ mod tests {
             b["upgrade"],
             json!({"plan": "professional", "name": "Professional", "limit": null})
         );
+        assert_eq!(b["upgrade_url"], "/pricing", "plans.json's");
+    }
+
+    #[test]
+    fn every_refusal_about_a_plan_says_where_to_upgrade_a_plans_own_url_first() {
+        let json = crate::testing::plans_json_with(|v| {
+            v["plans"]["free"]["upgrade_url"] = "https://example.test/billing".into();
+        });
+        let p = crate::plans::Plans::from_json(json.as_bytes()).unwrap();
+        let free = p.plan("free").unwrap();
+        let pro = p.plan("professional").unwrap();
+        let dxf = action(&p, "dxf_export");
+        let refusals = [
+            feature_unavailable(&dxf, free, "dxf_export", None),
+            file_too_large(free, Some(1 << 30), 10),
+            storage_full(free, 1, 0, Some(1)),
+            team_full(free, 0, 0),
+            too_many_requests(free, 10, 1),
+        ];
+        for r in refusals {
+            assert_eq!(
+                body(&r)["upgrade_url"],
+                "https://example.test/billing",
+                "{}",
+                r.body
+            );
+        }
+        assert_eq!(body(&team_full(pro, 4, 0))["upgrade_url"], "/pricing");
     }
 
     #[test]

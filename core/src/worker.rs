@@ -1445,7 +1445,8 @@ fn with_ratelimit(
     response
 }
 
-/// The verified user, the plan in force and the organisation, for the upstream.
+/// The verified user, the plan in force, the organisation and the plan's features, for the
+/// upstream.
 fn set_identity(stream: StreamId, request: &MeteredRequest, plans: &Plans, io: &mut dyn Io) {
     let identity = &plans.identity;
     for (name, value) in request.identity_headers(
@@ -1455,6 +1456,8 @@ fn set_identity(stream: StreamId, request: &MeteredRequest, plans: &Plans, io: &
     ) {
         io.set_request_header(stream, name, value);
     }
+    let features = &request.plan().features_header_value;
+    io.set_request_header(stream, &identity.features_header, features);
 }
 
 /// What remains of the user's allowance, as Redis just said, for this Envoy's workers to go
@@ -2475,8 +2478,19 @@ mod tests {
         assert_eq!(io.count_of(Metric::Allowed), 1);
         assert_eq!(
             io.headers_of(1),
-            [("x-user-id", "u"), ("x-user-plan", "free")]
+            [
+                ("x-user-id", "u"),
+                ("x-user-plan", "free"),
+                ("x-user-features", "")
+            ]
         );
+        // A plan with features says them all.
+        let pro = head("GET", "/api/procedures/1", "p", "professional");
+        send(&mut w, 9, &pro, &mut io);
+        assert!(io.headers_of(9).contains(&(
+            "x-user-features",
+            "team_collaboration,priority_support,dxf_export"
+        )));
         w.on_response_headers(1, 200, None, now(), &mut io);
         w.on_stream_end(1, true, now(), &mut io);
         assert_eq!(w.queued_settlements(), 1);
@@ -2511,7 +2525,11 @@ mod tests {
         assert_eq!(io.count_of(Metric::Allowed), 1);
         assert_eq!(
             io.headers_of(7),
-            [("x-user-id", "u"), ("x-user-plan", "free")]
+            [
+                ("x-user-id", "u"),
+                ("x-user-plan", "free"),
+                ("x-user-features", "")
+            ]
         );
         w.on_response_headers(7, 201, None, now(), &mut io);
         w.on_stream_end(7, true, now(), &mut io);

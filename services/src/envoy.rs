@@ -307,9 +307,7 @@ pub fn identity_filters(plans: &Plans, jwks: &Path) -> String {
               "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
               mutations:
                 request_mutations:
-                - remove: {user}
-                - remove: {plan}
-                - remove: {org}
+{removes}
           - name: envoy.filters.http.jwt_authn
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
@@ -331,9 +329,12 @@ pub fn identity_filters(plans: &Plans, jwks: &Path) -> String {
                     requirements:
                     - provider_name: plan_limits
                     - allow_missing_or_failed: {{}}"#,
-        user = q(&identity.user_header),
-        plan = q(&identity.plan_header),
-        org = q(&identity.org_header),
+        removes = identity
+            .verified_headers()
+            .iter()
+            .map(|h| format!("                - remove: {}", q(h)))
+            .collect::<Vec<_>>()
+            .join("\n"),
         issuer = q(&jwt.issuer),
         audience = q(&jwt.audience),
         jwks = q(&jwks.display().to_string()),

@@ -282,12 +282,16 @@ on_every_gateway!(
             &analysis("alice", "professional")
                 .header("x-user-id", "victim")
                 .header("x-user-plan", "enterprise")
-                .header("X-Org-Id", "victim-org"),
+                .header("X-Org-Id", "victim-org")
+                .header("x-user-features", "white_labeling,custom_ai_training"),
         );
         assert_eq!(r.status, 200, "{}", r.body_text());
+        // The plan in force's features, for a service to gate any of them without a lookup.
         assert_eq!(
             r.json()["identity"],
-            serde_json::json!({"x-user-id": "alice", "x-user-plan": "professional", "x-org-id": null})
+            serde_json::json!({"x-user-id": "alice", "x-user-plan": "professional",
+                "x-org-id": null,
+                "x-user-features": "team_collaboration,priority_support,dxf_export"})
         );
         assert!(counts(gw, "alice", "ai_analysis", 1));
         assert_eq!(counter(gw, "victim", "ai_analysis"), 0);

@@ -79,6 +79,22 @@ fn the_usage_page_shows_what_the_gateway_counted() {
     let bytes = std::fs::read(&png).unwrap();
     assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000);
 
+    // Its Upgrade button is a link to the product's upgrade page (plans.json's upgrade_url),
+    // with the plan offered; the page it leads to, loaded as the click would, has it.
+    let upgrade = element(&dom, r#"data-testid="upgrade-button""#);
+    assert!(upgrade.starts_with("<a "), "{upgrade}");
+    assert!(
+        upgrade.contains(r#"href="/pricing?plan=professional""#),
+        "{upgrade}"
+    );
+    let pricing = format!("http://127.0.0.1:{port}/pricing?plan=professional");
+    let page = browser::dom(&pricing, &dir.join("profile-4"));
+    assert_eq!(
+        text(element(&page, r#"data-testid="chosen""#)),
+        "professional",
+        "{page}"
+    );
+
     // A token the gateway does not accept: the page says so and asks for one.
     let bad = format!("http://127.0.0.1:{port}/usage#token=not-a-token");
     let dom = browser::dom(&bad, &dir.join("profile-3"));

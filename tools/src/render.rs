@@ -226,13 +226,8 @@ fn plugin_config(plans_json: &Value, edits: &[(&[&str], Value)]) -> Result<Value
     Ok(config)
 }
 
-fn identity_headers(plans: &Plans) -> [&str; 3] {
-    let id = &plans.identity;
-    [
-        id.user_header.as_str(),
-        id.plan_header.as_str(),
-        id.org_header.as_str(),
-    ]
+fn identity_headers(plans: &Plans) -> [&str; 4] {
+    plans.identity.verified_headers()
 }
 
 /// A Gateway API duration (at most five digits a unit: `2h14m20s`, not `8060s`).

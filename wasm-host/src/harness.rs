@@ -254,11 +254,7 @@ impl Harness {
         if identity.source != IdentitySource::Jwt {
             return Vec::new();
         }
-        let removed = [
-            &identity.user_header,
-            &identity.plan_header,
-            &identity.org_header,
-        ];
+        let removed = identity.verified_headers();
         pairs.retain(|(name, _)| !removed.iter().any(|r| name.eq_ignore_ascii_case(r)));
         let token = pairs.iter().find_map(|(name, value)| {
             let value = std::str::from_utf8(value).ok()?;
@@ -456,6 +452,7 @@ fn upstream_answer(status: u16, forwarded: &Pairs, body_bytes: u64) -> Response 
         "x-user-id": header("x-user-id"),
         "x-user-plan": header("x-user-plan"),
         "x-org-id": header("x-org-id"),
+        "x-user-features": header("x-user-features"),
     });
     let mut headers = vec![(UPSTREAM_MARK.into(), "demo".into())];
     for (told, says) in [
