@@ -9,9 +9,31 @@
 use crate::keys::encoded_user;
 
 /// The shared-data key of `user`'s budget for `action` (one per user and action: the value
-/// names its period, so a new period starts afresh).
+/// names its period, so a new period starts afresh). Reservations' answers write it.
 pub fn key(prefix: &str, user: &str, action: &str) -> String {
     format!("{prefix}:outage:{{{}}}:{action}", encoded_user(user))
+}
+
+/// The shared-data key of `user`'s fail-open passes for `action` that Redis does not have yet
+/// (`<period> <n>`): each pass adds one, its settlement's answer takes it off. A reservation's
+/// answer cannot know of them, so they count against the budget on top of what it says.
+pub fn unsettled_key(prefix: &str, user: &str, action: &str) -> String {
+    format!("{}:unsettled", key(prefix, user, action))
+}
+
+/// The passes `value` (an `unsettled_key`'s) holds for `period_id` (0 for another period).
+pub fn decode_unsettled(value: Option<&[u8]>, period_id: &str) -> u64 {
+    let text = value
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .unwrap_or("");
+    match text.split_once(' ') {
+        Some((period, n)) if period == period_id => n.parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+pub fn encode_unsettled(period_id: &str, n: u64) -> Vec<u8> {
+    format!("{period_id} {n}").into_bytes()
 }
 
 /// What this Envoy knows of a user's allowance for an action in a period.
@@ -63,11 +85,11 @@ impl Budget {
         }
     }
 
-    /// One more request may pass unchecked: what remained, plus what is left of the period's
-    /// allowance.
-    pub fn may_spend(&self, allowance: u64) -> bool {
+    /// One more request may pass unchecked, `unsettled` passes of this Envoy's being still
+    /// unknown to Redis: what remained, plus what is left of the period's allowance.
+    pub fn may_spend(&self, allowance: u64, unsettled: u64) -> bool {
         let allowance_left = allowance.saturating_sub(self.overshoot);
-        self.spent < self.remaining.saturating_add(allowance_left)
+        self.spent.max(unsettled) < self.remaining.saturating_add(allowance_left)
     }
 }
 
@@ -98,7 +120,7 @@ mod tests {
             spent: 0,
         };
         let mut passed = 0;
-        while b.may_spend(1) {
+        while b.may_spend(1, passed) {
             b.spent += 1;
             passed += 1;
         }
@@ -111,10 +133,19 @@ mod tests {
             overshoot: 1,
             spent: 0,
         };
-        assert!(!after.may_spend(1));
-        assert!(after.may_spend(2), "a larger allowance has one left");
+        assert!(!after.may_spend(1, 0));
+        assert!(after.may_spend(2, 0), "a larger allowance has one left");
+        // Redis answered before it had this Envoy's pass: the pass still counts.
+        let answered_early = Budget {
+            period_id: "p".into(),
+            remaining: 0,
+            overshoot: 0,
+            spent: 0,
+        };
+        assert!(answered_early.may_spend(1, 0));
+        assert!(!answered_early.may_spend(1, 1));
         assert!(
-            !Budget::default().may_spend(0),
+            !Budget::default().may_spend(0, 0),
             "nothing known, no allowance"
         );
     }

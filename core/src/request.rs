@@ -620,8 +620,9 @@ impl MeteredRequest {
                 return None;
             }
         };
+        let settlement = self.settlement(mode, status, now, redis);
         self.hold = Hold::Settled;
-        Some(self.settlement(mode, status, now, redis))
+        Some(settlement)
     }
 
     /// The stream ended without the upstream's answer: its client left, or Envoy answered in
@@ -645,8 +646,8 @@ impl MeteredRequest {
             }
             (Hold::Unreserved | Hold::Settled, _) => return None,
         };
-        self.hold = Hold::Settled;
         let mut settlement = self.settlement(mode, 0, now, redis);
+        self.hold = Hold::Settled;
         settlement.certain = mode == SettleMode::Release;
         Some(settlement)
     }
@@ -699,6 +700,7 @@ impl MeteredRequest {
             made_at_ms: unix_millis(now),
             certain: true,
             waiter: None,
+            fail_open: self.hold == Hold::Uncertain,
         }
     }
 }

@@ -52,6 +52,7 @@ impl Settlement {
             },
             held: None,
             waiter: None,
+            fail_open: false,
             ..of.clone()
         }
     }
@@ -109,6 +110,7 @@ impl Settlement {
             made_at_ms: ms,
             certain: true,
             waiter: None,
+            fail_open: false,
         }
     }
 }
@@ -152,4 +154,7 @@ pub struct Settlement {
     /// The stream whose response waits until Redis has applied this (read-your-writes), if
     /// any. Not sent to Redis.
     pub waiter: Option<u32>,
+    /// It settles a request let through while Redis was unreachable: once Redis has it, that
+    /// pass stops counting against this Envoy's fail-open budget. Not sent to Redis.
+    pub fail_open: bool,
 }

@@ -88,6 +88,8 @@ pub struct BatchReport {
     pub lost: Vec<Settlement>,
     /// Streams whose response waited for one of the batch's items, now applied.
     pub applied_waiters: Vec<u32>,
+    /// Fail-open passes now in Redis: `(user, action, period)` of each.
+    pub applied_fail_open: Vec<(String, String, String)>,
     pub error: Option<TransportError>,
 }
 
@@ -265,6 +267,12 @@ impl SettlementQueue {
             Ok(answer) => {
                 let batch = self.outstanding.swap_remove(at);
                 report.applied_waiters = batch.items.iter().filter_map(|i| i.waiter).collect();
+                report.applied_fail_open = batch
+                    .items
+                    .iter()
+                    .filter(|i| i.fail_open)
+                    .map(|i| (i.user.clone(), i.action.clone(), i.period_id.clone()))
+                    .collect();
                 match answer {
                     SettleReply::Applied(settled) => {
                         for (item, settled) in batch.items.into_iter().zip(settled) {
@@ -365,6 +373,7 @@ mod tests {
             made_at_ms: 0,
             certain: true,
             waiter: None,
+            fail_open: false,
         }
     }
 

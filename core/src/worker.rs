@@ -129,6 +129,9 @@ pub enum BodyFlow {
 /// Users remembered per worker, in the refusal and entitlement caches; beyond this many, old
 /// ones go.
 const REMEMBERED_USERS: usize = 10_000;
+/// A worker that sent no batch for this long writes its record anyway, so a silent one is
+/// known dead (`plan-limits audit` takes one silent for four times this as killed).
+pub const HEARTBEAT_MS: u64 = 30_000;
 /// The largest amount an upstream may say a release gave back: what Redis's Lua counts exactly.
 const MAX_GIVEN_BACK: u64 = 1 << 53;
 /// Records of lost settlements kept per worker until Redis takes them (one per user, action,
@@ -176,6 +179,8 @@ pub struct Worker {
     redis_down_since_ms: Option<u64>,
     /// Responses held until their success is counted, and until when at most (unix ms).
     awaiting_commit: HashMap<StreamId, u64>,
+    /// When this worker last wrote its record in Redis (a batch, a heartbeat; unix ms).
+    sent_record_at_ms: u64,
 }
 
 /// A metered stream, from its headers to its end.
@@ -227,6 +232,8 @@ enum Waiter {
     Report(StreamId),
     /// A settlement batch in flight (one per group).
     Batch(Group),
+    /// The worker's heartbeat or goodbye.
+    Record,
 }
 
 /// Reservation ids: a random per-VM prefix and a counter, unique across workers and Envoys.
@@ -301,7 +308,13 @@ impl Worker {
             unknown_plan_log: RateLimitedLog::default(),
             redis_down_since_ms: None,
             awaiting_commit: HashMap::new(),
+            sent_record_at_ms: 0,
         }
+    }
+
+    /// This worker's name in Redis (its record, its settlement batches).
+    pub fn name(&self) -> String {
+        self.ids.worker()
     }
 
     /// The plans in force (none before the first good `configure`).
@@ -777,7 +790,7 @@ impl Worker {
         let call = match waiter {
             Waiter::Reservations(_) => metrics::Call::Reserve,
             Waiter::Report(_) => metrics::Call::Report,
-            Waiter::Batch(_) => metrics::Call::Settle,
+            Waiter::Batch(_) | Waiter::Record => metrics::Call::Settle,
         };
         let micros = (now - sent).num_microseconds().unwrap_or(i64::MAX);
         io.record(&metrics::redis_round_trip(call), micros.max(0));
@@ -799,6 +812,11 @@ impl Worker {
             }
             Waiter::Report(stream) => self.on_report(stream, reply, now, io),
             Waiter::Batch(group) => self.on_batch_reply(group, reply, now, io),
+            Waiter::Record => {
+                if self.stopping && !self.settlements.batch_in_flight() {
+                    io.done();
+                }
+            }
         }
     }
 
@@ -1208,6 +1226,14 @@ impl Worker {
         }
         self.flushed_at_ms = now_ms;
         self.end_overdue_drains(now_ms, io);
+        if self.sent_record_at_ms == 0 {
+            // (Started: a heartbeat is due a HEARTBEAT_MS from now, unless a batch goes first.)
+            self.sent_record_at_ms = now_ms;
+        } else if now_ms.saturating_sub(self.sent_record_at_ms) >= HEARTBEAT_MS
+            && !self.settlements.batch_in_flight()
+        {
+            self.send_record(now, io);
+        }
         self.extend_held(now, io);
         self.flush(now, io);
         self.report_queue(io);
@@ -1284,33 +1310,17 @@ impl Worker {
         let now_ms = unix_millis(now);
         self.queue_losses();
         for group in self.settlements.start_batches(now_ms) {
-            let (events_stream, tag) = match group {
-                Group::All => (redis.events_stream.clone(), None),
-                Group::Slot(slot) => (
-                    cluster::slot_events_stream(&redis.events_stream, slot),
-                    Some(cluster::slot_tag(slot)),
-                ),
-            };
-            let applied_key = keys::applied_batches(&redis.key_prefix, &self.ids.worker(), tag);
-            let command = functions::settle(
+            let seq = self.settlements.in_flight_seq(group);
+            let queued = self.queued_settlements();
+            let command = self.settle_command(
+                &plans,
+                group,
                 self.settlements.in_flight(group),
-                SettleArgs {
-                    events_stream: &events_stream,
-                    events_trim: match (redis.events_max_len, redis.events_retention_days) {
-                        (Some(n), _) => EventsTrim::MaxLen(n),
-                        (None, Some(days)) => EventsTrim::MaxAgeMs(u64::from(days) * 86_400_000),
-                        (None, None) => EventsTrim::KeepAll,
-                    },
-                    now_ms,
-                    ttl_ms: redis.reservation_ttl_ms,
-                    remember_commits_ms: redis.commit_memory_ms,
-                    keep_days_ms: u64::from(redis.history_retention_days) * 86_400_000,
-                    warning_thresholds: &plans.warnings.thresholds,
-                    applied_key: &applied_key,
-                    seq: self.settlements.in_flight_seq(group),
-                    applied_memory_ms: APPLIED_MEMORY_MS,
-                },
+                seq,
+                now_ms,
+                queued,
             );
+            self.sent_record_at_ms = now_ms;
             match send(io, redis, command) {
                 Ok(token) => {
                     self.calls.insert(token, (Waiter::Batch(group), now));
@@ -1323,6 +1333,67 @@ impl Worker {
                 Err(e) => self.apply_batch_reply(group, Err(e), now, io),
             }
         }
+    }
+
+    /// The `plan_limits_settle` call of `items` as `group`'s batch number `seq` (no items: the
+    /// worker's heartbeat or goodbye, in its record only).
+    fn settle_command(
+        &self,
+        plans: &Plans,
+        group: Group,
+        items: &[Settlement],
+        seq: u64,
+        now_ms: u64,
+        queued: usize,
+    ) -> RedisCommand {
+        let redis = &plans.redis;
+        let (events_stream, tag) = match group {
+            Group::All => (redis.events_stream.clone(), None),
+            Group::Slot(slot) => (
+                cluster::slot_events_stream(&redis.events_stream, slot),
+                Some(cluster::slot_tag(slot)),
+            ),
+        };
+        let applied_key = keys::applied_batches(&redis.key_prefix, &self.ids.worker(), tag);
+        functions::settle(
+            items,
+            SettleArgs {
+                events_stream: &events_stream,
+                events_trim: match (redis.events_max_len, redis.events_retention_days) {
+                    (Some(n), _) => EventsTrim::MaxLen(n),
+                    (None, Some(days)) => EventsTrim::MaxAgeMs(u64::from(days) * 86_400_000),
+                    (None, None) => EventsTrim::KeepAll,
+                },
+                now_ms,
+                ttl_ms: redis.reservation_ttl_ms,
+                remember_commits_ms: redis.commit_memory_ms,
+                keep_days_ms: u64::from(redis.history_retention_days) * 86_400_000,
+                warning_thresholds: &plans.warnings.thresholds,
+                applied_key: &applied_key,
+                seq,
+                applied_memory_ms: APPLIED_MEMORY_MS,
+                queued,
+                stopping: self.stopping,
+            },
+        )
+    }
+
+    /// A worker that sent no batch for `HEARTBEAT_MS` says it is alive, and one that stops
+    /// says goodbye: in its record in Redis, one call without items. (On a cluster, in slot
+    /// 0's.) `Some` when sent.
+    fn send_record(&mut self, now: DateTime<Utc>, io: &mut dyn Io) -> Option<Token> {
+        let plans = self.plans.clone()?;
+        let group = if plans.redis.cluster_mode {
+            Group::Slot(0)
+        } else {
+            Group::All
+        };
+        let now_ms = unix_millis(now);
+        let command = self.settle_command(&plans, group, &[], 0, now_ms, self.queued_settlements());
+        let token = send(io, &plans.redis, command).ok()?;
+        self.sent_record_at_ms = now_ms;
+        self.calls.insert(token, (Waiter::Record, now));
+        Some(token)
     }
 
     fn on_batch_reply(
@@ -1369,6 +1440,9 @@ impl Worker {
                 io.resume_response(*stream);
             }
         }
+        for (user, action, period) in &report.applied_fail_open {
+            add_unsettled_pass(io, &plans.redis, user, action, period, -1);
+        }
     }
 
     /// Whether Redis just answered this worker usably: the outage gauge and a log line when that
@@ -1404,11 +1478,13 @@ impl Worker {
     pub fn on_shutdown(&mut self, now: DateTime<Utc>, io: &mut dyn Io) -> bool {
         self.stopping = true;
         self.flush(now, io);
-        let done = !self.settlements.batch_in_flight();
-        if done {
-            self.report_queue(io);
+        if self.settlements.batch_in_flight() {
+            // The last batch says goodbye.
+            return false;
         }
-        done
+        self.report_queue(io);
+        // Nothing to send: a goodbye of its own, so Redis knows this worker stopped cleanly.
+        self.send_record(now, io).is_none()
     }
 
     /// Settlements waiting or on their way to Redis, and records of lost ones not sent yet.
@@ -1485,20 +1561,56 @@ fn record_budget(
 /// Takes one unit of what this Envoy knows remains for a fail-open request while Redis is
 /// unreachable; `false` when none is left.
 fn spend_outage_budget(request: &MeteredRequest, redis: &RedisSettings, io: &mut dyn Io) -> bool {
-    let key = outage::key(&redis.key_prefix, request.user(), &request.action().key);
+    let (user, action) = (request.user(), &request.action().key);
+    let key = outage::key(&redis.key_prefix, user, action);
+    let period = &request.period().id;
     // Another worker may spend at the same moment: retry on a version conflict.
     for _ in 0..8 {
         let (value, version) = io.shared_get(&key);
-        let mut budget = Budget::decode(value.as_deref(), &request.period().id);
-        if !budget.may_spend(redis.fail_open_allowance) {
+        let mut budget = Budget::decode(value.as_deref(), period);
+        let unsettled = unsettled_passes(io, redis, user, action, period);
+        if !budget.may_spend(redis.fail_open_allowance, unsettled) {
             return false;
         }
         budget.spent += 1;
         if io.shared_set(&key, &budget.encode(), version) {
+            add_unsettled_pass(io, redis, user, action, period, 1);
             return true;
         }
     }
     false
+}
+
+/// This Envoy's fail-open passes of `user`'s `action` that Redis does not have yet.
+fn unsettled_passes(
+    io: &mut dyn Io,
+    redis: &RedisSettings,
+    user: &str,
+    action: &str,
+    period: &str,
+) -> u64 {
+    let key = outage::unsettled_key(&redis.key_prefix, user, action);
+    outage::decode_unsettled(io.shared_get(&key).0.as_deref(), period)
+}
+
+/// Adds `by` (1: a pass; -1: its settlement reached Redis) to those passes.
+fn add_unsettled_pass(
+    io: &mut dyn Io,
+    redis: &RedisSettings,
+    user: &str,
+    action: &str,
+    period: &str,
+    by: i64,
+) {
+    let key = outage::unsettled_key(&redis.key_prefix, user, action);
+    for _ in 0..8 {
+        let (value, version) = io.shared_get(&key);
+        let n = outage::decode_unsettled(value.as_deref(), period);
+        let next = n.saturating_add_signed(by);
+        if io.shared_set(&key, &outage::encode_unsettled(period, next), version) {
+            return;
+        }
+    }
 }
 
 /// Counts what became of `request`: the outcome's counter, and the one labeled with its
@@ -2911,6 +3023,59 @@ mod tests {
     }
 
     #[test]
+    fn a_pass_redis_does_not_have_yet_still_counts_against_the_allowance() {
+        // Found by the adversary (seed 17131033116926659877): a reservation's answer that came
+        // before this Envoy's fail-open pass was settled granted the allowance a second time.
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        let timeout = || Err(TransportError::Unknown("timeout".into()));
+        let at = |ms| now() + chrono::Duration::milliseconds(ms);
+        // 5 of 5 taken as Redis last said.
+        w.on_request_headers(1, upload("u").head(), false, at(0), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, reserved(1, 4, 1, "free"), at(0), &mut io);
+        // An outage: one passes on the allowance, and succeeds.
+        w.on_request_headers(2, upload("u").head(), false, at(10), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, timeout(), at(10), &mut io);
+        assert!(io.resumed.contains(&2));
+        w.on_response_headers(2, 200, None, at(20), &mut io);
+        w.on_stream_end(2, true, at(20), &mut io);
+        // Redis is back, and answers a reservation before it has that pass: 5 used.
+        w.on_request_headers(3, upload("u").head(), false, at(30), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, reserved(0, 5, 0, "free"), at(30), &mut io);
+        assert_eq!(io.status_for(3), Some(429));
+        // Another outage, past the refusal remembered: nothing more passes.
+        w.on_request_headers(4, upload("u").head(), false, at(2000), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, timeout(), at(2000), &mut io);
+        assert_eq!(
+            io.status_for(4),
+            Some(429),
+            "the allowance was had this period"
+        );
+        // Once the pass is in Redis (its batch answered), Redis's numbers say so instead.
+        w.on_tick(at(2010), &mut io);
+        let (token, batch) = io.last_sent();
+        let numkeys: usize = String::from_utf8_lossy(&batch.args[2]).parse().unwrap();
+        w.on_reply(
+            token,
+            settled(&vec![1; (numkeys - 2) / 8]),
+            at(2010),
+            &mut io,
+        );
+        w.on_request_headers(5, upload("u").head(), false, at(4000), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, reserved(0, 6, 0, "free"), at(4000), &mut io);
+        w.on_request_headers(6, upload("u").head(), false, at(6000), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, timeout(), at(6000), &mut io);
+        assert_eq!(io.status_for(6), Some(429));
+        assert_eq!(io.count_of(Metric::FailOpen), 1);
+    }
+
+    #[test]
     fn a_missing_redis_library_fails_like_an_unreachable_redis_and_says_why() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
@@ -3181,18 +3346,55 @@ mod tests {
 
     #[test]
     fn a_stopping_worker_sends_what_is_queued_then_is_done() {
+        // Idle: it says goodbye (its record in Redis, so it is not taken for killed), then is
+        // done; without Redis, at once.
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        assert!(w.on_shutdown(now(), &mut io), "idle: done at once");
+        assert!(!w.on_shutdown(now(), &mut io), "a goodbye is on its way");
+        let (token, goodbye) = io.last_sent();
+        assert_eq!(goodbye.args[2], b"2", "no items: the record alone");
+        assert_eq!(goodbye.args.last().unwrap(), b"1", "stopping");
+        w.on_reply(
+            token,
+            Ok(RedisReply::Array(vec![RedisReply::Int(1)])),
+            now(),
+            &mut io,
+        );
+        assert_eq!(io.done, 1);
+        let mut io = Recorder {
+            refuse_sends: true,
+            ..Recorder::default()
+        };
+        let mut w = worker(&mut io);
+        assert!(
+            w.on_shutdown(now(), &mut io),
+            "nothing can be sent: done at once"
+        );
+        // With settlements queued: they go, saying it stops, then it is done.
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
         view_succeeds(&mut w, 1, &mut io);
         assert!(!w.on_shutdown(now(), &mut io), "a batch is on its way");
-        let (token, _) = io.last_sent();
+        let (token, batch) = io.last_sent();
+        assert_eq!(batch.args[24], b"1", "the batch says it stops");
         assert_eq!(io.done, 0);
         w.on_reply(token, settled(&[1]), now(), &mut io);
         assert_eq!(io.done, 1);
         assert_eq!(io.count_of(Metric::Counted), 1);
+    }
+
+    #[test]
+    fn a_worker_that_sends_nothing_for_a_while_says_it_is_alive() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        w.on_tick(now(), &mut io);
+        w.on_tick(now() + chrono::Duration::milliseconds(29_999), &mut io);
+        assert!(io.sent.is_empty());
+        w.on_tick(now() + chrono::Duration::seconds(30), &mut io);
+        let (_, heartbeat) = io.last_sent();
+        assert_eq!(name(heartbeat).1, b"plan_limits_settle");
+        assert_eq!(heartbeat.args[2], b"2", "no items");
+        assert_eq!(heartbeat.args[4], b"plan-limits:applied:000000000000feed");
     }
 
     /// A procedure view by `user` that succeeds and ends: one count queued.

@@ -287,6 +287,23 @@ on_both_builds!(a_stopping_vm_sends_its_queued_settlements_first, |build| {
         "proxy_done once the batch is answered"
     );
     assert_eq!(counter(&h, "oli", "2026-11", "upload"), 1);
-    // An idle VM is done at once.
-    assert!(h.vms[1].shut_down().unwrap());
+    // An idle VM says goodbye (its record in Redis: stopped, not killed), then is done.
+    assert!(!h.vms[1].shut_down().unwrap());
+    h.vms[1].deliver_calls().unwrap();
+    assert!(h.vms[1].done_called());
+    let records: Vec<String> = redis::cmd("KEYS")
+        .arg("plan-limits:applied:*")
+        .query(&mut h.connection())
+        .unwrap();
+    let stopped: Vec<String> = records
+        .iter()
+        .map(|key| {
+            redis::cmd("HGET")
+                .arg(key)
+                .arg("stopped")
+                .query(&mut h.connection())
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(stopped, ["1", "1"], "both VMs' workers said goodbye");
 });

@@ -140,6 +140,7 @@ fn count(user: &str, id: &str) -> Settlement {
         made_at_ms: 0,
         certain: true,
         waiter: None,
+        fail_open: false,
     }
 }
 
@@ -157,6 +158,8 @@ fn settle_args<'a>(events_stream: &'a str, applied_key: &'a str, seq: u64) -> Se
         applied_key,
         seq,
         applied_memory_ms: 86_400_000,
+        queued: 0,
+        stopping: false,
     }
 }
 

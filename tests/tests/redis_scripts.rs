@@ -122,6 +122,7 @@ fn settlement(mode: SettleMode, user: &str, id: &str) -> Settlement {
         made_at_ms: NOW,
         certain: true,
         waiter: None,
+        fail_open: false,
     }
 }
 
@@ -162,6 +163,8 @@ fn settle_numbered(
                 applied_key: &applied_key,
                 seq,
                 applied_memory_ms: 86_400_000,
+                queued: 0,
+                stopping: false,
             },
         ),
     );
@@ -382,6 +385,42 @@ fn a_batch_sent_again_is_applied_once_whatever_it_holds() {
         SettleReply::Applied(_)
     ));
     assert_eq!(counter(&mut conn, "u"), Some(4));
+}
+
+#[test]
+fn a_workers_record_says_when_it_was_last_heard_of_and_whether_it_stopped() {
+    let (_server, mut conn) = redis();
+    let record = |conn: &mut redis::Connection| -> std::collections::BTreeMap<String, String> {
+        let key = format!("{}:applied:test-worker", usage::prefix());
+        redis::cmd("HGETALL").arg(key).query(conn).unwrap()
+    };
+    let seq = next_seq();
+    settle_numbered(
+        &mut conn,
+        &[settlement(SettleMode::Count, "u", "")],
+        NOW,
+        seq,
+    );
+    let r = record(&mut conn);
+    assert_eq!(
+        (&*r["seq"], &*r["at"], &*r["stopped"]),
+        (&*seq.to_string(), &*NOW.to_string(), "0")
+    );
+    // A heartbeat (no items) keeps the last batch's number and says it is alive at a later time.
+    assert!(matches!(
+        settle_numbered(&mut conn, &[], NOW + 30_000, 0),
+        SettleReply::Applied(_)
+    ));
+    let r = record(&mut conn);
+    assert_eq!(
+        (&*r["seq"], &*r["at"]),
+        (&*seq.to_string(), &*(NOW + 30_000).to_string())
+    );
+    assert_eq!(
+        counter(&mut conn, "u"),
+        Some(1),
+        "a heartbeat counts nothing"
+    );
 }
 
 #[test]
@@ -728,6 +767,8 @@ fn events_older_than_the_retention_are_trimmed() {
             applied_key: &format!("{}:applied:test-worker", usage::prefix()),
             seq: next_seq(),
             applied_memory_ms: 86_400_000,
+            queued: 0,
+            stopping: false,
         },
     );
     assert!(matches!(run(&mut conn, &command), RedisReply::Array(_)));
@@ -760,6 +801,8 @@ fn the_event_stream_can_be_capped() {
                 applied_key: &format!("{}:applied:test-worker", usage::prefix()),
                 seq: next_seq(),
                 applied_memory_ms: 86_400_000,
+                queued: 0,
+                stopping: false,
             },
         );
         assert!(matches!(run(&mut conn, &command), RedisReply::Array(_)));

@@ -56,6 +56,7 @@ fn the_ledger_invariant_holds_in_every_simulated_world() {
                 total.fail_open += report.fail_open;
                 total.audited_losses += report.audited_losses;
                 total.awaited_commits += report.awaited_commits;
+                total.silent_workers += report.silent_workers;
             }
             Err((violations, faults)) => {
                 eprintln!("seed {seed} (faults {faults:?}):");

@@ -146,6 +146,34 @@ pub fn replay(events: &[Event], plans: &Plans) -> Expected {
     out
 }
 
+/// A worker's record in Redis (`<prefix>:applied:<worker>`): when it was last heard of, what
+/// it had queued then, whether it stopped cleanly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerRecord {
+    pub worker: String,
+    pub at_ms: u64,
+    pub queued: u64,
+    pub stopped: bool,
+}
+
+/// Workers silent for four heartbeats without a goodbye: killed (or cut off from Redis).
+pub fn silent_workers(records: &[WorkerRecord], now_ms: u64) -> Vec<WorkerRecord> {
+    let silence = 4 * plan_limits_core::worker::HEARTBEAT_MS;
+    // (On a cluster a worker has one record per slot: the latest speaks for it.)
+    let mut latest: BTreeMap<&str, &WorkerRecord> = BTreeMap::new();
+    for r in records {
+        let entry = latest.entry(&r.worker).or_insert(r);
+        if r.at_ms > entry.at_ms || r.stopped {
+            *entry = r;
+        }
+    }
+    latest
+        .into_values()
+        .filter(|r| !r.stopped && now_ms.saturating_sub(r.at_ms) >= silence)
+        .cloned()
+        .collect()
+}
+
 /// What Redis holds.
 #[derive(Debug, Default)]
 pub struct Found {
@@ -155,6 +183,7 @@ pub struct Found {
     /// Reservations still pending past their expiry (no later call found them), per user and
     /// action.
     pub unsettled: BTreeMap<(String, String), u64>,
+    pub workers: Vec<WorkerRecord>,
 }
 
 /// A counter that disagrees with the events.
@@ -172,6 +201,9 @@ pub struct Audit {
     pub events: usize,
     pub drift: Vec<Drift>,
     pub lost: Vec<Loss>,
+    /// Workers that went silent without stopping: what they had queued since they were last
+    /// heard of (unlimited successes, fail-open passes) is lost without a record of whose.
+    pub silent: Vec<WorkerRecord>,
     pub unknown: BTreeMap<(String, String), u64>,
     /// What could not be recomputed: events before this were trimmed (unix ms).
     pub trimmed_before_ms: Option<u64>,
@@ -240,6 +272,7 @@ pub fn compare(
     found: Found,
     scope: &Scope,
     trimmed_before_ms: Option<u64>,
+    now_ms: u64,
 ) -> Audit {
     let mut audit = Audit {
         events,
@@ -306,6 +339,7 @@ pub fn compare(
         audit.skipped += expected.totals.len();
     }
     audit.lost = expected.lost;
+    audit.silent = silent_workers(&found.workers, now_ms);
     for ((user, action), n) in found.unsettled {
         audit.lost.push(Loss {
             user,
@@ -353,6 +387,23 @@ impl fmt::Display for Audit {
             writeln!(f, "lost, on record ({}):", self.lost.len())?;
             for l in &self.lost {
                 writeln!(f, "  {:?} {} x{}: {}", l.user, l.action, l.units, l.why)?;
+            }
+        }
+        if !self.silent.is_empty() {
+            writeln!(
+                f,
+                "workers gone silent without stopping ({}): killed, or cut off from Redis; the unlimited successes and fail-open passes each had queued after it was last heard of are lost, without a record of whose:",
+                self.silent.len()
+            )?;
+            for w in &self.silent {
+                let at = chrono::DateTime::from_timestamp_millis(w.at_ms as i64)
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_default();
+                writeln!(
+                    f,
+                    "  worker {} last heard of at {at}, with {} settlements queued",
+                    w.worker, w.queued
+                )?;
             }
         }
         let unknown: u64 = self.unknown.values().sum();
@@ -437,6 +488,7 @@ pub fn run(redis: &mut Redis, plans: &Plans, scope: &Scope, now_ms: u64) -> Resu
         found,
         scope,
         trimmed_before_ms,
+        now_ms,
     ))
 }
 
@@ -508,7 +560,7 @@ fn read_found(redis: &mut Redis, plans: &Plans, now_ms: u64) -> Result<Found, St
             let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(format!("{prefix}:{{*"))
+                .arg(format!("{prefix}:*"))
                 .arg("COUNT")
                 .arg(1000)
                 .query(conn)
@@ -523,6 +575,21 @@ fn read_found(redis: &mut Redis, plans: &Plans, now_ms: u64) -> Result<Found, St
     let mut found = Found::default();
     let conn = redis.as_dyn();
     let failed = |key: &str, e: redis::RedisError| format!("{key}: {e}");
+    let records = format!("{prefix}:applied:");
+    for key in keys.iter().filter(|k| k.starts_with(&records)) {
+        let fields: BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(key)
+            .query(conn)
+            .map_err(|e| failed(key, e))?;
+        let number = |name: &str| fields.get(name).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let rest = key.strip_prefix(&records).unwrap_or(key);
+        found.workers.push(WorkerRecord {
+            worker: rest.split(':').next().unwrap_or(rest).to_string(),
+            at_ms: number("at"),
+            queued: number("queued"),
+            stopped: fields.get("stopped").is_some_and(|s| s == "1"),
+        });
+    }
     for key in &keys {
         let Some((user, kind)) = parse_key(prefix, key) else {
             continue;
@@ -682,7 +749,7 @@ mod tests {
             .insert(("a".into(), "2026-11-27".into(), "upload".into()), 1);
         found.totals.insert(("a".into(), Gauge::Storage), 10);
         found.unsettled.insert(("d".into(), "upload".into()), 2);
-        let audit = compare(events.len(), expected, found, &Scope::default(), None);
+        let audit = compare(events.len(), expected, found, &Scope::default(), None, 0);
         let drift: Vec<(&str, &str, u64, u64)> = audit
             .drift
             .iter()
@@ -719,11 +786,33 @@ mod tests {
             .insert(("a".into(), "2026-10".into(), "upload".into()), 9);
         found.totals.insert(("a".into(), Gauge::Storage), 999);
         let trimmed = start_ms("2026-11-01");
-        let audit = compare(1, expected, found, &Scope::default(), Some(trimmed));
+        let audit = compare(1, expected, found, &Scope::default(), Some(trimmed), 0);
         assert!(audit.drift.iter().all(|d| !d.what.contains("2026-10")));
         assert!(audit.drift.iter().all(|d| !d.what.contains("storage")));
         assert!(audit.skipped >= 2);
         assert!(audit.to_string().contains("were trimmed"));
+    }
+
+    #[test]
+    fn a_worker_silent_for_four_heartbeats_without_a_goodbye_is_taken_for_killed() {
+        let heartbeat = plan_limits_core::worker::HEARTBEAT_MS;
+        let record = |worker: &str, at_ms, stopped| WorkerRecord {
+            worker: worker.into(),
+            at_ms,
+            queued: 3,
+            stopped,
+        };
+        let now = 10 * heartbeat;
+        let records = [
+            record("alive", now - heartbeat, false),
+            record("stopped", 0, true),
+            record("killed", now - 4 * heartbeat, false),
+            // On a cluster: one slot's record is old, another's recent.
+            record("busy", 0, false),
+            record("busy", now - 1, false),
+        ];
+        let silent = silent_workers(&records, now);
+        assert_eq!(silent, [record("killed", now - 4 * heartbeat, false)]);
     }
 
     #[test]

@@ -337,6 +337,10 @@ pub struct SettleArgs<'a> {
     pub applied_key: &'a str,
     pub seq: u64,
     pub applied_memory_ms: u64,
+    /// What the worker still has queued besides this batch, and whether it is stopping: kept
+    /// in its record, so a worker that went silent without stopping is known killed.
+    pub queued: usize,
+    pub stopping: bool,
 }
 
 /// How the event stream is kept from growing without bound (approximately: Redis trims whole
@@ -445,7 +449,9 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
         )
         .arg(SETTLE_FIELDS.to_string())
         .arg(args.seq.to_string())
-        .arg(args.applied_memory_ms.to_string());
+        .arg(args.applied_memory_ms.to_string())
+        .arg(args.queued.to_string())
+        .arg(if args.stopping { "1" } else { "" });
     for item in batch {
         let before = cmd.args.len();
         cmd = cmd

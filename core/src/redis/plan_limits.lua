@@ -181,9 +181,13 @@ end
 --             the user's gauge named as the action (never below 0);
 --   lost    - a worker gave up settlements of the user and action (the amount; kind says
 --             why): recorded as a `lost` event, and in the summary as `lost:<action>`.
--- A batch is applied once: it names its worker's key and its sequence number, and runs only
--- if that number is past the last one applied for the worker (a batch sent again because its
--- first answer was lost finds its number there, and nothing runs).
+-- A batch is applied once: it names its worker's record and its sequence number, and runs
+-- only if that number is past the last one applied for the worker (a batch sent again because
+-- its first answer was lost finds its number there, and nothing runs). The record (a hash:
+-- `seq`, `at`, `queued`, `stopped`) also says when the worker was last heard of and whether it
+-- stopped cleanly: a batch without items is a worker's heartbeat, or its goodbye. A worker
+-- that went silent without a goodbye was killed (what it had queued since is lost), and
+-- `plan-limits audit` says so.
 -- Every count also updates the monthly summary and the day's counters (the history) and
 -- appends a usage event (its outcome `success`, or `unknown` for a request forwarded whole
 -- whose answer never came: its client left, or Envoy gave up waiting); a count that brings the period's to a warning threshold (a share of
@@ -203,7 +207,8 @@ end
 --       threshold, now (ms), reservation ttl (ms), how long
 --       commit ids are remembered (ms), how long days are kept (ms), the warning thresholds
 --       (percent, comma-separated), fields per item, the batch's sequence number, how long it
---       is remembered (ms), then the items' fields.
+--       is remembered (ms), how many settlements the worker still has queued, '1' if it is
+--       stopping, then the items' fields.
 -- Returns {0} if the batch was applied before; else {1, then per item {counted or extended
 -- (1/0, -1 refused), the user's entitled plan or false, the anchor day billing recorded or
 -- false}}, flattened.
@@ -212,11 +217,18 @@ local function settle(keys, args)
   local remember, keep_days = tonumber(args[5]), tonumber(args[6])
   local thresholds, stride = {}, tonumber(args[8])
   local seq, applied_memory = tonumber(args[9]), tonumber(args[10])
+  local queued, stopping = args[11], args[12] == '1' and '1' or '0'
   local applied = keys[2]
-  if seq <= tonumber(redis.call('GET', applied) or '0') then
+  if #keys == 2 then
+    redis.call('HSET', applied, 'at', args[3], 'queued', queued, 'stopped', stopping)
+    redis.call('PEXPIRE', applied, applied_memory)
+    return {1}
+  end
+  if seq <= tonumber(redis.call('HGET', applied, 'seq') or '0') then
     return {0}
   end
-  redis.call('SET', applied, seq, 'PX', applied_memory)
+  redis.call('HSET', applied, 'seq', seq, 'at', args[3], 'queued', queued, 'stopped', stopping)
+  redis.call('PEXPIRE', applied, applied_memory)
   for t in string.gmatch(args[7], '%d+') do
     thresholds[#thresholds + 1] = tonumber(t)
   end
@@ -337,7 +349,7 @@ local function settle(keys, args)
     return 1
   end
   for i = 0, (#keys - 2) / 8 - 1 do
-    local f = 10 + stride * i
+    local f = 12 + stride * i
     -- (Values are checked before anything is written, so a refused item wrote nothing.)
     local ok, done = pcall(apply, i, f)
     if not ok then

@@ -33,6 +33,8 @@ pub struct Report {
     pub audited_losses: u64,
     /// Successes held until Redis counted them (read-your-writes), each checked counted then.
     pub awaited_commits: u64,
+    /// Workers the audit found gone silent without stopping (each a killed one).
+    pub silent_workers: u64,
 }
 
 #[derive(Debug, Clone)]

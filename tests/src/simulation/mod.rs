@@ -255,6 +255,8 @@ pub struct World<'r> {
     read_your_writes_broken: Vec<String>,
     /// Successes held for their commit.
     awaited: u64,
+    /// The workers of killed Envoys, by name.
+    killed: Vec<String>,
 }
 
 const ROUTE_TIMEOUT_MS: u64 = 2000;
@@ -303,6 +305,7 @@ impl<'r> World<'r> {
             faults: Vec::new(),
             read_your_writes_broken: Vec::new(),
             awaited: 0,
+            killed: Vec::new(),
         };
         let envoys = 2 + world.rng.below(2) as usize;
         for _ in 0..envoys {
@@ -1007,6 +1010,9 @@ impl<'r> World<'r> {
                 let workers = self.envoys[e].workers.len();
                 let generation = self.envoys[e].generation + 1;
                 let fresh = self.new_envoy(workers, generation);
+                for w in &self.envoys[e].workers {
+                    self.killed.push(w.worker.name());
+                }
                 // Requests that ended on it but whose settlements it still held are lost too.
                 self.mark_unsettled_of_killed(e);
                 self.envoys[e] = fresh;
@@ -1042,14 +1048,48 @@ impl<'r> World<'r> {
         out
     }
 
-    /// `plan-limits audit` of the seed's keys and events (its prefix), as an operator runs it.
-    pub fn audit(&self, admin_url: &str) -> plan_limits_tools::audit::Audit {
+    /// `plan-limits audit` of the seed's keys and events (its prefix), as an operator runs it
+    /// five minutes after the run (the live workers' heartbeats in, the killed ones' not).
+    pub fn audit(&mut self, admin_url: &str) -> plan_limits_tools::audit::Audit {
+        for _ in 0..10 {
+            self.now_ms += plan_limits_core::worker::HEARTBEAT_MS;
+            for envoy in 0..self.envoys.len() {
+                for worker in 0..self.envoys[envoy].workers.len() {
+                    self.tick(envoy, worker);
+                }
+            }
+            self.drain();
+        }
         let plans = plan_limits_core::plans::Plans::from_json(self.plans.as_bytes())
             .expect("the simulation's plans");
         let mut redis = plan_limits_tools::operator::Redis::connect(admin_url).expect("Redis");
         let scope = plan_limits_tools::audit::Scope::default();
         plan_limits_tools::audit::run(&mut redis, &plans, &scope, self.now_ms)
             .unwrap_or_else(|e| panic!("audit: {e}"))
+    }
+
+    /// Whether the audit took exactly the killed workers that had written a record for dead.
+    pub fn audit_found_the_killed(
+        &mut self,
+        audit: &plan_limits_tools::audit::Audit,
+    ) -> Result<(), String> {
+        let silent: HashSet<&str> = audit.silent.iter().map(|w| w.worker.as_str()).collect();
+        for name in &silent {
+            if !self.killed.iter().any(|k| k == name) {
+                return Err(format!("a live worker taken for killed: {name}"));
+            }
+        }
+        for name in &self.killed {
+            let key = plan_limits_core::keys::applied_batches(&self.prefix, name, None);
+            let recorded: bool = redis::cmd("EXISTS")
+                .arg(&key)
+                .query(self.admin)
+                .unwrap_or(false);
+            if recorded && !silent.contains(name.as_str()) {
+                return Err(format!("a killed worker not found by the audit: {name}"));
+            }
+        }
+        Ok(())
     }
 
     /// Checks the ledger invariant (see `check`).
@@ -1100,6 +1140,10 @@ pub fn run_seed(
     let faults = world.faults.clone();
     let mut report = world.check().map_err(|v| (v, faults.clone()))?;
     let audit = world.audit(admin_url);
+    world
+        .audit_found_the_killed(&audit)
+        .map_err(|e| (vec![Violation(e)], faults.clone()))?;
+    report.silent_workers = audit.silent.len() as u64;
     if !audit.drift.is_empty() {
         let drift = audit
             .drift
