@@ -5,7 +5,7 @@ WASM := target/plan_limits_filter.wasm
 WASM_HOSTCALLS := target/plan_limits_filter_redis_hostcalls.wasm
 OPT := wasm-opt -Oz --enable-bulk-memory --enable-sign-ext
 
-.PHONY: deps deps-test build build-stock build-hostcalls oci run reload test soak bench bench-smoke profile scale lint schema clean
+.PHONY: deps deps-test build build-stock build-hostcalls oci run reload test soak adversary bench bench-smoke profile scale lint schema clean
 
 deps:
 	@scripts/install-deps.sh
@@ -96,6 +96,21 @@ bench-smoke:
 ## soak: 60 s of load (wrk) with Redis restarted in the middle; prints the figures
 soak: build
 	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo test --locked -p plan-limits-tests --test soak -- --ignored --nocapture
+
+## adversary: the long budget of the adversary (issue 17): SEEDS fresh seeds (a count, default 20;
+## or a comma list of seeds to run again) of REQUESTS requests each (600) from CLIENTS clients
+## (6), with FAULTS faults (5) of FAULT_KINDS (all: redis-pause, redis-restart, webdis-restart,
+## envoy-kill, upstream-pause), the ledger invariant checked after each; prints the seeds, the
+## requests, the client behaviours and faults covered, and how to reproduce any violation
+SEEDS ?= 20
+REQUESTS ?= 600
+FAULTS ?= 5
+CLIENTS ?= 6
+FAULT_KINDS ?= all
+adversary: build
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) ADVERSARY_SEEDS=$(SEEDS) ADVERSARY_REQUESTS=$(REQUESTS) \
+		ADVERSARY_FAULTS=$(FAULTS) ADVERSARY_CLIENTS=$(CLIENTS) ADVERSARY_FAULT_KINDS=$(FAULT_KINDS) \
+		cargo test --locked -p plan-limits-tests --test adversary -- --nocapture
 
 ## schema: plans.schema.json written again from the config's Rust types (a test fails when stale)
 schema:

@@ -435,3 +435,47 @@ impl Gateway for EnvoyClusterGateway {
         Utc::now()
     }
 }
+
+/// Crashes, for the fault tests: a part of the gateway killed with SIGKILL (nothing drained,
+/// nothing flushed) and started again on the same port, as a supervisor would.
+impl EnvoyGateway {
+    /// Kills Envoy, waits `down`, and starts a new one named `name` (its config, ECDS files
+    /// and log are `<name>*` in the scratch dir, beside the dead one's) on the same gateway and
+    /// admin ports.
+    pub fn kill_and_restart_envoy(
+        &mut self,
+        name: &str,
+        down: std::time::Duration,
+    ) -> Result<(), String> {
+        if let Some(mut envoy) = self.envoy.take() {
+            envoy.stop();
+        }
+        std::thread::sleep(down);
+        let envoy = self.spawn_envoy(name, self.gateway_port, self.admin_port, None)?;
+        self.envoy = Some(envoy);
+        Ok(())
+    }
+
+    /// Kills Redis, waits `down`, and starts it again on its port (from its append-only file
+    /// when the gateway was started with `persistent_redis`).
+    pub fn kill_and_restart_redis(&mut self, down: std::time::Duration) {
+        let port = self.redis.port;
+        self.redis.stop();
+        std::thread::sleep(down);
+        self.redis = RedisServer::start_with(&self.dir, port, self.options.persistent_redis);
+    }
+
+    /// Kills webdis, waits `down`, and starts it again on its port in front of the same Redis.
+    pub fn kill_and_restart_webdis(&mut self, down: std::time::Duration) {
+        let port = self.webdis.port;
+        self.webdis.stop();
+        std::thread::sleep(down);
+        self.webdis = Webdis::start(
+            &self.dir,
+            "127.0.0.1",
+            self.redis.port,
+            self.redis.filter_password(),
+            Some(port),
+        );
+    }
+}

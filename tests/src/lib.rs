@@ -1,6 +1,7 @@
 //! What the suites share: the gateways they run against (the wasmtime harness with either
 //! filter build, and real Envoy), the requests they send, and how they read the counts.
 
+pub mod adversary;
 pub mod simulation;
 
 pub use plan_limits_services::gateway::{EnvoyGateway, Gateway, GatewayOptions};
