@@ -17,7 +17,19 @@ use plan_limits_tests::adversary::{self, report};
 /// reproduction command prints both): each runs again in the short budget. A seed names a
 /// plan only for the generator that drew it: when `adversary::plan` changes how it draws,
 /// check that each kept seed still finds what it found (or drop it).
-const KEPT_SEEDS: &[(u64, Budget)] = &[];
+const KEPT_SEEDS: &[(u64, Budget)] = &[
+    // One Envoy granted the fail-open allowance twice in a period: a reservation's answer that
+    // came before its pass was settled reset the budget (free-a's analyses: 5 done of 3).
+    (
+        17_131_033_116_926_659_877,
+        Budget {
+            requests: 300,
+            faults: 4,
+            clients: 6,
+            fault_kinds: FaultKinds::WITHOUT_ENVOY_KILL,
+        },
+    ),
+];
 
 /// The short budget's own seeds: the same every time, so `make test` is repeatable.
 const SHORT_SEEDS: [u64; 2] = [0x5eed_0000_0001_7a11, 0x5eed_0000_0002_b0b5];

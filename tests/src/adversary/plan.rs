@@ -335,6 +335,8 @@ pub struct FaultKinds(u8);
 
 impl FaultKinds {
     pub const ALL: FaultKinds = FaultKinds((1 << FaultKind::ALL.len()) - 1);
+    /// Every kind but Envoy's kill (`redis-pause,redis-restart,webdis-restart,upstream-pause`).
+    pub const WITHOUT_ENVOY_KILL: FaultKinds = FaultKinds(Self::ALL.0 & !(1 << 3));
 
     fn bit(kind: FaultKind) -> u8 {
         let index = FaultKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
