@@ -44,12 +44,12 @@ run: deps
 	@echo "==> 3/3 starting the gateway"
 	@PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) target/launcher/plan-limits-gateway
 
-## reload: swap plans.json (and a rebuilt .wasm) into the gateway `make run` started, without
-## restarting Envoy; a plans.json the filter refuses is refused here, naming the field.
+## reload: swap the plans.json `make run` was started with (PLANS_JSON, or plans.json), and a
+## rebuilt .wasm, into the gateway it started, without restarting Envoy; a plans.json the
+## filter refuses is refused here, naming the field.
 reload: build-stock
 	cargo build --locked --profile launcher -p plan-limits-tools --no-default-features --bin plan-limits
-	target/launcher/plan-limits reload plans.json --ecds-dir .gateway/envoy-ecds --wasm $(WASM) \
-		--admin-port $${ADMIN_PORT:-9901}
+	target/launcher/plan-limits reload --ecds-dir .gateway/envoy-ecds --wasm $(WASM)
 
 ## test: unit tests of the core, then end-to-end tests through real Envoy and Redis
 test: build lint deps-test

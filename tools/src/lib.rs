@@ -12,4 +12,5 @@ pub mod reload;
 pub mod render;
 #[cfg(feature = "replay")]
 pub mod replay;
+pub mod run_record;
 pub mod schema;

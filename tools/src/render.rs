@@ -104,6 +104,34 @@ pub struct Options {
     pub higress_jwt_auth_image: String,
 }
 
+impl Options {
+    /// Fills what was not given and only the deployment knows (the module's image, where the
+    /// token's keys are) with placeholders plainly marked as such, so a complete manifest is
+    /// printed; returns each as `(flag, placeholder)`, to be said on stderr.
+    pub fn fill_placeholders(&mut self, platform: Platform) -> Vec<(&'static str, String)> {
+        let mut filled = Vec::new();
+        if self.image.is_empty() {
+            self.image = PLACEHOLDER_IMAGE.into();
+            filled.push(("--image", self.image.clone()));
+        }
+        if self.jwks_uri.is_none() && matches!(platform, Platform::Istio | Platform::EnvoyGateway) {
+            self.jwks_uri = Some(PLACEHOLDER_JWKS_URI.into());
+            filled.push(("--jwks-uri", PLACEHOLDER_JWKS_URI.into()));
+        }
+        if self.jwks.is_none() && platform == Platform::Higress {
+            self.jwks = Some(PLACEHOLDER_JWKS.into());
+            filled.push(("--jwks-file", PLACEHOLDER_JWKS.into()));
+        }
+        filled
+    }
+}
+
+/// What `fill_placeholders` puts where a value was not given: each says it is one.
+pub const PLACEHOLDER_IMAGE: &str = "oci://REGISTRY.PLACEHOLDER/plan-limits-filter:TAG";
+pub const PLACEHOLDER_JWKS_URI: &str = "https://ISSUER.PLACEHOLDER/.well-known/jwks.json";
+pub const PLACEHOLDER_JWKS: &str =
+    r#"{"keys":[{"kty":"RSA","kid":"PLACEHOLDER","n":"PLACEHOLDER","e":"AQAB"}]}"#;
+
 pub const DEFAULT_WEBDIS_SERVICE: &str = "webdis.plan-limits.svc.cluster.local:7379";
 pub const DEFAULT_REDIS_SERVICE: &str = "redis.plan-limits.svc.cluster.local:6379";
 pub const DEFAULT_HIGRESS_JWT_AUTH_IMAGE: &str =
@@ -836,7 +864,7 @@ mod tests {
         let client = &kind(&docs, "ClientTrafficPolicy", "plan-limits")["spec"];
         assert_eq!(
             client["headers"]["earlyRequestHeaders"]["remove"],
-            json!(["x-user-id", "x-user-plan", "x-org-id"])
+            json!(["x-user-id", "x-user-plan", "x-org-id", "x-user-features"])
         );
         assert_eq!(
             client["timeout"]["http"]["requestReceivedTimeout"],
@@ -914,6 +942,31 @@ mod tests {
                 "{platform:?}: {kinds:?}"
             );
         }
+    }
+
+    #[test]
+    fn what_only_the_deployment_knows_is_a_marked_placeholder() {
+        for platform in [Platform::Istio, Platform::EnvoyGateway, Platform::Higress] {
+            let mut given = Options {
+                image: String::new(),
+                jwks_uri: None,
+                jwks: None,
+                ..options()
+            };
+            let filled = given.fill_placeholders(platform);
+            let flags: Vec<&str> = filled.iter().map(|(flag, _)| *flag).collect();
+            let keys = if platform == Platform::Higress {
+                "--jwks-file"
+            } else {
+                "--jwks-uri"
+            };
+            assert_eq!(flags, ["--image", keys], "{platform:?}");
+            let manifests = render(platform, &plans_json(), &given).unwrap();
+            let text = serde_json::to_string(&manifests).unwrap();
+            assert!(text.contains("PLACEHOLDER"), "{platform:?}");
+        }
+        let mut complete = options();
+        assert!(complete.fill_placeholders(Platform::Istio).is_empty());
     }
 
     #[test]

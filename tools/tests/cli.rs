@@ -400,7 +400,66 @@ fn reload_swaps_plans_into_a_running_envoy_and_refuses_what_it_cannot_apply() {
     assert_eq!(upload("rio"), 429);
     let statuses: Vec<u16> = (0..4).map(|_| upload("sam")).collect();
     assert_eq!(statuses, [200, 200, 200, 429]);
-    assert_eq!(gw.envoy().pid(), pid);
+
+    // Beside a gateway `make run` started (its record), `reload` without a file reloads the
+    // one it was started with, and the Redis commands find its Redis, each saying so.
+    let two = edited("two.json", &|p| {
+        p["plans"]["free"]["limits"]["upload"] = 2.into()
+    });
+    let record = dir.join("run.json");
+    plan_limits_tools::run_record::RunRecord {
+        plans: two.clone().into(),
+        redis_url: gw.redis.url(),
+        admin_port: gw.admin_port,
+    }
+    .write(&record)
+    .unwrap();
+    let beside_make_run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_plan-limits"))
+            .args(args)
+            .current_dir(repo_root())
+            .env_remove("REDIS_URL")
+            .env("PLAN_LIMITS_RUN_RECORD", &record)
+            .output()
+            .unwrap()
+    };
+    let out = beside_make_run(&["reload", "--ecds-dir", &ecds, "--wasm", &wasm]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("reloading {two}")));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("loaded by Envoy"));
+    let statuses: Vec<u16> = (0..3).map(|_| upload("tim")).collect();
+    assert_eq!(statuses, [200, 200, 429]);
+    let out = beside_make_run(&["usage", "tim"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("using the Redis of the gateway make run started"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(
+            gw.redis
+                .url()
+                .split('@')
+                .next()
+                .unwrap()
+                .rsplit(':')
+                .next()
+                .unwrap()
+        ),
+        "no password shown"
+    );
+    let usage: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(usage["actions"]["upload"]["used"], 2);
+    assert_eq!(gw.envoy().pid(), pid, "the same Envoy all along");
 }
 
 const SCHEMA_STALE: &str = "plans.schema.json is not what `plan-limits schema` prints: run \
@@ -672,8 +731,23 @@ fn render_prints_every_platforms_manifests_with_their_required_fields() {
             .unwrap_or_else(|e| panic!("{platform}: {e}"));
         }
     }
-    // What a platform needs and was not given is named.
-    let out = sim(&["render", "istio", "plans.json", "--image", "oci://r/p:1"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--jwks-uri"));
+    // Without flags: a complete manifest, what only the deployment knows a placeholder that
+    // says so, each named on stderr.
+    for platform in ["istio", "envoy-gateway", "higress"] {
+        let out = sim(&["render", platform]);
+        assert!(
+            out.status.success(),
+            "{platform}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let docs = yaml_documents(&String::from_utf8(out.stdout).unwrap());
+        assert!(docs.len() >= 4, "{platform}");
+        let text = serde_json::to_string(&docs).unwrap();
+        assert!(text.contains("PLACEHOLDER"), "{platform}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("placeholders") && err.contains("--image"),
+            "{platform}: {err}"
+        );
+    }
 }

@@ -48,6 +48,14 @@ fn main() {
         jwt_dir: Some(dir.join("jwt")),
         ..GatewayOptions::default()
     });
+    let record = plan_limits_tools::run_record::RunRecord {
+        plans: std::path::absolute(&plans).unwrap_or_else(|_| plans.clone()),
+        redis_url: gw.redis.url(),
+        admin_port: gw.admin_port,
+    };
+    if let Err(e) = record.write(&plan_limits_tools::run_record::path()) {
+        eprintln!("{e}: make reload and plan-limits will not find this gateway");
+    }
     let g = gw.gateway_port;
     let token = |user: &str, plan: &str| {
         gw.jwt.token(
@@ -77,14 +85,14 @@ Try, as alice on the free plan (a token valid for a day; more: plan-limits token
   curl -s -H "authorization: Bearer $TOKEN" http://127.0.0.1:{g}/api/usage
   curl -s -H "authorization: Bearer $TOKEN" 'http://127.0.0.1:{g}/api/usage/history?action=upload'
   the usage page, in a browser: http://127.0.0.1:{g}/usage#token={alice}
-  REDIS_URL='{redis}' cargo run -q -p plan-limits-tools --bin plan-limits -- set-plan alice professional
+  cargo run -q -p plan-limits-tools --bin plan-limits -- set-plan alice professional   (finds this Redis)
   redis-cli -u '{redis}' HGETALL 'plan-limits:{{alice}}:{period}'
   redis-cli -u '{redis}' XRANGE plan-limits:events - +
   curl -s http://127.0.0.1:{admin}/stats?filter=plan_limits
   a diagram deleted gives its bytes back to storage (the upload's answer names its diagram_id):
   curl -i -X DELETE -H "authorization: Bearer $TOKEN" http://127.0.0.1:{g}/api/diagrams/d1
 
-Edit plans.json, then `make reload` in another terminal: Envoy loads it without a restart.
+Edit {plans}, then `make reload` in another terminal: Envoy loads it without a restart.
 Ctrl-C stops everything."#,
         secs = started.elapsed().as_secs_f64(),
         admin = gw.admin_port,

@@ -38,6 +38,8 @@
 //! without wasmtime.
 
 use std::path::{Path, PathBuf};
+
+use plan_limits_tools::run_record::{self, RunRecord};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -66,8 +68,8 @@ enum Command {
     /// restarting Envoy: checked first (here, then by the .wasm itself in `envoy --mode
     /// validate`), then written where Envoy watches its filters' configuration.
     Reload {
-        #[arg(default_value = "plans.json")]
-        plans: PathBuf,
+        /// Default: the plans.json `make run` was started with (else plans.json).
+        plans: Option<PathBuf>,
         /// Where the Envoy watches (`make run`'s: .gateway/envoy-ecds).
         #[arg(long, default_value = ".gateway/envoy-ecds")]
         ecds_dir: PathBuf,
@@ -75,6 +77,7 @@ enum Command {
         #[arg(long, default_value = "target/plan_limits_filter.wasm")]
         wasm: PathBuf,
         /// Envoy's admin port: wait until Envoy reports the new config loaded (or refused).
+        /// Default: `make run`'s.
         #[arg(long)]
         admin_port: Option<u16>,
     },
@@ -322,7 +325,22 @@ fn main() -> ExitCode {
             ecds_dir,
             wasm,
             admin_port,
-        } => reload(&plans, &ecds_dir, &wasm, admin_port),
+        } => {
+            // What `make run` was started with, unless told otherwise.
+            let started = RunRecord::read(&run_record::path());
+            let plans = plans
+                .or_else(|| {
+                    let record = started.as_ref()?;
+                    eprintln!(
+                        "reloading {}, the plans.json make run was started with",
+                        record.plans.display()
+                    );
+                    Some(record.plans.clone())
+                })
+                .unwrap_or_else(|| "plans.json".into());
+            let admin_port = admin_port.or(started.map(|r| r.admin_port));
+            reload(&plans, &ecds_dir, &wasm, admin_port)
+        }
         Command::Diff { old, new, scenario } => diff(&old, &new, scenario.as_deref()),
         Command::Schema => {
             println!("{}", plan_limits_tools::schema::render());
@@ -465,8 +483,20 @@ fn token(
 /// A connection to the Redis at REDIS_URL (an admin's: the filter's user may not write), or
 /// to the Redis Cluster it is a master of.
 fn redis() -> Result<operator::Redis, String> {
-    let url = std::env::var("REDIS_URL")
-        .map_err(|_| "set REDIS_URL to an admin's redis:// URL (make run prints it)".to_string())?;
+    let url = match std::env::var("REDIS_URL") {
+        Ok(url) => url,
+        // Beside the gateway `make run` started: its Redis, saying so.
+        Err(_) => {
+            let record = RunRecord::read(&run_record::path()).ok_or(
+                "set REDIS_URL to an admin's redis:// URL (make run prints it; next to a running `make run`, it is found)",
+            )?;
+            eprintln!(
+                "REDIS_URL is not set: using the Redis of the gateway make run started ({})",
+                record.redis_shown()
+            );
+            record.redis_url
+        }
+    };
     operator::Redis::connect(&url)
 }
 
@@ -657,7 +687,7 @@ fn render(
         PlatformArg::Higress => Platform::Higress,
     };
     let jwks = kube.jwks_file.as_deref().map(read).transpose()?;
-    let options = render::Options {
+    let mut options = render::Options {
         image: kube.image.clone(),
         namespace: kube.namespace.clone(),
         target: kube.target.clone(),
@@ -668,6 +698,15 @@ fn render(
         redis_service: kube.redis_service.clone(),
         higress_jwt_auth_image: kube.higress_jwt_auth_image.clone(),
     };
+    let placeholders = options.fill_placeholders(platform);
+    if !placeholders.is_empty() {
+        eprintln!(
+            "placeholders for what only the deployment knows (replace them, or give the flags):"
+        );
+        for (flag, placeholder) in &placeholders {
+            eprintln!("  {flag}: {placeholder}");
+        }
+    }
     let plans_value: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
     let cluster = render::webdis_cluster(&envoy_yaml)?;
     print!(
