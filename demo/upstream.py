@@ -29,6 +29,7 @@ connection without answering; `x-demo-reset: before` closes it without doing any
 writing and keeps the connection open for `x-demo-hang-ms`, 30 s by default). Like many web
 frameworks, it runs the handler of the method an `x-http-method-override` header names.
 """
+import itertools
 import json
 import os
 import re
@@ -47,6 +48,8 @@ outcomes = {}
 diagrams = {}
 members = {}
 attempts = Counter()
+# AI teammate sessions opened (each new conversation's id).
+next_session = itertools.count(1).__next__
 lock = threading.Lock()
 # --lenient: read paths as a lenient web framework does (no case, no `;parameters`, no trailing
 # dots, %-encoded letters decoded), so its stats show what each handler really did.
@@ -172,6 +175,10 @@ class Handler(BaseHTTPRequestHandler):
                 else:
                     del diagrams[path.rsplit("/", 1)[-1]]
                     headers["x-freed-bytes"] = str(size)
+        elif 200 <= status < 300 and self.command == "POST" and path == "/api/teammate":
+            # The AI teammate's conversation: the caller's, or a new one it opens.
+            payload["session"] = headers["x-session-id"] = (
+                self.headers.get("x-session-id") or f"s{next_session()}")
         elif 200 <= status < 300 and self.command == "POST" and path == "/api/team/invites":
             with lock:
                 payload["member_id"] = f"m{len(members) + 1}"

@@ -526,6 +526,11 @@ pub struct ActionSettings {
     /// Where the analysis kind (recorded as metadata) is read from.
     #[serde(default)]
     pub kind: Option<KindSource>,
+    /// What goes into its usage event's `metadata` (and nothing else): each field by name,
+    /// from the first of its request headers the request has, else the first of its response
+    /// headers the upstream's answer has, at most `max_len` characters.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, MetadataField>,
     /// A request forwarded whole to the upstream whose answer never comes (its client left,
     /// or Envoy gave up waiting): `commit` (the default) counts it, as of unknown outcome,
     /// since an upstream usually finishes the work anyway; `release` gives the unit back, for
@@ -541,6 +546,27 @@ pub enum OnClientAbort {
     Release,
     #[default]
     Commit,
+}
+
+/// One field of a usage event's metadata.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MetadataField {
+    /// Request headers to take it from, the first present wins; `name:param` takes a
+    /// parameter of the header (`content-disposition:filename`). Never credentials.
+    #[serde(default)]
+    pub headers: Vec<String>,
+    /// Response headers to take it from when no request header gave it.
+    #[serde(default)]
+    pub response_headers: Vec<String>,
+    /// Longer values are cut to this many characters (control characters are dropped).
+    #[serde(default = "default_metadata_len")]
+    pub max_len: usize,
+}
+
+fn default_metadata_len() -> usize {
+    128
 }
 
 #[derive(Debug, Clone, Deserialize)]

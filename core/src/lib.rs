@@ -9,6 +9,7 @@
 //! - `routes`, `period`, `keys`: matching, billing periods, Redis key names;
 //! - `cluster`: Redis Cluster hash slots, and the event stream of each slot;
 //! - `admission`: a request's head read once (identity, plan, feature, size, kind);
+//! - `metadata`: what a usage event records of the request and its answer;
 //! - `request`: a metered request's life (reservation, response, end);
 //! - `settlement`: commits, counts and releases; `settlement_queue`: a worker's, in batches;
 //! - `denials`: refusals remembered briefly per worker; `spike`: each user's request rate;
@@ -25,6 +26,7 @@ pub mod config;
 pub mod denials;
 pub mod entitlements;
 pub mod keys;
+pub mod metadata;
 pub mod metrics;
 pub mod outage;
 pub mod period;

@@ -11,6 +11,7 @@ use crate::config::{
     ActionSettings, Config, ConfigError, FailureMode, Gauge, Identity, KindSource, Limit,
     OnClientAbort, OtherMethods, RedisSettings, Variants,
 };
+use crate::metadata::MetadataSpec;
 use crate::metrics::OutcomeMetrics;
 use crate::routes::{self, PathPattern, Route};
 
@@ -109,6 +110,8 @@ pub struct Action {
     pub on_redis_error: FailureMode,
     pub on_client_abort: OnClientAbort,
     pub kind: Option<KindSource>,
+    /// What its usage events record of the request and the answer.
+    pub metadata: MetadataSpec,
     terms: HashMap<String, Rc<Terms>>,
     default_terms: Rc<Terms>,
     /// Every plan's limit for the action, as the reservation sends them to Redis.
@@ -617,6 +620,7 @@ fn compile_action(
         on_redis_error: settings.on_redis_error,
         on_client_abort: settings.on_client_abort,
         kind: settings.kind.clone(),
+        metadata: MetadataSpec::compile(&settings.metadata, &format!("actions.{key}.metadata"))?,
         limits: plans
             .iter()
             .map(|plan| (plan.key.clone(), plan.limits.get(key).copied().flatten()))

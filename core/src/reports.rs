@@ -26,11 +26,13 @@ const HISTORY: &str = "plan_limits_history";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReportKind {
     Usage,
-    /// Days `from` to `to`, both included; one action's counts, or every action's.
+    /// Days `from` to `to`, both included; one action's counts, or every action's; with
+    /// `by_kind`, each action with a kind also by kind.
     History {
         from: NaiveDate,
         to: NaiveDate,
         action: Option<String>,
+        by_kind: bool,
     },
 }
 
@@ -135,7 +137,12 @@ impl Report {
                 }
                 cmd
             }
-            ReportKind::History { from, to, action } => {
+            ReportKind::History {
+                from,
+                to,
+                action,
+                by_kind,
+            } => {
                 let days = days(*from, *to);
                 let mut cmd = RedisCommand::new("FCALL")
                     .arg(HISTORY)
@@ -144,8 +151,8 @@ impl Report {
                 for day in &days {
                     cmd = cmd.arg(self.keys.day(&day.to_string()));
                 }
-                for key in history_actions(plans, action.as_deref()) {
-                    cmd = cmd.arg(key);
+                for field in history_fields(plans, action.as_deref(), *by_kind) {
+                    cmd = cmd.arg(field.to_string());
                 }
                 cmd
             }
@@ -161,9 +168,15 @@ impl Report {
     ) -> LocalResponse {
         let body = match &self.kind {
             ReportKind::Usage => reply.and_then(|r| self.usage(r, plans, now)),
-            ReportKind::History { from, to, action } => {
-                reply.and_then(|r| self.history(r, plans, *from, *to, action.as_deref()))
-            }
+            ReportKind::History {
+                from,
+                to,
+                action,
+                by_kind,
+            } => reply.and_then(|r| {
+                let fields = history_fields(plans, action.as_deref(), *by_kind);
+                self.history(r, *from, *to, &fields)
+            }),
         };
         match body {
             Ok(body) => responses::report(body),
@@ -263,37 +276,61 @@ impl Report {
     fn history(
         &self,
         reply: RedisReply,
-        plans: &Plans,
         from: NaiveDate,
         to: NaiveDate,
-        only: Option<&str>,
+        fields: &[HistoryField],
     ) -> Result<Value, TransportError> {
         let dates = days(from, to);
-        let actions = history_actions(plans, only);
-        let (_, numbers) = split(reply, 1, dates.len() * actions.len())
+        let (_, numbers) = split(reply, 1, dates.len() * fields.len())
             .ok_or_else(|| TransportError::BadReply("plan_limits_history".into()))?;
+        let actions: Vec<&str> = fields
+            .iter()
+            .filter(|f| f.kind.is_none())
+            .map(|f| f.action)
+            .collect();
         let mut totals: BTreeMap<&str, u64> = actions.iter().map(|a| (*a, 0)).collect();
+        let mut kind_totals: BTreeMap<&str, BTreeMap<&str, u64>> = BTreeMap::new();
         let mut out = Vec::with_capacity(dates.len());
-        for (date, counts) in dates.iter().zip(numbers.chunks(actions.len().max(1))) {
+        for (date, counts) in dates.iter().zip(numbers.chunks(fields.len().max(1))) {
             let mut day = Map::new();
+            let mut kinds: BTreeMap<&str, BTreeMap<&str, u64>> = BTreeMap::new();
             let mut total = 0u64;
-            for (action, n) in actions.iter().zip(counts) {
-                total = total.saturating_add(*n);
-                if let Some(sum) = totals.get_mut(action) {
-                    *sum = sum.saturating_add(*n);
+            for (field, n) in fields.iter().zip(counts) {
+                match field.kind {
+                    None => {
+                        total = total.saturating_add(*n);
+                        if let Some(sum) = totals.get_mut(field.action) {
+                            *sum = sum.saturating_add(*n);
+                        }
+                        day.insert(field.action.to_string(), (*n).into());
+                    }
+                    Some(kind) => {
+                        kinds.entry(field.action).or_default().insert(kind, *n);
+                        let sum = kind_totals.entry(field.action).or_default();
+                        *sum.entry(kind).or_default() += *n;
+                    }
                 }
-                day.insert((*action).to_string(), (*n).into());
             }
-            out.push(json!({"date": date.to_string(), "counts": day, "total": total}));
+            let mut entry = Map::new();
+            entry.insert("date".into(), date.to_string().into());
+            entry.insert("counts".into(), day.into());
+            entry.insert("total".into(), total.into());
+            if !kinds.is_empty() {
+                entry.insert("by_kind".into(), json!(kinds));
+            }
+            out.push(Value::Object(entry));
         }
-        Ok(json!({
-            "user": self.user,
-            "from": from.to_string(),
-            "to": to.to_string(),
-            "actions": actions,
-            "days": out,
-            "totals": totals,
-        }))
+        let mut answer = Map::new();
+        answer.insert("user".into(), self.user.clone().into());
+        answer.insert("from".into(), from.to_string().into());
+        answer.insert("to".into(), to.to_string().into());
+        answer.insert("actions".into(), json!(actions));
+        answer.insert("days".into(), out.into());
+        answer.insert("totals".into(), json!(totals));
+        if !kind_totals.is_empty() {
+            answer.insert("totals_by_kind".into(), json!(kind_totals));
+        }
+        Ok(Value::Object(answer))
     }
 }
 
@@ -315,14 +352,56 @@ fn days(from: NaiveDate, to: NaiveDate) -> Vec<NaiveDate> {
     from.iter_days().take_while(|d| *d <= to).collect()
 }
 
-/// The actions a history covers: the one asked for, or all.
-fn history_actions<'p>(plans: &'p Plans, only: Option<&str>) -> Vec<&'p str> {
-    plans
+/// One counter of a day a history reads: an action's, or an action's of one kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HistoryField<'p> {
+    action: &'p str,
+    kind: Option<&'p str>,
+}
+
+impl std::fmt::Display for HistoryField<'_> {
+    /// Its field in the day's hash (`plan_limits_settle` names them so).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            None => f.write_str(self.action),
+            Some(kind) => write!(f, "{}:{kind}", self.action),
+        }
+    }
+}
+
+/// The counters a history covers: the action asked for, or all; with `by_kind`, then each
+/// kind (and `other`) of the actions that record one.
+fn history_fields<'p>(
+    plans: &'p Plans,
+    only: Option<&str>,
+    by_kind: bool,
+) -> Vec<HistoryField<'p>> {
+    let actions = plans
         .actions()
         .iter()
-        .map(|a| a.key.as_str())
-        .filter(|key| only.is_none_or(|o| o == *key))
-        .collect()
+        .filter(|a| only.is_none_or(|o| o == a.key));
+    let mut fields: Vec<HistoryField> = actions
+        .clone()
+        .map(|a| HistoryField {
+            action: &a.key,
+            kind: None,
+        })
+        .collect();
+    if by_kind {
+        for action in actions {
+            let kinds = action.kind.iter().flat_map(|k| k.allowed.iter());
+            for kind in kinds
+                .map(String::as_str)
+                .chain(action.kind.as_ref().map(|_| "other"))
+            {
+                fields.push(HistoryField {
+                    action: &action.key,
+                    kind: Some(kind),
+                });
+            }
+        }
+    }
+    fields
 }
 
 /// A read-side reply: `texts` of billing's record (each nil when absent), then exactly `n`
@@ -352,7 +431,7 @@ fn split(reply: RedisReply, texts: usize, n: usize) -> Option<(Vec<Option<String
     Some((head, counts))
 }
 
-/// The history's query (`?from=YYYY-MM-DD&to=YYYY-MM-DD[&action=A]`): by default the 30 days
+/// The history's query (`?from=YYYY-MM-DD&to=YYYY-MM-DD[&action=A][&by=kind]`): by default the 30
 /// to today; at most `history_retention_days` days; 400 naming the parameter otherwise.
 pub fn history_query(
     plans: &Plans,
@@ -394,7 +473,17 @@ pub fn history_query(
             return Err(responses::bad_request("action", "no such action"));
         }
     }
-    Ok(ReportKind::History { from, to, action })
+    let by_kind = match param("by").as_deref() {
+        None => false,
+        Some("kind") => true,
+        Some(_) => return Err(responses::bad_request("by", "only `kind` is known")),
+    };
+    Ok(ReportKind::History {
+        from,
+        to,
+        action,
+        by_kind,
+    })
 }
 
 /// `YYYY-MM-DD`, digits only.
@@ -458,6 +547,7 @@ mod tests {
                 from: NaiveDate::from_ymd_opt(2026, 11, 1).unwrap(),
                 to: NaiveDate::from_ymd_opt(2026, 11, 29).unwrap(),
                 action: Some("upload".into()),
+                by_kind: false,
             }
         );
         // By default the 30 days to today.
@@ -474,6 +564,7 @@ mod tests {
             ("?from=2026-11-29&to=2026-11-01", "from"),
             ("?from=2026-01-01&to=2026-11-01", "from"),
             ("?action=teleport", "action"),
+            ("?by=plan", "by"),
         ] {
             let r = history_query(&p, &format!("/h{query}"), now());
             let (status, body) = status_of(&r).unwrap_or_else(|| panic!("{query} accepted"));
@@ -603,5 +694,38 @@ mod tests {
             json!({"date": "2026-11-26", "counts": {"upload": 0}, "total": 0})
         );
         assert_eq!(body["totals"], json!({"upload": 3}));
+    }
+
+    #[test]
+    fn history_by_kind_reads_each_kind_and_other_and_keeps_the_total_whole() {
+        let p = plans();
+        let query = "/h?from=2026-11-27&to=2026-11-27&action=ai_analysis&by=kind";
+        let kind = history_query(&p, query, now()).unwrap();
+        let report = Report::new(kind, "u".into(), None, 0, &p, now());
+        let fields: Vec<String> = report.command(&p, 0).args[5..]
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into())
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "ai_analysis",
+                "ai_analysis:chat",
+                "ai_analysis:vision",
+                "ai_analysis:photo",
+                "ai_analysis:explain",
+                "ai_analysis:reassess",
+                "ai_analysis:other"
+            ]
+        );
+        let counts = [3, 1, 2, 0, 0, 0, 0].map(RedisReply::Int);
+        let reply = RedisReply::Array([vec![RedisReply::Nil], counts.to_vec()].concat());
+        let body: Value = serde_json::from_str(&report.answer(Ok(reply), &p, now()).body).unwrap();
+        assert_eq!(body["days"][0]["total"], 3);
+        assert_eq!(body["days"][0]["by_kind"]["ai_analysis"]["vision"], 2);
+        assert_eq!(
+            body["totals_by_kind"]["ai_analysis"],
+            json!({"chat": 1, "vision": 2, "photo": 0, "explain": 0, "reassess": 0, "other": 0})
+        );
     }
 }

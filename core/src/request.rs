@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use crate::cluster;
 use crate::config::{FailureMode, Gauge, Limit, OnClientAbort, RedisSettings};
 use crate::keys::UsageKeys;
+use crate::metadata::Metadata;
 use crate::period::{self, BillingPeriod};
 use crate::plans::{Action, FeatureAccess, Plan, Plans, Terms};
 use crate::redis::functions::{self, GaugeHold, IdempotencyMark, ReserveArgs, ReserveStatus};
@@ -32,6 +33,8 @@ pub struct RequestFacts<'a> {
     /// A plan name the caller named that plans.json does not know (the default plan applies).
     pub unknown_plan: Option<String>,
     pub kind: String,
+    /// What its usage event records of the request (the action's `metadata`).
+    pub metadata: Metadata,
     /// The Content-Length, if declared (none: a chunked body, or no body).
     pub declared_bytes: Option<u64>,
     pub request_id: String,
@@ -52,6 +55,7 @@ pub struct MeteredRequest {
     org: Option<String>,
     unknown_plan: Option<String>,
     kind: String,
+    metadata: Metadata,
     declared_bytes: Option<u64>,
     /// The body that went through so far.
     body_bytes: u64,
@@ -162,6 +166,7 @@ impl MeteredRequest {
             org: facts.org,
             unknown_plan: facts.unknown_plan,
             kind: facts.kind,
+            metadata: facts.metadata,
             declared_bytes: facts.declared_bytes,
             body_bytes: 0,
             request_id: facts.request_id,
@@ -212,6 +217,17 @@ impl MeteredRequest {
 
     pub fn kind(&self) -> &str {
         &self.kind
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// A response header some metadata field is read from (the action lists it).
+    pub fn on_metadata_header(&mut self, name: &str, value: &[u8]) {
+        self.action
+            .metadata
+            .from_response(&mut self.metadata, name, value);
     }
 
     /// The body's size: what went through once all of it did, else what was declared (Envoy
@@ -680,6 +696,7 @@ impl MeteredRequest {
             plan: self.terms.plan.key.clone(),
             limits_json: self.terms.plan.limits_json.clone(),
             kind: self.kind.clone(),
+            metadata: self.metadata.to_json(),
             bytes: self.bytes(),
             status,
             at: period::rfc3339(now, true),

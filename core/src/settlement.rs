@@ -43,6 +43,7 @@ impl Settlement {
             mode: SettleMode::Lost,
             reservation_id: String::new(),
             kind: reason.to_string(),
+            metadata: String::new(),
             bytes: 0,
             idempotency_key: String::new(),
             adds: if of.mode == SettleMode::Lost {
@@ -96,6 +97,7 @@ impl Settlement {
             plan: String::new(),
             limits_json: Rc::from("{}"),
             kind: String::new(),
+            metadata: String::new(),
             bytes: 0,
             status,
             at: crate::period::rfc3339(now, true),
@@ -128,6 +130,8 @@ pub struct Settlement {
     /// The plan's limits when the request was made (JSON object), kept in the summary.
     pub limits_json: Rc<str>,
     pub kind: String,
+    /// What the action records of the request (a JSON object; empty: nothing).
+    pub metadata: String,
     pub bytes: u64,
     pub status: u32,
     /// RFC 3339 time of the upstream's answer.

@@ -359,6 +359,7 @@ mod tests {
             plan: "free".into(),
             limits_json: "{}".into(),
             kind: String::new(),
+            metadata: String::new(),
             bytes: 0,
             status: 200,
             at: "2026-11-27T00:00:00.000Z".into(),

@@ -978,6 +978,22 @@ impl Worker {
         Some(plans.given_back_header(release.gauge))
     }
 
+    /// The response headers `stream`'s usage event may record (its action's metadata read
+    /// from the answer), if any.
+    pub fn response_metadata_wanted(&self, stream: StreamId) -> Vec<String> {
+        self.streams.get(&stream).map_or_else(Vec::new, |entry| {
+            let spec = &entry.request.action().metadata;
+            spec.response_headers().map(str::to_string).collect()
+        })
+    }
+
+    /// A response header `stream`'s usage event may record (one it wanted, present).
+    pub fn on_response_metadata(&mut self, stream: StreamId, name: &str, value: &[u8]) {
+        if let Some(entry) = self.streams.get_mut(&stream) {
+            entry.request.on_metadata_header(name, value);
+        }
+    }
+
     /// The value of the response header it wanted (absent: none). A value that is not a count
     /// Redis can hold exactly (negative, not a number, past 2^53) gives back nothing, and is
     /// counted and logged: one upstream's bad value must never cost another request's count.
@@ -3666,11 +3682,16 @@ mod tests {
     fn settlements_carry_the_request() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        let h =
-            head("POST", "/api/teammate?kind=vision", "u", "free").header("x-request-id", b"req-1");
+        let h = head("POST", "/api/teammate?kind=vision", "u", "free")
+            .header("x-request-id", b"req-1")
+            .header("x-has-diagram", b"true")
+            .header("authorization", b"Bearer secret");
         send(&mut w, 1, &h, &mut io);
         let (token, _) = io.last_sent();
         w.on_reply(token, granted(), now(), &mut io);
+        // The session the upstream opened, as plans.json lists for AI analyses.
+        assert_eq!(w.response_metadata_wanted(1), ["x-session-id"]);
+        w.on_response_metadata(1, "x-session-id", b"s-42");
         w.on_response_headers(1, 200, None, now(), &mut io);
         assert_eq!(w.settlements.len(), 1);
         let s = &w.settlements.start_batch(0).unwrap()[0];
@@ -3683,5 +3704,6 @@ mod tests {
             ),
             (SettleMode::Commit, "ai_analysis", "vision", "req-1")
         );
+        assert_eq!(s.metadata, r#"{"has_diagram":"true","session":"s-42"}"#);
     }
 }

@@ -126,6 +126,16 @@ impl HttpContext for PlanLimitsHttp {
                 worker.on_response_header(id, value.as_deref(), host)
             });
         }
+        // (Only an action whose usage events record the answer's headers reads them.)
+        let metadata = self.shared.worker.borrow().response_metadata_wanted(id);
+        for name in metadata {
+            if let Some(value) = self.get_http_response_header_bytes(&name) {
+                self.shared
+                    .worker
+                    .borrow_mut()
+                    .on_response_metadata(id, &name, &value);
+            }
+        }
         // (Only a failure of a request not settled yet asks where the answer came from.)
         let wants_details = self.shared.worker.borrow().wants_answer_details(id, status);
         let details = wants_details

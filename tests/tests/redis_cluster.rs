@@ -126,6 +126,7 @@ fn count(user: &str, id: &str) -> Settlement {
         plan: "professional".into(),
         limits_json: Rc::from(r#"{"upload":null}"#),
         kind: String::new(),
+        metadata: String::new(),
         bytes: 10,
         status: 200,
         at: "2026-11-27T12:00:00.000Z".into(),

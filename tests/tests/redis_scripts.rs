@@ -108,6 +108,7 @@ fn settlement(mode: SettleMode, user: &str, id: &str) -> Settlement {
         plan: "free".into(),
         limits_json: Rc::from(r#"{"upload":5}"#),
         kind: "vision".into(),
+        metadata: String::new(),
         bytes: 42,
         status: 201,
         at: "2026-11-27T12:00:00.000Z".into(),
@@ -556,6 +557,42 @@ fn a_count_updates_the_summary_and_records_an_event() {
             ("reservation", "c1"),
             ("status", "201"),
             ("user", "u"),
+        ]
+    );
+}
+
+#[test]
+fn a_count_records_the_requests_metadata_and_its_kind_in_the_days_counters() {
+    let (_server, mut conn) = redis();
+    let with_metadata = Settlement {
+        metadata: r#"{"file_name":"pump.pdf"}"#.into(),
+        ..settlement(SettleMode::Count, "u", "c1")
+    };
+    let other_kind = Settlement {
+        kind: "chat".into(),
+        ..settlement(SettleMode::Count, "u", "c2")
+    };
+    assert_eq!(
+        settle(&mut conn, &[with_metadata, other_kind]),
+        [true, true]
+    );
+    let events = usage::events(&mut conn);
+    assert_eq!(
+        events[0].get("metadata").map(String::as_str),
+        Some(r#"{"file_name":"pump.pdf"}"#)
+    );
+    assert_eq!(events[1].get("metadata"), None, "none recorded: no field");
+    let day: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys("u").user.day("2026-11-27"))
+        .query(&mut conn)
+        .unwrap();
+    let day: Vec<(&str, &str)> = day.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(
+        day,
+        [
+            ("upload", "2"),
+            ("upload:chat", "1"),
+            ("upload:vision", "1")
         ]
     );
 }

@@ -27,7 +27,8 @@ fn the_usage_page_shows_what_the_gateway_counted() {
     for _ in 0..4 {
         assert_eq!(upload("pat", "free").send(port).status, 200);
     }
-    assert_eq!(analysis("pat", "free").send(port).status, 200);
+    let vision = analysis("pat", "free").header("x-analysis-kind", "vision");
+    assert_eq!(vision.send(port).status, 200);
     assert!(counts(&gw, "pat", "upload", 4) && counts(&gw, "pat", "ai_analysis", 1));
 
     let dir = scratch_dir("usage-page");
@@ -52,6 +53,11 @@ fn the_usage_page_shows_what_the_gateway_counted() {
     );
     // 80 %: the warning colour; 33 %: none.
     assert!(element(&dom, r#"data-action="upload""#).contains("meter warn"));
+    // AI analyses by kind, from the history.
+    assert_eq!(
+        text(element(&dom, r#"data-testid="ai_analysis-kind-vision""#)),
+        "vision 1"
+    );
     assert!(!element(&dom, r#"data-action="ai_analysis""#).contains("warn"));
     assert_eq!(
         text(element(&dom, r#"data-testid="dxf_export-count""#)),

@@ -224,17 +224,16 @@ pub fn usage(
     report(conn, plans, ReportKind::Usage, user, now)
 }
 
-/// `GET /api/usage/history`'s JSON for `user` (`from`/`to` default as the endpoint's).
+/// `GET /api/usage/history`'s JSON for `user`, its query parameters given by name (those
+/// with a value).
 pub fn history(
     conn: &mut dyn redis::ConnectionLike,
     plans: &Plans,
     user: &str,
-    from: Option<&str>,
-    to: Option<&str>,
-    action: Option<&str>,
+    params: &[(&str, Option<&str>)],
     now: DateTime<Utc>,
 ) -> Result<String, String> {
-    let query: Vec<String> = [("from", from), ("to", to), ("action", action)]
+    let query: Vec<String> = params
         .iter()
         .filter_map(|(name, value)| value.map(|v| format!("{name}={v}")))
         .collect();
@@ -314,7 +313,7 @@ pub enum Format {
 }
 
 /// The columns of a CSV export: the stream id, then every field an event may have.
-const COLUMNS: [&str; 18] = [
+const COLUMNS: [&str; 19] = [
     "id",
     "event",
     "op",
@@ -333,6 +332,7 @@ const COLUMNS: [&str; 18] = [
     "threshold",
     "used",
     "limit",
+    "metadata",
 ];
 
 /// Writes the events recorded on days `from` to `to` (UTC, both included) to `out`; returns

@@ -397,7 +397,7 @@ pub fn split_reservations(
 }
 
 /// Fields per item in `plan_limits_settle`'s args.
-const SETTLE_FIELDS: usize = 17;
+const SETTLE_FIELDS: usize = 18;
 
 /// One `plan_limits_settle` call for a batch.
 pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
@@ -471,7 +471,8 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
             .arg(&item.idempotency_key)
             .arg(item.adds.map(|n| n.to_string()).unwrap_or_default())
             .arg(item.held.map(|n| n.to_string()).unwrap_or_default())
-            .arg(if item.certain { "success" } else { "unknown" });
+            .arg(if item.certain { "success" } else { "unknown" })
+            .arg(&item.metadata);
         debug_assert_eq!(cmd.args.len() - before, SETTLE_FIELDS);
     }
     cmd

@@ -188,8 +188,9 @@ end
 -- stopped cleanly: a batch without items is a worker's heartbeat, or its goodbye. A worker
 -- that went silent without a goodbye was killed (what it had queued since is lost), and
 -- `plan-limits audit` says so.
--- Every count also updates the monthly summary and the day's counters (the history) and
--- appends a usage event (its outcome `success`, or `unknown` for a request forwarded whole
+-- Every count also updates the monthly summary and the day's counters (the history; by kind
+-- too, as `<action>:<kind>`) and appends a usage event (with the request's `metadata` when the
+-- action records any; its outcome `success`, or `unknown` for a request forwarded whole
 -- whose answer never came: its client left, or Envoy gave up waiting); a count that brings the period's to a warning threshold (a share of
 -- the plan's limit plus grants) appends one `threshold_crossed` event, once per user, action,
 -- period and threshold (marked in the summary).
@@ -260,7 +261,7 @@ local function settle(keys, args)
     local plan, limits, kind, bytes = args[f + 5], args[f + 6], args[f + 7], args[f + 8]
     local status, at, request_id, period = args[f + 9], args[f + 10], args[f + 11], args[f + 12]
     local keep_for, idempotency_key = args[f + 13], args[f + 14]
-    local adds, holds, outcome = args[f + 15], args[f + 16], args[f + 17]
+    local adds, holds, outcome, metadata = args[f + 15], args[f + 16], args[f + 17], args[f + 18]
     if not (amount_ok(adds) and amount_ok(holds) and amount_ok(bytes)) then
       error('an amount out of range')
     end
@@ -315,6 +316,10 @@ local function settle(keys, args)
     end
     local count = redis.call('HINCRBY', summary, action, 1)
     redis.call('HINCRBY', day, action, 1)
+    if kind ~= '' then
+      -- The day's count by kind too (the history's `by=kind`).
+      redis.call('HINCRBY', day, action .. ':' .. kind, 1)
+    end
     if not written[summary] then
       redis.call('HSET', summary, 'plan', plan, 'limits', limits, 'updated_at', at)
       redis.call('PEXPIRE', summary, keep_for)
@@ -330,9 +335,13 @@ local function settle(keys, args)
     if adds ~= '' then
       redis.call('INCRBY', gauge, adds)
     end
-    append({'event', 'usage', 'user', user, 'action', action, 'kind', kind, 'bytes', bytes,
+    local event = {'event', 'usage', 'user', user, 'action', action, 'kind', kind, 'bytes', bytes,
       'status', status, 'at', at, 'request_id', request_id, 'plan', plan, 'period', period,
-      'idempotency_key', idempotency_key, 'reservation', id, 'outcome', outcome})
+      'idempotency_key', idempotency_key, 'reservation', id, 'outcome', outcome}
+    if metadata ~= '' then
+      event[#event + 1], event[#event + 2] = 'metadata', metadata
+    end
+    append(event)
     local ok, decoded = pcall(cjson.decode, limits)
     local limit = ok and type(decoded) == 'table' and decoded[action]
     if type(limit) == 'number' and limit > 0 then

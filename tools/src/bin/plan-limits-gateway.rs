@@ -77,8 +77,8 @@ Redis (admin) at {redis}; configs, logs and the dev signing key in {dir}
 
 Try, as alice on the free plan (a token valid for a day; more: plan-limits token USER --plan P):
   TOKEN={alice}
-  curl -i -X POST -H "authorization: Bearer $TOKEN" --data 'diagram' http://127.0.0.1:{g}/api/upload
-  curl -i -X POST -H "authorization: Bearer $TOKEN" -H 'x-analysis-kind: vision' http://127.0.0.1:{g}/api/teammate
+  curl -i -X POST -H "authorization: Bearer $TOKEN" -H 'x-file-name: pump-room.pdf' --data 'diagram' http://127.0.0.1:{g}/api/upload
+  curl -i -X POST -H "authorization: Bearer $TOKEN" -H 'x-analysis-kind: vision' -H 'x-has-diagram: true' http://127.0.0.1:{g}/api/teammate
   curl -i -X POST -H "authorization: Bearer $TOKEN" http://127.0.0.1:{g}/api/export/dxf
   curl -i -X POST -H "authorization: Bearer $TOKEN" -H 'x-demo-status: 500' --data 'x' http://127.0.0.1:{g}/api/upload
   curl -i -X POST -H 'x-user-id: alice' -H 'x-user-plan: enterprise' --data 'x' http://127.0.0.1:{g}/api/upload

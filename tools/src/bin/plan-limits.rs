@@ -153,6 +153,9 @@ enum Command {
         to: Option<String>,
         #[arg(long)]
         action: Option<String>,
+        /// `kind`: each action that records a kind also by kind.
+        #[arg(long)]
+        by: Option<String>,
         #[arg(long, default_value = "plans.json")]
         plans: PathBuf,
     },
@@ -393,15 +396,19 @@ fn main() -> ExitCode {
             from,
             to,
             action,
+            by,
             plans,
         } => load(&plans).and_then(|(_, plans)| {
             let json = operator::history(
                 redis()?.as_dyn(),
                 &plans,
                 &user,
-                from.as_deref(),
-                to.as_deref(),
-                action.as_deref(),
+                &[
+                    ("from", from.as_deref()),
+                    ("to", to.as_deref()),
+                    ("action", action.as_deref()),
+                    ("by", by.as_deref()),
+                ],
                 chrono::Utc::now(),
             )?;
             print_json(&json)
