@@ -622,6 +622,29 @@ pub struct Plan {
     /// Where this plan's users upgrade, instead of the top-level `upgrade_url`.
     #[serde(default)]
     pub upgrade_url: Option<String>,
+    /// Per action, successes allowed past the limit (counted, each answered with a warning)
+    /// before the 429.
+    #[serde(default)]
+    pub grace: BTreeMap<String, Grace>,
+}
+
+/// A grace beyond a limit: a number of units, or a share of the limit (rounded up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Grace {
+    Units(u64),
+    Percent(u8),
+}
+
+impl Grace {
+    /// Its units beyond `limit`.
+    pub fn units(self, limit: u64) -> u64 {
+        match self {
+            Grace::Units(n) => n,
+            Grace::Percent(p) => limit.saturating_mul(u64::from(p)).div_ceil(100),
+        }
+    }
 }
 
 impl Config {

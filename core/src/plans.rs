@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 use crate::config::{
-    ActionSettings, Config, ConfigError, FailureMode, Gauge, Identity, KindSource, Limit,
+    ActionSettings, Config, ConfigError, FailureMode, Gauge, Grace, Identity, KindSource, Limit,
     OnClientAbort, OtherMethods, RedisSettings, Variants,
 };
 use crate::metadata::MetadataSpec;
@@ -114,7 +114,8 @@ pub struct Action {
     pub metadata: MetadataSpec,
     terms: HashMap<String, Rc<Terms>>,
     default_terms: Rc<Terms>,
-    /// Every plan's limit for the action, as the reservation sends them to Redis.
+    /// Every plan's limit for the action as Redis enforces it (plus the plan's grace), as the
+    /// reservation sends them.
     limits: Vec<(String, Limit)>,
 }
 
@@ -124,6 +125,8 @@ pub struct Terms {
     pub plan: Rc<Plan>,
     /// The monthly allowance; `None` is unlimited.
     pub limit: Limit,
+    /// Successes allowed past the limit before the 429 (counted, each with a warning).
+    pub grace: u64,
     pub feature: FeatureAccess,
     /// The plan suggested in this action's 429, with its limit for the action.
     pub upgrade: Option<Upgrade>,
@@ -443,7 +446,7 @@ impl Action {
         self.terms.get(plan)
     }
 
-    /// Every plan's limit for this action.
+    /// Every plan's limit for this action, plus its grace: what Redis enforces.
     pub fn limits(&self) -> &[(String, Limit)] {
         &self.limits
     }
@@ -623,7 +626,12 @@ fn compile_action(
         metadata: MetadataSpec::compile(&settings.metadata, &format!("actions.{key}.metadata"))?,
         limits: plans
             .iter()
-            .map(|plan| (plan.key.clone(), plan.limits.get(key).copied().flatten()))
+            .map(|plan| {
+                let enforced = terms
+                    .get(&plan.key)
+                    .and_then(|t| t.limit.map(|limit| limit.saturating_add(t.grace)));
+                (plan.key.clone(), enforced)
+            })
             .collect(),
         terms,
         default_terms,
@@ -660,9 +668,17 @@ fn compile_terms(
         },
         _ => FeatureAccess::Included,
     };
+    let limit = limit_in(&plan.key);
+    let grace = config
+        .plans
+        .get(&plan.key)
+        .and_then(|p| p.grace.get(action))
+        .zip(limit)
+        .map_or(0, |(grace, limit)| grace.units(limit));
     Terms {
         plan: plan.clone(),
-        limit: limit_in(&plan.key),
+        limit,
+        grace,
         feature,
         upgrade: plan.upgrade_path.first().map(|step| Upgrade {
             plan: step.key.clone(),
@@ -802,6 +818,24 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
                 return Err(ConfigError::at(
                     format!("{path}.limits.{action}"),
                     format!("unknown action \"{action}\""),
+                ));
+            }
+        }
+        for (action, grace) in &plan.grace {
+            let at = format!("{path}.grace.{action}");
+            match plan.limits.get(action) {
+                None => return Err(ConfigError::at(at, format!("unknown action \"{action}\""))),
+                Some(None) => {
+                    return Err(ConfigError::at(at, "the action is unlimited in this plan"))
+                }
+                Some(Some(_)) => {}
+            }
+            if matches!(grace, Grace::Units(0) | Grace::Percent(0))
+                || matches!(grace, Grace::Percent(p) if *p > 100)
+            {
+                return Err(ConfigError::at(
+                    at,
+                    "`units` at least 1, or `percent` from 1 to 100",
                 ));
             }
         }

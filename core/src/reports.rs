@@ -219,9 +219,7 @@ impl Report {
             let terms = action.terms(Some(&plan.key));
             // The plan's limit plus what an operator granted this period.
             let limit = terms.limit.map(|l| l.saturating_add(granted));
-            actions.insert(
-                action.key.clone(),
-                json!({
+            let mut entry = json!({
                     "label": action.label,
                     "unit": action.unit,
                     "available": terms.feature == FeatureAccess::Included,
@@ -231,8 +229,18 @@ impl Report {
                     "granted": granted,
                     "remaining": limit.map(|l| l.saturating_sub(used.saturating_add(in_flight))),
                     "percentage": limit.map(|l| responses::percentage(used.saturating_add(in_flight), l)),
-                }),
-            );
+            });
+            // Successes the plan allows past the limit, and how many of them are taken.
+            if let (Some(limit), Value::Object(fields)) =
+                (limit.filter(|_| terms.grace > 0), &mut entry)
+            {
+                let taken = used.saturating_add(in_flight).saturating_sub(limit);
+                fields.insert(
+                    "grace".into(),
+                    json!({"units": terms.grace, "used": taken.min(terms.grace)}),
+                );
+            }
+            actions.insert(action.key.clone(), entry);
         }
         let upgrade = plan
             .upgrade_path

@@ -116,6 +116,12 @@ pub struct Quota {
 }
 
 impl Quota {
+    /// Of a granted unit past the limit (in the plan's grace): how many of the grace are
+    /// taken, this one included.
+    pub fn in_grace(&self) -> Option<u64> {
+        self.taken.checked_sub(self.limit).filter(|n| *n > 0)
+    }
+
     /// The highest of `thresholds` (percent of the limit) this request's unit brought the
     /// count to, if it crossed one.
     pub fn crossed(&self, thresholds: &[u8]) -> Option<u8> {
@@ -537,6 +543,7 @@ impl MeteredRequest {
                     used: reservation.committed,
                     in_flight: reservation.pending,
                     limit,
+                    grace: self.terms.grace,
                     retry_after_secs: self.period.seconds_until_end(now),
                 };
                 Decision::Denied {
@@ -546,7 +553,7 @@ impl MeteredRequest {
                         &self.period,
                         usage,
                     ),
-                    final_refusal: reservation.committed >= limit,
+                    final_refusal: reservation.committed >= limit.saturating_add(self.terms.grace),
                 }
             }
             _ => {
@@ -588,6 +595,7 @@ impl MeteredRequest {
             used: limit,
             in_flight: 0,
             limit,
+            grace: 0,
             retry_after_secs: self.period.seconds_until_end(now),
         };
         responses::limit_reached(&self.action, &self.terms, &self.period, usage)
@@ -697,6 +705,9 @@ impl MeteredRequest {
             limits_json: self.terms.plan.limits_json.clone(),
             kind: self.kind.clone(),
             metadata: self.metadata.to_json(),
+            // (Only a count is in grace; a release gives the unit back.)
+            in_grace: matches!(mode, SettleMode::Commit)
+                && self.quota.is_some_and(|q| q.in_grace().is_some()),
             bytes: self.bytes(),
             status,
             at: period::rfc3339(now, true),
@@ -730,8 +741,9 @@ pub fn unix_millis(t: DateTime<Utc>) -> u64 {
 mod tests {
     use super::*;
     use crate::plans::Plans;
-    use crate::testing::{head, metered, now, plans};
+    use crate::testing::{head, metered, now, plans, plans_json_with};
     use chrono::TimeZone;
+    use serde_json::json;
 
     fn request(p: &Plans, method: &str, path: &str, plan: &str) -> MeteredRequest {
         metered(p, &head(method, path, "u", plan), now())
@@ -1085,6 +1097,85 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_plans_grace_is_enforced_by_redis_counted_marked_and_named_in_the_429() {
+        // Free uploads: 5, and 20 % more in grace (one).
+        let p = Plans::from_json(
+            plans_json_with(|v| v["plans"]["free"]["grace"] = json!({"upload": {"percent": 20}}))
+                .as_bytes(),
+        )
+        .unwrap();
+        let upload = p.actions().iter().find(|a| a.key == "upload").unwrap();
+        assert!(upload.limits().contains(&("free".into(), Some(6))));
+        assert_eq!(upload.terms(Some("free")).grace, 1);
+        // The sixth is granted: in grace, counted and marked so.
+        let mut m = reserved(&p);
+        assert_eq!(
+            m.on_reservation(reply(1, 5, 1, "free"), now()),
+            Decision::Allowed
+        );
+        let quota = m.quota().unwrap();
+        assert_eq!(
+            (quota.limit, quota.remaining, quota.in_grace()),
+            (5, 0, Some(1))
+        );
+        let s = m.on_response(200, now(), &p.redis).unwrap();
+        assert!(s.in_grace && s.mode == SettleMode::Commit);
+        // Within the limit: not in grace.
+        let mut m = reserved(&p);
+        m.on_reservation(reply(1, 3, 1, "free"), now());
+        assert!(!m.on_response(200, now(), &p.redis).unwrap().in_grace);
+        // The seventh: 429, saying the grace is used, and it stays refused.
+        let mut m = reserved(&p);
+        let Decision::Denied {
+            response,
+            final_refusal,
+        } = m.on_reservation(reply(0, 6, 0, "free"), now())
+        else {
+            panic!("not refused")
+        };
+        assert!(final_refusal);
+        let body: serde_json::Value = serde_json::from_str(&response.body).unwrap();
+        assert_eq!(
+            (&body["current"], &body["limit"], &body["percentage"]),
+            (&6.into(), &5.into(), &100.into())
+        );
+        assert_eq!(body["grace"], json!({"units": 1, "used": 1}));
+        assert_eq!(
+            body["message"],
+            "You've reached your upload limit of 5 diagrams this month, and the 1 more your \
+             plan allows in grace. Upgrade to Professional for unlimited diagrams."
+        );
+        // Units in grace are whole: 20 % of 3 is one; none on an unlimited plan.
+        assert_eq!(crate::config::Grace::Percent(20).units(3), 1);
+        assert_eq!(crate::config::Grace::Percent(10).units(50), 5);
+        let err = Plans::from_json(
+            plans_json_with(|v| {
+                v["plans"]["professional"]["grace"] = json!({"upload": {"units": 2}})
+            })
+            .as_bytes(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (err.path.as_str(), err.reason.as_str()),
+            (
+                "plans.professional.grace.upload",
+                "the action is unlimited in this plan"
+            )
+        );
+        for bad in [
+            json!({"units": 0}),
+            json!({"percent": 101}),
+            json!({"days": 3}),
+        ] {
+            let r = Plans::from_json(
+                plans_json_with(|v| v["plans"]["free"]["grace"] = json!({"upload": bad}))
+                    .as_bytes(),
+            );
+            assert!(r.unwrap_err().path.starts_with("plans.free.grace.upload"));
+        }
     }
 
     #[test]

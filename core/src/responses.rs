@@ -64,6 +64,14 @@ pub fn ratelimit_fields(
 
 /// The soft-warning header's value: `"<action>";threshold=80;used=4;limit=5` (`used`:
 /// counted and in flight, this request included).
+/// The warning on a success past the limit, in the plan's grace (`in_grace` of `grace` taken).
+pub fn grace_field(action: &str, used: u64, limit: u64, in_grace: u64, grace: u64) -> String {
+    format!(
+        "{};grace;used={used};limit={limit};grace_used={in_grace};grace_units={grace}",
+        sf_string(action)
+    )
+}
+
 pub fn warning_field(action: &str, threshold: u8, used: u64, limit: u64) -> String {
     format!(
         "{};threshold={threshold};used={used};limit={limit}",
@@ -93,6 +101,8 @@ pub struct Exhausted {
     pub used: u64,
     pub in_flight: u64,
     pub limit: u64,
+    /// The plan's grace past the limit (units), all of it taken by now.
+    pub grace: u64,
     pub retry_after_secs: u64,
 }
 
@@ -107,6 +117,7 @@ pub fn limit_reached(
         used,
         in_flight,
         limit,
+        grace,
         retry_after_secs,
     } = usage;
     let pitch = match &terms.upgrade {
@@ -118,7 +129,17 @@ pub fn limit_reached(
         None => format!(" Your limit resets on {}.", period.resets_on()),
     };
     let allowance = format!("{} limit of {limit} {}", action.label, action.units(limit));
-    let message = if used >= limit {
+    let message = if grace > 0 {
+        // Past the limit, the grace is taken too (by successes, or requests still running).
+        let still = match in_flight {
+            0 => String::new(),
+            n => format!(", {n} of them still in progress"),
+        };
+        format!(
+            "You've reached your {allowance} this month, and the {grace} more your plan allows \
+             in grace{still}.{pitch}"
+        )
+    } else if used >= limit {
         format!("You've reached your {allowance} this month.{pitch}")
     } else {
         // Not reached yet: requests still running hold the rest, and give it back if they fail.
@@ -127,9 +148,7 @@ pub fn limit_reached(
              progress. One that fails gives its unit back.{pitch}"
         )
     };
-    LocalResponse::about_plan(
-        429,
-        json!({
+    let mut body = json!({
             "error": format!("{} limit reached", capitalized(&action.label)),
             "message": message,
             // What counts against the limit, as the seed's `current`.
@@ -147,10 +166,16 @@ pub fn limit_reached(
                 "name": upgrade.name,
                 "limit": upgrade.limit,
             })),
-        }),
-        &terms.plan,
-    )
-    .with_header("retry-after", retry_after_secs.to_string())
+    });
+    if let (true, Value::Object(fields)) = (grace > 0, &mut body) {
+        let in_grace = used
+            .saturating_add(in_flight)
+            .saturating_sub(limit)
+            .min(grace);
+        fields.insert("grace".into(), json!({"units": grace, "used": in_grace}));
+    }
+    LocalResponse::about_plan(429, body, &terms.plan)
+        .with_header("retry-after", retry_after_secs.to_string())
 }
 
 /// 403: `plan` lacks `feature`, which `action` needs; `offer` is the first plan up the
@@ -563,6 +588,7 @@ mod tests {
             used: 5,
             in_flight: 0,
             limit: 5,
+            grace: 0,
             retry_after_secs: period.seconds_until_end(now),
         };
         let upload = action(&p, "upload");
@@ -624,6 +650,7 @@ mod tests {
             used: 10_000,
             in_flight: 0,
             limit: 10_000,
+            grace: 0,
             retry_after_secs: 1,
         };
         let api = action(&p, "api_call");
@@ -692,6 +719,7 @@ mod tests {
             used: 1,
             in_flight: 0,
             limit: 1,
+            grace: 0,
             retry_after_secs: 1,
         };
         let pdf = action(&p, "upload");

@@ -44,6 +44,7 @@ impl Settlement {
             reservation_id: String::new(),
             kind: reason.to_string(),
             metadata: String::new(),
+            in_grace: false,
             bytes: 0,
             idempotency_key: String::new(),
             adds: if of.mode == SettleMode::Lost {
@@ -98,6 +99,7 @@ impl Settlement {
             limits_json: Rc::from("{}"),
             kind: String::new(),
             metadata: String::new(),
+            in_grace: false,
             bytes: 0,
             status,
             at: crate::period::rfc3339(now, true),
@@ -132,6 +134,8 @@ pub struct Settlement {
     pub kind: String,
     /// What the action records of the request (a JSON object; empty: nothing).
     pub metadata: String,
+    /// A success past the limit, in the plan's grace.
+    pub in_grace: bool,
     pub bytes: u64,
     pub status: u32,
     /// RFC 3339 time of the upstream's answer.

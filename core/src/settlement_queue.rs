@@ -360,6 +360,7 @@ mod tests {
             limits_json: "{}".into(),
             kind: String::new(),
             metadata: String::new(),
+            in_grace: false,
             bytes: 0,
             status: 200,
             at: "2026-11-27T00:00:00.000Z".into(),

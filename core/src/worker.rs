@@ -1115,7 +1115,17 @@ impl Worker {
             .as_deref()
             .filter(|_| (200..300).contains(&status) && !self.draining.contains_key(&stream));
         if let (Some(header), Some(quota)) = (warning, entry.request.quota()) {
-            if let Some(threshold) = quota.crossed(&plans.warnings.thresholds) {
+            // Past the limit, in the plan's grace: counted, and said so.
+            if let Some(in_grace) = quota.in_grace() {
+                let value = responses::grace_field(
+                    &entry.request.action().key,
+                    quota.taken,
+                    quota.limit,
+                    in_grace,
+                    entry.request.terms().grace,
+                );
+                io.set_response_header(stream, header, &value);
+            } else if let Some(threshold) = quota.crossed(&plans.warnings.thresholds) {
                 let value = responses::warning_field(
                     &entry.request.action().key,
                     threshold,

@@ -51,3 +51,66 @@ fn unmetered_paths_skip_the_filter_and_guarded_ones_are_refused() {
     assert_eq!(r.json()["error"], "Route not allowed");
     assert_eq!(gw.metric("allowed"), 0);
 }
+
+/// A plan's grace, through real Envoy: past the limit, the grace's successes are counted,
+/// answered with a warning and marked in their events; the 429 comes after them and says the
+/// grace is used; the usage endpoint shows it.
+#[test]
+fn a_plans_grace_is_counted_warned_recorded_and_named_in_the_429_after_it() {
+    let gw =
+        envoy_with(|v| v["plans"]["free"]["grace"] = serde_json::json!({"upload": {"units": 2}}));
+    let port = gw.gateway_port;
+    for i in 0..5 {
+        let r = upload("gina", "free").send(port);
+        assert_eq!(r.status, 200, "upload {i}");
+        assert!(!r.header("x-usage-warning").unwrap_or("").contains("grace"));
+    }
+    for in_grace in 1..=2 {
+        let r = upload("gina", "free").send(port);
+        assert_eq!(r.status, 200, "in grace {in_grace}");
+        assert_eq!(
+            r.header("x-usage-warning"),
+            Some(
+                format!(
+                    "\"upload\";grace;used={};limit=5;grace_used={in_grace};grace_units=2",
+                    5 + in_grace
+                )
+                .as_str()
+            )
+        );
+    }
+    let r = upload("gina", "free").send(port);
+    assert_eq!(r.status, 429);
+    let body = r.json();
+    assert_eq!(
+        (&body["current"], &body["limit"], &body["percentage"]),
+        (&7.into(), &5.into(), &100.into()),
+        "{body}"
+    );
+    assert_eq!(body["grace"], serde_json::json!({"units": 2, "used": 2}));
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("and the 2 more your plan allows in grace"),
+        "{body}"
+    );
+    assert_eq!(
+        counter(&gw, "gina", "upload"),
+        7,
+        "the grace's successes count"
+    );
+    let graced = usage::events_of(&mut gw.redis(), "gina")
+        .iter()
+        .filter(|e| e.get("grace").map(String::as_str) == Some("1"))
+        .count();
+    assert_eq!(graced, 2);
+    let usage = Request::new("GET", "/api/usage")
+        .user("gina", "free")
+        .send(port)
+        .json();
+    assert_eq!(
+        usage["actions"]["upload"]["grace"],
+        serde_json::json!({"units": 2, "used": 2})
+    );
+}

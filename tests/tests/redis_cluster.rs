@@ -127,6 +127,7 @@ fn count(user: &str, id: &str) -> Settlement {
         limits_json: Rc::from(r#"{"upload":null}"#),
         kind: String::new(),
         metadata: String::new(),
+        in_grace: false,
         bytes: 10,
         status: 200,
         at: "2026-11-27T12:00:00.000Z".into(),

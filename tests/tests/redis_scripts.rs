@@ -109,6 +109,7 @@ fn settlement(mode: SettleMode, user: &str, id: &str) -> Settlement {
         limits_json: Rc::from(r#"{"upload":5}"#),
         kind: "vision".into(),
         metadata: String::new(),
+        in_grace: false,
         bytes: 42,
         status: 201,
         at: "2026-11-27T12:00:00.000Z".into(),

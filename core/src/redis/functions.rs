@@ -397,7 +397,7 @@ pub fn split_reservations(
 }
 
 /// Fields per item in `plan_limits_settle`'s args.
-const SETTLE_FIELDS: usize = 18;
+const SETTLE_FIELDS: usize = 19;
 
 /// One `plan_limits_settle` call for a batch.
 pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
@@ -472,7 +472,8 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
             .arg(item.adds.map(|n| n.to_string()).unwrap_or_default())
             .arg(item.held.map(|n| n.to_string()).unwrap_or_default())
             .arg(if item.certain { "success" } else { "unknown" })
-            .arg(&item.metadata);
+            .arg(&item.metadata)
+            .arg(if item.in_grace { "1" } else { "" });
         debug_assert_eq!(cmd.args.len() - before, SETTLE_FIELDS);
     }
     cmd

@@ -190,7 +190,7 @@ end
 -- `plan-limits audit` says so.
 -- Every count also updates the monthly summary and the day's counters (the history; by kind
 -- too, as `<action>:<kind>`) and appends a usage event (with the request's `metadata` when the
--- action records any; its outcome `success`, or `unknown` for a request forwarded whole
+-- action records any, `grace` 1 for a success past the limit in the plan's grace; its outcome `success`, or `unknown` for a request forwarded whole
 -- whose answer never came: its client left, or Envoy gave up waiting); a count that brings the period's to a warning threshold (a share of
 -- the plan's limit plus grants) appends one `threshold_crossed` event, once per user, action,
 -- period and threshold (marked in the summary).
@@ -262,6 +262,7 @@ local function settle(keys, args)
     local status, at, request_id, period = args[f + 9], args[f + 10], args[f + 11], args[f + 12]
     local keep_for, idempotency_key = args[f + 13], args[f + 14]
     local adds, holds, outcome, metadata = args[f + 15], args[f + 16], args[f + 17], args[f + 18]
+    local in_grace = args[f + 19]
     if not (amount_ok(adds) and amount_ok(holds) and amount_ok(bytes)) then
       error('an amount out of range')
     end
@@ -340,6 +341,9 @@ local function settle(keys, args)
       'idempotency_key', idempotency_key, 'reservation', id, 'outcome', outcome}
     if metadata ~= '' then
       event[#event + 1], event[#event + 2] = 'metadata', metadata
+    end
+    if in_grace ~= '' then
+      event[#event + 1], event[#event + 2] = 'grace', '1'
     end
     append(event)
     local ok, decoded = pcall(cjson.decode, limits)
