@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use crate::config::{Gauge, Identity, IdentitySource, OtherMethods, UnknownPlan, Variants};
 use crate::period::BillingPeriod;
 use crate::plans::{Action, Endpoint, PathClass, Plans};
-use crate::reports::{self, Report, ReportKind};
+use crate::reports::{self, Report};
 use crate::request::{MeteredRequest, RequestFacts};
 use crate::responses::{self, LocalResponse};
 use crate::routes;
@@ -190,7 +190,7 @@ fn report(
 ) -> Result<Report, LocalResponse> {
     let caller = caller(&plans.identity, head)?;
     let kind = match endpoint {
-        Endpoint::Usage => ReportKind::Usage,
+        Endpoint::Usage => reports::usage_query(plans, &head.path(), now)?,
         Endpoint::History => reports::history_query(plans, &head.path(), now)?,
     };
     let claimed = caller.plan.map(|p| String::from_utf8_lossy(p).into_owned());

@@ -408,7 +408,8 @@ pub struct RedisSettings {
     pub max_queued_settlements: usize,
     /// Monthly summaries are kept this long after their period ends.
     pub summary_retention_days: u32,
-    /// Daily counts (the history endpoint's) are kept this long; the longest range it answers.
+    /// Daily counts (the history endpoint's) are kept this long: the history pages back
+    /// through them (at most `reports::HISTORY_PAGE_DAYS` days an answer).
     pub history_retention_days: u32,
     pub events_stream: String,
     /// Approximate cap on the event stream's length; when set, it replaces the age limit.
@@ -472,7 +473,7 @@ impl Default for RedisSettings {
             max_batch: 64,
             max_queued_settlements: 10_000,
             summary_retention_days: 400,
-            history_retention_days: 90,
+            history_retention_days: 400,
             events_stream: "plan-limits:events".into(),
             events_max_len: None,
             events_retention_days: Some(35),

@@ -56,6 +56,13 @@ impl BillingPeriod {
         }
     }
 
+    /// The period of a subscription renewed on day `anchor` that starts in `month` of `year`
+    /// (`None`: no such month).
+    pub fn starting_in(year: i32, month: u32, anchor: u32) -> Option<Self> {
+        chrono::NaiveDate::from_ymd_opt(year, month, 1)?;
+        Some(Self::anchored(renewal(year, month, anchor.max(1)), anchor))
+    }
+
     /// Whole seconds until the period resets, rounded up so a client that waits that long is
     /// always in the new period (`Retry-After`).
     pub fn seconds_until_end(&self, now: DateTime<Utc>) -> u64 {

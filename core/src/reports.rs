@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Days, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, Days, NaiveDate, Utc};
 use serde_json::{json, Map, Value};
 
 use crate::config::Gauge;
@@ -19,13 +19,21 @@ use crate::redis::{RedisCommand, RedisReply, TransportError};
 use crate::responses::{self, LocalResponse};
 use crate::routes;
 
-const USAGE: &str = "plan_limits_usage";
-const HISTORY: &str = "plan_limits_history";
+use crate::redis::functions::{HISTORY, PERIOD, USAGE};
+
+/// The most days one history answer covers: a longer range is read a page at a time (each
+/// answer names the page before).
+pub const HISTORY_PAGE_DAYS: u64 = 92;
 
 /// What is asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReportKind {
     Usage,
+    /// A past period's usage (the one starting in `month` of `year`), as its summary kept it.
+    Period {
+        year: i32,
+        month: u32,
+    },
     /// Days `from` to `to`, both included; one action's counts, or every action's; with
     /// `by_kind`, each action with a kind also by kind.
     History {
@@ -62,7 +70,7 @@ impl Report {
         now: DateTime<Utc>,
     ) -> Self {
         let keys = UserKeys::new(&plans.redis.key_prefix, &user);
-        Self {
+        let mut report = Self {
             kind,
             user,
             claimed_plan,
@@ -71,7 +79,9 @@ impl Report {
             reanchored: false,
             keys,
             period: BillingPeriod::anchored(now, anchor),
-        }
+        };
+        report.reanchor(anchor, now);
+        report
     }
 
     pub fn user(&self) -> &str {
@@ -87,16 +97,25 @@ impl Report {
         self.anchor
     }
 
-    /// Computes the period from another anchor day (billing's record names one).
+    /// Computes the period from another anchor day (billing's record names one). A past
+    /// period asked for that is the current one is answered as the current one.
     pub fn reanchor(&mut self, anchor: u32, now: DateTime<Utc>) {
         self.anchor = anchor;
         self.period = BillingPeriod::anchored(now, anchor);
+        if let ReportKind::Period { year, month } = self.kind {
+            match BillingPeriod::starting_in(year, month, anchor) {
+                Some(current) if current == self.period => self.kind = ReportKind::Usage,
+                Some(past) => self.period = past,
+                None => {}
+            }
+        }
     }
 
     /// The anchor day in force, when Redis's answer says the period was computed from a stale
     /// one (asked again once).
     pub fn stale_anchor(&mut self, reply: &RedisReply) -> Option<u32> {
-        if self.reanchored || self.kind != ReportKind::Usage {
+        let reads_the_record = matches!(self.kind, ReportKind::Usage | ReportKind::Period { .. });
+        if self.reanchored || !reads_the_record {
             return None;
         }
         let RedisReply::Array(items) = reply else {
@@ -137,6 +156,17 @@ impl Report {
                 }
                 cmd
             }
+            ReportKind::Period { .. } => {
+                let mut cmd = RedisCommand::new("FCALL")
+                    .arg(PERIOD)
+                    .arg("2")
+                    .arg(self.keys.summary(&self.period.id))
+                    .arg(self.keys.entitlement());
+                for action in plans.actions() {
+                    cmd = cmd.arg(&action.key);
+                }
+                cmd
+            }
             ReportKind::History {
                 from,
                 to,
@@ -168,6 +198,10 @@ impl Report {
     ) -> LocalResponse {
         let body = match &self.kind {
             ReportKind::Usage => reply.and_then(|r| self.usage(r, plans, now)),
+            ReportKind::Period { .. } if self.period.start > now => {
+                return responses::bad_request("period", "has not started");
+            }
+            ReportKind::Period { .. } => reply.and_then(|r| self.past(r, plans)),
             ReportKind::History {
                 from,
                 to,
@@ -175,7 +209,16 @@ impl Report {
                 by_kind,
             } => reply.and_then(|r| {
                 let fields = history_fields(plans, action.as_deref(), *by_kind);
-                self.history(r, *from, *to, &fields)
+                let mut answer = self.history(r, *from, *to, &fields)?;
+                // Older days still kept: the page before, as long as this one.
+                answer.insert(
+                    "previous".into(),
+                    page_before(plans, *from, *to, now).map_or(
+                        Value::Null,
+                        |(from, to)| json!({"from": from.to_string(), "to": to.to_string()}),
+                    ),
+                );
+                Ok(Value::Object(answer))
             }),
         };
         match body {
@@ -281,13 +324,89 @@ impl Report {
         }))
     }
 
+    /// A past period as its summary kept it: the counts, and the plan and limits of its last
+    /// count (not today's plan).
+    fn past(&self, reply: RedisReply, plans: &Plans) -> Result<Value, TransportError> {
+        let bad = || TransportError::BadReply("plan_limits_period".into());
+        let RedisReply::Array(items) = reply else {
+            return Err(bad());
+        };
+        let text = |item: &RedisReply| match item {
+            RedisReply::Bulk(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+            _ => None,
+        };
+        // (Billing's plan and anchor, then the summary's fields in the order asked.)
+        let mut names = vec!["plan".to_string(), "limits".into(), "updated_at".into()];
+        for action in plans.actions() {
+            let key = &action.key;
+            names.extend([key.clone(), format!("grant:{key}"), format!("lost:{key}")]);
+        }
+        let values = items
+            .get(2..)
+            .filter(|v| v.len() == names.len())
+            .ok_or_else(bad)?;
+        let summary: BTreeMap<String, String> = names
+            .into_iter()
+            .zip(values)
+            .filter_map(|(name, value)| Some((name, text(value)?)))
+            .collect();
+        let number =
+            |field: &str| -> u64 { summary.get(field).and_then(|v| v.parse().ok()).unwrap_or(0) };
+        let limits: Map<String, Value> = summary
+            .get("limits")
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or_default();
+        let mut actions = Map::new();
+        for action in plans.actions() {
+            let (used, granted) = (
+                number(&action.key),
+                number(&format!("grant:{}", action.key)),
+            );
+            let limit = limits
+                .get(&action.key)
+                .and_then(Value::as_u64)
+                .map(|l| l.saturating_add(granted));
+            let mut entry = json!({
+                "label": action.label,
+                "unit": action.unit,
+                "used": used,
+                "limit": limit,
+                "granted": granted,
+                "remaining": limit.map(|l| l.saturating_sub(used)),
+                "percentage": limit.map(|l| responses::percentage(used, l)),
+            });
+            let lost = number(&format!("lost:{}", action.key));
+            if let (true, Value::Object(fields)) = (lost > 0, &mut entry) {
+                fields.insert("lost".into(), lost.into());
+            }
+            actions.insert(action.key.clone(), entry);
+        }
+        let plan = summary.get("plan").map(|key| {
+            let name = plans.plan(key).map_or(key.as_str(), |p| p.name.as_str());
+            json!({"key": key, "name": name})
+        });
+        Ok(json!({
+            "user": self.user,
+            "plan": plan,
+            "period": {
+                "id": self.period.id,
+                "start": period::rfc3339(self.period.start, false),
+                "end": period::rfc3339(self.period.end, false),
+                "current": false,
+            },
+            // When its summary was last written (its last count); none: nothing was counted.
+            "updated_at": summary.get("updated_at"),
+            "actions": actions,
+        }))
+    }
+
     fn history(
         &self,
         reply: RedisReply,
         from: NaiveDate,
         to: NaiveDate,
         fields: &[HistoryField],
-    ) -> Result<Value, TransportError> {
+    ) -> Result<Map<String, Value>, TransportError> {
         let dates = days(from, to);
         let (_, numbers) = split(reply, 1, dates.len() * fields.len())
             .ok_or_else(|| TransportError::BadReply("plan_limits_history".into()))?;
@@ -338,7 +457,7 @@ impl Report {
         if !kind_totals.is_empty() {
             answer.insert("totals_by_kind".into(), json!(kind_totals));
         }
-        Ok(Value::Object(answer))
+        Ok(answer)
     }
 }
 
@@ -440,7 +559,8 @@ fn split(reply: RedisReply, texts: usize, n: usize) -> Option<(Vec<Option<String
 }
 
 /// The history's query (`?from=YYYY-MM-DD&to=YYYY-MM-DD[&action=A][&by=kind]`): by default the 30
-/// to today; at most `history_retention_days` days; 400 naming the parameter otherwise.
+/// days to today; at most `HISTORY_PAGE_DAYS` days, none before the retention
+/// (`history_retention_days`); 400 naming the parameter otherwise.
 pub fn history_query(
     plans: &Plans,
     path: &str,
@@ -455,24 +575,34 @@ pub fn history_query(
                 .ok_or_else(|| responses::bad_request(name, "not a date (YYYY-MM-DD)")),
         }
     };
-    let retention = u64::from(plans.redis.history_retention_days.max(1));
+    let first_kept = first_day_kept(plans, now);
     let to = date("to")?.unwrap_or_else(|| now.date_naive());
     let from = match date("from")? {
         Some(from) => from,
         None => to
-            .checked_sub_days(Days::new(29.min(retention - 1)))
-            .unwrap_or(to),
+            .checked_sub_days(Days::new(29))
+            .unwrap_or(to)
+            .max(first_kept),
     };
     if from > to {
         return Err(responses::bad_request("from", "is after to"));
     }
+    if from < first_kept {
+        let days = plans.redis.history_retention_days;
+        return Err(responses::bad_request(
+            "from",
+            &format!("is before {first_kept}: days are kept {days} days (history_retention_days)"),
+        ));
+    }
     let span = u64::try_from((to - from).num_days())
         .unwrap_or(u64::MAX)
         .saturating_add(1);
-    if span > retention {
+    if span > HISTORY_PAGE_DAYS {
         return Err(responses::bad_request(
             "from",
-            &format!("the range is {span} days; at most {retention} (history_retention_days)"),
+            &format!(
+                "the range is {span} days; at most {HISTORY_PAGE_DAYS} a page (each answer names the page before)"
+            ),
         ));
     }
     let action = param("action");
@@ -492,6 +622,63 @@ pub fn history_query(
         action,
         by_kind,
     })
+}
+
+/// The usage endpoint's query: none (the current period), or `?period=YYYY-MM` (the period
+/// starting in that month, while its summary is kept); 400 naming the parameter otherwise.
+pub fn usage_query(
+    plans: &Plans,
+    path: &str,
+    now: DateTime<Utc>,
+) -> Result<ReportKind, LocalResponse> {
+    let Some(raw) = routes::query_param(path, "period") else {
+        return Ok(ReportKind::Usage);
+    };
+    // (An anchored period's own id, `YYYY-MM-DD`, names its month too.)
+    let month = raw.get(..7).filter(|_| raw.len() == 7 || raw.len() == 10);
+    let Some((year, month)) = month.and_then(|m| {
+        let date = parse_date(&format!("{m}-01"))?;
+        Some((date.year(), date.month()))
+    }) else {
+        return Err(responses::bad_request("period", "not a period (YYYY-MM)"));
+    };
+    let this_month = (now.year(), now.month());
+    if (year, month) > this_month {
+        return Err(responses::bad_request("period", "has not started"));
+    }
+    // Its summary is kept `summary_retention_days` after the period ends (a month after it
+    // starts, at the latest two).
+    let kept = i64::from(plans.redis.summary_retention_days);
+    let ends_by = BillingPeriod::starting_in(year, month, 31).map(|p| p.end);
+    if ends_by.is_some_and(|end| end + chrono::Duration::days(kept) < now) {
+        return Err(responses::bad_request(
+            "period",
+            &format!("is no longer kept: summaries are kept {kept} days after their period ends (summary_retention_days)"),
+        ));
+    }
+    Ok(ReportKind::Period { year, month })
+}
+
+/// The oldest day whose counters are still kept.
+fn first_day_kept(plans: &Plans, now: DateTime<Utc>) -> NaiveDate {
+    let kept = u64::from(plans.redis.history_retention_days.max(1));
+    let today = now.date_naive();
+    today.checked_sub_days(Days::new(kept - 1)).unwrap_or(today)
+}
+
+/// The page of days before `from` (as long as the one answered, within the retention), if
+/// any is kept.
+fn page_before(
+    plans: &Plans,
+    from: NaiveDate,
+    to: NaiveDate,
+    now: DateTime<Utc>,
+) -> Option<(NaiveDate, NaiveDate)> {
+    let first_kept = first_day_kept(plans, now);
+    let last = from.pred_opt().filter(|d| *d >= first_kept)?;
+    let span = u64::try_from((to - from).num_days()).unwrap_or(0);
+    let first = last.checked_sub_days(Days::new(span))?.max(first_kept);
+    Some((first, last))
 }
 
 /// `YYYY-MM-DD`, digits only.
@@ -582,9 +769,129 @@ mod tests {
                 "{query}"
             );
         }
-        // 90 days is the longest range.
-        assert!(history_query(&p, "/h?from=2026-08-30&to=2026-11-27", now()).is_ok());
-        assert!(history_query(&p, "/h?from=2026-08-29&to=2026-11-27", now()).is_err());
+        // 92 days a page, back through the retention (400 days) and no further.
+        assert!(history_query(&p, "/h?from=2026-08-28&to=2026-11-27", now()).is_ok());
+        assert!(history_query(&p, "/h?from=2026-08-27&to=2026-11-27", now()).is_err());
+        assert!(history_query(&p, "/h?from=2025-10-24&to=2025-11-30", now()).is_ok());
+        let r = history_query(&p, "/h?from=2025-10-23&to=2025-11-30", now());
+        let (_, body) = status_of(&r).unwrap();
+        assert!(body["message"]
+            .as_str()
+            .unwrap()
+            .contains("history_retention_days"));
+    }
+
+    #[test]
+    fn a_history_names_the_page_before_until_the_retention_ends() {
+        let p = plans();
+        // (now() is 2026-11-27; days are kept from 2025-10-24.)
+        let page = |from: &str, to: &str| {
+            page_before(
+                &p,
+                parse_date(from).unwrap(),
+                parse_date(to).unwrap(),
+                now(),
+            )
+            .map(|(f, t)| (f.to_string(), t.to_string()))
+        };
+        assert_eq!(
+            page("2026-10-29", "2026-11-27"),
+            Some(("2026-09-29".into(), "2026-10-28".into()))
+        );
+        assert_eq!(
+            page("2025-11-01", "2025-11-30"),
+            Some(("2025-10-24".into(), "2025-10-31".into())),
+            "cut at the retention"
+        );
+        assert_eq!(page("2025-10-24", "2025-10-31"), None);
+    }
+
+    #[test]
+    fn a_past_period_is_read_from_its_summary_with_the_limits_it_kept() {
+        let p = plans();
+        assert_eq!(usage_query(&p, "/u", now()).unwrap(), ReportKind::Usage);
+        let kind = usage_query(&p, "/u?period=2026-10", now()).unwrap();
+        assert_eq!(
+            kind,
+            ReportKind::Period {
+                year: 2026,
+                month: 10
+            }
+        );
+        // The current period asked for by name is the current one, live.
+        let current = Report::new(
+            usage_query(&p, "/u?period=2026-11", now()).unwrap(),
+            "u".into(),
+            None,
+            0,
+            &p,
+            now(),
+        );
+        assert_eq!(current.kind, ReportKind::Usage);
+        // Anchored on the 15th: October's period is 2026-10-15 to 2026-11-15.
+        let report = Report::new(kind, "u".into(), Some("professional".into()), 15, &p, now());
+        let args: Vec<String> = report
+            .command(&p, 0)
+            .args
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into())
+            .collect();
+        assert_eq!(
+            args[..5],
+            [
+                "FCALL",
+                "plan_limits_period",
+                "2",
+                "plan-limits:{u}:2026-10-15",
+                "plan-limits:{u}:entitlement"
+            ]
+        );
+        assert_eq!(args.len(), 5 + p.actions().len(), "and the actions");
+        let bulk = |s: &str| RedisReply::Bulk(s.as_bytes().to_vec());
+        // Billing's plan and anchor, the summary's plan, limits and updated_at, then per
+        // action its count, grant and loss.
+        let mut items = vec![
+            RedisReply::Nil,
+            bulk("15"),
+            bulk("free"),
+            bulk(r#"{"upload":5,"ai_analysis":null}"#),
+            bulk("2026-10-30T10:00:00.000Z"),
+        ];
+        for action in p.actions() {
+            let of_upload = ["5", "2", "1"].map(bulk);
+            items.extend(match action.key.as_str() {
+                "upload" => of_upload.to_vec(),
+                _ => vec![RedisReply::Nil; 3],
+            });
+        }
+        let reply = RedisReply::Array(items);
+        let r = report.answer(Ok(reply), &p, now());
+        assert_eq!(r.status, 200, "{}", r.body);
+        let body: Value = serde_json::from_str(&r.body).unwrap();
+        // The plan it was on then (free), not the token's (professional).
+        assert_eq!(body["plan"], json!({"key": "free", "name": "Free"}));
+        assert_eq!(body["period"]["id"], "2026-10-15");
+        assert_eq!(body["period"]["current"], false);
+        assert_eq!(
+            body["actions"]["upload"],
+            json!({"label": "upload", "unit": "diagrams", "used": 5, "limit": 7, "granted": 2,
+                "remaining": 2, "percentage": 71, "lost": 1})
+        );
+        assert_eq!(body["actions"]["ai_analysis"]["limit"], Value::Null);
+        for (query, reason) in [
+            ("/u?period=2026-12", "has not started"),
+            ("/u?period=2026-13", "not a period"),
+            ("/u?period=last", "not a period"),
+            ("/u?period=2025-08", "no longer kept"),
+        ] {
+            let r = usage_query(&p, query, now());
+            let (status, body) = status_of(&r).unwrap_or_else(|| panic!("{query} accepted"));
+            assert_eq!((status, &body["field"]), (400, &json!("period")), "{query}");
+            assert!(
+                body["message"].as_str().unwrap().contains(reason),
+                "{query}: {body}"
+            );
+        }
     }
 
     #[test]

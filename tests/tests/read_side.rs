@@ -2,6 +2,7 @@
 //! answered by the filter from Redis for the verified caller only, never forwarded, never
 //! counted.
 
+use chrono::Datelike;
 use plan_limits_tests::*;
 
 fn get(gw: &mut dyn Gateway, path: &str, user: Option<&str>) -> Response {
@@ -182,4 +183,155 @@ fn usage_events_record_the_listed_metadata_and_history_groups_analyses_by_kind()
         (&2.into(), &1.into(), &1.into()),
         "{history}"
     );
+}
+
+/// `n` uploads of `user` counted in period `id` on the free plan, as a gateway settled them
+/// then (the library's own settle call, from a worker of its own).
+fn counted_in_a_past_period(gw: &EnvoyGateway, user: &str, id: &str, n: usize) {
+    use plan_limits_core::redis::functions::{self, EventsTrim, SettleArgs};
+    use plan_limits_core::settlement::{SettleMode, Settlement};
+    let plans =
+        plan_limits_core::plans::Plans::from_json(gw.options.plans_json.as_bytes()).unwrap();
+    let free = plans.plan("free").unwrap();
+    let count = |i: usize| Settlement {
+        mode: SettleMode::Count,
+        keys: plan_limits_core::keys::UsageKeys::new(&usage::prefix(), user, id, "upload"),
+        reservation_id: format!("then-{i}"),
+        action: "upload".into(),
+        user: user.into(),
+        plan: "free".into(),
+        limits_json: free.limits_json.clone(),
+        kind: String::new(),
+        metadata: String::new(),
+        in_grace: false,
+        bytes: 10,
+        status: 200,
+        at: format!("{id}-20T12:00:00.000Z"),
+        day: format!("{id}-20"),
+        request_id: format!("then-{i}"),
+        idempotency_key: String::new(),
+        gauge: None,
+        adds: None,
+        held: None,
+        period_id: id.into(),
+        keep_for_ms: 400 * 86_400_000,
+        made_at_ms: 0,
+        certain: true,
+        waiter: None,
+        fail_open: false,
+    };
+    let batch: Vec<Settlement> = (0..n).map(count).collect();
+    let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap();
+    let command = functions::settle(
+        &batch,
+        SettleArgs {
+            events_stream: &usage::events_stream(),
+            events_trim: EventsTrim::KeepAll,
+            now_ms,
+            ttl_ms: 20_000,
+            remember_commits_ms: 86_400_000,
+            keep_days_ms: 86_400_000,
+            warning_thresholds: &[],
+            applied_key: &format!("{}:applied:backfill", usage::prefix()),
+            seq: 1,
+            applied_memory_ms: 86_400_000,
+            queued: 0,
+            stopping: false,
+        },
+    );
+    plan_limits_services::redis_exec::run(&mut gw.redis(), &command);
+}
+
+/// Past periods, through real Envoy: `/api/usage?period=` answers a period still kept with
+/// the plan and limits its summary kept (not today's plan), names a bad or unkept one in a
+/// 400; the operator's CLI answers the same; the history names the page before, back through
+/// the retention.
+#[test]
+fn past_periods_answer_with_the_limits_they_were_counted_under_and_history_pages_back() {
+    let gw = envoy();
+    let port = gw.gateway_port;
+    let now = gw.now();
+    let last = now.date_naive().with_day(1).unwrap().pred_opt().unwrap();
+    let last_month = last.format("%Y-%m").to_string();
+    counted_in_a_past_period(&gw, "pia", &last_month, 4);
+    // Billing moved her to professional since.
+    usage::set_plan(&mut gw.redis(), "pia", "professional");
+    assert_eq!(upload("pia", "free").send(port).status, 200);
+
+    let past = Request::new("GET", &format!("/api/usage?period={last_month}"))
+        .user("pia", "free")
+        .send(port);
+    assert_eq!(past.status, 200, "{}", past.body_text());
+    let past = past.json();
+    assert_eq!(past["plan"]["key"], "free", "{past}");
+    assert_eq!(past["period"]["id"], last_month.as_str());
+    assert_eq!(
+        (
+            &past["actions"]["upload"]["used"],
+            &past["actions"]["upload"]["limit"],
+            &past["actions"]["upload"]["percentage"]
+        ),
+        (&4.into(), &5.into(), &80.into())
+    );
+    // This period, named or not: today's plan, live.
+    let this_month = now.format("%Y-%m").to_string();
+    for path in [
+        "/api/usage".to_string(),
+        format!("/api/usage?period={this_month}"),
+    ] {
+        let current = Request::new("GET", &path)
+            .user("pia", "free")
+            .send(port)
+            .json();
+        assert_eq!(current["plan"]["key"], "professional", "{path}: {current}");
+        assert_eq!(current["actions"]["upload"]["used"], 1, "{path}");
+    }
+    for bad in ["2020-01", "next", "2999-01"] {
+        let r = Request::new("GET", &format!("/api/usage?period={bad}"))
+            .user("pia", "free")
+            .send(port);
+        assert_eq!(
+            (r.status, r.json()["field"].clone()),
+            (400, "period".into()),
+            "{bad}"
+        );
+    }
+
+    // The operator's CLI, the same answer.
+    let plans =
+        plan_limits_core::plans::Plans::from_json(gw.options.plans_json.as_bytes()).unwrap();
+    let cli = plan_limits_tools::operator::usage(
+        &mut gw.redis(),
+        &plans,
+        "pia",
+        Some(&last_month),
+        chrono::Utc::now(),
+    )
+    .unwrap();
+    let cli: serde_json::Value = serde_json::from_str(&cli).unwrap();
+    assert_eq!(cli["actions"], past["actions"]);
+
+    // The history pages back: each answer names the page before, until the retention ends.
+    let mut path = "/api/usage/history?action=upload".to_string();
+    let (mut pages, mut counted) = (0, 0);
+    loop {
+        let page = Request::new("GET", &path)
+            .user("pia", "free")
+            .send(port)
+            .json();
+        counted += page["totals"]["upload"].as_u64().unwrap();
+        pages += 1;
+        let previous = &page["previous"];
+        if previous.is_null() {
+            break;
+        }
+        path = format!(
+            "/api/usage/history?action=upload&from={}&to={}",
+            previous["from"].as_str().unwrap(),
+            previous["to"].as_str().unwrap()
+        );
+    }
+    // 400 days kept, 30 on the first page, then as long as each page before.
+    assert_eq!(pages, 1 + (400 - 30_usize).div_ceil(30));
+    assert_eq!(counted, 5, "last month's day and today's");
 }

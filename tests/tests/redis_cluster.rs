@@ -413,7 +413,7 @@ fn the_operator_loads_every_master_and_writes_in_the_users_slot() {
             units: 3,
         };
         operator::apply(&mut redis, &plans, user, &grant, "ops", now).unwrap();
-        let json = operator::usage(redis.as_dyn(), &plans, user, now).unwrap();
+        let json = operator::usage(redis.as_dyn(), &plans, user, None, now).unwrap();
         let usage: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(usage["plan"]["key"], "professional");
         assert_eq!(usage["actions"]["ai_analysis"]["limit"], 103);

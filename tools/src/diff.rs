@@ -350,7 +350,7 @@ mod tests {
     #[test]
     fn defaults_written_out_and_the_schema_reference_are_no_changes() {
         let changes = diff(|v| {
-            v["redis"]["history_retention_days"] = 90.into();
+            v["redis"]["history_retention_days"] = 400.into();
             v["actions"]["upload"]["on_client_abort"] = "commit".into();
             v.as_object_mut().unwrap().remove("$schema");
         });

@@ -219,9 +219,12 @@ pub fn usage(
     conn: &mut dyn redis::ConnectionLike,
     plans: &Plans,
     user: &str,
+    period: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<String, String> {
-    report(conn, plans, ReportKind::Usage, user, now)
+    let path = period.map_or_else(String::new, |p| format!("/?period={p}"));
+    let kind = reports::usage_query(plans, &path, now).map_err(|r| refusal(&r))?;
+    report(conn, plans, kind, user, now)
 }
 
 /// `GET /api/usage/history`'s JSON for `user`, its query parameters given by name (those

@@ -16,10 +16,12 @@ const RESERVE_MANY: &str = "plan_limits_reserve_many";
 const RESERVE_KEYS: usize = 8;
 const RESERVATION_ITEMS: usize = 11;
 const SETTLE: &str = "plan_limits_settle";
-const USAGE: &str = "plan_limits_usage";
-const HISTORY: &str = "plan_limits_history";
+/// The read side's (`reports`).
+pub const USAGE: &str = "plan_limits_usage";
+pub const PERIOD: &str = "plan_limits_period";
+pub const HISTORY: &str = "plan_limits_history";
 /// Every function the library registers.
-pub const FUNCTIONS: [&str; 5] = [RESERVE, RESERVE_MANY, SETTLE, USAGE, HISTORY];
+pub const FUNCTIONS: [&str; 6] = [RESERVE, RESERVE_MANY, SETTLE, USAGE, PERIOD, HISTORY];
 
 /// Loads (or replaces) the library: an admin's command, never the filter's.
 pub fn load_library() -> RedisCommand {

@@ -409,6 +409,24 @@ local function usage(keys, args)
   return out
 end
 
+-- plan_limits_period: a past period's summary, for the usage endpoint's `period` (reads only).
+-- keys: the period's summary, billing's entitlement. args: the actions.
+-- Returns {billing's plan, billing's anchor day, then the summary's plan, limits and
+-- updated_at, then per action its count, grant and loss} (each false when absent).
+local function period(keys, args)
+  local out = redis.call('HMGET', keys[2], 'plan', 'anchor_day')
+  local fields = {'plan', 'limits', 'updated_at'}
+  for _, action in ipairs(args) do
+    fields[#fields + 1] = action
+    fields[#fields + 1] = 'grant:' .. action
+    fields[#fields + 1] = 'lost:' .. action
+  end
+  for _, value in ipairs(redis.call('HMGET', keys[1], unpack(fields))) do
+    out[#out + 1] = value
+  end
+  return out
+end
+
 -- plan_limits_history: daily counts, for the history endpoint (reads only).
 -- keys: billing's entitlement, then one day's counters per day asked for.
 -- args: the actions asked for.
@@ -428,6 +446,8 @@ redis.register_function{function_name = 'plan_limits_reserve', callback = reserv
 redis.register_function{function_name = 'plan_limits_reserve_many', callback = reserve_many}
 redis.register_function{function_name = 'plan_limits_settle', callback = settle}
 redis.register_function{function_name = 'plan_limits_usage', callback = usage,
+  flags = {'no-writes'}}
+redis.register_function{function_name = 'plan_limits_period', callback = period,
   flags = {'no-writes'}}
 redis.register_function{function_name = 'plan_limits_history', callback = history,
   flags = {'no-writes'}}

@@ -139,6 +139,9 @@ enum Command {
     /// USER's usage this period: the JSON `GET /api/usage` answers.
     Usage {
         user: String,
+        /// A past period (YYYY-MM: the one starting that month), as its summary kept it.
+        #[arg(long)]
+        period: Option<String>,
         #[arg(long, default_value = "plans.json")]
         plans: PathBuf,
     },
@@ -387,8 +390,13 @@ fn main() -> ExitCode {
             action,
             admin,
         } => change(&user, &AdminOp::Reset { action }, &admin),
-        Command::Usage { user, plans } => load(&plans).and_then(|(_, plans)| {
-            let json = operator::usage(redis()?.as_dyn(), &plans, &user, chrono::Utc::now())?;
+        Command::Usage {
+            user,
+            period,
+            plans,
+        } => load(&plans).and_then(|(_, plans)| {
+            let now = chrono::Utc::now();
+            let json = operator::usage(redis()?.as_dyn(), &plans, &user, period.as_deref(), now)?;
             print_json(&json)
         }),
         Command::History {
