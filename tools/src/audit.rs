@@ -77,6 +77,13 @@ pub fn replay(events: &[Event], plans: &Plans) -> Expected {
                 *out.counts
                     .entry((user.clone(), e.get("period").into(), action.clone()))
                     .or_default() += 1;
+                // The day's count by kind too (`ai_analysis:vision`), as settle keeps it.
+                if !e.get("kind").is_empty() {
+                    let by_kind = format!("{action}:{}", e.get("kind"));
+                    *out.days
+                        .entry((user.clone(), day.clone(), by_kind))
+                        .or_default() += 1;
+                }
                 *out.days
                     .entry((user.clone(), day, action.clone()))
                     .or_default() += 1;
@@ -678,6 +685,23 @@ mod tests {
             ("outcome", outcome),
             ("reservation", "r1"),
         ])
+    }
+
+    #[test]
+    fn a_days_counts_by_kind_are_recomputed_from_the_events_kind() {
+        let with_kind = |kind: &str| {
+            let mut e = usage("a", "ai_analysis", "0", "success");
+            e.fields.insert("kind".into(), kind.into());
+            e
+        };
+        let e = replay(
+            &[with_kind("vision"), with_kind("vision"), with_kind("")],
+            &plans(),
+        );
+        let day = |a: &str| ("a".to_string(), "2026-11-27".to_string(), a.to_string());
+        assert_eq!(e.days[&day("ai_analysis")], 3);
+        assert_eq!(e.days[&day("ai_analysis:vision")], 2);
+        assert_eq!(e.days.len(), 2, "no count for an empty kind");
     }
 
     #[test]
