@@ -1150,6 +1150,11 @@ impl Worker {
         }
         self.queue(settlement, io);
         if awaits {
+            // Sent at once where its answer outlives the stream (else the next tick, 1 ms
+            // away while a response waits).
+            if io.answers_outlive_streams() {
+                self.flush(now, io);
+            }
             ResponseFlow::AwaitCommit
         } else {
             ResponseFlow::Continue
@@ -2758,7 +2763,10 @@ mod tests {
         send(&mut w, 1, &upload("u"), &mut io);
         let (token, _) = io.last_sent();
         w.on_reply(token, granted(), now(), &mut io);
+        // (The webdis build: a call made on the stream's context would die with it.)
+        io.on_a_stream = true;
         let flow = w.on_response_headers(1, 200, None, now(), &mut io);
+        io.on_a_stream = false;
         assert_eq!(flow, ResponseFlow::AwaitCommit);
         assert!(
             w.wants_tick_soon(),
@@ -2790,6 +2798,15 @@ mod tests {
         w.on_tick(now() + chrono::Duration::milliseconds(1000), &mut io);
         assert_eq!(io.responses_resumed, [1, 3]);
         assert_eq!(io.count_of(Metric::CommitsNotAwaited), 1);
+        // Where answers outlive streams (Redis host calls), the commit goes at once.
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        send(&mut w, 1, &upload("u"), &mut io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, granted(), now(), &mut io);
+        let sent = io.sent.len();
+        w.on_response_headers(1, 200, None, now(), &mut io);
+        assert_eq!(io.sent.len(), sent + 1, "not waiting for a tick");
     }
 
     #[test]
@@ -3702,6 +3719,7 @@ mod tests {
         // The session the upstream opened, as plans.json lists for AI analyses.
         assert_eq!(w.response_metadata_wanted(1), ["x-session-id"]);
         w.on_response_metadata(1, "x-session-id", b"s-42");
+        io.on_a_stream = true; // (queued for the next tick, not sent at once)
         w.on_response_headers(1, 200, None, now(), &mut io);
         assert_eq!(w.settlements.len(), 1);
         let s = &w.settlements.start_batch(0).unwrap()[0];

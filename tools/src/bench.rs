@@ -25,6 +25,8 @@ pub struct Case {
     pub target_ratio: Option<f64>,
     /// The case each repetition is measured against, run just before it (A B A B ...).
     pub baseline: &'static str,
+    /// `gateway.read_your_writes` (a limited success held until Redis counted it).
+    pub read_your_writes: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -57,6 +59,7 @@ const fn plain(name: &'static str, label: &'static str, filters: Filters) -> Cas
         expect_status: 200,
         target_ratio: None,
         baseline: "baseline",
+        read_your_writes: true,
     }
 }
 
@@ -115,6 +118,18 @@ pub fn cases() -> Vec<Case> {
             caller: Some((LIMITED_USER, "enterprise")),
             target_ratio: Some(0.60),
             ..plain("limited", "plan-limits, limited plan", Filters::PlanLimits)
+        },
+        // The price of read-your-writes: the limited case with each success sent on at once
+        // (its commit batched after it) instead of once Redis counted it.
+        Case {
+            path: "/api/v1/items",
+            caller: Some((LIMITED_USER, "enterprise")),
+            read_your_writes: false,
+            ..plain(
+                "limited_eventual",
+                "plan-limits, limited plan, read_your_writes off",
+                Filters::PlanLimits,
+            )
         },
         Case {
             label: "plan-limits, unlimited plan",
@@ -190,6 +205,13 @@ impl Case {
     pub fn is_baseline(&self) -> bool {
         self.baseline == self.name
     }
+}
+
+/// The plans a case's Envoy runs with.
+pub fn plans_of(case: &Case) -> String {
+    let mut plans: Value = serde_json::from_str(&bench_plans()).expect("bench plans");
+    plans["gateway"]["read_your_writes"] = case.read_your_writes.into();
+    plans.to_string()
 }
 
 /// The bench's plans: the repository's, with a limit on API calls no run can reach.

@@ -249,7 +249,7 @@ fn main() {
     let envoys: Vec<(Service, u16, u16)> = cases
         .iter()
         .map(|case| {
-            let envoy = rig.envoy(case.name, case.filters, &plans);
+            let envoy = rig.envoy(case.name, case.filters, &bench::plans_of(case));
             if !chosen(case) {
                 return envoy; // (not probed: a filter under experiment may answer otherwise)
             }
@@ -279,7 +279,7 @@ fn main() {
                 .map(|other| {
                     let build = build_name(other);
                     let name = format!("{}-{build}", case.name);
-                    let envoy = rig.envoy_of(&name, case.filters, &plans, other);
+                    let envoy = rig.envoy_of(&name, case.filters, &bench::plans_of(case), other);
                     (build, envoy)
                 })
                 .collect()
