@@ -62,9 +62,8 @@ pub fn ratelimit_fields(
     ]
 }
 
-/// The soft-warning header's value: `"<action>";threshold=80;used=4;limit=5` (`used`:
-/// counted and in flight, this request included).
-/// The warning on a success past the limit, in the plan's grace (`in_grace` of `grace` taken).
+/// The warning on a success past the limit, in the plan's grace:
+/// `"<action>";grace;used=6;limit=5;grace_used=1;grace_units=1` (`in_grace` of `grace` taken).
 pub fn grace_field(action: &str, used: u64, limit: u64, in_grace: u64, grace: u64) -> String {
     format!(
         "{};grace;used={used};limit={limit};grace_used={in_grace};grace_units={grace}",
@@ -72,6 +71,8 @@ pub fn grace_field(action: &str, used: u64, limit: u64, in_grace: u64, grace: u6
     )
 }
 
+/// The soft-warning header's value: `"<action>";threshold=80;used=4;limit=5` (`used`:
+/// counted and in flight, this request included).
 pub fn warning_field(action: &str, threshold: u8, used: u64, limit: u64) -> String {
     format!(
         "{};threshold={threshold};used={used};limit={limit}",

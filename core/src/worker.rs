@@ -1150,8 +1150,8 @@ impl Worker {
         }
         self.queue(settlement, io);
         if awaits {
-            // Sent at once where its answer outlives the stream (else the next tick, 1 ms
-            // away while a response waits).
+            // Sent at once where its answer outlives the stream (else at the next tick,
+            // which comes every millisecond while a response waits).
             if io.answers_outlive_streams() {
                 self.flush(now, io);
             }

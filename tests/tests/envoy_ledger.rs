@@ -218,18 +218,22 @@ fn what_a_killed_envoy_lost_is_found() {
     let running = AtomicBool::new(true);
     let started = Instant::now();
     // Each client alternates an analysis (limited: reserved in Redis first) and a procedure
-    // view (unlimited: counted from the worker's queue), 100 ms at the upstream each.
+    // view (unlimited: counted from the worker's queue), 100 ms or more at the upstream each.
     let answered: Vec<(u32, Vec<Option<u128>>)> = std::thread::scope(|s| {
         let clients: Vec<_> = users
             .iter()
-            .map(|user| {
+            .enumerate()
+            .map(|(i, user)| {
                 let running = &running;
+                // (Clients out of step, so that the kill finds them in different phases.)
+                let analysis_ms = (100 + 23 * i).to_string();
                 s.spawn(move || {
+                    std::thread::sleep(Duration::from_millis(37 * i as u64));
                     let mut views = Vec::new();
                     let mut outstanding_views = 0;
                     while running.load(Ordering::Relaxed) {
                         let _ = analysis(user, "professional")
-                            .header("x-demo-delay-ms", "100")
+                            .header("x-demo-delay-ms", analysis_ms.as_str())
                             .try_send(port);
                         let view = Request::new("GET", "/api/procedures/1")
                             .user(user, "professional")
