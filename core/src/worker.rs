@@ -171,6 +171,8 @@ pub struct Worker {
     entitlements: EntitlementCache,
     ids: ReservationIds,
     stopping: bool,
+    /// A call that says it stopped went to Redis (a batch or a record sent while stopping).
+    said_goodbye: bool,
     /// When held reservations were last looked at for extension (unix ms).
     extended_at_ms: u64,
     fail_open_log: RateLimitedLog,
@@ -303,6 +305,7 @@ impl Worker {
             entitlements: EntitlementCache::new(REMEMBERED_USERS),
             ids: ReservationIds { vm_nonce, next: 0 },
             stopping: false,
+            said_goodbye: false,
             extended_at_ms: 0,
             fail_open_log: RateLimitedLog::default(),
             unknown_plan_log: RateLimitedLog::default(),
@@ -1354,6 +1357,7 @@ impl Worker {
             self.sent_record_at_ms = now_ms;
             match send(io, redis, command) {
                 Ok(token) => {
+                    self.said_goodbye |= self.stopping;
                     self.calls.insert(token, (Waiter::Batch(group), now));
                 }
                 Err(e) if self.redis_down_since_ms.is_none() => {
@@ -1423,6 +1427,7 @@ impl Worker {
         let command = self.settle_command(&plans, group, &[], 0, now_ms, self.queued_settlements());
         let token = send(io, &plans.redis, command).ok()?;
         self.sent_record_at_ms = now_ms;
+        self.said_goodbye |= self.stopping;
         self.calls.insert(token, (Waiter::Record, now));
         Some(token)
     }
@@ -1440,7 +1445,11 @@ impl Worker {
         self.flush(now, io);
         if self.stopping && !self.settlements.batch_in_flight() {
             self.report_queue(io);
-            io.done();
+            // A batch sent before the worker was told to stop did not say goodbye: a record
+            // does (its answer ends the worker), so Redis knows it stopped, not killed.
+            if self.said_goodbye || self.send_record(now, io).is_none() {
+                io.done();
+            }
         }
     }
 
@@ -3492,6 +3501,16 @@ mod tests {
         w.on_reply(second, settled(&[1]), now(), &mut io);
         assert_eq!(io.done, 0, "alice's call is still on its way");
         w.on_reply(first, settled(&[1, 1]), now(), &mut io);
+        // Neither batch said goodbye (both went before the worker was told to stop): a record
+        // does, and its answer ends the worker.
+        assert_eq!(io.done, 0);
+        let (goodbye, record) = io.last_sent();
+        assert_eq!(
+            record.args.last().map(Vec::as_slice),
+            Some(&b"1"[..]),
+            "it stops"
+        );
+        w.on_reply(goodbye, settled(&[]), now(), &mut io);
         assert_eq!(io.done, 1);
         assert_eq!(io.count_of(Metric::Counted), 3);
         assert_eq!(w.queued_settlements(), 0);
