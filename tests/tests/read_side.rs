@@ -257,6 +257,8 @@ fn past_periods_answer_with_the_limits_they_were_counted_under_and_history_pages
     // Billing moved her to professional since.
     usage::set_plan(&mut gw.redis(), "pia", "professional");
     assert_eq!(upload("pia", "free").send(port).status, 200);
+    // (Unlimited now: counted from the worker's queue, within a flush interval.)
+    assert!(counts(&gw, "pia", "upload", 1));
 
     let past = Request::new("GET", &format!("/api/usage?period={last_month}"))
         .user("pia", "free")
