@@ -243,8 +243,16 @@ impl Report {
         plans: &Plans,
         now: DateTime<Utc>,
     ) -> Result<Value, TransportError> {
-        let (recorded, numbers) = split(reply, 2, 4 + 3 * plans.actions().len())
+        let (recorded, numbers) = split(reply, 3, 4 + 3 * plans.actions().len())
             .ok_or_else(|| TransportError::BadReply("plan_limits_usage".into()))?;
+        // The period's last uses that recorded metadata, newest first.
+        let recent: Value = recorded
+            .get(2)
+            .cloned()
+            .flatten()
+            .and_then(|json| serde_json::from_str(&json).ok())
+            .filter(Value::is_array)
+            .unwrap_or_else(|| json!([]));
         let plan = self.plan(plans, recorded.into_iter().next().flatten());
         let (gauges, numbers) = numbers.split_at(4);
         let (stored, held, invited, inviting) = match gauges {
@@ -321,6 +329,7 @@ impl Report {
             "features": plan.features,
             "upgrade": upgrade,
             "upgrade_url": plan.upgrade_url,
+            "recent": recent,
         }))
     }
 
@@ -927,10 +936,12 @@ mod tests {
             &text[text.len() - 8..text.len() - 6],
             ["1000", "ai_analysis"]
         );
-        // Billing's plan and anchor, stored and held bytes, members invited and invites in
-        // flight, then per action its count, what is in flight and what was granted.
+        // Billing's plan and anchor, the recent uses, stored and held bytes, members invited
+        // and invites in flight, then per action its count, what is in flight and what was
+        // granted.
+        let recent = r#"[{"at":"2026-11-27T10:00:00.000Z","action":"upload","kind":"","metadata":{"file_name":"pump.pdf"}}]"#;
         let reply = |plan: RedisReply| {
-            let mut items = vec![plan, RedisReply::Nil];
+            let mut items = vec![plan, RedisReply::Nil, RedisReply::Bulk(recent.into())];
             items.extend([1024, 0, 0, 0].map(RedisReply::Int));
             items.extend([0; 18].map(RedisReply::Int));
             items.extend([2, 2, 1].map(RedisReply::Int));
@@ -940,6 +951,7 @@ mod tests {
         assert_eq!(r.status, 200);
         let body: Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(body["plan"]["key"], "free");
+        assert_eq!(body["recent"][0]["metadata"]["file_name"], "pump.pdf");
         assert_eq!(
             body["actions"]["upload"],
             json!({"label": "upload", "unit": "diagrams", "available": true, "used": 2,

@@ -2555,9 +2555,9 @@ mod tests {
         );
         let (token, call) = io.last_sent();
         assert_eq!(name(call), (&b"FCALL"[..], &b"plan_limits_usage"[..]));
-        // Billing's plan and anchor (none), the storage and the team, then per action its
-        // count, what is in flight and what was granted.
-        let mut items = vec![RedisReply::Nil, RedisReply::Nil];
+        // Billing's plan and anchor (none), the recent uses (none), the storage and the team,
+        // then per action its count, what is in flight and what was granted.
+        let mut items = vec![RedisReply::Nil, RedisReply::Nil, RedisReply::Nil];
         items.extend([0; 25].map(RedisReply::Int));
         let reply = Ok(RedisReply::Array(items));
         w.on_reply(token, reply, now(), &mut io);
@@ -2589,6 +2589,7 @@ mod tests {
             let mut items = vec![
                 RedisReply::Nil,
                 RedisReply::Bulk(anchor.as_bytes().to_vec()),
+                RedisReply::Nil,
             ];
             items.extend([0; 25].map(RedisReply::Int));
             Ok(RedisReply::Array(items))

@@ -107,6 +107,8 @@ fn usage_events_record_the_listed_metadata_and_history_groups_analyses_by_kind()
     for request in &uploads {
         assert_eq!(request.send(port).status, 200);
     }
+    // (Unlimited: counted from the worker's queue, before the analyses that follow.)
+    assert!(counts(&gw, "mia", "upload", 2));
     let analyses = [
         ("vision", Some("s-7")),
         ("vision", None),
@@ -158,6 +160,18 @@ fn usage_events_record_the_listed_metadata_and_history_groups_analyses_by_kind()
         .collect();
     sessions.dedup();
     assert_eq!(sessions.len(), 4, "{analysed:?}");
+
+    // The usage endpoint lists the period's last uses with their metadata, newest first.
+    let usage = Request::new("GET", "/api/usage")
+        .user("mia", "professional")
+        .send(port)
+        .json();
+    let recent = usage["recent"].as_array().unwrap();
+    assert_eq!(recent.len(), 6, "{usage}");
+    assert!(recent[..4].iter().all(|r| r["action"] == "ai_analysis"));
+    assert!(recent
+        .iter()
+        .any(|r| r["metadata"]["file_name"] == "pump room.pdf"));
 
     // The operator's export prints it.
     let mut redis = plan_limits_tools::operator::Redis::connect(&gw.redis.url()).unwrap();

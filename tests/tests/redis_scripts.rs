@@ -599,6 +599,47 @@ fn a_count_records_the_requests_metadata_and_its_kind_in_the_days_counters() {
 }
 
 #[test]
+fn the_periods_last_uses_with_metadata_are_kept_newest_first_and_read_with_its_usage() {
+    let (server, mut conn) = redis();
+    let uses: Vec<Settlement> = (0..12)
+        .map(|i| Settlement {
+            metadata: format!(r#"{{"file_name":"d{i}.pdf"}}"#),
+            request_id: format!("req-{i}"),
+            ..settlement(SettleMode::Count, "u", &format!("c{i}"))
+        })
+        .chain([settlement(SettleMode::Count, "u", "plain")])
+        .collect();
+    settle(&mut conn, &uses);
+    let plans = Plans::from_json(plan_limits_services::plans_json().as_bytes()).unwrap();
+    let now = chrono::DateTime::from_timestamp_millis(NOW as i64).unwrap();
+    let mut filter = redis::Client::open(server.filter_url())
+        .and_then(|c| c.get_connection())
+        .unwrap();
+    let usage = Report::new(ReportKind::Usage, "u".into(), None, 0, &plans, now);
+    let reply = run(&mut filter, &usage.command(&plans, NOW));
+    let answer = usage.answer(Ok(reply), &plans, now);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    let names: Vec<&str> = body["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["metadata"]["file_name"].as_str().unwrap())
+        .collect();
+    // The ten newest, newest first; a use without metadata is not among them.
+    assert_eq!(
+        names,
+        [
+            "d11.pdf", "d10.pdf", "d9.pdf", "d8.pdf", "d7.pdf", "d6.pdf", "d5.pdf", "d4.pdf",
+            "d3.pdf", "d2.pdf"
+        ]
+    );
+    assert_eq!(body["recent"][0]["action"], "upload");
+    assert_eq!(body["recent"][0]["kind"], "vision");
+    assert_eq!(body["actions"]["upload"]["used"], 13);
+}
+
+#[test]
 fn the_read_side_functions_answer_the_filters_user_in_one_flat_reply() {
     let (server, mut conn) = redis();
     let counts = [

@@ -24,9 +24,11 @@ fn text(element: &str) -> &str {
 fn the_usage_page_shows_what_the_gateway_counted() {
     let gw = envoy();
     let port = gw.gateway_port;
-    for _ in 0..4 {
+    for _ in 0..3 {
         assert_eq!(upload("pat", "free").send(port).status, 200);
     }
+    let named = upload("pat", "free").header("x-file-name", "pump room.pdf");
+    assert_eq!(named.send(port).status, 200);
     let vision = analysis("pat", "free").header("x-analysis-kind", "vision");
     assert_eq!(vision.send(port).status, 200);
     assert!(counts(&gw, "pat", "upload", 4) && counts(&gw, "pat", "ai_analysis", 1));
@@ -53,6 +55,14 @@ fn the_usage_page_shows_what_the_gateway_counted() {
     );
     // 80 %: the warning colour; 33 %: none.
     assert!(element(&dom, r#"data-action="upload""#).contains("meter warn"));
+    // The last uses with their metadata, newest first: the analysis, then the named upload.
+    let newest = text(element(&dom, r#"data-testid="recent-0""#));
+    assert!(newest.starts_with("AI analysis · vision"), "{newest}");
+    let named = text(element(&dom, r#"data-testid="recent-1""#));
+    assert!(
+        named.starts_with("Upload · ") && named.contains("file name: pump room.pdf"),
+        "{named}"
+    );
     // AI analyses by kind, from the history.
     assert_eq!(
         text(element(&dom, r#"data-testid="ai_analysis-kind-vision""#)),

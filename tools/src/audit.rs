@@ -609,7 +609,7 @@ fn read_found(redis: &mut Redis, plans: &Plans, now_ms: u64) -> Result<Found, St
                     .map_err(|e| failed(key, e))?;
                 for (field, value) in fields {
                     let counter = !field.contains(':')
-                        && !matches!(field.as_str(), "plan" | "limits" | "updated_at");
+                        && !matches!(field.as_str(), "plan" | "limits" | "updated_at" | "recent");
                     if let (true, Ok(n)) = (counter, value.parse::<u64>()) {
                         found
                             .counts

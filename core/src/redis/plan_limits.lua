@@ -42,6 +42,9 @@
 -- Scores use the filter's clock; the key's own expiry is relative, so a clock that differs
 -- from Redis's cannot expire it early.
 local KEEP_EXPIRED_MS = 7 * 86400000
+-- The period's last counted uses that recorded metadata, kept in its summary for the usage
+-- page.
+local RECENT = 10
 
 local function reap_expired(set, now, events, event)
   local expired = redis.call('ZRANGEBYSCORE', set, '-inf', now)
@@ -346,6 +349,20 @@ local function settle(keys, args)
       event[#event + 1], event[#event + 2] = 'grace', '1'
     end
     append(event)
+    if metadata ~= '' then
+      -- Newest first, at most RECENT (the summary's `recent`, a JSON array).
+      local ok, recent = pcall(cjson.decode, redis.call('HGET', summary, 'recent') or '[]')
+      if not ok or type(recent) ~= 'table' then
+        recent = {}
+      end
+      local parsed, fields = pcall(cjson.decode, metadata)
+      table.insert(recent, 1, {at = at, action = action, kind = kind,
+        metadata = parsed and fields or metadata})
+      while #recent > RECENT do
+        table.remove(recent)
+      end
+      redis.call('HSET', summary, 'recent', cjson.encode(recent))
+    end
     local ok, decoded = pcall(cjson.decode, limits)
     local limit = ok and type(decoded) == 'table' and decoded[action]
     if type(limit) == 'number' and limit > 0 then
@@ -386,12 +403,13 @@ end
 -- keys: summary, entitlement, storage and its held set, team and its held set, then each
 --       action's pending set.
 -- args: now (ms), then the actions (in the keys' order).
--- Returns {billing's plan or false, billing's anchor day or false, stored bytes, bytes held by
--- uploads in flight, members invited, invites in flight, then per action its count, its
--- reservations in flight and the extra units granted}.
+-- Returns {billing's plan or false, billing's anchor day or false, the period's recent uses
+-- (JSON) or false, stored bytes, bytes held by uploads in flight, members invited, invites in
+-- flight, then per action its count, its reservations in flight and the extra units granted}.
 local function usage(keys, args)
   local now = tonumber(args[1])
   local out = redis.call('HMGET', keys[2], 'plan', 'anchor_day')
+  out[3] = redis.call('HGET', keys[1], 'recent')
   for g = 3, 5, 2 do
     out[#out + 1] = tonumber(redis.call('GET', keys[g]) or '0')
     local held = 0
