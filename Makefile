@@ -112,10 +112,13 @@ adversary: build
 		ADVERSARY_FAULTS=$(FAULTS) ADVERSARY_CLIENTS=$(CLIENTS) ADVERSARY_FAULT_KINDS=$(FAULT_KINDS) \
 		cargo test --locked -p plan-limits-tests --test adversary -- --nocapture
 
-## schema: plans.schema.json written again from the config's Rust types (a test fails when stale)
+## schema: plans.schema.json and docs/configuration.md written again from the config's Rust
+## types (a test fails when either is stale)
 schema:
 	cargo run --locked -q -p plan-limits-tools --bin plan-limits -- schema > plans.schema.json.new
 	mv plans.schema.json.new plans.schema.json
+	cargo run --locked -q -p plan-limits-tools --bin plan-limits -- schema --markdown > docs/configuration.md.new
+	mv docs/configuration.md.new docs/configuration.md
 
 ## scale: Redis's figures on a local three-master cluster: keys and bytes per active user,
 ## bytes per usage event, calls per second one master takes (README, Redis Cluster)

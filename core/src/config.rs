@@ -38,6 +38,7 @@ pub struct Config {
     /// ignores it.
     #[serde(rename = "$schema", default, skip_serializing_if = "String::is_empty")]
     pub schema: String,
+    /// The plan of callers whose token (or billing's record) names none.
     pub default_plan: String,
     #[serde(default)]
     pub identity: Identity,
@@ -47,7 +48,10 @@ pub struct Config {
     pub gateway: GatewaySettings,
     /// The feature flags a plan may have; actions and plans may only name these.
     pub features: Vec<String>,
+    /// What is metered, by name (`upload`, `ai_analysis`): how it is named in messages and
+    /// what a request of it needs.
     pub actions: BTreeMap<String, ActionSettings>,
+    /// The metered paths, each naming its action; every spelling of a path is matched.
     pub routes: Vec<Route>,
     /// Paths no action meters: Envoy skips the filter on them. Every other path goes through
     /// the filter, so that no spelling of a metered route gets past it.
@@ -74,6 +78,7 @@ pub struct Config {
     /// plan's own `upgrade_url` wins over it.
     #[serde(default)]
     pub upgrade_url: Option<String>,
+    /// The plans by name (`free`, `professional`): limits, sizes and features.
     pub plans: BTreeMap<String, Plan>,
 }
 
@@ -84,7 +89,9 @@ pub struct Config {
 #[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSettings {
+    /// Routes whose success frees storage (the upstream says how much).
     pub delete_routes: Vec<Unmetered>,
+    /// The upstream's response header saying how many bytes a delete freed.
     pub freed_bytes_header: String,
 }
 
@@ -97,7 +104,9 @@ pub struct StorageSettings {
 #[cfg_attr(feature = "schema", derive(serde::Serialize, schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct TeamSettings {
+    /// Routes whose success removes members (the upstream says how many).
     pub remove_routes: Vec<Unmetered>,
+    /// The upstream's response header saying how many members a removal took off.
     pub removed_members_header: String,
 }
 
@@ -183,8 +192,10 @@ pub struct Unmetered {
     /// Any method when absent.
     #[serde(default)]
     pub method: Option<String>,
+    /// Exact path (a trailing slash is ignored).
     #[serde(default)]
     pub path: Option<String>,
+    /// Path prefix, matched on whole segments.
     #[serde(default)]
     pub prefix: Option<String>,
 }
@@ -225,7 +236,9 @@ pub struct Identity {
     /// user, the plan in force and the organisation (Envoy removes client copies first); in
     /// `trusted_headers` mode it reads the user and the claimed plan from them.
     pub user_header: String,
+    /// The plan in force (see `user_header`).
     pub plan_header: String,
+    /// The organisation (see `user_header`).
     pub org_header: String,
     /// In `jwt` mode the filter sets this request header for the upstream to the plan in
     /// force's features, comma-separated (Envoy removes client copies first), so a service
@@ -331,14 +344,18 @@ pub enum IdentitySource {
 pub struct JwtClaims {
     /// `jwt_authn`'s `payload_in_metadata` key.
     pub payload_key: String,
+    /// The claims naming the user, the plan and the organisation.
     pub user_claim: String,
+    /// (See `user_claim`.)
     pub plan_claim: String,
+    /// (See `user_claim`.)
     pub org_claim: String,
     /// The subscription's anchor day (1 to 31): billing periods run from it (billing's record
     /// wins over it).
     pub anchor_claim: String,
     /// The issuer and audience Envoy's `jwt_authn` accepts (rendered into its config).
     pub issuer: String,
+    /// (See `issuer`.)
     pub audience: String,
 }
 
@@ -394,28 +411,32 @@ pub struct RedisSettings {
     /// Usage reads one worker has waiting for Redis at most; past it a read is answered 503
     /// with `Retry-After` at once.
     pub max_reads_in_flight: usize,
+    /// `:authority` of the calls to webdis.
     pub authority: String,
     /// How long a request waits for its reservation before its action's failure mode applies.
     pub timeout_ms: u64,
+    /// The prefix of every key (the filter's Redis user is limited to it).
     pub key_prefix: String,
     /// A reservation that is never settled (Envoy killed mid-request) stops holding quota after
     /// this; keep it longer than the upstream timeout so a slow success is still counted.
     pub reservation_ttl_ms: u64,
     /// Settlements (commit / release / count) are sent in batches from each worker this often.
     pub flush_interval_ms: u64,
+    /// The most settlements in one call to Redis.
     pub max_batch: usize,
     /// Settlements waiting while Redis is unreachable; beyond this the oldest are dropped (metric).
     pub max_queued_settlements: usize,
     /// Monthly summaries are kept this long after their period ends.
     pub summary_retention_days: u32,
     /// Daily counts (the history endpoint's) are kept this long: the history pages back
-    /// through them (at most `reports::HISTORY_PAGE_DAYS` days an answer).
+    /// through them a page at a time.
     pub history_retention_days: u32,
+    /// The stream of usage events (and of every loss) that billing reads.
     pub events_stream: String,
     /// Approximate cap on the event stream's length; when set, it replaces the age limit.
     pub events_max_len: Option<u64>,
     /// Events older than this are trimmed from the stream (approximately): billing must read
-    /// them within it. `None` (with no `events_max_len`) keeps every event.
+    /// them within it. `null` (with no `events_max_len`) keeps every event.
     pub events_retention_days: Option<u32>,
     /// A user refused because the month's count reached the limit is refused without asking
     /// Redis for this long (per worker); 0 asks Redis every time.
@@ -432,6 +453,7 @@ pub struct RedisSettings {
     /// Credentials of the filter's Redis user, for Higress's Redis host calls (webdis holds
     /// its own).
     pub username: Option<String>,
+    /// (See `username`.)
     pub password: Option<String>,
     /// Redis is a Redis Cluster: settlement batches are split by hash slot, and usage events
     /// go to one stream per slot (`<events_stream>:<slot>:{<tag>}`).
@@ -595,6 +617,7 @@ pub struct Route {
     /// Path prefix, matched on whole segments: `/api/v1` matches `/api/v1` and `/api/v1/x`.
     #[serde(default)]
     pub prefix: Option<String>,
+    /// The action (a key of `actions`) this route meters.
     pub action: String,
     #[serde(default)]
     pub variants: Variants,
@@ -609,12 +632,18 @@ pub struct Route {
 pub struct Plan {
     /// Display name: "Professional".
     pub name: String,
-    /// The plan suggested in upgrade messages; `None` for the top plan.
+    /// The plan suggested in upgrade messages; `null` for the top plan.
     pub upgrade_to: Option<String>,
+    /// Monthly limit per action; `null`: unlimited. Every action is named.
     pub limits: BTreeMap<String, Limit>,
+    /// The largest upload (413 past it); `null`: none.
     pub max_file_size_bytes: Option<u64>,
+    /// Bytes a user may keep stored (403 past it); `null`: unlimited.
     pub storage_bytes: Option<u64>,
+    /// Members of a subscriber's team, the subscriber included (403 past it); `null`:
+    /// unlimited.
     pub team_members: Option<u64>,
+    /// The features (from `features`) the plan has.
     pub features: Vec<String>,
     /// How fast one user's requests may come (spike arrest: 429 past it, before any Redis
     /// call), per Envoy worker; none when absent.

@@ -4,10 +4,10 @@
 pub mod adversary;
 pub mod simulation;
 
+pub use plan_limits_harness::{Build, Harness};
 pub use plan_limits_services::gateway::{EnvoyGateway, Gateway, GatewayOptions};
 pub use plan_limits_services::http::{Body, Request, Response};
 pub use plan_limits_services::usage::{self, eventually};
-pub use plan_limits_wasm_host::harness::{Build, Harness};
 
 pub const MB: u64 = 1024 * 1024;
 

@@ -1,7 +1,7 @@
 //! Operating the gateway: plans.json swapped into a running Envoy (Extension Config
 //! Discovery from a watched file) under load, with no failed request, no count lost or
 //! doubled, the same process; a config the filter refuses leaves the last good one serving
-//! (`envoy_exactness_and_faults::a_running_envoy_given_a_bad_config_*`).
+//! (`exactness_and_faults::a_running_envoy_given_a_bad_config_*`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;

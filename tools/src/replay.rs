@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 
 use plan_limits_core::period::BillingPeriod;
 use plan_limits_core::plans::Plans;
+use plan_limits_harness::Harness;
 use plan_limits_services::gateway::Gateway;
 use plan_limits_services::http::{Body, Request};
 use plan_limits_services::jwt::TokenClaims;
-use plan_limits_wasm_host::harness::Harness;
 use plan_limits_wasm_host::HostError;
 use serde::Deserialize;
 use serde_json::{json, Value};

@@ -462,15 +462,15 @@ fn reload_swaps_plans_into_a_running_envoy_and_refuses_what_it_cannot_apply() {
     assert_eq!(gw.envoy().pid(), pid, "the same Envoy all along");
 }
 
-const SCHEMA_STALE: &str = "plans.schema.json is not what `plan-limits schema` prints: run \
-     `cargo run -p plan-limits-tools --bin plan-limits -- schema > plans.schema.json` \
-     (or `make schema`) and commit it";
-
-#[test]
-fn the_committed_schema_is_what_plan_limits_schema_prints() {
-    let printed = ok(sim(&["schema"]));
-    let committed =
-        std::fs::read_to_string(repo_root().join("plans.schema.json")).unwrap_or_default();
+/// `committed` (a file in the repository) is what `plan-limits ARGS` prints, or the test says
+/// where they first differ and how to write it again.
+fn assert_committed(args: &[&str], file: &str) {
+    let printed = ok(sim(args));
+    let committed = std::fs::read_to_string(repo_root().join(file)).unwrap_or_default();
+    let stale = format!(
+        "{file} is not what `plan-limits {}` prints: run `make schema` and commit it",
+        args.join(" ")
+    );
     if let Some((n, (p, c))) = printed
         .lines()
         .zip(committed.lines())
@@ -478,11 +478,21 @@ fn the_committed_schema_is_what_plan_limits_schema_prints() {
         .find(|(_, (p, c))| p != c)
     {
         panic!(
-            "{SCHEMA_STALE}\nfirst difference, line {}:\n  committed: {c}\n  printed:   {p}",
+            "{stale}\nfirst difference, line {}:\n  committed: {c}\n  printed:   {p}",
             n + 1
         );
     }
-    assert!(printed == committed, "{SCHEMA_STALE}");
+    assert!(printed == committed, "{stale}");
+}
+
+#[test]
+fn the_committed_schema_is_what_plan_limits_schema_prints() {
+    assert_committed(&["schema"], "plans.schema.json");
+}
+
+#[test]
+fn the_configuration_reference_is_what_plan_limits_schema_markdown_prints() {
+    assert_committed(&["schema", "--markdown"], "docs/configuration.md");
 }
 
 /// What an editor does with plans.json's `"$schema"`: the repository's file passes, and

@@ -3,7 +3,7 @@
 //! ```text
 //! plan-limits validate PLANS_JSON
 //! plan-limits reload [PLANS_JSON] [--ecds-dir DIR] [--wasm FILE] [--admin-port PORT]
-//! plan-limits schema                        (make schema: written to plans.schema.json)
+//! plan-limits schema [--markdown]           (make schema: plans.schema.json, docs/configuration.md)
 //! plan-limits diff OLD_JSON NEW_JSON [--scenario SCENARIO_JSONL]
 //! plan-limits replay PLANS_JSON SCENARIO_JSONL [--build webdis|redis-hostcalls] [--vms N]
 //! plan-limits token USER [--plan P] [--org O] [--ttl SECONDS]
@@ -82,7 +82,11 @@ enum Command {
         admin_port: Option<u16>,
     },
     /// Print plans.json's JSON Schema (committed as plans.schema.json: `make schema`).
-    Schema,
+    Schema {
+        /// The reference for people instead, in Markdown (committed as docs/configuration.md).
+        #[arg(long)]
+        markdown: bool,
+    },
     /// What changes from one plans.json to another, one line per change ("no changes" when
     /// none): each plan's terms per action, plans, features, sizes, actions, routes, path lists
     /// and every other setting by its JSON path. Exits 0 either way.
@@ -348,8 +352,12 @@ fn main() -> ExitCode {
             reload(&plans, &ecds_dir, &wasm, admin_port)
         }
         Command::Diff { old, new, scenario } => diff(&old, &new, scenario.as_deref()),
-        Command::Schema => {
-            println!("{}", plan_limits_tools::schema::render());
+        Command::Schema { markdown } => {
+            if markdown {
+                print!("{}", plan_limits_tools::schema::markdown());
+            } else {
+                println!("{}", plan_limits_tools::schema::render());
+            }
             Ok(())
         }
         Command::Replay {
@@ -771,7 +779,7 @@ fn replay_results(
     vms: usize,
     redis_url: Option<String>,
 ) -> Result<Vec<serde_json::Value>, String> {
-    use plan_limits_wasm_host::harness::{Build, Harness};
+    use plan_limits_harness::{Build, Harness};
 
     let build = match build {
         BuildArg::Webdis => Build::Webdis,

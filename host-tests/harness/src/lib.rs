@@ -19,7 +19,7 @@ use plan_limits_services::redis_cluster::RedisCluster;
 use plan_limits_services::redis_server::RedisServer;
 use plan_limits_services::webdis::Webdis;
 
-use crate::{Flow, HostError, Pairs, Plugin, Upstreams, Vm};
+use plan_limits_wasm_host::{Flow, HostError, Pairs, Plugin, Upstreams, Vm};
 
 /// Which filter build runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -390,7 +390,7 @@ impl Gateway for Harness {
     }
 
     fn now(&self) -> DateTime<Utc> {
-        crate::state::nanos_to_datetime(self.plugin.clock().nanos())
+        plan_limits_wasm_host::state::nanos_to_datetime(self.plugin.clock().nanos())
     }
 }
 

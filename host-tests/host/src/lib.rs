@@ -21,8 +21,6 @@ pub mod state;
 mod stream;
 mod wasi;
 
-pub mod harness;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;

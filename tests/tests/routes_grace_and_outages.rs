@@ -39,7 +39,7 @@ fn concurrent_uploads_never_pass_the_limit() {
 
 #[test]
 fn unmetered_paths_skip_the_filter_and_guarded_ones_are_refused() {
-    // Every spelling of a metered route: envoy_trust.rs. Here: what is not metered.
+    // Every spelling of a metered route: trust.rs. Here: what is not metered.
     let gw = envoy();
     for path in ["/", "/health", "/health/live", "/docs/x"] {
         let r = Request::new("GET", path).send(gw.gateway_port);
