@@ -59,6 +59,7 @@
 //! ```
 
 use plan_limits_core::config::IdentitySource;
+use plan_limits_core::names::{HOLD_ROOT_ID, PLAN_ROOT_ID, REDIS_CLUSTER};
 use plan_limits_core::plans::Plans;
 use serde_json::{json, Value};
 
@@ -137,10 +138,6 @@ pub const DEFAULT_REDIS_SERVICE: &str = "redis.plan-limits.svc.cluster.local:637
 pub const DEFAULT_HIGRESS_JWT_AUTH_IMAGE: &str =
     "oci://higress-registry.cn-hangzhou.cr.aliyuncs.com/plugins/jwt-auth:1.0.0";
 
-/// The root ids of the plan filter and its hold filter (filter/src/root.rs, hold.rs).
-const PLAN_ROOT_ID: &str = "plan_limits";
-const HOLD_ROOT_ID: &str = "plan_limits_hold";
-
 /// The cluster of webdis in a rendered envoy.yaml (`plan_limits_redis`): its circuit
 /// breakers and outlier detection are what the platforms are given too.
 pub fn webdis_cluster(envoy_yaml: &str) -> Result<Value, String> {
@@ -148,9 +145,9 @@ pub fn webdis_cluster(envoy_yaml: &str) -> Result<Value, String> {
         serde_norway::from_str(envoy_yaml).map_err(|e| format!("envoy.yaml: {e}"))?;
     config["static_resources"]["clusters"]
         .as_array()
-        .and_then(|clusters| clusters.iter().find(|c| c["name"] == "plan_limits_redis"))
+        .and_then(|clusters| clusters.iter().find(|c| c["name"] == REDIS_CLUSTER))
         .cloned()
-        .ok_or_else(|| "envoy.yaml: no plan_limits_redis cluster".into())
+        .ok_or_else(|| format!("envoy.yaml: no {REDIS_CLUSTER} cluster"))
 }
 
 /// One manifest and the comment printed above it.
