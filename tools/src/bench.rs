@@ -232,47 +232,54 @@ pub fn bench_plans() -> String {
     plans.to_string()
 }
 
-/// The rendered envoy.yaml with the plan_limits filter replaced for the reference cases;
-/// `empty_wasm` is the empty filter's module (`Filters::EmptyWasm`).
+/// Envoy's config (the builder's) with the plan filter and its hold filter replaced for the
+/// reference cases; `empty_wasm` is the empty filter's module (`Filters::EmptyWasm`).
 pub fn envoy_config(params: &EnvoyParams, filters: Filters, empty_wasm: &Path) -> String {
-    let rendered = envoy::render(&envoy::template(), params).expect("render envoy.yaml");
-    let start = rendered
-        .find("          - name: plan_limits")
-        .expect("the plan_limits filter");
-    let end = rendered
-        .find("          - name: envoy.filters.http.router")
-        .expect("the router");
-    let replacement = match filters {
-        Filters::PlanLimits => return rendered,
-        Filters::None => String::new(),
-        Filters::LocalRateLimit => r#"          - name: envoy.filters.http.local_ratelimit
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
-              stat_prefix: bench
-              token_bucket: { max_tokens: 1000000000, tokens_per_fill: 1000000000, fill_interval: 1s }
-              filter_enabled: { default_value: { numerator: 100, denominator: HUNDRED } }
-              filter_enforced: { default_value: { numerator: 100, denominator: HUNDRED } }
-"#
-        .to_string(),
+    let mut config = envoy::config(params).expect("Envoy's config");
+    let replacement: Vec<Value> = match filters {
+        Filters::PlanLimits => return envoy::render(params).expect("Envoy's config"),
+        Filters::None => Vec::new(),
+        Filters::LocalRateLimit => vec![json!({
+            "name": "envoy.filters.http.local_ratelimit",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                "stat_prefix": "bench",
+                "token_bucket": {"max_tokens": 1_000_000_000u64, "tokens_per_fill": 1_000_000_000u64, "fill_interval": "1s"},
+                "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+            },
+        })],
         Filters::EmptyWasm(n) => (1..=n)
             .map(|i| {
-                format!(
-                    r#"          - name: empty_wasm_{i}
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                root_id: empty_{i}
-                vm_config:
-                  vm_id: empty
-                  runtime: envoy.wasm.runtime.v8
-                  code: {{ local: {{ filename: "{}" }} }}
-"#,
-                    empty_wasm.display()
-                )
+                json!({
+                    "name": format!("empty_wasm_{i}"),
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                        "config": {
+                            "root_id": format!("empty_{i}"),
+                            "vm_config": {
+                                "vm_id": "empty",
+                                "runtime": "envoy.wasm.runtime.v8",
+                                "code": {"local": {"filename": empty_wasm.display().to_string()}},
+                            },
+                        },
+                    },
+                })
             })
             .collect(),
     };
-    format!("{}{}{}", &rendered[..start], replacement, &rendered[end..])
+    let http_filters = envoy::http_filters_mut(&mut config).expect("the gateway's HTTP filters");
+    let at = http_filters
+        .iter()
+        .position(|f| f["name"] == envoy::DISCOVERED_FILTERS[0])
+        .expect("the plan_limits filter");
+    http_filters.retain(|f| {
+        !envoy::DISCOVERED_FILTERS
+            .iter()
+            .any(|name| f["name"] == *name)
+    });
+    http_filters.splice(at..at, replacement);
+    envoy::to_yaml(&config).expect("Envoy's config")
 }
 
 /// Assembles `bench/empty-filter.wat` (binaryen's `wasm-as`) into `dir`.

@@ -59,7 +59,7 @@
 //! ```
 
 use plan_limits_core::config::IdentitySource;
-use plan_limits_core::names::{HOLD_ROOT_ID, PLAN_ROOT_ID, REDIS_CLUSTER};
+use plan_limits_core::names::{HOLD_ROOT_ID, PLAN_ROOT_ID};
 use plan_limits_core::plans::Plans;
 use serde_json::{json, Value};
 
@@ -137,18 +137,6 @@ pub const DEFAULT_WEBDIS_SERVICE: &str = "webdis.plan-limits.svc.cluster.local:7
 pub const DEFAULT_REDIS_SERVICE: &str = "redis.plan-limits.svc.cluster.local:6379";
 pub const DEFAULT_HIGRESS_JWT_AUTH_IMAGE: &str =
     "oci://higress-registry.cn-hangzhou.cr.aliyuncs.com/plugins/jwt-auth:1.0.0";
-
-/// The cluster of webdis in a rendered envoy.yaml (`plan_limits_redis`): its circuit
-/// breakers and outlier detection are what the platforms are given too.
-pub fn webdis_cluster(envoy_yaml: &str) -> Result<Value, String> {
-    let config: Value =
-        serde_norway::from_str(envoy_yaml).map_err(|e| format!("envoy.yaml: {e}"))?;
-    config["static_resources"]["clusters"]
-        .as_array()
-        .and_then(|clusters| clusters.iter().find(|c| c["name"] == REDIS_CLUSTER))
-        .cloned()
-        .ok_or_else(|| format!("envoy.yaml: no {REDIS_CLUSTER} cluster"))
-}
 
 /// One manifest and the comment printed above it.
 struct Manifest {
@@ -734,25 +722,9 @@ mod tests {
         }
     }
 
-    /// envoy.yaml's webdis cluster, as the CLI takes it from the rendered template.
+    /// envoy.yaml's webdis cluster, as the CLI takes it from the builder.
     fn redis_cluster() -> Value {
-        use plan_limits_services::envoy;
-        let yaml = envoy::render(
-            &envoy::template(),
-            &envoy::EnvoyParams {
-                admin_port: 1,
-                gateway_port: 2,
-                upstream_port: 3,
-                webdis_port: 4,
-                upstream_timeout: "15s",
-                plans_json: &plan_limits_services::plans_json(),
-                jwks: std::path::Path::new("/jwks.json"),
-                ecds_dir: std::path::Path::new("/ecds"),
-                redis_cluster_proxy: None,
-            },
-        )
-        .unwrap();
-        webdis_cluster(&yaml).unwrap()
+        plan_limits_services::envoy::webdis_cluster(4)
     }
 
     #[test]
@@ -766,7 +738,7 @@ mod tests {
         assert_eq!(policy["connectionPool"]["tcp"]["maxConnections"], 64);
         assert_eq!(policy["connectionPool"]["http"]["maxRetries"], 0);
         assert_eq!(policy["outlierDetection"]["baseEjectionTime"], "1s");
-        assert!(webdis_cluster("static_resources: {clusters: []}").is_err());
+        assert!(destination_policy(&json!({})).is_err());
     }
 
     fn render(platform: Platform, json: &Value, options: &Options) -> Result<Vec<Value>, String> {
