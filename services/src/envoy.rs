@@ -984,6 +984,25 @@ mod tests {
         assert_eq!(configs[1], other[1], "the hold filter's is unchanged");
     }
 
+    /// `make run` keeps its files in the repository's `.gateway/` (the launcher, `EnvoyGateway`
+    /// and `gateway::prepare_files`): named from the root, they are the repository's envoy.yaml's.
+    #[test]
+    fn make_runs_files_are_named_from_the_repository_root() {
+        let gateway = crate::repo_root().join(".gateway");
+        assert_eq!(
+            from_repository_root(&gateway.join("jwt/jwks.json")),
+            Path::new(MAKE_RUN_JWKS)
+        );
+        assert_eq!(
+            from_repository_root(&gateway.join("envoy-ecds")),
+            Path::new(MAKE_RUN_ECDS_DIR)
+        );
+        assert_eq!(
+            from_repository_root(Path::new("/tmp/x")),
+            Path::new("/tmp/x")
+        );
+    }
+
     #[test]
     fn the_repository_envoy_yaml_is_what_the_builder_renders_from_plans_json() {
         let rendered = repository_envoy_yaml().unwrap();
