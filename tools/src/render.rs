@@ -59,7 +59,7 @@
 //! ```
 
 use plan_limits_core::config::IdentitySource;
-use plan_limits_core::names::{HOLD_ROOT_ID, PLAN_ROOT_ID};
+use plan_limits_core::names::{HOLD_ROOT_ID, PLAN_ROOT_ID, REDIS_CLUSTER};
 use plan_limits_core::plans::Plans;
 use serde_json::{json, Value};
 
@@ -348,10 +348,12 @@ fn istio(
             }),
         ),
         manifest(
-            "The hold filter: the same module under the root id plan_limits_hold, right after\n\
-             the plan filter (same phase, lower priority) and in the same VM (same code, no\n\
-             vm_id), so a refused client still writing its body reads the answer. Keep other\n\
-             plugins out of priorities 11 to 19 of this phase.",
+            &format!(
+                "The hold filter: the same module under the root id {HOLD_ROOT_ID}, right after\n\
+                 the plan filter (same phase, lower priority) and in the same VM (same code, no\n\
+                 vm_id), so a refused client still writing its body reads the answer. Keep other\n\
+                 plugins out of priorities 11 to 19 of this phase."
+            ),
             json!({
                 "apiVersion": "extensions.istio.io/v1alpha1",
                 "kind": "WasmPlugin",
@@ -394,8 +396,10 @@ fn istio(
         out.push(strip_identity_headers(plans, &ns, labels.clone()));
     }
     out.push(manifest(
-        "webdis, the filter's way to Redis (stock Envoy has no Redis calls for Wasm): the\n\
-         same circuit breakers and outlier detection as envoy.yaml's plan_limits_redis.",
+        &format!(
+            "webdis, the filter's way to Redis (stock Envoy has no Redis calls for Wasm): the\n\
+             same circuit breakers and outlier detection as envoy.yaml's {REDIS_CLUSTER}."
+        ),
         json!({
             "apiVersion": "networking.istio.io/v1",
             "kind": "DestinationRule",
@@ -415,12 +419,12 @@ fn destination_policy(cluster: &Value) -> Result<Value, String> {
     let outlier = &cluster["outlier_detection"];
     let number = |v: &Value, what: &str| {
         v.as_u64()
-            .ok_or_else(|| format!("envoy.yaml plan_limits_redis: no {what}"))
+            .ok_or_else(|| format!("envoy.yaml {REDIS_CLUSTER}: no {what}"))
     };
     let text = |v: &Value, what: &str| {
         v.as_str()
             .map(String::from)
-            .ok_or_else(|| format!("envoy.yaml plan_limits_redis: no {what}"))
+            .ok_or_else(|| format!("envoy.yaml {REDIS_CLUSTER}: no {what}"))
     };
     Ok(json!({
         "connectionPool": {
@@ -637,8 +641,10 @@ fn higress(plans: &Plans, plans_json: &Value, options: &Options) -> Result<Vec<M
             }),
         ),
         manifest(
-            "The hold filter: the same module under the root id plan_limits_hold, right after\n\
-             the plan filter (same phase, lower priority), in its VM.",
+            &format!(
+                "The hold filter: the same module under the root id {HOLD_ROOT_ID}, right after\n\
+                 the plan filter (same phase, lower priority), in its VM."
+            ),
             json!({
                 "apiVersion": "extensions.higress.io/v1alpha1",
                 "kind": "WasmPlugin",
