@@ -531,6 +531,76 @@ pub fn machine() -> Value {
 mod tests {
     use super::*;
 
+    /// The reference cases' Envoy: the builder's config with the plan filter and its hold
+    /// filter swapped for the case's, where they were; Envoy accepts those without wasm.
+    #[test]
+    fn a_reference_case_swaps_both_discovered_filters_for_its_own() {
+        let dir = plan_limits_services::process::scratch_dir("bench-envoy-config");
+        let key = plan_limits_services::jwt::DevKey::load_or_create(&dir.join("jwt"));
+        let plans = bench_plans();
+        let params = EnvoyParams {
+            admin_port: 1,
+            gateway_port: 2,
+            upstream_port: 3,
+            webdis_port: 4,
+            upstream_timeout: "15s",
+            plans_json: &plans,
+            jwks: &key.jwks_path(),
+            ecds_dir: &dir.join("ecds"),
+            redis_cluster_proxy: None,
+        };
+        let empty = Path::new("/empty.wasm");
+        let names = |filters: Filters| -> Vec<String> {
+            let yaml = envoy_config(&params, filters, empty);
+            let mut config: Value = serde_norway::from_str(&yaml).unwrap();
+            envoy::http_filters_mut(&mut config)
+                .unwrap()
+                .iter()
+                .map(|f| f["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let identity = [
+            "envoy.filters.http.header_mutation",
+            "envoy.filters.http.jwt_authn",
+        ];
+        let router = "envoy.filters.http.router";
+        assert_eq!(names(Filters::PlanLimits)[2..4], envoy::DISCOVERED_FILTERS);
+        assert_eq!(names(Filters::None), [identity[0], identity[1], router]);
+        assert_eq!(
+            names(Filters::LocalRateLimit),
+            [
+                identity[0],
+                identity[1],
+                "envoy.filters.http.local_ratelimit",
+                router
+            ]
+        );
+        assert_eq!(
+            names(Filters::EmptyWasm(2)),
+            [
+                identity[0],
+                identity[1],
+                "empty_wasm_1",
+                "empty_wasm_2",
+                router
+            ]
+        );
+        for filters in [Filters::None, Filters::LocalRateLimit] {
+            let path = dir.join("envoy.yaml");
+            std::fs::write(&path, envoy_config(&params, filters, empty)).unwrap();
+            let out = Command::new(envoy::envoy_bin())
+                .args(["--mode", "validate", "--use-dynamic-base-id", "-c"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     #[test]
     fn perf_shares_name_the_jit_code() {
         let report = "    67.25%  envoy            \n    13.33%  [JIT] tid 15744  \n\n";
