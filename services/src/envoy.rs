@@ -738,6 +738,11 @@ pub struct EnvoyOptions<'a> {
     pub port: u16,
 }
 
+/// Whether `config` is the repository's envoy.yaml as committed (`start` then runs that file).
+pub fn is_repository_envoy_yaml(config: &str) -> bool {
+    std::fs::read_to_string(crate::repo_root().join("envoy.yaml")).is_ok_and(|text| text == config)
+}
+
 /// Starts Envoy with `options.config` (YAML, `render`'s).
 pub fn start(options: EnvoyOptions) -> Service {
     let EnvoyOptions {
@@ -750,9 +755,8 @@ pub fn start(options: EnvoyOptions) -> Service {
     } = options;
     // The repository's envoy.yaml when the config is it (`make run`'s at its default ports),
     // so that the committed file is the one that runs; else a file of this Envoy's own.
-    let repository = crate::repo_root().join("envoy.yaml");
-    let yaml = if std::fs::read_to_string(&repository).is_ok_and(|text| text == config) {
-        repository
+    let yaml = if is_repository_envoy_yaml(config) {
+        crate::repo_root().join("envoy.yaml")
     } else {
         let own = dir.join(format!("{name}.yaml"));
         std::fs::write(&own, config).unwrap_or_else(|e| panic!("{}: {e}", own.display()));

@@ -189,6 +189,21 @@ impl EnvoyGateway {
             ports.admin,
             gateway.wasm().display()
         ));
+        if verbose {
+            let plans_json = &gateway.options.plans_json;
+            let config = gateway.envoy_config("envoy", ports.gateway, ports.admin, plans_json);
+            say(
+                &if config.as_deref().is_ok_and(envoy::is_repository_envoy_yaml) {
+                    "Envoy's config: the repository's envoy.yaml".to_string()
+                } else {
+                    format!(
+                        "Envoy's config: {} (other ports or another plans.json than the \
+                     repository's envoy.yaml was written for: `make envoy-yaml` writes it)",
+                        gateway.dir.join("envoy.yaml").display()
+                    )
+                },
+            );
+        }
         let hot_restart = gateway.options.base_id.map(|id| (id, 0));
         let envoy = gateway
             .spawn_envoy("envoy", ports.gateway, ports.admin, hot_restart)
