@@ -5,7 +5,7 @@ WASM := target/plan_limits_filter.wasm
 WASM_HOSTCALLS := target/plan_limits_filter_redis_hostcalls.wasm
 OPT := wasm-opt -Oz --enable-bulk-memory --enable-sign-ext
 
-.PHONY: deps deps-test build build-stock build-hostcalls oci run reload test soak adversary bench bench-smoke profile scale lint schema clean
+.PHONY: deps deps-test build build-stock build-hostcalls gateway-files oci run reload test soak adversary bench bench-smoke profile scale lint schema envoy-yaml clean
 
 deps:
 	@scripts/install-deps.sh
@@ -14,8 +14,10 @@ deps:
 deps-test: deps
 	@scripts/install-deps.sh --test
 
-## build: the optimized filter .wasm Envoy loads, and the build for the Higress Redis host calls
-build: build-hostcalls build-stock
+## build: the optimized filter .wasm Envoy loads, and the build for the Higress Redis host calls;
+## then the files the repository's envoy.yaml names, so `envoy --mode validate -c envoy.yaml`
+## passes from the root
+build: build-hostcalls build-stock gateway-files
 
 build-stock: deps
 	env -u PLAN_LIMITS_BENCH_STOP cargo build --profile wasm --locked -p plan-limits-filter --target wasm32-wasip1
@@ -26,6 +28,12 @@ build-hostcalls: deps
 	env -u PLAN_LIMITS_BENCH_STOP cargo build --profile wasm --locked -p plan-limits-filter --target wasm32-wasip1 --features redis-hostcalls
 	$(OPT) $(WASM_RAW) -o $(WASM_HOSTCALLS)
 	@echo "filter for Redis host calls: $(WASM_HOSTCALLS) ($$(stat -c %s $(WASM_HOSTCALLS)) bytes)"
+
+## gateway-files: what envoy.yaml names besides itself, in .gateway/ as `make run` keeps it: the
+## dev key's JWKS (the key made if none) and the filters' ECDS files (written if absent)
+gateway-files: build-stock
+	cargo build --locked --profile launcher -p plan-limits-tools --no-default-features --bin plan-limits-gateway
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) target/launcher/plan-limits-gateway --prepare
 
 ## oci: both builds packed as OCI image layouts (the compat variant Istio and Envoy Gateway pull)
 ## in target/oci/; push with `skopeo copy oci:target/oci/plan-limits-filter:TAG docker://...`
@@ -111,6 +119,13 @@ adversary: build
 	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) ADVERSARY_SEEDS=$(SEEDS) ADVERSARY_REQUESTS=$(REQUESTS) \
 		ADVERSARY_FAULTS=$(FAULTS) ADVERSARY_CLIENTS=$(CLIENTS) ADVERSARY_FAULT_KINDS=$(FAULT_KINDS) \
 		cargo test --locked -p plan-limits-tests --test adversary -- --nocapture
+
+## envoy-yaml: envoy.yaml written again from plans.json by Envoy's config builder
+## (services/src/envoy.rs), for `make run`'s ports and paths (a test fails when stale)
+envoy-yaml:
+	cargo build --locked --profile launcher -p plan-limits-tools --no-default-features --bin plan-limits
+	target/launcher/plan-limits render envoy plans.json > envoy.yaml.new
+	mv envoy.yaml.new envoy.yaml
 
 ## schema: plans.schema.json and docs/configuration.md written again from the config's Rust
 ## types (a test fails when either is stale)

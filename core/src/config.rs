@@ -484,7 +484,7 @@ pub enum Invoke {
 impl Default for RedisSettings {
     fn default() -> Self {
         Self {
-            cluster: "plan_limits_redis".into(),
+            cluster: crate::names::REDIS_CLUSTER.into(),
             read_cluster: None,
             max_reads_in_flight: 8,
             authority: "webdis".into(),

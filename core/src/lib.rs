@@ -4,6 +4,7 @@
 //! natively; the proxy-wasm shell (`plan-limits-filter`) only moves data between Envoy and
 //! `worker::Worker`, which owns a worker's requests and settlements:
 //!
+//! - `names`: the root ids and cluster names Envoy's config and the filter share;
 //! - `config`: plans.json as written (serde, errors name the JSON path);
 //! - `plans`: plans.json checked and compiled once (routes, actions, plans, terms);
 //! - `routes`, `period`, `keys`: matching, billing periods, Redis key names;
@@ -28,6 +29,7 @@ pub mod entitlements;
 pub mod keys;
 pub mod metadata;
 pub mod metrics;
+pub mod names;
 pub mod outage;
 pub mod period;
 pub mod plans;

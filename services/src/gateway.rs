@@ -1,8 +1,9 @@
 //! The whole gateway on loopback: Redis, webdis, the demo upstream and Envoy running the real
-//! filter, configured from envoy.yaml and a plans.json; and `Gateway`, what every runner of
-//! requests offers (this one, and the wasmtime harness), so a scenario is written once.
+//! filter, its config built by `envoy::config` from a plans.json; and `Gateway`, what every
+//! runner of requests offers (this one, and the wasmtime harness), so a scenario is written
+//! once.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -67,6 +68,15 @@ pub struct Ports {
 }
 
 impl Ports {
+    /// `make run`'s: the repository's envoy.yaml is rendered for them.
+    pub const MAKE_RUN: Ports = Ports {
+        gateway: 10000,
+        admin: 9901,
+        upstream: 18080,
+        webdis: 17379,
+        redis: 16379,
+    };
+
     fn free() -> Self {
         Self {
             gateway: free_port(),
@@ -83,7 +93,7 @@ impl Default for GatewayOptions {
         Self {
             plans_json: crate::plans_json(),
             concurrency: 2,
-            upstream_timeout: "15s".into(),
+            upstream_timeout: envoy::DEFAULT_UPSTREAM_TIMEOUT.into(),
             ports: None,
             dir: None,
             base_id: None,
@@ -94,6 +104,24 @@ impl Default for GatewayOptions {
             wasm: None,
         }
     }
+}
+
+/// The files a gateway's Envoy config names besides itself, in `dir` as `EnvoyGateway` keeps
+/// them (`make run`'s `.gateway/`): the dev key's JSON Web Key Set in `jwt/` (the key made if
+/// there is none, as `make run` makes it) and the filters' discovered configuration in
+/// `envoy-ecds/` (from `plans_json` and `wasm`, written only if absent: a gateway running
+/// from them may be reading them, and `make reload` swaps them). Envoy accepts a config only
+/// once they exist, in `--mode validate` too (which does not read the discovered ones).
+pub fn prepare_files(dir: &Path, plans_json: &str, wasm: &Path) -> Result<(), String> {
+    DevKey::load_or_create(&dir.join("jwt"));
+    let ecds_dir = dir.join("envoy-ecds");
+    let present = envoy::DISCOVERED_FILTERS
+        .iter()
+        .all(|name| ecds_dir.join(format!("{name}.json")).exists());
+    if present {
+        return Ok(());
+    }
+    envoy::write_filter_configs(&ecds_dir, plans_json, wasm)
 }
 
 /// The gateway through real Envoy. Stopped in reverse order of start when dropped: Envoy
@@ -161,6 +189,21 @@ impl EnvoyGateway {
             ports.admin,
             gateway.wasm().display()
         ));
+        if verbose {
+            let plans_json = &gateway.options.plans_json;
+            let config = gateway.envoy_config("envoy", ports.gateway, ports.admin, plans_json);
+            say(
+                &if config.as_deref().is_ok_and(envoy::is_repository_envoy_yaml) {
+                    "Envoy's config: the repository's envoy.yaml".to_string()
+                } else {
+                    format!(
+                        "Envoy's config: {} (other ports or another plans.json than the \
+                     repository's envoy.yaml was written for: `make envoy-yaml` writes it)",
+                        gateway.dir.join("envoy.yaml").display()
+                    )
+                },
+            );
+        }
         let hot_restart = gateway.options.base_id.map(|id| (id, 0));
         let envoy = gateway
             .spawn_envoy("envoy", ports.gateway, ports.admin, hot_restart)
@@ -178,20 +221,19 @@ impl EnvoyGateway {
         admin_port: u16,
         plans_json: &str,
     ) -> Result<String, String> {
-        envoy::render(
-            &envoy::template(),
-            &EnvoyParams {
-                admin_port,
-                gateway_port,
-                upstream_port: self.upstream.port,
-                webdis_port: self.webdis.port,
-                upstream_timeout: &self.options.upstream_timeout,
-                plans_json,
-                jwks: &self.jwt.jwks_path(),
-                ecds_dir: &self.ecds_dir(name),
-                redis_cluster_proxy: None,
-            },
-        )
+        // Paths under the repository from its root, where Envoy runs: `make run`'s config is
+        // then the repository's envoy.yaml (`envoy::start` runs that file).
+        envoy::render(&EnvoyParams {
+            admin_port,
+            gateway_port,
+            upstream_port: self.upstream.port,
+            webdis_port: self.webdis.port,
+            upstream_timeout: &self.options.upstream_timeout,
+            plans_json,
+            jwks: &envoy::from_repository_root(&self.jwt.jwks_path()),
+            ecds_dir: &envoy::from_repository_root(&self.ecds_dir(name)),
+            redis_cluster_proxy: None,
+        })
     }
 
     /// Where the Envoy named `name` watches its filters' configuration.
@@ -338,25 +380,22 @@ impl EnvoyClusterGateway {
         let timeout_ms = plan_limits_core::plans::Plans::from_json(options.plans_json.as_bytes())
             .map(|plans| plans.redis.timeout_ms)
             .unwrap_or(250);
-        let config = envoy::render(
-            &envoy::template(),
-            &EnvoyParams {
-                admin_port,
-                gateway_port,
-                upstream_port: upstream.port,
-                webdis_port,
-                upstream_timeout: &options.upstream_timeout,
-                plans_json: &options.plans_json,
-                jwks: &jwt.jwks_path(),
-                ecds_dir: &ecds_dir,
-                redis_cluster_proxy: Some(envoy::RedisClusterProxy {
-                    port: redis_proxy_port,
-                    masters: &masters,
-                    password_file: &password_file,
-                    op_timeout_ms: timeout_ms,
-                }),
-            },
-        )
+        let config = envoy::render(&EnvoyParams {
+            admin_port,
+            gateway_port,
+            upstream_port: upstream.port,
+            webdis_port,
+            upstream_timeout: &options.upstream_timeout,
+            plans_json: &options.plans_json,
+            jwks: &jwt.jwks_path(),
+            ecds_dir: &ecds_dir,
+            redis_cluster_proxy: Some(envoy::RedisClusterProxy {
+                port: redis_proxy_port,
+                masters: &masters,
+                password_file: &password_file,
+                op_timeout_ms: timeout_ms,
+            }),
+        })
         .unwrap_or_else(|e| panic!("{e}"));
         envoy::write_filter_configs(&ecds_dir, &options.plans_json, &crate::filter_wasm())
             .unwrap_or_else(|e| panic!("{e}"));

@@ -183,10 +183,18 @@ fn the_default_reservation_expiry_outlives_the_route_timeout() {
     let plans: serde_json::Value =
         serde_json::from_str(&plan_limits_services::plans_json()).unwrap();
     let ttl_ms = plans["redis"]["reservation_ttl_ms"].as_u64().unwrap();
-    let template =
-        std::fs::read_to_string(plan_limits_services::repo_root().join("envoy.yaml")).unwrap();
-    assert!(template.contains("timeout: @UPSTREAM_TIMEOUT@"));
     let run_timeout = GatewayOptions::default().upstream_timeout;
+    // Every route's timeout is the run's (Envoy's config as the repository's envoy.yaml has it).
+    let plans_json = plan_limits_services::plans_json();
+    let config = envoy::config(&envoy::repository_params(&plans_json)).unwrap();
+    let routes = config
+        .pointer("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/route_config/virtual_hosts/0/routes")
+        .and_then(|r| r.as_array())
+        .unwrap();
+    assert!(!routes.is_empty());
+    for route in routes {
+        assert_eq!(route["route"]["timeout"], run_timeout.as_str(), "{route}");
+    }
     let route_ms = run_timeout.trim_end_matches('s').parse::<u64>().unwrap() * 1000;
     assert!(
         ttl_ms > route_ms,

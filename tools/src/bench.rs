@@ -232,47 +232,54 @@ pub fn bench_plans() -> String {
     plans.to_string()
 }
 
-/// The rendered envoy.yaml with the plan_limits filter replaced for the reference cases;
-/// `empty_wasm` is the empty filter's module (`Filters::EmptyWasm`).
+/// Envoy's config (the builder's) with the plan filter and its hold filter replaced for the
+/// reference cases; `empty_wasm` is the empty filter's module (`Filters::EmptyWasm`).
 pub fn envoy_config(params: &EnvoyParams, filters: Filters, empty_wasm: &Path) -> String {
-    let rendered = envoy::render(&envoy::template(), params).expect("render envoy.yaml");
-    let start = rendered
-        .find("          - name: plan_limits")
-        .expect("the plan_limits filter");
-    let end = rendered
-        .find("          - name: envoy.filters.http.router")
-        .expect("the router");
-    let replacement = match filters {
-        Filters::PlanLimits => return rendered,
-        Filters::None => String::new(),
-        Filters::LocalRateLimit => r#"          - name: envoy.filters.http.local_ratelimit
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
-              stat_prefix: bench
-              token_bucket: { max_tokens: 1000000000, tokens_per_fill: 1000000000, fill_interval: 1s }
-              filter_enabled: { default_value: { numerator: 100, denominator: HUNDRED } }
-              filter_enforced: { default_value: { numerator: 100, denominator: HUNDRED } }
-"#
-        .to_string(),
+    let mut config = envoy::config(params).expect("Envoy's config");
+    let replacement: Vec<Value> = match filters {
+        Filters::PlanLimits => return envoy::render(params).expect("Envoy's config"),
+        Filters::None => Vec::new(),
+        Filters::LocalRateLimit => vec![json!({
+            "name": "envoy.filters.http.local_ratelimit",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                "stat_prefix": "bench",
+                "token_bucket": {"max_tokens": 1_000_000_000u64, "tokens_per_fill": 1_000_000_000u64, "fill_interval": "1s"},
+                "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+            },
+        })],
         Filters::EmptyWasm(n) => (1..=n)
             .map(|i| {
-                format!(
-                    r#"          - name: empty_wasm_{i}
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                root_id: empty_{i}
-                vm_config:
-                  vm_id: empty
-                  runtime: envoy.wasm.runtime.v8
-                  code: {{ local: {{ filename: "{}" }} }}
-"#,
-                    empty_wasm.display()
-                )
+                json!({
+                    "name": format!("empty_wasm_{i}"),
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                        "config": {
+                            "root_id": format!("empty_{i}"),
+                            "vm_config": {
+                                "vm_id": "empty",
+                                "runtime": "envoy.wasm.runtime.v8",
+                                "code": {"local": {"filename": empty_wasm.display().to_string()}},
+                            },
+                        },
+                    },
+                })
             })
             .collect(),
     };
-    format!("{}{}{}", &rendered[..start], replacement, &rendered[end..])
+    let http_filters = envoy::http_filters_mut(&mut config).expect("the gateway's HTTP filters");
+    let at = http_filters
+        .iter()
+        .position(|f| f["name"] == envoy::DISCOVERED_FILTERS[0])
+        .expect("the plan_limits filter");
+    http_filters.retain(|f| {
+        !envoy::DISCOVERED_FILTERS
+            .iter()
+            .any(|name| f["name"] == *name)
+    });
+    http_filters.splice(at..at, replacement);
+    envoy::to_yaml(&config).expect("Envoy's config")
 }
 
 /// Assembles `bench/empty-filter.wat` (binaryen's `wasm-as`) into `dir`.
@@ -523,6 +530,76 @@ pub fn machine() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reference cases' Envoy: the builder's config with the plan filter and its hold
+    /// filter swapped for the case's, where they were; Envoy accepts those without wasm.
+    #[test]
+    fn a_reference_case_swaps_both_discovered_filters_for_its_own() {
+        let dir = plan_limits_services::process::scratch_dir("bench-envoy-config");
+        let key = plan_limits_services::jwt::DevKey::load_or_create(&dir.join("jwt"));
+        let plans = bench_plans();
+        let params = EnvoyParams {
+            admin_port: 1,
+            gateway_port: 2,
+            upstream_port: 3,
+            webdis_port: 4,
+            upstream_timeout: "15s",
+            plans_json: &plans,
+            jwks: &key.jwks_path(),
+            ecds_dir: &dir.join("ecds"),
+            redis_cluster_proxy: None,
+        };
+        let empty = Path::new("/empty.wasm");
+        let names = |filters: Filters| -> Vec<String> {
+            let yaml = envoy_config(&params, filters, empty);
+            let mut config: Value = serde_norway::from_str(&yaml).unwrap();
+            envoy::http_filters_mut(&mut config)
+                .unwrap()
+                .iter()
+                .map(|f| f["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let identity = [
+            "envoy.filters.http.header_mutation",
+            "envoy.filters.http.jwt_authn",
+        ];
+        let router = "envoy.filters.http.router";
+        assert_eq!(names(Filters::PlanLimits)[2..4], envoy::DISCOVERED_FILTERS);
+        assert_eq!(names(Filters::None), [identity[0], identity[1], router]);
+        assert_eq!(
+            names(Filters::LocalRateLimit),
+            [
+                identity[0],
+                identity[1],
+                "envoy.filters.http.local_ratelimit",
+                router
+            ]
+        );
+        assert_eq!(
+            names(Filters::EmptyWasm(2)),
+            [
+                identity[0],
+                identity[1],
+                "empty_wasm_1",
+                "empty_wasm_2",
+                router
+            ]
+        );
+        for filters in [Filters::None, Filters::LocalRateLimit] {
+            let path = dir.join("envoy.yaml");
+            std::fs::write(&path, envoy_config(&params, filters, empty)).unwrap();
+            let out = Command::new(envoy::envoy_bin())
+                .args(["--mode", "validate", "--use-dynamic-base-id", "-c"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
 
     #[test]
     fn perf_shares_name_the_jit_code() {

@@ -59,6 +59,7 @@
 //! ```
 
 use plan_limits_core::config::IdentitySource;
+use plan_limits_core::names::{HOLD_ROOT_ID, PLAN_ROOT_ID, REDIS_CLUSTER};
 use plan_limits_core::plans::Plans;
 use serde_json::{json, Value};
 
@@ -136,22 +137,6 @@ pub const DEFAULT_WEBDIS_SERVICE: &str = "webdis.plan-limits.svc.cluster.local:7
 pub const DEFAULT_REDIS_SERVICE: &str = "redis.plan-limits.svc.cluster.local:6379";
 pub const DEFAULT_HIGRESS_JWT_AUTH_IMAGE: &str =
     "oci://higress-registry.cn-hangzhou.cr.aliyuncs.com/plugins/jwt-auth:1.0.0";
-
-/// The root ids of the plan filter and its hold filter (filter/src/root.rs, hold.rs).
-const PLAN_ROOT_ID: &str = "plan_limits";
-const HOLD_ROOT_ID: &str = "plan_limits_hold";
-
-/// The cluster of webdis in a rendered envoy.yaml (`plan_limits_redis`): its circuit
-/// breakers and outlier detection are what the platforms are given too.
-pub fn webdis_cluster(envoy_yaml: &str) -> Result<Value, String> {
-    let config: Value =
-        serde_norway::from_str(envoy_yaml).map_err(|e| format!("envoy.yaml: {e}"))?;
-    config["static_resources"]["clusters"]
-        .as_array()
-        .and_then(|clusters| clusters.iter().find(|c| c["name"] == "plan_limits_redis"))
-        .cloned()
-        .ok_or_else(|| "envoy.yaml: no plan_limits_redis cluster".into())
-}
 
 /// One manifest and the comment printed above it.
 struct Manifest {
@@ -363,10 +348,12 @@ fn istio(
             }),
         ),
         manifest(
-            "The hold filter: the same module under the root id plan_limits_hold, right after\n\
-             the plan filter (same phase, lower priority) and in the same VM (same code, no\n\
-             vm_id), so a refused client still writing its body reads the answer. Keep other\n\
-             plugins out of priorities 11 to 19 of this phase.",
+            &format!(
+                "The hold filter: the same module under the root id {HOLD_ROOT_ID}, right after\n\
+                 the plan filter (same phase, lower priority) and in the same VM (same code, no\n\
+                 vm_id), so a refused client still writing its body reads the answer. Keep other\n\
+                 plugins out of priorities 11 to 19 of this phase."
+            ),
             json!({
                 "apiVersion": "extensions.istio.io/v1alpha1",
                 "kind": "WasmPlugin",
@@ -409,8 +396,10 @@ fn istio(
         out.push(strip_identity_headers(plans, &ns, labels.clone()));
     }
     out.push(manifest(
-        "webdis, the filter's way to Redis (stock Envoy has no Redis calls for Wasm): the\n\
-         same circuit breakers and outlier detection as envoy.yaml's plan_limits_redis.",
+        &format!(
+            "webdis, the filter's way to Redis (stock Envoy has no Redis calls for Wasm): the\n\
+             same circuit breakers and outlier detection as envoy.yaml's {REDIS_CLUSTER}."
+        ),
         json!({
             "apiVersion": "networking.istio.io/v1",
             "kind": "DestinationRule",
@@ -430,12 +419,12 @@ fn destination_policy(cluster: &Value) -> Result<Value, String> {
     let outlier = &cluster["outlier_detection"];
     let number = |v: &Value, what: &str| {
         v.as_u64()
-            .ok_or_else(|| format!("envoy.yaml plan_limits_redis: no {what}"))
+            .ok_or_else(|| format!("envoy.yaml {REDIS_CLUSTER}: no {what}"))
     };
     let text = |v: &Value, what: &str| {
         v.as_str()
             .map(String::from)
-            .ok_or_else(|| format!("envoy.yaml plan_limits_redis: no {what}"))
+            .ok_or_else(|| format!("envoy.yaml {REDIS_CLUSTER}: no {what}"))
     };
     Ok(json!({
         "connectionPool": {
@@ -652,8 +641,10 @@ fn higress(plans: &Plans, plans_json: &Value, options: &Options) -> Result<Vec<M
             }),
         ),
         manifest(
-            "The hold filter: the same module under the root id plan_limits_hold, right after\n\
-             the plan filter (same phase, lower priority), in its VM.",
+            &format!(
+                "The hold filter: the same module under the root id {HOLD_ROOT_ID}, right after\n\
+                 the plan filter (same phase, lower priority), in its VM."
+            ),
             json!({
                 "apiVersion": "extensions.higress.io/v1alpha1",
                 "kind": "WasmPlugin",
@@ -737,25 +728,9 @@ mod tests {
         }
     }
 
-    /// envoy.yaml's webdis cluster, as the CLI takes it from the rendered template.
+    /// envoy.yaml's webdis cluster, as the CLI takes it from the builder.
     fn redis_cluster() -> Value {
-        use plan_limits_services::envoy;
-        let yaml = envoy::render(
-            &envoy::template(),
-            &envoy::EnvoyParams {
-                admin_port: 1,
-                gateway_port: 2,
-                upstream_port: 3,
-                webdis_port: 4,
-                upstream_timeout: "15s",
-                plans_json: &plan_limits_services::plans_json(),
-                jwks: std::path::Path::new("/jwks.json"),
-                ecds_dir: std::path::Path::new("/ecds"),
-                redis_cluster_proxy: None,
-            },
-        )
-        .unwrap();
-        webdis_cluster(&yaml).unwrap()
+        plan_limits_services::envoy::webdis_cluster(4)
     }
 
     #[test]
@@ -769,7 +744,7 @@ mod tests {
         assert_eq!(policy["connectionPool"]["tcp"]["maxConnections"], 64);
         assert_eq!(policy["connectionPool"]["http"]["maxRetries"], 0);
         assert_eq!(policy["outlierDetection"]["baseEjectionTime"], "1s");
-        assert!(webdis_cluster("static_resources: {clusters: []}").is_err());
+        assert!(destination_policy(&json!({})).is_err());
     }
 
     fn render(platform: Platform, json: &Value, options: &Options) -> Result<Vec<Value>, String> {

@@ -653,6 +653,54 @@ fn render_envoy_prints_the_config_make_run_uses_and_envoy_accepts_it() {
     );
 }
 
+/// `render envoy` prints the builder's config; with its defaults (`make run`'s ports and
+/// paths), the repository's envoy.yaml, which `make envoy-yaml` writes from it (the services'
+/// test fails when the committed file is stale).
+#[test]
+fn render_envoy_with_its_defaults_prints_the_repository_envoy_yaml() {
+    let printed = ok(sim(&["render", "envoy"]));
+    assert!(
+        printed == plan_limits_services::envoy::repository_envoy_yaml().unwrap(),
+        "`plan-limits render envoy` does not print what the builder renders for make run"
+    );
+}
+
+/// The check: `envoy --mode validate -c envoy.yaml` from the root, once the files it
+/// names exist (`make build` writes them with `plan-limits-gateway --prepare`, `make run` at
+/// start). Here in a copy of the root, so the repository's `.gateway/` is left alone.
+#[test]
+fn envoy_accepts_the_repository_envoy_yaml_from_the_root() {
+    let root = scratch_dir("repository-envoy-yaml");
+    std::fs::copy(repo_root().join("envoy.yaml"), root.join("envoy.yaml")).unwrap();
+    let validate = || {
+        Command::new(plan_limits_services::envoy::envoy_bin())
+            .current_dir(&root)
+            .args(["--mode", "validate", "-c", "envoy.yaml"])
+            .output()
+            .unwrap()
+    };
+    // Without them Envoy refuses it, naming what is missing.
+    let refused = validate();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains(".gateway/"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    plan_limits_services::gateway::prepare_files(
+        &root.join(".gateway"),
+        &plan_limits_services::plans_json(),
+        &plan_limits_services::filter_wasm(),
+    )
+    .unwrap();
+    let validated = validate();
+    assert!(
+        validated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&validated.stderr)
+    );
+}
+
 #[test]
 fn render_prints_every_platforms_manifests_with_their_required_fields() {
     let dir = scratch_dir("render-kubernetes");

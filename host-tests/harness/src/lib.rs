@@ -164,7 +164,7 @@ impl Harness {
     ) -> Result<Self, HostError> {
         let mut plugin = Plugin::load(&build.wasm(), plans_json.as_bytes(), upstreams)?;
         // As envoy.yaml renders it: the hold filter (the same module) right after the filter.
-        plugin.with_second_filter("plan_limits_hold");
+        plugin.with_second_filter(plan_limits_core::names::HOLD_ROOT_ID);
         let vms = (0..vms)
             .map(|_| plugin.start_vm())
             .collect::<Result<Vec<_>, _>>()?;
@@ -479,7 +479,8 @@ fn upstream_answer(status: u16, forwarded: &Pairs, body_bytes: u64) -> Response 
 
 /// The Envoy cluster plans.json names for Redis calls.
 fn envoy_cluster(plans_json: &str) -> String {
-    redis_cluster_named(plans_json, "cluster").unwrap_or_else(|| "plan_limits_redis".into())
+    redis_cluster_named(plans_json, "cluster")
+        .unwrap_or_else(|| plan_limits_core::names::REDIS_CLUSTER.into())
 }
 
 /// The cluster the usage reads go to, if plans.json gives them their own.

@@ -1,6 +1,8 @@
 //! `make run`: the gateway on fixed loopback ports, in the foreground until Ctrl-C.
 //! Redis, webdis, the demo upstream and Envoy are children of this process and stop with it.
 //! It does not depend on wasmtime, so `make run` compiles only what it runs.
+//! `--prepare` (`make build`) writes only the files the repository's envoy.yaml names into
+//! `.gateway/` and exits.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -19,12 +21,14 @@ fn port(var: &str, default: u16) -> u16 {
 }
 
 fn main() {
+    // At the defaults, Envoy runs the repository's envoy.yaml (rendered for these ports).
+    let defaults = Ports::MAKE_RUN;
     let ports = Ports {
-        gateway: port("GATEWAY_PORT", 10000),
-        admin: port("ADMIN_PORT", 9901),
-        upstream: port("UPSTREAM_PORT", 18080),
-        webdis: port("WEBDIS_PORT", 17379),
-        redis: port("REDIS_PORT", 16379),
+        gateway: port("GATEWAY_PORT", defaults.gateway),
+        admin: port("ADMIN_PORT", defaults.admin),
+        upstream: port("UPSTREAM_PORT", defaults.upstream),
+        webdis: port("WEBDIS_PORT", defaults.webdis),
+        redis: port("REDIS_PORT", defaults.redis),
     };
     let plans = std::env::var("PLANS_JSON")
         .map(PathBuf::from)
@@ -36,6 +40,20 @@ fn main() {
         std::process::exit(1);
     }
     let dir = plan_limits_services::repo_root().join(".gateway");
+    if std::env::args().nth(1).as_deref() == Some("--prepare") {
+        // `make build`: only the files the repository's envoy.yaml names, so that
+        // `envoy --mode validate -c envoy.yaml` passes from the root.
+        let wasm = plan_limits_services::filter_wasm();
+        if let Err(e) = plan_limits_services::gateway::prepare_files(&dir, &plans_json, &wasm) {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+        println!(
+            "{}: the dev key's JWKS and the filters' ECDS files envoy.yaml names",
+            dir.display()
+        );
+        return;
+    }
     let started = Instant::now();
     let compiled = plan_limits_core::plans::Plans::from_json(plans_json.as_bytes())
         .unwrap_or_else(|e| panic!("{e}"));

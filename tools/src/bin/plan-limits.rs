@@ -45,6 +45,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use plan_limits_core::admin::AdminOp;
 use plan_limits_core::plans::Plans;
+use plan_limits_services::gateway::Ports;
 use plan_limits_services::jwt::{DevKey, TokenClaims};
 use plan_limits_tools::diff::Side;
 use plan_limits_tools::operator;
@@ -271,24 +272,26 @@ struct KubernetesArgs {
     higress_jwt_auth_image: String,
 }
 
-/// What envoy.yaml is rendered with (envoy); the defaults are `make run`'s.
+/// What envoy.yaml is rendered with (envoy); the defaults are `make run`'s, with which it
+/// prints the repository's envoy.yaml (`make envoy-yaml`).
 #[derive(clap::Args)]
 struct EnvoyArgs {
-    #[arg(long, default_value_t = 10000)]
+    #[arg(long, default_value_t = Ports::MAKE_RUN.gateway)]
     gateway_port: u16,
-    #[arg(long, default_value_t = 9901)]
+    #[arg(long, default_value_t = Ports::MAKE_RUN.admin)]
     admin_port: u16,
-    #[arg(long, default_value_t = 18080)]
+    #[arg(long, default_value_t = Ports::MAKE_RUN.upstream)]
     upstream_port: u16,
-    #[arg(long, default_value_t = 17379)]
+    #[arg(long, default_value_t = Ports::MAKE_RUN.webdis)]
     webdis_port: u16,
-    #[arg(long, default_value = "15s")]
+    #[arg(long, default_value = plan_limits_services::envoy::DEFAULT_UPSTREAM_TIMEOUT)]
     upstream_timeout: String,
-    /// The JSON Web Key Set Envoy verifies tokens with.
-    #[arg(long, default_value = ".gateway/jwt/jwks.json")]
+    /// The JSON Web Key Set Envoy verifies tokens with (a relative path is from the directory
+    /// Envoy runs in: `make run` runs it in the repository's root).
+    #[arg(long, default_value = plan_limits_services::envoy::MAKE_RUN_JWKS)]
     jwks: PathBuf,
-    /// Where Envoy watches the filters' configuration files.
-    #[arg(long, default_value = ".gateway/envoy-ecds")]
+    /// Where Envoy watches the filters' configuration files (relative as --jwks).
+    #[arg(long, default_value = plan_limits_services::envoy::MAKE_RUN_ECDS_DIR)]
     ecds_dir: PathBuf,
     /// Also write the filters' configuration files (and the module) into --ecds-dir.
     #[arg(long)]
@@ -674,27 +677,27 @@ fn render(
     use plan_limits_tools::render::{self, Platform};
 
     let (text, plans) = load(plans_path)?;
-    let absolute = |p: &Path| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
-    let (jwks, ecds_dir) = (absolute(&envoy_args.jwks)?, absolute(&envoy_args.ecds_dir)?);
-    let envoy_yaml = envoy::render(
-        &envoy::template(),
-        &envoy::EnvoyParams {
-            admin_port: envoy_args.admin_port,
-            gateway_port: envoy_args.gateway_port,
-            upstream_port: envoy_args.upstream_port,
-            webdis_port: envoy_args.webdis_port,
-            upstream_timeout: &envoy_args.upstream_timeout,
-            plans_json: &text,
-            jwks: &jwks,
-            ecds_dir: &ecds_dir,
-            redis_cluster_proxy: None,
-        },
-    )?;
+    let ecds_dir = &envoy_args.ecds_dir;
     let platform = match platform {
         PlatformArg::Envoy => {
-            print!("{envoy_yaml}");
+            // Paths as given: the defaults (from the repository's root, where `make run` runs
+            // Envoy) print the repository's envoy.yaml.
+            print!(
+                "{}",
+                envoy::render(&envoy::EnvoyParams {
+                    admin_port: envoy_args.admin_port,
+                    gateway_port: envoy_args.gateway_port,
+                    upstream_port: envoy_args.upstream_port,
+                    webdis_port: envoy_args.webdis_port,
+                    upstream_timeout: &envoy_args.upstream_timeout,
+                    plans_json: &text,
+                    jwks: &envoy_args.jwks,
+                    ecds_dir,
+                    redis_cluster_proxy: None,
+                })?
+            );
             if envoy_args.write_ecds {
-                envoy::write_filter_configs(&ecds_dir, &text, &envoy_args.wasm)?;
+                envoy::write_filter_configs(ecds_dir, &text, &envoy_args.wasm)?;
                 eprintln!("the filters' configuration: {}", ecds_dir.display());
             } else {
                 eprintln!(
@@ -731,7 +734,8 @@ fn render(
         }
     }
     let plans_value: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    let cluster = render::webdis_cluster(&envoy_yaml)?;
+    // The webdis cluster's bounds, as Envoy's config has them.
+    let cluster = envoy::webdis_cluster(envoy_args.webdis_port);
     print!(
         "{}",
         render::kubernetes(platform, &plans, &plans_value, &cluster, &options)?
