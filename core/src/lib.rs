@@ -42,5 +42,6 @@ pub mod spike;
 pub mod upstream;
 pub mod worker;
 
-#[cfg(test)]
-mod testing;
+/// Fixtures and the host in memory, for the core's tests and its benchmark.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
