@@ -14,9 +14,10 @@
 //! reads and discards the body, and answers at its end (up to `gateway.max_drain_bytes`). A
 //! client that asked first (`Expect: 100-continue`) is answered at once.
 //!
-//! The worker owns the metered streams in flight, the calls waiting for Redis (by token, each
-//! with its waiter: every call gets exactly one answer, delivered to its waiter or dropped
-//! with its ended stream), the settlement queue, the refusal and entitlement caches and the
+//! The worker owns its streams, each in one state of its life (metered, draining, reporting,
+//! releasing) in one map by stream id; the calls waiting for Redis (by token, each with its
+//! waiter: every call gets exactly one answer, delivered to its waiter or dropped with its
+//! ended stream); the settlement queue, the refusal and entitlement caches and the
 //! reservation ids.
 
 use std::collections::HashMap;
@@ -142,26 +143,18 @@ const LOG_EVERY_MS: u64 = 1000;
 
 pub struct Worker {
     plans: Option<Rc<Plans>>,
+    /// Every stream the worker still has to do with, in the state of its life.
     streams: HashMap<StreamId, Stream>,
-    /// Refused streams whose body is read and discarded before they are answered.
-    draining: HashMap<StreamId, Drain>,
-    /// Reports waiting for their Redis call.
-    reports: HashMap<StreamId, PendingReport>,
-    /// Requests on release routes, and what the upstream said they gave back.
-    releases: HashMap<StreamId, (Release, Option<u64>)>,
-    /// This worker's reservation call in flight, and the stream whose callback sent it if its
-    /// answer dies with that stream (proxy-wasm: a call belongs to the context that made it);
-    /// reservations meanwhile wait in the queue.
-    reserving: Option<(Token, Option<StreamId>)>,
-    reservation_queue: Vec<(StreamId, RedisCommand)>,
+    /// How many metered streams hold their response until its commit (kept as they change,
+    /// as the host asks after every event whether to tick fast).
+    responses_awaiting_commit: usize,
+    calls: Calls,
     /// When settlements were last flushed (ms): ticks come faster while reservations wait.
     flushed_at_ms: u64,
     /// The labeled counter of requests refused before their action was known (named once).
     refused_unknown: LabeledMetric,
     /// This worker's share of the queued-settlements gauge, as last reported.
     queue_reported: i64,
-    /// Calls in flight: who waits for each, and when it was sent.
-    calls: HashMap<Token, (Waiter, DateTime<Utc>)>,
     settlements: SettlementQueue,
     /// Records of settlements given up, waiting for room in the queue (`lost` events).
     losses: Vec<Settlement>,
@@ -179,17 +172,113 @@ pub struct Worker {
     unknown_plan_log: RateLimitedLog,
     /// Since when this worker's calls to Redis have got nothing usable (unix ms), if they have.
     redis_down_since_ms: Option<u64>,
-    /// Responses held until their success is counted, and until when at most (unix ms).
-    awaiting_commit: HashMap<StreamId, u64>,
     /// When this worker last wrote its record in Redis (a batch, a heartbeat; unix ms).
     sent_record_at_ms: u64,
 }
 
-/// A metered stream, from its headers to its end.
-struct Stream {
+/// Where a stream the worker knows is in its life (one it no longer has to do with is not
+/// known: an unmetered request, an answered one whose body does not matter).
+// Most streams are metered: boxing that state would cost each request an allocation so that
+// the few others take less room in the map.
+#[allow(clippy::large_enum_variant)]
+enum Stream {
+    /// A metered request, from its head to its end.
+    Metered(Metered),
+    /// Refused before it was metered (at its head, or answered its report): its body is read
+    /// and discarded before it is answered.
+    Draining(Drain),
+    /// A report waiting for its call's answer.
+    Reporting(PendingReport),
+    /// A request on a release route, and what the upstream said it gave back.
+    Releasing {
+        release: Release,
+        freed: Option<u64>,
+    },
+}
+
+/// A metered stream: its request, and what it waits for besides the upstream.
+struct Metered {
     request: MeteredRequest,
     /// Its client may be writing a body it will not read past: a refusal waits for its end.
     drainable: bool,
+    /// Refused after its admission (by Redis, or for its body's size): its body is discarded
+    /// until its answer goes. (Apart from `awaiting_commit_until`: an upstream may answer
+    /// before a body it was still being sent turns out too big.)
+    drain: Option<Drain>,
+    /// Its response is held until its success is counted, and until when at most (unix ms).
+    awaiting_commit_until: Option<u64>,
+}
+
+impl Metered {
+    fn new(request: MeteredRequest, drainable: bool) -> Self {
+        Self {
+            request,
+            drainable,
+            drain: None,
+            awaiting_commit_until: None,
+        }
+    }
+
+    /// Answers the paused stream with a refusal decided by Redis; held, it goes on to what
+    /// holds it, and its body comes here.
+    fn answer_and_resume(&mut self, stream: StreamId, response: LocalResponse, io: &mut dyn Io) {
+        if let Some(drain) = answer(stream, response, self.drainable, io) {
+            self.drain = Some(drain);
+            io.resume(stream);
+        }
+    }
+}
+
+/// Answers `stream` with `response`: at once, or, when its client may be writing a body,
+/// once the body is read (the stream held from the upstream meanwhile). `Some`: held, its
+/// drain to keep.
+fn answer(
+    stream: StreamId,
+    response: LocalResponse,
+    drainable: bool,
+    io: &mut dyn Io,
+) -> Option<Drain> {
+    if drainable && io.hold(stream) {
+        Some(Drain::new(response))
+    } else {
+        io.respond(stream, &response);
+        None
+    }
+}
+
+/// This worker's calls to Redis: those in flight, by token, and reservations not sent yet.
+#[derive(Default)]
+struct Calls {
+    in_flight: HashMap<Token, Call>,
+    /// The reservation call in flight, and the stream whose callback sent it if its answer
+    /// dies with that stream (proxy-wasm: a call belongs to the context that made it);
+    /// reservations meanwhile wait, in order.
+    reserving: Option<(Token, Option<StreamId>)>,
+    waiting_reservations: Vec<(StreamId, RedisCommand)>,
+}
+
+/// A call in flight: who waits for its answer, and when it was sent.
+struct Call {
+    waiter: Waiter,
+    sent_at: DateTime<Utc>,
+}
+
+impl Calls {
+    fn sent(&mut self, token: Token, waiter: Waiter, now: DateTime<Utc>) {
+        let call = Call {
+            waiter,
+            sent_at: now,
+        };
+        self.in_flight.insert(token, call);
+    }
+
+    /// Reports waiting for their answer.
+    fn reads_in_flight(&self) -> usize {
+        let reads = self.in_flight.values();
+        reads
+            .filter(|c| matches!(c.waiter, Waiter::Report(_)))
+            .count()
+    }
 }
 
 /// A report waiting for its call's answer.
@@ -289,14 +378,10 @@ impl Worker {
         Self {
             plans: None,
             streams: HashMap::new(),
-            draining: HashMap::new(),
-            reports: HashMap::new(),
-            releases: HashMap::new(),
-            calls: HashMap::new(),
+            responses_awaiting_commit: 0,
+            calls: Calls::default(),
             queue_reported: 0,
             refused_unknown: metrics::requests("none", "none", Outcome::Rejected),
-            reserving: None,
-            reservation_queue: Vec::new(),
             flushed_at_ms: 0,
             settlements: SettlementQueue::new(defaults.max_queued_settlements, defaults.max_batch),
             losses: Vec::new(),
@@ -310,9 +395,64 @@ impl Worker {
             fail_open_log: RateLimitedLog::default(),
             unknown_plan_log: RateLimitedLog::default(),
             redis_down_since_ms: None,
-            awaiting_commit: HashMap::new(),
             sent_record_at_ms: 0,
         }
+    }
+
+    fn metered(&self, stream: StreamId) -> Option<&Metered> {
+        match self.streams.get(&stream) {
+            Some(Stream::Metered(entry)) => Some(entry),
+            _ => None,
+        }
+    }
+
+    fn metered_mut(&mut self, stream: StreamId) -> Option<&mut Metered> {
+        match self.streams.get_mut(&stream) {
+            Some(Stream::Metered(entry)) => Some(entry),
+            _ => None,
+        }
+    }
+
+    /// Takes `stream`'s metered request out of the map (to put it back once its state moved
+    /// on), if it has one.
+    fn take_metered(&mut self, stream: StreamId) -> Option<Metered> {
+        self.metered(stream)?;
+        match self.streams.remove(&stream) {
+            Some(Stream::Metered(entry)) => Some(entry),
+            _ => None,
+        }
+    }
+
+    /// Takes `stream`'s report waiting for its answer, if it has one.
+    fn take_report(&mut self, stream: StreamId) -> Option<PendingReport> {
+        if !matches!(self.streams.get(&stream), Some(Stream::Reporting(_))) {
+            return None;
+        }
+        match self.streams.remove(&stream) {
+            Some(Stream::Reporting(pending)) => Some(pending),
+            _ => None,
+        }
+    }
+
+    /// Takes `stream`'s release, and what its upstream said it gave back, if it has one.
+    fn take_release(&mut self, stream: StreamId) -> Option<(Release, Option<u64>)> {
+        if !matches!(self.streams.get(&stream), Some(Stream::Releasing { .. })) {
+            return None;
+        }
+        match self.streams.remove(&stream) {
+            Some(Stream::Releasing { release, freed }) => Some((release, freed)),
+            _ => None,
+        }
+    }
+
+    /// The count of responses awaiting their commit is the streams' (tests only: it is kept
+    /// as they change so that nothing need look at every stream after each event).
+    #[cfg(test)]
+    fn check_awaiting_count(&self) {
+        let awaiting = self.streams.values().filter(|state| {
+            matches!(state, Stream::Metered(entry) if entry.awaiting_commit_until.is_some())
+        });
+        assert_eq!(awaiting.count(), self.responses_awaiting_commit);
     }
 
     /// This worker's name in Redis (its record, its settlement batches).
@@ -402,7 +542,11 @@ impl Worker {
                 if let Some(org) = &release.org {
                     io.set_request_header(stream, &identity.org_header, org);
                 }
-                self.releases.insert(stream, (release, None));
+                let releasing = Stream::Releasing {
+                    release,
+                    freed: None,
+                };
+                self.streams.insert(stream, releasing);
                 Flow::Continue
             }
         }
@@ -438,20 +582,20 @@ impl Worker {
         }
         // Reads have their own cluster, and a bound per worker: a flood of them never delays
         // a reservation.
-        if self.reports.len() >= plans.redis.max_reads_in_flight {
+        if self.calls.reads_in_flight() >= plans.redis.max_reads_in_flight {
             io.count(Metric::RateLimited, 1);
             return self.answer_at_head(stream, responses::reads_busy(), drainable, io);
         }
         let command = report.command(plans, unix_millis(now));
         match send(io, &plans.read_redis, command) {
             Ok(call) => {
-                self.calls.insert(call, (Waiter::Report(stream), now));
+                self.calls.sent(call, Waiter::Report(stream), now);
                 let pending = PendingReport {
                     report,
                     call,
                     drainable,
                 };
-                self.reports.insert(stream, pending);
+                self.streams.insert(stream, Stream::Reporting(pending));
                 Flow::Pause
             }
             Err(e) => {
@@ -476,25 +620,8 @@ impl Worker {
             .map_err(|secs| responses::too_many_requests(plan, rate.per_second, secs))
     }
 
-    /// Answers `stream` with `response`: at once, or, when its client may be writing a body,
-    /// once the body is read (the stream held from the upstream meanwhile). `true`: held.
-    fn answer(
-        &mut self,
-        stream: StreamId,
-        response: LocalResponse,
-        drainable: bool,
-        io: &mut dyn Io,
-    ) -> bool {
-        if drainable && io.hold(stream) {
-            self.draining.insert(stream, Drain::new(response));
-            true
-        } else {
-            io.respond(stream, &response);
-            false
-        }
-    }
-
-    /// An answer decided from the head: a held stream's headers go on (to what holds it).
+    /// An answer decided from the head, before the stream was metered: a held stream's
+    /// headers go on (to what holds it).
     fn answer_at_head(
         &mut self,
         stream: StreamId,
@@ -502,10 +629,12 @@ impl Worker {
         drainable: bool,
         io: &mut dyn Io,
     ) -> Flow {
-        if self.answer(stream, response, drainable, io) {
-            Flow::Continue
-        } else {
-            Flow::Pause
+        match answer(stream, response, drainable, io) {
+            Some(drain) => {
+                self.streams.insert(stream, Stream::Draining(drain));
+                Flow::Continue
+            }
+            None => Flow::Pause,
         }
     }
 
@@ -557,7 +686,8 @@ impl Worker {
             // Unlimited: on at once, counted on success.
             count_outcome(io, &request, Outcome::Allowed);
             set_identity(stream, &request, plans, io);
-            self.streams.insert(stream, Stream { request, drainable });
+            let metered = Metered::new(request, drainable);
+            self.streams.insert(stream, Stream::Metered(metered));
             return Flow::Continue;
         };
         // (A repeat of a request with an idempotency key is told so by Redis, not refused.)
@@ -570,21 +700,27 @@ impl Worker {
             return self.answer_at_head(stream, response, drainable, io);
         }
         let command = request.reserve(limit, self.ids.next(), now_ms, plans);
+        let mut metered = Metered::new(request, drainable);
         let flow = match self.ask(stream, command, plans, now, io) {
-            Ok(()) => {
-                self.streams.insert(stream, Stream { request, drainable });
-                return Flow::Pause;
-            }
+            Ok(()) => Flow::Pause,
             // Not sent at all: the action's failure mode decides, right now.
             Err(e) => {
+                let request = &mut metered.request;
                 let decision = request.on_reservation(Err(e), now);
-                match self.carry_out(stream, &mut request, decision, plans, now, io) {
+                match self.carry_out(stream, request, decision, plans, now, io) {
                     Ok(()) => Flow::Continue,
-                    Err(response) => self.answer_at_head(stream, response, drainable, io),
+                    Err(response) => {
+                        metered.drain = answer(stream, response, drainable, io);
+                        if metered.drain.is_some() {
+                            Flow::Continue
+                        } else {
+                            Flow::Pause
+                        }
+                    }
                 }
             }
         };
-        self.streams.insert(stream, Stream { request, drainable });
+        self.streams.insert(stream, Stream::Metered(metered));
         flow
     }
 
@@ -601,23 +737,25 @@ impl Worker {
         io: &mut dyn Io,
     ) -> Result<(), TransportError> {
         // (On a Redis Cluster each reservation goes alone: one call touches one slot.)
-        let busy = self.reserving.is_some() || !self.reservation_queue.is_empty();
+        let calls = &mut self.calls;
+        let busy = calls.reserving.is_some() || !calls.waiting_reservations.is_empty();
         if busy && plans.redis.coalesce_reservations && !plans.redis.cluster_mode {
-            self.reservation_queue.push((stream, command));
+            calls.waiting_reservations.push((stream, command));
             return Ok(());
         }
         let token = send(io, &plans.redis, command)?;
-        self.calls
-            .insert(token, (Waiter::Reservations(vec![stream]), now));
+        calls.sent(token, Waiter::Reservations(vec![stream]), now);
         let owner = (!io.answers_outlive_streams()).then_some(stream);
-        self.reserving = Some((token, owner));
+        calls.reserving = Some((token, owner));
         Ok(())
     }
 
     /// Reservations wait that only a tick can send (their call must be made where its answer
     /// outlives any one stream): the host should tick soon.
     pub fn wants_tick_soon(&self) -> bool {
-        !self.reservation_queue.is_empty() || !self.awaiting_commit.is_empty()
+        #[cfg(test)]
+        self.check_awaiting_count();
+        !self.calls.waiting_reservations.is_empty() || self.responses_awaiting_commit > 0
     }
 
     /// Sends the reservations that waited for the last call, as one call (up to `max_batch`),
@@ -629,12 +767,10 @@ impl Worker {
         if !io.answers_outlive_streams() {
             return;
         }
-        while self.reserving.is_none() && !self.reservation_queue.is_empty() {
-            let n = self
-                .reservation_queue
-                .len()
-                .min(plans.redis.max_batch.max(1));
-            let batch: Vec<(StreamId, RedisCommand)> = self.reservation_queue.drain(..n).collect();
+        while self.calls.reserving.is_none() && !self.calls.waiting_reservations.is_empty() {
+            let waiting = &mut self.calls.waiting_reservations;
+            let n = waiting.len().min(plans.redis.max_batch.max(1));
+            let batch: Vec<(StreamId, RedisCommand)> = waiting.drain(..n).collect();
             let streams: Vec<StreamId> = batch.iter().map(|(stream, _)| *stream).collect();
             let sent = match batch.as_slice() {
                 [(_, one)] => send(io, &plans.redis, one.clone()),
@@ -645,9 +781,8 @@ impl Worker {
             };
             match sent {
                 Ok(token) => {
-                    self.calls
-                        .insert(token, (Waiter::Reservations(streams), now));
-                    self.reserving = Some((token, None));
+                    self.calls.sent(token, Waiter::Reservations(streams), now);
+                    self.calls.reserving = Some((token, None));
                 }
                 // Not sent at all: each follows its failure mode now.
                 Err(e) => {
@@ -664,7 +799,7 @@ impl Worker {
     fn reserve_again(
         &mut self,
         stream: StreamId,
-        mut entry: Stream,
+        mut entry: Metered,
         plans: &Plans,
         now: DateTime<Utc>,
         io: &mut dyn Io,
@@ -678,15 +813,11 @@ impl Worker {
                 let decision = entry.request.on_reservation(Err(e), now);
                 match self.carry_out(stream, &mut entry.request, decision, plans, now, io) {
                     Ok(()) => io.resume(stream),
-                    Err(response) => {
-                        if self.answer(stream, response, entry.drainable, io) {
-                            io.resume(stream);
-                        }
-                    }
+                    Err(response) => entry.answer_and_resume(stream, response, io),
                 }
             }
         }
-        self.streams.insert(stream, entry);
+        self.streams.insert(stream, Stream::Metered(entry));
     }
 
     fn note_unknown_plan(&mut self, request: &MeteredRequest, now_ms: u64, io: &mut dyn Io) {
@@ -787,7 +918,7 @@ impl Worker {
         io: &mut dyn Io,
     ) {
         // Unknown: its stream ended meanwhile (and released what it held).
-        let Some((waiter, sent)) = self.calls.remove(&token) else {
+        let Some(Call { waiter, sent_at }) = self.calls.in_flight.remove(&token) else {
             return;
         };
         let call = match waiter {
@@ -795,13 +926,13 @@ impl Worker {
             Waiter::Report(_) => metrics::Call::Report,
             Waiter::Batch(_) | Waiter::Record => metrics::Call::Settle,
         };
-        let micros = (now - sent).num_microseconds().unwrap_or(i64::MAX);
+        let micros = (now - sent_at).num_microseconds().unwrap_or(i64::MAX);
         io.record(&metrics::redis_round_trip(call), micros.max(0));
         let usable = matches!(&reply, Ok(r) if !matches!(r, RedisReply::Error(_)));
         self.note_redis(usable, now, io);
         match waiter {
             Waiter::Reservations(streams) => {
-                self.reserving = None;
+                self.calls.reserving = None;
                 let replies = match streams.len() {
                     1 => vec![reply],
                     n => functions::split_reservations(reply, n),
@@ -831,7 +962,7 @@ impl Worker {
         now: DateTime<Utc>,
         io: &mut dyn Io,
     ) {
-        let (Some(plans), Some(mut pending)) = (self.plans.clone(), self.reports.remove(&stream))
+        let (Some(plans), Some(mut pending)) = (self.plans.clone(), self.take_report(stream))
         else {
             return;
         };
@@ -844,15 +975,16 @@ impl Worker {
             pending.report.reanchor(anchor, now);
             let command = pending.report.command(&plans, unix_millis(now));
             if let Ok(call) = send(io, &plans.redis, command) {
-                self.calls.insert(call, (Waiter::Report(stream), now));
+                self.calls.sent(call, Waiter::Report(stream), now);
                 pending.call = call;
-                self.reports.insert(stream, pending);
+                self.streams.insert(stream, Stream::Reporting(pending));
                 return;
             }
         }
         io.count(Metric::Reports, 1);
         let response = pending.report.answer(reply, &plans, now);
-        if self.answer(stream, response, pending.drainable, io) {
+        if let Some(drain) = answer(stream, response, pending.drainable, io) {
+            self.streams.insert(stream, Stream::Draining(drain));
             io.resume(stream);
         }
     }
@@ -865,8 +997,7 @@ impl Worker {
         now: DateTime<Utc>,
         io: &mut dyn Io,
     ) {
-        let (Some(plans), Some(mut entry)) = (self.plans.clone(), self.streams.remove(&stream))
-        else {
+        let (Some(plans), Some(mut entry)) = (self.plans.clone(), self.take_metered(stream)) else {
             return;
         };
         let numbers = reply
@@ -905,14 +1036,9 @@ impl Worker {
         }
         match self.carry_out(stream, &mut entry.request, decision, &plans, now, io) {
             Ok(()) => io.resume(stream),
-            Err(response) => {
-                // Held: it goes on to what holds it, and its body comes here.
-                if self.answer(stream, response, entry.drainable, io) {
-                    io.resume(stream);
-                }
-            }
+            Err(response) => entry.answer_and_resume(stream, response, io),
         }
-        self.streams.insert(stream, entry);
+        self.streams.insert(stream, Stream::Metered(entry));
     }
 
     /// `len` bytes of `stream`'s request body passed (`end_of_stream`: the last of it). A
@@ -926,12 +1052,17 @@ impl Worker {
         now: DateTime<Utc>,
         io: &mut dyn Io,
     ) -> BodyFlow {
-        if let Some(drain) = self.draining.get_mut(&stream) {
+        let (max, max_ms) = self
+            .plans
+            .as_ref()
+            .map_or((0, 0), |p| (p.max_drain_bytes, p.max_drain_ms));
+        let draining = match self.streams.get_mut(&stream) {
+            Some(Stream::Draining(drain)) => Some(drain),
+            Some(Stream::Metered(entry)) => entry.drain.as_mut(),
+            _ => None,
+        };
+        if let Some(drain) = draining {
             drain.read = drain.read.saturating_add(len);
-            let (max, max_ms) = self
-                .plans
-                .as_ref()
-                .map_or((0, 0), |p| (p.max_drain_bytes, p.max_drain_ms));
             let overdue = drain.overdue(unix_millis(now), max_ms);
             if !(end_of_stream || drain.read > max || overdue) {
                 return BodyFlow::Discard;
@@ -944,7 +1075,9 @@ impl Worker {
             }
             return BodyFlow::Stop;
         }
-        let (Some(plans), Some(entry)) = (self.plans.clone(), self.streams.get_mut(&stream)) else {
+        let (Some(plans), Some(Stream::Metered(entry))) =
+            (self.plans.clone(), self.streams.get_mut(&stream))
+        else {
             return BodyFlow::Continue;
         };
         match entry.request.on_body(len) {
@@ -959,15 +1092,21 @@ impl Worker {
                 let settlement = entry
                     .request
                     .on_response(response.status, now, &plans.redis);
-                self.queue(settlement, io);
                 // Its headers went upstream already: what is discarded here never follows
                 // them, and Envoy resets the upstream request when the answer goes.
-                if end_of_stream {
-                    io.respond(stream, &response);
-                    BodyFlow::Stop
+                let answer_now = if end_of_stream {
+                    Some(response)
                 } else {
-                    self.draining.insert(stream, Drain::new(response));
-                    BodyFlow::Discard
+                    entry.drain = Some(Drain::new(response));
+                    None
+                };
+                self.queue(settlement, io);
+                match answer_now {
+                    Some(response) => {
+                        io.respond(stream, &response);
+                        BodyFlow::Stop
+                    }
+                    None => BodyFlow::Discard,
                 }
             }
         }
@@ -977,14 +1116,16 @@ impl Worker {
     /// release route gave back: bytes freed, members removed), if any.
     pub fn response_header_wanted(&self, stream: StreamId) -> Option<&str> {
         let plans = self.plans.as_ref()?;
-        let (release, _) = self.releases.get(&stream)?;
-        Some(plans.given_back_header(release.gauge))
+        match self.streams.get(&stream)? {
+            Stream::Releasing { release, .. } => Some(plans.given_back_header(release.gauge)),
+            _ => None,
+        }
     }
 
     /// The response headers `stream`'s usage event may record (its action's metadata read
     /// from the answer), if any.
     pub fn response_metadata_wanted(&self, stream: StreamId) -> Vec<String> {
-        self.streams.get(&stream).map_or_else(Vec::new, |entry| {
+        self.metered(stream).map_or_else(Vec::new, |entry| {
             let spec = &entry.request.action().metadata;
             spec.response_headers().map(str::to_string).collect()
         })
@@ -992,7 +1133,7 @@ impl Worker {
 
     /// A response header `stream`'s usage event may record (one it wanted, present).
     pub fn on_response_metadata(&mut self, stream: StreamId, name: &str, value: &[u8]) {
-        if let Some(entry) = self.streams.get_mut(&stream) {
+        if let Some(entry) = self.metered_mut(stream) {
             entry.request.on_metadata_header(name, value);
         }
     }
@@ -1001,7 +1142,7 @@ impl Worker {
     /// Redis can hold exactly (negative, not a number, past 2^53) gives back nothing, and is
     /// counted and logged: one upstream's bad value must never cost another request's count.
     pub fn on_response_header(&mut self, stream: StreamId, value: Option<&[u8]>, io: &mut dyn Io) {
-        let Some((release, freed)) = self.releases.get_mut(&stream) else {
+        let Some(Stream::Releasing { release, freed }) = self.streams.get_mut(&stream) else {
             return;
         };
         let Some(value) = value else {
@@ -1032,19 +1173,13 @@ impl Worker {
     /// (`response.code_details`): a failure of a request not settled yet may be Envoy's own
     /// reply for an upstream that timed out or was never reached.
     pub fn wants_answer_details(&self, stream: StreamId, status: u32) -> bool {
-        !(200..300).contains(&status)
-            && self
-                .streams
-                .get(&stream)
-                .is_some_and(|s| s.request.unsettled())
+        !(200..300).contains(&status) && self.metered(stream).is_some_and(|s| s.request.unsettled())
     }
 
     /// Whether the end of `stream` needs the host's word on whether it reached an upstream
     /// (a request still unsettled: its client left, or it was reset).
     pub fn wants_upstream_reached(&self, stream: StreamId) -> bool {
-        self.streams
-            .get(&stream)
-            .is_some_and(|s| s.request.unsettled())
+        self.metered(stream).is_some_and(|s| s.request.unsettled())
     }
 
     /// `stream` was answered with `status`; `details` is Envoy's word on where the answer came
@@ -1065,16 +1200,16 @@ impl Worker {
             Answer::Upstream(status) => status,
             // Envoy answered in the upstream's place: as for a client that left.
             unanswered => {
-                if let Some(entry) = self.streams.get_mut(&stream) {
+                if let Some(entry) = self.metered_mut(stream) {
                     let reached = unanswered == Answer::Unknown;
                     let settlement = entry.request.on_end(reached, now, &plans.redis);
                     self.queue(settlement, io);
                 }
-                self.releases.remove(&stream);
+                self.take_release(stream);
                 return ResponseFlow::Continue;
             }
         };
-        if let Some((release, freed)) = self.releases.remove(&stream) {
+        if let Some((release, freed)) = self.take_release(stream) {
             // A release that succeeded gives back what the upstream says it freed or removed
             // (nothing if it says nothing: a repeated removal must not free a seat twice).
             let amount = freed.filter(|&n| n > 0);
@@ -1093,14 +1228,14 @@ impl Worker {
             }
             return ResponseFlow::Continue;
         }
-        let Some(entry) = self.streams.get_mut(&stream) else {
+        let Some(Stream::Metered(entry)) = self.streams.get_mut(&stream) else {
             return ResponseFlow::Continue;
         };
         // The upstream's answer (not one of the filter's own) tells where the allowance stands.
         if let (true, Some(quota), false) = (
             plans.ratelimit_headers,
             entry.request.quota(),
-            self.draining.contains_key(&stream),
+            entry.drain.is_some(),
         ) {
             let request = &entry.request;
             let reset = request.period().seconds_until_end(now);
@@ -1116,7 +1251,7 @@ impl Worker {
             .warnings
             .header
             .as_deref()
-            .filter(|_| (200..300).contains(&status) && !self.draining.contains_key(&stream));
+            .filter(|_| (200..300).contains(&status) && entry.drain.is_none());
         if let (Some(header), Some(quota)) = (warning, entry.request.quota()) {
             // Past the limit, in the plan's grace: counted, and said so.
             if let Some(in_grace) = quota.in_grace() {
@@ -1149,7 +1284,9 @@ impl Worker {
         if let (true, Some(s)) = (awaits, settlement.as_mut()) {
             s.waiter = Some(stream);
             let until = unix_millis(now).saturating_add(4 * plans.redis.timeout_ms);
-            self.awaiting_commit.insert(stream, until);
+            if entry.awaiting_commit_until.replace(until).is_none() {
+                self.responses_awaiting_commit += 1;
+            }
         }
         self.queue(settlement, io);
         if awaits {
@@ -1174,25 +1311,28 @@ impl Worker {
         now: DateTime<Utc>,
         io: &mut dyn Io,
     ) {
-        self.draining.remove(&stream);
-        self.releases.remove(&stream);
-        self.awaiting_commit.remove(&stream);
-        if let Some(pending) = self.reports.remove(&stream) {
-            self.calls.remove(&pending.call);
-        }
-        let Some(mut entry) = self.streams.remove(&stream) else {
-            return;
+        let mut entry = match self.streams.remove(&stream) {
+            Some(Stream::Metered(entry)) => entry,
+            Some(Stream::Reporting(pending)) => {
+                self.calls.in_flight.remove(&pending.call);
+                return;
+            }
+            Some(Stream::Draining(_) | Stream::Releasing { .. }) | None => return,
         };
+        if entry.awaiting_commit_until.is_some() {
+            self.responses_awaiting_commit = self.responses_awaiting_commit.saturating_sub(1);
+        }
         // Its own call dies with it: no answer will come (what Redis may have reserved is
         // released by its end's settlement), and the next waits no longer.
-        if let Some((token, Some(owner))) = self.reserving {
+        if let Some((token, Some(owner))) = self.calls.reserving {
             if owner == stream {
-                self.calls.remove(&token);
-                self.reserving = None;
+                self.calls.in_flight.remove(&token);
+                self.calls.reserving = None;
             }
         }
         // Not sent yet: it never will be (its end's release asks Redis to let go of nothing).
-        self.reservation_queue
+        self.calls
+            .waiting_reservations
             .retain(|(waiting, _)| *waiting != stream);
         let Some(plans) = self.plans.clone() else {
             return;
@@ -1245,12 +1385,14 @@ impl Worker {
     /// The periodic tick (`flush_interval_ms`): extend the reservations of requests still in
     /// flight that need it, send queued settlements.
     pub fn on_tick(&mut self, now: DateTime<Utc>, io: &mut dyn Io) {
+        #[cfg(test)]
+        self.check_awaiting_count();
         // Ticks come faster while reservations wait: settlements keep their own pace then.
         let fast = self.wants_tick_soon();
         self.send_waiting_reservations(now, io);
         let now_ms = unix_millis(now);
         let every = self.plans.as_ref().map_or(0, |p| p.redis.flush_interval_ms);
-        if !self.awaiting_commit.is_empty() {
+        if self.responses_awaiting_commit > 0 {
             // Responses wait for their commits: those go at once.
             self.release_overdue_responses(now_ms, io);
             self.flush(now, io);
@@ -1277,7 +1419,15 @@ impl Worker {
     /// their client still sends (at one byte a second it holds a connection no longer).
     fn end_overdue_drains(&mut self, now_ms: u64, io: &mut dyn Io) {
         let max_ms = self.plans.as_ref().map_or(0, |p| p.max_drain_ms);
-        for (stream, drain) in &mut self.draining {
+        for (stream, state) in &mut self.streams {
+            let drain = match state {
+                Stream::Draining(drain) => drain,
+                Stream::Metered(entry) => match &mut entry.drain {
+                    Some(drain) => drain,
+                    None => continue,
+                },
+                Stream::Reporting(_) | Stream::Releasing { .. } => continue,
+            };
             if drain.response.is_some() && drain.overdue(now_ms, max_ms) {
                 if let Some(response) = drain.response.take() {
                     io.respond(*stream, &response);
@@ -1290,16 +1440,19 @@ impl Worker {
     /// once Redis answers (exactly once); only their client's next request may see it in
     /// flight meanwhile.
     fn release_overdue_responses(&mut self, now_ms: u64, io: &mut dyn Io) {
-        let overdue: Vec<StreamId> = self
-            .awaiting_commit
-            .iter()
-            .filter(|(_, until)| now_ms >= **until)
-            .map(|(stream, _)| *stream)
-            .collect();
-        for stream in overdue {
-            self.awaiting_commit.remove(&stream);
-            io.count(Metric::CommitsNotAwaited, 1);
-            io.resume_response(stream);
+        for (stream, state) in &mut self.streams {
+            let Stream::Metered(entry) = state else {
+                continue;
+            };
+            if entry
+                .awaiting_commit_until
+                .is_some_and(|until| now_ms >= until)
+            {
+                entry.awaiting_commit_until = None;
+                self.responses_awaiting_commit = self.responses_awaiting_commit.saturating_sub(1);
+                io.count(Metric::CommitsNotAwaited, 1);
+                io.resume_response(*stream);
+            }
         }
     }
 
@@ -1327,7 +1480,10 @@ impl Worker {
         let extensions: Vec<Settlement> = self
             .streams
             .values_mut()
-            .filter_map(|s| s.request.extension(now, every_ms, &plans.redis))
+            .filter_map(|state| match state {
+                Stream::Metered(entry) => entry.request.extension(now, every_ms, &plans.redis),
+                _ => None,
+            })
             .collect();
         for extension in extensions {
             self.queue(Some(extension), io);
@@ -1358,7 +1514,7 @@ impl Worker {
             match send(io, redis, command) {
                 Ok(token) => {
                     self.said_goodbye |= self.stopping;
-                    self.calls.insert(token, (Waiter::Batch(group), now));
+                    self.calls.sent(token, Waiter::Batch(group), now);
                 }
                 Err(e) if self.redis_down_since_ms.is_none() => {
                     self.note_redis(false, now, io);
@@ -1428,7 +1584,7 @@ impl Worker {
         let token = send(io, &plans.redis, command).ok()?;
         self.sent_record_at_ms = now_ms;
         self.said_goodbye |= self.stopping;
-        self.calls.insert(token, (Waiter::Record, now));
+        self.calls.sent(token, Waiter::Record, now);
         Some(token)
     }
 
@@ -1476,7 +1632,11 @@ impl Worker {
             self.lose(lost, "redis_unreachable", io);
         }
         for stream in &report.applied_waiters {
-            if self.awaiting_commit.remove(stream).is_some() {
+            let Some(Stream::Metered(entry)) = self.streams.get_mut(stream) else {
+                continue;
+            };
+            if entry.awaiting_commit_until.take().is_some() {
+                self.responses_awaiting_commit = self.responses_awaiting_commit.saturating_sub(1);
                 io.resume_response(*stream);
             }
         }
