@@ -215,8 +215,9 @@ struct Metered {
     /// Its client may be writing a body it will not read past: a refusal waits for its end.
     drainable: bool,
     /// Refused after its admission (by Redis, or for its body's size): its body is discarded
-    /// until its answer goes. (Apart from `awaiting_commit_until`: an upstream may answer
-    /// before a body it was still being sent turns out too big.)
+    /// until its answer goes. (Not a state of its own beside `awaiting_commit_until`: an
+    /// upstream may answer, its success awaiting its commit, before the body it was still
+    /// being sent turns out too big.)
     drain: Option<Drain>,
     /// Its response is held until its success is counted, and until when at most (unix ms).
     awaiting_commit_until: Option<u64>,
