@@ -7,10 +7,9 @@ use std::hint::black_box;
 
 use chrono::{DateTime, TimeZone, Utc};
 use criterion::{criterion_group, criterion_main, Criterion};
-use plan_limits_core::admission::{Claims, RequestHead};
-use plan_limits_core::redis::{RedisReply, TransportError};
-use plan_limits_core::testing::Recorder;
-use plan_limits_core::worker::Worker;
+use plan_limits_core::{
+    testing::Recorder, Claims, RedisReply, RequestHead, TransportError, Worker,
+};
 
 /// A request's headers and its verified token's claims.
 fn head(method: &str, path: &str, plan: &str) -> (Vec<(String, Vec<u8>)>, Claims) {

@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use plan_limits_core::config::IdentitySource;
-use plan_limits_core::plans::Plans;
-use plan_limits_core::routes::PathPattern;
+use plan_limits_core::{IdentitySource, PathPattern, Plans};
 
 use crate::process::Service;
 
@@ -527,7 +525,7 @@ mod tests {
     #[test]
     fn envoy_extracts_every_label_the_filter_names() {
         let template = template();
-        for label in plan_limits_core::metrics::LABELS {
+        for label in plan_limits_core::METRIC_LABELS {
             assert!(
                 template.contains(&format!("tag_name: {label}, regex: \"({label}=")),
                 "{label}"

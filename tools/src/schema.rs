@@ -2,7 +2,7 @@
 //! doc comments become its descriptions). The repository commits it as `plans.schema.json`,
 //! which plans.json names in `"$schema"` so that editors check and complete it.
 
-use plan_limits_core::config::Config;
+use plan_limits_core::Config;
 
 /// The schema as pretty JSON (no trailing newline).
 pub fn render() -> String {

@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use plan_limits_core::config::{Identity, IdentitySource};
-use plan_limits_core::plans::Plans;
+use plan_limits_core::{Identity, IdentitySource, Plans};
 use plan_limits_services::gateway::Gateway;
 use plan_limits_services::http::{
     Body, Request, Response, DEMO_FREED_BYTES, DEMO_REMOVED_MEMBERS, DEMO_STATUS, UPSTREAM_MARK,
