@@ -71,7 +71,7 @@ bench: build
 	@.venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check matplotlib
 	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --bin plan-limits-bench -- --seconds 5 --repetitions 3
 	.venv/bin/python bench/chart.py bench/results.json bench/results.png
-	cargo bench --locked -p plan-limits-core --bench decision
+	cargo bench --locked -p plan-limits-core --features testing --bench decision
 
 ## profile: where Envoy's CPU goes per request, one layer at a time, in one rotation: Envoy
 ## alone, jwt_authn, one and two empty wasm filters, our filter stopped after its callbacks
@@ -99,7 +99,7 @@ profile: build
 bench-smoke:
 	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --bin plan-limits-bench -- \
 		--seconds 1 --repetitions 1 --growth-users 1,10 --growth-routes 10 --out target/bench-smoke
-	cargo bench --locked -q -p plan-limits-core --bench decision -- --test
+	cargo bench --locked -q -p plan-limits-core --features testing --bench decision -- --test
 
 ## soak: 60 s of load (wrk) with Redis restarted in the middle; prints the figures
 soak: build
@@ -144,6 +144,7 @@ scale: build
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
+	cargo clippy --locked -p plan-limits-core --all-targets --features testing -- -D warnings
 	cargo clippy --locked -p plan-limits-filter --target wasm32-wasip1 -- -D warnings
 	cargo clippy --locked -p plan-limits-filter --target wasm32-wasip1 --features redis-hostcalls -- -D warnings
 

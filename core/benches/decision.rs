@@ -1,76 +1,15 @@
 //! The filter's core decisions, natively: what one request costs the worker before any host
-//! call. `cargo bench -p plan-limits-core --bench decision` (part of `make bench`).
+//! call. `cargo bench -p plan-limits-core --features testing --bench decision` (part of
+//! `make bench`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::hint::black_box;
 
 use chrono::{DateTime, TimeZone, Utc};
 use criterion::{criterion_group, criterion_main, Criterion};
-use plan_limits_core::admission::{Claims, RequestHead};
-use plan_limits_core::config::RedisSettings;
-use plan_limits_core::metrics::{LabeledMetric, Metric};
-use plan_limits_core::redis::{webdis, RedisCommand, RedisReply, TransportError};
-use plan_limits_core::responses::LocalResponse;
-use plan_limits_core::worker::{Io, LogLevel, StreamId, Token, Worker};
-
-/// A host that does nothing but encode what would be sent for webdis (as the shell does).
-#[derive(Default)]
-struct Host {
-    next_token: Token,
-    last_token: Token,
-    /// Paused requests let go (a limited request whose reservation was granted).
-    resumed: u64,
-}
-
-impl Io for Host {
-    fn send(&mut self, _: &RedisSettings, command: &RedisCommand) -> Result<Token, TransportError> {
-        black_box(webdis::request_body(command));
-        self.next_token += 1;
-        self.last_token = self.next_token;
-        Ok(self.next_token)
-    }
-    fn respond(&mut self, _: StreamId, response: &LocalResponse) {
-        black_box(response);
-    }
-    fn set_request_header(&mut self, _: StreamId, name: &str, value: &str) {
-        black_box((name, value));
-    }
-    fn set_response_header(&mut self, _: StreamId, name: &str, value: &str) {
-        black_box((name, value));
-    }
-    fn shared_get(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        black_box(key);
-        (None, None)
-    }
-    fn shared_set(&mut self, key: &str, value: &[u8], _: Option<u32>) -> bool {
-        black_box((key, value));
-        true
-    }
-    fn resume(&mut self, stream: StreamId) {
-        black_box(stream);
-        self.resumed += 1;
-    }
-    fn resume_response(&mut self, _: StreamId) {}
-    fn hold(&mut self, stream: StreamId) -> bool {
-        black_box(stream);
-        true
-    }
-    fn count(&mut self, metric: Metric, by: u64) {
-        black_box((metric, by));
-    }
-    fn record(&mut self, metric: &LabeledMetric, value: i64) {
-        black_box((metric, value));
-    }
-    fn answers_outlive_streams(&self) -> bool {
-        // As on stock Envoy (the webdis build): a held success's commit goes at the next
-        // tick, in the batches `settle` answers, not at once from its stream.
-        false
-    }
-    fn log(&mut self, _: LogLevel, message: String) {
-        black_box(message);
-    }
-    fn done(&mut self) {}
-}
+use plan_limits_core::{
+    testing::Recorder, Claims, RedisReply, RequestHead, TransportError, Worker,
+};
 
 /// A request's headers and its verified token's claims.
 fn head(method: &str, path: &str, plan: &str) -> (Vec<(String, Vec<u8>)>, Claims) {
@@ -98,7 +37,7 @@ fn settled(n: usize) -> Result<RedisReply, TransportError> {
 }
 
 /// Keeps the queue from filling: a batch of 64 sent and answered, as the tick would.
-fn settle_every_64(worker: &mut Worker, host: &mut Host, now: DateTime<Utc>) {
+fn settle_every_64(worker: &mut Worker, host: &mut Recorder, now: DateTime<Utc>) {
     if worker.queued_settlements() >= 64 {
         settle(worker, host, now);
     }
@@ -107,12 +46,12 @@ fn settle_every_64(worker: &mut Worker, host: &mut Host, now: DateTime<Utc>) {
 /// Sends the queued settlements and answers them. Panics when the worker did not take the
 /// answer (a reply whose format went stale would otherwise leave the batch queued, and the
 /// benchmark would time a queue that only grows: `make bench-smoke` runs it once).
-fn settle(worker: &mut Worker, host: &mut Host, now: DateTime<Utc>) {
+fn settle(worker: &mut Worker, host: &mut Recorder, now: DateTime<Utc>) {
     let max_batch = worker.plans().map_or(1, |p| p.redis.max_batch);
     while worker.queued_settlements() > 0 {
         let queued = worker.queued_settlements();
         worker.on_tick(now, host);
-        worker.on_reply(host.last_token, settled(queued.min(max_batch)), now, host);
+        worker.on_reply(host.next_token, settled(queued.min(max_batch)), now, host);
         assert!(
             worker.queued_settlements() < queued,
             "the settlement answer was refused"
@@ -121,7 +60,8 @@ fn settle(worker: &mut Worker, host: &mut Host, now: DateTime<Utc>) {
 }
 
 fn decision(c: &mut Criterion) {
-    let mut host = Host::default();
+    // The host does nothing but encode what would be sent for webdis (as the shell does).
+    let mut host = Recorder::lean();
     let mut worker = Worker::new(1);
     assert!(worker.configure(include_bytes!("../../plans.json"), &mut host));
     let now: DateTime<Utc> = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
@@ -161,9 +101,9 @@ fn decision(c: &mut Criterion) {
                     now,
                     &mut host,
                 );
-                let resumed = host.resumed;
-                worker.on_reply(host.last_token, granted(), now, &mut host);
-                assert_eq!(host.resumed, resumed + 1, "the reservation was not granted");
+                host.resumed.clear();
+                worker.on_reply(host.next_token, granted(), now, &mut host);
+                assert_eq!(host.resumed, [1], "the reservation was not granted");
                 worker.on_response_headers(1, 200, None, now, &mut host);
                 worker.on_stream_end(1, true, now, &mut host);
                 settle_every_64(&mut worker, &mut host, now);

@@ -229,7 +229,7 @@ fn metered(
         org: caller.org.map(|o| String::from_utf8_lossy(o).into_owned()),
         unknown_plan,
         kind: kind(action, head),
-        metadata: action.metadata.from_request(|name| head.first(name)),
+        metadata: action.metadata.read_request(|name| head.first(name)),
         declared_bytes: declared_size(head)?,
         request_id: request_id(head),
         idempotency_key: idempotency_key(head, &plans.idempotency_header)?,

@@ -103,7 +103,7 @@ impl MetadataSpec {
     }
 
     /// The fields read from the request's headers (`first`: a header's first value).
-    pub fn from_request<'h>(&self, first: impl Fn(&str) -> Option<&'h [u8]>) -> Metadata {
+    pub fn read_request<'h>(&self, first: impl Fn(&str) -> Option<&'h [u8]>) -> Metadata {
         let mut out = Metadata::default();
         for field in &self.fields {
             let value = field
@@ -129,7 +129,7 @@ impl MetadataSpec {
     }
 
     /// Fills, from a response header's value, the fields the request left without one.
-    pub fn from_response(&self, metadata: &mut Metadata, header: &str, value: &[u8]) {
+    pub fn read_response(&self, metadata: &mut Metadata, header: &str, value: &[u8]) {
         for field in &self.fields {
             if metadata.0.contains_key(&field.name) {
                 continue;
@@ -258,7 +258,7 @@ mod tests {
                 "session": {"headers": ["x-session-id"]}}"#,
         )
         .unwrap();
-        let m = s.from_request(headers(&[
+        let m = s.read_request(headers(&[
             (
                 "content-disposition",
                 "attachment; filename=\"a \\\"b\\\"\nc.pdf\"",
@@ -274,7 +274,7 @@ mod tests {
             r#"{"content_type":"application/pdf","file_name":"a \"b\"c.p"}"#
         );
         // Without the parameter, the next header.
-        let m = s.from_request(headers(&[
+        let m = s.read_request(headers(&[
             ("content-disposition", "attachment"),
             ("x-file-name", "plan.dxf"),
         ]));
@@ -293,9 +293,9 @@ mod tests {
             s.response_headers().collect::<Vec<_>>(),
             ["x-model", "x-session-id"]
         );
-        let mut m = s.from_request(headers(&[("x-session-id", "s-1")]));
-        s.from_response(&mut m, "x-session-id", b"s-2");
-        s.from_response(&mut m, "X-Model", b"vision-2");
+        let mut m = s.read_request(headers(&[("x-session-id", "s-1")]));
+        s.read_response(&mut m, "x-session-id", b"s-2");
+        s.read_response(&mut m, "X-Model", b"vision-2");
         assert_eq!(m.get("session"), Some("s-1"));
         assert_eq!(m.get("model"), Some("vision-2"));
     }

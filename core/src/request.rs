@@ -221,19 +221,16 @@ impl MeteredRequest {
         &self.user
     }
 
+    #[cfg(test)]
     pub fn kind(&self) -> &str {
         &self.kind
-    }
-
-    pub fn metadata(&self) -> &Metadata {
-        &self.metadata
     }
 
     /// A response header some metadata field is read from (the action lists it).
     pub fn on_metadata_header(&mut self, name: &str, value: &[u8]) {
         self.action
             .metadata
-            .from_response(&mut self.metadata, name, value);
+            .read_response(&mut self.metadata, name, value);
     }
 
     /// The body's size: what went through once all of it did, else what was declared (Envoy
@@ -245,6 +242,7 @@ impl MeteredRequest {
         }
     }
 
+    #[cfg(test)]
     pub fn request_id(&self) -> &str {
         &self.request_id
     }
@@ -314,6 +312,7 @@ impl MeteredRequest {
         &self.period
     }
 
+    #[cfg(test)]
     pub fn keys(&self) -> &UsageKeys {
         &self.keys
     }

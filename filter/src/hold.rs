@@ -15,7 +15,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
 /// The root id that makes a root context the hold filter.
-pub use plan_limits_core::names::HOLD_ROOT_ID as ROOT_ID;
+pub use plan_limits_core::HOLD_ROOT_ID as ROOT_ID;
 const HEADER: &str = "x-plan-limits-hold";
 
 thread_local! {

@@ -9,12 +9,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use log::{error, info, warn};
-use plan_limits_core::config::RedisSettings;
-use plan_limits_core::metrics::{LabeledMetric, Metric};
-use plan_limits_core::period;
-use plan_limits_core::redis::{RedisCommand, TransportError};
-use plan_limits_core::responses::LocalResponse;
-use plan_limits_core::worker::{Io, LogLevel, StreamId, Token, Worker};
+use plan_limits_core::{
+    from_unix_nanos, Io, LabeledMetric, LocalResponse, LogLevel, Metric, RedisCommand,
+    RedisSettings, StreamId, Token, TransportError, Worker,
+};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MapType;
 
@@ -242,5 +240,5 @@ pub fn now() -> DateTime<Utc> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0);
-    period::from_unix_nanos(nanos)
+    from_unix_nanos(nanos)
 }

@@ -4,9 +4,7 @@
 
 use std::rc::Rc;
 
-use plan_limits_core::admission::{Claims, RequestHead};
-use plan_limits_core::config::IdentitySource;
-use plan_limits_core::worker::{BodyFlow, Flow, ResponseFlow};
+use plan_limits_core::{BodyFlow, Claims, Flow, IdentitySource, RequestHead, ResponseFlow};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;

@@ -1,6 +1,6 @@
 #![cfg(target_arch = "wasm32")]
 //! The proxy-wasm shell of plan-limits: contexts that move data between the host (Envoy, or
-//! Higress) and `plan_limits_core::worker::Worker`, where every decision is made. It exists
+//! Higress) and `plan_limits_core::Worker`, where every decision is made. It exists
 //! only in the wasm32 build.
 //!
 //! - `root`: one per worker thread: owns the worker, applies plans.json, ticks, stops;

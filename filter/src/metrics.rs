@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use plan_limits_core::metrics::{LabeledMetric, Metric, MetricKind};
+use plan_limits_core::{LabeledMetric, Metric, MetricKind};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 

@@ -8,8 +8,7 @@
 //!   `proxy_on_redis_call_response` on the root context (see `root.rs`), the RESP reply in
 //!   buffer 9.
 
-use plan_limits_core::config::RedisSettings;
-use plan_limits_core::redis::{RedisCommand, RedisReply, TransportError};
+use plan_limits_core::{RedisCommand, RedisReply, RedisSettings, TransportError};
 
 pub type Reply = Result<RedisReply, TransportError>;
 
@@ -46,8 +45,8 @@ mod imp {
     use proxy_wasm::types::{BufferType, MapType};
 
     use super::Reply;
-    use plan_limits_core::config::RedisSettings;
-    use plan_limits_core::redis::{webdis, RedisCommand, TransportError};
+    use plan_limits_core::RedisSettings;
+    use plan_limits_core::{webdis, RedisCommand, TransportError};
 
     pub fn init(_: &RedisSettings) -> Result<(), TransportError> {
         Ok(())
@@ -92,8 +91,8 @@ mod imp {
 #[cfg(feature = "redis-hostcalls")]
 mod imp {
     use super::Reply;
-    use plan_limits_core::config::RedisSettings;
-    use plan_limits_core::redis::{resp, RedisCommand, TransportError};
+    use plan_limits_core::RedisSettings;
+    use plan_limits_core::{resp, RedisCommand, TransportError};
 
     const REDIS_CALL_RESPONSE: u32 = 9;
     const STATUS_OK: u32 = 0;

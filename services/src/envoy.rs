@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use plan_limits_core::config::IdentitySource;
-use plan_limits_core::names::{HOLD_ROOT_ID, PLAN_ROOT_ID, REDIS_CLUSTER, REDIS_READS_CLUSTER};
-use plan_limits_core::plans::Plans;
-use plan_limits_core::routes::PathPattern;
+use plan_limits_core::{
+    IdentitySource, PathPattern, Plans, HOLD_ROOT_ID, PLAN_ROOT_ID, REDIS_CLUSTER,
+    REDIS_READS_CLUSTER,
+};
 use serde_json::{json, Value};
 
 use crate::process::Service;
@@ -231,7 +231,7 @@ fn load_assignment(cluster: &str, ports: &[u16]) -> Value {
 /// turn them into labels, so /stats/prometheus shows `plan_limits_requests{action="upload",...}`.
 /// Labels name actions, plans, outcomes and Redis calls, never a user.
 fn stats_config() -> Value {
-    let tags: Vec<Value> = plan_limits_core::metrics::LABELS
+    let tags: Vec<Value> = plan_limits_core::METRIC_LABELS
         .iter()
         .map(|label| json!({"tag_name": label, "regex": format!("({label}=\\.=(.*?);\\.;)")}))
         .collect();
@@ -872,7 +872,7 @@ mod tests {
     #[test]
     fn envoy_extracts_every_label_the_filter_names() {
         let config = config(&params(&crate::plans_json())).unwrap();
-        for label in plan_limits_core::metrics::LABELS {
+        for label in plan_limits_core::METRIC_LABELS {
             let tags = config["stats_config"]["stats_tags"].as_array().unwrap();
             assert!(
                 tags.iter()
@@ -926,7 +926,7 @@ mod tests {
         );
         assert_eq!(clusters[2], webdis_cluster(4));
         assert_eq!(
-            plan_limits_core::config::RedisSettings::default().cluster,
+            plan_limits_core::RedisSettings::default().cluster,
             REDIS_CLUSTER
         );
     }

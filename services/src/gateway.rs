@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use plan_limits_core::period::BillingPeriod;
+use plan_limits_core::BillingPeriod;
 
 use crate::envoy::{self, EnvoyOptions, EnvoyParams};
 use crate::http::{Request, Response};
@@ -377,7 +377,7 @@ impl EnvoyClusterGateway {
             None => DevKey::for_tests(),
         };
         let ecds_dir = dir.join("envoy-ecds");
-        let timeout_ms = plan_limits_core::plans::Plans::from_json(options.plans_json.as_bytes())
+        let timeout_ms = plan_limits_core::Plans::from_json(options.plans_json.as_bytes())
             .map(|plans| plans.redis.timeout_ms)
             .unwrap_or(250);
         let config = envoy::render(&EnvoyParams {

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use plan_limits_core::config::JwtClaims;
+use plan_limits_core::JwtClaims;
 
 use crate::jwt::TokenClaims;
 

@@ -10,7 +10,7 @@ use base64::Engine;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use ed25519_dalek::SigningKey;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use plan_limits_core::config::JwtClaims;
+use plan_limits_core::JwtClaims;
 use serde_json::{json, Value};
 
 const KEY_ID: &str = "plan-limits-dev";

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use plan_limits_core::redis::{functions, RedisCommand, RedisReply};
+use plan_limits_core::{functions, RedisCommand, RedisReply};
 
 use crate::process::{free_port, Service};
 use crate::redis_exec;

@@ -1,7 +1,7 @@
 //! Runs the filter's Redis commands on a real Redis with the `redis` crate, and turns its
 //! replies into the filter's `RedisReply`: what a Redis transport on the host side does.
 
-use plan_limits_core::redis::{RedisCommand, RedisReply};
+use plan_limits_core::{RedisCommand, RedisReply};
 
 /// Runs one command as it is (on one Redis, or routed by its first key on a cluster).
 pub fn run(conn: &mut dyn redis::ConnectionLike, command: &RedisCommand) -> RedisReply {
@@ -41,4 +41,4 @@ pub fn run_atomically(
     pipe.exec(conn).map_err(|e| e.to_string())
 }
 
-pub use plan_limits_core::redis::resp::from_value;
+pub use plan_limits_core::resp::from_value;

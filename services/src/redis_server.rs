@@ -8,9 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use plan_limits_core::config::RedisSettings;
-use plan_limits_core::redis::functions;
-use plan_limits_core::redis::RedisReply;
+use plan_limits_core::{functions, RedisReply, RedisSettings};
 
 use crate::process::Service;
 

@@ -3,8 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use plan_limits_core::config::{Gauge, RedisSettings};
-use plan_limits_core::keys::{UsageKeys, UserKeys};
+use plan_limits_core::{Gauge, RedisSettings, UsageKeys, UserKeys};
 
 /// The key prefix and event stream of the repository's plans.json.
 pub fn prefix() -> String {
@@ -17,7 +16,7 @@ pub fn events_stream() -> String {
 
 /// The current UTC month's id (`2026-11`), as the filter names it.
 pub fn this_period() -> String {
-    plan_limits_core::period::BillingPeriod::calendar_month(chrono::Utc::now()).id
+    plan_limits_core::BillingPeriod::calendar_month(chrono::Utc::now()).id
 }
 
 /// The summary of `user` in `period`: counters per action plus `plan`, `limits`, `updated_at`.
@@ -104,10 +103,7 @@ pub fn events_of(
 
 /// Records `plan` as billing's for `user` (what `plan-limits set-plan` does).
 pub fn set_plan(conn: &mut dyn redis::ConnectionLike, user: &str, plan: &str) {
-    let key = plan_limits_core::keys::entitlement_key(
-        &prefix(),
-        plan_limits_core::keys::encoded_user(user),
-    );
+    let key = plan_limits_core::entitlement_key(&prefix(), plan_limits_core::encoded_user(user));
     redis::cmd("HSET")
         .arg(&key)
         .arg("plan")
@@ -119,10 +115,7 @@ pub fn set_plan(conn: &mut dyn redis::ConnectionLike, user: &str, plan: &str) {
 /// Records `day` as the anchor day of `user`'s billing periods (what `plan-limits set-plan
 /// --anchor-day` does).
 pub fn set_anchor(conn: &mut dyn redis::ConnectionLike, user: &str, day: u32) {
-    let key = plan_limits_core::keys::entitlement_key(
-        &prefix(),
-        plan_limits_core::keys::encoded_user(user),
-    );
+    let key = plan_limits_core::entitlement_key(&prefix(), plan_limits_core::encoded_user(user));
     redis::cmd("HSET")
         .arg(&key)
         .arg("anchor_day")

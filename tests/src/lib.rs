@@ -48,7 +48,7 @@ pub fn envoy_with(edit: impl FnOnce(&mut serde_json::Value)) -> EnvoyGateway {
 /// A bearer token of `user` claiming `plan`, signed by the key every test gateway trusts.
 pub fn token(user: &str, plan: &str) -> String {
     plan_limits_services::jwt::DevKey::for_tests().token(
-        &plan_limits_core::config::JwtClaims::default(),
+        &plan_limits_core::JwtClaims::default(),
         &plan_limits_services::jwt::TokenClaims {
             user,
             plan: Some(plan),

@@ -327,12 +327,8 @@ fn enforcement_resumes_within_a_second_of_redis_coming_back() {
     let back = Instant::now();
     // The user already used the month's five uploads.
     let mut redis = gw.redis.connection();
-    let keys = plan_limits_core::keys::UsageKeys::new(
-        &usage::prefix(),
-        "lou",
-        &usage::this_period(),
-        "upload",
-    );
+    let keys =
+        plan_limits_core::UsageKeys::new(&usage::prefix(), "lou", &usage::this_period(), "upload");
     redis::cmd("HSET")
         .arg(&keys.summary)
         .arg("upload")
@@ -421,7 +417,7 @@ fn hostile_requests_cannot_crash_skip_metering_or_reach_another_users_counter() 
     let mut gw = gateway();
     let teammate = || Request::new("POST", "/api/teammate");
     let forged = plan_limits_services::jwt::DevKey::load_or_create(&scratch_dir("forged")).token(
-        &plan_limits_core::config::JwtClaims::default(),
+        &plan_limits_core::JwtClaims::default(),
         &plan_limits_services::jwt::TokenClaims {
             user: "victim",
             plan: Some("enterprise"),
@@ -528,8 +524,8 @@ fn hostile_requests_cannot_crash_skip_metering_or_reach_another_users_counter() 
         .iter()
         .flat_map(|u| {
             let keys =
-                plan_limits_core::keys::UsageKeys::new(&usage::prefix(), u, &period, "ai_analysis");
-            let today = plan_limits_core::period::date(chrono::Utc::now());
+                plan_limits_core::UsageKeys::new(&usage::prefix(), u, &period, "ai_analysis");
+            let today = plan_limits_core::utc_date(chrono::Utc::now());
             [keys.summary, keys.commits, keys.user.day(&today)]
         })
         .collect();

@@ -275,8 +275,7 @@ fn what_a_killed_envoy_lost_is_found() {
     let admin = plan_limits_services::process::free_port();
     let _replacement = gw.spawn_envoy("envoy-2", port, admin, None).unwrap();
     std::thread::sleep(Duration::from_millis(3500));
-    let plans =
-        plan_limits_core::plans::Plans::from_json(gw.options.plans_json.as_bytes()).unwrap();
+    let plans = plan_limits_core::Plans::from_json(gw.options.plans_json.as_bytes()).unwrap();
     let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap();
     let mut redis = plan_limits_tools::operator::Redis::connect(&gw.redis.url()).unwrap();
     let scope = plan_limits_tools::audit::Scope::default();

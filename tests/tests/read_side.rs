@@ -39,7 +39,7 @@ on_every_gateway!(the_caller_reads_its_usage_and_history_at_the_edge, |gw| {
     assert_eq!(usage["actions"]["ai_analysis"]["used"], 1);
     assert_eq!(usage["actions"]["dxf_export"]["available"], false);
     assert_eq!(usage["upgrade"]["plan"], "professional");
-    let period = plan_limits_core::period::BillingPeriod::calendar_month(gw.now());
+    let period = plan_limits_core::BillingPeriod::calendar_month(gw.now());
     assert_eq!(usage["period"]["resets_at"], period.resets_at());
 
     // The last 30 days, today last, with every action.
@@ -175,8 +175,7 @@ fn usage_events_record_the_listed_metadata_and_history_groups_analyses_by_kind()
 
     // The operator's export prints it.
     let mut redis = plan_limits_tools::operator::Redis::connect(&gw.redis.url()).unwrap();
-    let plans =
-        plan_limits_core::plans::Plans::from_json(gw.options.plans_json.as_bytes()).unwrap();
+    let plans = plan_limits_core::Plans::from_json(gw.options.plans_json.as_bytes()).unwrap();
     let today = gw.now().date_naive();
     let mut csv = Vec::new();
     use plan_limits_tools::operator::{export, Format};
@@ -202,14 +201,13 @@ fn usage_events_record_the_listed_metadata_and_history_groups_analyses_by_kind()
 /// `n` uploads of `user` counted in period `id` on the free plan, as a gateway settled them
 /// then (the library's own settle call, from a worker of its own).
 fn counted_in_a_past_period(gw: &EnvoyGateway, user: &str, id: &str, n: usize) {
-    use plan_limits_core::redis::functions::{self, EventsTrim, SettleArgs};
-    use plan_limits_core::settlement::{SettleMode, Settlement};
-    let plans =
-        plan_limits_core::plans::Plans::from_json(gw.options.plans_json.as_bytes()).unwrap();
+    use plan_limits_core::functions::{self, EventsTrim, SettleArgs};
+    use plan_limits_core::{SettleMode, Settlement};
+    let plans = plan_limits_core::Plans::from_json(gw.options.plans_json.as_bytes()).unwrap();
     let free = plans.plan("free").unwrap();
     let count = |i: usize| Settlement {
         mode: SettleMode::Count,
-        keys: plan_limits_core::keys::UsageKeys::new(&usage::prefix(), user, id, "upload"),
+        keys: plan_limits_core::UsageKeys::new(&usage::prefix(), user, id, "upload"),
         reservation_id: format!("then-{i}"),
         action: "upload".into(),
         user: user.into(),
@@ -314,8 +312,7 @@ fn past_periods_answer_with_the_limits_they_were_counted_under_and_history_pages
     }
 
     // The operator's CLI, the same answer.
-    let plans =
-        plan_limits_core::plans::Plans::from_json(gw.options.plans_json.as_bytes()).unwrap();
+    let plans = plan_limits_core::Plans::from_json(gw.options.plans_json.as_bytes()).unwrap();
     let cli = plan_limits_tools::operator::usage(
         &mut gw.redis(),
         &plans,

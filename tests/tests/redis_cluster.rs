@@ -9,13 +9,11 @@
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use plan_limits_core::cluster;
-use plan_limits_core::keys::UsageKeys;
-use plan_limits_core::plans::Plans;
-use plan_limits_core::redis::functions::{self, EventsTrim, SettleArgs, SettleReply};
-use plan_limits_core::redis::{RedisCommand, RedisReply};
-use plan_limits_core::settlement::{SettleMode, Settlement};
-use plan_limits_core::settlement_queue::{Group, SettlementQueue};
+use plan_limits_core::functions::{self, EventsTrim, SettleArgs, SettleReply};
+use plan_limits_core::{
+    key_slot, slot_events_stream, slot_tag, Group, Plans, RedisCommand, RedisReply, SettleMode,
+    Settlement, SettlementQueue, UsageKeys, CLUSTER_SLOTS,
+};
 use plan_limits_services::gateway::EnvoyClusterGateway;
 use plan_limits_services::process::scratch_dir;
 use plan_limits_services::redis_cluster::RedisCluster;
@@ -101,9 +99,9 @@ fn the_filters_key_slots_are_those_the_cluster_computes() {
         ]);
     }
     keys.extend(
-        (0..cluster::SLOTS)
+        (0..CLUSTER_SLOTS)
             .step_by(97)
-            .map(|slot| cluster::slot_events_stream("plan-limits:events", slot)),
+            .map(|slot| slot_events_stream("plan-limits:events", slot)),
     );
     let mut pipe = redis::pipe();
     for key in &keys {
@@ -111,7 +109,7 @@ fn the_filters_key_slots_are_those_the_cluster_computes() {
     }
     let slots: Vec<u16> = pipe.query(&mut conn).unwrap();
     for (key, slot) in keys.iter().zip(slots) {
-        assert_eq!(cluster::key_slot(key.as_bytes()), slot, "{key}");
+        assert_eq!(key_slot(key.as_bytes()), slot, "{key}");
     }
 }
 
@@ -172,7 +170,7 @@ fn applied_in(slot: u16) -> String {
 
 /// The key of batches applied in `slot` by the worker named `worker`.
 fn applied_by(worker: &str, slot: u16) -> String {
-    plan_limits_core::keys::applied_batches("plan-limits", worker, Some(cluster::slot_tag(slot)))
+    plan_limits_core::applied_batches("plan-limits", worker, Some(slot_tag(slot)))
 }
 
 #[test]
@@ -191,8 +189,8 @@ fn a_single_redis_batch_is_refused_crossslot_and_the_slot_batches_are_counted() 
         settle_args("plan-limits:events", "plan-limits:applied:test", 1),
     );
     for invoke in [
-        plan_limits_core::config::Invoke::Fcall,
-        plan_limits_core::config::Invoke::Evalsha,
+        plan_limits_core::Invoke::Fcall,
+        plan_limits_core::Invoke::Evalsha,
     ] {
         let reply = redis_exec::run(&mut conn, &functions::invoked(single.clone(), invoke));
         assert!(
@@ -218,7 +216,7 @@ fn a_single_redis_batch_is_refused_crossslot_and_the_slot_batches_are_counted() 
         let Group::Slot(slot) = group else {
             panic!("{group:?}")
         };
-        let stream = cluster::slot_events_stream("plan-limits:events", slot);
+        let stream = slot_events_stream("plan-limits:events", slot);
         let applied = applied_in(slot);
         let seq = queue.in_flight_seq(group);
         let command =
@@ -245,8 +243,8 @@ fn a_single_redis_batch_is_refused_crossslot_and_the_slot_batches_are_counted() 
     for e in &events {
         let keys = UsageKeys::new("plan-limits", &e["user"], "2026-11", "upload");
         assert_eq!(
-            cluster::key_slot(e["stream"].as_bytes()),
-            cluster::key_slot(keys.summary.as_bytes())
+            key_slot(e["stream"].as_bytes()),
+            key_slot(keys.summary.as_bytes())
         );
     }
 }
@@ -326,7 +324,7 @@ fn assert_counted(
         .keys()
         .map(|(user, _)| {
             let key = UsageKeys::new("plan-limits", user, period, "upload").summary;
-            let slot = cluster::key_slot(key.as_bytes());
+            let slot = key_slot(key.as_bytes());
             ranges
                 .iter()
                 .find(|(first, last, _)| (*first..=*last).contains(&slot))
@@ -403,12 +401,12 @@ fn the_operator_loads_every_master_and_writes_in_the_users_slot() {
     let plans = Plans::from_json(cluster_plans().as_bytes()).unwrap();
     let now = chrono::Utc::now();
     for user in ["olga", "pete", "quinn"] {
-        let set_plan = plan_limits_core::admin::AdminOp::SetPlan {
+        let set_plan = plan_limits_core::AdminOp::SetPlan {
             plan: "professional".into(),
             anchor_day: None,
         };
         operator::apply(&mut redis, &plans, user, &set_plan, "ops", now).unwrap();
-        let grant = plan_limits_core::admin::AdminOp::Grant {
+        let grant = plan_limits_core::AdminOp::Grant {
             action: "ai_analysis".into(),
             units: 3,
         };
@@ -538,10 +536,7 @@ fn reserve_command(user: &str, action: &str, id: &str, now_ms: u64) -> RedisComm
         limits: &limits(),
         idempotency: None,
         gauge: None,
-        events_stream: &cluster::slot_events_stream(
-            "plan-limits:events",
-            cluster::key_slot(keys.summary.as_bytes()),
-        ),
+        events_stream: &slot_events_stream("plan-limits:events", key_slot(keys.summary.as_bytes())),
         user,
         period_id: "2026-11",
     })
@@ -567,8 +562,8 @@ fn a_commit_sent_twice_counts_once_on_the_cluster() {
     let mut conn = cluster.connection();
     let now = 1_795_000_000_000;
     for (user, invoke) in [
-        ("ana", plan_limits_core::config::Invoke::Fcall),
-        ("ben", plan_limits_core::config::Invoke::Evalsha),
+        ("ana", plan_limits_core::Invoke::Fcall),
+        ("ben", plan_limits_core::Invoke::Evalsha),
     ] {
         let reserve = functions::invoked(reserve_command(user, "upload", "r1", now), invoke);
         let reservation = functions::parse_reservation(redis_exec::run(&mut conn, &reserve));
@@ -577,8 +572,8 @@ fn a_commit_sent_twice_counts_once_on_the_cluster() {
             functions::ReserveStatus::Granted
         );
         let batch = [commit(user, "upload", "r1", "2026-11-27", now)];
-        let slot = cluster::key_slot(batch[0].keys.summary.as_bytes());
-        let stream = cluster::slot_events_stream("plan-limits:events", slot);
+        let slot = key_slot(batch[0].keys.summary.as_bytes());
+        let stream = slot_events_stream("plan-limits:events", slot);
         let applied = applied_in(slot);
         let mut settle = |seq| {
             let command = functions::settle(&batch, settle_args(&stream, &applied, seq));
@@ -655,7 +650,7 @@ fn scale_figures() {
     let cluster = start_cluster("cluster-scale");
     let ranges = slot_ranges(&cluster);
     let master_of = |user: &str| {
-        let slot = cluster::key_slot(
+        let slot = key_slot(
             UsageKeys::new("plan-limits", user, "x", "y")
                 .summary
                 .as_bytes(),
@@ -694,8 +689,8 @@ fn scale_figures() {
                 reserves.push(to_cmd(&reserve_command(user, action, &id, now)));
                 batch.push(commit(user, action, &id, &date, now));
             }
-            let slot = cluster::key_slot(batch[0].keys.summary.as_bytes());
-            let stream = cluster::slot_events_stream("plan-limits:events", slot);
+            let slot = key_slot(batch[0].keys.summary.as_bytes());
+            let stream = slot_events_stream("plan-limits:events", slot);
             // (Each call as the first batch of a worker of its own: none is taken for another.)
             let applied = applied_by(&format!("{user}-{day}"), slot);
             let mut args = settle_args(&stream, &applied, 1);
@@ -820,8 +815,8 @@ fn scale_figures() {
             "2026-11-26",
             now,
         )];
-        let slot = cluster::key_slot(batch[0].keys.summary.as_bytes());
-        let stream = cluster::slot_events_stream("plan-limits:events", slot);
+        let slot = key_slot(batch[0].keys.summary.as_bytes());
+        let stream = slot_events_stream("plan-limits:events", slot);
         let applied = applied_by(&format!("one-{i}"), slot);
         let mut args = settle_args(&stream, &applied, 1);
         args.now_ms = now;
@@ -848,8 +843,8 @@ fn scale_figures() {
                 )
             })
             .collect();
-        let slot = cluster::key_slot(batch[0].keys.summary.as_bytes());
-        let stream = cluster::slot_events_stream("plan-limits:events", slot);
+        let slot = key_slot(batch[0].keys.summary.as_bytes());
+        let stream = slot_events_stream("plan-limits:events", slot);
         let applied = applied_by(&format!("big-{chunk}"), slot);
         let mut args = settle_args(&stream, &applied, 1);
         args.now_ms = now;
@@ -893,7 +888,7 @@ fn a_call_cut_off_by_a_stalled_master_behind_redis_proxy_is_of_unknown_outcome()
     });
     let key = "plan-limits:{stalled}:entitlement";
     let ranges = slot_ranges(&gw.cluster);
-    let slot = cluster::key_slot(key.as_bytes());
+    let slot = key_slot(key.as_bytes());
     let port = ranges
         .iter()
         .find(|(first, last, _)| (*first..=*last).contains(&slot))
@@ -912,7 +907,7 @@ fn a_call_cut_off_by_a_stalled_master_behind_redis_proxy_is_of_unknown_outcome()
             .arg("plan_limits_history")
             .arg("1")
             .arg(key),
-        plan_limits_core::config::Invoke::Evalsha,
+        plan_limits_core::Invoke::Evalsha,
     );
     let reply = redis_exec::run(&mut conn, &command);
     stall.join().unwrap();
@@ -920,7 +915,7 @@ fn a_call_cut_off_by_a_stalled_master_behind_redis_proxy_is_of_unknown_outcome()
     assert_eq!(reply, RedisReply::Error("upstream failure".into()));
     assert!(matches!(
         functions::parse_settled(reply, 1),
-        Err(plan_limits_core::redis::TransportError::Unknown(_))
+        Err(plan_limits_core::TransportError::Unknown(_))
     ));
 }
 

@@ -5,16 +5,14 @@
 
 use std::rc::Rc;
 
-use plan_limits_core::config::{Gauge, Limit};
-use plan_limits_core::keys::{encoded_user, entitlement_key, UsageKeys};
-use plan_limits_core::plans::Plans;
-use plan_limits_core::redis::functions::{
+use plan_limits_core::functions::{
     self, EventsTrim, GaugeHold, IdempotencyMark, Reservation, ReserveArgs, ReserveStatus,
     SettleArgs, SettleReply, Settled,
 };
-use plan_limits_core::redis::RedisReply;
-use plan_limits_core::reports::{self as reporting, Report, ReportKind};
-use plan_limits_core::settlement::{SettleMode, Settlement};
+use plan_limits_core::{
+    encoded_user, entitlement_key, history_query, Gauge, Limit, Plans, RedisReply, Report,
+    ReportKind, SettleMode, Settlement, UsageKeys,
+};
 use plan_limits_services::process::{free_port, scratch_dir};
 use plan_limits_services::redis_exec::run;
 use plan_limits_services::redis_server::RedisServer;
@@ -686,7 +684,7 @@ fn the_read_side_functions_answer_the_filters_user_in_one_flat_reply() {
         (&2.into(), &1.into())
     );
     let history = Report::new(
-        reporting::history_query(&plans, "/h?from=2026-11-26&to=2026-11-27", now).unwrap(),
+        history_query(&plans, "/h?from=2026-11-26&to=2026-11-27", now).unwrap(),
         "u".into(),
         None,
         0,
@@ -1151,7 +1149,7 @@ fn reservations_sent_together_are_made_one_after_the_other_as_if_sent_alone() {
 /// escaped only where webdis would read it otherwise (`/`, `%`, `+`, `?`, `.`, controls).
 #[test]
 fn every_argument_reaches_redis_through_webdis_as_written() {
-    use plan_limits_core::redis::{webdis, RedisCommand};
+    use plan_limits_core::{webdis, RedisCommand};
     use plan_limits_services::http::{Body, Request};
     use plan_limits_services::redis_server::RedisOptions;
     use plan_limits_services::webdis::Webdis;

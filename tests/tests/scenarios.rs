@@ -75,7 +75,7 @@ on_every_gateway!(limited_answers_carry_the_ietf_ratelimit_fields, |gw| {
         assert_eq!(r.header("ratelimit-policy"), Some("\"upload\";q=5"));
         let (name, remaining, t) = fields(&r);
         assert_eq!((name.as_str(), remaining), ("\"upload\"", left));
-        let end = plan_limits_core::period::BillingPeriod::calendar_month(gw.now()).end;
+        let end = plan_limits_core::BillingPeriod::calendar_month(gw.now()).end;
         let expected = end.timestamp() - gw.now().timestamp();
         assert!((t as i64 - expected).abs() <= 2, "t={t} vs {expected}");
     }
@@ -300,7 +300,7 @@ on_every_gateway!(
             &plan_limits_services::process::scratch_dir("other-key"),
         );
         let forged = other.token(
-            &plan_limits_core::config::JwtClaims::default(),
+            &plan_limits_core::JwtClaims::default(),
             &plan_limits_services::jwt::TokenClaims {
                 user: "alice",
                 plan: Some("enterprise"),
@@ -426,7 +426,7 @@ on_every_gateway!(
 );
 
 on_every_gateway!(billings_anchor_day_moves_counts_to_its_period, |gw| {
-    use plan_limits_core::period::BillingPeriod;
+    use plan_limits_core::BillingPeriod;
     for _ in 0..2 {
         assert_eq!(gw.send(&upload("ana", "free")).status, 200);
     }

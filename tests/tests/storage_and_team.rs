@@ -4,7 +4,7 @@
 //! Invites add a member to the subscriber's team (who counts as one) and are refused past the
 //! plan's `team_members`; a removal gives back what the upstream says it removed.
 
-use plan_limits_core::config::Gauge;
+use plan_limits_core::Gauge;
 use plan_limits_services::http::{DEMO_FREED_BYTES, DEMO_REMOVED_MEMBERS};
 use plan_limits_services::usage::{gauge_total, set_gauge_total};
 use plan_limits_tests::*;

@@ -65,7 +65,7 @@ fn an_upload_slower_than_the_reservation_expiry_keeps_its_unit_and_is_counted_on
 #[test]
 fn a_reservation_expiry_too_short_to_be_extended_is_refused() {
     let plans = plans_with(|p| p["redis"]["reservation_ttl_ms"] = 100.into());
-    let err = plan_limits_core::plans::Plans::from_json(plans.as_bytes()).unwrap_err();
+    let err = plan_limits_core::Plans::from_json(plans.as_bytes()).unwrap_err();
     assert_eq!(err.path, "redis.reservation_ttl_ms");
 }
 

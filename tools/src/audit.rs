@@ -15,9 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use plan_limits_core::config::Gauge;
-use plan_limits_core::keys;
-use plan_limits_core::plans::Plans;
+use plan_limits_core::{user_key_parts, Gauge, Plans};
 
 use crate::operator::{self, Redis};
 
@@ -165,7 +163,7 @@ pub struct WorkerRecord {
 
 /// Workers silent for four heartbeats without a goodbye: killed (or cut off from Redis).
 pub fn silent_workers(records: &[WorkerRecord], now_ms: u64) -> Vec<WorkerRecord> {
-    let silence = 4 * plan_limits_core::worker::HEARTBEAT_MS;
+    let silence = 4 * plan_limits_core::HEARTBEAT_MS;
     // (On a cluster a worker has one record per slot: the latest speaks for it.)
     let mut latest: BTreeMap<&str, &WorkerRecord> = BTreeMap::new();
     for r in records {
@@ -427,7 +425,7 @@ impl fmt::Display for Audit {
     }
 }
 
-/// Sorts a user's key (as `keys::user_key_parts` took it apart) into what the audit reads:
+/// Sorts a user's key (as `user_key_parts` took it apart) into what the audit reads:
 /// a monthly summary, a day's counters, a running total, or a pending set.
 pub enum UserKey<'k> {
     Summary { period: &'k str },
@@ -457,7 +455,7 @@ pub fn user_key(rest: &str) -> Option<UserKey<'_>> {
 
 /// The user and kind of `key`, a key of `prefix`'s users.
 pub fn parse_key<'k>(prefix: &str, key: &'k str) -> Option<(String, UserKey<'k>)> {
-    let (user, rest) = keys::user_key_parts(prefix, key)?;
+    let (user, rest) = user_key_parts(prefix, key)?;
     Some((user, user_key(rest)?))
 }
 
@@ -819,7 +817,7 @@ mod tests {
 
     #[test]
     fn a_worker_silent_for_four_heartbeats_without_a_goodbye_is_taken_for_killed() {
-        let heartbeat = plan_limits_core::worker::HEARTBEAT_MS;
+        let heartbeat = plan_limits_core::HEARTBEAT_MS;
         let record = |worker: &str, at_ms, stopped| WorkerRecord {
             worker: worker.into(),
             at_ms,

@@ -8,8 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use plan_limits_core::config::{Config, ConfigError, Unmetered};
-use plan_limits_core::plans::Plans;
+use plan_limits_core::{Config, ConfigError, Plans, Unmetered};
 use serde::Serialize;
 use serde_json::Value;
 

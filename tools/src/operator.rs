@@ -10,13 +10,11 @@
 use std::io::Write;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use plan_limits_core::admin::{self, AdminOp};
-use plan_limits_core::cluster;
-use plan_limits_core::keys::UserKeys;
-use plan_limits_core::plans::Plans;
-use plan_limits_core::redis::{functions, RedisCommand, RedisReply};
-use plan_limits_core::reports::{self, Report, ReportKind};
-use plan_limits_core::responses::LocalResponse;
+use plan_limits_core::{
+    admin_transaction, all_events_streams, functions, history_query, key_slot, usage_query,
+    AdminOp, LocalResponse, Plans, RedisCommand, RedisReply, Report, ReportKind, UserKeys,
+    CLUSTER_SLOTS,
+};
 use plan_limits_services::redis_exec;
 
 /// One entry of `CLUSTER SLOTS`: first and last slot, and its master's host and port.
@@ -93,7 +91,7 @@ impl Redis {
         let Redis::Cluster { conn, .. } = self else {
             return Ok(vec![Master {
                 node: None,
-                slots: vec![(0, cluster::SLOTS - 1)],
+                slots: vec![(0, CLUSTER_SLOTS - 1)],
             }]);
         };
         let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
@@ -171,7 +169,7 @@ impl Redis {
         if let Redis::One(conn) = self {
             return redis_exec::run_atomically(conn, commands);
         }
-        let slot = cluster::key_slot(key.as_bytes());
+        let slot = key_slot(key.as_bytes());
         let node = self
             .masters()?
             .into_iter()
@@ -223,7 +221,7 @@ pub fn usage(
     now: DateTime<Utc>,
 ) -> Result<String, String> {
     let path = period.map_or_else(String::new, |p| format!("/?period={p}"));
-    let kind = reports::usage_query(plans, &path, now).map_err(|r| refusal(&r))?;
+    let kind = usage_query(plans, &path, now).map_err(|r| refusal(&r))?;
     report(conn, plans, kind, user, now)
 }
 
@@ -241,7 +239,7 @@ pub fn history(
         .filter_map(|(name, value)| value.map(|v| format!("{name}={v}")))
         .collect();
     let path = format!("/?{}", query.join("&"));
-    let kind = reports::history_query(plans, &path, now).map_err(|r| refusal(&r))?;
+    let kind = history_query(plans, &path, now).map_err(|r| refusal(&r))?;
     report(conn, plans, kind, user, now)
 }
 
@@ -304,7 +302,7 @@ pub fn apply(
         } => *day,
         _ => recorded_anchor(redis.as_dyn(), plans, user)?,
     };
-    let commands = admin::transaction(plans, user, op, operator, anchor, now)?;
+    let commands = admin_transaction(plans, user, op, operator, anchor, now)?;
     let key = UserKeys::new(&plans.redis.key_prefix, user).entitlement();
     redis.run_atomically_at(&key, &commands)
 }
@@ -423,7 +421,7 @@ pub(crate) fn events_streams(redis: &mut Redis, plans: &Plans) -> Result<Vec<Str
     let base = &plans.redis.events_stream;
     if matches!(redis, Redis::Cluster { .. }) {
         let names: Vec<String> = std::iter::once(base.clone())
-            .chain(cluster::all_events_streams(base))
+            .chain(all_events_streams(base))
             .collect();
         existing(redis, names)
     } else {

@@ -1,7 +1,6 @@
 //! `plan-limits validate`: the plans as a table, one column per plan.
 
-use plan_limits_core::config::Limit;
-use plan_limits_core::plans::{FeatureAccess, Plan, Plans, Terms};
+use plan_limits_core::{FeatureAccess, Limit, Plan, Plans, Terms};
 
 pub fn render(plans: &Plans) -> String {
     let columns = plans.plans();

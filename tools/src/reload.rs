@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use plan_limits_core::plans::Plans;
+use plan_limits_core::Plans;
 use plan_limits_services::envoy;
 
 /// What `reload` did.

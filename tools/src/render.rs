@@ -58,9 +58,7 @@
 //!     claims_to_headers[] {claim, header, override}, from_headers[], keep_token
 //! ```
 
-use plan_limits_core::config::IdentitySource;
-use plan_limits_core::names::{HOLD_ROOT_ID, PLAN_ROOT_ID, REDIS_CLUSTER};
-use plan_limits_core::plans::Plans;
+use plan_limits_core::{IdentitySource, Plans, HOLD_ROOT_ID, PLAN_ROOT_ID, REDIS_CLUSTER};
 use serde_json::{json, Value};
 
 /// Where the filter is deployed.

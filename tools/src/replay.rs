@@ -3,8 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use plan_limits_core::period::BillingPeriod;
-use plan_limits_core::plans::Plans;
+use plan_limits_core::{BillingPeriod, Plans};
 use plan_limits_harness::Harness;
 use plan_limits_services::gateway::Gateway;
 use plan_limits_services::http::{Body, Request};

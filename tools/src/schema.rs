@@ -3,7 +3,7 @@
 //! which plans.json names in `"$schema"` so that editors check and complete it, and its
 //! reference for people as `docs/configuration.md` (`plan-limits schema --markdown`).
 
-use plan_limits_core::config::Config;
+use plan_limits_core::Config;
 use serde_json::Value;
 
 /// The schema as pretty JSON (no trailing newline).

@@ -4,8 +4,7 @@
 
 use std::process::Command;
 
-use plan_limits_core::config::JwtClaims;
-use plan_limits_core::keys;
+use plan_limits_core::{encoded_user, entitlement_key, JwtClaims, UsageKeys};
 use plan_limits_services::jwt::DevKey;
 use plan_limits_services::process::{free_port, scratch_dir};
 use plan_limits_services::redis_server::RedisServer;
@@ -69,7 +68,7 @@ fn set_plan_records_billings_plan_and_refuses_an_unknown_one() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let key = keys::entitlement_key("plan-limits", keys::encoded_user("a b"));
+    let key = entitlement_key("plan-limits", encoded_user("a b"));
     let plan: String = redis::cmd("HGET")
         .arg(&key)
         .arg("plan")
@@ -301,7 +300,7 @@ fn the_operators_changes_reach_a_running_gateway_and_are_on_record() {
     assert!(cli(&["audit", "--period", &period]).contains("no drift"));
     // A counter changed behind the gateway's back is drift, and the audit fails on it.
     let mut redis = gw.redis.connection();
-    let summary = keys::UsageKeys::new("plan-limits", "gia", &period, "upload").summary;
+    let summary = UsageKeys::new("plan-limits", "gia", &period, "upload").summary;
     let counted: u64 = redis::cmd("HGET")
         .arg(&summary)
         .arg("upload")

@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use plan_limits_core::config::{Identity, IdentitySource};
-use plan_limits_core::plans::Plans;
+use plan_limits_core::{Identity, IdentitySource, Plans};
 use plan_limits_services::gateway::Gateway;
 use plan_limits_services::http::{
     Body, Request, Response, DEMO_FREED_BYTES, DEMO_REMOVED_MEMBERS, DEMO_STATUS, UPSTREAM_MARK,
@@ -164,7 +163,7 @@ impl Harness {
     ) -> Result<Self, HostError> {
         let mut plugin = Plugin::load(&build.wasm(), plans_json.as_bytes(), upstreams)?;
         // As envoy.yaml renders it: the hold filter (the same module) right after the filter.
-        plugin.with_second_filter(plan_limits_core::names::HOLD_ROOT_ID);
+        plugin.with_second_filter(plan_limits_core::HOLD_ROOT_ID);
         let vms = (0..vms)
             .map(|_| plugin.start_vm())
             .collect::<Result<Vec<_>, _>>()?;
@@ -480,7 +479,7 @@ fn upstream_answer(status: u16, forwarded: &Pairs, body_bytes: u64) -> Response 
 /// The Envoy cluster plans.json names for Redis calls.
 fn envoy_cluster(plans_json: &str) -> String {
     redis_cluster_named(plans_json, "cluster")
-        .unwrap_or_else(|| plan_limits_core::names::REDIS_CLUSTER.into())
+        .unwrap_or_else(|| plan_limits_core::REDIS_CLUSTER.into())
 }
 
 /// The cluster the usage reads go to, if plans.json gives them their own.

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use plan_limits_core::plans::Plans;
+use plan_limits_core::Plans;
 
 use super::plan::USERS;
 

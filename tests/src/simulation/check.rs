@@ -260,7 +260,7 @@ pub fn check(
             .or_default() += 1;
     }
     for ((user, period, action), events) in &by_counter {
-        let key = plan_limits_core::keys::UsageKeys::new(prefix, user, period, action).summary;
+        let key = plan_limits_core::UsageKeys::new(prefix, user, period, action).summary;
         let counter: u64 = redis::cmd("HGET")
             .arg(&key)
             .arg(action)

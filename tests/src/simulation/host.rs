@@ -7,11 +7,10 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
-use plan_limits_core::config::RedisSettings;
-use plan_limits_core::metrics::{LabeledMetric, Metric};
-use plan_limits_core::redis::{RedisCommand, TransportError};
-use plan_limits_core::responses::LocalResponse;
-use plan_limits_core::worker::{Io, LogLevel, StreamId, Token};
+use plan_limits_core::{
+    Io, LabeledMetric, LocalResponse, LogLevel, Metric, RedisCommand, RedisSettings, StreamId,
+    Token, TransportError,
+};
 
 /// One Envoy's shared data (proxy-wasm's): its workers see the same values and versions.
 pub type SharedData = Rc<RefCell<HashMap<String, (Vec<u8>, u32)>>>;

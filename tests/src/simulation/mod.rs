@@ -19,10 +19,9 @@ use std::collections::{BTreeMap, BinaryHeap, HashSet};
 use std::rc::Rc;
 
 use chrono::{DateTime, TimeZone, Utc};
-use plan_limits_core::admission::Claims;
-use plan_limits_core::metrics::Metric;
-use plan_limits_core::redis::{RedisReply, TransportError};
-use plan_limits_core::worker::{BodyFlow, Flow, ResponseFlow, StreamId, Worker};
+use plan_limits_core::{
+    BodyFlow, Claims, Flow, Metric, RedisReply, ResponseFlow, StreamId, TransportError, Worker,
+};
 
 pub use check::{Report, Violation};
 use host::{SharedData, SimHost, StreamAction};
@@ -199,7 +198,7 @@ struct Call {
     worker: usize,
     generation: u32,
     token: u32,
-    command: plan_limits_core::redis::RedisCommand,
+    command: plan_limits_core::RedisCommand,
     owner: Option<StreamId>,
     sent_ms: u64,
     /// What Redis answered, once it ran the command.
@@ -625,7 +624,7 @@ impl<'r> World<'r> {
         let w = &mut self.envoys[envoy].workers[worker];
         w.host.current = Some(stream);
         let fail_open_before = w.host.count_of(Metric::FailOpen);
-        let head = plan_limits_core::admission::RequestHead::new(&headers, &claims);
+        let head = plan_limits_core::RequestHead::new(&headers, &claims);
         let flow = w
             .worker
             .on_request_headers(stream, head, end_of_stream, now, &mut w.host);
@@ -1052,7 +1051,7 @@ impl<'r> World<'r> {
     /// five minutes after the run (the live workers' heartbeats in, the killed ones' not).
     pub fn audit(&mut self, admin_url: &str) -> plan_limits_tools::audit::Audit {
         for _ in 0..10 {
-            self.now_ms += plan_limits_core::worker::HEARTBEAT_MS;
+            self.now_ms += plan_limits_core::HEARTBEAT_MS;
             for envoy in 0..self.envoys.len() {
                 for worker in 0..self.envoys[envoy].workers.len() {
                     self.tick(envoy, worker);
@@ -1060,7 +1059,7 @@ impl<'r> World<'r> {
             }
             self.drain();
         }
-        let plans = plan_limits_core::plans::Plans::from_json(self.plans.as_bytes())
+        let plans = plan_limits_core::Plans::from_json(self.plans.as_bytes())
             .expect("the simulation's plans");
         let mut redis = plan_limits_tools::operator::Redis::connect(admin_url).expect("Redis");
         let scope = plan_limits_tools::audit::Scope::default();
@@ -1080,7 +1079,7 @@ impl<'r> World<'r> {
             }
         }
         for name in &self.killed {
-            let key = plan_limits_core::keys::applied_batches(&self.prefix, name, None);
+            let key = plan_limits_core::applied_batches(&self.prefix, name, None);
             let recorded: bool = redis::cmd("EXISTS")
                 .arg(&key)
                 .query(self.admin)
@@ -1119,8 +1118,8 @@ impl<'r> World<'r> {
 }
 
 /// The reservation id a single `plan_limits_reserve` call asks under.
-fn reservation_id(command: &plan_limits_core::redis::RedisCommand) -> Option<String> {
-    plan_limits_core::redis::functions::reserve_args(command)
+fn reservation_id(command: &plan_limits_core::RedisCommand) -> Option<String> {
+    plan_limits_core::functions::reserve_args(command)
         .get(3)
         .map(|id| String::from_utf8_lossy(id).into_owned())
 }

@@ -403,7 +403,7 @@ fn main() {
 /// The exhausted user has used the month's uploads already.
 fn exhaust_uploads(redis: &RedisServer) {
     let mut conn = redis.connection();
-    let keys = plan_limits_core::keys::UsageKeys::new(
+    let keys = plan_limits_core::UsageKeys::new(
         &plan_limits_services::usage::prefix(),
         bench::EXHAUSTED_USER,
         &plan_limits_services::usage::this_period(),
@@ -593,7 +593,7 @@ fn case_baseline(cases: &[Case]) -> &Case {
 fn tokens_file(rig: &Rig, case: &Case, users: u32) -> PathBuf {
     let (user, plan) = case.caller.expect("a caller");
     let path = rig.dir.join(format!("tokens-{}-{users}", case.name));
-    let claims = plan_limits_core::config::JwtClaims::default();
+    let claims = plan_limits_core::JwtClaims::default();
     let mut text = String::new();
     for i in 0..users {
         let user = format!("{user}-{i}");

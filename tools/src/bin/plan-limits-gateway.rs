@@ -35,7 +35,7 @@ fn main() {
         .unwrap_or_else(|_| plan_limits_services::repo_root().join("plans.json"));
     let plans_json = std::fs::read_to_string(&plans)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", plans.display()));
-    if let Err(e) = plan_limits_core::plans::Plans::from_json(plans_json.as_bytes()) {
+    if let Err(e) = plan_limits_core::Plans::from_json(plans_json.as_bytes()) {
         eprintln!("{}: {e}", plans.display());
         std::process::exit(1);
     }
@@ -55,8 +55,8 @@ fn main() {
         return;
     }
     let started = Instant::now();
-    let compiled = plan_limits_core::plans::Plans::from_json(plans_json.as_bytes())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let compiled =
+        plan_limits_core::Plans::from_json(plans_json.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
     let gw = EnvoyGateway::start(GatewayOptions {
         plans_json,
         ports: Some(ports),

@@ -43,8 +43,7 @@ use plan_limits_tools::run_record::{self, RunRecord};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use plan_limits_core::admin::AdminOp;
-use plan_limits_core::plans::Plans;
+use plan_limits_core::{AdminOp, Plans};
 use plan_limits_services::gateway::Ports;
 use plan_limits_services::jwt::{DevKey, TokenClaims};
 use plan_limits_tools::diff::Side;
