@@ -234,10 +234,22 @@ pub fn bench_plans() -> String {
 
 /// Envoy's config (the builder's) with the plan filter and its hold filter replaced for the
 /// reference cases; `empty_wasm` is the empty filter's module (`Filters::EmptyWasm`).
-pub fn envoy_config(params: &EnvoyParams, filters: Filters, empty_wasm: &Path) -> String {
+/// With `timeline_log`, every request's phases go to that file (`with_timeline_log`).
+pub fn envoy_config(
+    params: &EnvoyParams,
+    filters: Filters,
+    empty_wasm: &Path,
+    timeline_log: Option<&Path>,
+) -> String {
     let mut config = envoy::config(params).expect("Envoy's config");
+    if let Some(path) = timeline_log {
+        with_timeline_log(&mut config, path);
+    }
     let replacement: Vec<Value> = match filters {
-        Filters::PlanLimits => return envoy::render(params).expect("Envoy's config"),
+        Filters::PlanLimits if timeline_log.is_none() => {
+            return envoy::render(params).expect("Envoy's config")
+        }
+        Filters::PlanLimits => return envoy::to_yaml(&config).expect("Envoy's config"),
         Filters::None => Vec::new(),
         Filters::LocalRateLimit => vec![json!({
             "name": "envoy.filters.http.local_ratelimit",
@@ -280,6 +292,77 @@ pub fn envoy_config(params: &EnvoyParams, filters: Filters, empty_wasm: &Path) -
     });
     http_filters.splice(at..at, replacement);
     envoy::to_yaml(&config).expect("Envoy's config")
+}
+
+/// One request's life as Envoy's access log times it: each phase between two of Envoy's timing
+/// points (`%COMMON_DURATION(FROM:TO:us)%`; DS: the client's side, US: the upstream's, RX/TX:
+/// receiving/sending, BEG/END: the first/last byte). Between the request's end and the
+/// upstream's first byte sent run `jwt_authn`, our filter and its reservation's round trip;
+/// between the upstream's first byte and the client's, the response filters and the wait for
+/// a success's commit (read-your-writes).
+pub const TIMELINE: [(&str, &str, &str); 5] = [
+    ("before_upstream", "DS_RX_END", "US_TX_BEG"),
+    ("upstream", "US_TX_BEG", "US_RX_BEG"),
+    ("after_upstream", "US_RX_BEG", "DS_TX_BEG"),
+    ("to_client", "DS_TX_BEG", "DS_TX_END"),
+    ("in_envoy", "DS_RX_BEG", "DS_TX_END"),
+];
+
+/// Adds to Envoy's `config` an access log of every request's `TIMELINE`, one JSON object a
+/// line, in `path`.
+pub fn with_timeline_log(config: &mut Value, path: &Path) {
+    let format: serde_json::Map<String, Value> = TIMELINE
+        .iter()
+        .map(|(name, from, to)| {
+            (
+                name.to_string(),
+                json!(format!("%COMMON_DURATION({from}:{to}:us)%")),
+            )
+        })
+        .collect();
+    let manager = config
+        .pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config")
+        .and_then(Value::as_object_mut)
+        .expect("the gateway's HTTP connection manager");
+    manager.insert(
+        "access_log".into(),
+        json!([{
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": path.display().to_string(),
+                "log_format": {"json_format": format},
+            },
+        }]),
+    );
+}
+
+/// Each `TIMELINE` phase's median and 90th percentile (µs) over an access log's lines, and how
+/// many requests had it (a request no upstream was sent has no upstream phases).
+pub fn timeline(log: &str) -> Vec<(&'static str, usize, f64, f64)> {
+    let lines: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    TIMELINE
+        .iter()
+        .map(|(name, _, _)| {
+            let mut values: Vec<f64> = lines
+                .iter()
+                .filter_map(|l| match &l[*name] {
+                    Value::Number(n) => n.as_f64(),
+                    Value::String(s) => s.parse().ok(),
+                    _ => None,
+                })
+                .collect();
+            values.sort_by(f64::total_cmp);
+            let at = |q: f64| {
+                let i = ((values.len() as f64 - 1.0) * q).round() as usize;
+                values.get(i).copied().unwrap_or(f64::NAN)
+            };
+            (*name, values.len(), at(0.5), at(0.9))
+        })
+        .collect()
 }
 
 /// Assembles `bench/empty-filter.wat` (binaryen's `wasm-as`) into `dir`.
@@ -551,7 +634,7 @@ mod tests {
         };
         let empty = Path::new("/empty.wasm");
         let names = |filters: Filters| -> Vec<String> {
-            let yaml = envoy_config(&params, filters, empty);
+            let yaml = envoy_config(&params, filters, empty, None);
             let mut config: Value = serde_norway::from_str(&yaml).unwrap();
             envoy::http_filters_mut(&mut config)
                 .unwrap()
@@ -587,7 +670,7 @@ mod tests {
         );
         for filters in [Filters::None, Filters::LocalRateLimit] {
             let path = dir.join("envoy.yaml");
-            std::fs::write(&path, envoy_config(&params, filters, empty)).unwrap();
+            std::fs::write(&path, envoy_config(&params, filters, empty, None)).unwrap();
             let out = Command::new(envoy::envoy_bin())
                 .args(["--mode", "validate", "--use-dynamic-base-id", "-c"])
                 .arg(&path)
@@ -599,6 +682,33 @@ mod tests {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+    }
+
+    #[test]
+    fn a_timeline_log_is_read_phase_by_phase() {
+        let mut config = json!({"static_resources": {"listeners": [{"filter_chains": [{"filters": [{"typed_config": {}}]}]}]}});
+        with_timeline_log(&mut config, Path::new("/tmp/t.log"));
+        let format = &config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"]["access_log"][0]["typed_config"]["log_format"]["json_format"];
+        assert_eq!(
+            format["before_upstream"],
+            "%COMMON_DURATION(DS_RX_END:US_TX_BEG:us)%"
+        );
+        // Envoy writes a duration as a number, and "-" when a point was never reached.
+        let log = (1..=10)
+            .map(|i| {
+                format!(
+                    r#"{{"before_upstream":{},"upstream":"-","in_envoy":"{}"}}"#,
+                    i * 100,
+                    i
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let phases = timeline(&log);
+        assert_eq!(phases[0], ("before_upstream", 10, 600.0, 900.0));
+        assert_eq!(phases[1].1, 0, "no request reached the upstream");
+        assert_eq!(phases[4], ("in_envoy", 10, 6.0, 9.0));
     }
 
     #[test]

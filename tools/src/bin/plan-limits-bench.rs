@@ -8,6 +8,11 @@
 //! 1,1000,100000] [--growth-routes 10,1000] [--cases limited,unlimited] [--out DIR]
 //! [--perf HZ] [--compare A.wasm,B.wasm]`; `--compare` measures other builds in the same
 //! rotation (their cases named `<case>@<file stem>`); `--perf` records Envoy's stacks during each case's load (`make profile`).
+//!
+//! `--timeline 1,4,32,128` measures instead where one request's time goes at each of those
+//! connection counts (the chosen cases, else the limited and unlimited ones): Envoy's access
+//! log times each phase (`bench::TIMELINE`), Redis says how long its calls took, wrk how long
+//! the client waited; written to `<out>/timeline.json` (`bench/tables.py` prints it).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +40,8 @@ struct Options {
     /// `perf record` Envoy during each case's load (not the baselines'), into
     /// `<out>/<case>-<port>.perf.data`, with this many samples a second.
     perf: Option<u32>,
+    /// Measure one request's timeline at these connection counts instead (`timeline`).
+    timeline: Vec<u32>,
     out: PathBuf,
 }
 
@@ -48,6 +55,7 @@ fn options() -> Options {
         only: Vec::new(),
         perf: None,
         compare: Vec::new(),
+        timeline: Vec::new(),
         out: plan_limits_services::repo_root().join("bench"),
     };
     let list = |v: &str| -> Vec<u32> {
@@ -70,6 +78,7 @@ fn options() -> Options {
             "--out" => o.out = PathBuf::from(value),
             "--compare" => o.compare = value.split(',').map(PathBuf::from).collect(),
             "--perf" => o.perf = Some(value.parse().expect("--perf SAMPLES_PER_SECOND")),
+            "--timeline" => o.timeline = list(value),
             _ => panic!("unknown option {flag}"),
         }
     }
@@ -96,7 +105,7 @@ type RunningEnvoy = (Service, u16, u16);
 impl Rig {
     /// An Envoy of `filters` with `plans`, on one worker.
     fn envoy(&self, name: &str, filters: Filters, plans: &str) -> (Service, u16, u16) {
-        self.envoy_of(name, filters, plans, &self.wasm)
+        self.envoy_of(name, filters, plans, &self.wasm, None)
     }
 
     /// The same with the filter built as `wasm`.
@@ -106,6 +115,7 @@ impl Rig {
         filters: Filters,
         plans: &str,
         wasm: &Path,
+        timeline_log: Option<&Path>,
     ) -> (Service, u16, u16) {
         let (port, admin) = (free_port(), free_port());
         let params = EnvoyParams {
@@ -123,7 +133,7 @@ impl Rig {
         let envoy = envoy::start(EnvoyOptions {
             name,
             dir: &self.dir,
-            config: &bench::envoy_config(&params, filters, &self.empty_wasm),
+            config: &bench::envoy_config(&params, filters, &self.empty_wasm, timeline_log),
             concurrency: 1,
             hot_restart: None,
             port,
@@ -242,6 +252,10 @@ fn main() {
     };
     let plans = bench::bench_plans();
     exhaust_uploads(&rig.redis);
+    if !o.timeline.is_empty() {
+        timeline(&rig, &o);
+        return;
+    }
 
     // Every case's Envoy, started once; each repetition runs a case right after its baseline.
     let cases = bench::cases();
@@ -279,7 +293,8 @@ fn main() {
                 .map(|other| {
                     let build = build_name(other);
                     let name = format!("{}-{build}", case.name);
-                    let envoy = rig.envoy_of(&name, case.filters, &bench::plans_of(case), other);
+                    let envoy =
+                        rig.envoy_of(&name, case.filters, &bench::plans_of(case), other, None);
                     (build, envoy)
                 })
                 .collect()
@@ -652,4 +667,93 @@ fn redis_used_memory(redis: &RedisServer) -> u64 {
         .find_map(|l| l.strip_prefix("used_memory:"))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// Where one request's time goes, at each of `--timeline`'s connection counts: a fresh Envoy
+/// per count (stopped with SIGTERM, so that its access log is written out), wrk's load, then
+/// each phase's median and 90th percentile from the log, what wrk saw, and the mean time
+/// Redis spent in each function call.
+fn timeline(rig: &Rig, o: &Options) {
+    let cases = bench::cases();
+    let chosen: Vec<&Case> = cases
+        .iter()
+        .filter(|c| match o.only.is_empty() {
+            true => matches!(c.name, "limited" | "unlimited"),
+            false => o.only.iter().any(|n| n == c.name),
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for case in chosen {
+        for &connections in &o.timeline {
+            let name = format!("{}-timeline-{connections}", case.name);
+            let log = rig.dir.join(format!("{name}.log.json"));
+            let _ = std::fs::remove_file(&log);
+            let (mut envoy, port, _) = rig.envoy_of(
+                &name,
+                case.filters,
+                &bench::plans_of(case),
+                &rig.wasm,
+                Some(&log),
+            );
+            let files = rig.files(case, None);
+            let _ = bench::run_wrk(&rig.script, port, case, connections, 1, &files); // warm-up
+            std::fs::write(&log, "").expect("empty the warm-up's log");
+            let redis_before = redis_fcall_usec(&rig.redis);
+            let (figures, _) =
+                bench::run_wrk(&rig.script, port, case, connections, o.seconds, &files);
+            let redis_after = redis_fcall_usec(&rig.redis);
+            // SAFETY: a signal to our own child; Envoy writes its logs out as it exits.
+            unsafe { libc::kill(envoy.pid() as i32, libc::SIGTERM) };
+            envoy.wait_exit(std::time::Duration::from_secs(10));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let phases: serde_json::Map<String, Value> = bench::timeline(&text)
+                .into_iter()
+                .map(|(phase, n, p50, p90)| {
+                    (
+                        phase.to_string(),
+                        json!({"requests": n, "p50_us": p50, "p90_us": p90}),
+                    )
+                })
+                .collect();
+            let redis_calls = redis_after.0.saturating_sub(redis_before.0).max(1);
+            let redis_us = redis_after.1.saturating_sub(redis_before.1) as f64 / redis_calls as f64;
+            let row = json!({
+                "case": case.name,
+                "label": case.label,
+                "connections": connections,
+                "rps": figures.rps,
+                "wrk_p50_us": figures.p50_us,
+                "wrk_p99_us": figures.p99_us,
+                "redis_us_per_call": redis_us,
+                "redis_calls_per_request": redis_calls as f64 / figures.requests.max(1) as f64,
+                "phases": phases,
+            });
+            println!("{row}");
+            rows.push(row);
+        }
+    }
+    let out = o.out.join("timeline.json");
+    let doc = json!({"machine": bench::machine(), "seconds": o.seconds, "rows": rows});
+    std::fs::write(&out, serde_json::to_string_pretty(&doc).unwrap() + "\n")
+        .unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+    println!("timeline written to {}", out.display());
+}
+
+/// Redis's function calls so far (`FCALL` and `EVALSHA`) and the microseconds it spent in them.
+fn redis_fcall_usec(redis: &RedisServer) -> (u64, u64) {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.connection())
+        .unwrap_or_default();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_fcall:") || l.starts_with("cmdstat_evalsha:"))
+        .map(|l| {
+            let field = |name: &str| {
+                l.split([':', ','])
+                    .find_map(|kv| kv.strip_prefix(name)?.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            (field("calls="), field("usec="))
+        })
+        .fold((0, 0), |(c, u), (c2, u2)| (c + c2, u + u2))
 }
