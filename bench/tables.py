@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Prints the README's tables from the bench's results: the cases (`make bench`'s
-bench/results.json), the CPU each process used per request, how the cost grows, and, given a
-second file, `make profile`'s layers (target/profile/layers/results.json)."""
+"""Prints docs/performance.md's tables from the bench's results: the cases (`make bench`'s
+bench/results.json), the CPU each process used per request, how the cost grows; given a
+second file, `make profile`'s layers (bench/profile.json); given a third, one request's
+timeline (`plan-limits-bench --timeline`, bench/timeline.json)."""
 import json
 import sys
 
 results = json.load(open(sys.argv[1] if len(sys.argv) > 1 else "bench/results.json"))
 layers = json.load(open(sys.argv[2])) if len(sys.argv) > 2 else None
+timeline = json.load(open(sys.argv[3])) if len(sys.argv) > 3 else None
 
 
 def spread(stat, fmt="{:.2f}"):
@@ -65,3 +67,22 @@ if layers:
         jit_share = jit[len(jit) // 2] if jit else 0
         print(f'| {c["label"]} | {envoy:.0f} | {jit_share:.0f} % ({envoy * jit_share / 100:.0f} µs) '
               f'| {c["ratio"]["median"]:.2f} ({spread(c["ratio"])}) |')
+
+if timeline:
+    print()
+    print("| case | connections | req/s | client waited, p50 (wrk) | in Envoy, p50 | before the upstream: p50 (p90) "
+          "| upstream | after the upstream: p50 (p90) | Redis per call | Redis calls per request |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in timeline["rows"]:
+        ph = r["phases"]
+        def p50(name):
+            v = ph.get(name, {}).get("p50_us")
+            return "–" if v is None or v != v else f"{v:,.0f} µs"
+        def both(name):
+            v = ph.get(name, {})
+            if v.get("p50_us") is None or v["p50_us"] != v["p50_us"]:
+                return "–"
+            return f'{v["p50_us"]:,.0f} µs ({v["p90_us"]:,.0f})'
+        print(f'| {r["label"]} | {r["connections"]} | {r["rps"]:,.0f} | {r["wrk_p50_us"]:,.0f} µs | {p50("in_envoy")} '
+              f'| {both("before_upstream")} | {p50("upstream")} | {both("after_upstream")} '
+              f'| {r["redis_us_per_call"]:.0f} µs | {r["redis_calls_per_request"]:.2f} |')

@@ -365,6 +365,18 @@ pub fn timeline(log: &str) -> Vec<(&'static str, usize, f64, f64)> {
         .collect()
 }
 
+/// A percentile (`P50`, `P90`) since Envoy started of the filter's Redis round trips for
+/// `call`, from its admin `/stats` text (`...call=.=reserve;.;plan_limits_redis_round_trip_us:
+/// P0(nan,225) ... P50(nan,530.5) ...`: the second value is the cumulative one).
+pub fn histogram_percentile(stats: &str, call: &str, quantile: &str) -> Option<f64> {
+    let line = stats
+        .lines()
+        .find(|l| l.contains(&format!("call=.={call};.;")))?;
+    let at = line.find(&format!(" {quantile}("))? + quantile.len() + 2;
+    let inside = line.get(at..)?.split(')').next()?;
+    inside.split(',').nth(1)?.trim().parse().ok()
+}
+
 /// Assembles `bench/empty-filter.wat` (binaryen's `wasm-as`) into `dir`.
 pub fn empty_wasm(dir: &Path) -> std::path::PathBuf {
     let source = plan_limits_services::repo_root().join("bench/empty-filter.wat");
@@ -709,6 +721,16 @@ mod tests {
         assert_eq!(phases[0], ("before_upstream", 10, 600.0, 900.0));
         assert_eq!(phases[1].1, 0, "no request reached the upstream");
         assert_eq!(phases[4], ("in_envoy", 10, 6.0, 9.0));
+    }
+
+    #[test]
+    fn a_round_trip_percentile_is_read_from_envoys_stats() {
+        let stats = "wasmcustom.call=.=reserve;.;plan_limits_redis_round_trip_us: P0(nan,225) P50(nan,530.5) P90(nan,2817)\n\
+                     wasmcustom.call=.=settle;.;plan_limits_redis_round_trip_us: P0(nan,285) P50(3.5,1749.2) P90(nan,4074)";
+        assert_eq!(histogram_percentile(stats, "reserve", "P50"), Some(530.5));
+        assert_eq!(histogram_percentile(stats, "settle", "P50"), Some(1749.2));
+        assert_eq!(histogram_percentile(stats, "settle", "P90"), Some(4074.0));
+        assert_eq!(histogram_percentile(stats, "read", "P50"), None);
     }
 
     #[test]

@@ -688,7 +688,7 @@ fn timeline(rig: &Rig, o: &Options) {
             let name = format!("{}-timeline-{connections}", case.name);
             let log = rig.dir.join(format!("{name}.log.json"));
             let _ = std::fs::remove_file(&log);
-            let (mut envoy, port, _) = rig.envoy_of(
+            let (mut envoy, port, admin) = rig.envoy_of(
                 &name,
                 case.filters,
                 &bench::plans_of(case),
@@ -702,6 +702,18 @@ fn timeline(rig: &Rig, o: &Options) {
             let (figures, _) =
                 bench::run_wrk(&rig.script, port, case, connections, o.seconds, &files);
             let redis_after = redis_fcall_usec(&rig.redis);
+            let stats =
+                plan_limits_services::http::get(admin, "/stats?filter=round_trip_us").body_text();
+            let round_trips: serde_json::Map<String, Value> = ["reserve", "settle"]
+                .into_iter()
+                .map(|call| {
+                    let p = |q: &str| bench::histogram_percentile(&stats, call, q);
+                    (
+                        call.to_string(),
+                        json!({"p50_us": p("P50"), "p90_us": p("P90")}),
+                    )
+                })
+                .collect();
             // SAFETY: a signal to our own child; Envoy writes its logs out as it exits.
             unsafe { libc::kill(envoy.pid() as i32, libc::SIGTERM) };
             envoy.wait_exit(std::time::Duration::from_secs(10));
@@ -727,6 +739,7 @@ fn timeline(rig: &Rig, o: &Options) {
                 "redis_us_per_call": redis_us,
                 "redis_calls_per_request": redis_calls as f64 / figures.requests.max(1) as f64,
                 "phases": phases,
+                "filter_round_trip_us": round_trips,
             });
             println!("{row}");
             rows.push(row);
