@@ -117,6 +117,8 @@ pub struct Recorder {
     pub recorded: Vec<(LabeledMetric, i64)>,
     /// Callbacks run on a stream's context (calls die with it), not the root's.
     pub on_a_stream: bool,
+    /// The stream whose callback runs, as the host says (`Io::current_stream`).
+    pub current: Option<StreamId>,
     pub logs: Vec<(LogLevel, String)>,
     pub shared: HashMap<String, (Vec<u8>, u32)>,
     pub done: u32,
@@ -141,6 +143,9 @@ impl Io for Recorder {
             self.sent.push((self.next_token, command.clone()));
         }
         Ok(self.next_token)
+    }
+    fn current_stream(&self) -> Option<StreamId> {
+        self.current
     }
     fn respond(&mut self, stream: StreamId, response: &LocalResponse) {
         if self.lean {

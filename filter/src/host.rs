@@ -162,6 +162,10 @@ impl Io for Host<'_> {
         transport::send(redis, command)
     }
 
+    fn current_stream(&self) -> Option<StreamId> {
+        (self.current != self.root).then_some(self.current)
+    }
+
     fn answers_outlive_streams(&self) -> bool {
         // The SDK hands an HTTP call's answer to the context whose callback made it, and
         // drops it once that context is gone: only the root's outlive every stream. (Redis

@@ -75,6 +75,9 @@ pub trait Io {
         redis: &RedisSettings,
         command: &RedisCommand,
     ) -> Result<Token, TransportError>;
+    /// The stream whose callback runs (`None`: the root's), whose context a call sent now
+    /// belongs to.
+    fn current_stream(&self) -> Option<StreamId>;
     /// Answers the client of `stream` with `response` instead of the upstream.
     fn respond(&mut self, stream: StreamId, response: &LocalResponse);
     /// Sets a request header of `stream` (replacing any), before it goes upstream.
@@ -271,19 +274,50 @@ struct Calls {
     waiting_reservations: Vec<(StreamId, RedisCommand)>,
 }
 
-/// A call in flight: who waits for its answer, and when it was sent.
+/// A call in flight: who waits for its answer, when it was sent, and the stream it was sent
+/// as, if its answer dies with that stream.
 struct Call {
     waiter: Waiter,
     sent_at: DateTime<Utc>,
+    owner: Option<StreamId>,
 }
 
 impl Calls {
     fn sent(&mut self, token: Token, waiter: Waiter, now: DateTime<Utc>) {
+        self.sent_as(token, waiter, None, now);
+    }
+
+    fn sent_as(
+        &mut self,
+        token: Token,
+        waiter: Waiter,
+        owner: Option<StreamId>,
+        now: DateTime<Utc>,
+    ) {
         let call = Call {
             waiter,
             sent_at: now,
+            owner,
         };
         self.in_flight.insert(token, call);
+    }
+
+    /// The settlement batches sent as `stream`, whose answers can no longer come: forgotten,
+    /// and their groups named so that they go again.
+    fn orphaned_batches(&mut self, stream: StreamId) -> Vec<Group> {
+        let tokens: Vec<Token> = self
+            .in_flight
+            .iter()
+            .filter(|(_, c)| c.owner == Some(stream) && matches!(c.waiter, Waiter::Batch(_)))
+            .map(|(token, _)| *token)
+            .collect();
+        tokens
+            .into_iter()
+            .filter_map(|token| match self.in_flight.remove(&token)?.waiter {
+                Waiter::Batch(group) => Some(group),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Reports waiting for their answer.
@@ -575,7 +609,10 @@ impl Worker {
         io: &mut dyn Io,
     ) {
         // Unknown: its stream ended meanwhile (and released what it held).
-        let Some(Call { waiter, sent_at }) = self.calls.in_flight.remove(&token) else {
+        let Some(Call {
+            waiter, sent_at, ..
+        }) = self.calls.in_flight.remove(&token)
+        else {
             return;
         };
         let call = match waiter {

@@ -194,11 +194,9 @@ impl Worker {
         }
         self.queue(settlement, io);
         if awaits {
-            // Sent at once where its answer outlives the stream (else at the next tick,
-            // which comes every millisecond while a response waits).
-            if io.answers_outlive_streams() {
-                self.flush(now, io);
-            }
+            // Sent at once: where answers die with their stream, as this stream, which its
+            // held response keeps alive until the answer comes.
+            self.flush(now, io);
             ResponseFlow::AwaitCommit
         } else {
             ResponseFlow::Continue
@@ -208,7 +206,9 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
+    use crate::settlement_queue::Group;
     use crate::worker::fixtures::*;
+    use crate::worker::Worker;
 
     #[test]
     fn a_successful_delete_gives_back_the_bytes_the_upstream_freed() {
@@ -451,6 +451,57 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_sent_from_a_stream_that_ends_before_its_answer_goes_again_as_it_was() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        for stream in [1, 2] {
+            send(&mut w, stream, &upload("u"), &mut io);
+            let (token, _) = io.last_sent();
+            w.on_reply(token, granted(), now(), &mut io);
+        }
+        let batch = |w: &Worker| {
+            let items = w.settlements.in_flight(Group::All);
+            let waiters: Vec<_> = items.iter().map(|s| s.waiter).collect();
+            (w.settlements.in_flight_seq(Group::All), waiters)
+        };
+        io.on_a_stream = true;
+        io.current = Some(1);
+        w.on_response_headers(1, 200, None, now(), &mut io);
+        let (first, _) = io.last_sent();
+        let sent = batch(&w);
+        assert_eq!(sent, (1, vec![Some(1)]));
+        // Stream 2's commit waits for that batch; then stream 1's client leaves: that batch's
+        // answer cannot come now, and nothing held can send it again but the root.
+        io.current = Some(2);
+        w.on_response_headers(2, 200, None, now(), &mut io);
+        assert_eq!(io.last_sent().0, first, "one batch in flight at a time");
+        io.current = Some(1);
+        w.on_stream_end(1, true, now(), &mut io);
+        assert_eq!(
+            io.last_sent().0,
+            first,
+            "not from an ended stream's callback"
+        );
+        // The root's tick sends it again: the same batch, number and items (Redis applies
+        // it once).
+        (io.on_a_stream, io.current) = (false, None);
+        w.on_tick(now(), &mut io);
+        let (again, _) = io.last_sent();
+        assert_ne!(again, first);
+        assert_eq!(batch(&w), sent);
+        // The first call's answer, should it come after all, is nobody's.
+        w.on_reply(first, settled(&[1]), now(), &mut io);
+        assert!(io.responses_resumed.is_empty());
+        // The resent batch's answer sends stream 2's commit, whose answer lets it go.
+        w.on_reply(again, settled(&[1]), now(), &mut io);
+        let (last, _) = io.last_sent();
+        assert_eq!(batch(&w).1, [Some(2)]);
+        w.on_reply(last, settled(&[1]), now(), &mut io);
+        assert_eq!(io.responses_resumed, [2]);
+        assert_eq!(w.queued_settlements(), 0);
+    }
+
+    #[test]
     fn a_limited_success_reaches_its_client_once_redis_has_counted_it() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
@@ -458,19 +509,16 @@ mod tests {
         let (token, _) = io.last_sent();
         w.on_reply(token, granted(), now(), &mut io);
         // (The webdis build: a call made on the stream's context would die with it.)
-        io.on_a_stream = true;
-        let flow = w.on_response_headers(1, 200, None, now(), &mut io);
-        io.on_a_stream = false;
-        assert_eq!(flow, ResponseFlow::AwaitCommit);
-        assert!(
-            w.wants_tick_soon(),
-            "its commit goes at the next tick, not the next flush"
-        );
+        (io.on_a_stream, io.current) = (true, Some(1));
         let sent = io.sent.len();
-        w.on_tick(now(), &mut io);
+        let flow = w.on_response_headers(1, 200, None, now(), &mut io);
+        (io.on_a_stream, io.current) = (false, None);
+        assert_eq!(flow, ResponseFlow::AwaitCommit);
+        // Its commit goes at once, not at a tick: from the stream's own callback, which its
+        // held response keeps alive until the answer comes.
         assert_eq!(io.sent.len(), sent + 1);
-        assert!(io.responses_resumed.is_empty(), "not before Redis answers");
         let (token, _) = io.last_sent();
+        assert!(io.responses_resumed.is_empty(), "not before Redis answers");
         w.on_reply(token, settled(&[1]), now(), &mut io);
         assert_eq!(io.responses_resumed, [1]);
         assert!(!w.wants_tick_soon());

@@ -14,7 +14,7 @@ use crate::settlement::Settlement;
 use crate::settlement_queue::{BatchReport, Group, APPLIED_MEMORY_MS};
 
 use super::fail_open::add_unsettled_pass;
-use super::{invoke, Io, LogLevel, Stream, Waiter, Worker, HEARTBEAT_MS};
+use super::{invoke, Io, LogLevel, Stream, StreamId, Waiter, Worker, HEARTBEAT_MS};
 
 /// Records of lost settlements kept per worker until Redis takes them (one per user, action,
 /// period and reason); beyond this many, a loss is counted and logged only.
@@ -179,7 +179,23 @@ impl Worker {
         let redis = &plans.redis;
         let now_ms = unix_millis(now);
         self.queue_losses();
+        let outlive = io.answers_outlive_streams();
         for group in self.settlements.start_batches(now_ms) {
+            // Where an answer dies with the stream a call was made on, a batch goes from a
+            // stream's callback only if that stream's response is held for a commit: it lives
+            // until the answer comes (or its end sends the batch again). The rest waits for
+            // another held stream's callback or the root's tick, which comes 2 ms late at
+            // best (Envoy's timers), far longer than a commit's round trip.
+            let owner = match outlive {
+                true => None,
+                false => match io.current_stream().filter(|s| self.is_held(*s)) {
+                    Some(stream) => Some(stream),
+                    None => {
+                        self.settlements.unstart(group);
+                        continue;
+                    }
+                },
+            };
             let seq = self.settlements.in_flight_seq(group);
             let queued = self.queued_settlements();
             let command = self.settle_command(
@@ -194,7 +210,7 @@ impl Worker {
             match invoke(io, redis, command) {
                 Ok(token) => {
                     self.said_goodbye |= self.stopping;
-                    self.calls.sent(token, Waiter::Batch(group), now);
+                    self.calls.sent_as(token, Waiter::Batch(group), owner, now);
                 }
                 Err(e) if self.redis_down_since_ms.is_none() => {
                     self.note_redis(false, now, io);
@@ -204,6 +220,14 @@ impl Worker {
                 Err(e) => self.apply_batch_reply(group, Err(e), now, io),
             }
         }
+    }
+
+    /// Whether `stream`'s response is held for its commit.
+    fn is_held(&self, stream: StreamId) -> bool {
+        matches!(
+            self.streams.get(&stream),
+            Some(Stream::Metered(entry)) if entry.awaiting_commit_until.is_some()
+        )
     }
 
     /// The `plan_limits_settle` call of `items` as `group`'s batch number `seq` (no items: the
@@ -577,10 +601,8 @@ mod tests {
         // The session the upstream opened, as plans.json lists for AI analyses.
         assert_eq!(w.response_metadata_wanted(1), ["x-session-id"]);
         w.on_response_metadata(1, "x-session-id", b"s-42");
-        io.on_a_stream = true; // (queued for the next tick, not sent at once)
         w.on_response_headers(1, 200, None, now(), &mut io);
-        assert_eq!(w.settlements.len(), 1);
-        let s = &w.settlements.start_batch(0).unwrap()[0];
+        let s = &w.settlements.in_flight(Group::All)[0];
         assert_eq!(
             (
                 s.mode,

@@ -39,11 +39,20 @@ impl Worker {
         self.calls
             .waiting_reservations
             .retain(|(waiting, _)| *waiting != stream);
+        // A batch sent as it (for its held response) gets no answer now: it goes again as
+        // it was (Redis applies it once), as another held response's or at the root's tick.
+        let orphaned = self.calls.orphaned_batches(stream);
+        for group in &orphaned {
+            self.settlements.unstart(*group);
+        }
         let Some(plans) = self.plans.clone() else {
             return;
         };
         let settlement = entry.request.on_end(reached, now, &plans.redis);
         self.queue(settlement, io);
+        if !orphaned.is_empty() {
+            self.flush(now, io);
+        }
     }
 }
 

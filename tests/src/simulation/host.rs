@@ -81,6 +81,10 @@ impl Io for SimHost {
         Ok(self.next_token)
     }
 
+    fn current_stream(&self) -> Option<StreamId> {
+        self.current
+    }
+
     fn respond(&mut self, stream: StreamId, response: &LocalResponse) {
         self.actions
             .push(StreamAction::Respond(stream, response.status));
