@@ -71,8 +71,9 @@ if layers:
 if timeline:
     print()
     print("| case | connections | req/s | client waited, p50 (wrk) | in Envoy, p50 | before the upstream: p50 (p90) "
-          "| upstream | after the upstream: p50 (p90) | Redis per call | Redis calls per request |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| upstream | after the upstream: p50 (p90) | filter's round trip p50: reserve, settle "
+          "| Redis per call | Redis calls per request |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in timeline["rows"]:
         ph = r["phases"]
         def p50(name):
@@ -83,6 +84,9 @@ if timeline:
             if v.get("p50_us") is None or v["p50_us"] != v["p50_us"]:
                 return "–"
             return f'{v["p50_us"]:,.0f} µs ({v["p90_us"]:,.0f})'
+        def trip(call):
+            v = r.get("filter_round_trip_us", {}).get(call, {}).get("p50_us")
+            return "–" if v is None else f"{v:,.0f}"
         print(f'| {r["label"]} | {r["connections"]} | {r["rps"]:,.0f} | {r["wrk_p50_us"]:,.0f} µs | {p50("in_envoy")} '
               f'| {both("before_upstream")} | {p50("upstream")} | {both("after_upstream")} '
-              f'| {r["redis_us_per_call"]:.0f} µs | {r["redis_calls_per_request"]:.2f} |')
+              f'| {trip("reserve")}, {trip("settle")} µs | {r["redis_us_per_call"]:.0f} µs | {r["redis_calls_per_request"]:.2f} |')

@@ -106,6 +106,7 @@ fn the_performance_pages_tables_are_what_bench_tables_py_prints() {
             "bench/tables.py",
             "bench/results.json",
             "bench/profile.json",
+            "bench/timeline.json",
         ])
         .output()
         .expect("python3 runs bench/tables.py");
@@ -120,12 +121,12 @@ fn the_performance_pages_tables_are_what_bench_tables_py_prints() {
         .split("\n\n")
         .filter(|t| !t.trim().is_empty())
         .collect();
-    assert!(tables.len() >= 3, "tables.py printed:\n{printed}");
+    assert!(tables.len() >= 5, "tables.py printed:\n{printed}");
     for table in tables {
         assert!(
             page.contains(table.trim()),
             "docs/performance.md lacks this table from `python3 bench/tables.py \
-             bench/results.json bench/profile.json` (paste it in):\n{table}"
+             bench/results.json bench/profile.json bench/timeline.json` (paste it in):\n{table}"
         );
     }
 }
