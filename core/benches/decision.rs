@@ -66,7 +66,13 @@ fn decision(c: &mut Criterion) {
     // The host does nothing but encode what would be sent for webdis (as the shell does).
     let mut host = Recorder::lean();
     let mut worker = Worker::new(1);
-    assert!(worker.configure(include_bytes!("../../plans.json"), &mut host));
+    // The repository's plans without spike arrest: the benchmark is one user at full speed.
+    let mut plans: serde_json::Value =
+        serde_json::from_slice(include_bytes!("../../plans.json")).unwrap();
+    for plan in plans["plans"].as_object_mut().unwrap().values_mut() {
+        plan["request_rate"] = serde_json::Value::Null;
+    }
+    assert!(worker.configure(plans.to_string().as_bytes(), &mut host));
     let now: DateTime<Utc> = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
     let granted = || {
         Ok(RedisReply::Array(vec![
