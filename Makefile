@@ -136,7 +136,7 @@ schema:
 	mv docs/configuration.md.new docs/configuration.md
 
 ## scale: Redis's figures on a local three-master cluster: keys and bytes per active user,
-## bytes per usage event, calls per second one master takes (README, Redis Cluster)
+## bytes per usage event, calls per second one master takes (docs/operating.md, Redis Cluster)
 scale: build
 	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) PLAN_LIMITS_WASM_HOSTCALLS=$(CURDIR)/$(WASM_HOSTCALLS) \
 		cargo test --locked -p plan-limits-tests --test redis_cluster scale_figures -- --ignored --nocapture

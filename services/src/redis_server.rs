@@ -131,7 +131,7 @@ impl RedisServer {
                 &acl.display().to_string(),
                 // Never evict a count: past its memory Redis refuses writes (requests then
                 // follow their failure mode), and the PlanLimitsRedisMemoryHigh alert fires at
-                // 80 % first. Size it for the users (README, What is stored in Redis).
+                // 80 % first. Size it for the users (docs/architecture.md, What is stored in Redis).
                 "--maxmemory",
                 MAXMEMORY,
                 "--maxmemory-policy",

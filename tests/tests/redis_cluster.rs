@@ -638,7 +638,7 @@ fn memory_usage(conn: &mut redis::Connection, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The README's scale figures, measured on a local three-master cluster (AOF with
+/// docs/operating.md's scale figures, measured on a local three-master cluster (AOF with
 /// `appendfsync always`, as `RedisCluster` runs it): keys and bytes per active user, bytes per
 /// event in the slots' streams, and calls per second one master takes for the reserve and
 /// settle paths (the functions pipelined by the redis crate from 4 connections on the same

@@ -89,7 +89,7 @@ fn the_usage_page_shows_what_the_gateway_counted() {
         "{dom}"
     );
 
-    // A screenshot of it (the README's is one of these).
+    // A screenshot of it (docs/using.md's is one of these).
     let png = dir.join("usage-page.png");
     browser::screenshot(&url, &dir.join("profile-2"), &png);
     let bytes = std::fs::read(&png).unwrap();

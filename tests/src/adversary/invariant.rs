@@ -8,7 +8,7 @@
 //! - (b) nothing done uncounted unless lost on record: done <= counted + units of `lost`
 //!   events + `reservation_expired` events (these only in a run where Envoy was killed); in a
 //!   run where Envoy was killed, what its queue held without a reservation in Redis is lost
-//!   without a record of whose (the README's bound): noted, not failed;
+//!   without a record of whose (docs/guarantees.md's bound): noted, not failed;
 //! - (c) for a limited action, done <= limit + the fail-open allowance in a run without
 //!   faults (with faults the overshoot is reported, not failed);
 //! - (d) the counter equals the number of usage events.
@@ -364,7 +364,7 @@ fn check_row(terms: &Terms, row: &Row, facts: Facts, verdict: &mut Verdict) {
         if facts.envoy_killed {
             // What a killed Envoy had queued without a reservation in Redis (unlimited
             // successes, fail-open passes) is lost without a record of whose: the bound the
-            // README states; `plan-limits audit` lists the worker gone silent.
+            // docs/guarantees.md states; `plan-limits audit` lists the worker gone silent.
             verdict.notes.push(format!(
                 "{}/{}: lost with a killed Envoy's queue: {detail}",
                 row.user, row.action
@@ -392,7 +392,7 @@ fn check_row(terms: &Terms, row: &Row, facts: Facts, verdict: &mut Verdict) {
                 row.counted_requests
             );
             if facts.faults_ran {
-                // What the README bounds fail-open by: the allowance once per Envoy, and (where
+                // What docs/guarantees.md bounds fail-open by: the allowance once per Envoy, and (where
                 // Envoy was killed) the units its expired reservations gave back.
                 let allowance = terms.fail_open_allowance(&row.action);
                 let per_envoy = limit + allowance * facts.envoys as u64 + expired;
