@@ -27,6 +27,9 @@ pub struct Case {
     pub baseline: &'static str,
     /// `gateway.read_your_writes` (a limited success held until Redis counted it).
     pub read_your_writes: bool,
+    /// `redis.coalesce_reservations` (reservations waiting for the worker's call in flight
+    /// go together in the next).
+    pub coalesce_reservations: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -60,6 +63,7 @@ const fn plain(name: &'static str, label: &'static str, filters: Filters) -> Cas
         target_ratio: None,
         baseline: "baseline",
         read_your_writes: true,
+        coalesce_reservations: false,
     }
 }
 
@@ -128,6 +132,18 @@ pub fn cases() -> Vec<Case> {
             ..plain(
                 "limited_eventual",
                 "plan-limits, limited plan, read_your_writes off",
+                Filters::PlanLimits,
+            )
+        },
+        // Many reservations per call: those arriving while one is in flight wait for it and
+        // go together (sent by the root's tick, where a call's answer outlives every stream).
+        Case {
+            path: "/api/v1/items",
+            caller: Some((LIMITED_USER, "enterprise")),
+            coalesce_reservations: true,
+            ..plain(
+                "limited_coalesced",
+                "plan-limits, limited plan, reservations coalesced",
                 Filters::PlanLimits,
             )
         },
@@ -211,6 +227,7 @@ impl Case {
 pub fn plans_of(case: &Case) -> String {
     let mut plans: Value = serde_json::from_str(&bench_plans()).expect("bench plans");
     plans["gateway"]["read_your_writes"] = case.read_your_writes.into();
+    plans["redis"]["coalesce_reservations"] = case.coalesce_reservations.into();
     plans.to_string()
 }
 
