@@ -267,15 +267,14 @@ fn answer(
 #[derive(Default)]
 struct Calls {
     in_flight: HashMap<Token, Call>,
-    /// The reservation call in flight, and the stream whose callback sent it if its answer
-    /// dies with that stream (proxy-wasm: a call belongs to the context that made it);
-    /// reservations meanwhile wait, in order.
-    reserving: Option<(Token, Option<StreamId>)>,
+    /// The reservation call in flight; reservations meanwhile wait, in order.
+    reserving: Option<Token>,
     waiting_reservations: Vec<(StreamId, RedisCommand)>,
 }
 
-/// A call in flight: who waits for its answer, when it was sent, and the stream it was sent
-/// as, if its answer dies with that stream.
+/// A call in flight: who waits for its answer, when it was sent, and the stream whose
+/// callback sent it if its answer dies with that stream (proxy-wasm: a call belongs to the
+/// context that made it).
 struct Call {
     waiter: Waiter,
     sent_at: DateTime<Utc>,
@@ -302,21 +301,18 @@ impl Calls {
         self.in_flight.insert(token, call);
     }
 
-    /// The settlement batches sent as `stream`, whose answers can no longer come: forgotten,
-    /// and their groups named so that they go again.
-    fn orphaned_batches(&mut self, stream: StreamId) -> Vec<Group> {
+    /// The calls `stream`'s callbacks sent, whose answers can no longer come: forgotten, and
+    /// named with who waited for them.
+    fn orphaned(&mut self, stream: StreamId) -> Vec<(Token, Waiter)> {
         let tokens: Vec<Token> = self
             .in_flight
             .iter()
-            .filter(|(_, c)| c.owner == Some(stream) && matches!(c.waiter, Waiter::Batch(_)))
+            .filter(|(_, call)| call.owner == Some(stream))
             .map(|(token, _)| *token)
             .collect();
         tokens
             .into_iter()
-            .filter_map(|token| match self.in_flight.remove(&token)?.waiter {
-                Waiter::Batch(group) => Some(group),
-                _ => None,
-            })
+            .filter_map(|token| Some((token, self.in_flight.remove(&token)?.waiter)))
             .collect()
     }
 

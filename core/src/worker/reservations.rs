@@ -37,9 +37,9 @@ impl Worker {
             return Ok(());
         }
         let token = invoke(io, &plans.redis, command)?;
-        calls.sent(token, Waiter::Reservations(vec![stream]), now);
         let owner = (!io.answers_outlive_streams()).then_some(stream);
-        calls.reserving = Some((token, owner));
+        calls.sent_as(token, Waiter::Reservations(vec![stream]), owner, now);
+        calls.reserving = Some(token);
         Ok(())
     }
 
@@ -75,7 +75,7 @@ impl Worker {
             match sent {
                 Ok(token) => {
                     self.calls.sent(token, Waiter::Reservations(streams), now);
-                    self.calls.reserving = Some((token, None));
+                    self.calls.reserving = Some(token);
                 }
                 // Not sent at all: each follows its failure mode now.
                 Err(e) => {

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{Io, Stream, StreamId, Worker};
+use super::{Io, Stream, StreamId, Waiter, Worker};
 
 impl Worker {
     /// `stream` is gone (completed, reset, or the client left): a unit it still holds is
@@ -27,30 +27,33 @@ impl Worker {
         if entry.awaiting_commit_until.is_some() {
             self.responses_awaiting_commit = self.responses_awaiting_commit.saturating_sub(1);
         }
-        // Its own call dies with it: no answer will come (what Redis may have reserved is
-        // released by its end's settlement), and the next waits no longer.
-        if let Some((token, Some(owner))) = self.calls.reserving {
-            if owner == stream {
-                self.calls.in_flight.remove(&token);
-                self.calls.reserving = None;
-            }
-        }
         // Not sent yet: it never will be (its end's release asks Redis to let go of nothing).
         self.calls
             .waiting_reservations
             .retain(|(waiting, _)| *waiting != stream);
-        // A batch sent as it (for its held response) gets no answer now: it goes again as
-        // it was (Redis applies it once), as another held response's or at the root's tick.
-        let orphaned = self.calls.orphaned_batches(stream);
-        for group in &orphaned {
-            self.settlements.unstart(*group);
+        // The calls its callbacks sent die with it: no answer will come. Its reservation's
+        // (what Redis may have reserved is released by its end's settlement) lets the next
+        // go; a batch sent for its held response goes again as it was (Redis applies it
+        // once), as another held response's or at the root's tick.
+        let mut resend = false;
+        for (token, waiter) in self.calls.orphaned(stream) {
+            match waiter {
+                Waiter::Reservations(_) if self.calls.reserving == Some(token) => {
+                    self.calls.reserving = None;
+                }
+                Waiter::Batch(group) => {
+                    self.settlements.unstart(group);
+                    resend = true;
+                }
+                _ => {}
+            }
         }
         let Some(plans) = self.plans.clone() else {
             return;
         };
         let settlement = entry.request.on_end(reached, now, &plans.redis);
         self.queue(settlement, io);
-        if !orphaned.is_empty() {
+        if resend {
             self.flush(now, io);
         }
     }
