@@ -716,6 +716,13 @@ mod tests {
         RedisReply::Bulk(s.as_bytes().to_vec())
     }
 
+    /// `report`'s Redis call as text, argument by argument.
+    fn command_text(report: &Report, p: &Plans, now_ms: u64) -> Vec<String> {
+        let command = report.command(p, now_ms);
+        let args = command.args.iter();
+        args.map(|a| String::from_utf8_lossy(a).into()).collect()
+    }
+
     fn status_of(r: &Result<ReportKind, LocalResponse>) -> Option<(u32, Value)> {
         r.as_ref()
             .err()
@@ -839,12 +846,7 @@ mod tests {
         assert_eq!(current.kind, ReportKind::Usage);
         // Anchored on the 15th: October's period is 2026-10-15 to 2026-11-15.
         let report = Report::new(kind, "u".into(), Some("professional".into()), 15, &p, now());
-        let args: Vec<String> = report
-            .command(&p, 0)
-            .args
-            .iter()
-            .map(|a| String::from_utf8_lossy(a).into())
-            .collect();
+        let args = command_text(&report, &p, 0);
         assert_eq!(
             args[..5],
             [
@@ -914,12 +916,7 @@ mod tests {
             &p,
             now(),
         );
-        let text: Vec<String> = report
-            .command(&p, 1000)
-            .args
-            .iter()
-            .map(|a| String::from_utf8_lossy(a).into())
-            .collect();
+        let text = command_text(&report, &p, 1000);
         assert_eq!(
             &text[..5],
             [
@@ -989,12 +986,7 @@ mod tests {
         let query = "/h?from=2026-11-25&to=2026-11-27&action=upload";
         let kind = history_query(&p, query, now()).unwrap();
         let report = Report::new(kind, "u".into(), None, 0, &p, now());
-        let text: Vec<String> = report
-            .command(&p, 0)
-            .args
-            .iter()
-            .map(|a| String::from_utf8_lossy(a).into())
-            .collect();
+        let text = command_text(&report, &p, 0);
         assert_eq!(
             text,
             [
@@ -1029,10 +1021,7 @@ mod tests {
         let query = "/h?from=2026-11-27&to=2026-11-27&action=ai_analysis&by=kind";
         let kind = history_query(&p, query, now()).unwrap();
         let report = Report::new(kind, "u".into(), None, 0, &p, now());
-        let fields: Vec<String> = report.command(&p, 0).args[5..]
-            .iter()
-            .map(|a| String::from_utf8_lossy(a).into())
-            .collect();
+        let fields = command_text(&report, &p, 0)[5..].to_vec();
         assert_eq!(
             fields,
             [

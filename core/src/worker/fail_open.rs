@@ -93,6 +93,17 @@ pub(super) fn add_unsettled_pass(
 mod tests {
     use crate::worker::fixtures::*;
 
+    /// `stream` sends `req`, and its reservation's call times out (Redis does not answer).
+    fn timed_out(w: &mut Worker, stream: StreamId, req: &Req, io: &mut Recorder) {
+        send(w, stream, req, io);
+        let (token, _) = io.last_sent();
+        w.on_reply(token, timeout(), now(), io);
+    }
+
+    fn timeout() -> Result<RedisReply, TransportError> {
+        Err(TransportError::Unknown("timeout".into()))
+    }
+
     #[test]
     fn while_redis_is_unreachable_a_user_gets_what_remained_plus_the_allowance() {
         let mut io = Recorder::default();
@@ -104,14 +115,7 @@ mod tests {
         // Then Redis stops answering: 2 remain, plus an allowance of 1.
         let mut passed = 0;
         for stream in 10..20 {
-            send(&mut w, stream, &upload("u"), &mut io);
-            let (token, _) = io.last_sent();
-            w.on_reply(
-                token,
-                Err(TransportError::Unknown("timeout".into())),
-                now(),
-                &mut io,
-            );
+            timed_out(&mut w, stream, &upload("u"), &mut io);
             if io.resumed.contains(&stream) {
                 passed += 1;
             } else {
@@ -121,22 +125,8 @@ mod tests {
         assert_eq!(passed, 3);
         assert_eq!(io.count_of(Metric::FailOpenRefused), 7);
         // A user this Envoy knows nothing of gets the allowance only.
-        send(&mut w, 30, &upload("stranger"), &mut io);
-        let (token, _) = io.last_sent();
-        w.on_reply(
-            token,
-            Err(TransportError::Unknown("timeout".into())),
-            now(),
-            &mut io,
-        );
-        send(&mut w, 31, &upload("stranger"), &mut io);
-        let (token, _) = io.last_sent();
-        w.on_reply(
-            token,
-            Err(TransportError::Unknown("timeout".into())),
-            now(),
-            &mut io,
-        );
+        timed_out(&mut w, 30, &upload("stranger"), &mut io);
+        timed_out(&mut w, 31, &upload("stranger"), &mut io);
         assert!(io.resumed.contains(&30));
         assert_eq!(io.status_for(31), Some(429));
         // Redis is back, and has counted what the outage let through: 6 of 5 used. Outage
@@ -152,8 +142,7 @@ mod tests {
             w.on_request_headers(stream, upload("u").head(), false, later, &mut io);
             assert_eq!(io.sent.len(), sent + 1, "asked Redis");
             let (token, _) = io.last_sent();
-            let timeout = Err(TransportError::Unknown("timeout".into()));
-            w.on_reply(token, timeout, later, &mut io);
+            w.on_reply(token, timeout(), later, &mut io);
             assert_eq!(io.status_for(stream), Some(429), "outage {stream}");
         }
     }
@@ -164,7 +153,6 @@ mod tests {
         // before this Envoy's fail-open pass was settled granted the allowance a second time.
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        let timeout = || Err(TransportError::Unknown("timeout".into()));
         let at = |ms| now() + chrono::Duration::milliseconds(ms);
         // 5 of 5 taken as Redis last said.
         w.on_request_headers(1, upload("u").head(), false, at(0), &mut io);

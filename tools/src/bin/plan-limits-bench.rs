@@ -658,12 +658,17 @@ fn envoy_allocated(admin: u16) -> u64 {
         .unwrap_or(0)
 }
 
-fn redis_used_memory(redis: &RedisServer) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
+/// Redis's `INFO section` text (empty if it does not answer).
+fn redis_info(redis: &RedisServer, section: &str) -> String {
+    redis::cmd("INFO")
+        .arg(section)
         .query(&mut redis.connection())
-        .unwrap_or_default();
-    info.lines()
+        .unwrap_or_default()
+}
+
+fn redis_used_memory(redis: &RedisServer) -> u64 {
+    redis_info(redis, "memory")
+        .lines()
         .find_map(|l| l.strip_prefix("used_memory:"))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
@@ -754,11 +759,8 @@ fn timeline(rig: &Rig, o: &Options) {
 
 /// Redis's function calls so far (`FCALL` and `EVALSHA`) and the microseconds it spent in them.
 fn redis_fcall_usec(redis: &RedisServer) -> (u64, u64) {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut redis.connection())
-        .unwrap_or_default();
-    info.lines()
+    redis_info(redis, "commandstats")
+        .lines()
         .filter(|l| l.starts_with("cmdstat_fcall:") || l.starts_with("cmdstat_evalsha:"))
         .map(|l| {
             let field = |name: &str| {
