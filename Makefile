@@ -95,9 +95,12 @@ profile: build
 		--seconds 5 --repetitions 1 --cases denied,limited \
 		--growth-users '' --growth-routes '' --perf 999 --out $(PROFILE)/paths
 
-# A one-second run of every case: checks the benchmark works, times nothing.
+# A one-second run of every case: checks the benchmark works, times nothing. The bench binary
+# is the one `cargo test --workspace` built (same features, so no second build of its
+# dependencies).
 bench-smoke:
-	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --bin plan-limits-bench -- \
+	cargo test --locked -q --workspace --no-run
+	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) target/debug/plan-limits-bench \
 		--seconds 1 --repetitions 1 --growth-users 1,10 --growth-routes 10 --out target/bench-smoke
 	cargo bench --locked -q -p plan-limits-core --features testing --bench decision -- --test
 
