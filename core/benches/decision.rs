@@ -48,8 +48,6 @@ fn settle_every_64(worker: &mut Worker, host: &mut Recorder, now: DateTime<Utc>)
 /// benchmark would time a queue that only grows: `make bench-smoke` runs it once).
 fn settle(worker: &mut Worker, host: &mut Recorder, now: DateTime<Utc>) {
     let max_batch = worker.plans().map_or(1, |p| p.redis.max_batch);
-    // (The root's tick and its call's answer: answers to the root outlive every stream.)
-    let on_a_stream = std::mem::replace(&mut host.on_a_stream, false);
     while worker.queued_settlements() > 0 {
         let queued = worker.queued_settlements();
         worker.on_tick(now, host);
@@ -59,7 +57,6 @@ fn settle(worker: &mut Worker, host: &mut Recorder, now: DateTime<Utc>) {
             "the settlement answer was refused"
         );
     }
-    host.on_a_stream = on_a_stream;
 }
 
 fn decision(c: &mut Criterion) {
@@ -113,11 +110,8 @@ fn decision(c: &mut Criterion) {
                 host.resumed.clear();
                 worker.on_reply(host.next_token, granted(), now, &mut host);
                 assert_eq!(host.resumed, [1], "the reservation was not granted");
-                // Its success's commit goes at once from its own callback (stock Envoy), and
-                // its answer lets the held response go.
-                host.current = Some(1);
+                // Its success's commit goes at once, and its answer lets the held response go.
                 worker.on_response_headers(1, 200, None, now, &mut host);
-                host.current = None;
                 worker.on_reply(host.next_token, settled(1), now, &mut host);
                 assert_eq!(
                     worker.queued_settlements(),

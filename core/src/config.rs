@@ -468,6 +468,16 @@ pub struct RedisSettings {
     /// connections and 14 % at 32, and gains 13 % at 128 (one call for about 14
     /// reservations). Ignored on a Redis Cluster (each reservation goes alone).
     pub coalesce_reservations: bool,
+    /// Leases: a worker's reservation for a limited action (no idempotency key, adding to no
+    /// running total) asks for this many units at once, granted only while the user has at
+    /// least ten times as many left (else one, as without). The worker admits the user's next
+    /// requests from the lease's units without a Redis call, commits those that succeed and
+    /// gives the rest back after `lease_hold_ms`: counts stay exact, and near the limit every
+    /// request asks Redis. 0 or 1: no leases.
+    pub lease_units: u64,
+    /// A lease's units still unused this long after it was granted are given back (so another
+    /// worker or Envoy is refused for units a lease holds for at most this long).
+    pub lease_hold_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -509,6 +519,8 @@ impl Default for RedisSettings {
             cluster_mode: false,
             invoke: Invoke::Fcall,
             coalesce_reservations: false,
+            lease_units: 0,
+            lease_hold_ms: 1000,
         }
     }
 }

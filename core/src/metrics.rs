@@ -39,6 +39,9 @@ pub enum Metric {
     UpstreamValuesRefused,
     /// Reservations of requests still in flight pushed back (slow uploads).
     Extended,
+    /// Limited requests admitted from a lease's units (`redis.lease_units`), without a
+    /// reservation call of their own.
+    Leased,
     /// Successes answered before Redis acknowledged their count (it did not answer within
     /// four `timeout_ms`): their client's next request may see them in flight.
     CommitsNotAwaited,
@@ -54,7 +57,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 21] = [
+    pub const ALL: [Metric; 22] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::RateLimited,
@@ -71,6 +74,7 @@ impl Metric {
         Metric::SettlementsRefused,
         Metric::UpstreamValuesRefused,
         Metric::Extended,
+        Metric::Leased,
         Metric::CommitsNotAwaited,
         Metric::UnknownPlan,
         Metric::AnsweredAfterBody,
@@ -97,6 +101,7 @@ impl Metric {
             Metric::SettlementsRefused => "plan_limits.settlements_refused",
             Metric::UpstreamValuesRefused => "plan_limits.upstream_values_refused",
             Metric::Extended => "plan_limits.extended",
+            Metric::Leased => "plan_limits.leased",
             Metric::CommitsNotAwaited => "plan_limits.commits_not_awaited",
             Metric::UnknownPlan => "plan_limits.unknown_plan",
             Metric::AnsweredAfterBody => "plan_limits.answered_after_body",

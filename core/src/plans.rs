@@ -690,6 +690,9 @@ fn compile_terms(
 }
 
 /// Checks the document as a whole; the first error names its JSON path.
+/// The most units one lease may hold (each is a member of the user's pending set).
+const MAX_LEASE_UNITS: u64 = 1000;
+
 fn validate(config: &Config) -> Result<(), ConfigError> {
     // A reservation is extended a third into its expiry while its request is in flight; the
     // extension has the other two thirds to land, through a timed-out attempt and a retry.
@@ -701,6 +704,26 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
             format!(
                 "{} ms is too short to be extended while its request is in flight; at least {shortest} ms (2 × (timeout_ms + flush_interval_ms) + 1000)",
                 redis.reservation_ttl_ms
+            ),
+        ));
+    }
+    // A lease's unused units are given back well before Redis would expire them (which the
+    // audit would list as an Envoy's possible loss).
+    if redis.lease_units > 1 && redis.lease_hold_ms.saturating_mul(2) > redis.reservation_ttl_ms {
+        return Err(ConfigError::at(
+            "redis.lease_hold_ms",
+            format!(
+                "{} ms: a lease's units must be given back within half of reservation_ttl_ms ({} ms), before Redis expires them",
+                redis.lease_hold_ms, redis.reservation_ttl_ms
+            ),
+        ));
+    }
+    if redis.lease_units > MAX_LEASE_UNITS {
+        return Err(ConfigError::at(
+            "redis.lease_units",
+            format!(
+                "{}: at most {MAX_LEASE_UNITS} units a lease",
+                redis.lease_units
             ),
         ));
     }

@@ -19,10 +19,15 @@ use crate::keys::UsageKeys;
 use crate::metadata::Metadata;
 use crate::period::{self, BillingPeriod};
 use crate::plans::{Action, FeatureAccess, Plan, Plans, Terms};
-use crate::redis::functions::{self, GaugeHold, IdempotencyMark, ReserveArgs, ReserveStatus};
+use crate::redis::functions::{
+    self, GaugeHold, IdempotencyMark, LeaseAsk, Reservation, ReserveArgs, ReserveStatus,
+};
 use crate::redis::{RedisCommand, RedisReply, TransportError};
 use crate::responses::{self, Exhausted, LocalResponse};
 use crate::settlement::{SettleMode, Settlement};
+
+/// A lease is granted only while the user has at least this many times its units left.
+pub const LEASE_ROOM_FACTOR: u64 = 10;
 
 /// What admission learnt about a request.
 pub struct RequestFacts<'a> {
@@ -312,7 +317,6 @@ impl MeteredRequest {
         &self.period
     }
 
-    #[cfg(test)]
     pub fn keys(&self) -> &UsageKeys {
         &self.keys
     }
@@ -407,6 +411,10 @@ impl MeteredRequest {
         self.reserved_limit = limit;
         self.held_since_ms = now_ms;
         self.hold = Hold::Reserving;
+        let lease = (plans.redis.lease_units > 1 && self.leasable()).then_some(LeaseAsk {
+            units: plans.redis.lease_units,
+            room_factor: LEASE_ROOM_FACTOR,
+        });
         let marker = self
             .idempotency_key
             .as_deref()
@@ -439,10 +447,45 @@ impl MeteredRequest {
                 max_keys: plans.max_idempotency_keys,
             }),
             gauge,
+            lease,
             events_stream: &cluster::events_stream_of(&plans.redis, &self.keys.summary),
             user: &self.user,
             period_id: &self.period.id,
         })
+    }
+
+    /// Whether a lease's unit can stand for its reservation: a limited action whose
+    /// reservation holds nothing else (no idempotency key, no running total).
+    pub fn leasable(&self) -> bool {
+        self.limit().is_some() && self.idempotency_key.is_none() && self.action.adds_to.is_none()
+    }
+
+    /// Admitted with a unit of its worker's lease (`id`, held in Redis like a reservation of
+    /// its own), as the reservation that brought the lease was answered.
+    pub fn admit_leased(
+        &mut self,
+        limit: u64,
+        id: String,
+        lease: &Reservation,
+        now: DateTime<Utc>,
+    ) -> Decision {
+        self.reservation_id = id;
+        self.reserved_limit = limit;
+        self.held_since_ms = unix_millis(now);
+        self.on_reserved(lease.clone(), now)
+    }
+
+    /// What gives a lease's unused unit back: a release of this request's kind, under `id`.
+    pub fn lease_release(
+        &self,
+        id: String,
+        now: DateTime<Utc>,
+        redis: &RedisSettings,
+    ) -> Settlement {
+        let mut release = self.settlement(SettleMode::Release, 0, now, redis);
+        release.reservation_id = id;
+        release.metadata.clear();
+        release
     }
 
     /// The reservation's answer (or why there is none) arrived.
@@ -451,10 +494,13 @@ impl MeteredRequest {
         reply: Result<RedisReply, TransportError>,
         now: DateTime<Utc>,
     ) -> Decision {
-        let reservation = match reply.and_then(functions::parse_reservation) {
-            Ok(reservation) => reservation,
-            Err(failure) => return self.redis_failed(failure),
-        };
+        match reply.and_then(functions::parse_reservation) {
+            Ok(reservation) => self.on_reserved(reservation, now),
+            Err(failure) => self.redis_failed(failure),
+        }
+    }
+
+    fn on_reserved(&mut self, reservation: Reservation, now: DateTime<Utc>) -> Decision {
         if reservation.named_plan != reservation.plan {
             self.unknown_plan = Some(reservation.named_plan.clone());
         }
@@ -801,6 +847,9 @@ mod tests {
                 "10",
                 "u",
                 "2026-11",
+                "",
+                // No lease: an upload holds bytes of the storage besides its unit.
+                "",
                 "",
                 "enterprise",
                 "",

@@ -241,19 +241,6 @@ impl SettlementQueue {
             .map_or(&[], |b| b.items.as_slice())
     }
 
-    /// `group`'s batch on its way is not: it was not sent after all, or its answer can no
-    /// longer come (sent as a stream that ended). It goes again as it was, same number and
-    /// items (Redis applies it once), at the next `start_batches`.
-    pub fn unstart(&mut self, group: Group) {
-        if let Some(batch) = self
-            .outstanding
-            .iter_mut()
-            .find(|b| b.group == group && b.in_flight)
-        {
-            batch.in_flight = false;
-        }
-    }
-
     /// The sequence number of `group`'s batch on its way (Redis applies it only once).
     pub fn in_flight_seq(&self, group: Group) -> u64 {
         self.outstanding(group).map_or(0, |b| b.seq)

@@ -115,10 +115,6 @@ pub struct Recorder {
     pub response_headers: Vec<(StreamId, String, String)>,
     pub counts: HashMap<Metric, u64>,
     pub recorded: Vec<(LabeledMetric, i64)>,
-    /// Callbacks run on a stream's context (calls die with it), not the root's.
-    pub on_a_stream: bool,
-    /// The stream whose callback runs, as the host says (`Io::current_stream`).
-    pub current: Option<StreamId>,
     pub logs: Vec<(LogLevel, String)>,
     pub shared: HashMap<String, (Vec<u8>, u32)>,
     pub done: u32,
@@ -143,9 +139,6 @@ impl Io for Recorder {
             self.sent.push((self.next_token, command.clone()));
         }
         Ok(self.next_token)
-    }
-    fn current_stream(&self) -> Option<StreamId> {
-        self.current
     }
     fn respond(&mut self, stream: StreamId, response: &LocalResponse) {
         if self.lean {
@@ -197,9 +190,6 @@ impl Io for Recorder {
             self.recorded.push((metric.clone(), value));
         }
     }
-    fn answers_outlive_streams(&self) -> bool {
-        !self.on_a_stream
-    }
     fn log(&mut self, level: LogLevel, message: String) {
         if self.lean {
             black_box(message);
@@ -232,13 +222,11 @@ impl Io for Recorder {
 }
 
 impl Recorder {
-    /// The benchmark's host: on stock Envoy (the webdis build, answers die with their stream,
-    /// so a held success's commit goes at the next tick), a hold filter following.
+    /// The benchmark's host: a hold filter following, as in Envoy as rendered.
     pub fn lean() -> Self {
         Self {
             lean: true,
             holds: true,
-            on_a_stream: true,
             ..Self::default()
         }
     }

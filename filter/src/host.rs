@@ -3,9 +3,8 @@
 //! Answers and resumptions of streams are carried out after the worker returns (`finish`),
 //! never while it is borrowed: a host may call back into the filter from them.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use log::{error, info, warn};
@@ -25,8 +24,6 @@ pub struct Shared {
     pub metrics: MetricIds,
     /// The root context's id.
     pub root_id: u32,
-    /// Ticks come every millisecond (reservations wait for the root to send them).
-    pub fast_ticks: Cell<bool>,
 }
 
 impl Shared {
@@ -41,35 +38,14 @@ impl Shared {
             metrics: &self.metrics,
             streams: Vec::new(),
             current,
-            root: self.root_id,
         };
         let result = event(&mut self.worker.borrow_mut(), &mut host);
         host.finish();
-        self.pace_ticks();
         result
     }
 
-    /// Ticks every millisecond while reservations wait for the root to send them, at the
-    /// settlement pace otherwise.
-    fn pace_ticks(&self) {
-        let worker = self.worker.borrow();
-        let fast = worker.wants_tick_soon();
-        if fast == self.fast_ticks.get() {
-            return;
-        }
-        let Some(plans) = worker.plans() else { return };
-        let every = if fast {
-            1
-        } else {
-            plans.redis.flush_interval_ms.max(1)
-        };
-        // (From any context: the host sets its root's tick.)
-        if hostcalls::set_tick_period(Duration::from_millis(every)).is_ok() {
-            self.fast_ticks.set(fast);
-        }
-    }
-
-    /// An HTTP call answered (webdis build: a Redis answer), on the context that made it.
+    /// An HTTP call answered (webdis build: a Redis answer): on the context that made it, or
+    /// the root's if that one is gone (filter/vendor/proxy-wasm).
     pub fn on_http_call_response(
         self: &Rc<Self>,
         current: u32,
@@ -97,9 +73,8 @@ enum StreamAction {
 pub struct Host<'a> {
     metrics: &'a MetricIds,
     streams: Vec<StreamAction>,
-    /// The context whose callback runs, and the root's.
+    /// The context whose callback runs.
     current: u32,
-    root: u32,
 }
 
 impl Host<'_> {
@@ -160,17 +135,6 @@ impl Io for Host<'_> {
         command: &RedisCommand,
     ) -> Result<Token, TransportError> {
         transport::send(redis, command)
-    }
-
-    fn current_stream(&self) -> Option<StreamId> {
-        (self.current != self.root).then_some(self.current)
-    }
-
-    fn answers_outlive_streams(&self) -> bool {
-        // The SDK hands an HTTP call's answer to the context whose callback made it, and
-        // drops it once that context is gone: only the root's outlive every stream. (Redis
-        // host calls are answered on the root whoever made them.)
-        cfg!(feature = "redis-hostcalls") || self.current == self.root
     }
 
     fn respond(&mut self, stream: StreamId, response: &LocalResponse) {

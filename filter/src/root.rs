@@ -1,7 +1,7 @@
 //! One root context per worker thread: owns the worker, applies plans.json to it, ticks it,
 //! and stops it when Envoy stops the VM.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -24,7 +24,6 @@ impl PlanLimitsRoot {
             worker: RefCell::new(Worker::new(getrandom::u64().unwrap_or(u64::from(id)))),
             metrics: MetricIds::define(),
             root_id: id,
-            fast_ticks: Cell::new(false),
         });
         #[cfg(feature = "redis-hostcalls")]
         redis_replies::register(id, &shared);

@@ -536,6 +536,7 @@ fn reserve_command(user: &str, action: &str, id: &str, now_ms: u64) -> RedisComm
         limits: &limits(),
         idempotency: None,
         gauge: None,
+        lease: None,
         events_stream: &slot_events_stream("plan-limits:events", key_slot(keys.summary.as_bytes())),
         user,
         period_id: "2026-11",

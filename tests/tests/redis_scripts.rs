@@ -6,8 +6,8 @@
 use std::rc::Rc;
 
 use plan_limits_core::functions::{
-    self, EventsTrim, GaugeHold, IdempotencyMark, Reservation, ReserveArgs, ReserveStatus,
-    SettleArgs, SettleReply, Settled,
+    self, EventsTrim, GaugeHold, IdempotencyMark, LeaseAsk, Reservation, ReserveArgs,
+    ReserveStatus, SettleArgs, SettleReply, Settled,
 };
 use plan_limits_core::{
     encoded_user, entitlement_key, history_query, Gauge, Limit, Plans, RedisReply, Report,
@@ -59,6 +59,7 @@ fn upload_args<'a>(
         limits,
         idempotency: None,
         gauge: None,
+        lease: None,
         events_stream: EVENTS,
         user: "u",
         period_id: "2026-11",
@@ -247,6 +248,68 @@ fn billings_plan_wins_over_the_claimed_one_and_an_unknown_plan_falls_back() {
         (r.status, r.plan.as_str(), r.named_plan.as_str()),
         (ReserveStatus::Granted, "free", "platinum")
     );
+}
+
+/// A reservation of `user`'s upload under `id` asking for a lease of `units` (room factor 10).
+fn reserve_leasing(
+    conn: &mut redis::Connection,
+    user: &str,
+    id: &str,
+    limit: u64,
+    units: u64,
+) -> Reservation {
+    let keys = keys(user);
+    let limits = limits(limit);
+    let mut args = upload_args(&keys, &limits, id, NOW, "free");
+    args.lease = Some(LeaseAsk {
+        units,
+        room_factor: 10,
+    });
+    functions::parse_reservation(run(conn, &functions::reserve(args))).unwrap()
+}
+
+#[test]
+fn a_lease_holds_its_units_like_reservations_and_only_while_ten_times_as_many_remain() {
+    let (_server, mut conn) = redis();
+    // 100 left: the request's unit and 4 more (its lease of 5), each held in pending.
+    let r = reserve_leasing(&mut conn, "u", "a", 100, 5);
+    assert_eq!(
+        (r.status, r.leased, r.pending),
+        (ReserveStatus::Granted, 4, 5)
+    );
+    // Each unit commits, or goes back, as a reservation of its own.
+    let unit = |k| functions::leased_unit_id("a", k);
+    let batch = [
+        settlement(SettleMode::Commit, "u", "a"),
+        settlement(SettleMode::Commit, "u", &unit(1)),
+        settlement(SettleMode::Commit, "u", &unit(2)),
+        settlement(SettleMode::Release, "u", &unit(3)),
+        settlement(SettleMode::Release, "u", &unit(4)),
+    ];
+    assert_eq!(settle(&mut conn, &batch), [true, true, true, false, false]);
+    assert_eq!(counter(&mut conn, "u"), Some(3));
+    // Limit 52 with 3 counted: 48 left once its own unit is held, under ten times a lease
+    // of 5: its unit only.
+    let r = reserve_leasing(&mut conn, "u", "b", 52, 5);
+    assert_eq!(
+        (r.status, r.leased, r.pending),
+        (ReserveStatus::Granted, 0, 1)
+    );
+    // A lease's units count against the limit like any in flight: the last units are
+    // refused while a lease holds them, never granted twice.
+    let r = reserve_leasing(&mut conn, "v", "c", 10, 1);
+    assert_eq!(
+        (r.status, r.leased),
+        (ReserveStatus::Granted, 0),
+        "a lease of 1 is none"
+    );
+    let r = reserve_leasing(&mut conn, "w", "d", 51, 5);
+    assert_eq!(r.leased, 4);
+    for i in 0..46 {
+        assert!(granted(&reserve(&mut conn, "w", &format!("w{i}"), 51, NOW)));
+    }
+    let r = reserve(&mut conn, "w", "over", 51, NOW);
+    assert_eq!((r.status, r.pending), (ReserveStatus::Refused, 51));
 }
 
 #[test]
@@ -957,6 +1020,7 @@ fn the_filters_redis_user_may_call_the_functions_and_nothing_else() {
             limits: &limits,
             idempotency: None,
             gauge: None,
+            lease: None,
             events_stream: "othertenant:events",
             user: "u",
             period_id: "2026-11",

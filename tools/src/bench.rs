@@ -30,6 +30,8 @@ pub struct Case {
     /// `redis.coalesce_reservations` (reservations waiting for the worker's call in flight
     /// go together in the next).
     pub coalesce_reservations: bool,
+    /// `redis.lease_units` (0: no leases).
+    pub lease_units: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -64,6 +66,7 @@ const fn plain(name: &'static str, label: &'static str, filters: Filters) -> Cas
         baseline: "baseline",
         read_your_writes: true,
         coalesce_reservations: false,
+        lease_units: 0,
     }
 }
 
@@ -135,8 +138,20 @@ pub fn cases() -> Vec<Case> {
                 Filters::PlanLimits,
             )
         },
+        // One busy user with much left: a worker reserves 16 units a call (a lease) and
+        // admits the next requests from them; each success still commits.
+        Case {
+            path: "/api/v1/items",
+            caller: Some((LIMITED_USER, "enterprise")),
+            lease_units: 16,
+            ..plain(
+                "limited_leased",
+                "plan-limits, limited plan, leases of 16",
+                Filters::PlanLimits,
+            )
+        },
         // Many reservations per call: those arriving while one is in flight wait for it and
-        // go together (sent by the root's tick, where a call's answer outlives every stream).
+        // go together in the next, sent as its answer comes.
         Case {
             path: "/api/v1/items",
             caller: Some((LIMITED_USER, "enterprise")),
@@ -228,6 +243,7 @@ pub fn plans_of(case: &Case) -> String {
     let mut plans: Value = serde_json::from_str(&bench_plans()).expect("bench plans");
     plans["gateway"]["read_your_writes"] = case.read_your_writes.into();
     plans["redis"]["coalesce_reservations"] = case.coalesce_reservations.into();
+    plans["redis"]["lease_units"] = case.lease_units.into();
     plans.to_string()
 }
 

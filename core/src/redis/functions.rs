@@ -14,7 +14,7 @@ const RESERVE: &str = "plan_limits_reserve";
 const RESERVE_MANY: &str = "plan_limits_reserve_many";
 /// Keys per reservation, and items per answer.
 const RESERVE_KEYS: usize = 8;
-const RESERVATION_ITEMS: usize = 11;
+const RESERVATION_ITEMS: usize = 12;
 const SETTLE: &str = "plan_limits_settle";
 /// The read side's (`reports`).
 pub const USAGE: &str = "plan_limits_usage";
@@ -121,6 +121,8 @@ pub struct Reservation {
     /// (this one's not included), when it was checked.
     pub total: u64,
     pub total_held: u64,
+    /// Units held besides this request's own, for its worker's lease (`<id>#1` ...).
+    pub leased: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +161,8 @@ pub struct ReserveArgs<'a> {
     pub idempotency: Option<IdempotencyMark<'a>>,
     /// For a request that adds to a running total: what it holds there while in flight.
     pub gauge: Option<GaugeHold<'a>>,
+    /// A lease asked for with it (its units, the room it needs: that many times as many).
+    pub lease: Option<LeaseAsk>,
     /// Where a reservation found expired unsettled is recorded (the user's events stream),
     /// with the user and the period it is named by.
     pub events_stream: &'a str,
@@ -175,6 +179,19 @@ pub struct IdempotencyMark<'a> {
     /// The user's index of the keys it has remembered, and how many it may have at once.
     pub index: &'a str,
     pub max_keys: u64,
+}
+
+/// The lease a reservation asks for: `units` in all (its own included), granted only while at
+/// least `room_factor` times as many remain.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseAsk {
+    pub units: u64,
+    pub room_factor: u64,
+}
+
+/// The id of a lease's `k`-th unit besides the reservation `id` it came with.
+pub fn leased_unit_id(id: &str, k: u64) -> String {
+    format!("{id}#{k}")
 }
 
 /// What a request holds of a running total while in flight.
@@ -229,6 +246,12 @@ pub fn reserve(args: ReserveArgs) -> RedisCommand {
         .arg(
             args.idempotency
                 .map(|m| m.max_keys.to_string())
+                .unwrap_or_default(),
+        )
+        .arg(args.lease.map(|l| l.units.to_string()).unwrap_or_default())
+        .arg(
+            args.lease
+                .map(|l| l.room_factor.to_string())
                 .unwrap_or_default(),
         );
     let room_of = |plan: &str| {
@@ -303,7 +326,7 @@ pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportErro
             Some(plan),
             Some(named_plan),
             Some(recorded),
-        ) if matches!(items.len(), 6..=11) => Ok(Reservation {
+        ) if matches!(items.len(), 6..=RESERVATION_ITEMS) => Ok(Reservation {
             status,
             committed,
             pending,
@@ -315,6 +338,7 @@ pub fn parse_reservation(reply: RedisReply) -> Result<Reservation, TransportErro
             recorded_anchor: text(items.get(8)).and_then(|day| day.parse().ok()),
             total: count(items.get(9)).unwrap_or(0),
             total_held: count(items.get(10)).unwrap_or(0),
+            leased: count(items.get(11)).unwrap_or(0),
         }),
         _ => Err(bad(&RedisReply::Array(items))),
     }
@@ -582,6 +606,7 @@ mod tests {
             limits: &limits,
             idempotency: None,
             gauge: None,
+            lease: None,
             events_stream: "p:events",
             user: "u",
             period_id: "2026-11",
@@ -617,6 +642,8 @@ mod tests {
                 "",
                 "u",
                 "2026-11",
+                "",
+                "",
                 "",
                 "free",
                 "5",
@@ -752,6 +779,7 @@ mod tests {
                 recorded_anchor: None,
                 total: 0,
                 total_held: 0,
+                leased: 0,
             })
         );
         for (status, expected) in [

@@ -26,19 +26,25 @@
 -- keys: summary, pending, entitlement, the idempotency key's marker, the gauge, the gauge's
 --       held set, the user's events stream, the user's index of idempotency keys (a key
 --       without its use is any key of the user's).
+-- A lease: a request that asks for one (a limited action, no idempotency key, no gauge) and is
+-- granted while much remains (at least `room factor` times the lease) also gets the lease's
+-- other units, held like its own under '<id>#1' ... '<id>#<n-1>': its worker admits the
+-- requests that follow from them, commits those that succeed and releases the rest.
 -- args: action, claimed plan, fallback plan, reservation id, now (ms), expiry (ms), ttl (ms),
 --       the marker's lifetime (ms; '' = no key), the amount it would add to the gauge ('' = the
---       action adds to none), the user, the period, the most keys remembered at once, then per
---       plan: its name, its limit for the action and its room in the gauge ('' = unlimited).
+--       action adds to none), the user, the period, the most keys remembered at once, the
+--       lease's units ('' = no lease), its room factor, then per plan: its name, its limit for
+--       the action and its room in the gauge ('' = unlimited).
 -- Returns {status, committed, pending, plan, named plan, recorded, granted, marker, anchor,
--- stored, held}: status 1 granted, 0 refused (limit reached), 2 unlimited under that plan
+-- stored, held, leased}: status 1 granted, 0 refused (limit reached), 2 unlimited under that plan
 -- (nothing reserved), 3 the plan is unknown (nothing reserved), 4 a duplicate (nothing
 -- reserved; marker is what the first one's says), 5 the gauge is full (nothing reserved), 6
 -- too many idempotency keys (nothing reserved);
 -- plan is the one applied, named plan the one the record or the claim named; recorded 1 when
 -- billing's record named it; granted the extra units an operator gave for the period (the
 -- limit checked is the plan's plus these); anchor the subscription's anchor day billing
--- recorded ('' if none); total and held the gauge's before this request.
+-- recorded ('' if none); total and held the gauge's before this request; leased the units
+-- held besides the request's own for its worker's lease (pending counts them).
 -- Scores use the filter's clock; the key's own expiry is relative, so a clock that differs
 -- from Redis's cannot expire it early.
 local KEEP_EXPIRED_MS = 7 * 86400000
@@ -65,9 +71,10 @@ local function reserve(keys, args)
   local now, expires, ttl = tonumber(args[5]), tonumber(args[6]), tonumber(args[7])
   local marker_ttl, amount = tonumber(args[8]), tonumber(args[9])
   local user, period, max_keys = args[10], args[11], tonumber(args[12])
+  local lease_units, room_factor = tonumber(args[13]), tonumber(args[14])
   local at = tostring(now)
   local function terms_of(plan)
-    for i = 13, #args - 2, 3 do
+    for i = 15, #args - 2, 3 do
       if args[i] == plan then
         return true, tonumber(args[i + 1]), tonumber(args[i + 2])
       end
@@ -93,9 +100,9 @@ local function reserve(keys, args)
   -- Extra units an operator granted for the period (`plan-limits grant`).
   local granted = tonumber(redis.call('HGET', summary, 'grant:' .. action) or '0')
   local total, total_held = 0, 0
-  local function answer(status, first, in_flight)
+  local function answer(status, first, in_flight, leased)
     return {status, committed, in_flight, plan, named, recorded, granted, first, anchor,
-      total, total_held}
+      total, total_held, leased or 0}
   end
   if not known then
     return answer(3, '', held)
@@ -147,9 +154,17 @@ local function reserve(keys, args)
     return answer(0, '', held)
   end
   redis.call('ZADD', pending, expires, id)
+  local leased = 0
+  if lease_units and not marker_ttl and not limits_gauge
+      and limit + granted - committed - held - 1 >= room_factor * lease_units then
+    leased = lease_units - 1
+    for k = 1, leased do
+      redis.call('ZADD', pending, expires, id .. '#' .. k)
+    end
+  end
   redis.call('PEXPIRE', pending, ttl + KEEP_EXPIRED_MS)
   hold()
-  return answer(1, '', held + 1)
+  return answer(1, '', held + 1 + leased, leased)
 end
 
 -- plan_limits_reserve_many: several reservations in one call, one after the other exactly as
@@ -158,7 +173,7 @@ end
 -- keys: each reservation's eight keys, in order.
 -- args: per reservation, the count of its args, then its args.
 -- Returns the reservations' answers one after the other, flat (webdis renders nested
--- arrays as null): eleven items each.
+-- arrays as null): twelve items each.
 local function reserve_many(keys, args)
   local out = {}
   local a = 1

@@ -1,11 +1,12 @@
 //! A metered request's head: billing's record over its token, its plan's request rate, a
-//! refusal remembered, and its reservation asked for (or, unlimited, on at once).
+//! refusal remembered, and its reservation asked for (or taken from a lease, or, unlimited,
+//! on at once).
 
 use chrono::{DateTime, Utc};
 
 use crate::metrics::{Metric, Outcome};
 use crate::plans::{Plan, Plans};
-use crate::request::{unix_millis, MeteredRequest};
+use crate::request::{unix_millis, Decision, MeteredRequest};
 use crate::responses::{self, LocalResponse};
 
 use super::{
@@ -92,24 +93,50 @@ impl Worker {
             count_outcome(io, &request, Outcome::Denied);
             return self.answer_at_head(stream, response, drainable, io);
         }
+        if request.leasable() {
+            if let Some((id, granted)) = self.leases.take(&request, now_ms) {
+                io.count(Metric::Leased, 1);
+                let decision = request.admit_leased(limit, id, &granted, now);
+                return self.decided_at_head(stream, request, decision, drainable, plans, now, io);
+            }
+        }
         let command = request.reserve(limit, self.ids.next(), now_ms, plans);
-        let mut metered = Metered::new(request, drainable);
-        let flow = match self.ask(stream, command, plans, now, io) {
-            Ok(()) => Flow::Pause,
+        match self.ask(stream, command, plans, now, io) {
+            Ok(()) => {
+                let metered = Metered::new(request, drainable);
+                self.streams.insert(stream, Stream::Metered(metered));
+                Flow::Pause
+            }
             // Not sent at all: the action's failure mode decides, right now.
             Err(e) => {
-                let request = &mut metered.request;
                 let decision = request.on_reservation(Err(e), now);
-                match self.carry_out(stream, request, decision, plans, now, io) {
-                    Ok(()) => Flow::Continue,
-                    Err(response) => {
-                        metered.drain = answer(stream, response, drainable, io);
-                        if metered.drain.is_some() {
-                            Flow::Continue
-                        } else {
-                            Flow::Pause
-                        }
-                    }
+                self.decided_at_head(stream, request, decision, drainable, plans, now, io)
+            }
+        }
+    }
+
+    /// Carries out what was decided of `request` without waiting for Redis (a lease's unit,
+    /// or a reservation that could not be sent).
+    #[allow(clippy::too_many_arguments)]
+    fn decided_at_head(
+        &mut self,
+        stream: StreamId,
+        request: MeteredRequest,
+        decision: Decision,
+        drainable: bool,
+        plans: &Plans,
+        now: DateTime<Utc>,
+        io: &mut dyn Io,
+    ) -> Flow {
+        let mut metered = Metered::new(request, drainable);
+        let flow = match self.carry_out(stream, &mut metered.request, decision, plans, now, io) {
+            Ok(()) => Flow::Continue,
+            Err(response) => {
+                metered.drain = answer(stream, response, drainable, io);
+                if metered.drain.is_some() {
+                    Flow::Continue
+                } else {
+                    Flow::Pause
                 }
             }
         };

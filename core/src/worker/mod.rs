@@ -52,6 +52,7 @@ mod fail_open;
 #[cfg(test)]
 mod fixtures;
 mod head;
+mod leases;
 mod reads;
 mod reservations;
 mod response;
@@ -75,9 +76,6 @@ pub trait Io {
         redis: &RedisSettings,
         command: &RedisCommand,
     ) -> Result<Token, TransportError>;
-    /// The stream whose callback runs (`None`: the root's), whose context a call sent now
-    /// belongs to.
-    fn current_stream(&self) -> Option<StreamId>;
     /// Answers the client of `stream` with `response` instead of the upstream.
     fn respond(&mut self, stream: StreamId, response: &LocalResponse);
     /// Sets a request header of `stream` (replacing any), before it goes upstream.
@@ -93,9 +91,6 @@ pub trait Io {
     /// `false` when nothing can hold it.
     fn hold(&mut self, stream: StreamId) -> bool;
     fn count(&mut self, metric: Metric, by: u64);
-    /// Whether a call sent now is answered even if the stream whose callback this is ends
-    /// first (proxy-wasm: only calls made on a root context's callbacks are).
-    fn answers_outlive_streams(&self) -> bool;
     /// Adds `value` to a labeled counter or gauge, or observes it in a histogram.
     fn record(&mut self, metric: &LabeledMetric, value: i64);
     fn log(&mut self, level: LogLevel, message: String);
@@ -165,8 +160,8 @@ pub struct Worker {
     /// as the host asks after every event whether to tick fast).
     responses_awaiting_commit: usize,
     calls: Calls,
-    /// When settlements were last flushed (ms): ticks come faster while reservations wait.
-    flushed_at_ms: u64,
+    /// Units this worker holds of users' allowances for the requests to come.
+    leases: leases::Leases,
     /// The labeled counter of requests refused before their action was known (named once).
     refused_unknown: LabeledMetric,
     /// This worker's share of the queued-settlements gauge, as last reported.
@@ -272,48 +267,21 @@ struct Calls {
     waiting_reservations: Vec<(StreamId, RedisCommand)>,
 }
 
-/// A call in flight: who waits for its answer, when it was sent, and the stream whose
-/// callback sent it if its answer dies with that stream (proxy-wasm: a call belongs to the
-/// context that made it).
+/// A call in flight: who waits for its answer and when it was sent. Its answer comes
+/// whichever callback sent it, even after that stream ended (Envoy makes every call on the
+/// root context; our SDK hands an answer to the root when its maker is gone).
 struct Call {
     waiter: Waiter,
     sent_at: DateTime<Utc>,
-    owner: Option<StreamId>,
 }
 
 impl Calls {
     fn sent(&mut self, token: Token, waiter: Waiter, now: DateTime<Utc>) {
-        self.sent_as(token, waiter, None, now);
-    }
-
-    fn sent_as(
-        &mut self,
-        token: Token,
-        waiter: Waiter,
-        owner: Option<StreamId>,
-        now: DateTime<Utc>,
-    ) {
         let call = Call {
             waiter,
             sent_at: now,
-            owner,
         };
         self.in_flight.insert(token, call);
-    }
-
-    /// The calls `stream`'s callbacks sent, whose answers can no longer come: forgotten, and
-    /// named with who waited for them.
-    fn orphaned(&mut self, stream: StreamId) -> Vec<(Token, Waiter)> {
-        let tokens: Vec<Token> = self
-            .in_flight
-            .iter()
-            .filter(|(_, call)| call.owner == Some(stream))
-            .map(|(token, _)| *token)
-            .collect();
-        tokens
-            .into_iter()
-            .filter_map(|token| Some((token, self.in_flight.remove(&token)?.waiter)))
-            .collect()
     }
 
     /// Reports waiting for their answer.
@@ -426,7 +394,7 @@ impl Worker {
             calls: Calls::default(),
             queue_reported: 0,
             refused_unknown: metrics::requests("none", "none", Outcome::Rejected),
-            flushed_at_ms: 0,
+            leases: leases::Leases::default(),
             settlements: SettlementQueue::new(defaults.max_queued_settlements, defaults.max_batch),
             losses: Vec::new(),
             denials: DenialCache::new(REMEMBERED_USERS),

@@ -12,6 +12,7 @@ use crate::request::{unix_millis, Decision, MeteredRequest};
 use crate::responses::{self, LocalResponse};
 
 use super::fail_open::{record_budget, spend_outage_budget};
+use super::leases;
 use super::{
     count_outcome, invoke, set_identity, Io, LogLevel, Metered, Stream, StreamId, Waiter, Worker,
 };
@@ -37,29 +38,16 @@ impl Worker {
             return Ok(());
         }
         let token = invoke(io, &plans.redis, command)?;
-        let owner = (!io.answers_outlive_streams()).then_some(stream);
-        calls.sent_as(token, Waiter::Reservations(vec![stream]), owner, now);
+        calls.sent(token, Waiter::Reservations(vec![stream]), now);
         calls.reserving = Some(token);
         Ok(())
     }
 
-    /// Reservations wait that only a tick can send (their call must be made where its answer
-    /// outlives any one stream): the host should tick soon.
-    pub fn wants_tick_soon(&self) -> bool {
-        #[cfg(test)]
-        self.check_awaiting_count();
-        !self.calls.waiting_reservations.is_empty() || self.responses_awaiting_commit > 0
-    }
-
-    /// Sends the reservations that waited for the last call, as one call (up to `max_batch`),
-    /// where its answer cannot die with a stream (else a tick does).
+    /// Sends the reservations that waited for the last call, as one call (up to `max_batch`).
     pub(super) fn send_waiting_reservations(&mut self, now: DateTime<Utc>, io: &mut dyn Io) {
         let Some(plans) = self.plans.clone() else {
             return;
         };
-        if !io.answers_outlive_streams() {
-            return;
-        }
         while self.calls.reserving.is_none() && !self.calls.waiting_reservations.is_empty() {
             let waiting = &mut self.calls.waiting_reservations;
             let n = waiting.len().min(plans.redis.max_batch.max(1));
@@ -217,6 +205,9 @@ impl Worker {
                 // Reserved in the period of a stale anchor: give that back, ask again in the
                 // right one (once).
                 let granted = reservation.status == ReserveStatus::Granted;
+                for unit in leases::unkept(&entry.request, reservation, now, &plans.redis) {
+                    self.queue(Some(unit), io);
+                }
                 let release = entry
                     .request
                     .abandon_reservation(granted, now, &plans.redis);
@@ -227,12 +218,24 @@ impl Worker {
             }
         }
         let decision = entry.request.on_reservation(reply, now);
-        if let Some(reservation) = numbers {
+        if let Some(reservation) = &numbers {
             let now_ms = unix_millis(now);
             self.note_unknown_plan(&entry.request, now_ms, io);
-            record_budget(&entry.request, &reservation, &plans.redis, io);
+            record_budget(&entry.request, reservation, &plans.redis, io);
         }
-        match self.carry_out(stream, &mut entry.request, decision, &plans, now, io) {
+        let carried = self.carry_out(stream, &mut entry.request, decision, &plans, now, io);
+        if let Some(reservation) = numbers.filter(|r| r.leased > 0) {
+            // Its lease is kept for the user's next requests if it was let through.
+            let request = &entry.request;
+            let releases = match carried {
+                Ok(()) => self.leases.add(request, &reservation, now, &plans.redis),
+                Err(_) => leases::unkept(request, &reservation, now, &plans.redis),
+            };
+            for release in releases {
+                self.queue(Some(release), io);
+            }
+        }
+        match carried {
             Ok(()) => io.resume(stream),
             Err(response) => entry.answer_and_resume(stream, response, io),
         }
@@ -270,7 +273,6 @@ mod tests {
             assert_eq!(send(&mut w, stream, &upload(user), &mut io), Flow::Pause);
         }
         assert_eq!(io.sent.len(), 3, "three calls in flight, none waiting");
-        assert!(!w.wants_tick_soon());
     }
 
     #[test]
@@ -442,42 +444,6 @@ mod tests {
     }
 
     #[test]
-    fn waiting_reservations_are_sent_by_a_tick_when_answers_die_with_streams() {
-        // proxy-wasm: an answer belongs to the context whose callback sent the call.
-        let mut io = Recorder {
-            on_a_stream: true,
-            ..Recorder::default()
-        };
-        let mut w = coalescing_worker(&mut io);
-        send(&mut w, 1, &upload("a"), &mut io);
-        let (first, _) = io.last_sent();
-        send(&mut w, 2, &upload("b"), &mut io);
-        assert!(w.wants_tick_soon());
-        // The first answer arrives on stream 1's context: the next call waits for the root.
-        w.on_reply(first, granted(), now(), &mut io);
-        assert_eq!(io.sent.len(), 1);
-        io.on_a_stream = false;
-        w.on_tick(now(), &mut io);
-        let (_, call) = io.last_sent();
-        assert_eq!(call.args[3], b"plan-limits:{b}:2026-11", "sent by the tick");
-        assert!(!w.wants_tick_soon());
-
-        // A stream whose own call is in flight leaves: its answer will never come, and the
-        // reservations behind it do not wait for it.
-        let (second, _) = io.last_sent();
-        w.on_reply(second, granted(), now(), &mut io);
-        io.on_a_stream = true;
-        send(&mut w, 3, &upload("c"), &mut io);
-        send(&mut w, 4, &upload("d"), &mut io);
-        let before = io.sent.len();
-        w.on_stream_end(3, true, now(), &mut io);
-        io.on_a_stream = false;
-        w.on_tick(now() + chrono::Duration::milliseconds(1), &mut io);
-        assert_eq!(io.sent.len(), before + 1);
-        assert_eq!(io.last_sent().1.args[3], b"plan-limits:{d}:2026-11");
-    }
-
-    #[test]
     fn reservation_ids_are_unique_per_worker() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
@@ -529,7 +495,7 @@ mod tests {
             let Ok(RedisReply::Array(mut one)) = reply else {
                 unreachable!()
             };
-            one.extend([0, 0, 0, 0, 0].map(RedisReply::Int));
+            one.extend([0, 0, 0, 0, 0, 0].map(RedisReply::Int));
             items.extend(one);
         }
         w.on_reply(batch, Ok(RedisReply::Array(items)), now(), &mut io);

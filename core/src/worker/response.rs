@@ -194,8 +194,7 @@ impl Worker {
         }
         self.queue(settlement, io);
         if awaits {
-            // Sent at once: where answers die with their stream, as this stream, which its
-            // held response keeps alive until the answer comes.
+            // Sent at once (unless a batch is in flight: its answer sends this one).
             self.flush(now, io);
             ResponseFlow::AwaitCommit
         } else {
@@ -451,7 +450,7 @@ mod tests {
     }
 
     #[test]
-    fn a_commit_sent_from_a_stream_that_ends_before_its_answer_goes_again_as_it_was() {
+    fn a_commit_sent_from_a_stream_that_ends_before_its_answer_is_applied_when_it_comes() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
         for stream in [1, 2] {
@@ -464,39 +463,21 @@ mod tests {
             let waiters: Vec<_> = items.iter().map(|s| s.waiter).collect();
             (w.settlements.in_flight_seq(Group::All), waiters)
         };
-        io.on_a_stream = true;
-        io.current = Some(1);
         w.on_response_headers(1, 200, None, now(), &mut io);
         let (first, _) = io.last_sent();
-        let sent = batch(&w);
-        assert_eq!(sent, (1, vec![Some(1)]));
-        // Stream 2's commit waits for that batch; then stream 1's client leaves: that batch's
-        // answer cannot come now, and nothing held can send it again but the root.
-        io.current = Some(2);
+        assert_eq!(batch(&w), (1, vec![Some(1)]));
+        // Stream 2's commit waits for that batch; then stream 1's client leaves. The call
+        // outlives it (Envoy makes every call on the root context): its answer still comes.
         w.on_response_headers(2, 200, None, now(), &mut io);
         assert_eq!(io.last_sent().0, first, "one batch in flight at a time");
-        io.current = Some(1);
         w.on_stream_end(1, true, now(), &mut io);
-        assert_eq!(
-            io.last_sent().0,
-            first,
-            "not from an ended stream's callback"
-        );
-        // The root's tick sends it again: the same batch, number and items (Redis applies
-        // it once).
-        (io.on_a_stream, io.current) = (false, None);
-        w.on_tick(now(), &mut io);
-        let (again, _) = io.last_sent();
-        assert_ne!(again, first);
-        assert_eq!(batch(&w), sent);
-        // The first call's answer, should it come after all, is nobody's.
+        assert_eq!(io.last_sent().0, first, "nothing sent again");
+        // Its answer sends stream 2's commit at once, whose answer lets it go.
         w.on_reply(first, settled(&[1]), now(), &mut io);
-        assert!(io.responses_resumed.is_empty());
-        // The resent batch's answer sends stream 2's commit, whose answer lets it go.
-        w.on_reply(again, settled(&[1]), now(), &mut io);
-        let (last, _) = io.last_sent();
-        assert_eq!(batch(&w).1, [Some(2)]);
-        w.on_reply(last, settled(&[1]), now(), &mut io);
+        let (second, _) = io.last_sent();
+        assert_ne!(second, first);
+        assert_eq!(batch(&w), (2, vec![Some(2)]));
+        w.on_reply(second, settled(&[1]), now(), &mut io);
         assert_eq!(io.responses_resumed, [2]);
         assert_eq!(w.queued_settlements(), 0);
     }
@@ -508,20 +489,15 @@ mod tests {
         send(&mut w, 1, &upload("u"), &mut io);
         let (token, _) = io.last_sent();
         w.on_reply(token, granted(), now(), &mut io);
-        // (The webdis build: a call made on the stream's context would die with it.)
-        (io.on_a_stream, io.current) = (true, Some(1));
         let sent = io.sent.len();
         let flow = w.on_response_headers(1, 200, None, now(), &mut io);
-        (io.on_a_stream, io.current) = (false, None);
         assert_eq!(flow, ResponseFlow::AwaitCommit);
-        // Its commit goes at once, not at a tick: from the stream's own callback, which its
-        // held response keeps alive until the answer comes.
+        // Its commit goes at once, not at a tick.
         assert_eq!(io.sent.len(), sent + 1);
         let (token, _) = io.last_sent();
         assert!(io.responses_resumed.is_empty(), "not before Redis answers");
         w.on_reply(token, settled(&[1]), now(), &mut io);
         assert_eq!(io.responses_resumed, [1]);
-        assert!(!w.wants_tick_soon());
         // Unlimited successes (nothing reserved) go on at once.
         let view = head("GET", "/api/procedures/1", "u", "free");
         send(&mut w, 2, &view, &mut io);
@@ -540,14 +516,5 @@ mod tests {
         w.on_tick(now() + chrono::Duration::milliseconds(1000), &mut io);
         assert_eq!(io.responses_resumed, [1, 3]);
         assert_eq!(io.count_of(Metric::CommitsNotAwaited), 1);
-        // Where answers outlive streams (Redis host calls), the commit goes at once.
-        let mut io = Recorder::default();
-        let mut w = worker(&mut io);
-        send(&mut w, 1, &upload("u"), &mut io);
-        let (token, _) = io.last_sent();
-        w.on_reply(token, granted(), now(), &mut io);
-        let sent = io.sent.len();
-        w.on_response_headers(1, 200, None, now(), &mut io);
-        assert_eq!(io.sent.len(), sent + 1, "not waiting for a tick");
     }
 }

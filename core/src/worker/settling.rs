@@ -14,7 +14,7 @@ use crate::settlement::Settlement;
 use crate::settlement_queue::{BatchReport, Group, APPLIED_MEMORY_MS};
 
 use super::fail_open::add_unsettled_pass;
-use super::{invoke, Io, LogLevel, Stream, StreamId, Waiter, Worker, HEARTBEAT_MS};
+use super::{invoke, Io, LogLevel, Stream, Waiter, Worker, HEARTBEAT_MS};
 
 /// Records of lost settlements kept per worker until Redis takes them (one per user, action,
 /// period and reason); beyond this many, a loss is counted and logged only.
@@ -67,20 +67,8 @@ impl Worker {
     pub fn on_tick(&mut self, now: DateTime<Utc>, io: &mut dyn Io) {
         #[cfg(test)]
         self.check_awaiting_count();
-        // Ticks come faster while reservations wait: settlements keep their own pace then.
-        let fast = self.wants_tick_soon();
-        self.send_waiting_reservations(now, io);
         let now_ms = unix_millis(now);
-        let every = self.plans.as_ref().map_or(0, |p| p.redis.flush_interval_ms);
-        if self.responses_awaiting_commit > 0 {
-            // Responses wait for their commits: those go at once.
-            self.release_overdue_responses(now_ms, io);
-            self.flush(now, io);
-        }
-        if fast && now_ms.saturating_sub(self.flushed_at_ms) < every {
-            return;
-        }
-        self.flushed_at_ms = now_ms;
+        self.release_overdue_responses(now_ms, io);
         self.end_overdue_drains(now_ms, io);
         if self.sent_record_at_ms == 0 {
             // (Started: a heartbeat is due a HEARTBEAT_MS from now, unless a batch goes first.)
@@ -91,6 +79,9 @@ impl Worker {
             self.send_record(now, io);
         }
         self.extend_held(now, io);
+        for release in self.leases.expire(now_ms, false) {
+            self.queue(Some(release), io);
+        }
         self.flush(now, io);
         self.report_queue(io);
     }
@@ -120,6 +111,9 @@ impl Worker {
     /// once Redis answers (exactly once); only their client's next request may see it in
     /// flight meanwhile.
     fn release_overdue_responses(&mut self, now_ms: u64, io: &mut dyn Io) {
+        if self.responses_awaiting_commit == 0 {
+            return;
+        }
         for (stream, state) in &mut self.streams {
             let Stream::Metered(entry) = state else {
                 continue;
@@ -179,23 +173,7 @@ impl Worker {
         let redis = &plans.redis;
         let now_ms = unix_millis(now);
         self.queue_losses();
-        let outlive = io.answers_outlive_streams();
         for group in self.settlements.start_batches(now_ms) {
-            // Where an answer dies with the stream a call was made on, a batch goes from a
-            // stream's callback only if that stream's response is held for a commit: it lives
-            // until the answer comes (or its end sends the batch again). The rest waits for
-            // another held stream's callback or the root's tick, which comes 2 ms late at
-            // best (Envoy's timers), far longer than a commit's round trip.
-            let owner = match outlive {
-                true => None,
-                false => match io.current_stream().filter(|s| self.is_held(*s)) {
-                    Some(stream) => Some(stream),
-                    None => {
-                        self.settlements.unstart(group);
-                        continue;
-                    }
-                },
-            };
             let seq = self.settlements.in_flight_seq(group);
             let queued = self.queued_settlements();
             let command = self.settle_command(
@@ -210,7 +188,7 @@ impl Worker {
             match invoke(io, redis, command) {
                 Ok(token) => {
                     self.said_goodbye |= self.stopping;
-                    self.calls.sent_as(token, Waiter::Batch(group), owner, now);
+                    self.calls.sent(token, Waiter::Batch(group), now);
                 }
                 Err(e) if self.redis_down_since_ms.is_none() => {
                     self.note_redis(false, now, io);
@@ -223,13 +201,6 @@ impl Worker {
     }
 
     /// Whether `stream`'s response is held for its commit.
-    fn is_held(&self, stream: StreamId) -> bool {
-        matches!(
-            self.streams.get(&stream),
-            Some(Stream::Metered(entry)) if entry.awaiting_commit_until.is_some()
-        )
-    }
-
     /// The `plan_limits_settle` call of `items` as `group`'s batch number `seq` (no items: the
     /// worker's heartbeat or goodbye, in its record only).
     pub(super) fn settle_command(

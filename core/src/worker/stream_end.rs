@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{Io, Stream, StreamId, Waiter, Worker};
+use super::{Io, Stream, StreamId, Worker};
 
 impl Worker {
     /// `stream` is gone (completed, reset, or the client left): a unit it still holds is
@@ -31,31 +31,11 @@ impl Worker {
         self.calls
             .waiting_reservations
             .retain(|(waiting, _)| *waiting != stream);
-        // The calls its callbacks sent die with it: no answer will come. Its reservation's
-        // (what Redis may have reserved is released by its end's settlement) lets the next
-        // go; a batch sent for its held response goes again as it was (Redis applies it
-        // once), as another held response's or at the root's tick.
-        let mut resend = false;
-        for (token, waiter) in self.calls.orphaned(stream) {
-            match waiter {
-                Waiter::Reservations(_) if self.calls.reserving == Some(token) => {
-                    self.calls.reserving = None;
-                }
-                Waiter::Batch(group) => {
-                    self.settlements.unstart(group);
-                    resend = true;
-                }
-                _ => {}
-            }
-        }
         let Some(plans) = self.plans.clone() else {
             return;
         };
         let settlement = entry.request.on_end(reached, now, &plans.redis);
         self.queue(settlement, io);
-        if resend {
-            self.flush(now, io);
-        }
     }
 }
 

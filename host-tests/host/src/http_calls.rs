@@ -1,7 +1,7 @@
 //! `proxy_http_call`: the filter's outbound HTTP calls, held until the test lets them run,
 //! then sent for real (to the `host:port` of the named cluster) and answered through
-//! `proxy_on_http_call_response`, like Envoy's async client. A call that fails or times out
-//! is answered with no headers, as Envoy does.
+//! `proxy_on_http_call_response` on the root context, like Envoy's async client. A call that
+//! fails or times out is answered with no headers, as Envoy does.
 
 use std::time::Duration;
 
@@ -43,7 +43,10 @@ pub fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             let state = caller.data_mut();
             state.next_token += 1;
             let token = state.next_token;
-            let context_id = state.effective_context;
+            // Envoy makes every HTTP call on the root context (proxy-wasm-cpp-host's
+            // `http_call`: `contextOrEffectiveContext()->root_context()`) and answers it
+            // there: the call outlives the stream whose callback made it.
+            let context_id = state.root_context_id;
             state.pending.push_back(PendingCall {
                 token,
                 context_id,

@@ -20,9 +20,6 @@ pub type SharedData = Rc<RefCell<HashMap<String, (Vec<u8>, u32)>>>;
 pub struct Sent {
     pub token: Token,
     pub command: RedisCommand,
-    /// The stream whose callback sent it: its answer dies with that stream (the SDK hands an
-    /// answer to the context that made the call). `None`: the root's.
-    pub owner: Option<StreamId>,
 }
 
 /// What the worker asked of its streams, in order.
@@ -36,8 +33,6 @@ pub enum StreamAction {
 }
 
 pub struct SimHost {
-    /// The context whose callback runs (`None`: the root's).
-    pub current: Option<StreamId>,
     next_token: Token,
     pub sent: Vec<Sent>,
     pub actions: Vec<StreamAction>,
@@ -51,7 +46,6 @@ pub struct SimHost {
 impl SimHost {
     pub fn new(shared: SharedData, first_token: Token) -> Self {
         Self {
-            current: None,
             next_token: first_token,
             sent: Vec::new(),
             actions: Vec::new(),
@@ -76,13 +70,8 @@ impl Io for SimHost {
         self.sent.push(Sent {
             token: self.next_token,
             command: command.clone(),
-            owner: self.current,
         });
         Ok(self.next_token)
-    }
-
-    fn current_stream(&self) -> Option<StreamId> {
-        self.current
     }
 
     fn respond(&mut self, stream: StreamId, response: &LocalResponse) {
@@ -109,10 +98,6 @@ impl Io for SimHost {
 
     fn count(&mut self, metric: Metric, by: u64) {
         *self.counts.entry(metric.name()).or_default() += by;
-    }
-
-    fn answers_outlive_streams(&self) -> bool {
-        self.current.is_none()
     }
 
     fn record(&mut self, _: &LabeledMetric, _: i64) {}

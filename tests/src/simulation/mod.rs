@@ -68,7 +68,7 @@ impl Rng {
 }
 
 /// The plans every seed runs under: the repository's, with reservations that expire within a
-/// run, and coalesced reservations on or off by the seed.
+/// run, and coalesced reservations and leases on or off by the seed.
 fn plans_json(rng: &mut Rng, prefix: &str) -> String {
     let mut plans: serde_json::Value =
         serde_json::from_str(&plan_limits_services::plans_json()).expect("plans.json");
@@ -77,6 +77,11 @@ fn plans_json(rng: &mut Rng, prefix: &str) -> String {
     redis["events_stream"] = format!("{prefix}:events").into();
     redis["reservation_ttl_ms"] = 3000.into();
     redis["coalesce_reservations"] = rng.chance(300).into();
+    // (Granted to enterprise API calls and professional AI analyses, whose limits are large.)
+    if rng.chance(500) {
+        redis["lease_units"] = 4.into();
+        redis["lease_hold_ms"] = 500.into();
+    }
     redis["max_queued_settlements"] = if rng.chance(200) { 8 } else { 10_000 }.into();
     plans.to_string()
 }
@@ -162,8 +167,6 @@ pub struct Request {
     pub fail_open: bool,
     /// Its worker died before settling it.
     pub lost_with_worker: bool,
-    /// The id its reservation was asked under.
-    pub reservation: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -199,7 +202,6 @@ struct Call {
     generation: u32,
     token: u32,
     command: plan_limits_core::RedisCommand,
-    owner: Option<StreamId>,
     sent_ms: u64,
     /// What Redis answered, once it ran the command.
     reply: Option<RedisReply>,
@@ -421,7 +423,6 @@ impl<'r> World<'r> {
             done: false,
             fail_open: false,
             lost_with_worker: false,
-            reservation: None,
         }
     }
 
@@ -558,7 +559,6 @@ impl<'r> World<'r> {
     fn tick(&mut self, envoy: usize, worker: usize) {
         let now = self.clock(envoy, worker);
         let w = &mut self.envoys[envoy].workers[worker];
-        w.host.current = None;
         let fail_open_before = w.host.count_of(Metric::FailOpen);
         w.worker.on_tick(now, &mut w.host);
         // (Waiting reservations whose call could not be sent go on fail-open.)
@@ -622,7 +622,6 @@ impl<'r> World<'r> {
         let end_of_stream = route.body == 0;
         let now = self.clock(envoy, worker);
         let w = &mut self.envoys[envoy].workers[worker];
-        w.host.current = Some(stream);
         let fail_open_before = w.host.count_of(Metric::FailOpen);
         let head = plan_limits_core::RequestHead::new(&headers, &claims);
         let flow = w
@@ -677,7 +676,6 @@ impl<'r> World<'r> {
         let end = piece == left;
         let now = self.clock(envoy, worker);
         let w = &mut self.envoys[envoy].workers[worker];
-        w.host.current = Some(stream);
         let flow = w
             .worker
             .on_request_body(stream, piece, end, now, &mut w.host);
@@ -758,7 +756,6 @@ impl<'r> World<'r> {
         ]);
         let now = self.clock(envoy, worker);
         let w = &mut self.envoys[envoy].workers[worker];
-        w.host.current = Some(stream);
         if w.worker.response_header_wanted(stream).is_some() {
             w.worker
                 .on_response_header(stream, Some(freed.as_bytes()), &mut w.host);
@@ -815,7 +812,6 @@ impl<'r> World<'r> {
         let (envoy, worker, stream, reached) = (req.envoy, req.worker, req.stream, req.reached);
         let now = self.clock(envoy, worker);
         let w = &mut self.envoys[envoy].workers[worker];
-        w.host.current = Some(stream);
         let reached = reached || !w.worker.wants_upstream_reached(stream);
         w.worker.on_stream_end(stream, reached, now, &mut w.host);
         self.after_callback(envoy, worker);
@@ -839,7 +835,6 @@ impl<'r> World<'r> {
                 generation,
                 token: s.token,
                 command: s.command,
-                owner: s.owner,
                 sent_ms: self.now_ms,
                 reply: None,
                 lost: self.rng.chance(20),
@@ -847,12 +842,6 @@ impl<'r> World<'r> {
                 refused: self.rng.chance(10),
             });
             let c = self.calls.len() - 1;
-            let reservation = reservation_id(&self.calls[c].command);
-            if let (Some(id), Some(owner)) = (reservation, self.calls[c].owner) {
-                if let Some(req) = self.requests.iter_mut().find(|q| q.stream == owner) {
-                    req.reservation = Some(id);
-                }
-            }
             // Mostly quick; sometimes later than the worker waits.
             let latency = if self.rng.chance(30) {
                 self.timeout_ms + self.rng.below(300)
@@ -895,7 +884,6 @@ impl<'r> World<'r> {
                     self.requests[r].phase = Phase::Answered;
                     let now = self.clock(envoy, worker);
                     let w = &mut self.envoys[envoy].workers[worker];
-                    w.host.current = Some(stream);
                     w.worker
                         .on_response_headers(stream, status, None, now, &mut w.host);
                     self.at(0, Event::Leave(r));
@@ -953,23 +941,14 @@ impl<'r> World<'r> {
         if self.envoys[envoy].generation != call.generation {
             return; // its Envoy died
         }
-        if let Some(owner) = call.owner {
-            let gone = self
-                .request_of(owner)
-                .is_none_or(|r| self.requests[r].phase == Phase::Ended);
-            if gone {
-                return; // answers die with the stream that made the call
-            }
-        }
         let in_time = self.now_ms.saturating_sub(call.sent_ms) <= self.timeout_ms;
         let reply = match (&call.reply, call.lost || !in_time) {
             (Some(reply), false) => Ok(reply.clone()),
             _ => Err(TransportError::Unknown("timeout".into())),
         };
-        let (token, owner, twice) = (call.token, call.owner, call.twice);
+        let (token, twice) = (call.token, call.twice);
         let now = self.clock(envoy, worker);
         let w = &mut self.envoys[envoy].workers[worker];
-        w.host.current = owner;
         let fail_open_before = w.host.count_of(Metric::FailOpen);
         w.worker.on_reply(token, reply.clone(), now, &mut w.host);
         if twice {
@@ -1115,13 +1094,6 @@ impl<'r> World<'r> {
             }
         }
     }
-}
-
-/// The reservation id a single `plan_limits_reserve` call asks under.
-fn reservation_id(command: &plan_limits_core::RedisCommand) -> Option<String> {
-    plan_limits_core::functions::reserve_args(command)
-        .get(3)
-        .map(|id| String::from_utf8_lossy(id).into_owned())
 }
 
 /// Runs `seed` against a Redis: `redis` as the filter's user, `admin` for the checks, and

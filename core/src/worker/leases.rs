@@ -1,0 +1,297 @@
+//! Leases (`redis.lease_units`): units of a user's allowance this worker holds beyond its
+//! requests in flight, reserved in Redis together with one request's own unit while much
+//! remains. The user's next requests are admitted from them without a call of their own
+//! (each then commits or releases its unit like any reservation); what is unused goes back
+//! `lease_hold_ms` after the grant, or when the worker stops.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::RedisSettings;
+use crate::redis::functions::{self, Reservation};
+use crate::request::{unix_millis, MeteredRequest};
+use crate::settlement::Settlement;
+
+/// A lease: one user's, action's and period's units, granted under one plan.
+struct Lease {
+    /// Unit ids not handed out yet.
+    units: Vec<String>,
+    /// The answer that granted it: what a request admitted from it is decided by.
+    granted: Reservation,
+    /// A release of one unit (each unit's id set in it as it goes back).
+    release: Settlement,
+    /// When what is left goes back (unix ms).
+    until_ms: u64,
+}
+
+/// This worker's leases, by the user's pending set (user, action, period) and plan.
+#[derive(Default)]
+pub(super) struct Leases {
+    by_key: HashMap<(String, String), Lease>,
+}
+
+fn key_of(request: &MeteredRequest) -> (String, String) {
+    (request.keys().pending.clone(), request.plan().key.clone())
+}
+
+impl Leases {
+    /// A unit for `request`, and the answer it is admitted under; `None`: it asks Redis.
+    pub fn take(&mut self, request: &MeteredRequest, now_ms: u64) -> Option<(String, Reservation)> {
+        let key = key_of(request);
+        let lease = self.by_key.get_mut(&key)?;
+        if lease.until_ms <= now_ms {
+            return None;
+        }
+        let id = lease.units.pop()?;
+        let granted = lease.granted.clone();
+        if lease.units.is_empty() {
+            self.by_key.remove(&key);
+        }
+        Some((id, granted))
+    }
+
+    /// `request`'s reservation came with `reservation.leased` more units: kept for the
+    /// requests that follow. Returns the releases of a lease it replaces (what was left of
+    /// it).
+    pub fn add(
+        &mut self,
+        request: &MeteredRequest,
+        reservation: &Reservation,
+        now: DateTime<Utc>,
+        redis: &RedisSettings,
+    ) -> Vec<Settlement> {
+        let id = request.reservation_id();
+        let units: Vec<String> = (1..=reservation.leased)
+            .rev()
+            .map(|k| functions::leased_unit_id(id, k))
+            .collect();
+        let lease = Lease {
+            units,
+            granted: reservation.clone(),
+            release: request.lease_release(String::new(), now, redis),
+            until_ms: unix_millis(now).saturating_add(redis.lease_hold_ms),
+        };
+        match self.by_key.insert(key_of(request), lease) {
+            Some(replaced) => releases(replaced, unix_millis(now)),
+            None => Vec::new(),
+        }
+    }
+
+    /// Releases of the units of leases whose time is up (of all, with `all`).
+    pub fn expire(&mut self, now_ms: u64, all: bool) -> Vec<Settlement> {
+        let due: Vec<(String, String)> = self
+            .by_key
+            .iter()
+            .filter(|(_, lease)| all || lease.until_ms <= now_ms)
+            .map(|(key, _)| key.clone())
+            .collect();
+        due.into_iter()
+            .filter_map(|key| self.by_key.remove(&key))
+            .flat_map(|lease| releases(lease, now_ms))
+            .collect()
+    }
+}
+
+/// What gives `lease`'s unused units back.
+fn releases(lease: Lease, now_ms: u64) -> Vec<Settlement> {
+    let Lease { units, release, .. } = lease;
+    units
+        .into_iter()
+        .map(|id| Settlement {
+            reservation_id: id,
+            made_at_ms: now_ms,
+            ..release.clone()
+        })
+        .collect()
+}
+
+/// The releases of the units `request`'s reservation leased, when they are not kept (its
+/// request was refused after all, or reserved in the wrong period).
+pub(super) fn unkept(
+    request: &MeteredRequest,
+    reservation: &Reservation,
+    now: DateTime<Utc>,
+    redis: &RedisSettings,
+) -> Vec<Settlement> {
+    let id = request.reservation_id();
+    (1..=reservation.leased)
+        .map(|k| request.lease_release(functions::leased_unit_id(id, k), now, redis))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::worker::fixtures::*;
+
+    /// A worker whose reservations ask for leases of four units (its successes' commits
+    /// batched, not each sent at once for read-your-writes).
+    fn leasing_worker(io: &mut Recorder) -> Worker {
+        let json = plans_json_with(|v| {
+            v["gateway"]["read_your_writes"] = false.into();
+            v["redis"]["lease_units"] = 4.into();
+            v["redis"]["lease_hold_ms"] = 1000.into();
+        });
+        worker_with(io, &json)
+    }
+
+    fn api_call(user: &str) -> Req {
+        head("GET", "/api/v1/diagrams", user, "enterprise")
+    }
+
+    /// plan_limits_reserve's grant of one unit and `leased` more.
+    fn granted_with_lease(leased: i64) -> Result<RedisReply, TransportError> {
+        let plan = || RedisReply::Bulk(b"enterprise".to_vec());
+        Ok(RedisReply::Array(vec![
+            RedisReply::Int(1),
+            RedisReply::Int(0),
+            RedisReply::Int(1 + leased),
+            plan(),
+            plan(),
+            RedisReply::Int(0),
+            RedisReply::Int(0),
+            RedisReply::Bulk(Vec::new()),
+            RedisReply::Bulk(Vec::new()),
+            RedisReply::Int(0),
+            RedisReply::Int(0),
+            RedisReply::Int(leased),
+        ]))
+    }
+
+    /// The settlements of the batch in flight: (mode, reservation id), by id.
+    fn batch_of(w: &Worker) -> Vec<(&'static str, String)> {
+        let mut batch: Vec<_> = w
+            .settlements
+            .in_flight(crate::settlement_queue::Group::All)
+            .iter()
+            .map(|s| (s.mode.as_str(), s.reservation_id.clone()))
+            .collect();
+        batch.sort_by(|a, b| a.1.cmp(&b.1));
+        batch
+    }
+
+    #[test]
+    fn a_lease_admits_the_users_next_requests_without_a_call_and_gives_back_what_is_left() {
+        let mut io = Recorder::default();
+        let mut w = leasing_worker(&mut io);
+        assert_eq!(send(&mut w, 1, &api_call("u"), &mut io), Flow::Pause);
+        let (token, reserve) = io.last_sent();
+        let args = functions::reserve_args(reserve);
+        assert_eq!((&args[12][..], &args[13][..]), (&b"4"[..], &b"10"[..]));
+        let id = String::from_utf8(args[3].clone()).unwrap();
+        w.on_reply(token, granted_with_lease(3), now(), &mut io);
+        assert_eq!(io.resumed, [1]);
+        // The next two requests go on at once, each on one of the lease's units.
+        let calls = io.sent.len();
+        for stream in [2, 3] {
+            assert_eq!(
+                send(&mut w, stream, &api_call("u"), &mut io),
+                Flow::Continue
+            );
+        }
+        assert_eq!(io.sent.len(), calls, "no call of their own");
+        assert_eq!(io.count_of(Metric::Leased), 2);
+        // Another user's request is not admitted from it.
+        assert_eq!(send(&mut w, 4, &api_call("v"), &mut io), Flow::Pause);
+        let (other, _) = io.last_sent();
+        w.on_reply(other, reserved(1, 0, 1, "enterprise"), now(), &mut io);
+        // Each commits its own unit.
+        for stream in [1, 2, 3] {
+            w.on_response_headers(stream, 200, None, now(), &mut io);
+            w.on_stream_end(stream, true, now(), &mut io);
+        }
+        w.on_tick(now(), &mut io);
+        let committed: Vec<_> = batch_of(&w)
+            .into_iter()
+            .filter(|(mode, _)| *mode == "commit")
+            .map(|(_, id)| id)
+            .collect();
+        assert_eq!(
+            committed,
+            [id.clone(), format!("{id}#1"), format!("{id}#2")]
+        );
+        let (batch, _) = io.last_sent();
+        w.on_reply(batch, settled(&[1, 1, 1]), now(), &mut io);
+        // The unit left goes back once the lease's time is up, not before.
+        let later = |ms| now() + chrono::Duration::milliseconds(ms);
+        w.on_tick(later(999), &mut io);
+        assert!(batch_of(&w).is_empty());
+        w.on_tick(later(1000), &mut io);
+        assert_eq!(batch_of(&w), [("release", format!("{id}#3"))]);
+        // Then the user's next request asks Redis again.
+        let (batch, _) = io.last_sent();
+        w.on_reply(batch, settled(&[1]), later(1000), &mut io);
+        let before = io.sent.len();
+        assert_eq!(send(&mut w, 5, &api_call("u"), &mut io), Flow::Pause);
+        assert_eq!(io.sent.len(), before + 1);
+    }
+
+    #[test]
+    fn a_request_holding_more_than_its_unit_asks_for_no_lease_and_leases_are_off_by_default() {
+        let mut io = Recorder::default();
+        let mut w = leasing_worker(&mut io);
+        // An idempotency key's marker is one request's: no lease.
+        let keyed = api_call("u").header("idempotency-key", b"k-1");
+        send(&mut w, 1, &keyed, &mut io);
+        let (_, reserve) = io.last_sent();
+        assert!(functions::reserve_args(reserve)[12].is_empty());
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        send(&mut w, 1, &api_call("u"), &mut io);
+        let (_, reserve) = io.last_sent();
+        assert!(functions::reserve_args(reserve)[12].is_empty());
+    }
+
+    #[test]
+    fn a_stopping_worker_gives_back_its_leases_units_with_its_last_batch() {
+        let mut io = Recorder::default();
+        let mut w = leasing_worker(&mut io);
+        send(&mut w, 1, &api_call("u"), &mut io);
+        let (token, reserve) = io.last_sent();
+        let id = String::from_utf8(functions::reserve_args(reserve)[3].clone()).unwrap();
+        w.on_reply(token, granted_with_lease(2), now(), &mut io);
+        w.on_response_headers(1, 200, None, now(), &mut io);
+        w.on_stream_end(1, true, now(), &mut io);
+        assert!(!w.on_shutdown(now(), &mut io));
+        assert_eq!(
+            batch_of(&w),
+            [
+                ("commit", id.clone()),
+                ("release", format!("{id}#1")),
+                ("release", format!("{id}#2")),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_lease_whose_request_is_refused_after_all_is_given_back_at_once() {
+        let mut io = Recorder::default();
+        let mut w = leasing_worker(&mut io);
+        send(&mut w, 1, &api_call("u"), &mut io);
+        let (token, reserve) = io.last_sent();
+        let id = String::from_utf8(functions::reserve_args(reserve)[3].clone()).unwrap();
+        // Billing's record names a plan whose API calls are 0: this one is refused (403), and
+        // the lease goes back with its own unit.
+        let mut answer = granted_with_lease(2).unwrap();
+        if let RedisReply::Array(items) = &mut answer {
+            items[3] = RedisReply::Bulk(b"free".to_vec());
+            items[4] = RedisReply::Bulk(b"free".to_vec());
+            items[5] = RedisReply::Int(1);
+        }
+        w.on_reply(token, Ok(answer), now(), &mut io);
+        assert_eq!(io.status_for(1), Some(403));
+        w.on_stream_end(1, false, now(), &mut io);
+        w.on_tick(now(), &mut io);
+        assert_eq!(
+            batch_of(&w),
+            [
+                ("release", id.clone()),
+                ("release", format!("{id}#1")),
+                ("release", format!("{id}#2")),
+            ]
+        );
+        // And no later request is admitted from it.
+        send(&mut w, 2, &api_call("u"), &mut io);
+        assert_eq!(io.count_of(Metric::Leased), 0);
+    }
+}
