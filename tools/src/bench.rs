@@ -27,8 +27,8 @@ pub struct Case {
     pub baseline: &'static str,
     /// `gateway.read_your_writes` (a limited success held until Redis counted it).
     pub read_your_writes: bool,
-    /// `redis.coalesce_reservations` (reservations waiting for the worker's call in flight
-    /// go together in the next).
+    /// `redis.coalesce_reservations` (past four calls in flight, reservations wait for an
+    /// answer and go together in the next call).
     pub coalesce_reservations: bool,
     /// `redis.lease_units` (0: no leases).
     pub lease_units: u64,
@@ -65,7 +65,7 @@ const fn plain(name: &'static str, label: &'static str, filters: Filters) -> Cas
         target_ratio: None,
         baseline: "baseline",
         read_your_writes: true,
-        coalesce_reservations: false,
+        coalesce_reservations: true,
         lease_units: 0,
     }
 }
@@ -150,15 +150,15 @@ pub fn cases() -> Vec<Case> {
                 Filters::PlanLimits,
             )
         },
-        // Many reservations per call: those arriving while one is in flight wait for it and
-        // go together in the next, sent as its answer comes.
+        // Reservations not coalesced (the default coalesces them): each goes in a call of its
+        // own, however many are in flight.
         Case {
             path: "/api/v1/items",
             caller: Some((LIMITED_USER, "enterprise")),
-            coalesce_reservations: true,
+            coalesce_reservations: false,
             ..plain(
-                "limited_coalesced",
-                "plan-limits, limited plan, reservations coalesced",
+                "limited_one_call_each",
+                "plan-limits, limited plan, a call per reservation",
                 Filters::PlanLimits,
             )
         },

@@ -4,7 +4,7 @@
 //! (each then commits or releases its unit like any reservation); what is unused goes back
 //! `lease_hold_ms` after the grant, or when the worker stops.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use chrono::{DateTime, Utc};
 
@@ -13,16 +13,15 @@ use crate::redis::functions::{self, Reservation};
 use crate::request::{unix_millis, MeteredRequest};
 use crate::settlement::Settlement;
 
-/// A lease: one user's, action's and period's units, granted under one plan.
+/// One user's, action's and period's leased units under one plan, from one grant or more
+/// (requests that asked at the same time each brought theirs).
 struct Lease {
-    /// Unit ids not handed out yet.
-    units: Vec<String>,
-    /// The answer that granted it: what a request admitted from it is decided by.
+    /// Units not handed out yet, oldest first, each with when it goes back (unix ms).
+    units: VecDeque<(String, u64)>,
+    /// The latest answer that granted units: what a request admitted from them is decided by.
     granted: Reservation,
     /// A release of one unit (each unit's id set in it as it goes back).
     release: Settlement,
-    /// When what is left goes back (unix ms).
-    until_ms: u64,
 }
 
 /// This worker's leases, by the user's pending set (user, action, period) and plan.
@@ -38,72 +37,51 @@ fn key_of(request: &MeteredRequest) -> (String, String) {
 impl Leases {
     /// A unit for `request`, and the answer it is admitted under; `None`: it asks Redis.
     pub fn take(&mut self, request: &MeteredRequest, now_ms: u64) -> Option<(String, Reservation)> {
-        let key = key_of(request);
-        let lease = self.by_key.get_mut(&key)?;
-        if lease.until_ms <= now_ms {
-            return None;
-        }
-        let id = lease.units.pop()?;
-        let granted = lease.granted.clone();
-        if lease.units.is_empty() {
-            self.by_key.remove(&key);
-        }
-        Some((id, granted))
+        let lease = self.by_key.get_mut(&key_of(request))?;
+        // (Units whose time is up are left for `expire` to give back.)
+        let fresh = lease.units.iter().position(|(_, until)| *until > now_ms)?;
+        let (id, _) = lease.units.remove(fresh)?;
+        Some((id, lease.granted.clone()))
     }
 
     /// `request`'s reservation came with `reservation.leased` more units: kept for the
-    /// requests that follow. Returns the releases of a lease it replaces (what was left of
-    /// it).
+    /// requests that follow, after any the user's lease still has.
     pub fn add(
         &mut self,
         request: &MeteredRequest,
         reservation: &Reservation,
         now: DateTime<Utc>,
         redis: &RedisSettings,
-    ) -> Vec<Settlement> {
+    ) {
         let id = request.reservation_id();
-        let units: Vec<String> = (1..=reservation.leased)
-            .rev()
-            .map(|k| functions::leased_unit_id(id, k))
-            .collect();
-        let lease = Lease {
-            units,
+        let until = unix_millis(now).saturating_add(redis.lease_hold_ms);
+        let units = (1..=reservation.leased).map(|k| (functions::leased_unit_id(id, k), until));
+        let lease = self.by_key.entry(key_of(request)).or_insert_with(|| Lease {
+            units: VecDeque::new(),
             granted: reservation.clone(),
             release: request.lease_release(String::new(), now, redis),
-            until_ms: unix_millis(now).saturating_add(redis.lease_hold_ms),
-        };
-        match self.by_key.insert(key_of(request), lease) {
-            Some(replaced) => releases(replaced, unix_millis(now)),
-            None => Vec::new(),
-        }
+        });
+        lease.units.extend(units);
+        lease.granted = reservation.clone();
     }
 
-    /// Releases of the units of leases whose time is up (of all, with `all`).
+    /// Releases of the units whose time is up (of every unit, with `all`).
     pub fn expire(&mut self, now_ms: u64, all: bool) -> Vec<Settlement> {
-        let due: Vec<(String, String)> = self
-            .by_key
-            .iter()
-            .filter(|(_, lease)| all || lease.until_ms <= now_ms)
-            .map(|(key, _)| key.clone())
-            .collect();
-        due.into_iter()
-            .filter_map(|key| self.by_key.remove(&key))
-            .flat_map(|lease| releases(lease, now_ms))
-            .collect()
+        let mut out = Vec::new();
+        self.by_key.retain(|_, lease| {
+            let (due, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut lease.units)
+                .into_iter()
+                .partition(|(_, until)| all || *until <= now_ms);
+            out.extend(due.into_iter().map(|(id, _)| Settlement {
+                reservation_id: id,
+                made_at_ms: now_ms,
+                ..lease.release.clone()
+            }));
+            lease.units = kept;
+            !lease.units.is_empty()
+        });
+        out
     }
-}
-
-/// What gives `lease`'s unused units back.
-fn releases(lease: Lease, now_ms: u64) -> Vec<Settlement> {
-    let Lease { units, release, .. } = lease;
-    units
-        .into_iter()
-        .map(|id| Settlement {
-            reservation_id: id,
-            made_at_ms: now_ms,
-            ..release.clone()
-        })
-        .collect()
 }
 
 /// The releases of the units `request`'s reservation leased, when they are not kept (its
@@ -224,6 +202,37 @@ mod tests {
         let before = io.sent.len();
         assert_eq!(send(&mut w, 5, &api_call("u"), &mut io), Flow::Pause);
         assert_eq!(io.sent.len(), before + 1);
+    }
+
+    #[test]
+    fn the_units_of_requests_that_asked_at_once_are_all_kept() {
+        let mut io = Recorder::default();
+        let mut w = leasing_worker(&mut io);
+        let mut asked = Vec::new();
+        for stream in [1, 2] {
+            send(&mut w, stream, &api_call("u"), &mut io);
+            let (token, reserve) = io.last_sent();
+            let id = String::from_utf8(functions::reserve_args(reserve)[3].clone()).unwrap();
+            asked.push((token, id));
+        }
+        for (token, _) in &asked {
+            w.on_reply(*token, granted_with_lease(1), now(), &mut io);
+        }
+        let calls = io.sent.len();
+        for stream in [3, 4] {
+            assert_eq!(
+                send(&mut w, stream, &api_call("u"), &mut io),
+                Flow::Continue
+            );
+        }
+        assert_eq!(
+            io.sent.len(),
+            calls,
+            "both leases' units used, none sent back"
+        );
+        assert_eq!(io.count_of(Metric::Leased), 2);
+        w.on_tick(now() + chrono::Duration::milliseconds(1000), &mut io);
+        assert!(batch_of(&w).iter().all(|(mode, _)| *mode != "release"));
     }
 
     #[test]

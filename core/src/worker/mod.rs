@@ -262,8 +262,9 @@ fn answer(
 #[derive(Default)]
 struct Calls {
     in_flight: HashMap<Token, Call>,
-    /// The reservation call in flight; reservations meanwhile wait, in order.
-    reserving: Option<Token>,
+    /// Calls carrying reservations in flight; with `coalesce_reservations`, once there are
+    /// `RESERVATION_CALLS` reservations meanwhile wait, in order, for the next answer.
+    reserving: usize,
     waiting_reservations: Vec<(StreamId, RedisCommand)>,
 }
 
@@ -590,7 +591,7 @@ impl Worker {
         self.note_redis(usable, now, io);
         match waiter {
             Waiter::Reservations(streams) => {
-                self.calls.reserving = None;
+                self.calls.reserving = self.calls.reserving.saturating_sub(1);
                 let replies = match streams.len() {
                     1 => vec![reply],
                     n => functions::split_reservations(reply, n),

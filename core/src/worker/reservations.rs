@@ -17,11 +17,16 @@ use super::{
     count_outcome, invoke, set_identity, Io, LogLevel, Metered, Stream, StreamId, Waiter, Worker,
 };
 
+/// With `coalesce_reservations`, the most calls carrying reservations a worker has in flight:
+/// a reservation is sent at once while fewer are, and waits for the next answer otherwise (so
+/// up to this many requests at once never wait, and under load one call carries many).
+pub(super) const RESERVATION_CALLS: usize = 4;
+
 impl Worker {
-    /// Sends `stream`'s reservation at once if none of this worker's is in flight; else it
-    /// waits, with those arriving meanwhile, for that call's answer and goes in the next call
-    /// with them (a group commit: one request alone never waits, and under load one call
-    /// carries many reservations). `Err`: it could not be sent.
+    /// Sends `stream`'s reservation at once; with `coalesce_reservations`, only while fewer
+    /// than `RESERVATION_CALLS` of this worker's are in flight, else it waits, with those
+    /// arriving meanwhile, for an answer and goes in the next call with them (a group
+    /// commit). `Err`: it could not be sent.
     pub(super) fn ask(
         &mut self,
         stream: StreamId,
@@ -32,14 +37,14 @@ impl Worker {
     ) -> Result<(), TransportError> {
         // (On a Redis Cluster each reservation goes alone: one call touches one slot.)
         let calls = &mut self.calls;
-        let busy = calls.reserving.is_some() || !calls.waiting_reservations.is_empty();
+        let busy = calls.reserving >= RESERVATION_CALLS || !calls.waiting_reservations.is_empty();
         if busy && plans.redis.coalesce_reservations && !plans.redis.cluster_mode {
             calls.waiting_reservations.push((stream, command));
             return Ok(());
         }
         let token = invoke(io, &plans.redis, command)?;
         calls.sent(token, Waiter::Reservations(vec![stream]), now);
-        calls.reserving = Some(token);
+        calls.reserving += 1;
         Ok(())
     }
 
@@ -48,7 +53,9 @@ impl Worker {
         let Some(plans) = self.plans.clone() else {
             return;
         };
-        while self.calls.reserving.is_none() && !self.calls.waiting_reservations.is_empty() {
+        while self.calls.reserving < RESERVATION_CALLS
+            && !self.calls.waiting_reservations.is_empty()
+        {
             let waiting = &mut self.calls.waiting_reservations;
             let n = waiting.len().min(plans.redis.max_batch.max(1));
             let batch: Vec<(StreamId, RedisCommand)> = waiting.drain(..n).collect();
@@ -63,7 +70,7 @@ impl Worker {
             match sent {
                 Ok(token) => {
                     self.calls.sent(token, Waiter::Reservations(streams), now);
-                    self.calls.reserving = Some(token);
+                    self.calls.reserving += 1;
                 }
                 // Not sent at all: each follows its failure mode now.
                 Err(e) => {
@@ -227,12 +234,13 @@ impl Worker {
         if let Some(reservation) = numbers.filter(|r| r.leased > 0) {
             // Its lease is kept for the user's next requests if it was let through.
             let request = &entry.request;
-            let releases = match carried {
+            match carried {
                 Ok(()) => self.leases.add(request, &reservation, now, &plans.redis),
-                Err(_) => leases::unkept(request, &reservation, now, &plans.redis),
-            };
-            for release in releases {
-                self.queue(Some(release), io);
+                Err(_) => {
+                    for release in leases::unkept(request, &reservation, now, &plans.redis) {
+                        self.queue(Some(release), io);
+                    }
+                }
             }
         }
         match carried {
@@ -462,24 +470,24 @@ mod tests {
     }
 
     #[test]
-    fn reservations_arriving_while_one_is_in_flight_go_together_in_the_next_call() {
+    fn reservations_arriving_while_calls_are_in_flight_go_together_in_the_next_call() {
         let mut io = Recorder::default();
         let mut w = coalescing_worker(&mut io);
-        // Alone: sent at once.
-        assert_eq!(send(&mut w, 1, &upload("a"), &mut io), Flow::Pause);
-        let (first, _) = io.last_sent();
+        // Up to RESERVATION_CALLS at once: each sent at once.
+        let mut first = Vec::new();
+        for stream in 1..=super::RESERVATION_CALLS as u32 {
+            let user = format!("a{stream}");
+            assert_eq!(send(&mut w, stream, &upload(&user), &mut io), Flow::Pause);
+            first.push(io.last_sent().0);
+        }
         // Three more meanwhile: they wait; one of them leaves before it is sent.
-        for (stream, user) in [(2, "b"), (3, "c"), (4, "d")] {
+        for (stream, user) in [(11, "b"), (12, "c"), (13, "d")] {
             assert_eq!(send(&mut w, stream, &upload(user), &mut io), Flow::Pause);
         }
-        assert_eq!(
-            io.sent.len(),
-            1,
-            "nothing more sent while one call is in flight"
-        );
-        w.on_stream_end(3, true, now(), &mut io);
+        assert_eq!(io.sent.len(), super::RESERVATION_CALLS, "the others wait");
+        w.on_stream_end(12, true, now(), &mut io);
         // The first answer sends the waiting ones as one call, in their order.
-        w.on_reply(first, granted(), now(), &mut io);
+        w.on_reply(first[0], granted(), now(), &mut io);
         assert_eq!(io.resumed, [1]);
         let (batch, call) = io.last_sent();
         assert_eq!(
@@ -489,6 +497,9 @@ mod tests {
         assert_eq!(call.args[2], b"16", "two reservations' keys");
         assert_eq!(call.args[3], b"plan-limits:{b}:2026-11");
         assert_eq!(call.args[11], b"plan-limits:{d}:2026-11");
+        for token in &first[1..] {
+            w.on_reply(*token, granted(), now(), &mut io);
+        }
         // Each gets its own answer: b granted, d refused (its limit reached).
         let mut items = Vec::new();
         for reply in [reserved(1, 0, 1, "free"), reserved(0, 5, 0, "free")] {
@@ -499,19 +510,22 @@ mod tests {
             items.extend(one);
         }
         w.on_reply(batch, Ok(RedisReply::Array(items)), now(), &mut io);
-        assert_eq!(io.resumed, [1, 2]);
-        assert_eq!(io.status_for(4), Some(429));
-        assert_eq!(io.status_for(3), None, "gone before it was sent");
+        assert_eq!(io.resumed, [1, 2, 3, 4, 11]);
+        assert_eq!(io.status_for(13), Some(429));
+        assert_eq!(io.status_for(12), None, "gone before it was sent");
         // A failed call fails each of its reservations alike (fail_open uploads go on).
-        send(&mut w, 5, &upload("e"), &mut io);
-        let (alone, _) = io.last_sent();
-        send(&mut w, 6, &upload("f"), &mut io);
-        send(&mut w, 7, &upload("g"), &mut io);
-        w.on_reply(alone, granted(), now(), &mut io);
+        let mut alone = Vec::new();
+        for stream in 21..21 + super::RESERVATION_CALLS as u32 {
+            send(&mut w, stream, &upload(&format!("e{stream}")), &mut io);
+            alone.push(io.last_sent().0);
+        }
+        send(&mut w, 31, &upload("f"), &mut io);
+        send(&mut w, 32, &upload("g"), &mut io);
+        w.on_reply(alone[0], granted(), now(), &mut io);
         let (together, _) = io.last_sent();
         let timeout = Err(TransportError::Unknown("timeout".into()));
         w.on_reply(together, timeout, now(), &mut io);
-        assert_eq!(io.resumed, [1, 2, 5, 6, 7]);
+        assert_eq!(io.resumed, [1, 2, 3, 4, 11, 21, 31, 32]);
         assert_eq!(io.count_of(Metric::FailOpen), 2);
     }
 }
