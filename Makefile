@@ -67,12 +67,14 @@ test: build lint deps-test
 
 ## bench: every case 3 times for 5 s, each right after its baseline, then the growth table;
 ## prints the tables, writes bench/results.{json,png}; then one request's timeline of the
-## limited cases and the unlimited one at 1, 4, 32 and 128 connections (bench/timeline.json)
+## limited cases (one busy user, many users, leased, a call per reservation) and the unlimited
+## one at 1, 4, 32 and 128 connections (bench/timeline.json)
 bench: build
 	@.venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check matplotlib
 	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --bin plan-limits-bench -- --seconds 5 --repetitions 3
 	PLAN_LIMITS_WASM=$(CURDIR)/$(WASM) cargo run --locked -q -p plan-limits-tools --bin plan-limits-bench -- --seconds 5 \
-		--cases limited,limited_one_call_each,limited_leased,unlimited --timeline 1,4,32,128 --out bench
+		--cases limited,limited_one_call_each,limited_leased,limited_many_users,unlimited \
+		--timeline 1,4,32,128 --out bench
 	.venv/bin/python bench/chart.py bench/results.json bench/results.png
 	cargo bench --locked -p plan-limits-core --features testing --bench decision
 

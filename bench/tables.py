@@ -43,7 +43,7 @@ for c in results["cases"]:
     base = (c.get("baseline_cpu_us_per_request") or {}).get("envoy", 0)
     cells = " | ".join(f'{cpu.get(p, 0):.0f}' for p in processes)
     over = "–"
-    if floor_us is not None and c["name"].split("@")[0] in ("limited", "limited_eventual", "limited_leased", "limited_one_call_each", "unlimited", "denied"):
+    if floor_us is not None and c["name"].split("@")[0] in ("limited", "limited_eventual", "limited_leased", "limited_many_users", "limited_one_call_each", "unlimited", "denied"):
         over = f'{cpu.get("envoy", 0) - floor_us:+.0f} µs'
     print(f'| {c["label"]} | {cells} | {base:.0f} | {over} |')
 

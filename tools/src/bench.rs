@@ -32,6 +32,9 @@ pub struct Case {
     pub coalesce_reservations: bool,
     /// `redis.lease_units` (0: no leases).
     pub lease_units: u64,
+    /// Requests go round-robin over this many users' tokens (`<caller>-<i>`, the caller's
+    /// plan) instead of the caller's own (0: the caller's).
+    pub users: u32,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -67,6 +70,7 @@ const fn plain(name: &'static str, label: &'static str, filters: Filters) -> Cas
         read_your_writes: true,
         coalesce_reservations: true,
         lease_units: 0,
+        users: 0,
     }
 }
 
@@ -147,6 +151,18 @@ pub fn cases() -> Vec<Case> {
             ..plain(
                 "limited_leased",
                 "plan-limits, limited plan, leases of 16",
+                Filters::PlanLimits,
+            )
+        },
+        // Many users, one unit each: requests round-robin over a thousand users' tokens, so no
+        // two in a row share an allowance (reservations still share calls under load).
+        Case {
+            path: "/api/v1/items",
+            caller: Some((LIMITED_USER, "enterprise")),
+            users: 1000,
+            ..plain(
+                "limited_many_users",
+                "plan-limits, limited plan, 1,000 users",
                 Filters::PlanLimits,
             )
         },

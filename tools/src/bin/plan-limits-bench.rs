@@ -309,13 +309,15 @@ fn main() {
         {
             let b = index(case.baseline);
             let base = measure(&rig, envoys[b].0.pid(), envoys[b].1, &cases[b], &o, None);
+            let tokens = (case.users > 0).then(|| tokens_file(&rig, case, case.users));
+            let tokens = tokens.as_deref();
             let mut measured = vec![(
                 case.name.to_string(),
                 case.label.to_string(),
-                measure(&rig, envoys[i].0.pid(), envoys[i].1, case, &o, None),
+                measure(&rig, envoys[i].0.pid(), envoys[i].1, case, &o, tokens),
             )];
             for (build, (envoy, port, _)) in &compared[i] {
-                let run = measure(&rig, envoy.pid(), *port, case, &o, None);
+                let run = measure(&rig, envoy.pid(), *port, case, &o, tokens);
                 let (name, label) = (built(case.name, build), built(case.label, build));
                 measured.push((name, label, run));
             }
@@ -700,7 +702,8 @@ fn timeline(rig: &Rig, o: &Options) {
                 &rig.wasm,
                 Some(&log),
             );
-            let files = rig.files(case, None);
+            let tokens = (case.users > 0).then(|| tokens_file(rig, case, case.users));
+            let files = rig.files(case, tokens.as_deref());
             let _ = bench::run_wrk(&rig.script, port, case, connections, 1, &files); // warm-up
             std::fs::write(&log, "").expect("empty the warm-up's log");
             let redis_before = redis_fcall_usec(&rig.redis);
