@@ -145,7 +145,8 @@ pub fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             match map_of(caller.data_mut(), map_type) {
                 None => Ok(BAD_ARGUMENT),
                 Some(pairs) => {
-                    pairs.retain(|(k, _)| *k != key);
+                    // (Header names are case-insensitive, as in get and remove.)
+                    pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(&key));
                     pairs.push((key, value));
                     Ok(OK)
                 }

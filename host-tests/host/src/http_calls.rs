@@ -9,7 +9,7 @@ use wasmtime::{Caller, Linker};
 
 use super::abi::{deserialize_pairs, Pairs, BAD_ARGUMENT, OK};
 use super::memory::{read, read_string, write_u32};
-use super::state::{Callout, HttpCallResponse, PendingCall, VmState};
+use super::state::{Callout, HttpCallResponse, VmState};
 
 pub fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
     linker.func_wrap(
@@ -40,22 +40,13 @@ pub fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             if !(known && has(":method") && has(":path") && has(":authority")) {
                 return Ok(BAD_ARGUMENT);
             }
-            let state = caller.data_mut();
-            state.next_token += 1;
-            let token = state.next_token;
-            // Envoy makes every HTTP call on the root context (proxy-wasm-cpp-host's
-            // `http_call`: `contextOrEffectiveContext()->root_context()`) and answers it
-            // there: the call outlives the stream whose callback made it.
-            let context_id = state.root_context_id;
-            state.pending.push_back(PendingCall {
-                token,
-                context_id,
-                callout: Callout::Http {
-                    cluster,
-                    headers,
-                    body,
-                    timeout_ms: timeout_ms as u32,
-                },
+            // On the root context: proxy-wasm-cpp-host's `http_call` uses
+            // `contextOrEffectiveContext()->root_context()`.
+            let token = caller.data_mut().push_call(Callout::Http {
+                cluster,
+                headers,
+                body,
+                timeout_ms: timeout_ms as u32,
             });
             write_u32(&mut caller, token_out, token)?;
             Ok(OK)

@@ -551,11 +551,6 @@ impl Vm {
             self.store.data_mut().aliases.remove(&second);
         }
         self.store.data_mut().streams.remove(&id);
-        // Envoy cancels a stream's outstanding HTTP calls when it goes away.
-        self.store
-            .data_mut()
-            .pending
-            .retain(|call| call.context_id != id || matches!(call.callout, Callout::Redis { .. }));
         Ok(())
     }
 
@@ -587,10 +582,7 @@ impl Vm {
     }
 
     fn deliver(&mut self, call: state::PendingCall, time_out: bool) -> Result<(), HostError> {
-        let id = call.context_id;
-        if id != self.root_context_id() && !self.store.data().streams.contains_key(&id) {
-            return Ok(());
-        }
+        let id = self.root_context_id();
         match call.callout {
             Callout::Http {
                 cluster,

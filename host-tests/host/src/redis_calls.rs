@@ -32,7 +32,7 @@ use wasmtime::{Caller, Linker};
 
 use super::abi::{BAD_ARGUMENT, OK};
 use super::memory::{read, read_string, write_u32};
-use super::state::{Callout, PendingCall, RedisInit, RedisUpstream, VmState};
+use super::state::{Callout, RedisInit, RedisUpstream, VmState};
 
 /// For a timeout of 0: Envoy's default Redis op timeout (`ConfigImpl()` in higress-group/envoy
 /// `source/common/redis/async_client_impl.h`), also what wasm-go plugins default to.
@@ -110,15 +110,7 @@ pub fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             if !state.redis_initialized.contains_key(&cluster) {
                 return Ok(BAD_ARGUMENT);
             }
-            state.next_token += 1;
-            let token = state.next_token;
-            // Higress runs Redis calls on the root context and answers it there.
-            let context_id = state.root_context_id;
-            state.pending.push_back(PendingCall {
-                token,
-                context_id,
-                callout: Callout::Redis { cluster, query },
-            });
+            let token = state.push_call(Callout::Redis { cluster, query });
             write_u32(&mut caller, token_out, token)?;
             Ok(OK)
         },

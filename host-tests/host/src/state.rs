@@ -154,8 +154,6 @@ pub enum Callout {
 #[derive(Debug, Clone)]
 pub struct PendingCall {
     pub token: u32,
-    /// The context that made the call receives its answer.
-    pub context_id: u32,
     pub callout: Callout,
 }
 
@@ -196,6 +194,16 @@ pub struct VmState {
 }
 
 impl VmState {
+    /// Holds an outbound call until the test lets it run and returns its token. Every call
+    /// belongs to the root context and is answered there, as Envoy (and Higress, for Redis)
+    /// does: it outlives the stream whose callback made it.
+    pub fn push_call(&mut self, callout: Callout) -> u32 {
+        self.next_token += 1;
+        let token = self.next_token;
+        self.pending.push_back(PendingCall { token, callout });
+        token
+    }
+
     pub fn stream(&mut self) -> Option<&mut Stream> {
         let id = self.effective_context;
         let id = self.aliases.get(&id).copied().unwrap_or(id);
