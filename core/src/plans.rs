@@ -689,10 +689,10 @@ fn compile_terms(
     }
 }
 
-/// Checks the document as a whole; the first error names its JSON path.
 /// The most units one lease may hold (each is a member of the user's pending set).
 const MAX_LEASE_UNITS: u64 = 1000;
 
+/// Checks the document as a whole; the first error names its JSON path.
 fn validate(config: &Config) -> Result<(), ConfigError> {
     // A reservation is extended a third into its expiry while its request is in flight; the
     // extension has the other two thirds to land, through a timed-out attempt and a retry.

@@ -77,6 +77,8 @@ pub struct MeteredRequest {
     /// Empty until a reservation is asked for.
     reservation_id: String,
     reserved_limit: u64,
+    /// Units of a lease asked for besides its own, until the answer (`lease_asked`).
+    lease_asked: u64,
     /// Extra units an operator granted this period, as the reservation's answer said.
     granted: u64,
     /// When Redis last set the reservation's expiry (unix ms).
@@ -190,6 +192,7 @@ impl MeteredRequest {
             keys,
             reservation_id: String::new(),
             reserved_limit: 0,
+            lease_asked: 0,
             granted: 0,
             held_since_ms: 0,
             quota: None,
@@ -415,6 +418,7 @@ impl MeteredRequest {
             units: plans.redis.lease_units,
             room_factor: LEASE_ROOM_FACTOR,
         });
+        self.lease_asked = lease.map_or(0, |l| l.units - 1);
         let marker = self
             .idempotency_key
             .as_deref()
@@ -472,18 +476,21 @@ impl MeteredRequest {
         self.reservation_id = id;
         self.reserved_limit = limit;
         self.held_since_ms = unix_millis(now);
-        self.on_reserved(lease.clone(), now)
+        self.on_reserved(lease, now)
     }
 
-    /// What gives a lease's unused unit back: a release of this request's kind, under `id`.
-    pub fn lease_release(
-        &self,
-        id: String,
-        now: DateTime<Utc>,
-        redis: &RedisSettings,
-    ) -> Settlement {
+    /// The units of a lease its reservation asked for besides its own, while it waits for the
+    /// answer (0 once answered, or when it asked for none): what its end must give back if
+    /// the answer comes too late to be read.
+    pub fn lease_asked(&self) -> u64 {
+        self.lease_asked
+    }
+
+    /// What gives a lease's unused unit back: a release of this request's kind (each unit's
+    /// id set in it).
+    pub fn lease_release(&self, now: DateTime<Utc>, redis: &RedisSettings) -> Settlement {
         let mut release = self.settlement(SettleMode::Release, 0, now, redis);
-        release.reservation_id = id;
+        release.reservation_id.clear();
         release.metadata.clear();
         release
     }
@@ -494,13 +501,24 @@ impl MeteredRequest {
         reply: Result<RedisReply, TransportError>,
         now: DateTime<Utc>,
     ) -> Decision {
-        match reply.and_then(functions::parse_reservation) {
+        let parsed = reply.and_then(functions::parse_reservation);
+        self.on_parsed_reservation(parsed.as_ref().map_err(Clone::clone), now)
+    }
+
+    /// The reservation's answer, read (or why there is none).
+    pub fn on_parsed_reservation(
+        &mut self,
+        reservation: Result<&Reservation, TransportError>,
+        now: DateTime<Utc>,
+    ) -> Decision {
+        self.lease_asked = 0;
+        match reservation {
             Ok(reservation) => self.on_reserved(reservation, now),
             Err(failure) => self.redis_failed(failure),
         }
     }
 
-    fn on_reserved(&mut self, reservation: Reservation, now: DateTime<Utc>) -> Decision {
+    fn on_reserved(&mut self, reservation: &Reservation, now: DateTime<Utc>) -> Decision {
         if reservation.named_plan != reservation.plan {
             self.unknown_plan = Some(reservation.named_plan.clone());
         }

@@ -1,6 +1,6 @@
 //! The worker's settlements on their way to Redis. Each worker keeps one queue and sends it in
-//! batches from its root context, so no request waits for its commit and a commit outlives the
-//! stream that made it (Envoy cancels a stream's own calls when the stream ends).
+//! batches, from whichever callback finds one due (a call's answer outlives the stream whose
+//! callback made it), so a commit outlives its stream.
 //!
 //! Every batch is applied exactly once: it carries the worker's id and a sequence number, and
 //! `plan_limits_settle` applies it only if that number is past the last one Redis applied for

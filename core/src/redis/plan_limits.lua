@@ -155,7 +155,7 @@ local function reserve(keys, args)
   end
   redis.call('ZADD', pending, expires, id)
   local leased = 0
-  if lease_units and not marker_ttl and not limits_gauge
+  if lease_units and not marker_ttl and not amount
       and limit + granted - committed - held - 1 >= room_factor * lease_units then
     leased = lease_units - 1
     for k = 1, leased do

@@ -15,14 +15,6 @@ pub(super) fn worker(io: &mut Recorder) -> Worker {
     worker_with(io, PLANS_JSON)
 }
 
-/// A worker with `redis.coalesce_reservations` on.
-pub(super) fn coalescing_worker(io: &mut Recorder) -> Worker {
-    let json = crate::testing::plans_json_with(|v| {
-        v["redis"]["coalesce_reservations"] = true.into();
-    });
-    worker_with(io, &json)
-}
-
 pub(super) fn worker_with(io: &mut Recorder, json: &str) -> Worker {
     let mut w = Worker::new(0xfeed);
     assert!(w.configure(json.as_bytes(), io));

@@ -93,10 +93,10 @@ impl Worker {
             count_outcome(io, &request, Outcome::Denied);
             return self.answer_at_head(stream, response, drainable, io);
         }
-        if request.leasable() {
+        if plans.redis.lease_units > 1 && request.leasable() {
             if let Some((id, granted)) = self.leases.take(&request, now_ms) {
+                let decision = request.admit_leased(limit, id, granted, now);
                 io.count(Metric::Leased, 1);
-                let decision = request.admit_leased(limit, id, &granted, now);
                 return self.decided_at_head(stream, request, decision, drainable, plans, now, io);
             }
         }

@@ -13,89 +13,115 @@ use crate::redis::functions::{self, Reservation};
 use crate::request::{unix_millis, MeteredRequest};
 use crate::settlement::Settlement;
 
-/// One user's, action's and period's leased units under one plan, from one grant or more
-/// (requests that asked at the same time each brought theirs).
+/// One user's, action's and period's leased units, from one grant or more (requests that
+/// asked at the same time each brought theirs).
 struct Lease {
     /// Units not handed out yet, oldest first, each with when it goes back (unix ms).
     units: VecDeque<(String, u64)>,
-    /// The latest answer that granted units: what a request admitted from them is decided by.
+    /// The latest answer that granted units: what a request admitted from them is decided by
+    /// (its plan too: a request under another plan asks Redis).
     granted: Reservation,
     /// A release of one unit (each unit's id set in it as it goes back).
     release: Settlement,
 }
 
-/// This worker's leases, by the user's pending set (user, action, period) and plan.
+/// This worker's leases, by the user's pending set (user, action, period).
 #[derive(Default)]
 pub(super) struct Leases {
-    by_key: HashMap<(String, String), Lease>,
-}
-
-fn key_of(request: &MeteredRequest) -> (String, String) {
-    (request.keys().pending.clone(), request.plan().key.clone())
+    by_pending: HashMap<String, Lease>,
 }
 
 impl Leases {
     /// A unit for `request`, and the answer it is admitted under; `None`: it asks Redis.
-    pub fn take(&mut self, request: &MeteredRequest, now_ms: u64) -> Option<(String, Reservation)> {
-        let lease = self.by_key.get_mut(&key_of(request))?;
+    pub fn take(
+        &mut self,
+        request: &MeteredRequest,
+        now_ms: u64,
+    ) -> Option<(String, &Reservation)> {
+        let lease = self.by_pending.get_mut(request.keys().pending.as_str())?;
+        if lease.granted.plan != request.plan().key {
+            return None;
+        }
         // (Units whose time is up are left for `expire` to give back.)
         let fresh = lease.units.iter().position(|(_, until)| *until > now_ms)?;
         let (id, _) = lease.units.remove(fresh)?;
-        Some((id, lease.granted.clone()))
+        Some((id, &lease.granted))
     }
 
-    /// `request`'s reservation came with `reservation.leased` more units: kept for the
-    /// requests that follow, after any the user's lease still has.
+    /// `request`'s reservation came with `granted.leased` more units: kept for the requests
+    /// that follow, after any the user's lease still has.
     pub fn add(
         &mut self,
         request: &MeteredRequest,
-        reservation: &Reservation,
+        granted: Reservation,
         now: DateTime<Utc>,
         redis: &RedisSettings,
     ) {
-        let id = request.reservation_id();
         let until = unix_millis(now).saturating_add(redis.lease_hold_ms);
-        let units = (1..=reservation.leased).map(|k| (functions::leased_unit_id(id, k), until));
-        let lease = self.by_key.entry(key_of(request)).or_insert_with(|| Lease {
-            units: VecDeque::new(),
-            granted: reservation.clone(),
-            release: request.lease_release(String::new(), now, redis),
-        });
-        lease.units.extend(units);
-        lease.granted = reservation.clone();
+        let units = unit_ids(request, granted.leased).map(|id| (id, until));
+        match self.by_pending.get_mut(request.keys().pending.as_str()) {
+            Some(lease) => {
+                lease.units.extend(units);
+                lease.granted = granted;
+            }
+            None => {
+                let lease = Lease {
+                    units: units.collect(),
+                    granted,
+                    release: request.lease_release(now, redis),
+                };
+                self.by_pending
+                    .insert(request.keys().pending.clone(), lease);
+            }
+        }
     }
 
     /// Releases of the units whose time is up (of every unit, with `all`).
     pub fn expire(&mut self, now_ms: u64, all: bool) -> Vec<Settlement> {
         let mut out = Vec::new();
-        self.by_key.retain(|_, lease| {
-            let (due, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut lease.units)
-                .into_iter()
-                .partition(|(_, until)| all || *until <= now_ms);
-            out.extend(due.into_iter().map(|(id, _)| Settlement {
-                reservation_id: id,
-                made_at_ms: now_ms,
-                ..lease.release.clone()
-            }));
-            lease.units = kept;
+        self.by_pending.retain(|_, lease| {
+            // (Units are added in the order of their time: the due ones come first.)
+            let due = match all {
+                true => lease.units.len(),
+                false => lease.units.partition_point(|(_, until)| *until <= now_ms),
+            };
+            let ids = lease.units.drain(..due).map(|(id, _)| id);
+            out.extend(releases(&lease.release, ids, now_ms));
             !lease.units.is_empty()
         });
         out
     }
 }
 
-/// The releases of the units `request`'s reservation leased, when they are not kept (its
-/// request was refused after all, or reserved in the wrong period).
+/// The ids of the `n` units a lease brought with `request`'s reservation.
+fn unit_ids(request: &MeteredRequest, n: u64) -> impl Iterator<Item = String> + '_ {
+    (1..=n).map(move |k| functions::leased_unit_id(request.reservation_id(), k))
+}
+
+/// What gives the units `ids` back, each a copy of `release` under its id.
+fn releases<'a>(
+    release: &'a Settlement,
+    ids: impl Iterator<Item = String> + 'a,
+    now_ms: u64,
+) -> impl Iterator<Item = Settlement> + 'a {
+    ids.map(move |id| Settlement {
+        reservation_id: id,
+        made_at_ms: now_ms,
+        ..release.clone()
+    })
+}
+
+/// The releases of `n` units `request`'s reservation leased (or asked for), when they are not
+/// kept: its request was refused after all, reserved in the wrong period, or ended before
+/// the answer came.
 pub(super) fn unkept(
     request: &MeteredRequest,
-    reservation: &Reservation,
+    n: u64,
     now: DateTime<Utc>,
     redis: &RedisSettings,
 ) -> Vec<Settlement> {
-    let id = request.reservation_id();
-    (1..=reservation.leased)
-        .map(|k| request.lease_release(functions::leased_unit_id(id, k), now, redis))
-        .collect()
+    let release = request.lease_release(now, redis);
+    releases(&release, unit_ids(request, n), unix_millis(now)).collect()
 }
 
 #[cfg(test)]
@@ -270,6 +296,30 @@ mod tests {
                 ("release", format!("{id}#2")),
             ]
         );
+    }
+
+    #[test]
+    fn a_stream_that_ends_before_its_leasing_answer_gives_back_what_it_asked_for() {
+        let mut io = Recorder::default();
+        let mut w = leasing_worker(&mut io);
+        send(&mut w, 1, &api_call("u"), &mut io);
+        let (token, reserve) = io.last_sent();
+        let id = String::from_utf8(functions::reserve_args(reserve)[3].clone()).unwrap();
+        w.on_stream_end(1, false, now(), &mut io);
+        // The answer comes after the end: it is not read, so the end released the lease's
+        // units with its own (those Redis did not grant release nothing).
+        w.on_reply(token, granted_with_lease(3), now(), &mut io);
+        w.on_tick(now(), &mut io);
+        assert_eq!(
+            batch_of(&w),
+            [
+                ("release", id.clone()),
+                ("release", format!("{id}#1")),
+                ("release", format!("{id}#2")),
+                ("release", format!("{id}#3")),
+            ]
+        );
+        assert_eq!(io.count_of(Metric::Leased), 0);
     }
 
     #[test]

@@ -156,9 +156,6 @@ pub struct Worker {
     plans: Option<Rc<Plans>>,
     /// Every stream the worker still has to do with, in the state of its life.
     streams: HashMap<StreamId, Stream>,
-    /// How many metered streams hold their response until its commit (kept as they change,
-    /// as the host asks after every event whether to tick fast).
-    responses_awaiting_commit: usize,
     calls: Calls,
     /// Units this worker holds of users' allowances for the requests to come.
     leases: leases::Leases,
@@ -262,8 +259,8 @@ fn answer(
 #[derive(Default)]
 struct Calls {
     in_flight: HashMap<Token, Call>,
-    /// Calls carrying reservations in flight; with `coalesce_reservations`, once there are
-    /// `RESERVATION_CALLS` reservations meanwhile wait, in order, for the next answer.
+    /// Calls carrying reservations in flight; with `coalesce_reservations`, while there are
+    /// `RESERVATION_CALLS` of them, reservations wait, in order, for the next answer.
     reserving: usize,
     waiting_reservations: Vec<(StreamId, RedisCommand)>,
 }
@@ -391,7 +388,6 @@ impl Worker {
         Self {
             plans: None,
             streams: HashMap::new(),
-            responses_awaiting_commit: 0,
             calls: Calls::default(),
             queue_reported: 0,
             refused_unknown: metrics::requests("none", "none", Outcome::Rejected),
@@ -456,16 +452,6 @@ impl Worker {
             Some(Stream::Releasing { release, freed }) => Some((release, freed)),
             _ => None,
         }
-    }
-
-    /// The count of responses awaiting their commit is the streams' (tests only: it is kept
-    /// as they change so that nothing need look at every stream after each event).
-    #[cfg(test)]
-    fn check_awaiting_count(&self) {
-        let awaiting = self.streams.values().filter(|state| {
-            matches!(state, Stream::Metered(entry) if entry.awaiting_commit_until.is_some())
-        });
-        assert_eq!(awaiting.count(), self.responses_awaiting_commit);
     }
 
     /// This worker's name in Redis (its record, its settlement batches).
@@ -574,10 +560,7 @@ impl Worker {
         io: &mut dyn Io,
     ) {
         // Unknown: its stream ended meanwhile (and released what it held).
-        let Some(Call {
-            waiter, sent_at, ..
-        }) = self.calls.in_flight.remove(&token)
-        else {
+        let Some(Call { waiter, sent_at }) = self.calls.in_flight.remove(&token) else {
             return;
         };
         let call = match waiter {

@@ -58,15 +58,13 @@ impl Worker {
         {
             let waiting = &mut self.calls.waiting_reservations;
             let n = waiting.len().min(plans.redis.max_batch.max(1));
-            let batch: Vec<(StreamId, RedisCommand)> = waiting.drain(..n).collect();
-            let streams: Vec<StreamId> = batch.iter().map(|(stream, _)| *stream).collect();
-            let sent = match batch.as_slice() {
-                [(_, one)] => invoke(io, &plans.redis, one.clone()),
-                many => {
-                    let commands: Vec<&RedisCommand> = many.iter().map(|(_, c)| c).collect();
-                    invoke(io, &plans.redis, functions::reserve_many(&commands))
-                }
+            let (streams, commands): (Vec<StreamId>, Vec<RedisCommand>) =
+                waiting.drain(..n).unzip();
+            let command = match <[RedisCommand; 1]>::try_from(commands) {
+                Ok([one]) => one,
+                Err(many) => functions::reserve_many(&many.iter().collect::<Vec<_>>()),
             };
+            let sent = invoke(io, &plans.redis, command);
             match sent {
                 Ok(token) => {
                     self.calls.sent(token, Waiter::Reservations(streams), now);
@@ -193,11 +191,8 @@ impl Worker {
         let (Some(plans), Some(mut entry)) = (self.plans.clone(), self.take_metered(stream)) else {
             return;
         };
-        let numbers = reply
-            .as_ref()
-            .ok()
-            .and_then(|r| functions::parse_reservation(r.clone()).ok());
-        if let Some(reservation) = &numbers {
+        let parsed = reply.and_then(functions::parse_reservation);
+        if let Ok(reservation) = &parsed {
             let now_ms = unix_millis(now);
             let for_ms = plans.redis.entitlement_cache_ms;
             // Only billing's record, never the caller's own claim.
@@ -212,7 +207,8 @@ impl Worker {
                 // Reserved in the period of a stale anchor: give that back, ask again in the
                 // right one (once).
                 let granted = reservation.status == ReserveStatus::Granted;
-                for unit in leases::unkept(&entry.request, reservation, now, &plans.redis) {
+                let leased = reservation.leased;
+                for unit in leases::unkept(&entry.request, leased, now, &plans.redis) {
                     self.queue(Some(unit), io);
                 }
                 let release = entry
@@ -224,22 +220,21 @@ impl Worker {
                 return;
             }
         }
-        let decision = entry.request.on_reservation(reply, now);
-        if let Some(reservation) = &numbers {
-            let now_ms = unix_millis(now);
-            self.note_unknown_plan(&entry.request, now_ms, io);
-            record_budget(&entry.request, reservation, &plans.redis, io);
+        let request = &mut entry.request;
+        let decision = request.on_parsed_reservation(parsed.as_ref().map_err(Clone::clone), now);
+        if let Ok(reservation) = &parsed {
+            self.note_unknown_plan(request, unix_millis(now), io);
+            record_budget(request, reservation, &plans.redis, io);
         }
         let carried = self.carry_out(stream, &mut entry.request, decision, &plans, now, io);
-        if let Some(reservation) = numbers.filter(|r| r.leased > 0) {
+        if let Some(reservation) = parsed.ok().filter(|r| r.leased > 0) {
             // Its lease is kept for the user's next requests if it was let through.
             let request = &entry.request;
-            match carried {
-                Ok(()) => self.leases.add(request, &reservation, now, &plans.redis),
-                Err(_) => {
-                    for release in leases::unkept(request, &reservation, now, &plans.redis) {
-                        self.queue(Some(release), io);
-                    }
+            if carried.is_ok() {
+                self.leases.add(request, reservation, now, &plans.redis);
+            } else {
+                for release in leases::unkept(request, reservation.leased, now, &plans.redis) {
+                    self.queue(Some(release), io);
                 }
             }
         }
@@ -271,16 +266,28 @@ fn with_ratelimit(
 
 #[cfg(test)]
 mod tests {
+    use super::RESERVATION_CALLS;
     use crate::worker::fixtures::*;
 
     #[test]
-    fn by_default_each_reservation_goes_at_once() {
-        let mut io = Recorder::default();
-        let mut w = worker(&mut io);
-        for (stream, user) in [(1, "a"), (2, "b"), (3, "c")] {
-            assert_eq!(send(&mut w, stream, &upload(user), &mut io), Flow::Pause);
-        }
-        assert_eq!(io.sent.len(), 3, "three calls in flight, none waiting");
+    fn without_coalescing_each_reservation_goes_at_once_however_many_are_in_flight() {
+        let calls = RESERVATION_CALLS as u32 + 1;
+        let sent_for = |coalesce: bool| {
+            let mut io = Recorder::default();
+            let json = plans_json_with(|v| v["redis"]["coalesce_reservations"] = coalesce.into());
+            let mut w = worker_with(&mut io, &json);
+            for stream in 1..=calls {
+                let user = format!("u{stream}");
+                assert_eq!(send(&mut w, stream, &upload(&user), &mut io), Flow::Pause);
+            }
+            io.sent.len()
+        };
+        assert_eq!(sent_for(false), calls as usize, "each at once");
+        assert_eq!(
+            sent_for(true),
+            RESERVATION_CALLS,
+            "the default: the last one waits"
+        );
     }
 
     #[test]
@@ -472,10 +479,10 @@ mod tests {
     #[test]
     fn reservations_arriving_while_calls_are_in_flight_go_together_in_the_next_call() {
         let mut io = Recorder::default();
-        let mut w = coalescing_worker(&mut io);
+        let mut w = worker(&mut io);
         // Up to RESERVATION_CALLS at once: each sent at once.
         let mut first = Vec::new();
-        for stream in 1..=super::RESERVATION_CALLS as u32 {
+        for stream in 1..=RESERVATION_CALLS as u32 {
             let user = format!("a{stream}");
             assert_eq!(send(&mut w, stream, &upload(&user), &mut io), Flow::Pause);
             first.push(io.last_sent().0);
@@ -484,7 +491,7 @@ mod tests {
         for (stream, user) in [(11, "b"), (12, "c"), (13, "d")] {
             assert_eq!(send(&mut w, stream, &upload(user), &mut io), Flow::Pause);
         }
-        assert_eq!(io.sent.len(), super::RESERVATION_CALLS, "the others wait");
+        assert_eq!(io.sent.len(), RESERVATION_CALLS, "the others wait");
         w.on_stream_end(12, true, now(), &mut io);
         // The first answer sends the waiting ones as one call, in their order.
         w.on_reply(first[0], granted(), now(), &mut io);
@@ -515,7 +522,7 @@ mod tests {
         assert_eq!(io.status_for(12), None, "gone before it was sent");
         // A failed call fails each of its reservations alike (fail_open uploads go on).
         let mut alone = Vec::new();
-        for stream in 21..21 + super::RESERVATION_CALLS as u32 {
+        for stream in 21..21 + RESERVATION_CALLS as u32 {
             send(&mut w, stream, &upload(&format!("e{stream}")), &mut io);
             alone.push(io.last_sent().0);
         }

@@ -188,9 +188,7 @@ impl Worker {
         if let (true, Some(s)) = (awaits, settlement.as_mut()) {
             s.waiter = Some(stream);
             let until = unix_millis(now).saturating_add(4 * plans.redis.timeout_ms);
-            if entry.awaiting_commit_until.replace(until).is_none() {
-                self.responses_awaiting_commit += 1;
-            }
+            entry.awaiting_commit_until = Some(until);
         }
         self.queue(settlement, io);
         if awaits {

@@ -65,8 +65,6 @@ impl Worker {
     /// The periodic tick (`flush_interval_ms`): extend the reservations of requests still in
     /// flight that need it, send queued settlements.
     pub fn on_tick(&mut self, now: DateTime<Utc>, io: &mut dyn Io) {
-        #[cfg(test)]
-        self.check_awaiting_count();
         let now_ms = unix_millis(now);
         self.release_overdue_responses(now_ms, io);
         self.end_overdue_drains(now_ms, io);
@@ -111,9 +109,6 @@ impl Worker {
     /// once Redis answers (exactly once); only their client's next request may see it in
     /// flight meanwhile.
     fn release_overdue_responses(&mut self, now_ms: u64, io: &mut dyn Io) {
-        if self.responses_awaiting_commit == 0 {
-            return;
-        }
         for (stream, state) in &mut self.streams {
             let Stream::Metered(entry) = state else {
                 continue;
@@ -123,7 +118,6 @@ impl Worker {
                 .is_some_and(|until| now_ms >= until)
             {
                 entry.awaiting_commit_until = None;
-                self.responses_awaiting_commit = self.responses_awaiting_commit.saturating_sub(1);
                 io.count(Metric::CommitsNotAwaited, 1);
                 io.resume_response(*stream);
             }
@@ -200,7 +194,6 @@ impl Worker {
         }
     }
 
-    /// Whether `stream`'s response is held for its commit.
     /// The `plan_limits_settle` call of `items` as `group`'s batch number `seq` (no items: the
     /// worker's heartbeat or goodbye, in its record only).
     pub(super) fn settle_command(
@@ -292,7 +285,6 @@ impl Worker {
                 continue;
             };
             if entry.awaiting_commit_until.take().is_some() {
-                self.responses_awaiting_commit = self.responses_awaiting_commit.saturating_sub(1);
                 io.resume_response(*stream);
             }
         }

@@ -24,9 +24,6 @@ impl Worker {
             }
             Some(Stream::Draining(_) | Stream::Releasing { .. }) | None => return,
         };
-        if entry.awaiting_commit_until.is_some() {
-            self.responses_awaiting_commit = self.responses_awaiting_commit.saturating_sub(1);
-        }
         // Not sent yet: it never will be (its end's release asks Redis to let go of nothing).
         self.calls
             .waiting_reservations
@@ -34,6 +31,12 @@ impl Worker {
         let Some(plans) = self.plans.clone() else {
             return;
         };
+        // A lease its reservation asked for, whose answer will not be read: what Redis may
+        // have granted goes back with its own unit (a unit never granted releases nothing).
+        let asked = entry.request.lease_asked();
+        for release in super::leases::unkept(&entry.request, asked, now, &plans.redis) {
+            self.queue(Some(release), io);
+        }
         let settlement = entry.request.on_end(reached, now, &plans.redis);
         self.queue(settlement, io);
     }
