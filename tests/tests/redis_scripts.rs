@@ -288,16 +288,16 @@ fn a_lease_holds_its_units_like_reservations_and_only_while_ten_times_as_many_re
     ];
     assert_eq!(settle(&mut conn, &batch), [true, true, true, false, false]);
     assert_eq!(counter(&mut conn, "u"), Some(3));
-    // Limit 52 with 3 counted: 48 left once its own unit is held, under ten times a lease
-    // of 5: its unit only.
-    let r = reserve_leasing(&mut conn, "u", "b", 52, 5);
+    // Limit 53 with 3 counted: 49 left once its own unit is held, one under ten times a
+    // lease of 5: its unit only.
+    let r = reserve_leasing(&mut conn, "u", "b", 53, 5);
     assert_eq!(
         (r.status, r.leased, r.pending),
         (ReserveStatus::Granted, 0, 1)
     );
     // A lease's units count against the limit like any in flight: the last units are
     // refused while a lease holds them, never granted twice.
-    let r = reserve_leasing(&mut conn, "v", "c", 10, 1);
+    let r = reserve_leasing(&mut conn, "v", "c", 100, 1);
     assert_eq!(
         (r.status, r.leased),
         (ReserveStatus::Granted, 0),

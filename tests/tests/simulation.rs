@@ -57,6 +57,7 @@ fn the_ledger_invariant_holds_in_every_simulated_world() {
                 total.audited_losses += report.audited_losses;
                 total.awaited_commits += report.awaited_commits;
                 total.silent_workers += report.silent_workers;
+                total.leased += report.leased;
             }
             Err((violations, faults)) => {
                 eprintln!("seed {seed} (faults {faults:?}):");
@@ -80,4 +81,11 @@ fn the_ledger_invariant_holds_in_every_simulated_world() {
         total.done > 0 && total.counted > 0,
         "the worlds did something"
     );
+    // (A replay of one seed may have leases off.)
+    if seeds.len() >= 50 {
+        assert!(
+            total.leased > 0,
+            "leases (on for half the seeds) admitted requests"
+        );
+    }
 }

@@ -1,5 +1,6 @@
-//! The README and docs/ as a newcomer follows them: every link leads somewhere, and the
-//! performance page's tables are what `bench/tables.py` prints from the committed results.
+//! The README and docs/ as a newcomer follows them: every link leads somewhere, every test the
+//! guarantees cite exists, and the performance page's tables are what `bench/tables.py`
+//! prints from the committed results.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -137,5 +138,83 @@ fn the_readme_stays_short() {
     assert!(
         lines <= 350,
         "README.md has {lines} lines: what goes past a newcomer's first read belongs in docs/"
+    );
+}
+
+/// Every function (and macro-made test) name in the workspace's own Rust sources.
+fn function_names() -> std::collections::HashSet<String> {
+    let mut names = std::collections::HashSet::new();
+    let mut dirs: Vec<PathBuf> = [
+        "core",
+        "filter/src",
+        "host-tests",
+        "services",
+        "tools",
+        "tests",
+    ]
+    .iter()
+    .map(|d| repo_root().join(d))
+    .collect();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("a source directory") {
+            let path = entry.expect("an entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = read(&path);
+                // (Tests the suites' macros define are named as their first argument.)
+                for opening in ["fn ", "on_every_gateway!(", "on_both_builds!("] {
+                    for (at, _) in text.match_indices(opening) {
+                        let name: String = text[at + opening.len()..]
+                            .trim_start()
+                            .chars()
+                            .take_while(|c| c.is_alphanumeric() || *c == '_')
+                            .collect();
+                        names.insert(name);
+                    }
+                }
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn every_test_the_guarantees_cite_exists() {
+    let names = function_names();
+    let page = read(&repo_root().join("docs/guarantees.md"));
+    let mut missing = Vec::new();
+    for row in page.lines().filter(|l| l.starts_with('|')) {
+        let shown_by = row
+            .trim_end_matches('|')
+            .rsplit('|')
+            .next()
+            .unwrap_or_default();
+        for cited in shown_by.split('`').skip(1).step_by(2) {
+            // A path (`module::name`) or a name in the module before (`..._name`); `*` and a
+            // trailing `...` leave the rest of the name open; a module (`x::*`, `x::tests`)
+            // or a test file (`x`) names no function.
+            if !cited.contains("::") && !cited.starts_with("..") {
+                continue;
+            }
+            let name = cited.rsplit("::").next().unwrap_or(cited);
+            let name = name.trim_start_matches('.').trim_start_matches('_');
+            let open = name.ends_with('*') || name.ends_with("...") || cited.starts_with("...");
+            let name = name.trim_end_matches('*').trim_end_matches('.');
+            if name.is_empty() || name == "tests" {
+                continue;
+            }
+            let found = match open {
+                true => names.iter().any(|n| n.contains(name)),
+                false => names.contains(name),
+            };
+            if !found {
+                missing.push(cited.to_string());
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "cited in docs/guarantees.md, defined nowhere: {missing:?}"
     );
 }

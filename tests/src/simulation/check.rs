@@ -35,6 +35,8 @@ pub struct Report {
     pub awaited_commits: u64,
     /// Workers the audit found gone silent without stopping (each a killed one).
     pub silent_workers: u64,
+    /// Requests admitted from a lease's units (seeds with leases on).
+    pub leased: u64,
 }
 
 #[derive(Debug, Clone)]

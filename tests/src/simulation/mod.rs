@@ -815,7 +815,6 @@ impl<'r> World<'r> {
         let reached = reached || !w.worker.wants_upstream_reached(stream);
         w.worker.on_stream_end(stream, reached, now, &mut w.host);
         self.after_callback(envoy, worker);
-        // Its own calls die with it: their answers are never delivered.
     }
 
     /// Carries out what a worker's callback asked: calls go on the network, streams are
@@ -1018,7 +1017,7 @@ impl<'r> World<'r> {
         out.insert("faults".into(), self.faults.len() as u64);
         for envoy in &self.envoys {
             for w in &envoy.workers {
-                for metric in [Metric::FailOpen, Metric::SettlementsDropped] {
+                for metric in [Metric::FailOpen, Metric::SettlementsDropped, Metric::Leased] {
                     *out.entry(metric.name().to_string()).or_default() += w.host.count_of(metric);
                 }
             }
@@ -1085,6 +1084,11 @@ impl<'r> World<'r> {
         ) {
             Ok(mut report) if broken.is_empty() => {
                 report.awaited_commits = self.awaited;
+                report.leased = self
+                    .summary()
+                    .get(Metric::Leased.name())
+                    .copied()
+                    .unwrap_or(0);
                 Ok(report)
             }
             Ok(_) => Err(broken),
