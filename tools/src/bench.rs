@@ -99,6 +99,16 @@ const fn upload(name: &'static str, label: &'static str, bytes: usize, base: &'s
     }
 }
 
+/// The busy enterprise user's API call (its limit out of reach) through the filter: a limited
+/// request that reserves a unit.
+const fn limited(name: &'static str, label: &'static str) -> Case {
+    Case {
+        path: "/api/v1/items",
+        caller: Some((LIMITED_USER, "enterprise")),
+        ..plain(name, label, Filters::PlanLimits)
+    }
+}
+
 /// A free user's procedure view (no limit on it: nothing waits on Redis) through `filters`.
 const fn unlimited_request(name: &'static str, filters: Filters) -> Case {
     Case {
@@ -125,57 +135,40 @@ pub fn cases() -> Vec<Case> {
             )
         },
         Case {
-            path: "/api/v1/items",
-            caller: Some((LIMITED_USER, "enterprise")),
             target_ratio: Some(0.60),
-            ..plain("limited", "plan-limits, limited plan", Filters::PlanLimits)
+            ..limited("limited", "plan-limits, limited plan")
         },
         // The price of read-your-writes: the limited case with each success sent on at once
         // (its commit batched after it) instead of once Redis counted it.
         Case {
-            path: "/api/v1/items",
-            caller: Some((LIMITED_USER, "enterprise")),
             read_your_writes: false,
-            ..plain(
+            ..limited(
                 "limited_eventual",
                 "plan-limits, limited plan, read_your_writes off",
-                Filters::PlanLimits,
             )
         },
         // One busy user with much left: a worker reserves 16 units a call (a lease) and
         // admits the next requests from them; each success still commits.
         Case {
-            path: "/api/v1/items",
-            caller: Some((LIMITED_USER, "enterprise")),
             lease_units: 16,
-            ..plain(
-                "limited_leased",
-                "plan-limits, limited plan, leases of 16",
-                Filters::PlanLimits,
-            )
+            ..limited("limited_leased", "plan-limits, limited plan, leases of 16")
         },
         // Many users, one unit each: requests round-robin over a thousand users' tokens, so no
         // two in a row share an allowance (reservations still share calls under load).
         Case {
-            path: "/api/v1/items",
-            caller: Some((LIMITED_USER, "enterprise")),
             users: 1000,
-            ..plain(
+            ..limited(
                 "limited_many_users",
                 "plan-limits, limited plan, 1,000 users",
-                Filters::PlanLimits,
             )
         },
         // Reservations not coalesced (the default coalesces them): each goes in a call of its
         // own, however many are in flight.
         Case {
-            path: "/api/v1/items",
-            caller: Some((LIMITED_USER, "enterprise")),
             coalesce_reservations: false,
-            ..plain(
+            ..limited(
                 "limited_one_call_each",
                 "plan-limits, limited plan, a call per reservation",
-                Filters::PlanLimits,
             )
         },
         Case {

@@ -300,6 +300,8 @@ fn main() {
                 .collect()
         })
         .collect();
+    // (Signed once: a thousand tokens take a while.)
+    let tokens: Vec<Option<PathBuf>> = cases.iter().map(|c| case_tokens(&rig, c)).collect();
     let mut runs = Vec::new();
     for repetition in 1..=o.repetitions {
         for (i, case) in cases
@@ -309,8 +311,7 @@ fn main() {
         {
             let b = index(case.baseline);
             let base = measure(&rig, envoys[b].0.pid(), envoys[b].1, &cases[b], &o, None);
-            let tokens = (case.users > 0).then(|| tokens_file(&rig, case, case.users));
-            let tokens = tokens.as_deref();
+            let tokens = tokens[i].as_deref();
             let mut measured = vec![(
                 case.name.to_string(),
                 case.label.to_string(),
@@ -606,6 +607,11 @@ fn case_baseline(cases: &[Case]) -> &Case {
         .expect("the baseline")
 }
 
+/// The tokens a case's requests go round-robin over (`Case::users`), if it has its own.
+fn case_tokens(rig: &Rig, case: &Case) -> Option<PathBuf> {
+    (case.users > 0).then(|| tokens_file(rig, case, case.users))
+}
+
 /// A file of `users` bearer tokens for the case's plan (`<case user>-<i>`).
 fn tokens_file(rig: &Rig, case: &Case, users: u32) -> PathBuf {
     let (user, plan) = case.caller.expect("a caller");
@@ -691,6 +697,7 @@ fn timeline(rig: &Rig, o: &Options) {
         .collect();
     let mut rows = Vec::new();
     for case in chosen {
+        let tokens = case_tokens(rig, case);
         for &connections in &o.timeline {
             let name = format!("{}-timeline-{connections}", case.name);
             let log = rig.dir.join(format!("{name}.log.json"));
@@ -702,7 +709,6 @@ fn timeline(rig: &Rig, o: &Options) {
                 &rig.wasm,
                 Some(&log),
             );
-            let tokens = (case.users > 0).then(|| tokens_file(rig, case, case.users));
             let files = rig.files(case, tokens.as_deref());
             let _ = bench::run_wrk(&rig.script, port, case, connections, 1, &files); // warm-up
             std::fs::write(&log, "").expect("empty the warm-up's log");
