@@ -6,7 +6,9 @@ use std::rc::Rc;
 
 use chrono::{DateTime, Utc};
 
-use crate::config::{Gauge, Identity, IdentitySource, OtherMethods, UnknownPlan, Variants};
+use crate::config::{
+    Gauge, Identity, IdentitySource, JwtClaims, OtherMethods, UnknownPlan, Variants,
+};
 use crate::period::BillingPeriod;
 use crate::plans::{Action, Endpoint, PathClass, Plans};
 use crate::reports::{self, Report};
@@ -31,6 +33,56 @@ pub struct Claims {
     pub org: Option<Vec<u8>>,
     /// The anchor day: a number (`jwt_authn` writes numbers as f64, little-endian) or digits.
     pub anchor: Option<Vec<u8>>,
+}
+
+impl Claims {
+    /// The claims `jwt` names, from the whole payload read in one host call: Envoy hands a
+    /// map over as proxy-wasm pairs (`[count][key len, value len]*[key \0 value \0]*`,
+    /// little-endian u32s), each value encoded as a single claim would be. `None` if the bytes
+    /// are not such pairs.
+    pub fn from_payload(payload: &[u8], jwt: &JwtClaims) -> Option<Self> {
+        let mut claims = Self::default();
+        for (key, value) in pairs(payload)? {
+            let slot = if key == jwt.user_claim.as_bytes() {
+                &mut claims.user
+            } else if key == jwt.plan_claim.as_bytes() {
+                &mut claims.plan
+            } else if key == jwt.org_claim.as_bytes() {
+                &mut claims.org
+            } else if key == jwt.anchor_claim.as_bytes() {
+                &mut claims.anchor
+            } else {
+                continue;
+            };
+            *slot = Some(value.to_vec());
+        }
+        Some(claims)
+    }
+}
+
+/// proxy-wasm's encoding of a map (see `Claims::from_payload`), as (key, value) slices.
+fn pairs(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let u32_at = |at: usize| -> Option<usize> {
+        let word = bytes.get(at..at.checked_add(4)?)?;
+        usize::try_from(u32::from_le_bytes(word.try_into().ok()?)).ok()
+    };
+    let count = u32_at(0)?;
+    // Each pair takes 8 bytes of sizes and 2 of terminators: a count the bytes cannot hold is
+    // refused before anything is allocated for it.
+    if count > bytes.len() / 10 {
+        return None;
+    }
+    let mut at = 4 + 8 * count;
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let (key_len, value_len) = (u32_at(4 + 8 * i)?, u32_at(8 + 8 * i)?);
+        let key = bytes.get(at..at.checked_add(key_len)?)?;
+        at += key_len + 1;
+        let value = bytes.get(at..at.checked_add(value_len)?)?;
+        at += value_len + 1;
+        out.push((key, value));
+    }
+    (at <= bytes.len()).then_some(out)
 }
 
 // Returned and matched at once, never stored: a boxed request would only cost an allocation.
@@ -422,6 +474,77 @@ mod tests {
             req = req.header(name, value);
         }
         req
+    }
+
+    /// `pairs` as Envoy encodes a map.
+    fn encode_pairs(pairs: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = u32::try_from(pairs.len()).unwrap().to_le_bytes().to_vec();
+        for (k, v) in pairs {
+            out.extend(u32::try_from(k.len()).unwrap().to_le_bytes());
+            out.extend(u32::try_from(v.len()).unwrap().to_le_bytes());
+        }
+        for (k, v) in pairs {
+            out.extend(k.as_bytes());
+            out.push(0);
+            out.extend(*v);
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn claims_come_from_the_whole_payload_read_at_once() {
+        let jwt = JwtClaims::default();
+        let anchor = 14.0f64.to_le_bytes();
+        let payload = encode_pairs(&[
+            ("iss", b"plan-limits-dev"),
+            ("sub", b"alice"),
+            // A list claim is pairs too: skipped like any claim the plans do not name.
+            ("roles", &encode_pairs(&[("admin", b"")])),
+            ("plan", b"professional"),
+            ("anchor_day", &anchor),
+        ]);
+        let claims = Claims::from_payload(&payload, &jwt).unwrap();
+        assert_eq!(
+            claims,
+            Claims {
+                user: Some(b"alice".to_vec()),
+                plan: Some(b"professional".to_vec()),
+                org: None,
+                anchor: Some(anchor.to_vec()),
+            }
+        );
+        // Other claim names, as plans.json sets them.
+        let renamed = JwtClaims {
+            user_claim: "iss".into(),
+            ..JwtClaims::default()
+        };
+        let claims = Claims::from_payload(&payload, &renamed).unwrap();
+        assert_eq!(claims.user.as_deref(), Some(&b"plan-limits-dev"[..]));
+        assert_eq!(
+            Claims::from_payload(&encode_pairs(&[]), &jwt),
+            Some(Claims::default())
+        );
+    }
+
+    #[test]
+    fn a_payload_that_is_not_pairs_is_refused_whole() {
+        let jwt = JwtClaims::default();
+        let good = encode_pairs(&[("sub", b"alice"), ("plan", b"free")]);
+        for cut in 0..good.len() {
+            assert_eq!(
+                Claims::from_payload(&good[..cut], &jwt),
+                None,
+                "cut at {cut}"
+            );
+        }
+        // A count the bytes cannot hold (nothing is allocated for it), sizes past the end.
+        let mut huge = good.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(Claims::from_payload(&huge, &jwt), None);
+        let mut long = good.clone();
+        long[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(Claims::from_payload(&long, &jwt), None);
     }
 
     #[test]

@@ -360,16 +360,21 @@ pub struct JwtClaims {
 }
 
 impl JwtClaims {
-    /// The property path of `claim` in the request's dynamic metadata, where `jwt_authn`
-    /// put the verified payload.
-    pub fn path<'a>(&'a self, claim: &'a str) -> [&'a str; 5] {
+    /// The property path of the verified payload in the request's dynamic metadata, where
+    /// `jwt_authn` put it.
+    pub fn payload_path(&self) -> [&str; 4] {
         [
             "metadata",
             "filter_metadata",
             "envoy.filters.http.jwt_authn",
             &self.payload_key,
-            claim,
         ]
+    }
+
+    /// The property path of one `claim` of that payload.
+    pub fn path<'a>(&'a self, claim: &'a str) -> [&'a str; 5] {
+        let [a, b, c, d] = self.payload_path();
+        [a, b, c, d, claim]
     }
 }
 

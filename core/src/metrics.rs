@@ -54,10 +54,13 @@ pub enum Metric {
     Reports,
     /// 409: a repeat of a request with an idempotency key (neither forwarded nor counted).
     Duplicates,
+    /// Verified tokens whose payload Envoy could not hand over whole (a claim it has no
+    /// encoding for, such as a null): their claims were read one host call each.
+    ClaimsOneByOne,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 22] = [
+    pub const ALL: [Metric; 23] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::RateLimited,
@@ -80,6 +83,7 @@ impl Metric {
         Metric::AnsweredAfterBody,
         Metric::Reports,
         Metric::Duplicates,
+        Metric::ClaimsOneByOne,
     ];
 
     /// The name the host defines it under.
@@ -107,6 +111,7 @@ impl Metric {
             Metric::AnsweredAfterBody => "plan_limits.answered_after_body",
             Metric::Reports => "plan_limits.reports",
             Metric::Duplicates => "plan_limits.duplicates",
+            Metric::ClaimsOneByOne => "plan_limits.claims_one_by_one",
         }
     }
 }

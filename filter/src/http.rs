@@ -4,7 +4,7 @@
 
 use std::rc::Rc;
 
-use plan_limits_core::{BodyFlow, Claims, Flow, IdentitySource, RequestHead, ResponseFlow};
+use plan_limits_core::{BodyFlow, Claims, Flow, IdentitySource, Metric, RequestHead, ResponseFlow};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
@@ -28,13 +28,25 @@ impl PlanLimitsHttp {
 }
 
 impl PlanLimitsHttp {
-    /// The verified token's claims the plans name, from the request's dynamic metadata.
+    /// The verified token's claims the plans name, from the request's dynamic metadata: the
+    /// whole payload in one host call, or (a claim Envoy cannot encode, such as a null, fails
+    /// that call) one call per claim.
     fn claims(&self) -> Claims {
         let plans = self.shared.worker.borrow().plans().cloned();
         let Some(plans) = plans.filter(|p| p.identity.source == IdentitySource::Jwt) else {
             return Claims::default();
         };
         let jwt = &plans.identity.jwt;
+        let whole = match hostcalls::get_property(jwt.payload_path().to_vec()) {
+            // No payload: no valid token.
+            Ok(None) => return Claims::default(),
+            Ok(Some(payload)) => Claims::from_payload(&payload, jwt),
+            Err(_) => None,
+        };
+        if let Some(claims) = whole {
+            return claims;
+        }
+        self.shared.metrics.increment(Metric::ClaimsOneByOne, 1);
         let claim = |name: &str| {
             hostcalls::get_property(jwt.path(name).to_vec())
                 .ok()

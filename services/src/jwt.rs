@@ -118,9 +118,14 @@ impl DevKey {
         if let Some(day) = claims.anchor_day {
             payload[&jwt.anchor_claim] = day.into();
         }
+        self.sign(&payload)
+    }
+
+    /// A token with exactly `payload` (its issuer, audience and expiry included).
+    pub fn sign(&self, payload: &Value) -> String {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(KEY_ID.into());
-        jsonwebtoken::encode(&header, &payload, &self.signing)
+        jsonwebtoken::encode(&header, payload, &self.signing)
             .unwrap_or_else(|e| panic!("sign a token: {e}"))
     }
 

@@ -276,6 +276,42 @@ on_every_gateway!(
 );
 
 on_every_gateway!(
+    claims_are_read_in_one_call_unless_envoy_cannot_encode_the_payload,
+    |gw| {
+        // Envoy hands the filter the whole payload in one host call; a null claim anywhere in
+        // it fails that call, and the filter reads the claims it needs one by one instead.
+        let key = plan_limits_services::jwt::DevKey::for_tests();
+        let jwt = plan_limits_core::JwtClaims::default();
+        let now = chrono::Utc::now().timestamp(); // (what jwt_authn checks expiry by)
+        let token = |extra: serde_json::Value| {
+            let mut payload = serde_json::json!({"iss": jwt.issuer, "aud": jwt.audience,
+                "iat": now, "exp": now + 600, "sub": "nell", "plan": "professional",
+                "org": "nell-org", "roles": ["admin", 2], "profile": {"theme": "dark"}});
+            payload
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            key.sign(&payload)
+        };
+        let identity = |r: &Response| r.json()["identity"].clone();
+        let expected = serde_json::json!({"x-user-id": "nell",
+            "x-user-plan": "professional", "x-org-id": "nell-org",
+            "x-user-features": "team_collaboration,priority_support,dxf_export"});
+        let r =
+            gw.send(&Request::new("POST", "/api/teammate").bearer(&token(serde_json::json!({}))));
+        assert_eq!(r.status, 200, "{}", r.body_text());
+        assert_eq!(identity(&r), expected);
+        assert_eq!(gw.metric("claims_one_by_one"), 0);
+        let null = token(serde_json::json!({"nickname": null}));
+        let r = gw.send(&Request::new("POST", "/api/teammate").bearer(&null));
+        assert_eq!(r.status, 200, "{}", r.body_text());
+        assert_eq!(identity(&r), expected);
+        assert_eq!(gw.metric("claims_one_by_one"), 1);
+        assert!(counts(gw, "nell", "ai_analysis", 2));
+    }
+);
+
+on_every_gateway!(
     the_upstream_gets_the_verified_caller_not_what_the_client_claims,
     |gw| {
         let r = gw.send(

@@ -209,7 +209,10 @@ impl Harness {
         let id = vm.new_stream()?;
         for (path, value) in claims {
             let path: Vec<&str> = path.iter().map(String::as_str).collect();
-            vm.set_property(id, &path, value);
+            match value {
+                Some(value) => vm.set_property(id, &path, value),
+                None => vm.set_unencodable_property(id, &path),
+            }
         }
         vm.request_headers(id, pairs, !request.has_body())?;
         Ok(id)
@@ -245,10 +248,10 @@ impl Harness {
     }
 
     /// What Envoy's identity filters do before ours (`jwt` identity): client copies of the
-    /// identity headers removed; a valid bearer token's claims put in the dynamic metadata (as
-    /// `jwt_authn` encodes them: strings as bytes, numbers as f64 little-endian, booleans as
-    /// one byte) and the token not forwarded.
-    fn authenticate(&self, pairs: &mut Pairs) -> Vec<(Vec<String>, Vec<u8>)> {
+    /// identity headers removed; a valid bearer token's payload put in the dynamic metadata
+    /// and the token not forwarded. Each property is what Envoy hands the filter for its path
+    /// (`envoy_encoding`): the payload whole, and each claim; `None` where Envoy cannot.
+    fn authenticate(&self, pairs: &mut Pairs) -> Vec<(Vec<String>, Option<Vec<u8>>)> {
         let identity = &self.identity;
         if identity.source != IdentitySource::Jwt {
             return Vec::new();
@@ -269,19 +272,16 @@ impl Harness {
         let Some(claims) = payload.as_object() else {
             return Vec::new();
         };
-        claims
-            .iter()
-            .filter_map(|(claim, value)| {
-                let bytes = match value {
-                    serde_json::Value::String(s) => s.clone().into_bytes(),
-                    serde_json::Value::Number(n) => n.as_f64()?.to_le_bytes().to_vec(),
-                    serde_json::Value::Bool(b) => vec![u8::from(*b)],
-                    _ => return None,
-                };
-                let path = identity.jwt.path(claim).map(String::from).to_vec();
-                Some((path, bytes))
-            })
-            .collect()
+        let jwt = &identity.jwt;
+        let whole = (
+            jwt.payload_path().map(String::from).to_vec(),
+            envoy_encoding(&payload),
+        );
+        let each = claims.iter().map(|(claim, value)| {
+            let path = jwt.path(claim).map(String::from).to_vec();
+            (path, envoy_encoding(value))
+        });
+        std::iter::once(whole).chain(each).collect()
     }
 
     /// Finishes a request begun on `vm`: the upstream answers `upstream_status` (if the
@@ -510,4 +510,45 @@ fn host_port(redis_url: &str) -> (String, u16, Option<String>) {
         None => (authority.to_string(), 6379),
     };
     (host, port, password)
+}
+
+/// A JSON value as Envoy hands a property of that type to a filter (`jwt_authn` stores the
+/// payload as a protobuf Struct): a string as its bytes, a number as f64 little-endian, a
+/// boolean as one byte, an object as proxy-wasm pairs of its keys and encoded values, an array
+/// as pairs of its encoded items and empty values. `None` for a null, or anything holding one:
+/// Envoy fails to encode it.
+fn envoy_encoding(value: &serde_json::Value) -> Option<Vec<u8>> {
+    use serde_json::Value;
+    let pairs = |items: Vec<(Vec<u8>, Vec<u8>)>| {
+        let mut out = (items.len() as u32).to_le_bytes().to_vec();
+        for (k, v) in &items {
+            out.extend((k.len() as u32).to_le_bytes());
+            out.extend((v.len() as u32).to_le_bytes());
+        }
+        for (k, v) in items {
+            out.extend(k);
+            out.push(0);
+            out.extend(v);
+            out.push(0);
+        }
+        out
+    };
+    Some(match value {
+        Value::Null => return None,
+        Value::String(s) => s.clone().into_bytes(),
+        Value::Number(n) => n.as_f64()?.to_le_bytes().to_vec(),
+        Value::Bool(b) => vec![u8::from(*b)],
+        Value::Array(items) => pairs(
+            items
+                .iter()
+                .map(|item| Some((envoy_encoding(item)?, Vec::new())))
+                .collect::<Option<_>>()?,
+        ),
+        Value::Object(fields) => pairs(
+            fields
+                .iter()
+                .map(|(k, v)| Some((k.clone().into_bytes(), envoy_encoding(v)?)))
+                .collect::<Option<_>>()?,
+        ),
+    })
 }

@@ -3,6 +3,7 @@
 pub const OK: i32 = 0;
 pub const NOT_FOUND: i32 = 1;
 pub const BAD_ARGUMENT: i32 = 2;
+pub const SERIALIZATION_FAILURE: i32 = 3;
 pub const EMPTY: i32 = 7;
 pub const CAS_MISMATCH: i32 = 8;
 pub const INTERNAL_FAILURE: i32 = 10;

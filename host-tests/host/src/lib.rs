@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use wasmtime::{Engine, Instance, Linker, Module, Store, WasmParams, WasmResults};
+use wasmtime::{CallHook, Engine, Instance, Linker, Module, Store, WasmParams, WasmResults};
 
 pub use abi::Pairs;
 use state::{Callout, PluginShared, RedisUpstream, Stream, VmState};
@@ -223,6 +223,7 @@ impl Plugin {
             aliases: HashMap::new(),
             random_state: 0x5EED_0000 + index as u64,
             done_called: false,
+            host_calls: 0,
         }
     }
 
@@ -231,6 +232,12 @@ impl Plugin {
     pub fn start_vm(&mut self) -> Result<Vm, HostError> {
         self.vms += 1;
         let mut store = Store::new(&self.engine, self.vm_state(self.vms));
+        store.call_hook(|mut state, hook| {
+            if matches!(hook, CallHook::CallingHost) {
+                state.data_mut().host_calls += 1;
+            }
+            Ok(())
+        });
         let instance = self
             .linker
             .instantiate(&mut store, &self.module)
@@ -301,6 +308,11 @@ impl Vm {
         result
     }
 
+    /// How many calls the filter has made into the host so far.
+    pub fn host_calls(&self) -> u64 {
+        self.store.data().host_calls
+    }
+
     pub fn root_context_id(&self) -> u32 {
         self.store.data().root_context_id
     }
@@ -363,7 +375,15 @@ impl Vm {
     /// Sets a property of stream `id` the filter may read (as Envoy's filters before it would
     /// have: `jwt_authn`'s payload in the dynamic metadata, say), at `path`.
     pub fn set_property(&mut self, id: u32, path: &[&str], value: Vec<u8>) {
-        self.stream_mut(id).properties.insert(path.join("."), value);
+        self.stream_mut(id)
+            .properties
+            .insert(path.join("."), Some(value));
+    }
+
+    /// A property of stream `id` Envoy has but cannot encode for the filter (a map with a
+    /// null in it: a token's payload with a null claim): reading it fails.
+    pub fn set_unencodable_property(&mut self, id: u32, path: &[&str]) {
+        self.stream_mut(id).properties.insert(path.join("."), None);
     }
 
     /// The request headers of stream `id` as they stand (as the filter left them).
@@ -509,7 +529,7 @@ impl Vm {
         stream
             .properties
             .entry(CODE_DETAILS.into())
-            .or_insert_with(|| b"via_upstream".to_vec());
+            .or_insert_with(|| Some(b"via_upstream".to_vec()));
         let action = self.call_on::<(i32, i32, i32), i32>(
             id,
             "proxy_on_response_headers",

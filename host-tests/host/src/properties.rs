@@ -4,7 +4,7 @@
 
 use wasmtime::{Caller, Linker};
 
-use super::abi::{NOT_FOUND, OK};
+use super::abi::{NOT_FOUND, OK, SERIALIZATION_FAILURE};
 use super::memory::{give, read};
 use super::state::VmState;
 
@@ -31,11 +31,13 @@ pub fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
                 _ => None,
             };
             let value = hold_root_id
+                .map(Some)
                 .or_else(|| state.stream().and_then(|s| s.properties.get(&key).cloned()))
-                .or_else(|| state.plugin_properties.get(&key).cloned());
+                .or_else(|| state.plugin_properties.get(&key).cloned().map(Some));
             match value {
                 None => Ok(NOT_FOUND),
-                Some(value) => {
+                Some(None) => Ok(SERIALIZATION_FAILURE),
+                Some(Some(value)) => {
                     give(&mut caller, &value, out_ptr, out_len)?;
                     Ok(OK)
                 }
@@ -55,9 +57,13 @@ pub fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             let value = read(&mut caller, value_ptr, value_len)?;
             let state = caller.data_mut();
             match state.stream() {
-                Some(stream) => stream.properties.insert(key, value),
-                None => state.plugin_properties.insert(key, value),
-            };
+                Some(stream) => {
+                    stream.properties.insert(key, Some(value));
+                }
+                None => {
+                    state.plugin_properties.insert(key, value);
+                }
+            }
             Ok(OK)
         },
     )?;

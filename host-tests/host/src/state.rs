@@ -77,7 +77,8 @@ pub struct Stream {
     /// Request body bytes that went on to the upstream.
     pub upstream_body_bytes: u64,
     pub closed: bool,
-    pub properties: HashMap<String, Vec<u8>>,
+    /// `None`: Envoy has the value but cannot encode it for the filter (a null claim, say).
+    pub properties: HashMap<String, Option<Vec<u8>>>,
 }
 
 /// An answer the filter gave itself (`proxy_send_local_response`).
@@ -191,6 +192,9 @@ pub struct VmState {
     pub aliases: HashMap<u32, u32>,
     pub random_state: u64,
     pub done_called: bool,
+    /// Calls the filter made into this host (every import, WASI's too): what a change to the
+    /// filter's host calls is measured by.
+    pub host_calls: u64,
 }
 
 impl VmState {
