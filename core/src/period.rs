@@ -104,20 +104,25 @@ pub fn date(t: DateTime<Utc>) -> String {
 }
 
 pub fn rfc3339(t: DateTime<Utc>, millis: bool) -> String {
-    let date = format!(
+    use std::fmt::Write;
+    // One allocation and one formatting pass: every settlement carries its time.
+    let mut out = String::with_capacity(24);
+    let date = t.date_naive();
+    let _ = write!(
+        out,
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-        t.year(),
-        t.month(),
-        t.day(),
+        date.year(),
+        date.month(),
+        date.day(),
         t.hour(),
         t.minute(),
         t.second()
     );
     if millis {
-        format!("{date}.{:03}Z", t.timestamp_subsec_millis().min(999))
-    } else {
-        format!("{date}Z")
+        let _ = write!(out, ".{:03}", t.timestamp_subsec_millis().min(999));
     }
+    out.push('Z');
+    out
 }
 
 /// Midnight UTC of the first of the month (the end of time past chrono's last year, which no

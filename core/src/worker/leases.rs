@@ -120,6 +120,10 @@ pub(super) fn unkept(
     now: DateTime<Utc>,
     redis: &RedisSettings,
 ) -> Vec<Settlement> {
+    if n == 0 {
+        // (Most requests: nothing leased, and no release to build.)
+        return Vec::new();
+    }
     let release = request.lease_release(now, redis);
     releases(&release, unit_ids(request, n), unix_millis(now)).collect()
 }
