@@ -10,8 +10,8 @@ use plan_limits_core::functions::{
     ReserveStatus, SettleArgs, SettleReply, Settled,
 };
 use plan_limits_core::{
-    encoded_user, entitlement_key, history_query, Gauge, Limit, Plans, RedisReply, Report,
-    ReportKind, SettleMode, Settlement, UsageKeys,
+    encoded_user, entitlement_key, history_query, Gauge, Limit, Plans, RedisCommand, RedisReply,
+    Report, ReportKind, SettleMode, Settlement, UsageKeys,
 };
 use plan_limits_services::process::{free_port, scratch_dir};
 use plan_limits_services::redis_exec::run;
@@ -141,6 +141,28 @@ fn settle_at(conn: &mut redis::Connection, batch: &[Settlement], now: u64) -> Ve
     }
 }
 
+/// The test worker's batch number `seq` of `batch`.
+fn settle_command(batch: &[Settlement], now: u64, seq: u64) -> RedisCommand {
+    let applied_key = format!("{}:applied:test-worker", usage::prefix());
+    functions::settle(
+        batch,
+        SettleArgs {
+            events_stream: &usage::events_stream(),
+            events_trim: EventsTrim::KeepAll,
+            now_ms: now,
+            ttl_ms: TTL,
+            remember_commits_ms: REMEMBER,
+            keep_days_ms: 86_400_000,
+            warning_thresholds: &[80, 90],
+            applied_key: &applied_key,
+            seq,
+            applied_memory_ms: 86_400_000,
+            queued: 0,
+            stopping: false,
+        },
+    )
+}
+
 /// Sends `batch` as the test worker's batch number `seq`.
 fn settle_numbered(
     conn: &mut redis::Connection,
@@ -148,27 +170,7 @@ fn settle_numbered(
     now: u64,
     seq: u64,
 ) -> SettleReply {
-    let applied_key = format!("{}:applied:test-worker", usage::prefix());
-    let reply = run(
-        conn,
-        &functions::settle(
-            batch,
-            SettleArgs {
-                events_stream: &usage::events_stream(),
-                events_trim: EventsTrim::KeepAll,
-                now_ms: now,
-                ttl_ms: TTL,
-                remember_commits_ms: REMEMBER,
-                keep_days_ms: 86_400_000,
-                warning_thresholds: &[80, 90],
-                applied_key: &applied_key,
-                seq,
-                applied_memory_ms: 86_400_000,
-                queued: 0,
-                stopping: false,
-            },
-        ),
-    );
+    let reply = run(conn, &settle_command(batch, now, seq));
     functions::parse_settled(reply, batch.len()).unwrap()
 }
 
@@ -448,6 +450,70 @@ fn a_batch_sent_again_is_applied_once_whatever_it_holds() {
         SettleReply::Applied(_)
     ));
     assert_eq!(counter(&mut conn, "u"), Some(4));
+}
+
+/// `v2`, a `plan_limits_settle_v2` call, as a filter older than it sends the batch
+/// (`plan_limits_settle`): each item's eight keys in full, its limits in full, no positions.
+fn as_v1(v2: &RedisCommand) -> RedisCommand {
+    let numkeys: usize = String::from_utf8_lossy(&v2.args[2]).parse().unwrap();
+    let keys = &v2.args[3..3 + numkeys];
+    let head = &v2.args[3 + numkeys..3 + numkeys + 12];
+    let items: Vec<&[Vec<u8>]> = v2.args[3 + numkeys + 12..].chunks(20).collect();
+    let mut v1 = RedisCommand::new("FCALL")
+        .arg("plan_limits_settle")
+        .arg((2 + 8 * items.len()).to_string())
+        .arg(&keys[0])
+        .arg(&keys[1]);
+    for item in &items {
+        for position in String::from_utf8_lossy(&item[19]).split(' ') {
+            v1 = v1.arg(&keys[position.parse::<usize>().unwrap() - 1]);
+        }
+    }
+    for (i, arg) in head.iter().enumerate() {
+        v1 = v1.arg(if i == 7 { &b"19"[..] } else { arg });
+    }
+    let mut limits = Vec::new();
+    for item in items {
+        if !item[5].is_empty() {
+            limits.clone_from(&item[5]);
+        }
+        for (f, field) in item[..19].iter().enumerate() {
+            v1 = v1.arg(if f == 5 { &limits } else { field });
+        }
+    }
+    v1
+}
+
+#[test]
+fn a_batch_from_a_filter_older_than_the_library_is_applied_alike() {
+    // During a rolling upgrade, Envoys with the filter before plan_limits_settle_v2 still send
+    // each item's keys and limits in full to plan_limits_settle.
+    let (_server, mut conn) = redis();
+    assert!(granted(&reserve(&mut conn, "u", "r1", 5, NOW)));
+    let mut other = settlement(SettleMode::Count, "v", "");
+    other.limits_json = Rc::from(r#"{"upload":2}"#);
+    let batch = [
+        settlement(SettleMode::Commit, "u", "r1"),
+        settlement(SettleMode::Count, "u", ""),
+        other.clone(),
+        other,
+    ];
+    let v1 = as_v1(&settle_command(&batch, NOW, next_seq()));
+    assert_eq!(v1.args[2], b"34");
+    let reply = functions::parse_settled(run(&mut conn, &v1), batch.len()).unwrap();
+    let SettleReply::Applied(settled) = reply else {
+        panic!("not applied: {reply:?}")
+    };
+    assert!(settled.iter().all(|s| s.done == Some(true)), "{settled:?}");
+    assert_eq!(counter(&mut conn, "u"), Some(2));
+    assert_eq!(counter(&mut conn, "v"), Some(2));
+    assert_eq!(usage::events_of(&mut conn, "u").len(), 2);
+    // v's own limits, read from its items: its 2 of 2 crossed both thresholds.
+    let crossed = usage::events(&mut conn)
+        .iter()
+        .filter(|e| e["event"] == "threshold_crossed" && e["user"] == "v")
+        .count();
+    assert_eq!(crossed, 2);
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! commands that call them. An admin loads the library once (`load_library`); the filter's
 //! Redis user may run `FCALL` and nothing else, and no script travels with a request.
 
+use std::collections::HashMap;
+
 use super::{RedisCommand, RedisReply, TransportError};
 use crate::config::{Gauge, Invoke, Limit};
 use crate::keys::UsageKeys;
@@ -15,13 +17,24 @@ const RESERVE_MANY: &str = "plan_limits_reserve_many";
 /// Keys per reservation, and items per answer.
 const RESERVE_KEYS: usize = 8;
 const RESERVATION_ITEMS: usize = 12;
-const SETTLE: &str = "plan_limits_settle";
+const SETTLE: &str = "plan_limits_settle_v2";
+/// The settlement format of filters older than `SETTLE` (each item's keys named in full), which
+/// the library still applies: a rolling upgrade loses nothing.
+const SETTLE_V1: &str = "plan_limits_settle";
 /// The read side's (`reports`).
 pub const USAGE: &str = "plan_limits_usage";
 pub const PERIOD: &str = "plan_limits_period";
 pub const HISTORY: &str = "plan_limits_history";
 /// Every function the library registers.
-pub const FUNCTIONS: [&str; 6] = [RESERVE, RESERVE_MANY, SETTLE, USAGE, PERIOD, HISTORY];
+pub const FUNCTIONS: [&str; 7] = [
+    RESERVE,
+    RESERVE_MANY,
+    SETTLE_V1,
+    SETTLE,
+    USAGE,
+    PERIOD,
+    HISTORY,
+];
 
 /// Loads (or replaces) the library: an admin's command, never the filter's.
 pub fn load_library() -> RedisCommand {
@@ -85,7 +98,7 @@ pub fn explain(error: TransportError) -> TransportError {
     match error {
         TransportError::NotSent(message) if message.contains("Function not found") => {
             TransportError::NotSent(format!(
-                "{message}: the plan_limits library is not loaded in Redis (plan-limits functions load)"
+                "{message}: the plan_limits library is not loaded in Redis, or is older than this filter (plan-limits functions load)"
             ))
         }
         TransportError::NotSent(message) if message.starts_with("NOSCRIPT") => {
@@ -422,36 +435,44 @@ pub fn split_reservations(
     }
 }
 
-/// Fields per item in `plan_limits_settle`'s args.
-const SETTLE_FIELDS: usize = 19;
+/// Fields per item in `plan_limits_settle_v2`'s args (its keys' positions last).
+pub(crate) const SETTLE_FIELDS: usize = 20;
 
-/// One `plan_limits_settle` call for a batch.
+/// One `plan_limits_settle_v2` call for a batch. Each key is named once however many items
+/// use it, and an item's limits only when they differ from the item before's: a batch of one
+/// busy user's settlements is a fifth of what it was with each item's keys and limits in full
+/// (encoded here, sent, parsed by webdis and Redis).
 pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
+    let mut keys: Vec<String> = vec![args.events_stream.into(), args.applied_key.into()];
+    let mut position: HashMap<String, usize> = HashMap::new();
+    let mut positions: Vec<String> = Vec::with_capacity(batch.len());
+    for (i, item) in batch.iter().enumerate() {
+        // (Most items name the keys the item before named: a busy user's.)
+        let before = i.checked_sub(1).and_then(|b| batch.get(b));
+        if let (Some(before), Some(last)) = (before, positions.last()) {
+            if same_keys(before, item) {
+                positions.push(last.clone());
+                continue;
+            }
+        }
+        let mut named = String::new();
+        for key in item_keys(item) {
+            let at = *position.entry(key).or_insert_with_key(|key| {
+                keys.push(key.clone());
+                keys.len()
+            });
+            if !named.is_empty() {
+                named.push(' ');
+            }
+            named.push_str(&at.to_string());
+        }
+        positions.push(named);
+    }
     let mut cmd = RedisCommand::new("FCALL")
         .arg(SETTLE)
-        .arg((2 + 8 * batch.len()).to_string())
-        .arg(args.events_stream)
-        .arg(args.applied_key);
-    for item in batch {
-        let day = item.keys.user.day(&item.day);
-        // Without a key, any key of the user's stands in (cluster routing needs a name).
-        let marker = match item.idempotency_key.as_str() {
-            "" => day.clone(),
-            key => item.keys.user.idempotency(&item.action, key),
-        };
-        cmd = cmd
-            .arg(&item.keys.summary)
-            .arg(&item.keys.pending)
-            .arg(&item.keys.commits)
-            .arg(&item.keys.entitlement)
-            .arg(day)
-            .arg(marker);
-        cmd = match item.gauge {
-            Some(gauge) => cmd
-                .arg(item.keys.user.gauge(gauge))
-                .arg(item.keys.user.gauge_held(gauge)),
-            None => cmd.arg(&item.keys.entitlement).arg(&item.keys.entitlement),
-        };
+        .arg(keys.len().to_string());
+    for key in &keys {
+        cmd = cmd.arg(key);
     }
     let (trim, threshold) = match args.events_trim {
         EventsTrim::KeepAll => ("", String::new()),
@@ -478,15 +499,21 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
         .arg(args.applied_memory_ms.to_string())
         .arg(args.queued.to_string())
         .arg(if args.stopping { "1" } else { "" });
-    for item in batch {
+    let mut limits_before: Option<&str> = None;
+    for (item, positions) in batch.iter().zip(positions) {
         let before = cmd.args.len();
+        let limits = &*item.limits_json;
+        let limits_arg = match limits_before.replace(limits) {
+            Some(previous) if previous == limits => "",
+            _ => limits,
+        };
         cmd = cmd
             .arg(item.mode.as_str())
             .arg(&item.reservation_id)
             .arg(&item.action)
             .arg(&item.user)
             .arg(&item.plan)
-            .arg(item.limits_json.as_bytes())
+            .arg(limits_arg)
             .arg(&item.kind)
             .arg(item.bytes.to_string())
             .arg(item.status.to_string())
@@ -499,10 +526,47 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
             .arg(item.held.map(|n| n.to_string()).unwrap_or_default())
             .arg(if item.certain { "success" } else { "unknown" })
             .arg(&item.metadata)
-            .arg(if item.in_grace { "1" } else { "" });
+            .arg(if item.in_grace { "1" } else { "" })
+            .arg(positions);
         debug_assert_eq!(cmd.args.len() - before, SETTLE_FIELDS);
     }
     cmd
+}
+
+/// The eight keys `plan_limits_settle_v2` reads of an item, in its order.
+fn item_keys(item: &Settlement) -> [String; 8] {
+    let day = item.keys.user.day(&item.day);
+    // Without a key, any key of the user's stands in (cluster routing needs a name).
+    let marker = match item.idempotency_key.as_str() {
+        "" => day.clone(),
+        key => item.keys.user.idempotency(&item.action, key),
+    };
+    let (gauge, gauge_held) = match item.gauge {
+        Some(gauge) => (
+            item.keys.user.gauge(gauge),
+            item.keys.user.gauge_held(gauge),
+        ),
+        None => (item.keys.entitlement.clone(), item.keys.entitlement.clone()),
+    };
+    [
+        item.keys.summary.clone(),
+        item.keys.pending.clone(),
+        item.keys.commits.clone(),
+        item.keys.entitlement.clone(),
+        day,
+        marker,
+        gauge,
+        gauge_held,
+    ]
+}
+
+/// Whether two items name the same keys (`item_keys`).
+fn same_keys(a: &Settlement, b: &Settlement) -> bool {
+    a.keys == b.keys
+        && a.day == b.day
+        && a.idempotency_key == b.idempotency_key
+        && a.action == b.action
+        && a.gauge == b.gauge
 }
 
 /// A Redis error answering a function call: refused before it ran (not found, no right to

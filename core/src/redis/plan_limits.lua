@@ -188,7 +188,7 @@ local function reserve_many(keys, args)
   return out
 end
 
--- plan_limits_settle: a batch of settlements, each one of
+-- plan_limits_settle_v2: a batch of settlements, each one of
 --   commit  - the upstream succeeded: the reservation becomes a count. A commit whose
 --             reservation already expired (Redis unreachable for longer than the
 --             reservation's expiry) still counts, once: the success happened;
@@ -218,20 +218,23 @@ end
 -- the marker its reservation set when released (a retry is then a new request). A request
 -- that adds to a gauge adds its amount (an upload's body's bytes, one member) when counted,
 -- and what it held is let go whatever the outcome.
--- keys: events stream, the worker's last applied batch, then per item: summary, pending,
---       commits (recent commit ids), entitlement, the day's counters, the idempotency key's
---       marker, the gauge, its held set (any key of the user's for one it does not use).
+-- keys: events stream, the worker's last applied batch, then every key the items name, each
+--       once (a batch of one user's settlements names that user's keys once, not per item).
+--       An item names its own by their positions in `keys`: summary, pending, commits (recent
+--       commit ids), entitlement, the day's counters, the idempotency key's marker, the gauge,
+--       its held set (any key of the user's for one it does not use).
 -- args: how the stream is trimmed ('' keep all, 'MAXLEN' to about a length, 'MINID' of
 --       events older than an age in ms, by Redis's clock, which names the events) and its
 --       threshold, now (ms), reservation ttl (ms), how long
 --       commit ids are remembered (ms), how long days are kept (ms), the warning thresholds
 --       (percent, comma-separated), fields per item, the batch's sequence number, how long it
 --       is remembered (ms), how many settlements the worker still has queued, '1' if it is
---       stopping, then the items' fields.
+--       stopping, then the items' fields, an item's keys' positions (space-separated) last; an
+--       item's limits are '' when they are the item before's.
 -- Returns {0} if the batch was applied before; else {1, then per item {counted or extended
 -- (1/0, -1 refused), the user's entitled plan or false, the anchor day billing recorded or
 -- false}}, flattened.
-local function settle(keys, args)
+local function settle_v2(keys, args)
   local trim, threshold, now, ttl = args[1], args[2], tonumber(args[3]), tonumber(args[4])
   local remember, keep_days = tonumber(args[5]), tonumber(args[6])
   local thresholds, stride = {}, tonumber(args[8])
@@ -271,10 +274,10 @@ local function settle(keys, args)
   -- A batch often holds many settlements of one user: the summary's plan, limits and expiry
   -- are written once per summary.
   local written = {}
-  local function apply(i, f)
-    local summary, pending = keys[3 + 8 * i], keys[4 + 8 * i]
-    local commits, day = keys[5 + 8 * i], keys[7 + 8 * i]
-    local marker, gauge, gauge_held = keys[8 + 8 * i], keys[9 + 8 * i], keys[10 + 8 * i]
+  -- Limits decoded once per distinct limits in the batch (most items share their plan's).
+  local decoded_limits = {}
+  local function apply(k, f)
+    local summary, pending, commits, _, day, marker, gauge, gauge_held = unpack(k)
     local mode, id, action, user = args[f + 1], args[f + 2], args[f + 3], args[f + 4]
     local plan, limits, kind, bytes = args[f + 5], args[f + 6], args[f + 7], args[f + 8]
     local status, at, request_id, period = args[f + 9], args[f + 10], args[f + 11], args[f + 12]
@@ -378,8 +381,13 @@ local function settle(keys, args)
       end
       redis.call('HSET', summary, 'recent', cjson.encode(recent))
     end
-    local ok, decoded = pcall(cjson.decode, limits)
-    local limit = ok and type(decoded) == 'table' and decoded[action]
+    local decoded = decoded_limits[limits]
+    if decoded == nil then
+      local ok, value = pcall(cjson.decode, limits)
+      decoded = ok and type(value) == 'table' and value or false
+      decoded_limits[limits] = decoded
+    end
+    local limit = decoded and decoded[action]
     if type(limit) == 'number' and limit > 0 then
       limit = limit + tonumber(redis.call('HGET', summary, 'grant:' .. action) or '0')
       for _, t in ipairs(thresholds) do
@@ -393,10 +401,20 @@ local function settle(keys, args)
     end
     return 1
   end
-  for i = 0, (#keys - 2) / 8 - 1 do
+  local last_limits = ''
+  for i = 0, (#args - 12) / stride - 1 do
     local f = 12 + stride * i
+    local k = {}
+    for position in string.gmatch(args[f + stride], '%d+') do
+      k[#k + 1] = keys[tonumber(position)]
+    end
+    if args[f + 6] == '' then
+      args[f + 6] = last_limits
+    else
+      last_limits = args[f + 6]
+    end
     -- (Values are checked before anything is written, so a refused item wrote nothing.)
-    local ok, done = pcall(apply, i, f)
+    local ok, done = pcall(apply, k, f)
     if not ok then
       append({'event', 'settle_refused', 'user', args[f + 4], 'action', args[f + 3],
         'mode', args[f + 1], 'reservation', args[f + 2],
@@ -404,12 +422,30 @@ local function settle(keys, args)
         'at', args[f + 10], 'request_id', args[f + 11]})
       done = -1
     end
-    local record = redis.call('HMGET', keys[6 + 8 * i], 'plan', 'anchor_day')
+    local record = redis.call('HMGET', k[4], 'plan', 'anchor_day')
     results[#results + 1] = done
     results[#results + 1] = record[1]
     results[#results + 1] = record[2]
   end
   return results
+end
+
+-- plan_limits_settle: a batch as filters older than plan_limits_settle_v2 send it (kept so
+-- that a rolling upgrade loses nothing): each item's eight keys named in `keys`, in item
+-- order, and its 19 fields without their positions. Applied as plan_limits_settle_v2.
+local function settle(keys, args)
+  local stride = tonumber(args[8])
+  local v2 = {unpack(args, 1, 12)}
+  v2[8] = tostring(stride + 1)
+  for i = 0, (#keys - 2) / 8 - 1 do
+    for field = 1, stride do
+      v2[#v2 + 1] = args[12 + stride * i + field]
+    end
+    local first = 3 + 8 * i
+    v2[#v2 + 1] = table.concat({first, first + 1, first + 2, first + 3, first + 4, first + 5,
+      first + 6, first + 7}, ' ')
+  end
+  return settle_v2(keys, v2)
 end
 
 -- The read side's replies are flat arrays: webdis renders nested ones as null.
@@ -478,6 +514,7 @@ end
 redis.register_function{function_name = 'plan_limits_reserve', callback = reserve}
 redis.register_function{function_name = 'plan_limits_reserve_many', callback = reserve_many}
 redis.register_function{function_name = 'plan_limits_settle', callback = settle}
+redis.register_function{function_name = 'plan_limits_settle_v2', callback = settle_v2}
 redis.register_function{function_name = 'plan_limits_usage', callback = usage,
   flags = {'no-writes'}}
 redis.register_function{function_name = 'plan_limits_period', callback = period,

@@ -129,12 +129,24 @@ pub(super) fn with_storage(
 }
 
 /// The settlement modes and outcomes in the next batch (answered: all done).
+/// How many settlements a `plan_limits_settle_v2` call holds.
+pub(super) fn items_of(batch: &RedisCommand) -> usize {
+    let numkeys: usize = String::from_utf8_lossy(&batch.args[2]).parse().unwrap();
+    // FCALL, its name, the key count, the keys, 12 arguments, then the items' fields.
+    (batch.args.len() - 3 - numkeys - 12) / crate::redis::functions::SETTLE_FIELDS
+}
+
+/// The stopping flag of a `plan_limits_settle_v2` call (its 12th argument after the keys).
+pub(super) fn stopping_flag(batch: &RedisCommand) -> &[u8] {
+    let numkeys: usize = String::from_utf8_lossy(&batch.args[2]).parse().unwrap();
+    &batch.args[3 + numkeys + 11]
+}
+
 pub(super) fn next_batch(w: &mut Worker, io: &mut Recorder) -> Vec<(String, String)> {
     w.on_tick(now(), io);
     let (token, batch) = io.last_sent();
     let batch = batch.clone();
-    let numkeys: usize = String::from_utf8_lossy(&batch.args[2]).parse().unwrap();
-    w.on_reply(token, settled(&vec![1; (numkeys - 2) / 8]), now(), io);
+    w.on_reply(token, settled(&vec![1; items_of(&batch)]), now(), io);
     let text = |a: &[u8]| String::from_utf8_lossy(a).into_owned();
     let modes = ["commit", "count", "release", "extend", "give_back", "lost"];
     let at: Vec<usize> = (0..batch.args.len())

@@ -294,7 +294,7 @@ mod tests {
         assert_eq!(w.queued_settlements(), 1);
         w.on_tick(now(), &mut io);
         let (token, batch) = io.last_sent();
-        assert_eq!(name(batch), (&b"FCALL"[..], &b"plan_limits_settle"[..]));
+        assert_eq!(name(batch), (&b"FCALL"[..], &b"plan_limits_settle_v2"[..]));
         assert!(batch.args.iter().any(|a| a == b"count"));
         w.on_reply(token, settled(&[1]), now(), &mut io);
         assert_eq!(io.count_of(Metric::Counted), 1);

@@ -703,7 +703,7 @@ mod tests {
         w.on_stream_end(1, true, now(), &mut io);
         w.on_tick(now(), &mut io);
         let (_, settle) = io.last_sent();
-        let sha = functions::script_sha("plan_limits_settle").unwrap();
+        let sha = functions::script_sha("plan_limits_settle_v2").unwrap();
         assert_eq!(name(settle), (&b"EVALSHA"[..], sha.as_bytes()));
     }
 

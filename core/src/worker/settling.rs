@@ -456,8 +456,7 @@ mod tests {
         for _ in 0..3 {
             w.on_tick(now(), &mut io);
             let (token, batch) = io.last_sent();
-            let numkeys: usize = String::from_utf8_lossy(&batch.args[2]).parse().unwrap();
-            let items = vec![1; (numkeys - 2) / 8];
+            let items = vec![1; items_of(batch)];
             w.on_reply(token, settled(&items), now(), &mut io);
         }
         let lost: Vec<_> = io
@@ -474,6 +473,42 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_names_each_key_once_and_limits_only_when_they_change() {
+        let mut io = Recorder::default();
+        let mut w = worker(&mut io);
+        for (stream, user) in [(1, "alice"), (2, "alice"), (3, "bob"), (4, "alice")] {
+            view_of(&mut w, stream, user, &mut io);
+        }
+        // Bob again, on another plan (other limits).
+        let h = head("GET", "/api/procedures/1", "bob", "professional");
+        assert_eq!(send(&mut w, 5, &h, &mut io), Flow::Continue);
+        w.on_response_headers(5, 200, None, now(), &mut io);
+        w.on_stream_end(5, true, now(), &mut io);
+        w.on_tick(now(), &mut io);
+        let (_, batch) = io.last_sent();
+        assert_eq!(items_of(batch), 5);
+        let text = |a: &[u8]| String::from_utf8_lossy(a).into_owned();
+        let numkeys: usize = text(&batch.args[2]).parse().unwrap();
+        let keys: Vec<String> = batch.args[3..3 + numkeys].iter().map(|k| text(k)).collect();
+        // The stream, the worker's record, then five keys of each user (summary, pending,
+        // commits, entitlement, day; the marker and gauges stand in with them): 12, not 42.
+        assert_eq!(numkeys, 12, "{keys:?}");
+        let fields = crate::redis::functions::SETTLE_FIELDS;
+        let items: Vec<&[Vec<u8>]> = batch.args[3 + numkeys + 12..].chunks(fields).collect();
+        for (item, user) in items.iter().zip(["alice", "alice", "bob", "alice", "bob"]) {
+            assert_eq!(text(&item[3]), user);
+            // Each position names a key of its own user.
+            for position in text(&item[fields - 1]).split(' ') {
+                let key = &keys[position.parse::<usize>().unwrap() - 1];
+                assert!(key.contains(&format!("{{{user}}}")), "{key} for {user}");
+            }
+        }
+        // Limits in full for the first item and where the plan changes, else ''.
+        let limits: Vec<bool> = items.iter().map(|item| item[5].is_empty()).collect();
+        assert_eq!(limits, [false, true, true, true, false]);
+    }
+
+    #[test]
     fn on_a_cluster_each_slots_settlements_go_in_a_call_of_their_own() {
         let mut io = Recorder::default();
         let mut w = worker_with(&mut io, &plans_json_with(on_a_cluster));
@@ -484,7 +519,10 @@ mod tests {
         assert_eq!(io.sent.len(), 2, "one call per slot: {:?}", io.sent);
         let mut slots = Vec::new();
         for (_, command) in &io.sent {
-            assert_eq!(name(command), (&b"FCALL"[..], &b"plan_limits_settle"[..]));
+            assert_eq!(
+                name(command),
+                (&b"FCALL"[..], &b"plan_limits_settle_v2"[..])
+            );
             let keys = slots_of(command);
             assert!(keys.iter().all(|&k| k == keys[0]), "one slot: {keys:?}");
             // The events stream first, in the same slot.

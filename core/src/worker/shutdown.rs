@@ -82,7 +82,7 @@ mod tests {
         view_succeeds(&mut w, 1, &mut io);
         assert!(!w.on_shutdown(now(), &mut io), "a batch is on its way");
         let (token, batch) = io.last_sent();
-        assert_eq!(batch.args[24], b"1", "the batch says it stops");
+        assert_eq!(stopping_flag(batch), b"1", "the batch says it stops");
         assert_eq!(io.done, 0);
         w.on_reply(token, settled(&[1]), now(), &mut io);
         assert_eq!(io.done, 1);
@@ -98,7 +98,7 @@ mod tests {
         assert!(io.sent.is_empty());
         w.on_tick(now() + chrono::Duration::seconds(30), &mut io);
         let (_, heartbeat) = io.last_sent();
-        assert_eq!(name(heartbeat).1, b"plan_limits_settle");
+        assert_eq!(name(heartbeat).1, b"plan_limits_settle_v2");
         assert_eq!(heartbeat.args[2], b"2", "no items");
         assert_eq!(heartbeat.args[4], b"plan-limits:applied:000000000000feed");
     }
