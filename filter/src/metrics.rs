@@ -1,5 +1,9 @@
 //! The worker's counters, defined with the host once per root context (Envoy shares them by
 //! name across workers and shows them as `wasmcustom.plan_limits.*`).
+//!
+//! Counters and gauges are added to the host at the worker's tick (`flush` every
+//! `flush_interval_ms`), one host call per metric changed, not one per request: a request's
+//! outcome counters were two of an unlimited request's dozen host calls.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -14,6 +18,8 @@ pub struct MetricIds {
     /// Labeled metrics, defined the first time each label set is seen (a few hundred at most:
     /// actions x plans x outcomes; never per user).
     labeled: RefCell<HashMap<String, Option<u32>>>,
+    /// Counter and gauge changes not yet added to the host, by the host's id.
+    pending: RefCell<Vec<(u32, i64)>>,
 }
 
 impl MetricIds {
@@ -30,6 +36,22 @@ impl MetricIds {
         Self {
             ids,
             labeled: RefCell::new(HashMap::new()),
+            pending: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Adds the changes since the last flush to the host.
+    pub fn flush(&self) {
+        for (id, delta) in self.pending.borrow_mut().drain(..) {
+            let _ = hostcalls::increment_metric(id, delta);
+        }
+    }
+
+    fn add(&self, id: u32, delta: i64) {
+        let mut pending = self.pending.borrow_mut();
+        match pending.iter_mut().find(|(pending, _)| *pending == id) {
+            Some((_, sum)) => *sum = sum.saturating_add(delta),
+            None => pending.push((id, delta)),
         }
     }
 
@@ -48,12 +70,13 @@ impl MetricIds {
             id
         });
         let Some(id) = id else { return };
-        let _ = match metric.kind {
+        match metric.kind {
+            // (An observation, not a sum: recorded as it is made.)
             MetricKind::Histogram => {
-                hostcalls::record_metric(id, u64::try_from(value).unwrap_or(0))
+                let _ = hostcalls::record_metric(id, u64::try_from(value).unwrap_or(0));
             }
-            MetricKind::Counter | MetricKind::Gauge => hostcalls::increment_metric(id, value),
-        };
+            MetricKind::Counter | MetricKind::Gauge => self.add(id, value),
+        }
     }
 
     pub fn increment(&self, metric: Metric, by: u64) {
@@ -66,7 +89,15 @@ impl MetricIds {
             .find(|(m, _)| *m == metric)
             .and_then(|(_, id)| *id);
         if let Some(id) = id {
-            let _ = hostcalls::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+            self.add(id, i64::try_from(by).unwrap_or(i64::MAX));
         }
+    }
+}
+
+impl Drop for MetricIds {
+    /// A root context replaced by a new configuration, or the last stream of one, goes with
+    /// what it counted since its last tick added.
+    fn drop(&mut self) {
+        self.flush();
     }
 }

@@ -46,9 +46,11 @@ impl Context for PlanLimitsRoot {
     fn on_done(&mut self) -> bool {
         // Envoy is stopping this VM: send what is queued; done now if nothing is in flight,
         // else `proxy_done` once the batch is answered.
-        self.shared.handle(self.shared.root_id, |worker, host| {
+        let done = self.shared.handle(self.shared.root_id, |worker, host| {
             worker.on_shutdown(now(), host)
-        })
+        });
+        self.shared.metrics.flush();
+        done
     }
 }
 
@@ -86,6 +88,7 @@ impl RootContext for PlanLimitsRoot {
         self.shared.handle(self.shared.root_id, |worker, host| {
             worker.on_tick(now(), host)
         });
+        self.shared.metrics.flush();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

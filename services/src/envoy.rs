@@ -793,7 +793,10 @@ pub fn start(options: EnvoyOptions) -> Service {
 
 /// A filter counter from the Envoy whose admin listens on `admin_port`
 /// (`wasmcustom.plan_limits.<name>`).
+/// A counter of the filter's: read once the workers' next tick has added what they counted
+/// (every `flush_interval_ms`, 5 ms by default).
 pub fn metric_at(admin_port: u16, name: &str) -> u64 {
+    std::thread::sleep(std::time::Duration::from_millis(25));
     admin_stat(admin_port, &format!("wasmcustom.plan_limits.{name}"))
 }
 
