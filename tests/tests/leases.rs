@@ -26,13 +26,21 @@ fn stat(admin: u16, name: &str) -> u64 {
 
 #[test]
 fn leases_count_exactly_and_hold_back_at_most_their_units_for_their_hold_near_the_limit() {
-    let gw = envoy_with(|v| {
-        v["plans"]["enterprise"]["limits"]["api_call"] = LIMIT.into();
-        v["redis"]["lease_units"] = LEASE.into();
-        v["redis"]["lease_hold_ms"] = HOLD_MS.into();
-    });
+    let plans = |lease_units: u64| {
+        move |v: &mut serde_json::Value| {
+            v["plans"]["enterprise"]["limits"]["api_call"] = LIMIT.into();
+            v["redis"]["lease_units"] = lease_units.into();
+            v["redis"]["lease_hold_ms"] = HOLD_MS.into();
+        }
+    };
+    let gw = envoy_with(plans(LEASE));
     let (port, admin) = (free_port(), free_port());
-    let _second = gw.spawn_envoy("envoy-2", port, admin, None).unwrap();
+    // The second Envoy reserves one unit a call: a lease of its own (while 160 remain) would
+    // hold back units from its other worker too, a refusal this test would count as the first
+    // Envoy's.
+    let _second = gw
+        .spawn_envoy_with("envoy-2", port, admin, &plans_with(plans(0)), None)
+        .unwrap();
     let user = "lessee";
     // The first Envoy takes the user's first requests (its workers lease units while 160
     // remain) until its leases hold units it is not using (nothing else is in flight: what
@@ -54,39 +62,43 @@ fn leases_count_exactly_and_hold_back_at_most_their_units_for_their_hold_near_th
     let (switched, phase_one) = (Instant::now(), admitted);
     // (At most a lease's spare units for each of its two workers.)
     assert!(held <= 2 * (LEASE - 1), "{held}");
+    // Refused only while the first Envoy's leases hold units it does not use, never past
+    // their hold (plus a tick and a batch): each worker's lease is given back `lease_hold_ms`
+    // after its own grant, so the second Envoy may be refused again when the other's is.
     let mut refusals = 0;
+    let mut refused_until = Duration::ZERO;
     while admitted < LIMIT {
         let r = api_call(user).send(port);
         match r.status {
             200 => admitted += 1,
             429 => {
                 refusals += 1;
-                assert_eq!(refusals, 1, "refused again after the hold");
+                refused_until = switched.elapsed();
                 let body = r.json();
-                assert_eq!(
-                    (&body["used"], &body["in_flight"]),
-                    (&admitted.into(), &held.into()),
+                let in_flight = body["in_flight"].as_u64().unwrap_or(0);
+                assert_eq!(body["used"], admitted, "{body}");
+                assert!(
+                    in_flight > 0 && in_flight <= held,
                     "the units free but held back are the first Envoy's leases': {body}"
                 );
-                // Held, not let go early: refused again at once, with the same units held.
-                let again = api_call(user).send(port);
-                assert_eq!(again.status, 429);
-                assert_eq!(again.json()["in_flight"], held);
-                // And given back within the hold (plus a tick and a batch): the next goes on.
-                while api_call(user).send(port).status == 429 {
-                    assert!(
-                        switched.elapsed() < Duration::from_millis(HOLD_MS + 1000),
-                        "still held back {:?} after the first Envoy's last request",
-                        switched.elapsed()
-                    );
-                    std::thread::sleep(Duration::from_millis(50));
+                assert!(
+                    switched.elapsed() < Duration::from_millis(HOLD_MS + 1000),
+                    "still held back {:?} after the first Envoy's last request",
+                    switched.elapsed()
+                );
+                if refusals == 1 {
+                    assert_eq!(in_flight, held, "all of them at first: {body}");
+                    // Held, not let go early: refused again at once, with the same units held.
+                    let again = api_call(user).send(port);
+                    assert_eq!(again.status, 429);
+                    assert_eq!(again.json()["in_flight"], held);
                 }
-                admitted += 1;
+                std::thread::sleep(Duration::from_millis(50));
             }
             other => panic!("after {admitted} admitted: {other}"),
         }
     }
-    assert_eq!(refusals, 1, "the held units showed: {held}");
+    assert!(refusals > 0, "the held units showed: {held}");
     // Exactly the limit, never more, and nothing left held.
     assert_eq!(api_call(user).send(port).status, 429);
     assert_eq!(api_call(user).send(gw.gateway_port).status, 429);
@@ -94,7 +106,7 @@ fn leases_count_exactly_and_hold_back_at_most_their_units_for_their_hold_near_th
     assert!(eventually(|| pending(&gw, user, "api_call") == 0));
     let leased = stat(gw.admin_port, "plan_limits.leased") + stat(admin, "plan_limits.leased");
     println!(
-        "limit {LIMIT}, leases of {LEASE}: {leased} of {LIMIT} admitted from leases; the other Envoy was refused once while leases held {held} units, for at most the hold"
+        "limit {LIMIT}, leases of {LEASE}: {leased} of {LIMIT} admitted from leases; the other Envoy was refused while leases held {held} units, until {refused_until:?} after the first Envoy's last request (hold {HOLD_MS} ms)"
     );
     assert!(
         leased * 4 >= phase_one * 3,
