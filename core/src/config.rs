@@ -425,7 +425,8 @@ pub struct RedisSettings {
     /// A reservation that is never settled (Envoy killed mid-request) stops holding quota after
     /// this; keep it longer than the upstream timeout so a slow success is still counted.
     pub reservation_ttl_ms: u64,
-    /// Settlements (commit / release / count) are sent in batches from each worker this often.
+    /// Settlements (commit / release / count) are sent in batches from each worker this often,
+    /// and its counters added to Envoy's.
     pub flush_interval_ms: u64,
     /// The most settlements in one call to Redis.
     pub max_batch: usize,

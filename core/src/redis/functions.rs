@@ -2,7 +2,9 @@
 //! commands that call them. An admin loads the library once (`load_library`); the filter's
 //! Redis user may run `FCALL` and nothing else, and no script travels with a request.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt::Write;
 
 use super::{RedisCommand, RedisReply, TransportError};
 use crate::config::{Gauge, Invoke, Limit};
@@ -443,28 +445,34 @@ pub(crate) const SETTLE_FIELDS: usize = 20;
 /// busy user's settlements is a fifth of what it was with each item's keys and limits in full
 /// (encoded here, sent, parsed by webdis and Redis).
 pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
-    let mut keys: Vec<String> = vec![args.events_stream.into(), args.applied_key.into()];
-    let mut position: HashMap<String, usize> = HashMap::new();
+    // (Most items name the keys the item before named, a busy user's: not made again.)
+    let sets: Vec<Option<[Cow<str>; 8]>> = batch
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let before = i.checked_sub(1).and_then(|b| batch.get(b));
+            let repeats = before.is_some_and(|before| same_keys(before, item));
+            (!repeats).then(|| item_keys(item))
+        })
+        .collect();
+    let mut keys: Vec<&str> = vec![args.events_stream, args.applied_key];
+    let mut position: HashMap<&str, usize> = HashMap::new();
     let mut positions: Vec<String> = Vec::with_capacity(batch.len());
-    for (i, item) in batch.iter().enumerate() {
-        // (Most items name the keys the item before named: a busy user's.)
-        let before = i.checked_sub(1).and_then(|b| batch.get(b));
-        if let (Some(before), Some(last)) = (before, positions.last()) {
-            if same_keys(before, item) {
-                positions.push(last.clone());
-                continue;
-            }
-        }
+    for set in &sets {
+        let Some(set) = set else {
+            positions.push(positions.last().cloned().unwrap_or_default());
+            continue;
+        };
         let mut named = String::new();
-        for key in item_keys(item) {
-            let at = *position.entry(key).or_insert_with_key(|key| {
-                keys.push(key.clone());
+        for key in set {
+            let at = *position.entry(key).or_insert_with(|| {
+                keys.push(key);
                 keys.len()
             });
             if !named.is_empty() {
                 named.push(' ');
             }
-            named.push_str(&at.to_string());
+            let _ = write!(named, "{at}");
         }
         positions.push(named);
     }
@@ -534,26 +542,27 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
 }
 
 /// The eight keys `plan_limits_settle_v2` reads of an item, in its order.
-fn item_keys(item: &Settlement) -> [String; 8] {
+fn item_keys(item: &Settlement) -> [Cow<'_, str>; 8] {
     let day = item.keys.user.day(&item.day);
     // Without a key, any key of the user's stands in (cluster routing needs a name).
     let marker = match item.idempotency_key.as_str() {
-        "" => day.clone(),
-        key => item.keys.user.idempotency(&item.action, key),
+        "" => Cow::Owned(day.clone()),
+        key => Cow::Owned(item.keys.user.idempotency(&item.action, key)),
     };
+    let entitlement = Cow::Borrowed(item.keys.entitlement.as_str());
     let (gauge, gauge_held) = match item.gauge {
         Some(gauge) => (
-            item.keys.user.gauge(gauge),
-            item.keys.user.gauge_held(gauge),
+            Cow::Owned(item.keys.user.gauge(gauge)),
+            Cow::Owned(item.keys.user.gauge_held(gauge)),
         ),
-        None => (item.keys.entitlement.clone(), item.keys.entitlement.clone()),
+        None => (entitlement.clone(), entitlement.clone()),
     };
     [
-        item.keys.summary.clone(),
-        item.keys.pending.clone(),
-        item.keys.commits.clone(),
-        item.keys.entitlement.clone(),
-        day,
+        Cow::Borrowed(item.keys.summary.as_str()),
+        Cow::Borrowed(item.keys.pending.as_str()),
+        Cow::Borrowed(item.keys.commits.as_str()),
+        entitlement,
+        Cow::Owned(day),
         marker,
         gauge,
         gauge_held,
