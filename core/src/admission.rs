@@ -54,7 +54,8 @@ impl Claims {
             } else {
                 continue;
             };
-            *slot = Some(value.to_vec());
+            // (An empty claim is no claim, as a read of that one claim answers it.)
+            *slot = (!value.is_empty()).then(|| value.to_vec());
         }
         Some(claims)
     }
@@ -73,16 +74,22 @@ fn pairs(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
         return None;
     }
     let mut at = 4 + 8 * count;
+    // The next `len` bytes and their terminating \0.
+    let mut take = |len: usize| -> Option<&[u8]> {
+        let end = at.checked_add(len)?;
+        let piece = bytes.get(at..end)?;
+        (bytes.get(end) == Some(&0)).then_some(())?;
+        at = end + 1;
+        Some(piece)
+    };
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
         let (key_len, value_len) = (u32_at(4 + 8 * i)?, u32_at(8 + 8 * i)?);
-        let key = bytes.get(at..at.checked_add(key_len)?)?;
-        at += key_len + 1;
-        let value = bytes.get(at..at.checked_add(value_len)?)?;
-        at += value_len + 1;
+        let key = take(key_len)?;
+        let value = take(value_len)?;
         out.push((key, value));
     }
-    (at <= bytes.len()).then_some(out)
+    (at == bytes.len()).then_some(out)
 }
 
 // Returned and matched at once, never stored: a boxed request would only cost an allocation.
@@ -525,6 +532,10 @@ mod tests {
             Claims::from_payload(&encode_pairs(&[]), &jwt),
             Some(Claims::default())
         );
+        // An empty claim is none, as when read alone (Envoy hands an empty value as none).
+        let empty = encode_pairs(&[("sub", b"alice"), ("plan", b""), ("anchor_day", b"")]);
+        let claims = Claims::from_payload(&empty, &jwt).unwrap();
+        assert_eq!((claims.plan, claims.anchor), (None, None));
     }
 
     #[test]
@@ -538,6 +549,13 @@ mod tests {
                 "cut at {cut}"
             );
         }
+        // Bytes after the last pair, a terminator that is not \0.
+        let mut longer = good.clone();
+        longer.push(0);
+        assert_eq!(Claims::from_payload(&longer, &jwt), None);
+        let mut unterminated = good.clone();
+        *unterminated.last_mut().unwrap() = b'x';
+        assert_eq!(Claims::from_payload(&unterminated, &jwt), None);
         // A count the bytes cannot hold (nothing is allocated for it), sizes past the end.
         let mut huge = good.clone();
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());

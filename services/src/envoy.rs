@@ -793,11 +793,21 @@ pub fn start(options: EnvoyOptions) -> Service {
 
 /// A filter counter from the Envoy whose admin listens on `admin_port`
 /// (`wasmcustom.plan_limits.<name>`).
-/// A counter of the filter's: read once the workers' next tick has added what they counted
-/// (every `flush_interval_ms`, 5 ms by default).
+/// A counter of the filter's, once it stands still: each worker adds what it counted at its
+/// tick (every `flush_interval_ms`, 5 ms by default, later on a busy machine), so it is read
+/// until two reads a few ticks apart agree (for at most two seconds).
 pub fn metric_at(admin_port: u16, name: &str) -> u64 {
-    std::thread::sleep(std::time::Duration::from_millis(25));
-    admin_stat(admin_port, &format!("wasmcustom.plan_limits.{name}"))
+    let name = format!("wasmcustom.plan_limits.{name}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut last = admin_stat(admin_port, &name);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let now = admin_stat(admin_port, &name);
+        if now == last || std::time::Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
 }
 
 /// A counter from Envoy's admin `/stats` by its full name (0 when absent).

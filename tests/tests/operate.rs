@@ -158,11 +158,29 @@ fn prometheus_sees_the_filters_counters_with_action_plan_and_outcome_labels() {
         .send(port);
     Request::new("POST", "/api/upload").send(port); // no token: 401
     let scrape = || plan_limits_services::http::get(gw.admin_port, "/stats/prometheus").body_text();
-    assert!(eventually(|| value_of(
-        &scrape(),
-        "plan_limits_successes_counted",
-        &[("action", "upload"), ("plan", "free")]
-    ) == 5.0));
+    // (Each worker adds its counters at its tick: the last request's, the 401, and the
+    // successes counted once Redis answered, show within a few.)
+    let rejected = |text: &str| {
+        value_of(
+            text,
+            "plan_limits_requests",
+            &[
+                ("action", "none"),
+                ("plan", "none"),
+                ("outcome", "rejected"),
+            ],
+        )
+    };
+    assert!(eventually(|| {
+        let text = scrape();
+        rejected(&text) == 1.0
+            && value_of(
+                &text,
+                "plan_limits_successes_counted",
+                &[("action", "upload"), ("plan", "free")],
+            ) == 5.0
+    }));
+    std::thread::sleep(Duration::from_millis(50));
     let text = scrape();
     let requests = |action, plan, outcome| {
         value_of(

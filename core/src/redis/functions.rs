@@ -442,8 +442,8 @@ pub(crate) const SETTLE_FIELDS: usize = 20;
 
 /// One `plan_limits_settle_v2` call for a batch. Each key is named once however many items
 /// use it, and an item's limits only when they differ from the item before's: a batch of one
-/// busy user's settlements is a fifth of what it was with each item's keys and limits in full
-/// (encoded here, sent, parsed by webdis and Redis).
+/// busy user's settlements is about a third of what it was with each item's keys and limits in
+/// full (encoded here, sent, parsed by webdis and Redis).
 pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
     // (Most items name the keys the item before named, a busy user's: not made again.)
     let sets: Vec<Option<[Cow<str>; 8]>> = batch
