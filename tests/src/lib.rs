@@ -59,6 +59,20 @@ pub fn token(user: &str, plan: &str) -> String {
     )
 }
 
+/// A bearer token with `claims` besides the issuer, audience and expiry every test gateway
+/// accepts (valid for ten minutes by the real clock, which `jwt_authn` checks), signed by the
+/// key they trust.
+pub fn token_with(claims: serde_json::Value) -> String {
+    let jwt = plan_limits_core::JwtClaims::default();
+    let now = chrono::Utc::now().timestamp();
+    let mut payload = serde_json::json!({"iss": jwt.issuer, "aud": jwt.audience,
+        "iat": now, "exp": now + 600});
+    if let (Some(payload), Some(claims)) = (payload.as_object_mut(), claims.as_object()) {
+        payload.extend(claims.clone());
+    }
+    plan_limits_services::jwt::DevKey::for_tests().sign(&payload)
+}
+
 /// An upload of a small diagram by `user` on `plan`.
 pub fn upload(user: &str, plan: &str) -> Request {
     Request::new("POST", "/api/upload")

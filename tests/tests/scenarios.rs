@@ -280,18 +280,14 @@ on_every_gateway!(
     |gw| {
         // Envoy hands the filter the whole payload in one host call; a null claim anywhere in
         // it fails that call, and the filter reads the claims it needs one by one instead.
-        let key = plan_limits_services::jwt::DevKey::for_tests();
-        let jwt = plan_limits_core::JwtClaims::default();
-        let now = chrono::Utc::now().timestamp(); // (what jwt_authn checks expiry by)
         let token = |extra: serde_json::Value| {
-            let mut payload = serde_json::json!({"iss": jwt.issuer, "aud": jwt.audience,
-                "iat": now, "exp": now + 600, "sub": "nell", "plan": "professional",
+            let mut claims = serde_json::json!({"sub": "nell", "plan": "professional",
                 "org": "nell-org", "roles": ["admin", 2], "profile": {"theme": "dark"}});
-            payload
+            claims
                 .as_object_mut()
                 .unwrap()
                 .extend(extra.as_object().unwrap().clone());
-            key.sign(&payload)
+            token_with(claims)
         };
         let identity = |r: &Response| r.json()["identity"].clone();
         let expected = serde_json::json!({"x-user-id": "nell",

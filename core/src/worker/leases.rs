@@ -167,6 +167,23 @@ mod tests {
     }
 
     /// The settlements of the batch in flight: (mode, reservation id), by id.
+    /// Sends user u's API call as `stream`: its reservation call's token and its id.
+    fn reserving(w: &mut Worker, stream: StreamId, io: &mut Recorder) -> (Token, String) {
+        send(w, stream, &api_call("u"), io);
+        let (token, reserve) = io.last_sent();
+        let id = String::from_utf8(functions::reserve_args(reserve)[3].clone()).unwrap();
+        (token, id)
+    }
+
+    /// The ids of reservation `id`'s leased units `units` (`<id>#k`), as `mode` in a batch.
+    fn units(
+        mode: &'static str,
+        id: &str,
+        units: std::ops::RangeInclusive<u64>,
+    ) -> Vec<(&'static str, String)> {
+        units.map(|k| (mode, format!("{id}#{k}"))).collect()
+    }
+
     fn batch_of(w: &Worker) -> Vec<(&'static str, String)> {
         let mut batch: Vec<_> = w
             .settlements
@@ -240,10 +257,7 @@ mod tests {
         let mut w = leasing_worker(&mut io);
         let mut asked = Vec::new();
         for stream in [1, 2] {
-            send(&mut w, stream, &api_call("u"), &mut io);
-            let (token, reserve) = io.last_sent();
-            let id = String::from_utf8(functions::reserve_args(reserve)[3].clone()).unwrap();
-            asked.push((token, id));
+            asked.push(reserving(&mut w, stream, &mut io));
         }
         for (token, _) in &asked {
             w.on_reply(*token, granted_with_lease(1), now(), &mut io);
@@ -285,20 +299,14 @@ mod tests {
     fn a_stopping_worker_gives_back_its_leases_units_with_its_last_batch() {
         let mut io = Recorder::default();
         let mut w = leasing_worker(&mut io);
-        send(&mut w, 1, &api_call("u"), &mut io);
-        let (token, reserve) = io.last_sent();
-        let id = String::from_utf8(functions::reserve_args(reserve)[3].clone()).unwrap();
+        let (token, id) = reserving(&mut w, 1, &mut io);
         w.on_reply(token, granted_with_lease(2), now(), &mut io);
         w.on_response_headers(1, 200, None, now(), &mut io);
         w.on_stream_end(1, true, now(), &mut io);
         assert!(!w.on_shutdown(now(), &mut io));
         assert_eq!(
             batch_of(&w),
-            [
-                ("commit", id.clone()),
-                ("release", format!("{id}#1")),
-                ("release", format!("{id}#2")),
-            ]
+            [vec![("commit", id.clone())], units("release", &id, 1..=2)].concat()
         );
     }
 
@@ -306,9 +314,7 @@ mod tests {
     fn a_stream_that_ends_before_its_leasing_answer_gives_back_what_it_asked_for() {
         let mut io = Recorder::default();
         let mut w = leasing_worker(&mut io);
-        send(&mut w, 1, &api_call("u"), &mut io);
-        let (token, reserve) = io.last_sent();
-        let id = String::from_utf8(functions::reserve_args(reserve)[3].clone()).unwrap();
+        let (token, id) = reserving(&mut w, 1, &mut io);
         w.on_stream_end(1, false, now(), &mut io);
         // The answer comes after the end: it is not read, so the end released the lease's
         // units with its own (those Redis did not grant release nothing).
@@ -316,12 +322,7 @@ mod tests {
         w.on_tick(now(), &mut io);
         assert_eq!(
             batch_of(&w),
-            [
-                ("release", id.clone()),
-                ("release", format!("{id}#1")),
-                ("release", format!("{id}#2")),
-                ("release", format!("{id}#3")),
-            ]
+            [vec![("release", id.clone())], units("release", &id, 1..=3)].concat()
         );
         assert_eq!(io.count_of(Metric::Leased), 0);
     }
@@ -330,9 +331,7 @@ mod tests {
     fn a_lease_whose_request_is_refused_after_all_is_given_back_at_once() {
         let mut io = Recorder::default();
         let mut w = leasing_worker(&mut io);
-        send(&mut w, 1, &api_call("u"), &mut io);
-        let (token, reserve) = io.last_sent();
-        let id = String::from_utf8(functions::reserve_args(reserve)[3].clone()).unwrap();
+        let (token, id) = reserving(&mut w, 1, &mut io);
         // Billing's record names a plan whose API calls are 0: this one is refused (403), and
         // the lease goes back with its own unit.
         let mut answer = granted_with_lease(2).unwrap();
@@ -347,11 +346,7 @@ mod tests {
         w.on_tick(now(), &mut io);
         assert_eq!(
             batch_of(&w),
-            [
-                ("release", id.clone()),
-                ("release", format!("{id}#1")),
-                ("release", format!("{id}#2")),
-            ]
+            [vec![("release", id.clone())], units("release", &id, 1..=2)].concat()
         );
         // And no later request is admitted from it.
         send(&mut w, 2, &api_call("u"), &mut io);

@@ -18,6 +18,7 @@ use plan_limits_services::redis_cluster::RedisCluster;
 use plan_limits_services::redis_server::RedisServer;
 use plan_limits_services::webdis::Webdis;
 
+use plan_limits_wasm_host::abi::serialize_pairs;
 use plan_limits_wasm_host::{Flow, HostError, Pairs, Plugin, Upstreams, Vm};
 
 /// Which filter build runs.
@@ -519,20 +520,7 @@ fn host_port(redis_url: &str) -> (String, u16, Option<String>) {
 /// Envoy fails to encode it.
 fn envoy_encoding(value: &serde_json::Value) -> Option<Vec<u8>> {
     use serde_json::Value;
-    let pairs = |items: Vec<(Vec<u8>, Vec<u8>)>| {
-        let mut out = (items.len() as u32).to_le_bytes().to_vec();
-        for (k, v) in &items {
-            out.extend((k.len() as u32).to_le_bytes());
-            out.extend((v.len() as u32).to_le_bytes());
-        }
-        for (k, v) in items {
-            out.extend(k);
-            out.push(0);
-            out.extend(v);
-            out.push(0);
-        }
-        out
-    };
+    let pairs = |items: Vec<(Vec<u8>, Vec<u8>)>| serialize_pairs(&items);
     Some(match value {
         Value::Null => return None,
         Value::String(s) => s.clone().into_bytes(),

@@ -45,11 +45,7 @@ on_both_builds!(
         // A null claim: the whole payload fails, then the four claims are read one by one (and
         // the fallback counted).
         let mut h = harness(build);
-        let key = plan_limits_services::jwt::DevKey::for_tests();
-        let jwt = plan_limits_core::JwtClaims::default();
-        let now = chrono::Utc::now().timestamp();
-        let token = key.sign(&serde_json::json!({"iss": jwt.issuer, "aud": jwt.audience,
-        "iat": now, "exp": now + 600, "sub": "uma", "plan": "free", "nickname": null}));
+        let token = token_with(serde_json::json!({"sub": "uma", "plan": "free", "nickname": null}));
         let request = Request::new("GET", "/api/procedures/1").bearer(&token);
         let (per_request, _) = unlimited_requests(&mut h, &request, 10);
         assert_eq!(per_request, [7 + 4, 2, 1], "headers, response, end");

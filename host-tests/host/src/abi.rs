@@ -33,18 +33,19 @@ pub mod buffer {
 
 pub type Pairs = Vec<(String, Vec<u8>)>;
 
-/// `[count][key len, value len]*[key \0 value \0]*`, little-endian u32s.
-pub fn serialize_pairs(pairs: &Pairs) -> Vec<u8> {
+/// `[count][key len, value len]*[key \0 value \0]*`, little-endian u32s (keys are bytes too:
+/// Envoy encodes a list property as pairs of its encoded items).
+pub fn serialize_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
     for (k, v) in pairs {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(k.as_ref().len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.as_ref().len() as u32).to_le_bytes());
     }
     for (k, v) in pairs {
-        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(k.as_ref());
         out.push(0);
-        out.extend_from_slice(v);
+        out.extend_from_slice(v.as_ref());
         out.push(0);
     }
     out
