@@ -208,9 +208,10 @@ impl Worker {
                 // right one (once).
                 let granted = reservation.status == ReserveStatus::Granted;
                 let leased = reservation.leased;
-                for unit in leases::unkept(&entry.request, leased, now, &plans.redis) {
-                    self.queue(Some(unit), io);
-                }
+                self.queue(
+                    leases::unkept(&entry.request, leased, now, &plans.redis),
+                    io,
+                );
                 let release = entry
                     .request
                     .abandon_reservation(granted, now, &plans.redis);
@@ -233,9 +234,8 @@ impl Worker {
             if carried.is_ok() {
                 self.leases.add(request, reservation, now, &plans.redis);
             } else {
-                for release in leases::unkept(request, reservation.leased, now, &plans.redis) {
-                    self.queue(Some(release), io);
-                }
+                let unkept = leases::unkept(request, reservation.leased, now, &plans.redis);
+                self.queue(unkept, io);
             }
         }
         match carried {

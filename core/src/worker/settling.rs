@@ -21,14 +21,20 @@ use super::{invoke, Io, LogLevel, Stream, Waiter, Worker, HEARTBEAT_MS};
 const MAX_TRACKED_LOSSES: usize = 1024;
 
 impl Worker {
-    pub(super) fn queue(&mut self, settlement: Option<Settlement>, io: &mut dyn Io) {
-        let Some(settlement) = settlement else { return };
-        if let Some(dropped) = self.settlements.push(settlement) {
-            io.log(
-                LogLevel::Warn,
-                "plan-limits: settlement queue full, oldest settlement dropped".into(),
-            );
-            self.lose(&dropped, "queue_full", io);
+    /// Queues each of `settlements` (none, one, or a lease's units) for the next batch.
+    pub(super) fn queue(
+        &mut self,
+        settlements: impl IntoIterator<Item = Settlement>,
+        io: &mut dyn Io,
+    ) {
+        for settlement in settlements {
+            if let Some(dropped) = self.settlements.push(settlement) {
+                io.log(
+                    LogLevel::Warn,
+                    "plan-limits: settlement queue full, oldest settlement dropped".into(),
+                );
+                self.lose(&dropped, "queue_full", io);
+            }
         }
     }
 
@@ -77,9 +83,8 @@ impl Worker {
             self.send_record(now, io);
         }
         self.extend_held(now, io);
-        for release in self.leases.expire(now_ms, false) {
-            self.queue(Some(release), io);
-        }
+        let expired = self.leases.expire(now_ms, false);
+        self.queue(expired, io);
         self.flush(now, io);
         self.report_queue(io);
     }
@@ -153,9 +158,7 @@ impl Worker {
                 _ => None,
             })
             .collect();
-        for extension in extensions {
-            self.queue(Some(extension), io);
-        }
+        self.queue(extensions, io);
     }
 
     /// Sends the batches that are due: the next one (one Redis), or one per slot with

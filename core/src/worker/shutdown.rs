@@ -13,9 +13,8 @@ impl Worker {
     pub fn on_shutdown(&mut self, now: DateTime<Utc>, io: &mut dyn Io) -> bool {
         self.stopping = true;
         // What leases hold goes back with the last batch.
-        for release in self.leases.expire(unix_millis(now), true) {
-            self.queue(Some(release), io);
-        }
+        let held = self.leases.expire(unix_millis(now), true);
+        self.queue(held, io);
         self.flush(now, io);
         if self.settlements.batch_in_flight() {
             // The last batch says goodbye.

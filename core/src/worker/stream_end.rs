@@ -34,9 +34,10 @@ impl Worker {
         // A lease its reservation asked for, whose answer will not be read: what Redis may
         // have granted goes back with its own unit (a unit never granted releases nothing).
         let asked = entry.request.lease_asked();
-        for release in super::leases::unkept(&entry.request, asked, now, &plans.redis) {
-            self.queue(Some(release), io);
-        }
+        self.queue(
+            super::leases::unkept(&entry.request, asked, now, &plans.redis),
+            io,
+        );
         let settlement = entry.request.on_end(reached, now, &plans.redis);
         self.queue(settlement, io);
     }
