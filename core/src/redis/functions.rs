@@ -437,6 +437,8 @@ pub fn split_reservations(
     }
 }
 
+/// Arguments of a `plan_limits_settle_v2` call before its items' fields.
+pub(crate) const SETTLE_ARGS: usize = 12;
 /// Fields per item in `plan_limits_settle_v2`'s args (its keys' positions last).
 pub(crate) const SETTLE_FIELDS: usize = 20;
 
@@ -507,6 +509,7 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
         .arg(args.applied_memory_ms.to_string())
         .arg(args.queued.to_string())
         .arg(if args.stopping { "1" } else { "" });
+    debug_assert_eq!(cmd.args.len(), 3 + keys.len() + SETTLE_ARGS);
     let mut limits_before: Option<&str> = None;
     for (item, positions) in batch.iter().zip(positions) {
         let before = cmd.args.len();

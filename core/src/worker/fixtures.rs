@@ -128,20 +128,38 @@ pub(super) fn with_storage(
     Ok(RedisReply::Array(items))
 }
 
-/// The settlement modes and outcomes in the next batch (answered: all done).
+/// A `plan_limits_settle_v2` call taken apart (after FCALL, its name and the key count).
+pub(super) struct SettleCall<'a> {
+    pub keys: &'a [Vec<u8>],
+    pub args: &'a [Vec<u8>],
+    /// Each item's fields.
+    pub items: Vec<&'a [Vec<u8>]>,
+}
+
+pub(super) fn settle_call(batch: &RedisCommand) -> SettleCall<'_> {
+    use crate::redis::functions::{SETTLE_ARGS, SETTLE_FIELDS};
+    let numkeys: usize = String::from_utf8_lossy(&batch.args[2]).parse().unwrap();
+    let (keys, rest) = batch.args[3..].split_at(numkeys);
+    let (args, fields) = rest.split_at(SETTLE_ARGS);
+    assert_eq!(fields.len() % SETTLE_FIELDS, 0, "whole items");
+    SettleCall {
+        keys,
+        args,
+        items: fields.chunks(SETTLE_FIELDS).collect(),
+    }
+}
+
 /// How many settlements a `plan_limits_settle_v2` call holds.
 pub(super) fn items_of(batch: &RedisCommand) -> usize {
-    let numkeys: usize = String::from_utf8_lossy(&batch.args[2]).parse().unwrap();
-    // FCALL, its name, the key count, the keys, 12 arguments, then the items' fields.
-    (batch.args.len() - 3 - numkeys - 12) / crate::redis::functions::SETTLE_FIELDS
+    settle_call(batch).items.len()
 }
 
-/// The stopping flag of a `plan_limits_settle_v2` call (its 12th argument after the keys).
+/// The stopping flag of a `plan_limits_settle_v2` call (its last argument before the items).
 pub(super) fn stopping_flag(batch: &RedisCommand) -> &[u8] {
-    let numkeys: usize = String::from_utf8_lossy(&batch.args[2]).parse().unwrap();
-    &batch.args[3 + numkeys + 11]
+    &settle_call(batch).args[11]
 }
 
+/// The settlement modes and outcomes in the next batch (answered: all done).
 pub(super) fn next_batch(w: &mut Worker, io: &mut Recorder) -> Vec<(String, String)> {
     w.on_tick(now(), io);
     let (token, batch) = io.last_sent();

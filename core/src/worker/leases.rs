@@ -166,7 +166,6 @@ mod tests {
         ]))
     }
 
-    /// The settlements of the batch in flight: (mode, reservation id), by id.
     /// Sends user u's API call as `stream`: its reservation call's token and its id.
     fn reserving(w: &mut Worker, stream: StreamId, io: &mut Recorder) -> (Token, String) {
         send(w, stream, &api_call("u"), io);
@@ -181,9 +180,12 @@ mod tests {
         id: &str,
         units: std::ops::RangeInclusive<u64>,
     ) -> Vec<(&'static str, String)> {
-        units.map(|k| (mode, format!("{id}#{k}"))).collect()
+        units
+            .map(|k| (mode, functions::leased_unit_id(id, k)))
+            .collect()
     }
 
+    /// The settlements of the batch in flight: (mode, reservation id), by id.
     fn batch_of(w: &Worker) -> Vec<(&'static str, String)> {
         let mut batch: Vec<_> = w
             .settlements
@@ -260,23 +262,22 @@ mod tests {
             asked.push(reserving(&mut w, stream, &mut io));
         }
         for (token, _) in &asked {
-            w.on_reply(*token, granted_with_lease(1), now(), &mut io);
+            w.on_reply(*token, granted_with_lease(2), now(), &mut io);
         }
+        // Four units between the two leases: three requests take the first three.
         let calls = io.sent.len();
-        for stream in [3, 4] {
+        for stream in [3, 4, 5] {
             assert_eq!(
                 send(&mut w, stream, &api_call("u"), &mut io),
                 Flow::Continue
             );
         }
-        assert_eq!(
-            io.sent.len(),
-            calls,
-            "both leases' units used, none sent back"
-        );
-        assert_eq!(io.count_of(Metric::Leased), 2);
+        assert_eq!(io.sent.len(), calls, "no call of their own");
+        assert_eq!(io.count_of(Metric::Leased), 3);
+        // Once the hold is over, the one unit left goes back: the second lease's last.
         w.on_tick(now() + chrono::Duration::milliseconds(1000), &mut io);
-        assert!(batch_of(&w).iter().all(|(mode, _)| *mode != "release"));
+        let second = &asked[1].1;
+        assert_eq!(batch_of(&w), units("release", second, 2..=2));
     }
 
     #[test]

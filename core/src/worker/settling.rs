@@ -491,17 +491,16 @@ mod tests {
         let (_, batch) = io.last_sent();
         assert_eq!(items_of(batch), 5);
         let text = |a: &[u8]| String::from_utf8_lossy(a).into_owned();
-        let numkeys: usize = text(&batch.args[2]).parse().unwrap();
-        let keys: Vec<String> = batch.args[3..3 + numkeys].iter().map(|k| text(k)).collect();
+        let call = settle_call(batch);
+        let keys: Vec<String> = call.keys.iter().map(|k| text(k)).collect();
         // The stream, the worker's record, then five keys of each user (summary, pending,
         // commits, entitlement, day; the marker and gauges stand in with them): 12, not 42.
-        assert_eq!(numkeys, 12, "{keys:?}");
-        let fields = crate::redis::functions::SETTLE_FIELDS;
-        let items: Vec<&[Vec<u8>]> = batch.args[3 + numkeys + 12..].chunks(fields).collect();
+        assert_eq!(keys.len(), 12, "{keys:?}");
+        let items = call.items;
         for (item, user) in items.iter().zip(["alice", "alice", "bob", "alice", "bob"]) {
             assert_eq!(text(&item[3]), user);
-            // Each position names a key of its own user.
-            for position in text(&item[fields - 1]).split(' ') {
+            // Each position names a key of its own user (the item's last field).
+            for position in text(item.last().unwrap()).split(' ') {
                 let key = &keys[position.parse::<usize>().unwrap() - 1];
                 assert!(key.contains(&format!("{{{user}}}")), "{key} for {user}");
             }
