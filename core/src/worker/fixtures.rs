@@ -29,14 +29,6 @@ pub(super) fn upload(user: &str) -> Req {
     head("POST", "/api/upload", user, "free")
 }
 
-/// An unlimited request (a procedure view) that succeeds and ends: one count queued.
-pub(super) fn view_succeeds(w: &mut Worker, stream: StreamId, io: &mut Recorder) {
-    let h = head("GET", "/api/procedures/1", "u", "free");
-    assert_eq!(send(w, stream, &h, io), Flow::Continue);
-    w.on_response_headers(stream, 200, None, now(), io);
-    w.on_stream_end(stream, true, now(), io);
-}
-
 /// What plan_limits_reserve answers under `plan`, claimed (billing recorded nothing).
 pub(super) fn reserved(
     status: i64,
@@ -176,9 +168,10 @@ pub(super) fn next_batch(w: &mut Worker, io: &mut Recorder) -> Vec<(String, Stri
         .collect()
 }
 
-/// A procedure view by `user` that succeeds and ends: one count queued.
-pub(super) fn view_of(w: &mut Worker, stream: StreamId, user: &str, io: &mut Recorder) {
-    let h = head("GET", "/api/procedures/1", user, "free");
+/// A procedure view by `user` claiming `plan` (unlimited on it) that succeeds and ends: one
+/// count queued.
+pub(super) fn view_of(w: &mut Worker, stream: StreamId, user: &str, plan: &str, io: &mut Recorder) {
+    let h = head("GET", "/api/procedures/1", user, plan);
     assert_eq!(send(w, stream, &h, io), Flow::Continue);
     w.on_response_headers(stream, 200, None, now(), io);
     w.on_stream_end(stream, true, now(), io);

@@ -308,10 +308,7 @@ mod tests {
         let json = plans_json_with(|p| p["plans"]["free"]["limits"]["procedure_view"] = 2.into());
         let mut w = worker_with(&mut io, &json);
         // The token says professional (unlimited views); nothing known yet: on at once.
-        let view = head("GET", "/api/procedures/1", "u", "professional");
-        assert_eq!(send(&mut w, 1, &view, &mut io), Flow::Continue);
-        w.on_response_headers(1, 200, None, now(), &mut io);
-        w.on_stream_end(1, true, now(), &mut io);
+        view_of(&mut w, 1, "u", "professional", &mut io);
         // Redis's answer to the batch says billing records free for this user ...
         w.on_tick(now(), &mut io);
         let (token, _) = io.last_sent();
@@ -323,6 +320,7 @@ mod tests {
         ]));
         w.on_reply(token, reply, now(), &mut io);
         // ... so the next view is limited: it reserves under free's limit.
+        let view = head("GET", "/api/procedures/1", "u", "professional");
         assert_eq!(send(&mut w, 2, &view, &mut io), Flow::Pause);
         let (token, reserve) = io.last_sent();
         assert_eq!(name(reserve).1, b"plan_limits_reserve");

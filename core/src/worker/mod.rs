@@ -735,7 +735,7 @@ mod tests {
         let (token, _) = io.last_sent();
         let later = now() + chrono::Duration::milliseconds(3);
         w.on_reply(token, reserved(0, 5, 0, "free"), later, &mut io);
-        view_succeeds(&mut w, 2, &mut io);
+        view_of(&mut w, 2, "u", "free", &mut io);
         w.on_tick(later, &mut io);
         let (batch, _) = io.last_sent();
         w.on_reply(batch, settled(&[1]), later, &mut io);

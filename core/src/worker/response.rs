@@ -341,7 +341,7 @@ mod tests {
         }
         // Unlimited actions have no allowance to describe.
         let before = io.response_headers.len();
-        view_succeeds(&mut w, 4, &mut io);
+        view_of(&mut w, 4, "u", "free", &mut io);
         assert_eq!(io.response_headers.len(), before);
     }
 

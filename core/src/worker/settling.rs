@@ -405,7 +405,7 @@ mod tests {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
         for stream in 1..=3 {
-            view_succeeds(&mut w, stream, &mut io);
+            view_of(&mut w, stream, "u", "free", &mut io);
         }
         w.on_tick(now(), &mut io);
         let (batch, _) = io.last_sent();
@@ -423,7 +423,7 @@ mod tests {
     fn a_settlement_batch_that_cannot_be_sent_is_retried() {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        view_succeeds(&mut w, 1, &mut io);
+        view_of(&mut w, 1, "u", "free", &mut io);
         io.refuse_sends = true;
         w.on_tick(now(), &mut io);
         assert_eq!(io.count_of(Metric::SettleErrors), 1);
@@ -442,7 +442,7 @@ mod tests {
         let json = plans_json_with(|p| p["redis"]["max_queued_settlements"] = 2.into());
         let mut w = worker_with(&mut io, &json);
         for stream in 1..=3 {
-            view_succeeds(&mut w, stream, &mut io);
+            view_of(&mut w, stream, "u", "free", &mut io);
         }
         assert_eq!(
             w.queued_settlements(),
@@ -453,7 +453,7 @@ mod tests {
         // Two more are lost the same way: one record of the user's three lost views goes to
         // Redis once the queue has room.
         for stream in 4..=5 {
-            view_succeeds(&mut w, stream, &mut io);
+            view_of(&mut w, stream, "u", "free", &mut io);
         }
         assert_eq!(io.count_of(Metric::SettlementsDropped), 3);
         for _ in 0..3 {
@@ -480,13 +480,10 @@ mod tests {
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
         for (stream, user) in [(1, "alice"), (2, "alice"), (3, "bob"), (4, "alice")] {
-            view_of(&mut w, stream, user, &mut io);
+            view_of(&mut w, stream, user, "free", &mut io);
         }
         // Bob again, on another plan (other limits).
-        let h = head("GET", "/api/procedures/1", "bob", "professional");
-        assert_eq!(send(&mut w, 5, &h, &mut io), Flow::Continue);
-        w.on_response_headers(5, 200, None, now(), &mut io);
-        w.on_stream_end(5, true, now(), &mut io);
+        view_of(&mut w, 5, "bob", "professional", &mut io);
         w.on_tick(now(), &mut io);
         let (_, batch) = io.last_sent();
         assert_eq!(items_of(batch), 5);
@@ -515,7 +512,7 @@ mod tests {
         let mut io = Recorder::default();
         let mut w = worker_with(&mut io, &plans_json_with(on_a_cluster));
         for (stream, user) in [(1, "alice"), (2, "bob"), (3, "alice")] {
-            view_of(&mut w, stream, user, &mut io);
+            view_of(&mut w, stream, user, "free", &mut io);
         }
         w.on_tick(now(), &mut io);
         assert_eq!(io.sent.len(), 2, "one call per slot: {:?}", io.sent);
@@ -560,8 +557,8 @@ mod tests {
     fn on_a_cluster_a_slot_whose_call_fails_does_not_hold_back_the_others() {
         let mut io = Recorder::default();
         let mut w = worker_with(&mut io, &plans_json_with(on_a_cluster));
-        view_of(&mut w, 1, "alice", &mut io);
-        view_of(&mut w, 2, "bob", &mut io);
+        view_of(&mut w, 1, "alice", "free", &mut io);
+        view_of(&mut w, 2, "bob", "free", &mut io);
         w.on_tick(now(), &mut io);
         let (alice, bob) = (io.sent[0].0, io.sent[1].0);
         w.on_reply(
@@ -576,7 +573,7 @@ mod tests {
             "alice's kept: it certainly did not run"
         );
         w.on_reply(bob, settled(&[1]), now(), &mut io);
-        view_of(&mut w, 3, "bob", &mut io);
+        view_of(&mut w, 3, "bob", "free", &mut io);
         w.on_tick(now(), &mut io);
         let (token, command) = io.last_sent();
         assert_eq!(io.sent.len(), 3, "bob's goes; alice's backs off");

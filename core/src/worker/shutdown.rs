@@ -78,7 +78,7 @@ mod tests {
         // With settlements queued: they go, saying it stops, then it is done.
         let mut io = Recorder::default();
         let mut w = worker(&mut io);
-        view_succeeds(&mut w, 1, &mut io);
+        view_of(&mut w, 1, "u", "free", &mut io);
         assert!(!w.on_shutdown(now(), &mut io), "a batch is on its way");
         let (token, batch) = io.last_sent();
         assert_eq!(stopping_flag(batch), b"1", "the batch says it stops");
