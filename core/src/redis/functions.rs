@@ -459,10 +459,12 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
         .collect();
     let mut keys: Vec<&str> = vec![args.events_stream, args.applied_key];
     let mut position: HashMap<&str, usize> = HashMap::new();
-    let mut positions: Vec<String> = Vec::with_capacity(batch.len());
+    // One positions argument per run of items naming the same keys, and each item's run.
+    let mut positions: Vec<String> = Vec::new();
+    let mut runs: Vec<usize> = Vec::with_capacity(batch.len());
     for set in &sets {
         let Some(set) = set else {
-            positions.push(positions.last().cloned().unwrap_or_default());
+            runs.push(positions.len().saturating_sub(1));
             continue;
         };
         let mut named = String::new();
@@ -476,6 +478,7 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
             }
             let _ = write!(named, "{at}");
         }
+        runs.push(positions.len());
         positions.push(named);
     }
     let mut cmd = RedisCommand::new("FCALL")
@@ -511,7 +514,7 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
         .arg(if args.stopping { "1" } else { "" });
     debug_assert_eq!(cmd.args.len(), 3 + keys.len() + SETTLE_ARGS);
     let mut limits_before: Option<&str> = None;
-    for (item, positions) in batch.iter().zip(positions) {
+    for (item, run) in batch.iter().zip(runs) {
         let before = cmd.args.len();
         let limits = &*item.limits_json;
         let limits_arg = match limits_before.replace(limits) {
@@ -538,7 +541,7 @@ pub fn settle(batch: &[Settlement], args: SettleArgs) -> RedisCommand {
             .arg(if item.certain { "success" } else { "unknown" })
             .arg(&item.metadata)
             .arg(if item.in_grace { "1" } else { "" })
-            .arg(positions);
+            .arg(positions.get(run).map_or("", String::as_str));
         debug_assert_eq!(cmd.args.len() - before, SETTLE_FIELDS);
     }
     cmd
