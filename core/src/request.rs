@@ -414,7 +414,7 @@ impl MeteredRequest {
         self.reserved_limit = limit;
         self.held_since_ms = now_ms;
         self.hold = Hold::Reserving;
-        let lease = (plans.redis.lease_units > 1 && self.leasable()).then_some(LeaseAsk {
+        let lease = self.leasable(&plans.redis).then_some(LeaseAsk {
             units: plans.redis.lease_units,
             room_factor: LEASE_ROOM_FACTOR,
         });
@@ -458,10 +458,14 @@ impl MeteredRequest {
         })
     }
 
-    /// Whether a lease's unit can stand for its reservation: a limited action whose
-    /// reservation holds nothing else (no idempotency key, no running total).
-    pub fn leasable(&self) -> bool {
-        self.limit().is_some() && self.idempotency_key.is_none() && self.action.adds_to.is_none()
+    /// Whether a lease's unit can stand for its reservation: leases are on (`lease_units`
+    /// over 1) and it is a limited action whose reservation holds nothing else (no
+    /// idempotency key, no running total).
+    pub fn leasable(&self, redis: &RedisSettings) -> bool {
+        redis.lease_units > 1
+            && self.limit().is_some()
+            && self.idempotency_key.is_none()
+            && self.action.adds_to.is_none()
     }
 
     /// Admitted with a unit of its worker's lease (`id`, held in Redis like a reservation of

@@ -93,7 +93,7 @@ impl Worker {
             count_outcome(io, &request, Outcome::Denied);
             return self.answer_at_head(stream, response, drainable, io);
         }
-        if plans.redis.lease_units > 1 && request.leasable() {
+        if request.leasable(&plans.redis) {
             if let Some((id, granted)) = self.leases.take(&request, now_ms) {
                 let decision = request.admit_leased(limit, id, granted, now);
                 io.count(Metric::Leased, 1);
