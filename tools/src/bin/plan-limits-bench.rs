@@ -300,8 +300,11 @@ fn main() {
                 .collect()
         })
         .collect();
-    // (Signed once: a thousand tokens take a while.)
-    let tokens: Vec<Option<PathBuf>> = cases.iter().map(|c| case_tokens(&rig, c)).collect();
+    // (Signed once, for the cases that run: a thousand tokens take a while.)
+    let tokens: Vec<Option<PathBuf>> = cases
+        .iter()
+        .map(|c| chosen(c).then(|| case_tokens(&rig, c)).flatten())
+        .collect();
     let mut runs = Vec::new();
     for repetition in 1..=o.repetitions {
         for (i, case) in cases
